@@ -1,0 +1,24 @@
+"""The registry of user-facing methods; each module defines ``METHOD``."""
+from __future__ import annotations
+
+import importlib
+
+from cryohet.methods.base import Method
+
+#: Module names under cryohet.methods, in the order they appear in ``cryohet --help``.
+METHOD_MODULES = ("simulate", "reconstruct")
+
+
+def all_methods() -> dict[str, Method]:
+    methods = {}
+    for mod in METHOD_MODULES:
+        m = importlib.import_module(f"cryohet.methods.{mod}").METHOD
+        methods[m.name] = m
+    return methods
+
+
+def get_method(name: str) -> Method:
+    methods = all_methods()
+    if name not in methods:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(methods)}")
+    return methods[name]

@@ -1,0 +1,122 @@
+"""One description per method: its parameters (with units) and the kinds of outputs it makes.
+
+The CLI (``cryohet/cli.py``), the Scipion protocol forms (``cryohet_plugin``) and the RELION
+External job (``bin/cryohet_external``) are all built from these descriptions.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Output kinds a run record may hold; both hosts map them onto their own types.
+OUTPUT_KINDS = (
+    "volume",          # one map (MRC)
+    "half_map",        # one of two half-set maps (MRC)
+    "volume_series",   # several maps along a motion or at cluster centres (MRC each)
+    "mask",            # a 3-D mask (MRC)
+    "particles_star",  # RELION 3.1 particles STAR pointing at the original images
+    "latents",         # per-particle latent coordinates (.npy, rows in STAR order)
+    "fsc",             # FSC curve (.star / .json)
+    "plot",            # PNG figure
+    "model",           # trained weights / model files
+    "chimerax",        # a ChimeraX script (.cxc)
+    "report",          # Markdown report
+    "ground_truth",    # simulator ground truth (.npz)
+)
+
+#: Input roles; RELION passes them as --in_parts, --in_3dref, --in_mask.
+INPUT_ROLES = {"particles": "in_parts", "volume": "in_3dref", "mask": "in_mask"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter.
+
+    ``type`` is one of int, float, str, bool, path. ``input_role`` marks a path that a host
+    fills from one of its own objects (``particles``, ``volume``, ``mask``).
+    ``help`` states units; ``expert`` hides it from the basic forms.
+    """
+
+    name: str
+    type: type
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    required: bool = False
+    expert: bool = False
+    input_role: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    def check(self, value: Any) -> Any:
+        """Convert ``value`` to the parameter's type and check its range; raise ValueError."""
+        if value is None:
+            if self.required:
+                raise ValueError(f"{self.flag} is required")
+            return None
+        if self.type is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "y", "n"):
+                    raise ValueError(f"{self.flag}: expected yes/no, got {value!r}")
+                value = low in ("1", "true", "yes", "y")
+            return bool(value)
+        try:
+            value = self.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.flag}: expected {self.type.__name__}, got {value!r}") from None
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{self.flag}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        if self.min is not None and value < self.min:
+            raise ValueError(f"{self.flag}: {value} is below the minimum {self.min}")
+        if self.max is not None and value > self.max:
+            raise ValueError(f"{self.flag}: {value} is above the maximum {self.max}")
+        return value
+
+
+#: Parameters every method takes.
+COMMON_PARAMS = (
+    Param("device", str, "auto", "Where to compute: auto (CUDA when present, else CPU), cpu or cuda[:N].",
+          expert=True),
+    Param("threads", int, 2, "CPU threads for torch.", min=1, expert=True),
+    Param("seed", int, 0, "Random seed (half-sets, initialisation, simulation).", expert=True),
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A user-facing method: ``run(params, out_dir)`` writes its outputs and returns the record."""
+
+    name: str
+    title: str
+    help: str
+    params: tuple[Param, ...]
+    outputs: tuple[str, ...]
+    run: Callable[[dict[str, Any], Path], Any]
+    citations: tuple[str, ...] = field(default_factory=tuple)
+
+    def all_params(self) -> tuple[Param, ...]:
+        return self.params + COMMON_PARAMS
+
+    def param(self, name: str) -> Param:
+        for p in self.all_params():
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def resolve(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Fill defaults and check every value; raise ValueError naming the bad parameter."""
+        out = {}
+        for p in self.all_params():
+            v = values.get(p.name)
+            out[p.name] = p.check(p.default if v is None else v)
+        unknown = set(values) - {p.name for p in self.all_params()}
+        if unknown:
+            raise ValueError(f"unknown parameter(s) for {self.name}: {', '.join(sorted(unknown))}")
+        return out
