@@ -1,0 +1,123 @@
+"""Homogeneous reconstruction with half-maps and FSC: the baseline every heterogeneity method is compared to."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from cryohet.atomic import atomic_path
+from cryohet.errors import InputError
+from cryohet.io.mrc import read_map, write_map
+from cryohet.io.particles import load_particles, write_particles_star
+from cryohet.io.star import write_star
+from cryohet.methods.base import Method, Param
+from cryohet.reconstruct.fsc import shell_frequencies
+from cryohet.reconstruct.homogeneous import Reconstruction, random_halves, reconstruct_halves
+
+PARAMS = (
+    Param("particles", Path, None, "Particles with poses and CTF: RELION STAR (3.0/3.1/5) or cryoSPARC .cs.",
+          required=True, input_role="particles"),
+    Param("mask", Path, None, "Optional 3-D mask (MRC, same box as the output) for the masked FSC.",
+          input_role="mask"),
+    Param("datadir", Path, None, "Folder to look for the image stacks in when the STAR's image paths are "
+          "relative to another folder (default: the STAR's folder, then the current folder).", expert=True),
+    Param("box", int, 0, "Output box in pixels, by Fourier cropping the images (even; 0 keeps the images' box). "
+          "The output pixel size is apix × input box / box Å.", min=0),
+    Param("wiener", str, "auto", "Regularisation: auto (Wiener filter with the SSNR from the half-map FSC), none "
+          "(plain CTF-weighted division, as relion_reconstruct), or a number c (constant SSNR 1/c)."),
+    Param("batch_size", int, 256, "Images per batch.", min=1, expert=True),
+)
+
+
+def _check_wiener(value: str) -> str:
+    if value in ("auto", "none"):
+        return value
+    try:
+        if float(value) <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--wiener: expected auto, none or a positive number, got {value!r}") from None
+    return value
+
+
+def _write_fsc(out_dir: Path, rec: Reconstruction) -> tuple[Path, Path]:
+    freqs = shell_frequencies(rec.box, rec.apix)
+    with np.errstate(divide="ignore"):
+        ang = np.where(freqs > 0, 1.0 / np.maximum(freqs, 1e-12), 999.0)
+    table = pd.DataFrame({"rlnSpectralIndex": np.arange(len(freqs)), "rlnResolution": freqs,
+                          "rlnAngstromResolution": ang, "rlnFourierShellCorrelationUnmaskedMaps": rec.fsc})
+    if rec.fsc_masked is not None:
+        table["rlnFourierShellCorrelationMaskedMaps"] = rec.fsc_masked
+    general = pd.DataFrame({"rlnFinalResolution": [rec.resolution(0.143)],
+                            "rlnUnmaskedResolution": [rec.resolution(0.143, masked=False)]})
+    star = out_dir / "fsc.star"
+    write_star(star, {"general": general, "fsc": table})
+    png = out_dir / "fsc.png"
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.plot(freqs, rec.fsc, label=f"unmasked ({rec.resolution(0.143, masked=False):.2f} Å)")
+    if rec.fsc_masked is not None:
+        ax.plot(freqs, rec.fsc_masked, label=f"masked ({rec.resolution(0.143):.2f} Å)")
+    ax.axhline(0.143, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FSC between half-maps")
+    ax.set_ylim(-0.1, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return star, png
+
+
+def run(params: dict[str, Any], ctx) -> None:
+    wiener = _check_wiener(params["wiener"])
+    pset = load_particles(params["particles"], datadir=params["datadir"])
+    box = params["box"] or pset.box
+    if box % 2 or box > pset.box:
+        raise ValueError(f"--box: expected an even size no larger than the images' {pset.box}, got {box}")
+    mask = None
+    if params["mask"] is not None:
+        mask_arr, _ = read_map(params["mask"])
+        if mask_arr.shape[0] != box:
+            raise InputError(params["mask"], f"mask box {mask_arr.shape[0]} does not match the output box {box}")
+        mask = torch.as_tensor(mask_arr, device=ctx.device)
+    existing = pset.table["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in pset.table else None
+    half = random_halves(len(pset), np.random.default_rng(ctx.seed), existing)
+    ctx.log.info("%d particles, box %d at %.3f Å/px -> box %d; half-sets of %d and %d", len(pset), pset.box,
+                 pset.apix, box, (half == 1).sum(), (half == 2).sum())
+    rec = reconstruct_halves(pset, half, params["batch_size"], ctx.device, box=box, wiener=wiener, mask=mask,
+                             progress=ctx.progress)
+    out = ctx.out_dir
+    write_map(out / "half1.mrc", rec.half1.cpu().numpy(), rec.apix)
+    write_map(out / "half2.mrc", rec.half2.cpu().numpy(), rec.apix)
+    write_map(out / "map.mrc", rec.full.cpu().numpy(), rec.apix)
+    star, png = _write_fsc(out, rec)
+    write_particles_star(out / "particles.star", pset, extra_columns={"rlnRandomSubset": half})
+    res = rec.resolution(0.143)
+    ctx.log.info("resolution at FSC 0.143: %.2f Å (%s)", res, "masked" if mask is not None else "unmasked")
+    ctx.add("volume", "map.mrc", "reconstruction", apix=rec.apix, resolution_A=res)
+    ctx.add("half_map", "half1.mrc", "half-map 1", apix=rec.apix)
+    ctx.add("half_map", "half2.mrc", "half-map 2", apix=rec.apix)
+    ctx.add("fsc", star, "half-map FSC", resolution_A=res)
+    ctx.add("plot", png, "FSC curve")
+    ctx.add("particles_star", "particles.star", "input particles with their half-set (rlnRandomSubset)",
+            n=len(pset))
+
+
+METHOD = Method(
+    name="reconstruct",
+    title="Homogeneous reconstruction with half-maps and FSC",
+    help="CTF-weighted Fourier backprojection (RELION conventions, padding 2, trilinear insertion, gridding "
+         "correction) of two random half-sets (rlnRandomSubset when present), a Wiener filter from the half-map "
+         "FSC, the FSC curve and the resolution at FSC 0.143. Writes map.mrc, half1.mrc, half2.mrc, fsc.star, "
+         "fsc.png and particles.star (input rows with rlnRandomSubset).",
+    params=PARAMS,
+    outputs=("volume", "half_map", "fsc", "plot", "particles_star"),
+    run=run,
+    citations=("Scheres SHW (2012) RELION: implementation of a Bayesian approach to cryo-EM structure "
+               "determination. J Struct Biol 180:519-530.",),
+)

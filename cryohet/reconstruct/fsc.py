@@ -1,0 +1,50 @@
+"""Fourier shell correlation between two maps, and the resolution where it crosses a threshold."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cryohet.geometry.fourier import fft3c, radius_grid
+
+
+def fsc(v1: torch.Tensor | np.ndarray, v2: torch.Tensor | np.ndarray) -> np.ndarray:
+    """FSC per shell 0 .. box // 2 (shell i is spatial frequency i / (box · apix))."""
+    a, b = (torch.from_numpy(np.array(v)) if not isinstance(v, torch.Tensor) else v for v in (v1, v2))
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"FSC needs two maps of the same cubic shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    box = a.shape[-1]
+    F1, F2 = fft3c(a.double()), fft3c(b.to(a.device).double())
+    shells = torch.round(radius_grid(box, 3, a.device)).long().flatten()
+    keep = shells <= box // 2
+    s = shells[keep]
+    n = box // 2 + 1
+    f1, f2 = F1.flatten()[keep], F2.flatten()[keep]
+    num = torch.zeros(n, dtype=torch.float64, device=a.device).index_add_(0, s, (f1 * f2.conj()).real)
+    p1 = torch.zeros(n, dtype=torch.float64, device=a.device).index_add_(0, s, f1.abs() ** 2)
+    p2 = torch.zeros(n, dtype=torch.float64, device=a.device).index_add_(0, s, f2.abs() ** 2)
+    return (num / torch.sqrt(p1 * p2).clamp_min(1e-30)).cpu().numpy()
+
+
+def shell_frequencies(box: int, apix: float) -> np.ndarray:
+    """Spatial frequency of each FSC shell in 1/Å."""
+    return np.arange(box // 2 + 1) / (box * apix)
+
+
+def resolution_at(curve: np.ndarray, box: int, apix: float, threshold: float = 0.143) -> float:
+    """Resolution in Å where the FSC first drops below ``threshold`` (linear interpolation between shells).
+
+    Returns the Nyquist resolution (2 · apix) when it never drops below.
+    """
+    freqs = shell_frequencies(box, apix)
+    below = np.nonzero(curve[1:] < threshold)[0]
+    if len(below) == 0:
+        return 2.0 * apix
+    i = below[0] + 1
+    f0, f1, c0, c1 = freqs[i - 1], freqs[i], curve[i - 1], curve[i]
+    f = f0 + (c0 - threshold) / (c0 - c1) * (f1 - f0) if c0 != c1 else f1
+    return float(1.0 / f) if f > 0 else float("inf")
+
+
+def fsc_auc(curve: np.ndarray) -> float:
+    """Area under the FSC curve over shells 1 .. Nyquist, normalised to [0, 1] (CryoBench's AUC)."""
+    return float(np.trapz(curve[1:], dx=1.0 / (len(curve) - 2)))
