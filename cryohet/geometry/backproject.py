@@ -18,12 +18,15 @@ class BackProjector:
     def __init__(self, box: int, pad: int = 2, device: torch.device | str = "cpu"):
         self.box, self.pad = box, pad
         self.pad_box = pad * box
-        n = self.pad_box**3
         self.device = torch.device(device)
-        self.data = torch.zeros(n, dtype=torch.complex128, device=self.device)
-        self.weight = torch.zeros(n, dtype=torch.float64, device=self.device)
-        r = centered_coords(box, self.device)
-        self._inside = ((r[:, None] ** 2 + r[None, :] ** 2) <= (box // 2) ** 2).flatten()
+        # Σ CTF·F and Σ CTF² over the inserted Hermitian half; the other half is mirrored on use
+        self._data = torch.zeros(self.pad_box**3, dtype=torch.complex128, device=self.device)
+        self._weight = torch.zeros(self.pad_box**3, dtype=torch.float64, device=self.device)
+        self._full: tuple[torch.Tensor, torch.Tensor] | None = None
+        k = centered_coords(box, self.device)
+        ky, kx = torch.meshgrid(k, k, indexing="ij")
+        self._half = ((kx**2 + ky**2 <= (box // 2) ** 2) & (kx >= 0)).flatten()
+        self._step = torch.tensor([1, self.pad_box, self.pad_box**2], device=self.device)
         self.n_images = 0
 
     def insert(self, F: torch.Tensor, ctf: torch.Tensor | None, A: torch.Tensor) -> None:
@@ -31,31 +34,51 @@ class BackProjector:
         B = F.shape[0]
         F = F.to(self.device)
         ctf = torch.ones(F.shape, device=self.device) if ctf is None else ctf.to(self.device)
-        pos = slice_coords(A.to(self.device, torch.float64), self.box, self.pad).reshape(B, -1, 3)
-        pos = pos[:, self._inside] + self.pad_box // 2
-        vals = (F * ctf).reshape(B, -1)[:, self._inside].to(torch.complex128)
-        w2 = (ctf.to(torch.float64) ** 2).reshape(B, -1)[:, self._inside]
+        pos = slice_coords(A.to(self.device, torch.float32), self.box, self.pad).reshape(B, -1, 3)
+        pos = pos[:, self._half] + self.pad_box // 2
+        c = ctf.reshape(B, -1)[:, self._half].to(torch.float32)
         base = torch.floor(pos)
         frac = pos - base
         base = base.long()
+        ok = ((base >= 0) & (base < self.pad_box - 1)).all(-1)
+        base, frac = base[ok], frac[ok]
+        data = (F.reshape(B, -1)[:, self._half].to(torch.complex64) * c)[ok].to(torch.complex128)
+        weight = (c * c)[ok].to(torch.float64)
+        flat0 = (base * self._step).sum(-1)
+        w = (1 - frac, frac)  # trilinear weights per axis for corner offset 0 and 1
         P = self.pad_box
-        for dx in (0, 1):
+        for dz in (0, 1):
             for dy in (0, 1):
-                for dz in (0, 1):
-                    idx = base + torch.tensor([dx, dy, dz], device=self.device)
-                    w = ((frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
-                         * (frac[..., 2] if dz else 1 - frac[..., 2]))
-                    ok = ((idx >= 0) & (idx < P)).all(-1)
-                    flat = (idx[..., 2] * P + idx[..., 1]) * P + idx[..., 0]
-                    self.data.index_add_(0, flat[ok], (vals * w)[ok])
-                    self.weight.index_add_(0, flat[ok], (w2 * w)[ok])
+                wyz = (w[dy][:, 1] * w[dz][:, 2]).to(torch.float64)
+                for dx in (0, 1):
+                    wc = w[dx][:, 0].to(torch.float64) * wyz
+                    idx = flat0 + (dx + dy * P + dz * P * P)
+                    self._data.index_add_(0, idx, data * wc)
+                    self._weight.index_add_(0, idx, weight * wc)
+        self._full = None
         self.n_images += B
 
     def add(self, other: BackProjector) -> None:
         """Merge another accumulator (e.g. the other half-set, or another rank)."""
-        self.data += other.data
-        self.weight += other.weight
+        self._data += other._data
+        self._weight += other._weight
+        self._full = None
         self.n_images += other.n_images
+
+    def _mirrored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-grid data (complex) and weight: the inserted half plus its Friedel mate (cached)."""
+        if self._full is None:
+            P = self.pad_box
+
+            def mate(x: torch.Tensor) -> torch.Tensor:
+                return torch.roll(torch.flip(x.reshape(P, P, P), (0, 1, 2)), (1, 1, 1), (0, 1, 2)).flatten()
+
+            self._full = (self._data + mate(self._data).conj(), self._weight + mate(self._weight))
+        return self._full
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._mirrored()[1]
 
     def shell_index(self) -> torch.Tensor:
         """Radius of each padded-grid voxel in units of the *unpadded* Fourier grid (rounded to shells)."""
@@ -73,11 +96,12 @@ class BackProjector:
         """
         shells = self.shell_index()
         inside = shells <= self.box // 2
-        floor = min_weight_fraction * self.weight[inside].mean().clamp_min(1e-30)
+        data, weight = self._mirrored()
+        floor = min_weight_fraction * weight[inside].mean().clamp_min(1e-30)
         lam = torch.as_tensor(regularisation, dtype=torch.float64, device=self.device)
         lam = lam[shells.clamp_max(len(lam) - 1)] if lam.ndim else lam
         lam = torch.clamp(lam, min=floor)
-        ft = torch.where(inside, self.data / (self.weight + lam), torch.zeros_like(self.data))
+        ft = torch.where(inside, data / (weight + lam), torch.zeros_like(data))
         vol = ifft3c(ft.reshape((self.pad_box,) * 3)).real
         lo = self.pad_box // 2 - self.box // 2
         vol = vol[lo:lo + self.box, lo:lo + self.box, lo:lo + self.box]

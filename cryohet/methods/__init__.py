@@ -6,7 +6,7 @@ import importlib
 from cryohet.methods.base import Method
 
 #: Module names under cryohet.methods, in the order they appear in ``cryohet --help``.
-METHOD_MODULES = ("simulate", "reconstruct")
+METHOD_MODULES = ("simulate", "reconstruct", "analyze", "eval_volume", "select")
 
 
 def all_methods() -> dict[str, Method]:

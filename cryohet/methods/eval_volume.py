@@ -1,0 +1,66 @@
+"""``cryohet eval-volume``: maps of a run's model of the volumes at given latent points."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryohet.analysis.latent import linear_path
+from cryohet.analysis.volumes import parse_z, read_z_file, write_chimerax_script, write_volume_series
+from cryohet.methods.base import Method, Param
+
+PARAMS = (
+    Param("run", Path, None, "Run folder of a heterogeneity method (its model of the volumes).", required=True),
+    Param("z", str, None, "Latent point(s): values separated by commas, points by ';' "
+          "(e.g. '0.1,-0.4' or '0,0;1,0'). Latent-space units. A value starting with '-' needs '=': --z=-0.5,1."),
+    Param("z_file", Path, None, "Latent points from a file: .npy (M, d) or text, one point a line."),
+    Param("z_end", str, None, "With --z (one point): end of a straight path from --z; --n_frames maps along it."),
+    Param("n_frames", int, 10, "Maps along the --z to --z_end path.", min=2),
+    Param("batch", int, 1, "Maps computed per model call (memory: batch·box³·4 bytes).", min=1, expert=True),
+)
+
+
+def run(params: dict[str, Any], ctx: Any) -> None:
+    from cryohet.models.base import load_volume_model
+
+    if (params["z"] is None) == (params["z_file"] is None):
+        raise ValueError("give exactly one of --z and --z_file")
+    if params["z_end"] is not None and params["z"] is None:
+        raise ValueError("--z_end needs --z (the start of the path)")
+    run_dir = Path(params["run"]).resolve()
+    model = load_volume_model(run_dir)
+    d = model.latent_dim
+    if params["z"] is not None:
+        z = parse_z(params["z"], d, "--z")
+    else:
+        z = read_z_file(params["z_file"], d)
+    if params["z_end"] is not None:
+        if len(z) != 1:
+            raise ValueError("--z must be one point when --z_end is given")
+        z = linear_path(np.concatenate([z, parse_z(params["z_end"], d, "--z_end")]),
+                        params["n_frames"]).astype(np.float32)
+    ctx.log.info("model: latent dimension %d, box %d, %.4g Å/pixel; %d map(s)", d, model.box, model.apix, len(z))
+    series = write_volume_series(model, z, ctx.out_dir, progress=ctx.progress, desc="maps", batch=params["batch"])
+    np.savetxt(ctx.out_dir / "z_values.txt", z, fmt="%.6g", header="latent point of vol_000.mrc, vol_001.mrc, ...")
+    src = str(run_dir)
+    if len(series.files) == 1:
+        ctx.add("volume", series.files[0], "map at z = " + ", ".join(f"{v:.4g}" for v in z[0]),
+                z=z[0].astype(float).round(6).tolist(), apix=series.apix, source_run=src)
+        return
+    series.register(ctx, "eval", "map at a latent point", source_run=src)
+    cxc = write_chimerax_script(ctx.out_dir / "volumes.cxc", series.files, series.level,
+                                title=f"cryohet eval-volume: {len(series.files)} maps")
+    ctx.add("chimerax", cxc, "ChimeraX: the maps as a series", series="eval", n_maps=len(series.files))
+
+
+METHOD = Method(
+    name="eval-volume",
+    title="Maps at latent points",
+    help="Generate the map of a run's model of the volumes at any latent point(s) z (or along a straight "
+         "path between two points). Writes vol_000.mrc, ... with the model's voxel size, z_values.txt and, for "
+         "several maps, a ChimeraX script volumes.cxc that opens them as a series.",
+    params=PARAMS,
+    outputs=("volume", "volume_series", "chimerax"),
+    run=run,
+)
