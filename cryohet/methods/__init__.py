@@ -6,7 +6,10 @@ import importlib
 from cryohet.methods.base import Method
 
 #: Module names under cryohet.methods, in the order they appear in ``cryohet --help``.
-METHOD_MODULES = ("simulate", "reconstruct", "analyze", "eval_volume", "select")
+METHOD_MODULES = (
+    "simulate", "reconstruct", "analyze", "eval_volume", "select",
+    "benchmark_make", "benchmark_score", "validate_halfsets", "consensus",
+)
 
 
 def all_methods() -> dict[str, Method]:

@@ -19,6 +19,7 @@ from cryohet.record import read_record
 MODEL_LOADERS: dict[str, str] = {
     "linear": "cryohet.models.linear:load_run_model",
     "vae": "cryohet.models.neural:load_run_model",
+    "maps": "cryohet.validation.sources:load_run_model",
 }
 
 

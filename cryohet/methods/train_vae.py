@@ -1,0 +1,157 @@
+"""``cryohet train-vae``: a cryoDRGN-style variational auto-encoder of the conformations, poses known."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryohet.methods.base import Method, Param
+
+PARAMS = (
+    Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
+          required=True, input_role="particles"),
+    Param("datadir", str, "", "Folder to look for the particle stacks in (empty: beside the particle file).",
+          expert=True),
+    Param("zdim", int, 8, "Latent dimension (number of conformational coordinates per particle).", min=1, max=256),
+    Param("epochs", int, 20, "Training epochs (passes over the particles).", min=1),
+    Param("batch_size", int, 16, "Particles per optimisation step, all GPUs/ranks together (a multiple of their "
+          "number).", min=1),
+    Param("lr", float, 1e-4, "Adam learning rate.", min=0.0),
+    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).", min=0.0),
+    Param("enc_layers", int, 3, "Encoder hidden layers.", min=1, max=32),
+    Param("enc_dim", int, 256, "Encoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
+    Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32),
+    Param("dec_dim", int, 256, "Decoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
+    Param("crop_box", int, 0, "Fourier-crop the images to this box on the fly, pixels (even; 0: keep the box). "
+          "The pixel size grows by box/crop_box; 64-128 px is usual for training.", min=0),
+    Param("res_limit_A", float, 0.0, "Fit only frequencies finer than this resolution, Å (the resolution circle); "
+          "0: up to Nyquist of the (cropped) box.", min=0.0),
+    Param("domain", str, "fourier", "Decoder output: fourier (real and imaginary parts on a half-space, Hermitian "
+          "symmetry exact, half the evaluations) or hartley (one value per frequency, cryoDRGN's --domain hartley).",
+          choices=("fourier", "hartley"), expert=True),
+    Param("pe_type", str, "gaussian", "Positional encoding of the frequencies: gaussian (random Fourier features, "
+          "cryoDRGN's default) or geom (geometric frequencies, survey equation 9).", choices=("gaussian", "geom"),
+          expert=True),
+    Param("pe_dim", int, 0, "Frequencies per axis of the positional encoding; 0: box/2.", min=0, expert=True),
+    Param("feat_sigma", float, 0.5, "Width of the random Gaussian feature frequencies (pe_type gaussian).", min=0.0,
+          expert=True),
+    Param("activation", str, "relu", "Activation of the hidden layers.", choices=("relu", "leaky_relu"), expert=True),
+    Param("window_radius", float, 0.85, "Soft circular window applied to the images, fraction of box/2 "
+          "(0: none).", min=0.0, max=1.0, expert=True),
+    Param("weight_decay", float, 0.0, "Adam weight decay.", min=0.0, expert=True),
+    Param("amp", str, "auto", "Mixed precision (bfloat16; float16 with loss scaling on older GPUs): auto uses it on "
+          "CUDA and on CPUs with native bfloat16, yes forces it, no keeps float32.", choices=("auto", "yes", "no"),
+          expert=True),
+    Param("resume", bool, False, "Continue the run in this output folder from its last checkpoint (written after "
+          "every epoch); --epochs is the new total."),
+    Param("init_model", str, "", "Start from the weights of a trained model (a train-vae output folder or its "
+          "model.safetensors); it must have the same box, pixel size and architecture.", expert=True),
+    Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
+          min=1, expert=True),
+    Param("prefetch", int, 4, "Prepared batches kept ready by the background reader.", min=1, expert=True),
+)
+
+
+def _model_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        from cryohet.errors import InputError
+        from cryohet.record import read_record
+
+        models = [o for o in read_record(p).of_kind("model") if o.meta.get("model_type") == "vae"]
+        if not models:
+            raise InputError(p, "the run folder holds no VAE model")
+        return p / models[0].path
+    return p
+
+
+def _plot_losses(path: Path, history: list[dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cryohet.atomic import atomic_path
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ep, [h["gen_loss"] for h in history], "o-")
+    ax[0].set(xlabel="epoch", ylabel="reconstruction error (MSE)", title="reconstruction")
+    ax[1].plot(ep, [h["kld"] for h in history], "o-", color="C1")
+    ax[1].set(xlabel="epoch", ylabel="KL divergence (nats)", title="KL(q(z|x) || N(0, I))")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def run(params: dict[str, Any], ctx: Any) -> None:
+    import logging
+
+    from cryohet.atomic import atomic_path
+    from cryohet.inference.vae import TrainOptions, model_box_for, save_final_model, train_vae
+    from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.models.neural import VAEConfig
+
+    pset = load_particles(params["particles"], params["datadir"] or None)
+    box = model_box_for(pset.box, params["crop_box"])
+    apix = pset.apix * pset.box / box
+    max_freq = 0.5 if params["res_limit_A"] <= 0 else min(0.5, apix / params["res_limit_A"])
+    cfg = VAEConfig(box=box, apix=apix, zdim=params["zdim"], enc_layers=params["enc_layers"],
+                    enc_dim=params["enc_dim"], dec_layers=params["dec_layers"], dec_dim=params["dec_dim"],
+                    pe_type=params["pe_type"], pe_dim=params["pe_dim"], feat_sigma=params["feat_sigma"],
+                    domain=params["domain"], max_freq=max_freq, activation=params["activation"], seed=params["seed"])
+    opts = TrainOptions(epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"],
+                        weight_decay=params["weight_decay"], beta=params["beta"], amp=params["amp"],
+                        window_radius=params["window_radius"], chunk_images=params["chunk_images"],
+                        prefetch=params["prefetch"], seed=params["seed"])
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:
+        ctx.log.setLevel(logging.WARNING)
+    init = _model_file(params["init_model"]) if params["init_model"] else None
+    res = train_vae(pset, cfg, opts, ctx.out_dir, ctx.device, ctx, resume=params["resume"], init_model=init)
+    out = Path(ctx.out_dir)
+    d = cfg.zdim
+    if rank == 0:
+        save_final_model(out / "model.safetensors", res.model, res.history)
+        with atomic_path(out / "config.json") as tmp:
+            tmp.write_text(json.dumps({"model": asdict(res.model.cfg), "training": asdict(opts),
+                                       "particles": str(Path(params["particles"]).resolve()),
+                                       "n_particles": len(pset), "image_box": pset.box, "image_apix": pset.apix,
+                                       "history": res.history}, indent=1))
+        for name, arr in (("z.npy", res.z_mu), ("z_logvar.npy", res.z_logvar)):
+            with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr)
+        write_particles_star(out / "particles.star", pset,
+                             extra_columns={f"cryohetZ{i + 1}": res.z_mu[:, i].astype(np.float64) for i in range(d)})
+        _plot_losses(out / "loss.png", res.history)
+    # every rank registers the same outputs, so whichever writes the run record last lists them all
+    ctx.add("model", "model.safetensors", "VAE weights and configuration", model_type="vae", latent_dim=d,
+            box=cfg.box, apix=cfg.apix, config="config.json")
+    ctx.add("latents", "z.npy", f"latent means (N, {d})", logvar="z_logvar.npy", dim=d)
+    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{d}", columns=[f"cryohetZ{i + 1}"
+                                                                                           for i in range(d)])
+    ctx.add("plot", "loss.png", "training losses per epoch")
+
+
+METHOD = Method(
+    name="train-vae",
+    title="Train a cryoDRGN-style VAE of the conformations (poses known)",
+    help="Fits a neural hyper-molecule V(z, k) (an MLP over positional features of the 3-D frequency and the "
+         "latent z) and an encoder of each particle image to q(z | image), by maximising the evidence lower bound "
+         "with weight β on the KL term (cryoDRGN, survey section 7.2). CTF and origins are applied in the model; "
+         "only frequencies inside the resolution circle are fitted. Writes the weights (safetensors), per-particle "
+         "latent means and log-variances (z.npy, z_logvar.npy, rows in particle-file order), the particles STAR with "
+         "cryohetZ1..d columns, and a loss plot. A checkpoint is written after every epoch: --resume yes continues "
+         "after a crash or kill. Several GPUs or nodes: launch with torchrun (each rank reads its own share).",
+    params=PARAMS,
+    outputs=("model", "latents", "particles_star", "plot"),
+    run=run,
+    citations=("Zhong, Bepler, Berger & Davis (2021) CryoDRGN: reconstruction of heterogeneous cryo-EM structures "
+               "using neural networks. Nature Methods 18, 176-185.",),
+)

@@ -1,0 +1,100 @@
+"""Half-set validation: a method that finds the true latents passes, one with random latents is flagged."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cryohet.io.star import read_particle_blocks
+from cryohet.methods.base import Method, Param
+from cryohet.validation.datasets import load_dataset, make_dataset
+from cryohet.validation.halfsets import (
+    halfsets_markdown,
+    parse_method_params,
+    plot_halfsets,
+    split_indices,
+    validate_halfsets,
+)
+from cryohet.validation.sources import MAPS_MODEL_TYPE, MapsModel
+
+os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
+
+
+def _run(params: dict[str, Any], ctx) -> None:
+    """Latents = the true τ of each particle (from the STAR's ground-truth columns), or random ones; the model
+    is the dataset's true maps placed at the true τ (or at random points)."""
+    parts, _, _ = read_particle_blocks(params["particles"])
+    ds = load_dataset(params["dataset"])
+    tau = parts[[f"cryohetTrueTau{j + 1}" for j in range(ds.latent_dim)]].to_numpy(dtype=np.float64)
+    centres = ds.state_tau
+    if params["random"]:
+        rng = np.random.default_rng(ctx.seed)
+        tau, centres = rng.uniform(size=tau.shape), rng.uniform(size=centres.shape)
+    np.save(ctx.out_dir / "latents.npy", tau.astype(np.float32))
+    ctx.add("latents", "latents.npy", "latents")
+    MapsModel(ds.map_paths, centres, ds.apix).save(ctx.out_dir / "model.json")
+    ctx.add("model", "model.json", "true maps", model_type=MAPS_MODEL_TYPE)
+
+
+TOY = Method(name="toy-truth", title="toy", help="test method", outputs=("latents", "model"), run=_run,
+             params=(Param("particles", Path, None, "particles", required=True, input_role="particles"),
+                     Param("dataset", Path, None, "benchmark folder", required=True),
+                     Param("random", bool, False, "random latents")))
+
+
+@pytest.fixture(scope="module")
+def hinge(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hinge")
+    make_dataset("hinge", out, box=32, n_particles=240, snr=0.1, n_states=10)
+    return out
+
+
+@pytest.mark.parametrize("random", [False, True])
+def test_halfsets(hinge: Path, tmp_path: Path, random: bool) -> None:
+    res = validate_halfsets(TOY, {"dataset": str(hinge), "random": random, "threads": 1}, hinge / "particles.star",
+                            tmp_path, probe_fraction=0.15, n_volumes=16)
+    assert res["split"] == "rlnRandomSubset"
+    assert (tmp_path / "half1" / "cryohet_run.json").is_file() and (tmp_path / "half2" / "latents.npy").is_file()
+    lat, vol = res["latent"], res["volume"]
+    assert lat["n_probes"] == 36
+    if not random:
+        assert not res["flagged"], res["reasons"]
+        assert lat["cca_mean"] > 0.99 and lat["spearman_pc1"] > 0.99 and lat["knn_overlap"] > 0.95
+        assert vol["matched_fsc_auc"] == pytest.approx(1.0, abs=1e-6)
+        assert vol["identifiability"] > 0.85
+        assert vol["unmatched_fsc_auc"] < vol["matched_fsc_auc"] - 0.1
+    else:
+        assert res["flagged"]
+        assert lat["cca_mean"] < 0.3 and vol["identifiability"] < 0.75
+        assert any("canonical correlation" in r for r in res["reasons"])
+    md = halfsets_markdown(res, plot_halfsets(res, tmp_path / "fsc.png").name)
+    assert ("FLAGGED" in md) == random
+    json.dumps(res)  # the result is JSON-able
+
+
+def test_split_and_params() -> None:
+    sub = np.where(np.arange(100) % 2 == 0, 1, 2)
+    s = split_indices(100, 0.1, sub, seed=3)
+    assert len(s.probes) == 10 and s.source == "rlnRandomSubset"
+    for rows, pos in zip(s.rows, s.probe_pos, strict=True):
+        np.testing.assert_array_equal(rows[pos], s.probes)
+    both = np.intersect1d(s.rows[0], s.rows[1])
+    np.testing.assert_array_equal(both, s.probes)
+    assert len(np.union1d(s.rows[0], s.rows[1])) == 100
+    assert split_indices(100, 0.1, None).source == "random"
+    assert parse_method_params("zdim=8 --epochs 20 --amp") == {"zdim": "8", "epochs": "20", "amp": "yes"}
+
+
+def test_validate_halfsets_command_checks_method(hinge: Path, tmp_path: Path) -> None:
+    from cryohet.methods import validate_halfsets as cmd
+    from cryohet.runner import run_method
+
+    with pytest.raises(ValueError, match="unknown method"):
+        run_method(cmd.METHOD, {"method": "no-such-method", "particles": str(hinge / "particles.star")}, tmp_path)
+    with pytest.raises(ValueError, match="itself"):
+        run_method(cmd.METHOD, {"method": "validate-halfsets", "particles": str(hinge / "particles.star")},
+                   tmp_path / "b")
