@@ -30,31 +30,35 @@ class BackProjector:
         self.n_images = 0
 
     def insert(self, F: torch.Tensor, ctf: torch.Tensor | None, A: torch.Tensor) -> None:
-        """Insert (B, box, box) centred transforms with their CTFs (or None) at orientations A (B, 3, 3)."""
+        """Insert (B, box, box) centred transforms with their CTFs (or None) at orientations A (B, 3, 3).
+
+        A batch is scattered in single precision into scratch grids, then added to the double-precision sums.
+        """
         B = F.shape[0]
-        F = F.to(self.device)
+        P = self.pad_box
         ctf = torch.ones(F.shape, device=self.device) if ctf is None else ctf.to(self.device)
         pos = slice_coords(A.to(self.device, torch.float32), self.box, self.pad).reshape(B, -1, 3)
-        pos = pos[:, self._half] + self.pad_box // 2
+        # positions span [0, P]; the last half-pixel rim at +Nyquist is pulled in so all 8 corners exist
+        pos = (pos[:, self._half] + P // 2).clamp_(0, P - 1 - 1e-3)
         c = ctf.reshape(B, -1)[:, self._half].to(torch.float32)
+        data = F.to(self.device).reshape(B, -1)[:, self._half].to(torch.complex64) * c
+        weight = c * c
         base = torch.floor(pos)
         frac = pos - base
-        base = base.long()
-        ok = ((base >= 0) & (base < self.pad_box - 1)).all(-1)
-        base, frac = base[ok], frac[ok]
-        data = (F.reshape(B, -1)[:, self._half].to(torch.complex64) * c)[ok].to(torch.complex128)
-        weight = (c * c)[ok].to(torch.float64)
-        flat0 = (base * self._step).sum(-1)
-        w = (1 - frac, frac)  # trilinear weights per axis for corner offset 0 and 1
-        P = self.pad_box
+        flat0 = (base.long() * self._step).sum(-1)
+        w = (1 - frac, frac)  # trilinear weights per axis for corner offsets 0 and 1
+        scratch_d = torch.zeros(P**3, dtype=torch.complex64, device=self.device)
+        scratch_w = torch.zeros(P**3, dtype=torch.float32, device=self.device)
         for dz in (0, 1):
             for dy in (0, 1):
-                wyz = (w[dy][:, 1] * w[dz][:, 2]).to(torch.float64)
+                wyz = w[dy][..., 1] * w[dz][..., 2]
                 for dx in (0, 1):
-                    wc = w[dx][:, 0].to(torch.float64) * wyz
-                    idx = flat0 + (dx + dy * P + dz * P * P)
-                    self._data.index_add_(0, idx, data * wc)
-                    self._weight.index_add_(0, idx, weight * wc)
+                    wc = w[dx][..., 0] * wyz
+                    idx = (flat0 + (dx + dy * P + dz * P * P)).flatten()
+                    scratch_d.index_add_(0, idx, (data * wc).flatten())
+                    scratch_w.index_add_(0, idx, (weight * wc).flatten())
+        self._data += scratch_d
+        self._weight += scratch_w
         self._full = None
         self.n_images += B
 
