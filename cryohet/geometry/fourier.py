@@ -43,25 +43,23 @@ def radius_grid(box: int, ndim: int, device=None) -> torch.Tensor:
     return torch.sqrt(sum(g**2 for g in grids))
 
 
-def fourier_crop_2d(images: torch.Tensor, new_box: int) -> torch.Tensor:
-    """Downsample real images (..., N, N) to (..., n, n) by cropping their transform; keeps pixel values."""
-    n_old = images.shape[-1]
+def _fourier_crop(x: torch.Tensor, new_box: int, ndim: int) -> torch.Tensor:
+    n_old = x.shape[-1]
     if new_box == n_old:
-        return images
+        return x
     if new_box > n_old or new_box % 2:
         raise ValueError(f"Fourier cropping needs an even new box no larger than {n_old}, got {new_box}")
     lo = n_old // 2 - new_box // 2
-    F = fft2c(images)[..., lo:lo + new_box, lo:lo + new_box]
-    return ifft2c(F).real * (new_box / n_old) ** 2
+    crop = (Ellipsis,) + (slice(lo, lo + new_box),) * ndim
+    fwd, inv = (fft2c, ifft2c) if ndim == 2 else (fft3c, ifft3c)
+    return inv(fwd(x)[crop]).real * (new_box / n_old) ** ndim
+
+
+def fourier_crop_2d(images: torch.Tensor, new_box: int) -> torch.Tensor:
+    """Downsample real images (..., N, N) to (..., n, n) by cropping their transform; keeps pixel values."""
+    return _fourier_crop(images, new_box, 2)
 
 
 def fourier_crop_3d(volume: torch.Tensor, new_box: int) -> torch.Tensor:
     """Downsample a map (N, N, N) to (n, n, n) by cropping its transform; keeps voxel values."""
-    n_old = volume.shape[-1]
-    if new_box == n_old:
-        return volume
-    if new_box > n_old or new_box % 2:
-        raise ValueError(f"Fourier cropping needs an even new box no larger than {n_old}, got {new_box}")
-    lo = n_old // 2 - new_box // 2
-    F = fft3c(volume)[..., lo:lo + new_box, lo:lo + new_box, lo:lo + new_box]
-    return ifft3c(F).real * (new_box / n_old) ** 3
+    return _fourier_crop(volume, new_box, 3)

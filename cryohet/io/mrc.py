@@ -110,18 +110,25 @@ def read_map(path: str | os.PathLike, allow_noncubic: bool = False) -> tuple[np.
     return vol, float(vx)
 
 
-def write_map(path: str | os.PathLike, array: np.ndarray, apix: float) -> None:
-    """Write a 3-D float32 map ``(z, y, x)`` with voxel size ``apix`` Å, atomically."""
-    arr = np.asarray(array)
+def _write_mrc(path: str | os.PathLike, arr: np.ndarray, apix: float, stack: bool) -> None:
+    what = "write_stack needs an array (n, y, x)" if stack else "write_map needs a 3-D array (z, y, x)"
     if arr.ndim != 3:
-        raise ValueError(f"write_map needs a 3-D array (z, y, x), got shape {arr.shape}")
+        raise ValueError(f"{what}, got shape {arr.shape}")
     if not apix > 0:
-        raise ValueError(f"write_map needs a positive voxel size, got {apix}")
+        raise ValueError(f"{what.split()[0]} needs a positive pixel size, got {apix}")
     with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as m:
         m.set_data(np.ascontiguousarray(arr, dtype=np.float32))
-        m.set_volume()
+        if stack:
+            m.set_image_stack()
+        else:
+            m.set_volume()
         m.voxel_size = float(apix)
         m.update_header_stats()
+
+
+def write_map(path: str | os.PathLike, array: np.ndarray, apix: float) -> None:
+    """Write a 3-D float32 map ``(z, y, x)`` with voxel size ``apix`` Å, atomically."""
+    _write_mrc(path, np.asarray(array), apix, stack=False)
 
 
 def open_stack(path: str | os.PathLike) -> np.memmap:
@@ -146,16 +153,6 @@ def stack_apix(path: str | os.PathLike) -> float:
 
 
 def write_stack(path: str | os.PathLike, array: np.ndarray, apix: float) -> None:
-    """Write images ``(n, y, x)`` as a float32 MRC stack with pixel size ``apix`` Å, atomically."""
+    """Write images ``(n, y, x)`` (or one 2-D image) as a float32 MRC stack with pixel size ``apix`` Å, atomically."""
     arr = np.asarray(array)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"write_stack needs an array (n, y, x), got shape {arr.shape}")
-    if not apix > 0:
-        raise ValueError(f"write_stack needs a positive pixel size, got {apix}")
-    with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as m:
-        m.set_data(np.ascontiguousarray(arr, dtype=np.float32))
-        m.set_image_stack()
-        m.voxel_size = float(apix)
-        m.update_header_stats()
+    _write_mrc(path, arr[None] if arr.ndim == 2 else arr, apix, stack=True)
