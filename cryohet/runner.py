@@ -81,7 +81,7 @@ def run_method(method: Method, values: dict[str, Any], out_dir: str | Path) -> R
     the record then says ``failed`` (or ``aborted``) with the reason.
     """
     params = method.resolve(values)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _setup_log(out_dir, method.name)
     record = RunRecord(method=method.name, params={k: v for k, v in params.items()})

@@ -33,6 +33,7 @@ OPTICS_FIELDS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
 # labels that only subtomogram / tilt-series STAR files have
 TOMO_LABELS = ("rlnTomoName", "rlnTomoParticleName", "rlnTomoParticleId", "rlnTomoSubtomogramBinning",
                "rlnTomoVisibleFrames", "rlnCoordinateZ", "rlnOriginZ", "rlnOriginZAngst", "rlnTomoTiltSeriesName")
+ZERO_OK_LABELS = ("rlnCoordinateZ", "rlnOriginZ", "rlnOriginZAngst")
 
 _VERSION_RE = re.compile(r"^#\s*version\s+(\d+)", re.MULTILINE)
 
@@ -114,7 +115,10 @@ def read_particle_blocks(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.Data
 
 
 def _refuse_tomography(path: Path, particles: pd.DataFrame, optics: pd.DataFrame | None) -> None:
-    tomo = [c for c in TOMO_LABELS if c in particles.columns or (optics is not None and c in optics.columns)]
+    tables = [particles] if optics is None else [particles, optics]
+    # 2-D writers (scipion-em-relion) may add all-zero Z origins/coordinates: only non-zero ones mean 3-D
+    tomo = [c for c in TOMO_LABELS for t in tables if c in t.columns
+            and not (c in ZERO_OK_LABELS and (pd.to_numeric(t[c], errors="coerce").fillna(0) == 0).all())]
     dims = None
     if optics is not None and "rlnImageDimensionality" in optics.columns:
         dims = set(pd.to_numeric(optics["rlnImageDimensionality"], errors="coerce").dropna().astype(int))

@@ -13,7 +13,7 @@ from cryohet.methods.base import Method, Param
 
 PARAMS = (
     Param("run", Path, None, "Run folder of a heterogeneity method (its latents and model of the volumes).",
-          required=True),
+          required=True, input_role="run"),
     Param("ksample", int, 20, "Number of k-means clusters; maps are made at their centres, snapped to the "
           "nearest particle latent (on-data). 0: no k-means.", min=0),
     Param("pcs", int, 2, "Number of principal components to traverse (maps along each). 0: none.", min=0),

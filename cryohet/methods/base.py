@@ -26,7 +26,8 @@ OUTPUT_KINDS = (
     "ground_truth",    # simulator ground truth (.npz)
 )
 
-#: Input roles; RELION passes them as --in_parts, --in_3dref, --in_mask.
+#: Input roles RELION passes as --in_parts, --in_3dref, --in_mask. The role "run" (an earlier cryohet run
+#: folder) is a pointer to a cryohet protocol in Scipion and a plain label/value in RELION.
 INPUT_ROLES = {"particles": "in_parts", "volume": "in_3dref", "mask": "in_mask"}
 
 

@@ -11,7 +11,8 @@ from cryohet.analysis.volumes import parse_z, read_z_file, write_chimerax_script
 from cryohet.methods.base import Method, Param
 
 PARAMS = (
-    Param("run", Path, None, "Run folder of a heterogeneity method (its model of the volumes).", required=True),
+    Param("run", Path, None, "Run folder of a heterogeneity method (its model of the volumes).", required=True,
+          input_role="run"),
     Param("z", str, None, "Latent point(s): values separated by commas, points by ';' "
           "(e.g. '0.1,-0.4' or '0,0;1,0'). Latent-space units. A value starting with '-' needs '=': --z=-0.5,1."),
     Param("z_file", Path, None, "Latent points from a file: .npy (M, d) or text, one point a line."),

@@ -22,7 +22,7 @@ from cryohet.methods.base import Method, Param
 
 PARAMS = (
     Param("run", Path, None, "Run folder of a heterogeneity method (its particles STAR and latents). May be "
-          "left out with --analysis: the analysed run is used."),
+          "left out with --analysis: the analysed run is used.", input_role="run"),
     Param("analysis", Path, None, "Folder of a 'cryohet analyze' run: its k-means labels (for --clusters), "
           "PCA and UMAP coordinates (for --region)."),
     Param("clusters", str, None, "Keep these k-means clusters (0-based numbers as in labels.npy, e.g. '0,3')."),

@@ -1,0 +1,400 @@
+"""The base of every cryohet protocol: convert inputs, run the engine, register its outputs.
+
+Each engine method gets a small subclass (see ``generated.py``) whose form is built from the
+method's description; everything else is shared and driven by the run record.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+from pwem.objects import FSC, ParticleFlex, SetOfParticles, SetOfParticlesFlex, Volume, VolumeMask
+from pwem.protocols import EMProtocol
+from pwem.protocols.protocol_base_flexhub import ProtFlexBase
+
+from .. import convert
+from ..constants import ENGINE_DIR, HOST_FILLED, INPUT_DIR, INPUT_PARTICLES, PROGRAM_NAME
+
+#: Scipion class each input role points at.
+POINTER_CLASSES = {"particles": "SetOfParticles", "volume": "Volume", "mask": "VolumeMask",
+                   "run": "ProtCryohetBase"}  # "run": the output folder of an earlier cryohet protocol
+
+
+class EngineError(Exception):
+    """The engine failed; the message is its own reason."""
+
+
+def _plugin():
+    from .. import Plugin
+
+    return Plugin
+
+
+def _method_description(name: str):
+    from ..descriptions import get_description
+
+    return get_description(name)
+
+
+class ProtCryohetBase(EMProtocol, ProtFlexBase):
+    """Runs one cryohet method (``_methodName``) on Scipion objects."""
+
+    _methodName: str = ""
+    #: Scipion attribute name of each method parameter shown in the form.
+    _paramAttrs: dict[str, str] = {}
+    _label = None  # a base class: not offered in Scipion's protocol list
+
+    # ------------------------------------------------------------------ description
+    @classmethod
+    def getMethod(cls):
+        return _method_description(cls._methodName)
+
+    @classmethod
+    def _roleAttrs(cls) -> dict[str, str]:
+        """Input role -> Scipion attribute of the pointer."""
+        m = cls.getMethod()
+        return {p.input_role: cls._paramAttrs[p.name] for p in m.params
+                if p.input_role in POINTER_CLASSES and p.name in cls._paramAttrs}
+
+    def _inputParticles(self) -> SetOfParticles | None:
+        attr = self._roleAttrs().get("particles")
+        return getattr(self, attr).get() if attr else None
+
+    # ------------------------------------------------------------------ form
+    def _defineParams(self, form) -> None:
+        from .generated import define_form
+
+        define_form(self, form)
+
+    # ------------------------------------------------------------------ steps
+    def _insertAllSteps(self) -> None:
+        self._insertFunctionStep(self.convertInputStep)
+        self._insertFunctionStep(self.runEngineStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    def _engineDir(self, *paths: str) -> str:
+        return self._getExtraPath(ENGINE_DIR, *paths)
+
+    def convertInputStep(self) -> None:
+        """Write the inputs where the engine reads them (STAR for particles, MRC for maps)."""
+        os.makedirs(self._getExtraPath(INPUT_DIR), exist_ok=True)
+        for role, attr in self._roleAttrs().items():
+            obj = getattr(self, attr).get()
+            if obj is None:
+                continue
+            if role == "run":
+                continue
+            if role == "particles":
+                convert.write_particles_star(obj, self._getExtraPath(INPUT_DIR, INPUT_PARTICLES),
+                                             self._getExtraPath(INPUT_DIR, "stacks"))
+            else:
+                self._mapFile(obj, role)
+
+    def _mapFile(self, vol, role: str) -> str:
+        """An MRC file of ``vol`` for the engine (converted when not MRC)."""
+        fn = vol.getFileName()
+        path = fn.split(":")[0]
+        if path.lower().endswith((".mrc", ".map")) and vol.getIndex() in (None, 0, 1):
+            return os.path.abspath(path)
+        target = self._getExtraPath(INPUT_DIR, f"{role}.mrc")
+        if not os.path.exists(target):
+            from pwem.emlib.image import ImageHandler
+
+            ImageHandler().convert(vol, target)
+        return os.path.abspath(target)
+
+    def engineArgs(self) -> list[str]:
+        """The engine's command-line arguments (after ``cryohet``) from the form's values."""
+        m = self.getMethod()
+        args = [m.name, "--o", os.path.abspath(self._engineDir())]
+        for p in m.all_params():
+            attr = self._paramAttrs.get(p.name)
+            if attr is None or p.name in HOST_FILLED:
+                continue
+            value = self._paramText(p, getattr(self, attr))
+            if value is not None:
+                args += [p.flag, value]
+        args += ["--threads", str(max(1, self.numberOfThreads.get() or 1))]
+        args += ["--device", "auto" if self.usesGpu() else "cpu"]
+        return args
+
+    def _paramText(self, p, obj) -> str | None:
+        if p.input_role in POINTER_CLASSES:
+            target = obj.get()
+            if target is None:
+                return None
+            if p.input_role == "particles":
+                return os.path.abspath(self._getExtraPath(INPUT_DIR, INPUT_PARTICLES))
+            if p.input_role == "run":
+                return os.path.abspath(target._getExtraPath(ENGINE_DIR))
+            return self._mapFile(target, p.input_role)
+        value = obj.get()
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            return None
+        if p.type is bool:
+            return "yes" if value else "no"
+        if p.choices is not None:
+            return str(p.choices[int(value)])
+        return str(value)
+
+    def runEngineStep(self) -> None:
+        """Run the engine as a separate process; its output goes to this run's log."""
+        plugin = _plugin()
+        cmd = plugin.getEngineCommand(self.engineArgs())
+        gpus = self.getGpuList() if self.usesGpu() else None
+        env = plugin.getEnviron(gpus)
+        env.setdefault("CRYOHET_NO_PROGRESS", "0")
+        self.info("Running: " + plugin.describeCommand(cmd))
+        tail: collections.deque[str] = collections.deque(maxlen=30)
+        sys.stdout.flush()
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace", cwd=os.getcwd()) as proc:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                tail.append(line.rstrip())
+            sys.stdout.flush()
+            rc = proc.wait()
+        if rc != 0:
+            raise EngineError(self._failureReason(rc, list(tail)))
+
+    def _failureReason(self, rc: int, tail: list[str]) -> str:
+        try:
+            record = convert.read_record(self._engineDir())
+        except (OSError, ValueError):
+            record = {}
+        reason = record.get("error") if record.get("status") in ("failed", "aborted") else None
+        if not reason:
+            errs = [t for t in tail if "error" in t.lower()]
+            reason = errs[-1] if errs else (tail[-1] if tail else f"exit code {rc}")
+        return f"cryohet {self._methodName} failed: {reason}"
+
+    # ------------------------------------------------------------------ outputs
+    def createOutputStep(self) -> None:
+        """Register the outputs listed in the engine's run record as typed Scipion objects."""
+        out_dir = self._engineDir()
+        record = convert.read_record(out_dir)
+        if record.get("status") != "finished":
+            raise EngineError(f"cryohet {self._methodName} did not finish: {record.get('error')}")
+        outs = convert.outputs_by_kind(record, out_dir)
+        parts_in = self._inputParticles()
+        sources = [o for o in (parts_in,) if o is not None]
+        defined: dict[str, Any] = {}
+
+        sampling = parts_in.getSamplingRate() if parts_in is not None else None
+        vols = outs.get("volume", [])
+        halves = outs.get("half_map", [])
+        if len(vols) == 1:
+            vol = self._newVolume(Volume, vols[0], sampling)
+            if len(halves) == 2:
+                vol.setHalfMaps([h["file"] for h in halves])
+            defined["outputVolume"] = vol
+        elif vols:
+            defined["outputVolumes"] = self._volumeSet(vols, sampling, "")
+        if outs.get("volume_series"):
+            defined["outputVolumeSeries"] = self._volumeSet(outs["volume_series"], sampling, "series")
+        if outs.get("mask"):
+            defined["outputMask"] = self._newVolume(VolumeMask, outs["mask"][0], sampling)
+
+        latents = [o for o in outs.get("latents", [])
+                   if o["meta"].get("content") in (None, "", "z", "latent", "latents")]
+        stars = outs.get("particles_star", [])
+        if parts_in is None:
+            for i, star in enumerate(stars):
+                name = "outputParticles" if i == 0 else f"outputParticles{i + 1}"
+                defined[name] = self._importParticles(star, name)
+        else:
+            ids_in = convert.particle_ids(self._getExtraPath(INPUT_DIR, INPUT_PARTICLES)) or []
+            z = convert.load_latents(latents[0]["abspath"]) if latents else None
+            zmap = dict(zip(ids_in, z)) if z is not None and len(z) == len(ids_in) else None
+            if z is not None and zmap is None:
+                raise EngineError(f"{latents[0]['abspath']}: {len(z)} rows for {len(ids_in)} input particles")
+            if zmap is not None:
+                defined["outputParticlesFlex"] = self._flexParticles(parts_in, zmap, latents[0], None, "")
+            for i, star in enumerate(stars):
+                ids = convert.particle_ids(star["abspath"])
+                if ids is None:
+                    self.warning(f"{star['abspath']}: no particle id column; not registered")
+                    continue
+                classes = convert.column(star["abspath"], "rlnClassNumber")
+                if classes is not None and zmap is not None and len(set(classes)) > 1:
+                    defined[f"outputClasses{i + 1 if i else ''}"] = self._classes(
+                        parts_in, zmap, latents[0], ids, classes, outs.get("volume_series", []))
+                elif set(ids) != set(ids_in):
+                    subset = self._flexParticles(parts_in, zmap, latents[0], set(ids), f"subset{i}") \
+                        if zmap is not None else self._subset(parts_in, set(ids), f"subset{i}")
+                    defined[self._subsetName(star, i)] = subset
+                else:
+                    self.info(f"{star['path']}: same particles as the input; nothing new to register")
+
+        fscs = None
+        for f in outs.get("fsc", []):
+            try:
+                freq, curves = convert.read_fsc(f["abspath"])
+            except (OSError, ValueError) as exc:  # other FSC-like tables (e.g. JSON metrics) stay files
+                self.info(f"{f['path']}: kept as a file ({exc})")
+                continue
+            fscs = fscs or self._createSetOfFSCs()
+            for label, curve in curves.items():
+                item = FSC(objLabel=f"{f.get('label') or os.path.basename(f['path'])}: {label}")
+                item.setData(freq.tolist(), curve.tolist())
+                fscs.append(item)
+        if fscs is not None:
+            defined["outputFSC"] = fscs
+
+        if not defined:
+            self.info(f"cryohet {self._methodName}: no outputs to register as Scipion objects; "
+                      f"its files are in {out_dir} (see the summary)")
+            return
+        self._defineOutputs(**defined)
+        for obj in defined.values():
+            for src in sources:
+                self._defineSourceRelation(src, obj)
+
+    def _subsetName(self, star: dict, i: int) -> str:
+        label = re.sub(r"[^A-Za-z0-9]", "", (star.get("label") or "").title())
+        return f"outputParticles{label or 'Subset'}{'' if label else i + 1}"
+
+    def _newVolume(self, cls, out: dict, sampling: float | None):
+        vol = cls()
+        vol.setFileName(out["file"])  # relative to the project, as Scipion keeps its own files
+        vol.setSamplingRate(convert.map_sampling(out["abspath"]) or sampling or 1.0)
+        if out.get("label"):
+            vol.setObjLabel(out["label"])
+        return vol
+
+    def _volumeSet(self, outs: list[dict], sampling: float | None, suffix: str):
+        vset = self._createSetOfVolumes(suffix)
+        first = None
+        for out in outs:
+            vol = self._newVolume(Volume, out, sampling)
+            first = first or vol.getSamplingRate()
+            vset.append(vol)
+        vset.setSamplingRate(first)
+        return vset
+
+    def _importParticles(self, star: dict, name: str) -> SetOfParticles:
+        parts = self._createSetOfParticles(name.replace("outputParticles", ""))
+        convert.read_particles_star(star["abspath"], parts)
+        return parts
+
+    def _subset(self, parts_in, ids: set[int], suffix: str) -> SetOfParticles:
+        subset = self._createSetOfParticles(suffix)
+        subset.copyInfo(parts_in)
+        for part in parts_in.iterItems():
+            if part.getObjId() in ids:
+                subset.append(part)
+        return subset
+
+    def _flexInfo(self, flex_set, latent_out: dict, dim: int) -> None:
+        info = flex_set.getFlexInfo()
+        info.setProgName(PROGRAM_NAME)
+        info.setAttr("method", self._methodName)
+        info.setAttr("zDim", int(dim))
+        info.setAttr("runRecord", self._engineDir(convert.RECORD_NAME))
+        info.setAttr("latentsFile", latent_out["file"])
+
+    def _flexParticles(self, parts_in, zmap: dict, latent_out: dict, ids: set[int] | None,
+                       suffix: str) -> SetOfParticlesFlex:
+        flex = self._createSetOfParticlesFlex(suffix, progName=PROGRAM_NAME)
+        flex.copyInfo(parts_in)
+        flex.setHasCTF(parts_in.hasCTF())
+        flex.setAlignment(parts_in.getAlignment())
+        dim = len(next(iter(zmap.values()))) if zmap else 0
+        self._flexInfo(flex, latent_out, dim)
+        for part in parts_in.iterItems():
+            pid = part.getObjId()
+            if ids is not None and pid not in ids:
+                continue
+            item = ParticleFlex(progName=PROGRAM_NAME)
+            item.copyInfo(part)
+            item.setObjId(pid)
+            item.setZFlex(np.asarray(zmap[pid]).tolist())
+            flex.append(item)
+        return flex
+
+    def _classes(self, parts_in, zmap: dict, latent_out: dict, ids: list[int], classes: list[str],
+                 series: list[dict]):
+        flex = self._flexParticles(parts_in, zmap, latent_out, set(ids), "classes")
+        numbers = [int(float(c)) for c in classes]
+        shift = 1 if min(numbers) == 0 else 0  # RELION numbers classes from 1; 0 means unassigned
+        klass_of = {pid: c + shift for pid, c in zip(ids, numbers)}
+        reps = {int(o["meta"]["class"]) + shift: o for o in series if "class" in o.get("meta", {})}
+        classes_set = self._createSetOfClassesFlex(flex, progName=PROGRAM_NAME)
+        sampling = parts_in.getSamplingRate()
+
+        def update_item(item, _row=None) -> None:
+            item.setClassId(klass_of.get(item.getObjId(), 0))
+
+        def update_class(cls, _row=None) -> None:
+            rep = reps.get(cls.getObjId())
+            if rep is not None:
+                cls.getRepresentative().setLocation(rep["file"])
+                cls.getRepresentative().setSamplingRate(convert.map_sampling(rep["abspath"]) or sampling)
+
+        flex.write()
+        classes_set.classifyItems(updateItemCallback=update_item, updateClassCallback=update_class)
+        return classes_set
+
+    # ------------------------------------------------------------------ info
+    def _validate(self) -> list[str]:
+        errors = []
+        plugin = _plugin()
+        errors += plugin.validateInstallation()
+        parts = self._inputParticles()
+        if parts is not None:
+            if not parts.hasCTF():
+                errors.append("The input particles have no CTF: cryohet needs CTF parameters "
+                              "(import them with their CTF, or estimate it first).")
+            if not parts.hasAlignmentProj():
+                errors.append("The input particles have no 3D alignment (projection angles and shifts): "
+                              "run a 3D refinement first.")
+        m = self.getMethod()
+        for p in m.all_params():
+            attr = self._paramAttrs.get(p.name)
+            if attr is None or p.input_role in POINTER_CLASSES:
+                continue
+            text = self._paramText(p, getattr(self, attr))
+            try:
+                p.check(text)
+            except ValueError as exc:
+                errors.append(str(exc))
+        return errors
+
+    def _summary(self) -> list[str]:
+        try:
+            record = convert.read_record(self._engineDir())
+        except (OSError, ValueError):
+            return [f"cryohet {self._methodName}: no results yet."]
+        lines = [f"cryohet {record.get('version', '')} {self._methodName}: {record.get('status')}"]
+        if record.get("error"):
+            lines.append(f"Error: {record['error']}")
+        for out in record["outputs"]:
+            meta = out.get("meta") or {}
+            extra = ", ".join(f"{k}={v}" for k, v in meta.items() if isinstance(v, int | float | str))
+            lines.append(f"{out['kind']}: {out.get('label') or out['path']}" + (f" ({extra})" if extra else ""))
+        return lines
+
+    def _methods(self) -> list[str]:
+        m = self.getMethod()
+        text = f"{m.title} (cryohet {m.name}): {m.help}"
+        try:
+            record = convert.read_record(self._engineDir())
+            used = ", ".join(f"{k}={v}" for k, v in record.get("params", {}).items()
+                             if k not in HOST_FILLED and not str(v).startswith("/"))
+            text += f" Parameters: {used}."
+        except (OSError, ValueError):
+            pass
+        return [text]
+
+    def _citations(self) -> list[str]:
+        return list(self.getMethod().citations)
+
+    def _getCite(self, citeStr: str) -> str:
+        """Citations are free text in the method descriptions; use them as they are."""
+        bib = getattr(sys.modules.get("cryohet_plugin"), "_bibtex", None) or {}
+        return self._getCiteText(bib[citeStr]) if citeStr in bib else citeStr

@@ -1,0 +1,45 @@
+"""Test session set-up: a private, headless Scipion environment (see shared/docs/HOSTS.md).
+
+The variables are set before anything imports pyworkflow (pyworkflow reads them at import time)
+and point into one temporary folder removed at the end of the session. Tests that do not use
+Scipion only see a few environment variables and a temporary folder.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+_SCIPION_TMP = Path(tempfile.mkdtemp(prefix="cryohet-scipion-"))
+atexit.register(shutil.rmtree, _SCIPION_TMP, ignore_errors=True)
+
+for _name, _value in {
+    "SCIPION_DOMAIN": "pwem",
+    "SCIPION_HOME": str(_SCIPION_TMP / "home"),
+    "SCIPION_USER_DATA": str(_SCIPION_TMP / "userdata"),
+    "SCIPION_PYTHON": sys.executable,
+    "SCIPION_TEST_NOSYNC": "1",
+    "MPLCONFIGDIR": str(_SCIPION_TMP / "mpl"),
+    "MPLBACKEND": "Agg",
+    "CRYOHET_CACHE_DIR": str(_SCIPION_TMP / "cache"),  # the plugin's description cache (cryohet_plugin.descriptions)
+}.items():
+    os.environ[_name] = _value
+
+# scipion-em-relion runs RELION's programs from $RELION_HOME/bin (Debian's RELION: /usr).
+_relion = shutil.which("relion_reconstruct")
+if _relion and "RELION_HOME" not in os.environ:
+    os.environ["RELION_HOME"] = str(Path(_relion).resolve().parent.parent)
+
+(_SCIPION_TMP / "home" / "config").mkdir(parents=True)
+(_SCIPION_TMP / "userdata").mkdir()
+(_SCIPION_TMP / "mpl").mkdir()
+
+try:
+    from pyworkflow.protocol import HostConfig
+except ImportError:  # Scipion is not installed: the Scipion tests will say so themselves
+    HostConfig = None
+if HostConfig is not None:
+    HostConfig.writeBasic(str(_SCIPION_TMP / "home" / "config" / "hosts.conf"))

@@ -1,0 +1,250 @@
+"""cryohet as a RELION External job, driven by RELION 3.1's own relion_pipeliner (Debian package).
+
+A project folder gets a default_pipeline.star; External jobs are added and run with relion_pipeliner
+exactly as the GUI would run them (from the project folder, in the background, output in run.out and
+run.err). RELION's own relion_reconstruct then reads the particles STAR files cryohet wrote.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryohet.record import read_record
+from cryohet.relion_external import (
+    ABORT_NOW,
+    EXIT_ABORTED,
+    EXIT_FAILURE,
+    EXIT_SUCCESS,
+    OUTPUT_NODES,
+    main,
+    parse_job_args,
+)
+
+EXE = str(Path(sys.executable).with_name("cryohet_external"))
+SIMULATE = {"method": "simulate", "n_particles": "200", "box": "32", "apix": "3", "n_states": "2",
+            "resolution_A": "8", "snr": "1"}
+PROC_FINISHED, PROC_FAILED, PROC_ABORTED = 2, 3, 4  # RELION 3.1 process status codes
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, CRYOHET_NO_PROGRESS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _pipeliner(project: Path, *args: str, background: bool = False):
+    cmd = ["relion_pipeliner", *args]
+    if background:
+        return subprocess.Popen(cmd, cwd=project, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, cwd=project, env=_env(), capture_output=True, text=True, timeout=300, check=True)
+
+
+def _add_external(project: Path, params: dict[str, str], inputs: dict[str, str] | None = None,
+                  other: str = "") -> str:
+    """Add an External job with RELION's job options; return its folder (External/jobNNN/)."""
+    opts = [f"fn_exe == {EXE}", "nr_threads == 2"]
+    opts += [f"{k} == {v}" for k, v in (inputs or {}).items()]
+    for i, (label, value) in enumerate(params.items(), start=1):
+        opts += [f"param{i}_label == {label}", f"param{i}_value == {value}"]
+    if other:
+        opts.append(f"other_args == {other}")
+    counter = _pipeline_table(project, "pipeline_general")
+    job = f"External/job{int(counter[0][0]):03d}/"
+    _pipeliner(project, "--addJob", "External", "--addJobOptions", ";".join(opts))
+    return job
+
+
+def _run_job(project: Path, job: str) -> None:
+    _pipeliner(project, "--RunJobs", f"{job} ", "--sec_wait_after", "1")  # the trailing space matters
+
+
+def _pipeline_table(project: Path, name: str) -> list[list[str]]:
+    """Rows of one table of default_pipeline.star (loop or key/value)."""
+    lines = (project / "default_pipeline.star").read_text().splitlines()
+    start = lines.index(f"data_{name}")
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("data_"):
+            break
+        s = line.strip()
+        if not s or s.startswith(("#", "loop_")) or (s.startswith("_") and name != "pipeline_general"):
+            continue
+        rows.append(s.split()[1:] if name == "pipeline_general" else s.split())
+    return rows
+
+
+def _status(project: Path, job: str) -> int:
+    return {r[0]: int(r[3]) for r in _pipeline_table(project, "pipeline_processes")}[job]
+
+
+def _nodes(project: Path) -> dict[str, int]:
+    return {r[0]: int(r[1]) for r in _pipeline_table(project, "pipeline_nodes")}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    proj = tmp_path_factory.mktemp("relion_project")
+    (proj / "default_pipeline.star").write_text(
+        "# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter 1\n")
+    return proj
+
+
+@pytest.fixture(scope="module")
+def simulated_job(project) -> str:
+    job = _add_external(project, SIMULATE)
+    _run_job(project, job)
+    return job
+
+
+def _relion_reconstruct(project: Path, star: str, out: str, *extra: str) -> np.ndarray:
+    subprocess.run(["relion_reconstruct", "--i", star, "--o", out, "--ctf", *extra], cwd=project, env=_env(),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True, timeout=300)
+    with mrcfile.open(project / out) as m:
+        return m.data.copy()
+
+
+def test_simulate_job_nodes_finished_and_relion_reconstructs(project, simulated_job):
+    job = simulated_job
+    assert (project / job / EXIT_SUCCESS).exists(), (project / job / "run.err").read_text()
+    assert _status(project, job) == PROC_FINISHED
+    nodes = _nodes(project)
+    assert nodes[f"{job}particles.star"] == 3
+    assert nodes[f"{job}maps/mean.mrc"] == 6
+    assert sum(1 for n in nodes if n.startswith(f"{job}maps/state_")) == 2
+    labels = (project / job / OUTPUT_NODES).read_text()
+    assert "ParticleGroupMetadata.star.relion" in labels and "DensityMap.mrc" in labels
+    # the job's log went to run.out, nothing alarming to run.err
+    assert "cryohet simulate" in (project / job / "run.out").read_text()
+    assert "error" not in (project / job / "run.err").read_text().lower()
+    # RELION's own program reads the particles STAR (image paths relative to the project, as RELION expects)
+    vol = _relion_reconstruct(project, f"{job}particles.star", "sim_rec.mrc")
+    assert vol.shape == (32, 32, 32)
+    with mrcfile.open(project / job / "maps/mean.mrc") as m:
+        truth = m.data
+    assert np.corrcoef(vol.ravel(), truth.ravel())[0, 1] > 0.5
+
+
+def test_reconstruct_job_on_relion_particles(project, simulated_job):
+    job = _add_external(project, {"method": "reconstruct", "wiener": "auto"},
+                        inputs={"in_part": f"{simulated_job}particles.star"}, other="--batch_size 64")
+    _run_job(project, job)
+    assert (project / job / EXIT_SUCCESS).exists(), (project / job / "run.err").read_text()
+    assert _status(project, job) == PROC_FINISHED
+    nodes = _nodes(project)
+    assert nodes[f"{job}map.mrc"] == 6
+    assert nodes[f"{job}half1.mrc"] == 10 and nodes[f"{job}half2.mrc"] == 10
+    assert nodes[f"{job}particles.star"] == 3
+    record = read_record(project / job)
+    assert record.params["batch_size"] == 64 and record.params["threads"] == 2
+    # RELION reconstructs one half-set from the particles STAR the job re-emitted (rlnRandomSubset kept)
+    half = _relion_reconstruct(project, f"{job}particles.star", "half1_relion.mrc", "--subset", "1")
+    with mrcfile.open(project / job / "half1.mrc") as m:
+        ours = m.data
+    assert np.corrcoef(half.ravel(), ours.ravel())[0, 1] > 0.5
+
+
+def test_bad_input_fails_with_reason_in_run_err(project, simulated_job):
+    """A particles STAR without CTF columns: RELION_JOB_EXIT_FAILURE, status failed, the reason in run.err."""
+    src = (project / simulated_job / "particles.star").read_text().splitlines()
+    cols = [line.split()[0] for line in src if line.startswith("_rln") and "Defocus" in line]
+    assert cols
+    bad = project / "no_ctf.star"
+    body, header_cols, keep = [], [], []
+    in_particles = False
+    for line in src:
+        if line.startswith("data_particles"):
+            in_particles = True
+        if in_particles and line.startswith("_"):
+            header_cols.append(line.split()[0])
+            if line.split()[0] in cols:
+                continue
+        elif in_particles and line.strip() and not line.startswith(("loop_", "#", "data_")):
+            keep = [i for i, c in enumerate(header_cols) if c not in cols]
+            words = line.split()
+            line = " ".join(words[i] for i in keep)
+        body.append(line)
+    bad.write_text("\n".join(body) + "\n")
+    job = _add_external(project, {"method": "reconstruct"}, inputs={"in_part": "no_ctf.star"})
+    _run_job(project, job)
+    assert (project / job / EXIT_FAILURE).exists()
+    assert not (project / job / EXIT_SUCCESS).exists()
+    assert _status(project, job) == PROC_FAILED
+    err = (project / job / "run.err").read_text()
+    assert "no_ctf.star" in err and "defocus" in err.lower(), err
+
+
+def test_unknown_parameter_fails_with_reason(project, simulated_job):
+    job = _add_external(project, {"method": "reconstruct", "lowpas_A": "8"},
+                        inputs={"in_part": f"{simulated_job}particles.star"})  # (a missing input stalls RELION)
+    _run_job(project, job)
+    assert _status(project, job) == PROC_FAILED
+    err = (project / job / "run.err").read_text()
+    assert "unknown option --lowpas_A" in err and "wiener" in err, err
+
+
+def test_abort_now_stops_the_running_job(project):
+    """The GUI's abort: RELION_JOB_ABORT_NOW appears while the job runs -> RELION_JOB_EXIT_ABORTED."""
+    params = dict(SIMULATE, n_states="200", n_particles="2000")
+    job = _add_external(project, params)
+    proc = _pipeliner(project, "--RunJobs", f"{job} ", "--sec_wait_after", "1", background=True)
+    run_out = project / job / "run.out"
+    deadline = time.time() + 120
+    while time.time() < deadline and "parameters:" not in (run_out.read_text() if run_out.exists() else ""):
+        time.sleep(0.2)
+    (project / job / ABORT_NOW).touch()
+    proc.wait(timeout=180)
+    assert (project / job / EXIT_ABORTED).exists(), (project / job / "run.err").read_text()
+    assert not (project / job / EXIT_SUCCESS).exists()
+    assert _status(project, job) == PROC_ABORTED
+    assert read_record(project / job).status == "aborted"
+
+
+def test_abort_file_present_at_start_in_process(tmp_path, monkeypatch):
+    """Same protocol when run by hand: the runner raises RunAborted at its first step."""
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "External" / "job009"
+    job.mkdir(parents=True)
+    (job / ABORT_NOW).touch()
+    args = ["--o", "External/job009/", "--method", "simulate", "--n_particles", "50", "--box", "32",
+            "--n_states", "3", "--j", "1"]
+    assert main(args) == 3
+    assert (job / EXIT_ABORTED).exists() and not (job / EXIT_SUCCESS).exists()
+    assert read_record(job).status == "aborted"
+    assert "abort" in (job / "run.err").read_text()
+    assert "CRYOHET_ABORT_FILE" not in os.environ
+
+
+def test_parse_what_relion_passes():
+    args = parse_job_args(["--o", "External/job003/", "--in_parts", "Select/job002/particles.star",
+                           "--method", "reconstruct", "--wiener", "0.5", "--box", "24", "--j", "4",
+                           "--pipeline_control", "External/job003/", "--datadir", "/data/my", "stacks"])
+    assert args.out == "External/job003/" and args.method == "reconstruct" and args.threads == "4"
+    assert args.inputs == {"particles": "Select/job002/particles.star"}
+    assert args.values == {"wiener": "0.5", "box": "24", "datadir": "/data/my stacks"}
+
+
+def test_list_params_prints_the_external_job_tab(capsys):
+    assert main(["--list-params", "reconstruct"]) == 0
+    out = capsys.readouterr().out
+    assert "Param1   method             = reconstruct" in out
+    assert "Input particles:" in out and "--particles" in out
+    assert "wiener" in out and "batch_size" in out
+
+
+def test_no_output_dir_is_a_usage_error(capsys):
+    assert main(["--method", "reconstruct"]) == 2
+    assert "--o" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _relion_available():
+    if shutil.which("relion_pipeliner") is None:
+        pytest.fail("RELION 3.1 (relion_pipeliner) is not installed: apt-get install relion (see shared/docs/HOSTS.md)")

@@ -1,0 +1,258 @@
+"""cryohet protocols in a real, headless Scipion project (pyworkflow + pwem + scipion-em-relion + RELION 3.1).
+
+One project for the module: the simulate protocol makes the data; particles are imported from its
+STAR as a user would (ProtImportParticles from RELION); the reconstruct protocol runs on them; host
+protocols (RELION reconstruct and post-process through scipion-em-relion) consume the outputs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+from pwem.objects import SetOfParticles, SetOfVolumes, Volume
+from pwem.protocols import ProtImportMask, ProtImportParticles
+from pyworkflow.plugin import Domain
+from pyworkflow.project import Manager
+
+from cryohet_plugin.protocols import CryohetProtReconstruct, CryohetProtSimulate, ProtCryohetBase
+
+BOX, APIX, N_PARTICLES = 32, 3.0, 300
+
+
+def _launch(proj, prot, ok: bool = True):
+    proj.launchProtocol(prot, wait=True)
+    prot = proj.getProtocol(prot.getObjId())  # re-read what the runner process stored
+    if ok and not prot.isFinished():
+        logs = [Path(f).read_text()[-3000:] for f in prot.getLogPaths() if os.path.exists(f)]
+        pytest.fail(f"{prot.getRunName()} did not finish: {prot.getErrorMessage()}\n" + "\n".join(logs))
+    return prot
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    cwd = os.getcwd()
+    proj = Manager().createProject(f"cryohet_{uuid.uuid4().hex[:8]}")
+    os.chdir(proj.path)
+    yield proj
+    os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def simulated(project):
+    prot = project.newProtocol(CryohetProtSimulate, n_particles=N_PARTICLES, box=BOX, apix=APIX, n_states=3,
+                               resolution_A=8.0, snr=1.0, useGpu=False, numberOfThreads=2)
+    prot.setObjLabel("simulate")
+    return _launch(project, prot)
+
+
+@pytest.fixture(scope="module")
+def imported(project, simulated, tmp_path_factory):
+    """The simulated particles copied elsewhere and imported from their STAR by Scipion's importer."""
+    src = Path(simulated._getExtraPath("cryohet"))
+    data = tmp_path_factory.mktemp("relion_data")
+    shutil.copy(src / "particles.star", data)
+    shutil.copy(src / "particles.mrcs", data)
+    prot = project.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+                               starFile=str(data / "particles.star"), samplingRate=APIX, voltage=300,
+                               sphericalAberration=2.7, amplitudeContrast=0.1, magnification=10000)
+    return _launch(project, prot)
+
+
+@pytest.fixture(scope="module")
+def mask(project, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mask") / "sphere.mrc"
+    r = np.linalg.norm(np.mgrid[:BOX, :BOX, :BOX] - BOX // 2, axis=0)
+    soft = np.clip((13.0 - r) / 3.0, 0, 1).astype(np.float32)
+    with mrcfile.new(path) as m:
+        m.set_data(soft)
+        m.voxel_size = APIX
+    return _launch(project, project.newProtocol(ProtImportMask, maskPath=str(path), samplingRate=APIX))
+
+
+def test_generated_protocol_forms():
+    """Each method's form comes from its description: types, enums, expert levels, pointers."""
+    prot = CryohetProtReconstruct()
+    params = dict(prot.getDefinition().iterParams())
+    assert type(params["particles"]).__name__ == "PointerParam"
+    assert params["particles"].pointerClass.get() == "SetOfParticles"
+    assert params["mask"].pointerClass.get() == "VolumeMask" and params["mask"].allowsNull
+    assert type(params["box"]).__name__ == "IntParam"
+    assert params["batch_size"].expertLevel.get() == 1 and params["box"].expertLevel.get() == 0
+    assert "device" not in params and "threads" not in params and "gpuList" in params
+    sim = dict(CryohetProtSimulate().getDefinition().iterParams())
+    assert type(sim["motion"]).__name__ == "EnumParam"
+    assert sim["motion"].choices[int(sim["motion"].default.get())] == "hinge"
+    assert type(sim["apix"]).__name__ == "FloatParam" and sim["apix"].label.get() == "Pixel size (Å/px)"
+    assert type(sim["discrete"]).__name__ == "BooleanParam"
+    assert ProtCryohetBase.isBase() and not CryohetProtSimulate.isBase()
+    assert {"CryohetProtReconstruct", "CryohetProtSimulate"} <= set(Domain.getProtocols())
+
+
+def test_every_method_has_a_protocol_with_its_parameters():
+    """Adding a method to the engine adds a protocol; descriptions from the cache equal the engine's."""
+    import cryohet_plugin.protocols as protocols
+    from cryohet.methods import all_methods
+    from cryohet_plugin.descriptions import load_descriptions
+
+    engine = all_methods()
+    cached = load_descriptions()
+    assert set(cached) == set(engine)
+    for name, m in engine.items():
+        c = cached[name]
+        assert (c.params, c.outputs, c.title, c.citations) == (m.params, m.outputs, m.title, m.citations), name
+        cls = getattr(protocols, protocols.class_name(name))
+        form = dict(cls().getDefinition().iterParams())
+        for p in m.all_params():
+            if p.name not in ("device", "threads"):
+                assert cls._paramAttrs[p.name] in form, (name, p.name)
+
+
+def test_simulate_protocol_outputs_and_relion_reconstruct(project, simulated):
+    parts = simulated.outputParticles
+    assert isinstance(parts, SetOfParticles) and parts.getSize() == N_PARTICLES
+    assert parts.hasAlignmentProj() and parts.hasCTF()
+    assert parts.getSamplingRate() == pytest.approx(APIX)
+    first = parts.getFirstItem()
+    assert first.getCTF().getDefocusU() > 5000 and os.path.exists(first.getFileName())
+    assert simulated.outputVolume.getSamplingRate() == pytest.approx(APIX)
+    series = simulated.outputVolumeSeries
+    assert isinstance(series, SetOfVolumes) and series.getSize() == 3
+    assert all(v.getSamplingRate() == pytest.approx(APIX) for v in series)
+
+    # A host protocol consumes the simulated particles: RELION's reconstruction through scipion-em-relion.
+    ProtRelionReconstruct = Domain.importFromPlugin("relion.protocols", "ProtRelionReconstruct", doRaise=True)
+    rec = _launch(project, project.newProtocol(ProtRelionReconstruct, inputParticles=parts, numberOfMpi=1,
+                                               doCTF=True))
+    with mrcfile.open(rec.outputVolume.getFileName().split(":")[0]) as m:
+        assert m.data.shape == (BOX, BOX, BOX) and float(np.abs(m.data).max()) > 0
+
+
+def test_reconstruct_protocol_then_relion_postprocess(project, imported, mask):
+    parts = imported.outputParticles
+    assert parts.hasAlignmentProj() and parts.hasCTF()
+    prot = project.newProtocol(CryohetProtReconstruct, particles=parts, mask=mask.outputMask, useGpu=False,
+                               numberOfThreads=2)
+    prot = _launch(project, prot)
+    vol = prot.outputVolume
+    assert isinstance(vol, Volume) and vol.getSamplingRate() == pytest.approx(APIX)
+    halves = vol.getHalfMaps().split(",")
+    assert len(halves) == 2 and all(os.path.exists(h) for h in halves)
+    fscs = {f.getObjLabel().split(": ")[-1]: float(f.calculateResolution()) for f in prot.outputFSC}
+    assert set(fscs) == {"unmasked", "masked"} and all(2 * APIX <= r < 60 for r in fscs.values()), fscs
+    # the engine read what the converter wrote: one row per particle, Scipion ids kept
+    star = Path(prot._getExtraPath("input", "input_particles.star")).read_text()
+    assert "_cryohetScipionId" in star and "_rlnAngleRot" in star and "_rlnDefocusU" in star
+    assert "Error" not in " ".join(prot.summary())
+
+    # A host protocol consumes the volume and its half-maps: RELION post-processing.
+    ProtRelionPostprocess = Domain.importFromPlugin("relion.protocols", "ProtRelionPostprocess", doRaise=True)
+    post = _launch(project, project.newProtocol(ProtRelionPostprocess, relionInput=False, inputType=0,
+                                                inputVolume=vol, solventMask=mask.outputMask))
+    assert os.path.exists(post.outputVolume.getFileName())
+    assert "Final resolution" in " ".join(post.summary())
+
+    # The viewers render headless (PNG, ChimeraX script).
+    from cryohet_plugin.viewers import CryohetResultsViewer
+
+    files = CryohetResultsViewer(project=project, protocol=prot).render(prot)
+    assert any(f.endswith("fsc_1.png") for f in files["png"]) and files["cxc"]
+    assert all(os.path.getsize(f) > 1000 for f in files["png"])
+
+
+def test_protocol_reloads_by_class_name_in_a_new_process(project, simulated):
+    """What the protocol runner does: a fresh python loads the project and finds the generated class."""
+    code = ("import sys; from pyworkflow.project import Manager; "
+            "p = Manager().loadProject(sys.argv[1]).getProtocol(int(sys.argv[2])); "
+            "print(type(p).__name__, p.n_particles.get(), p.getStatus())")
+    out = subprocess.run([sys.executable, "-c", code, project.getName(), str(simulated.getObjId())],
+                         capture_output=True, text=True, check=True, cwd=project.path).stdout.split()[-3:]
+    assert out == ["CryohetProtSimulate", str(N_PARTICLES), "finished"]
+
+
+def test_validate_rejects_particles_without_ctf(project, simulated, tmp_path):
+    star = Path(simulated._getExtraPath("cryohet", "particles.star")).read_text()
+    shutil.copy(simulated._getExtraPath("cryohet", "particles.mrcs"), tmp_path)
+    lines = star.splitlines()
+    ctf_cols = [i for i, line in enumerate(lines) if line.startswith("_rlnDefocus")]
+    assert ctf_cols
+    # drop the defocus columns (header and values) of the particles table
+    header_end = max(i for i, line in enumerate(lines) if line.startswith("_"))
+    first_col = min(i for i, line in enumerate(lines) if line.startswith("_rlnImageName"))
+    drop = {i - first_col for i in ctf_cols}
+    out = []
+    for i, line in enumerate(lines):
+        if i in ctf_cols:
+            continue
+        if i > header_end and line.strip():
+            line = " ".join(v for j, v in enumerate(line.split()) if j not in drop)
+        out.append(line)
+    (tmp_path / "particles.star").write_text("\n".join(out) + "\n")
+    imp = _launch(project, project.newProtocol(
+        ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+        starFile=str(tmp_path / "particles.star"), samplingRate=APIX, voltage=300, sphericalAberration=2.7,
+        amplitudeContrast=0.1, magnification=10000))
+    assert not imp.outputParticles.hasCTF()
+    prot = project.newProtocol(CryohetProtReconstruct, particles=imp.outputParticles)
+    errors = prot.validate()
+    assert any("no CTF" in e for e in errors), errors
+
+
+def test_reconstruct_fails_clearly_on_a_missing_stack(project, simulated, tmp_path):
+    src = Path(simulated._getExtraPath("cryohet"))
+    shutil.copy(src / "particles.star", tmp_path)
+    shutil.copy(src / "particles.mrcs", tmp_path)
+    imp = _launch(project, project.newProtocol(
+        ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+        starFile=str(tmp_path / "particles.star"), samplingRate=APIX, voltage=300, sphericalAberration=2.7,
+        amplitudeContrast=0.1, magnification=10000))
+    (tmp_path / "particles.mrcs").unlink()  # the stack disappears after the import
+    prot = project.newProtocol(CryohetProtReconstruct, particles=imp.outputParticles, useGpu=False)
+    assert prot.validate() == []
+    prot = _launch(project, prot, ok=False)
+    assert prot.isFailed()
+    msg = prot.getErrorMessage()
+    assert "cryohet reconstruct failed" in msg and "particles.mrcs" in msg, msg
+    assert not prot.hasAttribute("outputVolume")
+
+
+def test_latents_register_as_particles_flex(project, imported):
+    """Per-particle latents of a real engine run become a SetOfParticlesFlex matched by Scipion id.
+
+    principal-volumes is not yet in METHOD_MODULES, so its run is done in this process on the STAR the
+    protocol's convert step wrote; the protocol's own createOutputStep then registers the record.
+    """
+    from cryohet.methods.principal_volumes import METHOD as principal_volumes
+    from cryohet.runner import run_method
+    from cryohet_plugin.viewers import CryohetFlexViewer, CryohetResultsViewer
+
+    parts = imported.outputParticles
+    prot = project.newProtocol(CryohetProtReconstruct, particles=parts)
+    project.saveProtocol(prot)
+    prot.makePathsAndClean()
+    prot.convertInputStep()
+    out = os.path.abspath(prot._getExtraPath("cryohet"))
+    run_method(principal_volumes, {"particles": os.path.abspath(prot._getExtraPath("input", "input_particles.star")),
+                                   "n_components": 2, "resolution_A": 12.0, "max_iter": 2, "movie_frames": 3,
+                                   "device": "cpu", "threads": 1}, out)
+    prot.createOutputStep()
+    z = np.load(os.path.join(out, "latents.npy"))
+    flex = prot.outputParticlesFlex
+    assert flex.getSize() == parts.getSize() == len(z)
+    assert flex.getFlexInfo().getProgName() == "CryoHet" and flex.getFlexInfo().getAttr("zDim") == 2
+    ids = [p.getObjId() for p in parts.iterItems()]
+    # row i of the latents belongs to the i-th particle written, i.e. the one with the i-th Scipion id
+    for row in (0, len(ids) // 2, len(ids) - 1):
+        item = flex[ids[row]]
+        assert np.allclose(item.getZFlex(), z[row], atol=1e-5)
+        assert item.getFileName() == parts[ids[row]].getFileName() and item.hasCTF()
+    assert prot.outputVolumes.getSize() == 3  # mean + 2 principal volumes
+    files = CryohetResultsViewer(project=project, protocol=prot).render(prot)
+    assert any("latent_scatter" in f for f in files["png"]) and files["report"]
+    assert len(CryohetFlexViewer(project=project).render(flex, prot._getExtraPath("plots_flex"))) == 2
