@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -48,7 +49,7 @@ def main() -> None:
     d.mkdir(parents=True, exist_ok=True)
     vol, _ = read_map(THIRDPARTY / "hand-vol.mrc")
     apix = args.apix * vol.shape[0] / args.box
-    vol = fourier_crop_3d(torch.as_tensor(vol), args.box).numpy()
+    vol = fourier_crop_3d(torch.from_numpy(np.array(vol)), args.box).numpy()
     write_map(d / "truth.mrc", vol, apix)
     pose_ctf_star(d / "ang.star", args.n, args.box, apix, seed=1)
     relion("relion_project", "--i", "truth.mrc", "--o", "sim", "--ang", "ang.star", "--ctf", "--angpix", str(apix),

@@ -52,6 +52,7 @@ def test_chimerax_series_script(tmp_path):
 def test_flex_viewer_renders_particles_with_latents(tmp_path):
     cwd = os.getcwd()
     proj = Manager().createProject(f"cryohet_view_{uuid.uuid4().hex[:8]}")
+    os.chdir(proj.path)  # viewers write into the project's Tmp/, as in a Scipion session
     try:
         parts = SetOfParticlesFlex(filename=str(tmp_path / "flex.sqlite"), progName="CryoHet")
         rng = np.random.default_rng(2)
