@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import mrcfile
 import numpy as np
 import pytest
+import torch
 from relion_tools import THIRDPARTY, pose_ctf_star, relion
 
 from cryohet.cli import main
+from cryohet.geometry.fourier import fourier_crop_3d
 from cryohet.io.mrc import read_map, write_map
 from cryohet.io.star import read_star
 from cryohet.reconstruct.fsc import fsc, fsc_auc, resolution_at
@@ -71,9 +75,7 @@ def test_reconstruct_downsampled_box_and_mask(relion_data, tmp_path):
                  "--mask", str(tmp_path / "mask.mrc"), "--wiener", "none"]) == 0
     ours, apix = read_map(out / "map.mrc")
     assert ours.shape == (32, 32, 32) and apix == pytest.approx(2 * APIX)
-    import torch
 
-    from cryohet.geometry.fourier import fourier_crop_3d
 
     truth = fourier_crop_3d(torch.as_tensor(read_map(d / "truth.mrc")[0]), 32).numpy()
     assert fsc(ours, truth)[:12].min() > 0.8
@@ -101,3 +103,17 @@ def test_reconstruct_mask_of_another_box(relion_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mask.mrc" in err and "box" in err
     assert not (out / "map.mrc").exists()
+
+
+def test_reconstruct_nan_image_fails_cleanly(relion_data, tmp_path, capsys):
+    """A NaN deep in the stack stops the run with the stack named, exit 2, and no map written."""
+    for name in ("sim.star", "sim.mrcs"):
+        shutil.copy(relion_data / name, tmp_path / name)
+    (tmp_path / "sim.mrcs").chmod(0o644)
+    with mrcfile.mmap(tmp_path / "sim.mrcs", mode="r+") as m:
+        m.data[1500, 10, 10] = np.nan
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--particles", str(tmp_path / "sim.star"), "--o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "sim.mrcs" in err and "NaN" in err
+    assert not any(out.glob("*.mrc")) and json.loads((out / "cryohet_run.json").read_text())["status"] == "failed"
