@@ -1,0 +1,511 @@
+"""Principal volumes from 2-D images with known poses and CTF: probabilistic PCA by EM in Fourier space.
+
+Survey section 5 (Katsevich–Singer, Andén–Singer, Tagare et al.'s PPCA, cryoSPARC's 3D variability).
+Image model for particle m (centred transform y_m, origin undone, Fourier-cropped to the resolution limit):
+
+    y_m = c_m · P_m (μ + W z_m) + n_m,      z_m ~ N(0, I_K),   n_m ~ N(0, σ²(shell)) per pixel,
+
+with P_m the Fourier slice at the particle's pose and c_m its CTF. EM:
+
+* E-step (per particle, a K×K system): Σ_m = (I + Re G_mᴴ Ω G_m)⁻¹, ẑ_m = Σ_m Re G_mᴴ Ω (y_m − c_m P_m μ),
+  with G_m = c_m P_m W (slices of each component) and Ω = diag(1/σ²).
+* M-step (per Fourier voxel, a (K+1)×(K+1) system, as cryoSPARC 3DVA): mean and components together,
+  Σ_m Pᵀ Ω c² E[z̃ z̃ᵀ] X = Σ_m Pᵀ Ω c y ẑ̃ᵀ with z̃ = (1, z), accumulated by trilinear insertion (the
+  K-channel generalisation of ``BackProjector``), plus a Wiener-like per-shell prior 1/(T τ²(shell)).
+* σ²(shell) from the expected residuals; the components are masked in real space after each M-step.
+
+Images stream in batches (optionally cached in memory once Fourier-cropped), so memory does not grow
+with the number of particles beyond the (N, K) coordinates. At the end the components are rotated to
+orthonormal principal volumes X_k sorted by variance, and coordinates b_k = S Vᵀ ẑ with their posterior
+standard deviations.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryohet.errors import InputError
+from cryohet.geometry.ctf import ctf_2d
+from cryohet.geometry.euler import euler_to_matrix
+from cryohet.geometry.fourier import centered_coords, fft2c, fft3c, fourier_crop_3d, ifft3c
+from cryohet.geometry.masks import sphere_mask
+from cryohet.geometry.project import Projector, sinc2_grid, slice_coords
+from cryohet.geometry.shift import undo_origin
+
+#: Fewest particles the estimator accepts, and particles needed per unknown map (mean + K components).
+MIN_PARTICLES = 50
+PARTICLES_PER_MAP = 20
+#: Voxels whose data weight is below this fraction of the mean weight are regularised at least this much.
+MIN_WEIGHT_FRACTION = 1e-3
+#: The components' prior power per shell is at least this fraction of the mean's (keeps W from exactly 0).
+MIN_COMPONENT_POWER = 1e-6
+
+ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]
+
+
+@dataclass
+class PrincipalVolumes:
+    """Result of ``fit_principal_volumes``; maps at the particles' box and pixel size."""
+
+    mean: np.ndarray               # (box, box, box) float32, X_0
+    components: np.ndarray         # (K, box, box, box) float32, orthonormal X_k, by decreasing variance
+    eigenvalues: np.ndarray        # (K,) model variance of b_k (map units² · voxels, as ||X_k|| = 1)
+    latents: np.ndarray            # (N, K) posterior means of b_k, rows in particle order
+    latent_std: np.ndarray         # (N, K) posterior standard deviations of b_k
+    noise_var: np.ndarray          # (shells,) σ² per Fourier shell of the working box
+    apix: float                    # Å/pixel of the maps
+    work_box: int                  # box the images were Fourier-cropped to
+    resolution_A: float            # resolution limit used
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def work_box_for(box: int, apix: float, resolution_A: float) -> int:
+    """Smallest even box whose Nyquist frequency reaches ``1/resolution_A`` (at most ``box``)."""
+    if resolution_A <= 0:
+        return box
+    n = 2 * math.ceil(box * apix / resolution_A) + 2
+    return int(min(box, max(n, 8)))
+
+
+def check_inputs(n_particles: int, box: int, apix: float, n_components: int, resolution_A: float,
+                 mask: np.ndarray | None, source: str | None = None, mask_source: str | None = None) -> None:
+    """Reject inputs the estimator cannot support, naming the parameter (ValueError / InputError)."""
+    if n_components < 1:
+        raise ValueError(f"--n_components must be at least 1, got {n_components}")
+    if n_particles < MIN_PARTICLES:
+        raise InputError(source, f"only {n_particles} particles: principal volumes needs at least {MIN_PARTICLES}")
+    need = PARTICLES_PER_MAP * (n_components + 1)
+    if n_particles < need:
+        raise ValueError(f"--n_components {n_components} is more than {n_particles} particles support: "
+                         f"K components need at least {PARTICLES_PER_MAP}·(K+1) = {need} particles; "
+                         f"use --n_components {max(1, n_particles // PARTICLES_PER_MAP - 1)} or fewer")
+    if resolution_A < 0 or (0 < resolution_A < 2 * apix * (1 - 1e-6)):
+        raise ValueError(f"--resolution_A {resolution_A} Å is beyond Nyquist ({2 * apix:.3f} Å at "
+                         f"{apix:.3f} Å/pixel); use 0 for Nyquist or a larger value")
+    if mask is not None and tuple(mask.shape) != (box,) * 3:
+        raise InputError(mask_source, f"--mask has shape {tuple(mask.shape)} but the particles' box is "
+                                      f"{box}: the mask must be a ({box}, {box}, {box}) map")
+
+
+def fourier_pad_3d(vol: torch.Tensor, new_box: int) -> torch.Tensor:
+    """Upsample a map (n, n, n) to (N, N, N) by zero-padding its centred transform; keeps voxel values."""
+    n = vol.shape[-1]
+    if n == new_box:
+        return vol
+    F = fft3c(vol.to(torch.float64))
+    out = torch.zeros((new_box,) * 3, dtype=F.dtype, device=F.device)
+    lo = new_box // 2 - n // 2
+    out[lo:lo + n, lo:lo + n, lo:lo + n] = F
+    return (ifft3c(out).real * (new_box / n) ** 3).to(torch.float32)
+
+
+def band_limit(maps: np.ndarray, apix: float, resolution_A: float) -> np.ndarray:
+    """Maps (..., N, N, N) with every Fourier component beyond 1/resolution_A set to zero (hard sphere), as
+    the estimator's maps are; ``resolution_A`` <= 0 leaves them as they are."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if resolution_A <= 0:
+        return maps
+    N = maps.shape[-1]
+    c = centered_coords(N, None, torch.float64) / (N * apix)
+    k2 = c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2
+    F = fft3c(torch.as_tensor(maps, dtype=torch.float64)) * (k2 <= 1.0 / resolution_A ** 2)
+    return ifft3c(F).real.numpy().astype(np.float32)
+
+
+class _ImageSource:
+    """Centred, Fourier-cropped, origin-undone transforms of the particle images at pixels inside the limit."""
+
+    def __init__(self, particles: Any, n: int, radius_px: float, batch_size: int, device: torch.device,
+                 cache_mb: float):
+        self.p = particles
+        self.N, self.n = int(particles.box), n
+        self.apix_n = float(particles.apix) * self.N / n
+        self.batch_size = batch_size
+        self.device = device
+        r = centered_coords(n, device)
+        rr = torch.sqrt(r[:, None] ** 2 + r[None, :] ** 2)
+        self.sel = (rr <= radius_px).flatten()             # pixels used (inside the resolution circle)
+        self.shell = torch.round(rr.flatten()[self.sel]).long()
+        self.n_shells = int(self.shell.max()) + 1
+        self.npix = int(self.sel.sum())
+        # Hermitian half of the used pixels (kx > 0, or kx = 0 and ky >= 0), DC at half weight
+        ky, kx = r[:, None].expand(n, n).flatten()[self.sel], r[None, :].expand(n, n).flatten()[self.sel]
+        self.half = torch.nonzero((kx > 0) | ((kx == 0) & (ky >= 0))).squeeze(1)
+        self.half_w = torch.where((kx[self.half] == 0) & (ky[self.half] == 0), 0.5, 1.0).to(torch.float32)
+        self.pix = torch.nonzero(self.sel).squeeze(1)
+        self.n_particles = len(particles.euler_deg)
+        self.A_all = torch.as_tensor(euler_to_matrix(np.asarray(particles.euler_deg, dtype=np.float64)),
+                                     dtype=torch.float32)
+        need_mb = self.n_particles * self.npix * 12 / 2**20
+        self._cache: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] | None = None
+        self._want_cache = need_mb <= cache_mb
+
+    def _prepare(self, idx: np.ndarray, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        N, n = self.N, self.n
+        img = torch.as_tensor(np.asarray(images, dtype=np.float32), device=self.device)
+        F = fft2c(img)
+        lo = N // 2 - n // 2
+        F = F[:, lo:lo + n, lo:lo + n] * (n / N) ** 3   # transform of the value-preserving downsampled map
+        origin_px = torch.as_tensor(np.asarray(self.p.shift_A, dtype=np.float64)[idx] / self.apix_n,
+                                    device=self.device)
+        F = undo_origin(F, origin_px)
+        ctf = ctf_2d(self.p.ctf.take(idx), n, self.apix_n, device=self.device)
+        B = len(idx)
+        return (F.reshape(B, -1)[:, self.sel].to(torch.complex64),
+                ctf.reshape(B, -1)[:, self.sel].to(torch.float32))
+
+    def batches(self) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (indices, y (B, npix) complex, ctf (B, npix), A (B, 3, 3))."""
+        if self._cache is not None:
+            for idx, y, c in self._cache:
+                yield idx, y, c, self.A_all[idx].to(self.device)
+            return
+        cache: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
+        for idx, images in self.p.iter_batches(self.batch_size):
+            idx = np.asarray(idx)
+            y, c = self._prepare(idx, images)
+            if self._want_cache:
+                cache.append((idx, y, c))
+            yield idx, y, c, self.A_all[idx].to(self.device)
+        if self._want_cache:
+            self._cache = cache
+
+    def n_batches(self) -> int:
+        return -(-self.n_particles // self.batch_size)
+
+
+class _Accumulator:
+    """Per-voxel normal equations of the M-step on the padded Fourier grid, inside a sphere.
+
+    Channels: Re and Im of Σ ω c y z̃_j (j = 0..K), then Σ ω c² E[z̃_j z̃_l] for j ≤ l, then Σ t² ω c² z̃_j²
+    (t the trilinear weight: the noise variance of the data terms, for the moment estimate of the prior).
+    Only the Hermitian half of each image is inserted (the DC term at half weight); ``solve`` adds the
+    Friedel mates.
+    """
+
+    def __init__(self, n: int, pad: int, radius_px: float, n_maps: int, device: torch.device):
+        self.n, self.pad, self.P = n, pad, pad * n
+        self.J = n_maps
+        self.pairs = torch.triu_indices(n_maps, n_maps).to(device)
+        self.C = 2 * n_maps + self.pairs.shape[1] + n_maps    # + Σ t² ω c² ẑ_j² (noise of the data terms)
+        P = self.P
+        c = centered_coords(P, device, torch.float64) / pad
+        r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2).flatten()
+        keep = r <= radius_px + 1.5
+        self.lut = torch.full((P ** 3,), -1, dtype=torch.long, device=device)
+        self.flat = torch.nonzero(keep).squeeze(1)
+        self.lut[self.flat] = torch.arange(len(self.flat), device=device)
+        self.shell = torch.round(r[self.flat]).long()      # shell of each kept voxel (unpadded units)
+        # Friedel mate of each kept voxel (index i -> (P - i) mod P on each axis)
+        z, y, x = self.flat // (P * P), (self.flat // P) % P, self.flat % P
+        mate = (((P - z) % P) * P + (P - y) % P) * P + (P - x) % P
+        self.mate = self.lut[mate]
+        self.mate = torch.where(self.mate >= 0, self.mate, torch.arange(len(self.flat), device=device))
+        self.acc = torch.zeros((len(self.flat), self.C), dtype=torch.float32, device=device)
+        self.device = device
+        self._corners = [((dx, dy, dz), (dz * P + dy) * P + dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+
+    def insert(self, pos: torch.Tensor, half_w: torch.Tensor, y: torch.Tensor, c: torch.Tensor,
+               omega: torch.Tensor, zt: torch.Tensor, Ezz: torch.Tensor) -> None:
+        """Add a batch: padded-grid positions (B, h, 3) of the half-plane pixels and their weights (h,) (1, or ½
+        for DC), data y, ctf c (B, h), ω (h,), z̃ (B, J), E[z̃ z̃ᵀ] (B, J, J)."""
+        wo = omega * half_w
+        wd = (wo * c) * y                                             # (B, h) complex
+        dz = wd[..., None] * zt[:, None, :].to(wd.dtype)              # (B, h, J)
+        ww = wo * c * c                                               # (B, h)
+        Ep = Ezz[:, self.pairs[0], self.pairs[1]].to(torch.float32)   # (B, npairs)
+        nv = self.C - self.J
+        src = torch.cat([dz.real, dz.imag, ww[..., None] * Ep[:, None, :],
+                         ww[..., None] * (zt[:, None, :].to(torch.float32) ** 2)], -1).reshape(-1, self.C)
+        pos = (pos + self.P // 2).reshape(-1, 3)
+        base = torch.floor(pos).clamp(0, self.P - 2)
+        frac = pos - base
+        base = base.long()
+        flat0 = (base[:, 2] * self.P + base[:, 1]) * self.P + base[:, 0]
+        for (dx, dy, dz_), off in self._corners:
+            w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
+                 * (frac[:, 2] if dz_ else 1 - frac[:, 2]))
+            wc = torch.cat([w[:, None].expand(-1, nv), (w * w)[:, None].expand(-1, self.J)], 1)
+            self.acc.index_add_(0, self.lut[flat0 + off], src * wc)
+
+    def full(self) -> torch.Tensor:
+        """Accumulated channels with the Friedel mates added (V, C), float64."""
+        a = self.acc.to(torch.float64)
+        m = a[self.mate]
+        J = self.J
+        out = a + m
+        out[:, J:2 * J] = a[:, J:2 * J] - m[:, J:2 * J]       # imaginary parts of the data conjugate
+        return out
+
+    def solve(self, lam: torch.Tensor, chunk: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
+        """Solve (A(v) + diag λ(v)) X(v) = b(v) per kept voxel; λ (V, J) -> X (J, V) complex128 and the noise
+        variance of each X_j(v) (J, V), diag((A+Λ)⁻¹ S (A+Λ)⁻¹) with S = diag(Σ t² ω c² z̃²) per voxel."""
+        J, V = self.J, len(self.flat)
+        out = torch.zeros((J, V), dtype=torch.complex128, device=self.device)
+        var = torch.zeros((J, V), dtype=torch.float64, device=self.device)
+        full = self.full()
+        npair = self.pairs.shape[1]
+        for s in range(0, V, chunk):
+            a = full[s:s + chunk]
+            M = torch.zeros((len(a), J, J), dtype=torch.float64, device=self.device)
+            M[:, self.pairs[0], self.pairs[1]] = a[:, 2 * J:2 * J + npair]
+            M[:, self.pairs[1], self.pairs[0]] = a[:, 2 * J:2 * J + npair]
+            Minv = torch.linalg.inv(M + torch.diag_embed(lam[s:s + chunk]))
+            rhs = torch.complex(a[:, :J], a[:, J:2 * J])               # (v, J)
+            out[:, s:s + chunk] = torch.einsum("vjk,vk->vj", Minv.to(torch.complex128), rhs).T
+            noise = a[:, 2 * J + npair:]                                # (v, J)
+            var[:, s:s + chunk] = torch.einsum("vjk,vk,vjk->vj", Minv, noise, Minv).T
+        return out, var
+
+    def to_grid(self, X: torch.Tensor) -> torch.Tensor:
+        """Kept-voxel values (J, V) -> padded grids (J, P, P, P)."""
+        grid = torch.zeros((X.shape[0], self.P ** 3), dtype=X.dtype, device=self.device)
+        grid[:, self.flat] = X
+        return grid.reshape(X.shape[0], self.P, self.P, self.P)
+
+    def weight_diag(self) -> torch.Tensor:
+        """Σ ω c² E[z̃_j²] per voxel and map, (n_voxels, J)."""
+        diag = (self.pairs[0] == self.pairs[1]).nonzero().squeeze(1)
+        return self.full()[:, 2 * self.J + diag]
+
+
+def _to_real_space(grid: torch.Tensor, n: int, pad: int, limit: torch.Tensor) -> torch.Tensor:
+    """Padded Fourier grids (J, P, P, P) -> maps (J, n, n, n), as ``BackProjector.reconstruct``."""
+    P = pad * n
+    grid = grid * limit
+    vol = ifft3c(grid).real
+    lo = P // 2 - n // 2
+    vol = vol[:, lo:lo + n, lo:lo + n, lo:lo + n]
+    return (vol / sinc2_grid(n, P, grid.device).double()).to(torch.float32)
+
+
+def _orthonormal(W: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (K, V) of the row space of W (K, V)."""
+    q, _ = torch.linalg.qr(W.T.to(torch.float64))
+    return q.T
+
+
+def subspace_sines(W1: np.ndarray | torch.Tensor, W2: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Sines of the principal angles between the spans of the rows of W1 (K1, V) and W2 (K2, V), descending."""
+    a = _orthonormal(torch.as_tensor(np.asarray(W1).reshape(len(W1), -1)))
+    b = _orthonormal(torch.as_tensor(np.asarray(W2).reshape(len(W2), -1)))
+    cos = torch.linalg.svdvals(a @ b.T).clamp(0, 1)
+    return torch.sqrt(1 - cos ** 2).flip(0).numpy()
+
+
+def _progress_default(items: Iterable[Any], desc: str, total: int) -> Iterable[Any]:
+    return items
+
+
+def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: float = 0.0,
+                          mask: np.ndarray | None = None, max_iter: int = 30, tol: float = 1e-3,
+                          batch_size: int = 256, pad: int = 2, regularisation: float = 1.0,
+                          warmup_iter: int = 3, prior: str = "mean", device: torch.device | str = "cpu", seed: int = 0,
+                          cache_mb: float = 1024.0, progress: ProgressFn | None = None,
+                          log: logging.Logger | None = None) -> PrincipalVolumes:
+    """Mean and ``n_components`` principal volumes of ``particles`` (a ``ParticleSet``: box, apix, euler_deg,
+    shift_A, ctf, iter_batches) by PPCA-EM, with coordinates b (N, K) and their posterior s.d.
+
+    ``resolution_A``: limit of the analysis (0 = Nyquist); images are Fourier-cropped to it.
+    ``mask``: (box,)*3 map in [0, 1] restricting the components (default: a soft sphere).
+    ``regularisation``: T of the per-shell prior 1/(T τ²); larger trusts the data more.
+    ``max_iter``/``tol``: EM stops when the largest principal-angle sine between successive
+    component subspaces falls below ``tol``.
+    """
+    log = log or logging.getLogger("cryohet.ppca")
+    progress = progress or _progress_default
+    device = torch.device(device)
+    N_box, apix = int(particles.box), float(particles.apix)
+    n_part = len(particles.euler_deg)
+    check_inputs(n_part, N_box, apix, n_components, resolution_A, mask,
+                 getattr(particles, "source", None), None)
+    if prior not in ("mean", "moments"):
+        raise ValueError(f"--prior must be mean or moments, got {prior!r}")
+    if pad not in (1, 2, 3):
+        raise ValueError(f"--pad must be 1, 2 or 3, got {pad}")
+    K, J = n_components, n_components + 1
+    n = work_box_for(N_box, apix, resolution_A)
+    apix_n = apix * N_box / n
+    radius_px = n // 2 - 1 if resolution_A <= 0 else min(n // 2 - 1, n * apix_n / resolution_A)
+    res_used = n * apix_n / radius_px
+    log.info("principal volumes: %d particles, box %d -> working box %d (%.2f Å/px), limit %.2f Å, K=%d",
+             n_part, N_box, n, apix_n, res_used, K)
+    src = _ImageSource(particles, n, radius_px, batch_size, device, cache_mb)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    # mask for the components at the working box
+    if mask is None:
+        mask_n = sphere_mask(n, n / 2 - max(1.0, n / 16), max(1.0, n / 16), device=device)
+    else:
+        m = torch.as_tensor(np.asarray(mask, dtype=np.float32), device=device)
+        mask_n = fourier_crop_3d(m, n).clamp(0, 1) if n != N_box else m.clamp(0, 1)
+
+    c3 = centered_coords(pad * n, device, torch.float64) / pad
+    limit = ((c3[:, None, None] ** 2 + c3[None, :, None] ** 2 + c3[None, None, :] ** 2) <= radius_px ** 2).double()
+
+    def shell_sum(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(src.n_shells, dtype=torch.float64, device=device).index_add_(0, src.shell, values.double())
+
+    def run_pass(vols: torch.Tensor, noise: torch.Tensor | None, with_w: bool, accumulate: bool, desc: str
+                 ) -> tuple[_Accumulator | None, torch.Tensor, np.ndarray, np.ndarray]:
+        """One pass over the data: E-step with ``vols`` (J, n, n, n) and noise σ² per shell (None: estimate it
+        from the first batch's residuals to the mean, or 1 without components); M-step statistics, expected
+        residual power per shell, posterior means and covariances of z."""
+        Jp = J if with_w else 1
+        acc = _Accumulator(n, pad, radius_px, Jp, device) if accumulate else None
+        projs = [Projector(v, pad) for v in vols[:Jp]]
+        res_sum = torch.zeros(src.n_shells, dtype=torch.float64, device=device)
+        count = torch.zeros(src.n_shells, dtype=torch.float64, device=device)
+        ones = torch.ones(src.npix, dtype=torch.float64, device=device)
+        z_all = np.zeros((n_part, K), dtype=np.float64)
+        cov_all = np.zeros((n_part, K, K), dtype=np.float64)
+        omega = None if noise is None else (1.0 / noise[src.shell]).to(torch.float32)
+        for idx, y, c, A in progress(src.batches(), desc, src.n_batches()):
+            B = len(idx)
+            S = torch.stack([p.slice(A).reshape(B, -1)[:, src.sel] for p in projs], 1)   # (B, Jp, p)
+            G = S * c[:, None, :]
+            r = y - G[:, 0]
+            if omega is None:
+                if with_w:
+                    var0 = shell_sum((r.abs() ** 2).sum(0)) / shell_sum(ones * B)
+                    omega = (1.0 / var0.clamp_min(1e-30))[src.shell].to(torch.float32)
+                else:
+                    omega = torch.ones(src.npix, dtype=torch.float32, device=device)
+            if with_w:
+                Gw = G[:, 1:]
+                Gwo = Gw * omega
+                M = torch.einsum("bkp,blp->bkl", Gwo.conj(), Gw).real.double()
+                M = M + torch.eye(K, dtype=torch.float64, device=device)
+                h = torch.einsum("bkp,bp->bk", Gwo.conj(), r).real.double()
+                cov = torch.linalg.inv(M)
+                cov = 0.5 * (cov + cov.transpose(1, 2))
+                zh = torch.einsum("bkl,bl->bk", cov, h)
+                resid = r - torch.einsum("bk,bkp->bp", zh.to(torch.complex64), Gw)
+                var_term = torch.einsum("bkp,blp,bkl->bp", Gw.conj(), Gw, cov.to(torch.complex64)).real
+                e2 = resid.abs() ** 2 + var_term
+                zt = torch.cat([torch.ones(B, 1, dtype=torch.float64, device=device), zh], 1)
+                Ezz = zt[:, :, None] * zt[:, None, :]
+                Ezz[:, 1:, 1:] += cov
+                z_all[idx] = zh.cpu().numpy()
+                cov_all[idx] = cov.cpu().numpy()
+            else:
+                e2 = r.abs() ** 2
+                zt = torch.ones(B, 1, dtype=torch.float64, device=device)
+                Ezz = torch.ones(B, 1, 1, dtype=torch.float64, device=device)
+            res_sum += shell_sum(e2.sum(0))
+            count += shell_sum(ones * B)
+            if acc is not None:
+                pos = slice_coords(A.to(torch.float32), n, pad).reshape(B, -1, 3)[:, src.pix[src.half]]
+                h = src.half
+                acc.insert(pos, src.half_w, y[:, h], c[:, h], omega[h], zt, Ezz)
+        return acc, res_sum / count.clamp_min(1), z_all, cov_all
+
+    def shell_mean(values: torch.Tensor, shell: torch.Tensor, n_sh: int) -> torch.Tensor:
+        tot = torch.zeros(n_sh, dtype=torch.float64, device=device).index_add_(0, shell, values)
+        cnt = torch.zeros(n_sh, dtype=torch.float64, device=device).index_add_(0, shell, torch.ones_like(values))
+        return tot / cnt.clamp_min(1)
+
+    def m_step(acc: _Accumulator, use_prior: bool) -> torch.Tensor:
+        """Solve the per-voxel systems and return maps (J, n, n, n), components masked.
+
+        λ per voxel and map: a floor for voxels with little data; with ``use_prior`` also the per-shell prior
+        1/(T τ²) with τ² the signal power per shell estimated by moments from a weakly regularised solution,
+        mean |X̂|² − noise variance of X̂ (empirical Bayes as RELION's τ², without the feedback that drives a
+        weakly supported estimate to zero); for the components τ² is pooled over them, and it is zero (the
+        components vanish) where the data show no variability above the noise.
+        """
+        wdiag = acc.weight_diag()                                   # (V, J)
+        inside = acc.shell <= radius_px
+        floor = MIN_WEIGHT_FRACTION * wdiag[inside].mean(0).clamp_min(1e-30)   # (J,)
+        lam = floor[None, :].expand(len(acc.flat), -1).clone()
+        X, var = acc.solve(lam)
+        if use_prior:
+            n_sh = int(acc.shell.max()) + 1
+            excess = X.abs() ** 2 - var                             # (J, V)
+            tau0 = shell_mean(excess[0], acc.shell, n_sh).clamp_min(0)
+            lam[:, 0] = torch.maximum(lam[:, 0], 1.0 / (regularisation * tau0[acc.shell]).clamp_min(1e-300))
+            if acc.J > 1:
+                if prior == "moments":
+                    tau_w = shell_mean(excess[1:].mean(0), acc.shell, n_sh)
+                    tau_w = torch.maximum(tau_w, MIN_COMPONENT_POWER * tau0)
+                else:       # "mean": the components may have up to the mean's signal power per shell
+                    tau_w = tau0
+                lam[:, 1:] = torch.maximum(lam[:, 1:], (1.0 / (regularisation * tau_w[acc.shell])
+                                                        .clamp_min(1e-300))[:, None])
+            X, _ = acc.solve(lam)
+        vols = _to_real_space(acc.to_grid(X), n, pad, limit)
+        if vols.shape[0] > 1:
+            vols[1:] = vols[1:] * mask_n
+        return vols
+
+    t0 = time.time()
+    # pass 0: the mean alone (CTF-weighted backprojection)
+    acc, _, _, _ = run_pass(torch.zeros((1, n, n, n), device=device), None, False, True, "principal volumes: mean")
+    mean = m_step(acc, False)[0]
+    del acc
+    # initial components: smooth random maps inside the mask, at a tenth of the mean's spread
+    m0 = max(4, (n // 8) * 2)
+    rnd = torch.stack([fourier_pad_3d(torch.randn((m0,) * 3, generator=gen), n) for _ in range(K)]).to(device)
+    rnd = rnd * mask_n
+    rnd = rnd / rnd.reshape(K, -1).norm(dim=1)[:, None, None, None] * 0.1 * mean.norm()
+    vols = torch.cat([mean[None], rnd], 0)
+    noise: torch.Tensor | None = None
+    history: list[dict[str, float]] = []
+    prev_basis = _orthonormal(vols[1:].reshape(K, -1))
+    for it in range(1, max_iter + 1):
+        ti = time.time()
+        acc, new_noise, z_it, cov_it = run_pass(vols, noise, True, True, f"principal volumes: EM {it}/{max_iter}")
+        vols = m_step(acc, it > warmup_iter)
+        # parameter expansion (PX-EM, Liu, Rubin & Wu 1998): the latents' sample mean and covariance are
+        # absorbed into the mean and the components, which speeds up EM for factor models
+        alpha = z_it.mean(0)
+        psi = (z_it.T @ z_it + cov_it.sum(0)) / n_part - np.outer(alpha, alpha)
+        L = torch.as_tensor(np.linalg.cholesky(psi + 1e-9 * np.eye(K)), dtype=torch.float64, device=device)
+        Wd = vols[1:].reshape(K, -1).double()
+        vols[0] = vols[0] + (torch.as_tensor(alpha, device=device) @ Wd).reshape(n, n, n).float()
+        vols[1:] = (L.T @ Wd).reshape(K, n, n, n).float()
+        del acc
+        noise = new_noise.clamp_min(1e-30)
+        # rotate the components to orthogonal directions (an invariance of PPCA with z ~ N(0, I))
+        _, s, vt = torch.linalg.svd(vols[1:].reshape(K, -1).double(), full_matrices=False)
+        vols[1:] = (torch.diag(s) @ vt).reshape(K, n, n, n).to(torch.float32)
+        basis = _orthonormal(vols[1:].reshape(K, -1))
+        cos_min = float(torch.linalg.svdvals(prev_basis @ basis.T).clamp(0, 1).min())
+        change = math.sqrt(max(0.0, 1 - cos_min ** 2))
+        prev_basis = basis
+        history.append({"iteration": it, "subspace_change_sine": change, "seconds": time.time() - ti,
+                        "variance": float((s ** 2).sum())})
+        log.info("EM %d: subspace change sin %.2e, total variance %.4g, %.1f s", it, change,
+                 float((s ** 2).sum()), time.time() - ti)
+        if it > warmup_iter and change < tol:
+            break
+    # final E-step with the fitted model
+    _, noise_final, z, cov = run_pass(vols, noise, True, False, "principal volumes: coordinates")
+
+    # orthonormal principal volumes at the particles' box
+    mean_full = fourier_pad_3d(vols[0], N_box).cpu()
+    W_full = torch.stack([fourier_pad_3d(w, N_box).cpu() for w in vols[1:]]).reshape(K, -1).double()
+    u, s, vt = torch.linalg.svd(W_full.T, full_matrices=False)    # W_fullᵀ = U S Vᵀ
+    X = u.T                                                        # (K, V)
+    signs = torch.sign(X @ mean_full.reshape(-1).double())
+    signs[signs == 0] = 1
+    X = X * signs[:, None]
+    Tm = (signs[:, None] * torch.diag(s) @ vt).numpy()             # b = T z
+    b = z @ Tm.T
+    cov_b = np.einsum("kl,nlm,jm->nkj", Tm, cov, Tm)
+    std_b = np.sqrt(np.clip(np.einsum("nkk->nk", cov_b), 0, None))
+    log.info("principal volumes: eigenvalues %s, %.1f s", np.array2string((s ** 2).numpy(), precision=4),
+             time.time() - t0)
+    return PrincipalVolumes(
+        mean=mean_full.numpy().astype(np.float32),
+        components=X.reshape((K,) + (N_box,) * 3).numpy().astype(np.float32),
+        eigenvalues=(s ** 2).numpy(), latents=b, latent_std=std_b,
+        noise_var=noise_final.cpu().numpy(), apix=apix, work_box=n, resolution_A=float(res_used),
+        history=history)
