@@ -7,7 +7,7 @@ from cryohet.methods.base import Method
 
 #: Module names under cryohet.methods, in the order they appear in ``cryohet --help``.
 METHOD_MODULES = (
-    "simulate", "reconstruct", "principal_volumes", "analyze", "eval_volume", "select",
+    "simulate", "reconstruct", "principal_volumes", "train_vae", "analyze", "eval_volume", "select",
     "benchmark_make", "benchmark_score", "validate_halfsets", "consensus",
 )
 
