@@ -222,28 +222,18 @@ def test_reconstruct_fails_clearly_on_a_missing_stack(project, simulated, tmp_pa
     assert not prot.hasAttribute("outputVolume")
 
 
-def test_latents_register_as_particles_flex(project, imported):
-    """Per-particle latents of a real engine run become a SetOfParticlesFlex matched by Scipion id.
-
-    principal-volumes is not yet in METHOD_MODULES, so its run is done in this process on the STAR the
-    protocol's convert step wrote; the protocol's own createOutputStep then registers the record.
-    """
-    from cryohet.methods.principal_volumes import METHOD as principal_volumes
-    from cryohet.runner import run_method
+def test_principal_volumes_select_then_relion(project, imported):
+    """principal-volumes -> latents as SetOfParticlesFlex (by Scipion id) -> select a region of latent space
+    -> the subset as Scipion particles -> RELION's reconstruction of that subset."""
+    from cryohet_plugin.protocols import CryohetProtPrincipalVolumes, CryohetProtSelect
     from cryohet_plugin.viewers import CryohetFlexViewer, CryohetResultsViewer
 
     parts = imported.outputParticles
-    prot = project.newProtocol(CryohetProtReconstruct, particles=parts)
-    project.saveProtocol(prot)
-    prot.makePathsAndClean()
-    prot.convertInputStep()
-    out = os.path.abspath(prot._getExtraPath("cryohet"))
-    run_method(principal_volumes, {"particles": os.path.abspath(prot._getExtraPath("input", "input_particles.star")),
-                                   "n_components": 2, "resolution_A": 12.0, "max_iter": 2, "movie_frames": 3,
-                                   "device": "cpu", "threads": 1}, out)
-    prot.createOutputStep()
-    z = np.load(os.path.join(out, "latents.npy"))
-    flex = prot.outputParticlesFlex
+    pv = _launch(project, project.newProtocol(CryohetProtPrincipalVolumes, particles=parts, n_components=2,
+                                              resolution_A=12.0, max_iter=2, movie_frames=3, useGpu=False,
+                                              numberOfThreads=2))
+    z = np.load(pv._getExtraPath("cryohet", "latents.npy"))
+    flex = pv.outputParticlesFlex
     assert flex.getSize() == parts.getSize() == len(z)
     assert flex.getFlexInfo().getProgName() == "CryoHet" and flex.getFlexInfo().getAttr("zDim") == 2
     ids = [p.getObjId() for p in parts.iterItems()]
@@ -252,7 +242,23 @@ def test_latents_register_as_particles_flex(project, imported):
         item = flex[ids[row]]
         assert np.allclose(item.getZFlex(), z[row], atol=1e-5)
         assert item.getFileName() == parts[ids[row]].getFileName() and item.hasCTF()
-    assert prot.outputVolumes.getSize() == 3  # mean + 2 principal volumes
-    files = CryohetResultsViewer(project=project, protocol=prot).render(prot)
-    assert any("latent_scatter" in f for f in files["png"]) and files["report"]
-    assert len(CryohetFlexViewer(project=project).render(flex, prot._getExtraPath("plots_flex"))) == 2
+    assert pv.outputVolumes.getSize() == 3  # mean + 2 principal volumes
+    files = CryohetResultsViewer(project=project, protocol=pv).render(pv)
+    assert any("latent" in f for f in files["png"]) and files["cxc"]
+    assert len(CryohetFlexViewer(project=project).render(flex, pv._getExtraPath("plots_flex"))) == 2
+
+    sel = project.newProtocol(CryohetProtSelect, region="z1:0:", useGpu=False)
+    getattr(sel, CryohetProtSelect._paramAttrs["run"]).set(pv)
+    sel = _launch(project, sel)
+    subsets = [getattr(sel, name) for name, _ in sel.iterOutputAttributes()]
+    expected = {ids[i] for i in np.nonzero(z[:, 0] >= 0)[0]}
+    chosen = [s for s in subsets if {p.getObjId() for p in s.iterItems()} == expected]
+    assert chosen, [(type(s).__name__, s.getSize()) for s in subsets]
+    subset = chosen[0]
+    assert 0 < subset.getSize() < parts.getSize() and subset.hasAlignmentProj() and subset.hasCTF()
+
+    ProtRelionReconstruct = Domain.importFromPlugin("relion.protocols", "ProtRelionReconstruct", doRaise=True)
+    rec = _launch(project, project.newProtocol(ProtRelionReconstruct, inputParticles=subset, numberOfMpi=1,
+                                               doCTF=True))
+    with mrcfile.open(rec.outputVolume.getFileName().split(":")[0]) as m:
+        assert m.data.shape == (BOX, BOX, BOX) and float(np.abs(m.data).max()) > 0

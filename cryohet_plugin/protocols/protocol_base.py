@@ -61,9 +61,18 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
         return {p.input_role: cls._paramAttrs[p.name] for p in m.params
                 if p.input_role in POINTER_CLASSES and p.name in cls._paramAttrs}
 
+    def _particlesSource(self) -> ProtCryohetBase | None:
+        """The protocol whose converted particles this run works on: itself, or the earlier cryohet run."""
+        roles = self._roleAttrs()
+        if "particles" in roles:
+            return self
+        upstream = getattr(self, roles["run"]).get() if "run" in roles else None
+        return upstream._particlesSource() if isinstance(upstream, ProtCryohetBase) else None
+
     def _inputParticles(self) -> SetOfParticles | None:
-        attr = self._roleAttrs().get("particles")
-        return getattr(self, attr).get() if attr else None
+        """The Scipion particles behind this run (also through an earlier cryohet run it analyses)."""
+        src = self._particlesSource()
+        return getattr(src, src._roleAttrs()["particles"]).get() if src is not None else None
 
     # ------------------------------------------------------------------ form
     def _defineParams(self, form) -> None:
@@ -208,7 +217,7 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
                 name = "outputParticles" if i == 0 else f"outputParticles{i + 1}"
                 defined[name] = self._importParticles(star, name)
         else:
-            ids_in = convert.particle_ids(self._getExtraPath(INPUT_DIR, INPUT_PARTICLES)) or []
+            ids_in = convert.particle_ids(self._particlesSource()._getExtraPath(INPUT_DIR, INPUT_PARTICLES)) or []
             z = convert.load_latents(latents[0]["abspath"]) if latents else None
             zmap = dict(zip(ids_in, z)) if z is not None and len(z) == len(ids_in) else None
             if z is not None and zmap is None:
