@@ -24,6 +24,10 @@ PARAMS = (
           "subspaces is below this.", min=0.0, expert=True),
     Param("regularisation", float, 1.0, "Prior strength T of the per-shell prior 1/(T τ²) (RELION's tau2_fudge): "
           "larger trusts the data more.", min=1e-6, expert=True),
+    Param("prior", str, "mean", "Per-shell prior on the components: mean (they may have up to the mean map's signal "
+          "power; robust at low SNR) or moments (their own signal power estimated from the data, which sets "
+          "variability not supported above the noise to zero; may also remove weak real variability at low SNR).",
+          choices=("mean", "moments"), expert=True),
     Param("movie_frames", int, 11, "Maps per component movie X_0 + τ X_k, τ from the 2nd to the 98th percentile "
           "of b_k.", min=2, max=200),
     Param("batch_size", int, 256, "Particles per batch (memory ~ batch_size × box² × (K+1) × 8 bytes).", min=1,
@@ -100,7 +104,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     res = fit_principal_volumes(
         pset, K, resolution_A=params["resolution_A"], mask=mask, max_iter=params["max_iter"], tol=params["tol"],
         batch_size=params["batch_size"], pad=params["pad"], regularisation=params["regularisation"],
-        device=ctx.device, seed=params["seed"], cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log)
+        prior=params["prior"], device=ctx.device, seed=params["seed"],
+        cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log)
     out = Path(ctx.out_dir)
     apix = pset.apix
 
