@@ -1,0 +1,233 @@
+"""train-vae: learning a conformational latent, model files and volumes, resume after a kill, NaN guard,
+refusal of a model of another box, and two DDP ranks (gloo, CPU) against one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+
+from cryohet.errors import InputError
+from cryohet.geometry.euler import euler_to_matrix, random_euler
+from cryohet.geometry.project import Projector
+from cryohet.inference.vae import CHECKPOINT_NAME, TrainingDiverged, load_checkpoint
+from cryohet.methods.simulate import METHOD as SIMULATE
+from cryohet.methods.train_vae import METHOD as TRAIN_VAE
+from cryohet.models.base import load_volume_model
+from cryohet.models.neural import HetVAE, VAEConfig, decode_volumes, load_model, save_model
+from cryohet.runner import run_method
+from cryohet.validation.metrics import spearman_pc1
+
+#: small and quick: the tests look at behaviour, bench/bench_vae.py at accuracy and speed
+TINY = dict(enc_dim=64, dec_dim=64, batch_size=32, lr=1e-3, threads=1)
+
+
+@pytest.fixture(scope="module")
+def hinge(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1000 particles of the bundled molecule's hinge motion, box 32, SNR 1."""
+    out = tmp_path_factory.mktemp("hinge")
+    run_method(SIMULATE, dict(box=32, apix=4.0, resolution_A=10.0, n_particles=1000, snr=1.0, n_states=20,
+                              threads=1, seed=3), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(hinge: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vae")
+    run_method(TRAIN_VAE, dict(particles=str(hinge / "particles.star"), epochs=5, enc_dim=128, dec_dim=128,
+                               batch_size=32, lr=1e-3, threads=1), out)
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(path).state_dict()
+
+
+def test_vae_learns_the_conformation_and_writes_its_outputs(hinge: Path, trained: Path) -> None:
+    record = json.loads((trained / "cryohet_run.json").read_text())
+    assert record["status"] == "finished"
+    kinds = {o["kind"]: o for o in record["outputs"]}
+    assert set(kinds) == {"model", "latents", "particles_star", "plot"}
+    assert kinds["model"]["meta"]["model_type"] == "vae"
+    z = np.load(trained / "z.npy")
+    logvar = np.load(trained / kinds["latents"]["meta"]["logvar"])
+    assert z.shape == logvar.shape == (1000, 8) and np.isfinite(z).all() and np.isfinite(logvar).all()
+    star = starfile.read(trained / "particles.star")["particles"]
+    np.testing.assert_allclose(star[[f"cryohetZ{i}" for i in range(1, 9)]].to_numpy(), z, rtol=1e-5, atol=1e-6)
+    history = json.loads((trained / "config.json").read_text())["history"]
+    assert history[-1]["gen_loss"] < history[0]["gen_loss"]
+    # the latent follows the true hinge angle: chance is |rho| ~ 0.03 for 1000 particles
+    tau = np.load(hinge / "ground_truth.npz")["tau"]
+    rho = spearman_pc1(z, tau)
+    print(f"|Spearman| of the latent's first PC with the true hinge angle: {rho:.3f}")
+    assert rho > 0.35, rho
+    # the model is a VolumeModel for analysis and validation
+    vm = load_volume_model(trained)
+    vols = vm.volumes(z[:2])
+    assert vols.shape == (2, 32, 32, 32) and vols.dtype == np.float32 and np.isfinite(vols).all()
+    assert (vm.box, vm.latent_dim) == (32, 8)
+
+
+@pytest.mark.parametrize("domain,pe_type", [("fourier", "gaussian"), ("hartley", "geom")])
+def test_decoder_slices_are_the_projections_of_its_volumes(tmp_path: Path, domain: str, pe_type: str) -> None:
+    """Conventions: the model's image of pose A is the Fourier slice Aᵀ(kx, ky, 0) of the map it returns."""
+    model = HetVAE(VAEConfig(box=32, apix=4.0, dec_dim=32, enc_dim=32, seed=5, data_scale=3.0, domain=domain,
+                             pe_type=pe_type)).eval()
+    path = save_model(tmp_path / "m.safetensors", model)
+    again = load_model(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+    z = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+    vol = decode_volumes(model, z.numpy())[0]
+    A = torch.as_tensor(euler_to_matrix(random_euler(4, np.random.default_rng(1))), dtype=torch.float32)
+    with torch.no_grad():
+        pred = model.decode_slices(A, z.expand(4, 8)) * 3.0
+    pred = torch.complex(pred[..., 0], pred[..., 1])
+    ref = Projector(torch.from_numpy(vol)).slice(A).reshape(4, -1)[:, model.pix]
+    low = model.kxy.norm(dim=1) < 0.3
+    for b in range(4):
+        a, r = pred[b, low], ref[b, low]
+        corr = (a * r.conj()).sum().real / (a.abs().norm() * r.abs().norm())
+        assert corr > 0.95, (b, float(corr))
+    if pe_type != "gaussian":
+        return  # the geometric encoding's random maps are too smooth for the next check to tell poses apart
+    # the transposed pose is a different slice: the check can fail
+    wrong = Projector(torch.from_numpy(vol)).slice(A.transpose(1, 2)).reshape(4, -1)[:, model.pix]
+    a, r = pred[0, low], wrong[0, low]
+    assert (a * r.conj()).sum().real / (a.abs().norm() * r.abs().norm()) < 0.8
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def _train_code(particles: Path, out: Path, **values: object) -> str:
+    vals = dict(particles=str(particles), **TINY, **values)
+    return ("from cryohet.runner import run_method\nfrom cryohet.methods.train_vae import METHOD\n"
+            f"run_method(METHOD, {vals!r}, {str(out)!r})\n")
+
+
+def test_resume_after_a_kill_gives_the_same_model(hinge: Path, tmp_path: Path) -> None:
+    star = hinge / "particles.star"
+    ref = tmp_path / "ref"
+    run_method(TRAIN_VAE, dict(particles=str(star), epochs=4, **TINY), ref)
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, CRYOHET_NO_PROGRESS="1")
+    proc = subprocess.Popen(_python(_train_code(star, killed, epochs=4)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            ckpt = killed / CHECKPOINT_NAME
+            if ckpt.exists() and load_checkpoint(ckpt).epoch >= 1:
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "model.safetensors").exists()
+    done = load_checkpoint(killed / CHECKPOINT_NAME).epoch
+    assert 1 <= done < 4
+
+    run_method(TRAIN_VAE, dict(particles=str(star), epochs=4, resume=True, **TINY), killed)
+    a, b = _weights(ref / "model.safetensors"), _weights(killed / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    np.testing.assert_array_equal(np.load(ref / "z.npy"), np.load(killed / "z.npy"))
+    hist = json.loads((killed / "config.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+
+
+def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(hinge: Path, tmp_path: Path) -> None:
+    star = hinge / "particles.star"
+    run_method(TRAIN_VAE, dict(particles=str(star), epochs=1, **TINY), tmp_path)
+    ckpt = tmp_path / CHECKPOINT_NAME
+    good = ckpt.read_bytes()
+    # an absurd learning rate on resuming makes the weights overflow in epoch 2
+    with pytest.raises(TrainingDiverged, match=r"loss became .* at epoch 2.*last good checkpoint \(epoch 1\)"):
+        run_method(TRAIN_VAE, dict(particles=str(star), epochs=3, resume=True, **{**TINY, "lr": 1e30}), tmp_path)
+    assert ckpt.read_bytes() == good
+    record = json.loads((tmp_path / "cryohet_run.json").read_text())
+    assert record["status"] == "failed" and "loss became" in record["error"]
+
+
+def test_nan_pixels_are_refused_by_name(hinge: Path, tmp_path: Path) -> None:
+    import mrcfile
+
+    stack = tmp_path / "particles.mrcs"
+    with mrcfile.open(hinge / "particles.mrcs") as m:
+        data = m.data.copy()
+    data[7, 3, 3] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mrcfile warns about the NaN we put there
+        with mrcfile.new(stack) as m:
+            m.set_data(data)
+    tables = starfile.read(hinge / "particles.star", always_dict=True)
+    starfile.write(tables, tmp_path / "particles.star")
+    with pytest.raises(InputError, match="particle 7 .*NaN"):
+        run_method(TRAIN_VAE, dict(particles=str(tmp_path / "particles.star"), epochs=1, **TINY), tmp_path / "o")
+
+
+def test_a_model_of_another_box_is_refused(hinge: Path, trained: Path, tmp_path: Path) -> None:
+    star = str(hinge / "particles.star")
+    with pytest.raises(InputError, match="box of 32 px .* 16 px"):
+        run_method(TRAIN_VAE, dict(particles=star, epochs=1, crop_box=16, init_model=str(trained),
+                                   **{**TINY, "enc_dim": 128, "dec_dim": 128}), tmp_path / "init")
+    run_method(TRAIN_VAE, dict(particles=star, epochs=1, **TINY), tmp_path / "run")
+    with pytest.raises(InputError, match="box of 32 px .* 16 px"):
+        run_method(TRAIN_VAE, dict(particles=star, epochs=2, crop_box=16, resume=True, **TINY), tmp_path / "run")
+    with pytest.raises(InputError, match="architecture"):
+        run_method(TRAIN_VAE, dict(particles=star, epochs=2, resume=True, **{**TINY, "dec_dim": 32}),
+                   tmp_path / "run")
+
+
+def test_two_ddp_ranks_give_the_one_rank_result(hinge: Path, tmp_path: Path) -> None:
+    star = hinge / "particles.star"
+    common = dict(epochs=2, amp="no")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_method(TRAIN_VAE, dict(particles=str(star), **TINY, **common), one)
+    script = tmp_path / "ddp.py"
+    script.write_text(_train_code(star, two, **common))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, CRYOHET_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 rank(s)" in (two / "run.log").read_text()
+    h1 = json.loads((one / "config.json").read_text())["history"]
+    h2 = json.loads((two / "config.json").read_text())["history"]
+    assert h1[0]["gen_loss"] == pytest.approx(h2[0]["gen_loss"], rel=1e-5)
+    assert h1[1]["gen_loss"] == pytest.approx(h2[1]["gen_loss"], rel=1e-3)
+    a, b = _weights(one / "model.safetensors"), _weights(two / "model.safetensors")
+    scale = max(float(v.abs().max()) for v in a.values())
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2 * scale
+    z1, z2 = np.load(one / "z.npy"), np.load(two / "z.npy")
+    assert np.abs(z1 - z2).max() < 0.05 * np.abs(z1).max()
+    rec = json.loads((two / "cryohet_run.json").read_text())
+    assert rec["status"] == "finished" and {o["kind"] for o in rec["outputs"]} >= {"model", "latents"}
+    pd.testing.assert_frame_equal(starfile.read(one / "particles.star")["particles"].iloc[:, :10],
+                                  starfile.read(two / "particles.star")["particles"].iloc[:, :10])
+
+
+def test_hartley_domain_with_cropping_and_a_resolution_limit(hinge: Path, tmp_path: Path) -> None:
+    run_method(TRAIN_VAE, dict(particles=str(hinge / "particles.star"), epochs=1, domain="hartley", pe_type="geom",
+                               crop_box=24, res_limit_A=12.0, zdim=2, **TINY), tmp_path)
+    model = load_model(tmp_path / "model.safetensors")
+    assert (model.cfg.box, model.cfg.apix, model.cfg.domain) == (24, pytest.approx(4.0 * 32 / 24), "hartley")
+    assert model.cfg.max_freq == pytest.approx(model.cfg.apix / 12.0)
+    assert np.load(tmp_path / "z.npy").shape == (1000, 2)
+    vol = load_volume_model(tmp_path).volumes(np.zeros((1, 2)))
+    assert vol.shape == (1, 24, 24, 24) and np.isfinite(vol).all()
