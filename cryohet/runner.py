@@ -57,14 +57,14 @@ class RunContext:
         self.log.info("%s: done in %.1f s", desc, time.perf_counter() - start)
 
 
-def _setup_log(out_dir: Path, name: str) -> logging.Logger:
+def _setup_log(out_dir: Path, name: str, filename: str) -> logging.Logger:
     log = logging.getLogger(f"cryohet.{name}")
     log.setLevel(logging.INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    fh = logging.FileHandler(out_dir / "run.log")
+    fh = logging.FileHandler(out_dir / filename)
     fh.setFormatter(fmt)
     sh = logging.StreamHandler(sys.stderr)
     sh.setFormatter(fmt)
@@ -83,7 +83,8 @@ def run_method(method: Method, values: dict[str, Any], out_dir: str | Path) -> R
     params = method.resolve(values)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = _setup_log(out_dir, method.name)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun: only rank 0 writes the record and run.log
+    log = _setup_log(out_dir, method.name, "run.log" if rank == 0 else f"run.rank{rank}.log")
     record = RunRecord(method=method.name, params={k: v for k, v in params.items()})
     torch.set_num_threads(params["threads"])
     random.seed(params["seed"])
@@ -104,7 +105,8 @@ def run_method(method: Method, values: dict[str, Any], out_dir: str | Path) -> R
         record.status = "finished"
     finally:
         record.finished = time.time()
-        record.write(out_dir)
+        if rank == 0:
+            record.write(out_dir)
         for h in list(log.handlers):
             h.flush()
     for o in record.outputs:
