@@ -171,7 +171,7 @@ def _best_orientation_sine(est: np.ndarray, truth_dirs: np.ndarray) -> tuple[flo
             for ax, f in zip((1, 2, 3), flips, strict=True):
                 if f:
                     v = np.flip(v, ax)
-            s = float(subspace_sines(v.reshape(len(v), -1), truth_dirs)[0])
+            s = float(subspace_sines(np.ascontiguousarray(v).reshape(len(v), -1), truth_dirs)[0])
             if s < best:
                 best, how = s, f"perm {perm} flips {flips}"
     return best, how
@@ -209,7 +209,7 @@ def aspire(out: Path, box: int, n_particles: int, snr: float, K: int, aspire_pyt
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "aspire_cov.py"
         script.write_text(ASPIRE_SCRIPT)
-        res_path = Path(tmp) / "aspire.npz"
+        res_path = droot / "aspire_result.npz"  # kept: ASPIRE's estimate takes minutes
         t = time.time()
         proc = subprocess.run([aspire_python, str(script), str(sim.particles_star), str(res_path), str(K)],
                               capture_output=True, text=True, cwd=tmp)

@@ -239,14 +239,8 @@ def _load_star(path: Path, datadir: Path | None, check_images: bool, require_pos
         raise InputError(path, "no particle images: missing column rlnImageName")
     index0, refs = _parse_image_names(path, merged["rlnImageName"])
     bases = [datadir] if datadir is not None else [path.parent, Path.cwd()]
-    resolved = _resolve(refs, bases, [datadir] if datadir is not None else [])
-    keys = [str(r) for r in refs]
-    codes, uniq_paths = pd.factorize(pd.Series([str(resolved[k][0]) for k in keys]))
-    stack_paths = [Path(p) for p in uniq_paths]
-    first_ref = {}
-    for k, c in zip(keys, codes):
-        first_ref.setdefault(int(c), k)
-    cands = [resolved[first_ref[i]][1] for i in range(len(stack_paths))]
+    codes, stack_paths, cands, names = _stack_table(refs, _resolve(refs, bases,
+                                                                   [datadir] if datadir is not None else []))
     groups = merged["rlnOpticsGroup"] if "rlnOpticsGroup" in merged.columns else None
 
     box = 0
@@ -276,9 +270,6 @@ def _load_star(path: Path, datadir: Path | None, check_images: bool, require_pos
         shift = np.stack([_numeric(path, merged, "rlnOriginX"), _numeric(path, merged, "rlnOriginY")], 1) * apix
     else:
         shift = np.zeros((n, 2))
-    names = np.empty(len(stack_paths), dtype=object)
-    for i in range(len(stack_paths)):
-        names[i] = first_ref[i]
     return ParticleSet(source=path, box=int(box), apix=float(apix), euler_deg=euler, shift_A=shift, ctf=ctf,
                        stack_paths=stack_paths, stack_id=codes.astype(np.int64), stack_index=index0, table=raw,
                        optics=optics, source_format="relion3.0" if optics is None else "relion3.1",
@@ -297,17 +288,23 @@ def _cs_table(records: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+def _stack_table(refs, resolved: dict) -> tuple[np.ndarray, list[Path], list, np.ndarray]:
+    """Per-particle stack number, the distinct resolved stacks, the candidates tried for each stack, and each
+    stack's name as the source file wrote it."""
+    keys = [str(r) for r in refs]
+    codes, uniq_paths = pd.factorize(pd.Series([str(resolved[k][0]) for k in keys]))
+    stack_paths = [Path(p) for p in uniq_paths]
+    first_ref: dict[int, str] = {}
+    for k, c in zip(keys, codes):
+        first_ref.setdefault(int(c), k)
+    written = np.array([first_ref[i] for i in range(len(stack_paths))], dtype=object)
+    return codes, stack_paths, [resolved[first_ref[i]][1] for i in range(len(stack_paths))], written
+
+
 def _load_cs(path: Path, datadir: Path | None, check_images: bool, require_poses: bool) -> ParticleSet:
     cs = read_cs(path, require_poses=require_poses)
     bases = ([datadir] if datadir is not None else []) + [path.parent]
-    resolved = _resolve(cs["blob_path"], bases, bases)
-    keys = [str(r) for r in cs["blob_path"]]
-    codes, uniq_paths = pd.factorize(pd.Series([str(resolved[k][0]) for k in keys]))
-    stack_paths = [Path(p) for p in uniq_paths]
-    first_ref = {}
-    for k, c in zip(keys, codes):
-        first_ref.setdefault(int(c), k)
-    cands = [resolved[first_ref[i]][1] for i in range(len(stack_paths))]
+    codes, stack_paths, cands, _ = _stack_table(cs["blob_path"], _resolve(cs["blob_path"], bases, bases))
     box = int(cs["box"])
     index0 = cs["blob_idx"]
     if check_images:
