@@ -19,9 +19,3 @@ def sphere_mask(box: int, radius_px: float | None = None, soft_px: float = 3.0, 
     """(box, box, box) mask: 1 inside ``radius_px`` (default box/2 - soft), cosine fall-off over ``soft_px``."""
     radius_px = box / 2 - soft_px if radius_px is None else radius_px
     return _soft_edge(radius_grid(box, 3, device), radius_px, soft_px)
-
-
-def circle_mask(box: int, radius_px: float | None = None, soft_px: float = 3.0, device=None) -> torch.Tensor:
-    """(box, box) mask, as ``sphere_mask`` in 2-D."""
-    radius_px = box / 2 - soft_px if radius_px is None else radius_px
-    return _soft_edge(radius_grid(box, 2, device), radius_px, soft_px)

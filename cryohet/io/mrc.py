@@ -142,10 +142,6 @@ def open_stack(path: str | os.PathLike) -> np.memmap:
     return _memmap(info)
 
 
-def stack_shape(path: str | os.PathLike) -> tuple[int, int, int]:
-    """``(n, y, x)`` of a stack from its checked header, without mapping the data."""
-    return read_header(path).shape
-
 
 def stack_apix(path: str | os.PathLike) -> float:
     """Pixel size in Å from the header of a stack (0.0 when the header has none)."""

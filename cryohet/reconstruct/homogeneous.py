@@ -11,7 +11,6 @@ from cryohet.geometry.backproject import BackProjector
 from cryohet.geometry.ctf import ctf_2d
 from cryohet.geometry.euler import euler_to_matrix
 from cryohet.geometry.fourier import fft2c
-from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.shift import undo_origin
 from cryohet.reconstruct.fsc import fsc, resolution_at
 
@@ -125,7 +124,3 @@ def random_halves(n: int, rng: np.random.Generator, existing: np.ndarray | None 
     half = np.ones(n, dtype=int)
     half[rng.permutation(n)[: n // 2]] = 2
     return half
-
-
-def default_mask(box: int, device) -> torch.Tensor:
-    return sphere_mask(box, device=device)

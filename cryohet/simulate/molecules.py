@@ -84,17 +84,6 @@ def atom_keys(structure: gemmi.Structure) -> list[tuple[str, int, str, str, str]
     return [(c.name, r.seqid.num, r.seqid.icode.strip(), r.name, a.name) for c, r, a in _atoms(structure)]
 
 
-def with_coords(structure: gemmi.Structure, xyz: np.ndarray) -> gemmi.Structure:
-    """A copy of ``structure`` with atom positions replaced by ``xyz`` (N, 3) Å."""
-    st = structure.clone()
-    xyz = np.asarray(xyz, dtype=np.float64)
-    atoms = list(_atoms(st))
-    if xyz.shape != (len(atoms), 3):
-        raise ValueError(f"expected coordinates of shape ({len(atoms)}, 3), got {xyz.shape}")
-    for (_, _, atom), p in zip(atoms, xyz):
-        atom.pos = gemmi.Position(*p)
-    return st
-
 
 def select_residues(structure: gemmi.Structure, spec: str) -> np.ndarray:
     """Boolean atom mask (N,) for a residue selection such as ``"A:122-159,A:30-59"`` or ``"10-50"``.
