@@ -338,7 +338,9 @@ def train_vae(pset: Any, cfg: VAEConfig, opts: TrainOptions, out_dir: str | Path
     out_dir = Path(out_dir)
     ddp, device = setup_distributed(torch.device(device))
     try:
-        return _train(pset, cfg, opts, out_dir, device, hooks, ddp, resume, init_model)
+        result = _train(pset, cfg, opts, out_dir, device, hooks, ddp, resume, init_model)
+        ddp.barrier()  # every rank's collectives are complete before the group is torn down
+        return result
     finally:
         ddp.close()
         log.debug("distributed group closed")
