@@ -100,7 +100,7 @@ def test_benchmark_score_command_writes_report(bench: Path, tmp_path: Path) -> N
         rec = read_record(out)
         assert rec.status == "finished"
         kinds = sorted(o.kind for o in rec.outputs)
-        assert kinds == ["fsc", "plot", "plot", "report"]
+        assert kinds == ["plot", "plot", "report", "report"]
         md = (out / "report.md").read_text()
         assert "FSC AUC" in md and "knn_overlap" in md and "fsc_curves.png" in md
         assert (out / "latents_by_truth.png").stat().st_size > 1000

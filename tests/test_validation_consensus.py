@@ -52,7 +52,7 @@ def test_consensus_command(tmp_path: Path) -> None:
     run_method(consensus_method.METHOD, {"inputs": ",".join(str(tmp_path / f) for f in ("a.npy", "b.txt", "c.npy")),
                                          "threads": 1}, out)
     rec = read_record(out)
-    assert sorted(o.kind for o in rec.outputs) == ["fsc", "plot", "report"]
+    assert sorted(o.kind for o in rec.outputs) == ["plot", "report", "report"]
     res = json.loads((out / "consensus.json").read_text())
     assert res["labels"] == ["a", "b", "c"]
     m = np.asarray(res["matrices"]["spearman_pc1"])

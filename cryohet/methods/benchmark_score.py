@@ -82,7 +82,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
                                           for k, v in s.items()))
     ctx.add("report", paths["report"], f"benchmark score: {result['label']} on {ds.name}", **{
         ("result" if k == "label" else k): v for k, v in s.items() if isinstance(v, (int, float, str))})
-    ctx.add("fsc", paths["metrics"], "all metrics (JSON), FSC curves per true state included")
+    ctx.add("report", paths["metrics"], "all metrics (JSON), FSC curves per true state included")
     if "latents" in paths:
         ctx.add("plot", paths["latents"], "latents coloured by the true conformation")
     if "fsc" in paths:

@@ -48,7 +48,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
                      p["spearman_pc1"], p["cca_mean"], p["knn_overlap"])
     ctx.add("report", paths["report"], "consensus across methods", n_results=len(labels))
     ctx.add("plot", paths["plot"], "pairwise agreement heatmaps")
-    ctx.add("fsc", paths["metrics"], "pairwise agreement (JSON)")
+    ctx.add("report", paths["metrics"], "pairwise agreement (JSON)")
 
 
 METHOD = Method(
