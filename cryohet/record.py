@@ -52,6 +52,13 @@ class RunRecord:
     def of_kind(self, kind: str) -> list[Output]:
         return [o for o in self.outputs if o.kind == kind]
 
+    def require(self, kind: str, run_dir: Path, what: str) -> Output:
+        """The first output of ``kind``; InputError naming ``run_dir`` and ``what`` is missing when there is none."""
+        outs = self.of_kind(kind)
+        if not outs:
+            raise InputError(run_dir, f"the {self.method} run holds no {what} ('{kind}' output)")
+        return outs[0]
+
     def write(self, out_dir: Path) -> Path:
         path = Path(out_dir) / RECORD_NAME
         with atomic_path(path) as tmp:

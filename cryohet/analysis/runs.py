@@ -59,10 +59,7 @@ def particles_star_path(run_dir: str | Path) -> Path:
     """The particles STAR registered by a run (its input particles, rows in latent order)."""
     run_dir = Path(run_dir)
     record = read_record(run_dir)
-    outs = record.of_kind("particles_star")
-    if not outs:
-        raise InputError(run_dir, f"the {record.method} run holds no particles STAR ('particles_star' output)")
-    path = run_dir / outs[0].path
+    path = run_dir / record.require("particles_star", run_dir, "particles STAR").path
     if not path.is_file():
         raise InputError(path, "particles STAR listed in the run record is missing")
     return path

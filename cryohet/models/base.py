@@ -36,10 +36,7 @@ class VolumeModel(Protocol):
 def load_volume_model(run_dir: str | Path) -> VolumeModel:
     run_dir = Path(run_dir)
     record = read_record(run_dir)
-    models = record.of_kind("model")
-    if not models:
-        raise InputError(run_dir, f"the {record.method} run holds no model of the volumes")
-    out = models[0]
+    out = record.require("model", run_dir, "model of the volumes")
     model_type = out.meta.get("model_type")
     if model_type not in MODEL_LOADERS:
         raise InputError(run_dir / out.path, f"unknown model type {model_type!r}")

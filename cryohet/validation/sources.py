@@ -132,11 +132,7 @@ def run_latents(run_dir: str | Path) -> np.ndarray:
     from cryohet.validation.external import load_latents
 
     run_dir = Path(run_dir)
-    record = read_record(run_dir)
-    outs = record.of_kind("latents")
-    if not outs:
-        raise InputError(run_dir, f"the {record.method} run registered no latents")
-    return load_latents(run_dir / outs[0].path)
+    return load_latents(run_dir / read_record(run_dir).require("latents", run_dir, "latents").path)
 
 
 class ParticleVolumes:
