@@ -16,11 +16,12 @@ from cryohet.atomic import atomic_path
 MAX_SCATTER_POINTS = 100_000
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Render ``fig`` with the Agg canvas and write it as PNG (atomically: nothing half-written)."""
     path = Path(path)
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
 
@@ -63,7 +64,7 @@ def scatter_plot(xy: np.ndarray, path: str | Path, labels: np.ndarray | None = N
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def density_plot(xy: np.ndarray, path: str | Path, xlabel: str = "", ylabel: str = "", title: str = "",
@@ -79,7 +80,7 @@ def density_plot(xy: np.ndarray, path: str | Path, xlabel: str = "", ylabel: str
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def histogram_plot(x: np.ndarray, path: str | Path, xlabel: str = "", title: str = "",
@@ -99,4 +100,4 @@ def histogram_plot(x: np.ndarray, path: str | Path, xlabel: str = "", title: str
     ax.set_xlabel(xlabel)
     ax.set_ylabel("particles")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -15,10 +15,10 @@ def phase_shift_2d(F: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
     """
     n = F.shape[-1]
     k = centered_coords(n, F.device, torch.float64) / n
-    sx = shift_px[:, 0].to(F.device, torch.float64)[:, None, None]
-    sy = shift_px[:, 1].to(F.device, torch.float64)[:, None, None]
-    phase = -2 * math.pi * (k[None, None, :] * sx + k[None, :, None] * sy)
-    return F * torch.polar(torch.ones_like(phase), phase).to(F.dtype)
+    shift = shift_px.to(F.device, torch.float64)
+    phase = -2 * math.pi * shift[:, :, None] * k  # (B, 2, N): x and y ramps; the 2-D ramp is their product
+    ramp = torch.polar(torch.ones_like(phase), phase).to(F.dtype)
+    return F * ramp[:, 1, :, None] * ramp[:, 0, None, :]
 
 
 def apply_origin(F: torch.Tensor, origin_px: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.analysis import latent, plots
+from cryohet.analysis import latent
 from cryohet.analysis.runs import load_latents
 from cryohet.analysis.volumes import VolumeSeries, write_chimerax_script, write_volume_series
 from cryohet.methods.base import Method, Param
@@ -47,6 +47,7 @@ def _series(ctx: Any, model: Any, z: np.ndarray, name: str, label: str, batch: i
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:
+    from cryohet.analysis import plots  # matplotlib: loaded only when plotting
     from cryohet.models.base import load_volume_model
 
     run_dir = Path(params["run"]).resolve()

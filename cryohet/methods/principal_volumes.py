@@ -55,16 +55,14 @@ def _read_mask(path: str, box: int, apix: float) -> np.ndarray:
 
 
 def _plot(path: Path, b: np.ndarray, eigenvalues: np.ndarray) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cryohet.atomic import atomic_path
+    from cryohet.analysis.plots import save_png
 
     K = b.shape[1]
     show = min(K, 4)
-    fig, axes = plt.subplots(show, show + 1, figsize=(2.6 * (show + 1), 2.4 * show), squeeze=False)
+    fig = Figure(figsize=(2.6 * (show + 1), 2.4 * show), layout="constrained")
+    axes = fig.subplots(show, show + 1, squeeze=False)
     for i in range(show):
         for j in range(show):
             ax = axes[i, j]
@@ -82,10 +80,7 @@ def _plot(path: Path, b: np.ndarray, eigenvalues: np.ndarray) -> None:
     for i in range(1, show):
         axes[i, show].axis("off")
     fig.suptitle("principal-volume coordinates")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=90)
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:

@@ -7,9 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
-from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
 from cryohet.io.mrc import read_map, write_map
 from cryohet.io.particles import load_particles, write_particles_star
@@ -56,8 +54,12 @@ def _write_fsc(out_dir: Path, rec: Reconstruction) -> tuple[Path, Path]:
                             "rlnUnmaskedResolution": [rec.resolution(0.143, masked=False)]})
     star = out_dir / "fsc.star"
     write_star(star, {"general": general, "fsc": table})
+    from matplotlib.figure import Figure
+
+    from cryohet.analysis.plots import save_png
+
     png = out_dir / "fsc.png"
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(freqs, rec.fsc, label=f"unmasked ({rec.resolution(0.143, masked=False):.2f} Å)")
     if rec.fsc_masked is not None:
@@ -67,9 +69,7 @@ def _write_fsc(out_dir: Path, rec: Reconstruction) -> tuple[Path, Path]:
     ax.set_ylabel("FSC between half-maps")
     ax.set_ylim(-0.1, 1.05)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_png(fig, png, dpi=100)
     return star, png
 
 

@@ -69,23 +69,18 @@ def _model_file(path: str) -> Path:
 
 
 def _plot_losses(path: Path, history: list[dict[str, float]]) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cryohet.atomic import atomic_path
+    from cryohet.analysis.plots import save_png
 
     ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    ax = fig.subplots(1, 2)
     ax[0].plot(ep, [h["gen_loss"] for h in history], "o-")
     ax[0].set(xlabel="epoch", ylabel="reconstruction error (MSE)", title="reconstruction")
     ax[1].plot(ep, [h["kld"] for h in history], "o-", color="C1")
     ax[1].set(xlabel="epoch", ylabel="KL divergence (nats)", title="KL(q(z|x) || N(0, I))")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:

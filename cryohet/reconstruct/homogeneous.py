@@ -45,7 +45,7 @@ def backproject_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], pset, 
     """Insert (indices, images) batches of ``pset`` (images at ``pset.apix``; cropped to ``box``)."""
     bp = BackProjector(box, pad, device)
     for idx, images in batches:
-        F = fft2c(torch.as_tensor(images, device=device, dtype=torch.float32).to(torch.float64))
+        F = fft2c(torch.as_tensor(images, device=device, dtype=torch.float32))  # single precision, as RELION
         origin_px = torch.as_tensor(pset.shift_A[idx] / pset.apix, device=device)
         F = crop_fourier(undo_origin(F, origin_px), box)
         ctf = ctf_2d(pset.ctf.take(idx), box, apix, device=device, dtype=torch.float64)

@@ -7,22 +7,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cryohet.analysis.plots import save_png
 from cryohet.atomic import atomic_path
 
 if TYPE_CHECKING:
     from cryohet.validation.datasets import BenchmarkDataset
 
 MAX_POINTS = 20000
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    return path
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
@@ -69,7 +62,7 @@ def plot_latents_by_truth(latents: np.ndarray, ds: BenchmarkDataset, path: str |
             ax.set_ylabel(yl)
         fig.colorbar(sc, ax=ax, label=name)
         ax.set_title(f"latents coloured by {name}")
-    return _save(fig, Path(path))
+    return save_png(fig, path, dpi=110)
 
 
 def plot_fsc_curves(volume: dict[str, Any], path: str | Path) -> Path:
@@ -92,7 +85,7 @@ def plot_fsc_curves(volume: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"per-image FSC, mean per state (AUC {volume['fsc_auc']:.3f})")
     if len(rows) <= 12:
         ax.legend(fontsize=7, ncol=2)
-    return _save(fig, Path(path))
+    return save_png(fig, path, dpi=110)
 
 
 def _fmt(v: Any) -> str:
@@ -177,4 +170,4 @@ def plot_heatmaps(labels: list[str], matrices: dict[str, np.ndarray], path: str 
                         color="white" if m[a][b] < 0.6 else "black")
         ax.set_title(name)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, Path(path))
+    return save_png(fig, path, dpi=110)
