@@ -12,18 +12,20 @@ from cryohet.methods.base import Method, Param
 
 
 def _help(p: Param) -> str:
+    """argparse help for ``p``: text, choices, default ('%' escaped: argparse %-formats help strings)."""
     text = p.help
     if p.choices:
         text += f" Choices: {', '.join(map(str, p.choices))}."
     if p.default is not None:
-        text += f" (default: {p.default})"
+        shown = ("yes" if p.default else "no") if p.type is bool else p.default
+        text += f" (default: {shown})"
     elif p.required:
         text += " (required)"
-    return text
+    return text.replace("%", "%%")
 
 
 def add_method_parser(sub: argparse._SubParsersAction, method: Method) -> argparse.ArgumentParser:
-    sp = sub.add_parser(method.name, help=method.title, description=method.help,
+    sp = sub.add_parser(method.name, help=method.title.replace("%", "%%"), description=method.help,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("--o", required=True, metavar="DIR",
                     help="Output folder (created; outputs are listed in DIR/cryohet_run.json, the log in DIR/run.log).")
