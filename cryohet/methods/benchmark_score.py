@@ -99,6 +99,6 @@ METHOD = Method(
          "maps, or cryoDRGN's z.N.pkl (and its decoder through cryodrgn eval_vol). Writes report.md, metrics.json "
          "and PNG plots. Definitions: docs/benchmarks/validation.md.",
     params=PARAMS,
-    outputs=("report", "fsc", "plot"),
+    outputs=("report", "plot"),
     run=run,
 )

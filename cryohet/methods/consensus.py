@@ -59,6 +59,6 @@ METHOD = Method(
          "correlations and k-NN overlap, as a table and heatmaps. Agreement between fundamentally different "
          "methods is a stand-in for validation (survey section 10).",
     params=PARAMS,
-    outputs=("report", "plot", "fsc"),
+    outputs=("report", "plot"),
     run=run,
 )

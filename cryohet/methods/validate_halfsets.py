@@ -64,7 +64,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
         summary.update(identifiability=result["volume"]["identifiability"],
                        matched_fsc_auc=result["volume"]["matched_fsc_auc"])
     ctx.add("report", report, f"half-set validation of {method.name}", **summary)
-    ctx.add("fsc", metrics, "half-set comparison (JSON), FSC curves at matched and unmatched points")
+    ctx.add("report", metrics, "half-set comparison (JSON), FSC curves at matched and unmatched points")
     if figure:
         ctx.add("plot", figure, "FSC between the halves' maps at matched probe points")
 
@@ -79,6 +79,6 @@ METHOD = Method(
          "than unmatched ones. The method is flagged when its halves disagree (thresholds in "
          "docs/benchmarks/validation.md).",
     params=PARAMS,
-    outputs=("report", "fsc", "plot"),
+    outputs=("report", "plot"),
     run=run,
 )
