@@ -157,6 +157,13 @@ def test_run_record_and_model(hinge, tmp_path):
     tau = frames[-1].meta["tau"]
     assert np.allclose(read_map(run_dir / frames[-1].path)[0], mean + tau * comps[0], atol=1e-4)
 
+    # --resume yes in the same folder continues from the checkpoint of iteration 2
+    assert (run_dir / "checkpoint.safetensors").is_file()
+    run_method(METHOD, {"particles": str(out.particles_star), "n_components": 2, "resolution_A": 15.0,
+                        "max_iter": 3, "movie_frames": 3, "mask": str(mask), "resume": True}, run_dir)
+    assert "resuming from" in (run_dir / "run.log").read_text()
+    assert "3 EM iterations" in (run_dir / "report.md").read_text()
+
 
 def test_linear_model_file(tmp_path):
     rng = np.random.default_rng(1)
@@ -215,3 +222,24 @@ def read_map_default(n: int) -> np.ndarray:
 
     mol = default_molecule()
     return atoms_to_map(atom_coords(mol), n, 6.0, 12.0, weights=atom_weights(mol))
+
+
+def test_resume_ends_as_an_uninterrupted_fit(hinge, tmp_path):
+    """A fit stopped after 2 EM iterations and resumed to 4 equals a 4-iteration fit; other settings are refused."""
+    pset = hinge[3]
+    kw = dict(resolution_A=RES_A, tol=0.0, seed=0)
+    full = fit_principal_volumes(pset, 2, max_iter=4, **kw)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    fit_principal_volumes(pset, 2, max_iter=2, checkpoint=ckpt, **kw)
+    resumed = fit_principal_volumes(pset, 2, max_iter=4, checkpoint=ckpt, resume=True, **kw)
+    assert [h["iteration"] for h in resumed.history] == [1, 2, 3, 4]
+    np.testing.assert_array_equal(resumed.latents, full.latents)
+    np.testing.assert_array_equal(resumed.components, full.components)
+    # the checkpoint now holds iteration 4: resuming with the same total does no EM iteration and gives the same
+    again = fit_principal_volumes(pset, 2, max_iter=4, checkpoint=ckpt, resume=True, **kw)
+    np.testing.assert_array_equal(again.latents, full.latents)
+    with pytest.raises(InputError, match="n_components: 2 .checkpoint. vs 3"):
+        fit_principal_volumes(pset, 3, max_iter=4, checkpoint=ckpt, resume=True, **kw)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="checkpoint.safetensors"):
+        fit_principal_volumes(pset, 2, max_iter=4, checkpoint=ckpt, resume=True, **kw)

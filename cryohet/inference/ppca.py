@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from cryohet.geometry.fourier import centered_coords, fft2c, fft3c, fourier_crop
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import Projector, sinc2_grid, slice_coords
 from cryohet.geometry.shift import undo_origin
+from cryohet.inference.ppca_state import EMState, load_state, mask_digest, save_state
 
 #: Fewest particles the estimator accepts, and particles needed per unknown map (mean + K components).
 MIN_PARTICLES = 50
@@ -309,7 +311,8 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                           batch_size: int = 256, pad: int = 2, regularisation: float = 1.0,
                           warmup_iter: int = 3, prior: str = "mean", device: torch.device | str = "cpu", seed: int = 0,
                           cache_mb: float = 1024.0, progress: ProgressFn | None = None,
-                          log: logging.Logger | None = None) -> PrincipalVolumes:
+                          log: logging.Logger | None = None, checkpoint: str | Path | None = None,
+                          resume: bool = False) -> PrincipalVolumes:
     """Mean and ``n_components`` principal volumes of ``particles`` (a ``ParticleSet``: box, apix, euler_deg,
     shift_A, ctf, iter_batches) by PPCA-EM, with coordinates b (N, K) and their posterior s.d.
 
@@ -318,6 +321,8 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     ``regularisation``: T of the per-shell prior 1/(T τ²); larger trusts the data more.
     ``max_iter``/``tol``: EM stops when the largest principal-angle sine between successive
     component subspaces falls below ``tol``.
+    ``checkpoint``: file written after every EM iteration; with ``resume`` the fit continues from it (when it
+    exists) and ends as an uninterrupted fit would.
     """
     log = log or logging.getLogger("cryohet.ppca")
     progress = progress or _progress_default
@@ -446,20 +451,33 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         return vols
 
     t0 = time.time()
-    # pass 0: the mean alone (CTF-weighted backprojection)
-    acc, _, _, _ = run_pass(torch.zeros((1, n, n, n), device=device), None, False, True, "principal volumes: mean")
-    mean = m_step(acc, False)[0]
-    del acc
-    # initial components: smooth random maps inside the mask, at a tenth of the mean's spread
-    m0 = max(4, (n // 8) * 2)
-    rnd = torch.stack([fourier_pad_3d(torch.randn((m0,) * 3, generator=gen), n) for _ in range(K)]).to(device)
-    rnd = rnd * mask_n
-    rnd = rnd / rnd.reshape(K, -1).norm(dim=1)[:, None, None, None] * 0.1 * mean.norm()
-    vols = torch.cat([mean[None], rnd], 0)
-    noise: torch.Tensor | None = None
-    history: list[dict[str, float]] = []
+    settings = {"n_particles": n_part, "box": N_box, "apix": round(apix, 6), "n_components": K, "work_box": n,
+                "radius_px": round(float(radius_px), 6), "pad": pad, "regularisation": regularisation,
+                "prior": prior, "warmup_iter": warmup_iter, "seed": seed, "mask": mask_digest(mask_n)}
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    state = load_state(ckpt, settings) if resume and ckpt is not None and ckpt.is_file() else None
+    if state is not None:
+        vols, noise, history = state.vols.to(device), state.noise.to(device), state.history
+        log.info("resuming from %s after EM iteration %d", ckpt, state.iteration)
+    else:
+        if resume:
+            log.info("--resume: no checkpoint at %s, starting from scratch", ckpt)
+        # pass 0: the mean alone (CTF-weighted backprojection)
+        acc, _, _, _ = run_pass(torch.zeros((1, n, n, n), device=device), None, False, True,
+                                "principal volumes: mean")
+        mean = m_step(acc, False)[0]
+        del acc
+        # initial components: smooth random maps inside the mask, at a tenth of the mean's spread
+        m0 = max(4, (n // 8) * 2)
+        rnd = torch.stack([fourier_pad_3d(torch.randn((m0,) * 3, generator=gen), n) for _ in range(K)]).to(device)
+        rnd = rnd * mask_n
+        rnd = rnd / rnd.reshape(K, -1).norm(dim=1)[:, None, None, None] * 0.1 * mean.norm()
+        vols = torch.cat([mean[None], rnd], 0)
+        noise = None
+        history = []
     prev_basis = _orthonormal(vols[1:].reshape(K, -1))
-    for it in range(1, max_iter + 1):
+    converged = bool(history) and history[-1]["iteration"] > warmup_iter and history[-1]["subspace_change_sine"] < tol
+    for it in range(len(history) + 1, 0 if converged else max_iter + 1):
         ti = time.time()
         acc, new_noise, z_it, cov_it = run_pass(vols, noise, True, True, f"principal volumes: EM {it}/{max_iter}")
         vols = m_step(acc, it > warmup_iter)
@@ -484,6 +502,8 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                         "variance": float((s ** 2).sum())})
         log.info("EM %d: subspace change sin %.2e, total variance %.4g, %.1f s", it, change,
                  float((s ** 2).sum()), time.time() - ti)
+        if ckpt is not None:
+            save_state(ckpt, EMState(vols, noise, it, history), settings)
         if it > warmup_iter and change < tol:
             break
     # final E-step with the fitted model

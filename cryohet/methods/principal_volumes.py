@@ -36,6 +36,8 @@ PARAMS = (
           expert=True),
     Param("cache_mb", float, 1024.0, "Keep the Fourier-cropped images in memory when they fit in this many MiB "
           "(else they are read again at each iteration).", min=0.0, expert=True),
+    Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (checkpoint.safetensors, "
+          "written after every EM iteration); --max_iter is the new total. The other settings must be the same."),
 )
 
 
@@ -100,7 +102,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         pset, K, resolution_A=params["resolution_A"], mask=mask, max_iter=params["max_iter"], tol=params["tol"],
         batch_size=params["batch_size"], pad=params["pad"], regularisation=params["regularisation"],
         prior=params["prior"], device=ctx.device, seed=params["seed"],
-        cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log)
+        cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log,
+        checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", resume=params["resume"])
     out = Path(ctx.out_dir)
     apix = pset.apix
 
@@ -175,7 +178,8 @@ METHOD = Method(
          "the orthonormal principal volumes (MRC), per-particle coordinates b_k with their posterior s.d. "
          "(latents.npy, latents_std.npy; the particles STAR with cryohetZ1..K), movies X_0 + τ X_k along each "
          "component (survey equation 6) with ChimeraX scripts, the linear model (for analyze / eval-volume), a "
-         "plot of the coordinates and a short report. A fast, interpretable first look before a neural model.",
+         "plot of the coordinates and a short report. A fast, interpretable first look before a neural model. "
+         "A checkpoint is written after every EM iteration: --resume yes continues after a crash or kill.",
     params=PARAMS,
     outputs=("model", "volume", "latents", "particles_star", "volume_series", "chimerax", "plot", "report"),
     run=run,
