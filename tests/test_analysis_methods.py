@@ -217,6 +217,13 @@ def test_select_by_cluster_writes_relion_subsets(toy_run) -> None:
     an = data / "analyze"
     run_method(ANALYZE, {"run": run, "ksample": 3, "volumes": False, "umap": False}, an)
     labels = np.load(an / "kmeans3" / "labels.npy")
+    # the clusters as RELION classes: the run's particles with rlnClassNumber = cluster + 1; RELION splits by it
+    (classes,) = [o for o in outputs(an, "particles_star") if o.meta.get("content") == "classes"]
+    check_star(an / classes.path, np.arange(len(z)), z, data)
+    assert starfile.read(an / classes.path)["particles"]["rlnClassNumber"].tolist() == (labels + 1).tolist()
+    relion("relion_star_handler", "--i", str(an / classes.path), "--o", str(data / "class2.star"),
+           "--select", "rlnClassNumber", "--minval", "2", "--maxval", "2", cwd=data)
+    assert len(starfile.read(data / "class2.star")["particles"]) == int((labels == 1).sum())
     out = data / "sel"
     run_method(SELECT, {"analysis": an, "clusters": "0,2"}, out)  # the analysed run is found from the analysis
     rows = np.flatnonzero(np.isin(labels, [0, 2]))

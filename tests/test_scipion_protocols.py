@@ -224,7 +224,8 @@ def test_reconstruct_fails_clearly_on_a_missing_stack(project, simulated, tmp_pa
 
 def test_principal_volumes_select_then_relion(project, imported):
     """principal-volumes -> latents as SetOfParticlesFlex (by Scipion id) -> select a region of latent space
-    -> the subset as Scipion particles -> RELION's reconstruction of that subset."""
+    -> the subset as Scipion particles -> RELION's reconstruction of that subset; analyze -> k-means clusters
+    as SetOfClassesFlex."""
     from cryohet_plugin.protocols import CryohetProtPrincipalVolumes, CryohetProtSelect
     from cryohet_plugin.viewers import CryohetFlexViewer, CryohetResultsViewer
 
@@ -262,3 +263,22 @@ def test_principal_volumes_select_then_relion(project, imported):
                                                doCTF=True))
     with mrcfile.open(rec.outputVolume.getFileName().split(":")[0]) as m:
         assert m.data.shape == (BOX, BOX, BOX) and float(np.abs(m.data).max()) > 0
+
+    # analyze -> its k-means clusters as SetOfClassesFlex (zFlex from principal-volumes, maps at the centres as
+    # representatives), read back from the project database
+    from cryohet_plugin.protocols import CryohetProtAnalyze
+
+    an = project.newProtocol(CryohetProtAnalyze, ksample=3, pcs=0, umap=False, useGpu=False)
+    getattr(an, CryohetProtAnalyze._paramAttrs["run"]).set(pv)
+    an = _launch(project, an)
+    labels = np.load(an._getExtraPath("cryohet", "kmeans3", "labels.npy"))
+    classes = an.outputClasses
+    assert type(classes).__name__ == "SetOfClassesFlex" and classes.getSize() == 3
+    for cls in classes.iterItems():
+        members = [p.getObjId() for p in cls.iterItems()]
+        assert sorted(members) == sorted(ids[i] for i in np.flatnonzero(labels == cls.getObjId() - 1))
+        first = cls.getFirstItem()
+        assert np.allclose(first.getZFlex(), z[ids.index(first.getObjId())], atol=1e-5)
+        rep = cls.getRepresentative()
+        assert rep.getFileName().endswith(f"kmeans3/vol_{cls.getObjId() - 1:03d}.mrc")
+        assert rep.getSamplingRate() == pytest.approx(parts.getSamplingRate(), rel=1e-3)

@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from cryohet.analysis import latent
-from cryohet.analysis.runs import load_latents
+from cryohet.analysis.runs import load_latents, particles_star_path
 from cryohet.analysis.volumes import VolumeSeries, write_chimerax_script, write_volume_series
+from cryohet.errors import InputError
 from cryohet.methods.base import Method, Param
 
 PARAMS = (
@@ -44,6 +45,24 @@ def _series(ctx: Any, model: Any, z: np.ndarray, name: str, label: str, batch: i
     cxc = write_chimerax_script(folder / f"{name}.cxc", series.files, series.level, title=f"cryohet analyze: {label}")
     ctx.add("chimerax", cxc, f"ChimeraX: {label}", series=name, n_maps=len(series.files))
     return series
+
+
+def _write_classes(ctx: Any, run_dir: Path, labels: np.ndarray, name: str) -> None:
+    """The run's particles STAR with ``rlnClassNumber`` = k-means cluster + 1, in ``<out>/<name>/``."""
+    from cryohet.io.particles import load_particles, write_particles_star
+
+    try:
+        star = particles_star_path(run_dir)
+    except InputError as exc:
+        ctx.log.info("no particles STAR with classes: %s", exc)
+        return
+    pset = load_particles(star, require_poses=False)
+    if len(pset) != len(labels):
+        raise InputError(star, f"{len(pset)} particles but the latents have {len(labels)} rows")
+    k = int(labels.max()) + 1
+    write_particles_star(ctx.out_dir / name / "particles.star", pset, extra_columns={"rlnClassNumber": labels + 1})
+    ctx.add("particles_star", f"{name}/particles.star", f"particles with their k-means cluster as "
+            f"rlnClassNumber (1..{k})", content="classes", k=k)
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:
@@ -120,6 +139,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         ctx.log.info("k-means (K=%d): cluster sizes %s", k, " ".join(map(str, sizes)))
         ctx.add("latents", f"{name}/labels.npy", f"k-means labels (K={k})", content="kmeans_labels", k=k,
                 center_indices=km.center_indices.tolist(), sizes=sizes.tolist(), **src)
+        _write_classes(ctx, run_dir, km.labels, name)
         cxy = pcs.transform(km.centers)[:, :2]
         ctx.add("plot", plots.scatter_plot(xy, folder / "pca.png", labels=km.labels, centers=cxy,
                                            xlabel=pc_lab[0], ylabel=ylab, title=f"k-means (K={k}) on PCA"),
@@ -160,9 +180,11 @@ METHOD = Method(
     help="PCA and UMAP of a run's per-particle latents, k-means clustering, maps at the cluster centres "
          "(snapped to real particles) and along the principal directions (map series), latent plots (PNG) and "
          "ChimeraX scripts to view the series. Output: pca.npy, pca.png, umap.npy, umap.png, "
-         "kmeans<K>/{labels.npy,centers.txt,centers_ind.txt,vol_XXX.mrc,kmeans<K>.cxc}, pc<i>/{vol_XXX.mrc,...}.",
+         "kmeans<K>/{labels.npy,centers.txt,centers_ind.txt,vol_XXX.mrc,kmeans<K>.cxc,particles.star}, "
+         "pc<i>/{vol_XXX.mrc,...}. kmeans<K>/particles.star is the run's particles with the cluster as "
+         "rlnClassNumber (1..K): classes in Scipion, or split it by class in RELION.",
     params=PARAMS,
-    outputs=("latents", "volume_series", "plot", "chimerax"),
+    outputs=("latents", "volume_series", "plot", "chimerax", "particles_star"),
     run=run,
     citations=("Zhong et al. (2021) CryoDRGN: reconstruction of heterogeneous cryo-EM structures using neural "
                "networks. Nat Methods 18:176-185.",

@@ -25,6 +25,10 @@ POINTER_CLASSES = {"particles": "SetOfParticles", "volume": "Volume", "mask": "V
                    "run": "ProtCryohetBase"}  # "run": the output folder of an earlier cryohet protocol
 
 
+#: ``content`` of the latents outputs that are per-particle coordinates (not PCA, UMAP or cluster labels).
+LATENT_CONTENT = (None, "", "z", "latent", "latents")
+
+
 class EngineError(Exception):
     """The engine failed; the message is its own reason."""
 
@@ -209,8 +213,7 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
         if outs.get("mask"):
             defined["outputMask"] = self._newVolume(VolumeMask, outs["mask"][0], sampling)
 
-        latents = [o for o in outs.get("latents", [])
-                   if o["meta"].get("content") in (None, "", "z", "latent", "latents")]
+        latents = [o for o in outs.get("latents", []) if o["meta"].get("content") in LATENT_CONTENT]
         stars = outs.get("particles_star", [])
         if parts_in is None:
             for i, star in enumerate(stars):
@@ -230,9 +233,10 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
                     self.warning(f"{star['abspath']}: no particle id column; not registered")
                     continue
                 classes = convert.column(star["abspath"], "rlnClassNumber")
-                if classes is not None and zmap is not None and len(set(classes)) > 1:
+                class_z = (zmap, latents[0]) if zmap is not None else self._upstreamLatents(ids_in)
+                if classes is not None and class_z[0] is not None and len(set(classes)) > 1:
                     defined[f"outputClasses{i + 1 if i else ''}"] = self._classes(
-                        parts_in, zmap, latents[0], ids, classes, outs.get("volume_series", []))
+                        parts_in, *class_z, ids, classes, outs.get("volume_series", []))
                 elif set(ids) != set(ids_in):
                     subset = self._flexParticles(parts_in, zmap, latents[0], set(ids), f"subset{i}") \
                         if zmap is not None else self._subset(parts_in, set(ids), f"subset{i}")
@@ -326,13 +330,27 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
             flex.append(item)
         return flex
 
+    def _upstreamLatents(self, ids_in: list[int]) -> tuple[dict | None, dict | None]:
+        """(Scipion id -> latent, latent output) of the earlier cryohet run this one analyses, else (None, None)."""
+        roles = self._roleAttrs()
+        upstream = getattr(self, roles["run"]).get() if "run" in roles else None
+        if not isinstance(upstream, ProtCryohetBase):
+            return None, None
+        out_dir = upstream._engineDir()
+        outs = convert.outputs_by_kind(convert.read_record(out_dir), out_dir)
+        latents = [o for o in outs.get("latents", []) if o["meta"].get("content") in LATENT_CONTENT]
+        z = convert.load_latents(latents[0]["abspath"]) if latents else None
+        if z is None or len(z) != len(ids_in):
+            return None, None
+        return dict(zip(ids_in, z)), latents[0]
+
     def _classes(self, parts_in, zmap: dict, latent_out: dict, ids: list[int], classes: list[str],
                  series: list[dict]):
+        """SetOfClassesFlex from RELION class numbers (1..K); representatives: maps with meta ``cluster``
+        (0-based, e.g. the maps at k-means centres)."""
         flex = self._flexParticles(parts_in, zmap, latent_out, set(ids), "classes")
-        numbers = [int(float(c)) for c in classes]
-        shift = 1 if min(numbers) == 0 else 0  # RELION numbers classes from 1; 0 means unassigned
-        klass_of = {pid: c + shift for pid, c in zip(ids, numbers)}
-        reps = {int(o["meta"]["class"]) + shift: o for o in series if "class" in o.get("meta", {})}
+        klass_of = {pid: int(float(c)) for pid, c in zip(ids, classes)}
+        reps = {int(o["meta"]["cluster"]) + 1: o for o in series if "cluster" in o.get("meta", {})}
         classes_set = self._createSetOfClassesFlex(flex, progName=PROGRAM_NAME)
         sampling = parts_in.getSamplingRate()
 
