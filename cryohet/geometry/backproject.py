@@ -1,18 +1,23 @@
-"""CTF-weighted Fourier backprojection into a padded 3-D grid (trilinear insertion) and Wiener-style division."""
+"""CTF-weighted Fourier backprojection into a padded 3-D grid (trilinear insertion) and Wiener-style division.
+
+The sums live on the Hermitian half of the padded grid (kx >= 0), as RELION keeps them: a map is real, so the
+other half is the complex conjugate. Memory is then (pad·box)² × (pad·box / 2 + 1) voxels per accumulator.
+"""
 from __future__ import annotations
 
 import torch
 
-from cryohet.geometry.fourier import centered_coords, ifft3c
+from cryohet.geometry.fourier import centered_coords
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import sinc2_grid, slice_coords
 
 
 class BackProjector:
-    """Accumulates Σ CTF·F (data) and Σ CTF² (weight) on a padded Fourier grid.
+    """Accumulates Σ CTF·F (data) and Σ CTF² (weight) on the kx >= 0 half of a padded Fourier grid.
 
     Insert centred transforms of *centred* particle images (origins undone); ``reconstruct`` divides
     data by weight + regularisation, transforms back, crops and corrects for the trilinear kernel.
+    The grid is indexed (kz, ky, kx) with kz, ky centred (index P // 2 is frequency 0) and kx = 0 .. P / 2.
     """
 
     #: images summed in single precision before they are added to the double-precision grids
@@ -20,95 +25,111 @@ class BackProjector:
 
     def __init__(self, box: int, pad: int = 2, device: torch.device | str = "cpu"):
         self.box, self.pad = box, pad
-        self.pad_box = pad * box
+        self.pad_box = P = pad * box
+        self.half_x = H = P // 2 + 1
+        self.shape = (P, P, H)
         self.device = torch.device(device)
-        # Σ CTF·F and Σ CTF² over the inserted Hermitian half; the other half is mirrored on use
-        self._data = torch.zeros(self.pad_box**3, dtype=torch.complex128, device=self.device)
-        self._weight = torch.zeros(self.pad_box**3, dtype=torch.float64, device=self.device)
+        self._data = torch.zeros(P * P * H, dtype=torch.complex128, device=self.device)
+        self._weight = torch.zeros(P * P * H, dtype=torch.float64, device=self.device)
         # single-precision scratch sums, flushed into the double-precision ones every FLUSH_IMAGES images
-        self._scratch_d = torch.zeros(self.pad_box**3, dtype=torch.complex64, device=self.device)
-        self._scratch_w = torch.zeros(self.pad_box**3, dtype=torch.float32, device=self.device)
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._in_scratch = 0
-        self._full: tuple[torch.Tensor, torch.Tensor] | None = None
         k = centered_coords(box, self.device)
         ky, kx = torch.meshgrid(k, k, indexing="ij")
         self._half = ((kx**2 + ky**2 <= (box // 2) ** 2) & (kx >= 0)).flatten()
-        self._step = torch.tensor([1, self.pad_box, self.pad_box**2], device=self.device)
+        self._step = torch.tensor([1, H, P * H], device=self.device)
+        self._centre = torch.tensor([0, P // 2, P // 2], device=self.device, dtype=torch.float32)
+        self._top = torch.tensor([H - 1, P - 1, P - 1], device=self.device, dtype=torch.float32) - 1e-3
         self.n_images = 0
 
     def insert(self, F: torch.Tensor, ctf: torch.Tensor | None, A: torch.Tensor) -> None:
         """Insert (B, box, box) centred transforms with their CTFs (or None) at orientations A (B, 3, 3).
 
-        Batches are scattered in single precision into scratch grids, which are added to the double-precision
-        sums every ``FLUSH_IMAGES`` images (float32 keeps ~7 digits: enough for a few thousand images).
-        The samples are sorted by grid index first: neighbouring writes then hit the same cache lines, which
-        halves the time of the scatter on a CPU.
+        Each sample of the image's kx >= 0 half goes in at its 3-D position p and, as its Friedel mate, at −p
+        with the conjugate value; only corners with kx >= 0 are kept. Samples are sorted by grid index first
+        (neighbouring writes then share cache lines, which halves the scatter's time on a CPU). Batches are
+        scattered in single precision into scratch grids, added to the double-precision sums every
+        ``FLUSH_IMAGES`` images (float32 keeps ~7 digits: enough for a few thousand images).
         """
         B = F.shape[0]
-        P = self.pad_box
         ctf = torch.ones(F.shape, device=self.device) if ctf is None else ctf.to(self.device)
         pos = slice_coords(A.to(self.device, torch.float32), self.box, self.pad).reshape(B, -1, 3)
-        # positions span [0, P]; the last half-pixel rim at +Nyquist is pulled in so all 8 corners exist
-        pos = (pos[:, self._half] + P // 2).clamp_(0, P - 1 - 1e-3).reshape(-1, 3)
+        pos = pos[:, self._half].reshape(-1, 3)
+        c = ctf.reshape(B, -1)[:, self._half].to(torch.float32).flatten()
+        data = F.to(self.device).reshape(B, -1)[:, self._half].to(torch.complex64).flatten()
+        # move every sample to kx >= 0 (its Friedel mate), then add the mates of those within one voxel of
+        # kx = 0, whose trilinear corners reach back into kx >= 0
+        flip = pos[:, 0] < 0
+        pos = torch.where(flip[:, None], -pos, pos)
+        data = torch.where(flip, data.conj(), data)
+        near = torch.nonzero(pos[:, 0] < 1).squeeze(1)
+        pos = torch.cat([pos, -pos[near]])
+        data = torch.cat([data, data[near].conj()])
+        c = torch.cat([c, c[near]])
+        # grid positions; the rim at +Nyquist is pulled in so that all 8 corners exist
+        pos = torch.minimum(pos + self._centre, self._top).clamp_(min=-1.0)
         base = torch.floor(pos)
         flat0, order = torch.sort((base.long() * self._step).sum(-1))
-        frac = (pos - base)[order]
-        c = ctf.reshape(B, -1)[:, self._half].to(torch.float32).flatten()[order]
-        data = F.to(self.device).reshape(B, -1)[:, self._half].to(torch.complex64).flatten()[order] * c
-        weight = c * c
+        base, frac = base[order], (pos - base)[order]
+        data = data[order] * c[order]
+        weight = c[order] ** 2
         w = (1 - frac, frac)  # trilinear weights per axis for corner offsets 0 and 1
-        scratch_d, scratch_w = self._scratch_d, self._scratch_w
+        # a corner at kx = -1 (mates near kx = 0) is dropped: its weight is zeroed and it is moved to kx = 0,
+        # where the sample's other x corner lies (x_step 0 instead of 1)
+        below = base[:, 0] < 0
+        w[0][:, 0] = torch.where(below, 0.0, w[0][:, 0])
+        flat0 = torch.where(below, flat0 + 1, flat0)
+        x_step = (~below).long()
+        if self._scratch is None:
+            n_vox = self._weight.numel()
+            self._scratch = (torch.zeros(n_vox, dtype=torch.complex64, device=self.device),
+                             torch.zeros(n_vox, dtype=torch.float32, device=self.device))
+        scratch_d, scratch_w = self._scratch
+        P, H = self.pad_box, self.half_x
         for dz in (0, 1):
             for dy in (0, 1):
-                wyz = w[dy][..., 1] * w[dz][..., 2]
+                wyz = w[dy][:, 1] * w[dz][:, 2]
                 for dx in (0, 1):
-                    wc = w[dx][..., 0] * wyz
-                    idx = flat0 + (dx + dy * P + dz * P * P)
+                    wc = w[dx][:, 0] * wyz
+                    idx = flat0 + (dy * H + dz * P * H) + (x_step if dx else 0)
                     scratch_d.index_add_(0, idx, data * wc)
                     scratch_w.index_add_(0, idx, weight * wc)
         self._in_scratch += B
         if self._in_scratch >= self.FLUSH_IMAGES:
-            self._flush()
-        self._full = None
+            self.flush(release=False)
         self.n_images += B
 
-    def _flush(self) -> None:
-        if self._in_scratch:
-            self._data += self._scratch_d
-            self._weight += self._scratch_w
-            self._scratch_d.zero_()
-            self._scratch_w.zero_()
+    def flush(self, release: bool = True) -> None:
+        """Add the scratch sums to the double-precision grids; ``release`` frees the scratch (after the last
+        insert; a later insert makes it again)."""
+        if self._scratch is not None and self._in_scratch:
+            self._data += self._scratch[0]
+            self._weight += self._scratch[1]
+            self._scratch[0].zero_()
+            self._scratch[1].zero_()
             self._in_scratch = 0
+        if release:
+            self._scratch = None
 
     def add(self, other: BackProjector) -> None:
         """Merge another accumulator (e.g. the other half-set, or another rank)."""
-        self._flush()
-        other._flush()
+        self.flush()
+        other.flush()
         self._data += other._data
         self._weight += other._weight
-        self._full = None
         self.n_images += other.n_images
-
-    def _mirrored(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-grid data (complex) and weight: the inserted half plus its Friedel mate (cached)."""
-        if self._full is None:
-            self._flush()
-            P = self.pad_box
-
-            def mate(x: torch.Tensor) -> torch.Tensor:
-                return torch.roll(torch.flip(x.reshape(P, P, P), (0, 1, 2)), (1, 1, 1), (0, 1, 2)).flatten()
-
-            self._full = (self._data + mate(self._data).conj(), self._weight + mate(self._weight))
-        return self._full
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._mirrored()[1]
+        """Σ CTF² on the half grid (flattened, as ``shell_index``)."""
+        self.flush()
+        return self._weight
 
     def shell_index(self) -> torch.Tensor:
-        """Radius of each padded-grid voxel in units of the *unpadded* Fourier grid (rounded to shells)."""
+        """Radius of each half-grid voxel in units of the *unpadded* Fourier grid (rounded to shells)."""
         c = centered_coords(self.pad_box, self.device, torch.float64) / self.pad
-        r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+        x = torch.arange(self.half_x, device=self.device, dtype=torch.float64) / self.pad
+        r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + x[None, None, :] ** 2)
         return torch.round(r).long().flatten()
 
     def reconstruct(self, regularisation: torch.Tensor | float = 0.0, min_weight_fraction: float = 1e-3,
@@ -121,16 +142,24 @@ class BackProjector:
         """
         shells = self.shell_index()
         inside = shells <= self.box // 2
-        data, weight = self._mirrored()
+        weight = self.weight
         floor = min_weight_fraction * weight[inside].mean().clamp_min(1e-30)
         lam = torch.as_tensor(regularisation, dtype=torch.float64, device=self.device)
-        lam = lam[shells.clamp_max(len(lam) - 1)] if lam.ndim else lam
-        lam = torch.clamp(lam, min=floor)
-        ft = torch.where(inside, data / (weight + lam), torch.zeros_like(data))
-        vol = ifft3c(ft.reshape((self.pad_box,) * 3)).real
-        lo = self.pad_box // 2 - self.box // 2
-        vol = vol[lo:lo + self.box, lo:lo + self.box, lo:lo + self.box]
-        vol = vol / sinc2_grid(self.box, self.pad_box, self.device).double()
+        denom = lam[shells.clamp_max(len(lam) - 1)] if lam.ndim else torch.full_like(weight, float(lam))
+        del shells
+        denom = denom.clamp_(min=floor).add_(weight).to(torch.float32)
+        # single precision from here (the map is float32); temporaries stay a few bytes per voxel
+        ft = self._data.to(torch.complex64).div_(denom).masked_fill_(~inside, 0)
+        del denom, inside
+        P, n = self.pad_box, self.box
+        # the half grid is centred along kz, ky: its inverse transform is the map times (-1)^(z + y); the
+        # central box of the (fftshifted) map is at indices (i - n/2) mod P of the unshifted one
+        vol = torch.fft.irfftn(ft.reshape(self.shape), s=(P, P, P), dim=(0, 1, 2))
+        del ft
+        idx = (torch.arange(n, device=self.device) - n // 2) % P
+        vol = vol.index_select(0, idx).index_select(1, idx).index_select(2, idx)
+        sign = 1.0 - 2.0 * (idx % 2).to(torch.float32)
+        vol = vol * (sign[:, None, None] * sign[None, :, None]) / sinc2_grid(n, P, self.device)
         if soft_edge_px > 0:
-            vol = vol * sphere_mask(self.box, self.box / 2, soft_edge_px, self.device)
+            vol = vol * sphere_mask(n, n / 2, soft_edge_px, self.device)
         return vol.to(torch.float32)

@@ -142,6 +142,25 @@ def open_stack(path: str | os.PathLike) -> np.memmap:
     return _memmap(info)
 
 
+def read_stack_images(stack: np.memmap, index: np.ndarray) -> np.ndarray:
+    """float32 copies of images ``index`` (0-based, sorted, unique) of a stack from :func:`open_stack`.
+
+    Only the window of the file between the first and last image is mapped, and it is unmapped before
+    returning, so the pages read do not stay in the process's resident memory (the whole-file map of
+    ``stack`` is never touched).
+    """
+    index = np.asarray(index, dtype=np.int64)
+    if not len(index):
+        return np.empty((0,) + stack.shape[1:], dtype=np.float32)
+    lo, hi = int(index[0]), int(index[-1]) + 1
+    image_bytes = stack.dtype.itemsize * int(np.prod(stack.shape[1:]))
+    window = np.memmap(stack.filename, dtype=stack.dtype, mode="r", offset=stack.offset + lo * image_bytes,
+                       shape=(hi - lo,) + stack.shape[1:])
+    out = np.asarray(window[index - lo], dtype=np.float32)
+    del window
+    return out
+
+
 
 def stack_apix(path: str | os.PathLike) -> float:
     """Pixel size in Å from the header of a stack (0.0 when the header has none)."""

@@ -18,7 +18,7 @@ import pandas as pd
 from cryohet.errors import InputError
 from cryohet.geometry.ctf import CTFParams
 from cryohet.io.cryosparc import read_cs
-from cryohet.io.mrc import open_stack, read_header
+from cryohet.io.mrc import open_stack, read_header, read_stack_images
 from cryohet.io.star import merge_optics, read_particle_blocks, write_star
 
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -92,7 +92,7 @@ class ParticleSet:
                 raise InputError(self.stack_paths[sid], f"image {bad + 1} is past the end of the stack, which "
                                                         f"holds {stack.shape[0]} images")
             uniq, inverse = np.unique(want, return_inverse=True)
-            block = np.asarray(stack[uniq], dtype=np.float32)
+            block = read_stack_images(stack, uniq)
             out[sel] = block[inverse]
         finite = np.isfinite(out).reshape(len(pos), -1).all(axis=1)
         if not finite.all():

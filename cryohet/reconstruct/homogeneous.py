@@ -51,6 +51,7 @@ def backproject_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], pset, 
         ctf = ctf_2d(pset.ctf.take(idx), box, apix, device=device, dtype=torch.float64)
         A = torch.as_tensor(euler_to_matrix(pset.euler_deg[idx]), device=device)
         bp.insert(F, ctf, A)
+    bp.flush()
     return bp
 
 
