@@ -258,6 +258,16 @@ def test_principal_volumes_select_then_relion(project, imported):
     subset = chosen[0]
     assert 0 < subset.getSize() < parts.getSize() and subset.hasAlignmentProj() and subset.hasCTF()
 
+    # Scipion's own set tools take the flexible particles: the subset of the SetOfParticlesFlex keeps zFlex
+    from pwem.protocols import ProtSubSet
+
+    sub = project.newProtocol(ProtSubSet, inputFullSet=flex, inputSubSet=subset)
+    sub = _launch(project, sub)
+    sub_flex = next(getattr(sub, name) for name, _ in sub.iterOutputAttributes())
+    assert type(sub_flex).__name__ == "SetOfParticlesFlex" and sub_flex.getSize() == subset.getSize()
+    for item in sub_flex.iterItems():
+        assert np.allclose(item.getZFlex(), z[ids.index(item.getObjId())], atol=1e-5)
+
     ProtRelionReconstruct = Domain.importFromPlugin("relion.protocols", "ProtRelionReconstruct", doRaise=True)
     rec = _launch(project, project.newProtocol(ProtRelionReconstruct, inputParticles=subset, numberOfMpi=1,
                                                doCTF=True))
