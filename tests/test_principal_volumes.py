@@ -162,7 +162,9 @@ def test_run_record_and_model(hinge, tmp_path):
     run_method(METHOD, {"particles": str(out.particles_star), "n_components": 2, "resolution_A": 15.0,
                         "max_iter": 3, "movie_frames": 3, "mask": str(mask), "resume": True}, run_dir)
     assert "resuming from" in (run_dir / "run.log").read_text()
-    assert "3 EM iterations" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "3 EM iterations" in report
+    assert '--method_params "n_components=2 resolution_A=15"' in report  # how to check the components
 
 
 def test_linear_model_file(tmp_path):

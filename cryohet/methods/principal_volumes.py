@@ -163,6 +163,10 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     for k in range(K):
         lines.append(f"| {k + 1} | {res.eigenvalues[k]:.4g} | {res.eigenvalues[k] / total:.3f} | "
                      f"{res.latents[:, k].std():.4g} | {res.latent_std[:, k].mean():.4g} |")
+    lines += ["", "Every run returns K components, a homogeneous set too (they then fit noise). Whether they are real: "
+              "`cryohet validate-halfsets --method principal-volumes --particles <the same particles> "
+              f"--method_params \"n_components={K} resolution_A={params['resolution_A']:g}\"` "
+              "(flagged when the halves disagree)."]
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     ctx.add("report", "report.md", "principal volumes: eigenvalues and settings")
