@@ -477,7 +477,8 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         history = []
     prev_basis = _orthonormal(vols[1:].reshape(K, -1))
     converged = bool(history) and history[-1]["iteration"] > warmup_iter and history[-1]["subspace_change_sine"] < tol
-    for it in range(len(history) + 1, 0 if converged else max_iter + 1):
+    last = len(history) if converged else max_iter  # a resumed fit that had converged does no more iterations
+    for it in range(len(history) + 1, last + 1):
         ti = time.time()
         acc, new_noise, z_it, cov_it = run_pass(vols, noise, True, True, f"principal volumes: EM {it}/{max_iter}")
         vols = m_step(acc, it > warmup_iter)

@@ -233,8 +233,10 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
                     self.warning(f"{star['abspath']}: no particle id column; not registered")
                     continue
                 classes = convert.column(star["abspath"], "rlnClassNumber")
-                class_z = (zmap, latents[0]) if zmap is not None else self._upstreamLatents(ids_in)
-                if classes is not None and class_z[0] is not None and len(set(classes)) > 1:
+                class_z = (None, None)
+                if classes is not None and len(set(classes)) > 1:
+                    class_z = (zmap, latents[0]) if zmap is not None else self._upstreamLatents(ids_in)
+                if class_z[0] is not None:
                     defined[f"outputClasses{i + 1 if i else ''}"] = self._classes(
                         parts_in, *class_z, ids, classes, outs.get("volume_series", []))
                 elif set(ids) != set(ids_in):
