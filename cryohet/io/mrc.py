@@ -161,7 +161,6 @@ def read_stack_images(stack: np.memmap, index: np.ndarray) -> np.ndarray:
     return out
 
 
-
 def stack_apix(path: str | os.PathLike) -> float:
     """Pixel size in Å from the header of a stack (0.0 when the header has none)."""
     return read_header(path).voxel_A[0]

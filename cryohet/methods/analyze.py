@@ -47,7 +47,7 @@ def _series(ctx: Any, model: Any, z: np.ndarray, name: str, label: str, batch: i
     return series
 
 
-def _write_classes(ctx: Any, run_dir: Path, labels: np.ndarray, name: str) -> None:
+def _write_classes(ctx: Any, run_dir: Path, labels: np.ndarray, k: int, name: str) -> None:
     """The run's particles STAR with ``rlnClassNumber`` = k-means cluster + 1, in ``<out>/<name>/``."""
     from cryohet.io.particles import load_particles, write_particles_star
 
@@ -59,7 +59,6 @@ def _write_classes(ctx: Any, run_dir: Path, labels: np.ndarray, name: str) -> No
     pset = load_particles(star, require_poses=False)
     if len(pset) != len(labels):
         raise InputError(star, f"{len(pset)} particles but the latents have {len(labels)} rows")
-    k = int(labels.max()) + 1
     write_particles_star(ctx.out_dir / name / "particles.star", pset, extra_columns={"rlnClassNumber": labels + 1})
     ctx.add("particles_star", f"{name}/particles.star", f"particles with their k-means cluster as "
             f"rlnClassNumber (1..{k})", content="classes", k=k)
@@ -139,7 +138,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         ctx.log.info("k-means (K=%d): cluster sizes %s", k, " ".join(map(str, sizes)))
         ctx.add("latents", f"{name}/labels.npy", f"k-means labels (K={k})", content="kmeans_labels", k=k,
                 center_indices=km.center_indices.tolist(), sizes=sizes.tolist(), **src)
-        _write_classes(ctx, run_dir, km.labels, name)
+        _write_classes(ctx, run_dir, km.labels, k, name)
         cxy = pcs.transform(km.centers)[:, :2]
         ctx.add("plot", plots.scatter_plot(xy, folder / "pca.png", labels=km.labels, centers=cxy,
                                            xlabel=pc_lab[0], ylabel=ylab, title=f"k-means (K={k}) on PCA"),
