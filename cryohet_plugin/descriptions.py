@@ -21,7 +21,7 @@ from typing import Any
 
 from cryohet import __version__
 from cryohet.methods import METHOD_MODULES
-from cryohet.methods.base import Method, Param
+from cryohet.methods.base import Method, Param, pick_method
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,4 @@ def load_descriptions(use_cache: bool = True) -> dict[str, Method]:
 
 
 def get_description(name: str) -> Method:
-    methods = load_descriptions()
-    if name not in methods:
-        raise KeyError(f"unknown cryohet method {name!r}; known: {', '.join(methods)}")
-    return methods[name]
+    return pick_method(load_descriptions(), name)

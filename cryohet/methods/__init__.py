@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from cryohet.methods.base import Method
+from cryohet.methods.base import Method, pick_method
 
 #: Module names under cryohet.methods, in the order they appear in ``cryohet --help``.
 METHOD_MODULES = (
@@ -21,7 +21,4 @@ def all_methods() -> dict[str, Method]:
 
 
 def get_method(name: str) -> Method:
-    methods = all_methods()
-    if name not in methods:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(methods)}")
-    return methods[name]
+    return pick_method(all_methods(), name)

@@ -121,3 +121,10 @@ class Method:
         if unknown:
             raise ValueError(f"unknown parameter(s) for {self.name}: {', '.join(sorted(unknown))}")
         return out
+
+
+def pick_method(methods: dict[str, Method], name: str) -> Method:
+    """``methods[name]``; KeyError listing the known names when there is none."""
+    if name not in methods:
+        raise KeyError(f"unknown method {name!r}; the cryohet methods are: {', '.join(methods)}")
+    return methods[name]
