@@ -12,16 +12,17 @@ setup(
     packages=find_packages(include=["cryohet", "cryohet.*", "cryohet_plugin", "cryohet_plugin.*"]),
     package_data={"cryohet": ["data/*.pdb", "data/*.cif"]},
     scripts=["bin/cryohet_external"],
+    # The engine's dependencies, unpinned: it runs on the newest releases (numpy 2.x) as well as on the older
+    # set Scipion pins. The Makefile builds one environment of each kind and tests in both (README, Set-up).
     install_requires=[
-        # Versions that install together with scipion-pyworkflow/scipion-em (see shared/docs/HOSTS.md).
-        "numpy==1.26.1",
-        "scipy<=1.10.0",
-        "matplotlib==3.8.1",
-        "torch==2.13.0",
-        "mrcfile<=1.4.3",
+        "numpy>=1.26.1",
+        "scipy>=1.10",
+        "matplotlib>=3.8",
+        "torch",
+        "mrcfile>=1.4",
         "starfile",
         "emtable",
-        "pyarrow<26",
+        "pyarrow",
         "gemmi",
         "scikit-learn",
         "umap-learn",
@@ -29,7 +30,19 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "scipion": ["scipion-pyworkflow", "scipion-em", "scipion-em-relion"],
+        # Scipion and the versions of the engine's dependencies that install together with it (see
+        # shared/docs/HOSTS.md): scipion-pyworkflow pins numpy, matplotlib and scipy, scipion-em caps mrcfile,
+        # and pyarrow 26 needs numpy 2. Install as  pip install -e ".[scipion]"  into Scipion's environment.
+        "scipion": [
+            "scipion-pyworkflow",
+            "scipion-em",
+            "scipion-em-relion",
+            "numpy==1.26.1",
+            "scipy<=1.10.0",
+            "matplotlib==3.8.1",
+            "mrcfile<=1.4.3",
+            "pyarrow<26",
+        ],
         "test": ["pytest", "ruff"],
     },
     entry_points={

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from cryohet import __version__
-from cryohet.errors import InputError
+from cryohet.errors import InputError, RunAborted
 from cryohet.methods import all_methods
 from cryohet.methods.base import Method, Param
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cryohet.runner import RunAborted, run_method
+    from cryohet.runner import run_method
 
     parser = build_parser()
     args = parser.parse_args(argv)

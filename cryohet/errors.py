@@ -11,3 +11,7 @@ class InputError(Exception):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class RunAborted(Exception):
+    """The user asked the run to stop (RELION's abort file, see ``cryohet.runner.ABORT_ENV``)."""

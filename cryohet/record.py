@@ -14,9 +14,24 @@ from typing import Any
 from cryohet import __version__
 from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
-from cryohet.methods.base import OUTPUT_KINDS
 
 RECORD_NAME = "cryohet_run.json"
+
+#: Output kinds a run record may hold; both hosts map them onto their own types.
+OUTPUT_KINDS = (
+    "volume",          # one map (MRC)
+    "half_map",        # one of two half-set maps (MRC)
+    "volume_series",   # several maps along a motion or at cluster centres (MRC each)
+    "mask",            # a 3-D mask (MRC)
+    "particles_star",  # RELION 3.1 particles STAR pointing at the original images
+    "latents",         # per-particle latent coordinates (.npy, rows in STAR order)
+    "fsc",             # FSC curve (.star / .json)
+    "plot",            # PNG figure
+    "model",           # trained weights / model files
+    "chimerax",        # a ChimeraX script (.cxc)
+    "report",          # Markdown report
+    "ground_truth",    # simulator ground truth (.npz)
+)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cryohet import __version__
 from cryohet.atomic import atomic_path
-from cryohet.errors import InputError
+from cryohet.errors import InputError, RunAborted
 from cryohet.methods import all_methods, get_method
 from cryohet.methods.base import INPUT_ROLES, Method, Param
 from cryohet.record import RunRecord
@@ -281,7 +281,7 @@ def run_job(args: JobArgs) -> int:
     for name in (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED):
         (job_dir / name).unlink(missing_ok=True)
 
-    from cryohet.runner import ABORT_ENV, RunAborted, run_method
+    from cryohet.runner import ABORT_ENV, run_method
 
     previous_abort = os.environ.get(ABORT_ENV)
     os.environ[ABORT_ENV] = str((job_dir / ABORT_NOW).resolve())

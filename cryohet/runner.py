@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from cryohet.device import pick_device
+from cryohet.errors import RunAborted
 from cryohet.methods.base import Method
 from cryohet.record import RunRecord
 
@@ -23,10 +24,6 @@ T = TypeVar("T")
 
 #: When this variable names a file and the file appears, long loops stop (RELION's abort).
 ABORT_ENV = "CRYOHET_ABORT_FILE"
-
-
-class RunAborted(Exception):
-    """The user asked the run to stop."""
 
 
 @dataclass

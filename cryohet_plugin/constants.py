@@ -19,3 +19,7 @@ INPUT_PARTICLES = "input_particles.star"
 
 #: Method parameters the protocol fills itself (from its GPU and thread settings).
 HOST_FILLED = ("device", "threads")
+
+#: Scipion class each input role points at ("run": the output folder of an earlier cryohet protocol).
+POINTER_CLASSES = {"particles": "SetOfParticles", "volume": "Volume", "mask": "VolumeMask",
+                   "run": "ProtCryohetBase"}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cryohet import __version__
-from cryohet.methods import METHOD_MODULES
+from cryohet.methods import method_modules, method_of, sort_methods
 from cryohet.methods.base import Method, Param, pick_method
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def _source_key() -> str:
                 st = os.stat(os.path.join(dirpath, name))
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
                 h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns};".encode())
-    h.update(",".join(METHOD_MODULES).encode())
+    h.update(",".join(method_modules()).encode())
     return h.hexdigest()[:20]
 
 
@@ -64,7 +64,7 @@ def _to_json(m: Method) -> dict[str, Any]:
         d["choices"] = list(p.choices) if p.choices is not None else None
         params.append(d)
     return {"name": m.name, "title": m.title, "help": m.help, "params": params, "outputs": list(m.outputs),
-            "citations": list(m.citations)}
+            "citations": list(m.citations), "order": m.order}
 
 
 def _from_json(d: dict[str, Any]) -> Method:
@@ -75,7 +75,8 @@ def _from_json(d: dict[str, Any]) -> Method:
         p["choices"] = tuple(p["choices"]) if p["choices"] is not None else None
         params.append(Param(**p))
     return Method(name=d["name"], title=d["title"], help=d["help"], params=tuple(params),
-                  outputs=tuple(d["outputs"]), run=_not_here, citations=tuple(d["citations"]))
+                  outputs=tuple(d["outputs"]), run=_not_here, citations=tuple(d["citations"]),
+                  order=d.get("order", Method.order))
 
 
 def _not_here(*_args: Any) -> None:
@@ -83,15 +84,16 @@ def _not_here(*_args: Any) -> None:
 
 
 def _import_all() -> dict[str, Method]:
-    methods = {}
-    for mod in METHOD_MODULES:
+    methods = []
+    for mod in method_modules():
         try:
-            m = importlib.import_module(f"cryohet.methods.{mod}").METHOD
+            m = method_of(mod)
         except Exception as exc:  # one broken method must not hide the others from Scipion
             logger.warning("cryohet: method module %s does not load (%s); no protocol for it", mod, exc)
             continue
-        methods[m.name] = m
-    return methods
+        if m is not None:
+            methods.append(m)
+    return sort_methods(methods)
 
 
 def load_descriptions(use_cache: bool = True) -> dict[str, Method]:

@@ -43,3 +43,16 @@ except ImportError:  # Scipion is not installed: the Scipion tests will say so t
     HostConfig = None
 if HostConfig is not None:
     HostConfig.writeBasic(str(_SCIPION_TMP / "home" / "config" / "hosts.conf"))
+
+
+def pytest_report_header(config):
+    """The versions under test: make test runs the suite in the Scipion-pinned and in the newest environment."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("numpy", "torch", "scipy", "matplotlib", "pandas", "starfile", "mrcfile", "scipion-pyworkflow"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} absent")
+    return "cryohet environment: " + ", ".join(found)

@@ -29,3 +29,31 @@ def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in METHODS)
+
+
+def test_methods_are_discovered_and_listed_in_order(tmp_path, monkeypatch, capsys) -> None:
+    """Every module of cryohet.methods with a METHOD is a command, in ``Method.order``; a new module is found
+    without editing any list (here a module added to the package's path)."""
+    import sys
+
+    import cryohet.methods as pkg
+    from cryohet.methods import method_modules
+
+    assert list(METHODS)[:11] == ["simulate", "reconstruct", "principal-volumes", "train-vae", "analyze",
+                                  "eval-volume", "select", "benchmark-make", "benchmark-score",
+                                  "validate-halfsets", "consensus"]
+    assert "base" not in method_modules() and len(method_modules()) == len(METHODS)
+    (tmp_path / "zz_toy.py").write_text(
+        "from cryohet.methods.base import Method\n"
+        "METHOD = Method(name='toy', title='Toy', help='a test method', params=(), outputs=(), run=print, order=15)\n")
+    (tmp_path / "zz_helper.py").write_text("X = 1\n")  # no METHOD: not a command
+    monkeypatch.setattr(pkg, "__path__", [*pkg.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "cryohet.methods.zz_toy", raising=False)
+    names = list(pkg.all_methods())
+    assert names[:3] == ["simulate", "toy", "reconstruct"] and len(names) == len(METHODS) + 1
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.index("simulate") < out.index("toy") < out.index("reconstruct")
+    sys.modules.pop("cryohet.methods.zz_toy", None)
+    sys.modules.pop("cryohet.methods.zz_helper", None)

@@ -63,3 +63,23 @@ def test_projection_and_ctf_match_relion_project(tmp_path):
     # the STAR that relion_project wrote keeps our poses
     written = read_star(tmp_path / "proj.star")["particles"]
     assert np.allclose(written["rlnAngleTilt"], parts["rlnAngleTilt"], atol=1e-3)
+
+
+def test_the_half_plane_and_its_mates_cover_the_resolution_circle_once() -> None:
+    from cryohet.geometry.lattice import Lattice, crop_transforms
+
+    lat = Lattice(16, 2.0)
+    for dc in (False, True):
+        pts = lat.half_plane(dc=dc)
+        k = (pts.kxy * 16).round().long()
+        full = {tuple(v) for v in k.tolist()} | {tuple(v) for v in (-k).tolist()}
+        c = torch.arange(16) - 8
+        ky, kx = torch.meshgrid(c, c, indexing="ij")
+        inside = {(int(x), int(y)) for x, y in zip(kx.flatten(), ky.flatten()) if x * x + y * y < 64}
+        assert full == (inside if dc else inside - {(0, 0)})
+        assert len(full) == 2 * len(pts) - int(dc)        # no pixel is its own mate but the zero frequency
+        assert float(pts.weight.sum()) == len(full)
+    # cropping scales by (n/N)^3: a map's voxel values stay when its projections are cropped
+    F = torch.ones((1, 16, 16), dtype=torch.complex64)
+    assert torch.allclose(crop_transforms(F, 8), torch.full((1, 8, 8), 1 / 8, dtype=torch.complex64))
+    assert lat.cropped(8).apix == 4.0

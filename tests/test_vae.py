@@ -19,12 +19,13 @@ import torch
 
 from cryohet.errors import InputError
 from cryohet.geometry.euler import euler_to_matrix, random_euler
+from cryohet.geometry.lattice import Lattice
 from cryohet.geometry.project import Projector
-from cryohet.inference.vae import CHECKPOINT_NAME, TrainingDiverged, load_checkpoint
+from cryohet.inference.trainer import CHECKPOINT_NAME, TrainingDiverged, load_checkpoint
 from cryohet.methods.simulate import METHOD as SIMULATE
 from cryohet.methods.train_vae import METHOD as TRAIN_VAE
 from cryohet.models.base import load_volume_model
-from cryohet.models.neural import HetVAE, VAEConfig, decode_volumes, load_model, save_model
+from cryohet.models.neural import NeuralVolume, VolumeConfig, load_volume, read_model, save_model
 from cryohet.runner import run_method
 from cryohet.validation.metrics import spearman_pc1
 
@@ -50,7 +51,8 @@ def trained(hinge: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_model(path).state_dict()
+    """Every tensor of a model file (the volume's and the inference's)."""
+    return read_model(path)[2]
 
 
 def test_vae_learns_the_conformation_and_writes_its_outputs(hinge: Path, trained: Path) -> None:
@@ -81,20 +83,22 @@ def test_vae_learns_the_conformation_and_writes_its_outputs(hinge: Path, trained
 @pytest.mark.parametrize("domain,pe_type", [("fourier", "gaussian"), ("hartley", "geom")])
 def test_decoder_slices_are_the_projections_of_its_volumes(tmp_path: Path, domain: str, pe_type: str) -> None:
     """Conventions: the model's image of pose A is the Fourier slice Aᵀ(kx, ky, 0) of the map it returns."""
-    model = HetVAE(VAEConfig(box=32, apix=4.0, dec_dim=32, enc_dim=32, seed=5, data_scale=3.0, domain=domain,
-                             pe_type=pe_type)).eval()
-    path = save_model(tmp_path / "m.safetensors", model)
-    again = load_model(path)
+    model = NeuralVolume(VolumeConfig(box=32, apix=4.0, dec_dim=32, seed=5, data_scale=3.0, domain=domain,
+                                      pe_type=pe_type)).eval()
+    path = save_model(tmp_path / "m.safetensors", model, {"kind": "none"},
+                      {f"decoder.{k}": v for k, v in model.state_dict().items()})
+    again = load_volume(path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
     z = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
-    vol = decode_volumes(model, z.numpy())[0]
+    vol = model.volumes(z.numpy())[0]
     A = torch.as_tensor(euler_to_matrix(random_euler(4, np.random.default_rng(1))), dtype=torch.float32)
+    points = Lattice(32, 4.0).half_plane()
     with torch.no_grad():
-        pred = model.decode_slices(A, z.expand(4, 8)) * 3.0
+        pred = model.slices(A, z.expand(4, 8), points.kxy) * 3.0
     pred = torch.complex(pred[..., 0], pred[..., 1])
-    ref = Projector(torch.from_numpy(vol)).slice(A).reshape(4, -1)[:, model.pix]
-    low = model.kxy.norm(dim=1) < 0.3
+    ref = points.take(Projector(torch.from_numpy(vol)).slice(A))
+    low = points.kxy.norm(dim=1) < 0.3
     for b in range(4):
         a, r = pred[b, low], ref[b, low]
         corr = (a * r.conj()).sum().real / (a.abs().norm() * r.abs().norm())
@@ -102,7 +106,7 @@ def test_decoder_slices_are_the_projections_of_its_volumes(tmp_path: Path, domai
     if pe_type != "gaussian":
         return  # the geometric encoding's random maps are too smooth for the next check to tell poses apart
     # the transposed pose is a different slice: the check can fail
-    wrong = Projector(torch.from_numpy(vol)).slice(A.transpose(1, 2)).reshape(4, -1)[:, model.pix]
+    wrong = points.take(Projector(torch.from_numpy(vol)).slice(A.transpose(1, 2)))
     a, r = pred[0, low], wrong[0, low]
     assert (a * r.conj()).sum().real / (a.abs().norm() * r.abs().norm()) < 0.8
 
@@ -177,7 +181,7 @@ def test_nan_pixels_are_refused_by_name(hinge: Path, tmp_path: Path) -> None:
             m.set_data(data)
     tables = starfile.read(hinge / "particles.star", always_dict=True)
     starfile.write(tables, tmp_path / "particles.star")
-    with pytest.raises(InputError, match="particle 7 .*NaN"):
+    with pytest.raises(InputError, match=r"particle 7\) holds NaN"):
         run_method(TRAIN_VAE, dict(particles=str(tmp_path / "particles.star"), epochs=1, **TINY), tmp_path / "o")
 
 
@@ -196,7 +200,7 @@ def test_a_model_of_another_box_is_refused(hinge: Path, trained: Path, tmp_path:
 
 def test_two_ddp_ranks_give_the_one_rank_result(hinge: Path, tmp_path: Path) -> None:
     star = hinge / "particles.star"
-    common = dict(epochs=2, amp="no")
+    common = dict(epochs=2, amp="no", device="cpu")   # gloo ranks on the CPU, also where GPUs are visible
     one, two = tmp_path / "one", tmp_path / "two"
     run_method(TRAIN_VAE, dict(particles=str(star), **TINY, **common), one)
     script = tmp_path / "ddp.py"
@@ -225,9 +229,37 @@ def test_two_ddp_ranks_give_the_one_rank_result(hinge: Path, tmp_path: Path) -> 
 def test_hartley_domain_with_cropping_and_a_resolution_limit(hinge: Path, tmp_path: Path) -> None:
     run_method(TRAIN_VAE, dict(particles=str(hinge / "particles.star"), epochs=1, domain="hartley", pe_type="geom",
                                crop_box=24, res_limit_A=12.0, zdim=2, **TINY), tmp_path)
-    model = load_model(tmp_path / "model.safetensors")
+    model = load_volume(tmp_path / "model.safetensors")
     assert (model.cfg.box, model.cfg.apix, model.cfg.domain) == (24, pytest.approx(4.0 * 32 / 24), "hartley")
     assert model.cfg.max_freq == pytest.approx(model.cfg.apix / 12.0)
     assert np.load(tmp_path / "z.npy").shape == (1000, 2)
     vol = load_volume_model(tmp_path).volumes(np.zeros((1, 2)))
     assert vol.shape == (1, 24, 24, 24) and np.isfinite(vol).all()
+
+
+def test_the_autodecoder_trains_the_same_decoder_through_the_same_trainer(hinge: Path, tmp_path: Path) -> None:
+    """A second inference strategy: a free q(z) per particle, no encoder; it learns the hinge and resumes exactly."""
+    star = str(hinge / "particles.star")
+    common = dict(particles=star, inference="autodecoder", **{**TINY, "enc_dim": 128, "dec_dim": 128})
+    full = tmp_path / "full"
+    run_method(TRAIN_VAE, dict(epochs=5, **common), full)
+    tensors = _weights(full / "model.safetensors")
+    assert {k.split(".")[0] for k in tensors} == {"decoder", "table"}   # no encoder
+    assert tensors["table.mu"].shape == (1000, 8)
+    z = np.load(full / "z.npy")
+    np.testing.assert_array_equal(z, tensors["table.mu"].numpy())
+    rho = spearman_pc1(z, np.load(hinge / "ground_truth.npz")["tau"])
+    print(f"auto-decoder: |Spearman| of the latent's first PC with the true hinge angle: {rho:.3f}")
+    assert rho > 0.35, rho
+    vols = load_volume_model(full).volumes(z[:2])      # the same VolumeModel as the VAE's
+    assert vols.shape == (2, 32, 32, 32) and np.isfinite(vols).all()
+    # 2 + 3 epochs with a resume end exactly as 5 epochs
+    part = tmp_path / "part"
+    run_method(TRAIN_VAE, dict(epochs=2, **common), part)
+    run_method(TRAIN_VAE, dict(epochs=5, resume=True, **common), part)
+    a, b = _weights(full / "model.safetensors"), _weights(part / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(InputError, match="inference differs"):
+        run_method(TRAIN_VAE, dict(particles=star, epochs=6, resume=True, **{**TINY, "enc_dim": 128, "dec_dim": 128}),
+                   part)

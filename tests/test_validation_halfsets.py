@@ -11,14 +11,9 @@ import pytest
 
 from cryohet.io.star import read_particle_blocks
 from cryohet.methods.base import Method, Param
+from cryohet.methods.validate_halfsets import validate_halfsets
 from cryohet.validation.datasets import load_dataset, make_dataset
-from cryohet.validation.halfsets import (
-    halfsets_markdown,
-    parse_method_params,
-    plot_halfsets,
-    split_indices,
-    validate_halfsets,
-)
+from cryohet.validation.halfsets import halfsets_markdown, parse_method_params, plot_halfsets, split_indices
 from cryohet.validation.sources import MAPS_MODEL_TYPE, MapsModel
 
 os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")

@@ -43,16 +43,23 @@ def radius_grid(box: int, ndim: int, device=None) -> torch.Tensor:
     return torch.sqrt(sum(g**2 for g in grids))
 
 
+def central_crop(F: torch.Tensor, new_box: int, ndim: int) -> torch.Tensor:
+    """The central ``new_box`` (even, at most the box) of the last ``ndim`` axes of centred transforms."""
+    n_old = F.shape[-1]
+    if new_box == n_old:
+        return F
+    if new_box > n_old or new_box % 2:
+        raise ValueError(f"Fourier cropping needs an even box no larger than {n_old} px, got {new_box}")
+    lo = n_old // 2 - new_box // 2
+    return F[(Ellipsis,) + (slice(lo, lo + new_box),) * ndim]
+
+
 def _fourier_crop(x: torch.Tensor, new_box: int, ndim: int) -> torch.Tensor:
     n_old = x.shape[-1]
     if new_box == n_old:
         return x
-    if new_box > n_old or new_box % 2:
-        raise ValueError(f"Fourier cropping needs an even new box no larger than {n_old}, got {new_box}")
-    lo = n_old // 2 - new_box // 2
-    crop = (Ellipsis,) + (slice(lo, lo + new_box),) * ndim
     fwd, inv = (fft2c, ifft2c) if ndim == 2 else (fft3c, ifft3c)
-    return inv(fwd(x)[crop]).real * (new_box / n_old) ** ndim
+    return inv(central_crop(fwd(x), new_box, ndim)).real * (new_box / n_old) ** ndim
 
 
 def fourier_crop_2d(images: torch.Tensor, new_box: int) -> torch.Tensor:

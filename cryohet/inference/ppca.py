@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from cryohet.data.loader import BatchStream
+from cryohet.data.prepare import ImageBatch, ImagePreparer
 from cryohet.errors import InputError
-from cryohet.geometry.ctf import ctf_2d
-from cryohet.geometry.euler import euler_to_matrix
-from cryohet.geometry.fourier import centered_coords, fft2c, fft3c, fourier_crop_3d, ifft3c
+from cryohet.geometry.fourier import centered_coords, fft3c, fourier_crop_3d, ifft3c
+from cryohet.geometry.lattice import Lattice, box_for_resolution
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import Projector, sinc2_grid, slice_coords
-from cryohet.geometry.shift import undo_origin
 from cryohet.inference.ppca_state import EMState, load_state, mask_digest, save_state
 
 #: Fewest particles the estimator accepts, and particles needed per unknown map (mean + K components).
@@ -66,14 +66,6 @@ class PrincipalVolumes:
     work_box: int                  # box the images were Fourier-cropped to
     resolution_A: float            # resolution limit used
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def work_box_for(box: int, apix: float, resolution_A: float) -> int:
-    """Smallest even box whose Nyquist frequency reaches ``1/resolution_A`` (at most ``box``)."""
-    if resolution_A <= 0:
-        return box
-    n = 2 * math.ceil(box * apix / resolution_A) + 2
-    return int(min(box, max(n, 8)))
 
 
 def check_inputs(n_particles: int, box: int, apix: float, n_components: int, resolution_A: float,
@@ -122,65 +114,40 @@ def band_limit(maps: np.ndarray, apix: float, resolution_A: float) -> np.ndarray
 
 
 class _ImageSource:
-    """Centred, Fourier-cropped, origin-undone transforms of the particle images at pixels inside the limit."""
+    """Prepared particles on the half-plane inside the resolution circle (``data.prepare``), cached in memory
+    after the first pass when they fit in ``cache_mb``. Sums over the plane are weighted sums over the half."""
 
-    def __init__(self, particles: Any, n: int, radius_px: float, batch_size: int, device: torch.device,
+    def __init__(self, particles: Any, lattice: Lattice, radius_px: float, batch_size: int, device: torch.device,
                  cache_mb: float):
-        self.p = particles
-        self.N, self.n = int(particles.box), n
-        self.apix_n = float(particles.apix) * self.N / n
-        self.batch_size = batch_size
-        self.device = device
-        r = centered_coords(n, device)
-        rr = torch.sqrt(r[:, None] ** 2 + r[None, :] ** 2)
-        self.sel = (rr <= radius_px).flatten()             # pixels used (inside the resolution circle)
-        self.shell = torch.round(rr.flatten()[self.sel]).long()
+        self.points = lattice.half_plane(radius_px, dc=True, strict=False)
+        self.prep = ImagePreparer(particles, lattice, self.points, device=device)
+        self.reader = particles.reader()
+        self.shell = self.points.shell.to(device)
         self.n_shells = int(self.shell.max()) + 1
-        self.npix = int(self.sel.sum())
-        # Hermitian half of the used pixels (kx > 0, or kx = 0 and ky >= 0), DC at half weight
-        ky, kx = r[:, None].expand(n, n).flatten()[self.sel], r[None, :].expand(n, n).flatten()[self.sel]
-        self.half = torch.nonzero((kx > 0) | ((kx == 0) & (ky >= 0))).squeeze(1)
-        self.half_w = torch.where((kx[self.half] == 0) & (ky[self.half] == 0), 0.5, 1.0).to(torch.float32)
-        self.pix = torch.nonzero(self.sel).squeeze(1)
+        self.weight = self.points.weight.to(device)        # 2 per pixel (itself and its mate), 1 for DC
+        self.flat = self.points.flat.to(device)
+        self.npix = len(self.points)
         self.n_particles = len(particles.euler_deg)
-        self.A_all = torch.as_tensor(euler_to_matrix(np.asarray(particles.euler_deg, dtype=np.float64)),
-                                     dtype=torch.float32)
-        need_mb = self.n_particles * self.npix * 12 / 2**20
-        self._cache: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] | None = None
-        self._want_cache = need_mb <= cache_mb
+        rows = np.arange(self.n_particles)
+        self.rows = [rows[s:s + batch_size] for s in range(0, self.n_particles, batch_size)]
+        self._cache: list[ImageBatch] | None = None
+        self._want_cache = self.n_particles * self.npix * 12 / 2**20 <= cache_mb
 
-    def _prepare(self, idx: np.ndarray, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        N, n = self.N, self.n
-        img = torch.as_tensor(np.asarray(images, dtype=np.float32), device=self.device)
-        F = fft2c(img)
-        lo = N // 2 - n // 2
-        F = F[:, lo:lo + n, lo:lo + n] * (n / N) ** 3   # transform of the value-preserving downsampled map
-        origin_px = torch.as_tensor(np.asarray(self.p.shift_A, dtype=np.float64)[idx] / self.apix_n,
-                                    device=self.device)
-        F = undo_origin(F, origin_px)
-        ctf = ctf_2d(self.p.ctf.take(idx), n, self.apix_n, device=self.device)
-        B = len(idx)
-        return (F.reshape(B, -1)[:, self.sel].to(torch.complex64),
-                ctf.reshape(B, -1)[:, self.sel].to(torch.float32))
-
-    def batches(self) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (indices, y (B, npix) complex, ctf (B, npix), A (B, 3, 3))."""
+    def batches(self) -> Iterator[ImageBatch]:
+        """Prepared batches in particle order (the first pass reads and, if wanted, caches them)."""
         if self._cache is not None:
-            for idx, y, c in self._cache:
-                yield idx, y, c, self.A_all[idx].to(self.device)
+            yield from self._cache
             return
-        cache: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
-        for idx, images in self.p.iter_batches(self.batch_size):
-            idx = np.asarray(idx)
-            y, c = self._prepare(idx, images)
+        cache: list[ImageBatch] = []
+        for b in BatchStream(self.reader, self.rows, self.prep):
             if self._want_cache:
-                cache.append((idx, y, c))
-            yield idx, y, c, self.A_all[idx].to(self.device)
+                cache.append(b)
+            yield b
         if self._want_cache:
             self._cache = cache
 
     def n_batches(self) -> int:
-        return -(-self.n_particles // self.batch_size)
+        return len(self.rows)
 
 
 class _Accumulator:
@@ -336,13 +303,13 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     if pad not in (1, 2, 3):
         raise ValueError(f"--pad must be 1, 2 or 3, got {pad}")
     K, J = n_components, n_components + 1
-    n = work_box_for(N_box, apix, resolution_A)
-    apix_n = apix * N_box / n
+    lattice = Lattice(N_box, apix).cropped(box_for_resolution(N_box, apix, resolution_A))
+    n, apix_n = lattice.box, lattice.apix
     radius_px = n // 2 - 1 if resolution_A <= 0 else min(n // 2 - 1, n * apix_n / resolution_A)
     res_used = n * apix_n / radius_px
     log.info("principal volumes: %d particles, box %d -> working box %d (%.2f Å/px), limit %.2f Å, K=%d",
              n_part, N_box, n, apix_n, res_used, K)
-    src = _ImageSource(particles, n, radius_px, batch_size, device, cache_mb)
+    src = _ImageSource(particles, lattice, radius_px, batch_size, device, cache_mb)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     # mask for the components at the working box
@@ -368,24 +335,26 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         projs = [Projector(v, pad) for v in vols[:Jp]]
         res_sum = torch.zeros(src.n_shells, dtype=torch.float64, device=device)
         count = torch.zeros(src.n_shells, dtype=torch.float64, device=device)
-        ones = torch.ones(src.npix, dtype=torch.float64, device=device)
+        w = src.weight
+        ones = w.double()
         z_all = np.zeros((n_part, K), dtype=np.float64)
         cov_all = np.zeros((n_part, K, K), dtype=np.float64)
         omega = None if noise is None else (1.0 / noise[src.shell]).to(torch.float32)
-        for idx, y, c, A in progress(src.batches(), desc, src.n_batches()):
+        for batch in progress(src.batches(), desc, src.n_batches()):
+            idx, y, c, A = batch.rows, batch.images_ft, batch.ctf, batch.rotations
             B = len(idx)
-            S = torch.stack([p.slice(A).reshape(B, -1)[:, src.sel] for p in projs], 1)   # (B, Jp, p)
+            S = torch.stack([src.points.take(p.slice(A)) for p in projs], 1)   # (B, Jp, p)
             G = S * c[:, None, :]
             r = y - G[:, 0]
             if omega is None:
                 if with_w:
-                    var0 = shell_sum((r.abs() ** 2).sum(0)) / shell_sum(ones * B)
+                    var0 = shell_sum((r.abs() ** 2).sum(0) * w) / shell_sum(ones * B)
                     omega = (1.0 / var0.clamp_min(1e-30))[src.shell].to(torch.float32)
                 else:
                     omega = torch.ones(src.npix, dtype=torch.float32, device=device)
             if with_w:
                 Gw = G[:, 1:]
-                Gwo = Gw * omega
+                Gwo = Gw * (omega * w)
                 M = torch.einsum("bkp,blp->bkl", Gwo.conj(), Gw).real.double()
                 M = M + torch.eye(K, dtype=torch.float64, device=device)
                 h = torch.einsum("bkp,bp->bk", Gwo.conj(), r).real.double()
@@ -404,12 +373,11 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                 e2 = r.abs() ** 2
                 zt = torch.ones(B, 1, dtype=torch.float64, device=device)
                 Ezz = torch.ones(B, 1, 1, dtype=torch.float64, device=device)
-            res_sum += shell_sum(e2.sum(0))
+            res_sum += shell_sum(e2.sum(0) * w)
             count += shell_sum(ones * B)
             if acc is not None:
-                pos = slice_coords(A.to(torch.float32), n, pad).reshape(B, -1, 3)[:, src.pix[src.half]]
-                h = src.half
-                acc.insert(pos, src.half_w, y[:, h], c[:, h], omega[h], zt, Ezz)
+                pos = slice_coords(A, n, pad).reshape(B, -1, 3)[:, src.flat]
+                acc.insert(pos, 0.5 * w, y, c, omega, zt, Ezz)
         return acc, res_sum / count.clamp_min(1), z_all, cov_all
 
     def shell_mean(values: torch.Tensor, shell: torch.Tensor, n_sh: int) -> torch.Tensor:

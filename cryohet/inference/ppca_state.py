@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
+from cryohet.io.weights import read_weights, write_weights
 
 FORMAT = "cryohet-ppca-checkpoint-1"
 
@@ -34,20 +34,15 @@ def mask_digest(mask: torch.Tensor) -> str:
 
 
 def save_state(path: Path, state: EMState, settings: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"vols": state.vols.detach().cpu().contiguous(), "noise": state.noise.detach().cpu().contiguous()}
     meta = {"format": FORMAT, "iteration": str(state.iteration), "history": json.dumps(state.history),
             "settings": json.dumps(settings, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_weights(path, tensors, meta)
 
 
 def load_state(path: Path, settings: dict[str, Any]) -> EMState:
     """The state in ``path``; InputError when it is not a principal-volumes checkpoint or its settings differ."""
-    from cryohet.models.neural import read_model_file
-
-    tensors, meta = read_model_file(path)
+    tensors, meta = read_weights(path)
     if meta.get("format") != FORMAT or not {"vols", "noise"} <= tensors.keys():
         raise InputError(path, f"not a principal-volumes checkpoint (format {meta.get('format')!r})")
     saved = json.loads(meta["settings"])

@@ -95,7 +95,7 @@ def read_map(path: str | os.PathLike, allow_noncubic: bool = False) -> tuple[np.
     sec_row_col = [maps, mapr, mapc]
     if sec_row_col != [3, 2, 1]:
         data = np.transpose(data, [sec_row_col.index(3), sec_row_col.index(2), sec_row_col.index(1)])
-    vol = np.ascontiguousarray(data, dtype=np.float32)
+    vol = np.array(data, dtype=np.float32, order="C")  # a copy: writable, and the file is not kept mapped
     if not allow_noncubic and len(set(vol.shape)) != 1:
         nz, ny, nx = vol.shape
         raise InputError(path, f"map is not a cube: {nx} x {ny} x {nz} voxels (x, y, z); a cubic map is needed"
@@ -140,25 +140,6 @@ def open_stack(path: str | os.PathLike) -> np.memmap:
     if info.nx != info.ny:
         raise InputError(path, f"images are not square: {info.nx} x {info.ny} pixels (x, y)")
     return _memmap(info)
-
-
-def read_stack_images(stack: np.memmap, index: np.ndarray) -> np.ndarray:
-    """float32 copies of images ``index`` (0-based, sorted, unique) of a stack from :func:`open_stack`.
-
-    Only the window of the file between the first and last image is mapped, and it is unmapped before
-    returning, so the pages read do not stay in the process's resident memory (the whole-file map of
-    ``stack`` is never touched).
-    """
-    index = np.asarray(index, dtype=np.int64)
-    if not len(index):
-        return np.empty((0,) + stack.shape[1:], dtype=np.float32)
-    lo, hi = int(index[0]), int(index[-1]) + 1
-    image_bytes = stack.dtype.itemsize * int(np.prod(stack.shape[1:]))
-    window = np.memmap(stack.filename, dtype=stack.dtype, mode="r", offset=stack.offset + lo * image_bytes,
-                       shape=(hi - lo,) + stack.shape[1:])
-    out = np.asarray(window[index - lo], dtype=np.float32)
-    del window
-    return out
 
 
 def stack_apix(path: str | os.PathLike) -> float:

@@ -8,7 +8,6 @@ cryoSPARC project: it is looked for under ``datadir`` and beside the ``.cs`` fil
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import pandas as pd
 from cryohet.errors import InputError
 from cryohet.geometry.ctf import CTFParams
 from cryohet.io.cryosparc import read_cs
-from cryohet.io.mrc import open_stack, read_header, read_stack_images
+from cryohet.io.mrc import read_header
+from cryohet.io.reader import ImageReader
 from cryohet.io.star import merge_optics, read_particle_blocks, write_star
 
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -46,14 +46,14 @@ class ParticleSet:
     optics: pd.DataFrame | None
     source_format: str = "relion3.1"  # "relion3.0", "relion3.1" (3.1 and later) or "cryosparc"
     image_names: np.ndarray | None = None  # per stack: the path string as the source file wrote it
-    _stacks: dict[int, np.memmap] = field(default_factory=dict, repr=False)
+    _reader: ImageReader | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.stack_id)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_stacks"] = {}  # memmaps are re-opened lazily in the new process
+        state["_reader"] = None  # re-made lazily in the new process
         return state
 
     def _positions(self, idx) -> np.ndarray:
@@ -62,54 +62,23 @@ class ParticleSet:
         pos = np.arange(len(self))[idx]
         return np.atleast_1d(pos).astype(np.int64)
 
-    def _stack(self, sid: int) -> np.memmap:
-        m = self._stacks.get(sid)
-        if m is None:
-            path = self.stack_paths[sid]
-            m = open_stack(path)
-            if self.box and m.shape[1] != self.box:
-                raise InputError(path, f"images are {m.shape[1]} px but the particle set has box {self.box} px "
-                                       "(stacks of different box sizes)")
-            self._stacks[sid] = m
-        return m
+    def reader(self) -> ImageReader:
+        """The reader of this set's images (stack headers checked on first use)."""
+        if self._reader is None:
+            reader = ImageReader(self.stack_paths, self.stack_id, self.stack_index)
+            if self.box and reader.box != self.box:
+                raise InputError(self.stack_paths[0], f"images are {reader.box} px but the particle set has box "
+                                                      f"{self.box} px")
+            self.box = reader.box
+            self._reader = reader
+        return self._reader
 
     def images(self, idx) -> np.ndarray:
         """float32 images ``(B, box, box)`` of particles ``idx`` (indices, mask or slice), read from the stacks.
 
         Raises ``InputError`` naming the stack and image when an image is missing or holds NaN / inf.
         """
-        pos = self._positions(idx)
-        sids = self.stack_id[pos]
-        if not self.box and len(pos):
-            self.box = int(self._stack(int(sids[0])).shape[1])
-        out = np.empty((len(pos), self.box, self.box), dtype=np.float32)
-        for sid in np.unique(sids):
-            sel = np.flatnonzero(sids == sid)
-            stack = self._stack(int(sid))
-            want = self.stack_index[pos[sel]]
-            if want.max(initial=0) >= stack.shape[0] or want.min(initial=0) < 0:
-                bad = int(want[(want >= stack.shape[0]) | (want < 0)][0])
-                raise InputError(self.stack_paths[sid], f"image {bad + 1} is past the end of the stack, which "
-                                                        f"holds {stack.shape[0]} images")
-            uniq, inverse = np.unique(want, return_inverse=True)
-            block = read_stack_images(stack, uniq)
-            out[sel] = block[inverse]
-        finite = np.isfinite(out).reshape(len(pos), -1).all(axis=1)
-        if not finite.all():
-            b = int(np.flatnonzero(~finite)[0])
-            p = int(pos[b])
-            raise InputError(self.stack_paths[self.stack_id[p]],
-                             f"image {int(self.stack_index[p]) + 1} (particle {p}) holds NaN or infinite values")
-        return out
-
-    def iter_batches(self, batch_size: int, idx=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(indices, images)`` in order, ``batch_size`` particles at a time (bounded memory)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        pos = self._positions(idx)
-        for start in range(0, len(pos), batch_size):
-            chunk = pos[start:start + batch_size]
-            yield chunk, self.images(chunk)
+        return self.reader().read(self._positions(idx))
 
     def subset(self, idx) -> ParticleSet:
         """A new set of particles ``idx`` (table rows renumbered 0..B-1, unused stacks dropped)."""
@@ -120,8 +89,7 @@ class ParticleSet:
             shift_A=self.shift_A[pos].copy(), ctf=self.ctf.take(pos), stack_paths=[self.stack_paths[i] for i in used],
             stack_id=new_id.astype(np.int64), stack_index=self.stack_index[pos].copy(),
             table=self.table.iloc[pos].reset_index(drop=True), optics=self.optics, source_format=self.source_format,
-            image_names=None if self.image_names is None else self.image_names[used],
-            _stacks={j: self._stacks[int(i)] for j, i in enumerate(used) if int(i) in self._stacks})
+            image_names=None if self.image_names is None else self.image_names[used])
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -131,7 +99,7 @@ def _numeric(path: Path, df: pd.DataFrame, col: str) -> np.ndarray:
     if not np.isfinite(v).all():
         row = int(np.flatnonzero(~np.isfinite(v))[0])
         raise InputError(path, f"column {col} has a missing or non-numeric value in particle row {row + 1} "
-                               f"({df[col].iloc[row]!r})")
+                               f"({df[col].iloc[row:row + 1].tolist()[0]!r})")
     return v
 
 

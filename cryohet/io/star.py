@@ -164,7 +164,7 @@ def merge_optics(path: str | os.PathLike, particles: pd.DataFrame, optics: pd.Da
             groups = pd.Series(np.full(len(merged), table.index[0]), index=merged.index)
         else:
             raise InputError(path, "data_particles has no rlnOpticsGroup column but data_optics has several groups")
-        unknown = sorted(set(groups.unique()) - set(table.index))
+        unknown = sorted(set(groups.unique().tolist()) - set(table.index.tolist()))
         if unknown:
             raise InputError(path, f"particles refer to optics groups {unknown} that data_optics does not define")
         for col in table.columns:

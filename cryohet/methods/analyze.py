@@ -175,6 +175,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
 METHOD = Method(
     name="analyze",
+    order=50,
     title="Analyse a latent space",
     help="PCA and UMAP of a run's per-particle latents, k-means clustering, maps at the cluster centres "
          "(snapped to real particles) and along the principal directions (map series), latent plots (PNG) and "

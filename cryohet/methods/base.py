@@ -10,21 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Output kinds a run record may hold; both hosts map them onto their own types.
-OUTPUT_KINDS = (
-    "volume",          # one map (MRC)
-    "half_map",        # one of two half-set maps (MRC)
-    "volume_series",   # several maps along a motion or at cluster centres (MRC each)
-    "mask",            # a 3-D mask (MRC)
-    "particles_star",  # RELION 3.1 particles STAR pointing at the original images
-    "latents",         # per-particle latent coordinates (.npy, rows in STAR order)
-    "fsc",             # FSC curve (.star / .json)
-    "plot",            # PNG figure
-    "model",           # trained weights / model files
-    "chimerax",        # a ChimeraX script (.cxc)
-    "report",          # Markdown report
-    "ground_truth",    # simulator ground truth (.npz)
-)
+from cryohet.record import OUTPUT_KINDS  # noqa: F401  (re-exported: the kinds a method's ``outputs`` name)
 
 #: Input roles RELION passes as --in_parts, --in_3dref, --in_mask. The role "run" (an earlier cryohet run
 #: folder) is a pointer to a cryohet protocol in Scipion and a plain label/value in RELION.
@@ -92,7 +78,11 @@ COMMON_PARAMS = (
 
 @dataclass(frozen=True)
 class Method:
-    """A user-facing method: ``run(params, out_dir)`` writes its outputs and returns the record."""
+    """A user-facing method: ``run(params, out_dir)`` writes its outputs and returns the record.
+
+    ``order`` places it in ``cryohet --help`` and in the hosts' lists (lower first, ties by name):
+    10s make data, 20-49 fit a model, 50-79 analyse a fit, 80+ benchmark and validate.
+    """
 
     name: str
     title: str
@@ -101,6 +91,7 @@ class Method:
     outputs: tuple[str, ...]
     run: Callable[[dict[str, Any], Path], Any]
     citations: tuple[str, ...] = field(default_factory=tuple)
+    order: int = 1000
 
     def all_params(self) -> tuple[Param, ...]:
         return self.params + COMMON_PARAMS

@@ -69,6 +69,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
 
 METHOD = Method(
     name="benchmark-make",
+    order=80,
     title="Benchmark datasets with ground truth",
     help="Simulate CryoBench-style datasets from the bundled adenylate kinase (open 4AKE / closed 1AKE) with "
          "realistic CTF and noise: a 1-D hinge motion, a 1-D interpolation between two atomic models, a 2-D motion "

@@ -91,6 +91,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
 
 METHOD = Method(
     name="benchmark-score",
+    order=90,
     title="Score a result against ground truth",
     help="Compare a heterogeneity result with a benchmark dataset's ground truth: per-image volume FSC against "
          "the true map (area under the curve, resolution at 0.5 and 0.143, averaged per true state) and latent "

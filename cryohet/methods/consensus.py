@@ -53,6 +53,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
 
 METHOD = Method(
     name="consensus",
+    order=110,
     title="Consensus across methods",
     help="For one dataset and several results (run folders or latent files, same particle order), report how well "
          "their latent orderings agree: |Spearman| of first principal components, cross-validated canonical "

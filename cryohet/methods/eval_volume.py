@@ -57,6 +57,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
 METHOD = Method(
     name="eval-volume",
+    order=60,
     title="Maps at latent points",
     help="Generate the map of a run's model of the volumes at any latent point(s) z (or along a straight "
          "path between two points). Writes vol_000.mrc, ... with the model's voxel size, z_values.txt and, for "

@@ -174,6 +174,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
 METHOD = Method(
     name="principal-volumes",
+    order=30,
     title="Mean and principal volumes from the images (3-D PCA, poses known)",
     help="Estimates the mean map X_0 and K principal volumes X_k directly from the particle images with their "
          "poses and CTF (survey section 5: V ≈ X_0 + Σ b_k X_k), by probabilistic PCA with EM in Fourier space as "

@@ -110,6 +110,7 @@ def run(params: dict[str, Any], ctx) -> None:
 
 METHOD = Method(
     name="reconstruct",
+    order=20,
     title="Homogeneous reconstruction with half-maps and FSC",
     help="CTF-weighted Fourier backprojection (RELION conventions, padding 2, trilinear insertion, gridding "
          "correction) of two random half-sets (rlnRandomSubset when present), a Wiener filter from the half-map "

@@ -124,6 +124,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
 METHOD = Method(
     name="select",
+    order=70,
     title="Select particle subsets",
     help="Write particle subsets of a heterogeneity run as RELION 3.1 STAR files that point at the original "
          "images: by k-means cluster (of an analyze run), by a region of PC, latent or UMAP coordinates, or by "

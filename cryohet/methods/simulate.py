@@ -120,6 +120,7 @@ def run(params: dict[str, Any], ctx) -> None:
 
 METHOD = Method(
     name="simulate",
+    order=10,
     title="Simulate particles with ground truth",
     help="Simulate cryo-EM particle images of a molecule in motion (a hinge, two independent parts, an interpolation "
          "between two models) or of a series of maps: uniform random poses, Gaussian origins, CTF over a defocus "

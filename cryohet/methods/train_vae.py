@@ -1,4 +1,5 @@
-"""``cryohet train-vae``: a cryoDRGN-style variational auto-encoder of the conformations, poses known."""
+"""``cryohet train-vae``: a neural hyper-molecule V(z, k) with known poses, z inferred by an encoder (the VAE of
+cryoDRGN) or by a per-particle latent table (an auto-decoder)."""
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ PARAMS = (
           "number).", min=1),
     Param("lr", float, 1e-4, "Adam learning rate.", min=0.0),
     Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).", min=0.0),
-    Param("enc_layers", int, 3, "Encoder hidden layers.", min=1, max=32),
-    Param("enc_dim", int, 256, "Encoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
+    Param("inference", str, "amortised", "How each particle's latent z is inferred: amortised (an encoder of the "
+          "image, the VAE of cryoDRGN) or autodecoder (a free latent per particle, optimised with the volume, as "
+          "3DFlex and DRGN-AI do; no encoder).", choices=("amortised", "autodecoder")),
+    Param("latent_lr", float, 5e-2, "Adam learning rate of the per-particle latents (inference autodecoder).",
+          min=0.0, expert=True),
+    Param("enc_layers", int, 3, "Encoder hidden layers (inference amortised).", min=1, max=32),
+    Param("enc_dim", int, 256, "Encoder layer width (inference amortised; cryoDRGN's large setting: 1024).", min=8,
+          max=8192),
     Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32),
     Param("dec_dim", int, 256, "Decoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
     Param("crop_box", int, 0, "Fourier-crop the images to this box on the fly, pixels (even; 0: keep the box). "
@@ -63,7 +70,7 @@ def _model_file(path: str) -> Path:
 
         models = [o for o in read_record(p).of_kind("model") if o.meta.get("model_type") == "vae"]
         if not models:
-            raise InputError(p, "the run folder holds no VAE model")
+            raise InputError(p, "the run folder holds no neural model (train-vae)")
         return p / models[0].path
     return p
 
@@ -83,39 +90,54 @@ def _plot_losses(path: Path, history: list[dict[str, float]]) -> None:
     save_png(fig, path, dpi=100)
 
 
+def model_box_for(raw_box: int, crop_box: int) -> int:
+    """The model's box: ``crop_box`` when set (even, not larger than the images), else the images' box."""
+    if crop_box <= 0:
+        return raw_box
+    if crop_box % 2 or crop_box > raw_box:
+        raise ValueError(f"--crop_box must be even and at most the image box ({raw_box} px), got {crop_box}")
+    return crop_box
+
+
 def run(params: dict[str, Any], ctx: Any) -> None:
     import logging
+    import os
 
     from cryohet.atomic import atomic_path
-    from cryohet.inference.vae import TrainOptions, model_box_for, save_final_model, train_vae
+    from cryohet.inference.fit_neural import fit_neural
+    from cryohet.inference.trainer import TrainOptions
     from cryohet.io.particles import load_particles, write_particles_star
-    from cryohet.models.neural import VAEConfig
+    from cryohet.models.neural import VolumeConfig, save_model
 
     pset = load_particles(params["particles"], params["datadir"] or None)
     box = model_box_for(pset.box, params["crop_box"])
     apix = pset.apix * pset.box / box
     max_freq = 0.5 if params["res_limit_A"] <= 0 else min(0.5, apix / params["res_limit_A"])
-    cfg = VAEConfig(box=box, apix=apix, zdim=params["zdim"], enc_layers=params["enc_layers"],
-                    enc_dim=params["enc_dim"], dec_layers=params["dec_layers"], dec_dim=params["dec_dim"],
-                    pe_type=params["pe_type"], pe_dim=params["pe_dim"], feat_sigma=params["feat_sigma"],
-                    domain=params["domain"], max_freq=max_freq, activation=params["activation"], seed=params["seed"])
+    cfg = VolumeConfig(box=box, apix=apix, zdim=params["zdim"], dec_layers=params["dec_layers"],
+                       dec_dim=params["dec_dim"], pe_type=params["pe_type"], pe_dim=params["pe_dim"],
+                       feat_sigma=params["feat_sigma"], domain=params["domain"], max_freq=max_freq,
+                       activation=params["activation"], seed=params["seed"])
+    if params["inference"] == "amortised":
+        inference = {"kind": "amortised", "enc_layers": params["enc_layers"], "enc_dim": params["enc_dim"]}
+    else:
+        inference = {"kind": "autodecoder", "n_particles": len(pset), "latent_lr": params["latent_lr"]}
     opts = TrainOptions(epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"],
-                        weight_decay=params["weight_decay"], beta=params["beta"], amp=params["amp"],
-                        window_radius=params["window_radius"], chunk_images=params["chunk_images"],
+                        weight_decay=params["weight_decay"], amp=params["amp"], chunk_images=params["chunk_images"],
                         prefetch=params["prefetch"], seed=params["seed"])
-    import os
-
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:
         ctx.log.setLevel(logging.WARNING)
     init = _model_file(params["init_model"]) if params["init_model"] else None
-    res = train_vae(pset, cfg, opts, ctx.out_dir, ctx.device, ctx, resume=params["resume"], init_model=init)
+    objective, res = fit_neural(pset, cfg, inference, opts, ctx.out_dir, ctx.device, ctx, beta=params["beta"],
+                                window_radius=params["window_radius"], resume=params["resume"], init_model=init)
     out = Path(ctx.out_dir)
     d = cfg.zdim
     if rank == 0:
-        save_final_model(out / "model.safetensors", res.model, res.history)
+        save_model(out / "model.safetensors", objective.decoder, objective.settings, objective.state_dict(),
+                   {"history": json.dumps(res.history)})
         with atomic_path(out / "config.json") as tmp:
-            tmp.write_text(json.dumps({"model": asdict(res.model.cfg), "training": asdict(opts),
+            tmp.write_text(json.dumps({"model": asdict(cfg), "inference": objective.settings,
+                                       "training": asdict(opts), "beta": params["beta"],
                                        "particles": str(Path(params["particles"]).resolve()),
                                        "n_particles": len(pset), "image_box": pset.box, "image_apix": pset.apix,
                                        "history": res.history}, indent=1))
@@ -126,8 +148,9 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                              extra_columns={f"cryohetZ{i + 1}": res.z_mu[:, i].astype(np.float64) for i in range(d)})
         _plot_losses(out / "loss.png", res.history)
     # every rank registers the same outputs, so whichever writes the run record last lists them all
-    ctx.add("model", "model.safetensors", "VAE weights and configuration", model_type="vae", latent_dim=d,
-            box=cfg.box, apix=cfg.apix, config="config.json")
+    ctx.add("model", "model.safetensors", f"neural volume and {objective.kind} inference weights",
+            model_type="vae", latent_dim=d, box=cfg.box, apix=cfg.apix, config="config.json",
+            inference=objective.kind)
     ctx.add("latents", "z.npy", f"latent means (N, {d})", logvar="z_logvar.npy", dim=d)
     ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{d}", columns=[f"cryohetZ{i + 1}"
                                                                                            for i in range(d)])
@@ -136,10 +159,12 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
 METHOD = Method(
     name="train-vae",
-    title="Train a cryoDRGN-style VAE of the conformations (poses known)",
+    order=40,
+    title="Train a neural model of the conformations: cryoDRGN-style VAE or auto-decoder (poses known)",
     help="Fits a neural hyper-molecule V(z, k) (an MLP over positional features of the 3-D frequency and the "
          "latent z) and an encoder of each particle image to q(z | image), by maximising the evidence lower bound "
-         "with weight β on the KL term (cryoDRGN, survey section 7.2). CTF and origins are applied in the model; "
+         "with weight β on the KL term (cryoDRGN, survey section 7.2); with --inference autodecoder each particle "
+         "has its own free q(z) instead of an encoder (3DFlex, DRGN-AI). CTF and origins are applied in the model; "
          "only frequencies inside the resolution circle are fitted. Writes the weights (safetensors), per-particle "
          "latent means and log-variances (z.npy, z_logvar.npy, rows in particle-file order), the particles STAR with "
          "cryohetZ1..d columns, and a loss plot. A checkpoint is written after every epoch: --resume yes continues "

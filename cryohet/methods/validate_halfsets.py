@@ -1,11 +1,20 @@
 """``cryohet validate-halfsets``: run a method on two half-sets and check that the halves agree."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from cryohet.methods.base import Method, Param
-from cryohet.validation.halfsets import MIN_IDENTIFIABILITY, MIN_LATENT_CORR
+from cryohet.validation.halfsets import (
+    MIN_IDENTIFIABILITY,
+    MIN_LATENT_CORR,
+    HalfSplit,
+    compare_halves,
+    split_indices,
+)
 
 if TYPE_CHECKING:
     from cryohet.runner import RunContext
@@ -31,9 +40,59 @@ PARAMS = (
 )
 
 
+def particles_param(method: Method) -> str:
+    """Name of the method's particles input."""
+    for p in method.all_params():
+        if p.input_role == "particles":
+            return p.name
+    raise ValueError(f"method {method.name} takes no particles, so it cannot be run on half-sets")
+
+
+def run_halves(method: Method, values: dict[str, Any], particles: str | Path, out_dir: str | Path,
+               probe_fraction: float = 0.1, use_subsets: bool = True, seed: int = 0,
+               log: logging.Logger | None = None) -> tuple[HalfSplit, tuple[Path, Path]]:
+    """Write the two half STARs (out_dir/half{1,2}_particles.star) and run ``method`` on each into
+    out_dir/half1 and out_dir/half2 (seeds ``seed`` and ``seed + 1``). ``values``: the method's other
+    parameters (strings or typed values)."""
+    from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.runner import run_method
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pset = load_particles(particles)
+    subsets = None
+    if use_subsets and "rlnRandomSubset" in pset.table.columns:
+        subsets = np.asarray(pset.table["rlnRandomSubset"], dtype=np.int64)
+    split = split_indices(len(pset), probe_fraction, subsets, seed)
+    pname = particles_param(method)
+    dirs = []
+    for h in (1, 2):
+        star = out_dir / f"half{h}_particles.star"
+        write_particles_star(star, pset, rows=split.rows[h - 1])
+        vals = dict(values)
+        vals[pname] = str(star)
+        vals["seed"] = seed + h - 1
+        if log is not None:
+            log.info("half %d: %d particles (%d probes); running %s", h, len(split.rows[h - 1]),
+                     len(split.probes), method.name)
+        run_method(method, vals, out_dir / f"half{h}")
+        dirs.append(out_dir / f"half{h}")
+    return split, (dirs[0], dirs[1])
+
+
+def validate_halfsets(method: Method, values: dict[str, Any], particles: str | Path, out_dir: str | Path,
+                      probe_fraction: float = 0.1, use_subsets: bool = True, seed: int = 0,
+                      log: logging.Logger | None = None, **compare: Any) -> dict[str, Any]:
+    """Run ``method`` on two half-sets and compare them; returns the ``compare_halves`` result."""
+    split, (r1, r2) = run_halves(method, values, particles, out_dir, probe_fraction, use_subsets, seed, log)
+    result = compare_halves(r1, r2, split, seed=seed, **compare)
+    result["method"] = method.name
+    return result
+
+
 def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.methods import get_method
-    from cryohet.validation.halfsets import halfsets_markdown, parse_method_params, plot_halfsets, validate_halfsets
+    from cryohet.validation.halfsets import halfsets_markdown, parse_method_params, plot_halfsets
     from cryohet.validation.report import write_json
 
     if params["method"] == METHOD.name:
@@ -71,6 +130,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
 
 METHOD = Method(
     name="validate-halfsets",
+    order=100,
     title="Half-set validation of a method",
     help="Validation without ground truth: split the particles in two halves plus a small probe set given to both, "
          "run a method on each half (half1/, half2/), and compare the halves at the probe particles, whose latents "

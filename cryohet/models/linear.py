@@ -15,6 +15,7 @@ import numpy as np
 from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
 
+MODEL_TYPE = "linear"  # the run record's model_type that load_run_model reads (cryohet.models.base)
 MODEL_FORMAT = "cryohet-linear-1"
 
 
@@ -86,5 +87,5 @@ class LinearModel:
 
 
 def load_run_model(run_dir: str | Path, model_path: str | Path) -> LinearModel:
-    """The ``VolumeModel`` of a principal-volumes run (``MODEL_LOADERS['linear']``)."""
+    """The ``VolumeModel`` of a principal-volumes run."""
     return LinearModel.load(model_path)

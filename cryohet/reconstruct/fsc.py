@@ -6,6 +6,8 @@ import torch
 
 from cryohet.geometry.fourier import fft3c, radius_grid
 
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy >= 2.0 renamed trapz (removed in 2.4)
+
 
 def fsc(v1: torch.Tensor | np.ndarray, v2: torch.Tensor | np.ndarray) -> np.ndarray:
     """FSC per shell 0 .. box // 2 (shell i is spatial frequency i / (box · apix))."""
@@ -47,4 +49,4 @@ def resolution_at(curve: np.ndarray, box: int, apix: float, threshold: float = 0
 
 def fsc_auc(curve: np.ndarray) -> float:
     """Area under the FSC curve over shells 1 .. Nyquist, normalised to [0, 1] (CryoBench's AUC)."""
-    return float(np.trapz(curve[1:], dx=1.0 / (len(curve) - 2)))
+    return float(_trapezoid(curve[1:], dx=1.0 / (len(curve) - 2)))

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cryohet.data.loader import BatchStream
+from cryohet.data.prepare import ImageBatch, ImagePreparer
 from cryohet.geometry.backproject import BackProjector
-from cryohet.geometry.ctf import ctf_2d
-from cryohet.geometry.euler import euler_to_matrix
-from cryohet.geometry.fourier import fft2c
-from cryohet.geometry.shift import undo_origin
+from cryohet.geometry.lattice import Lattice
 from cryohet.reconstruct.fsc import fsc, resolution_at
 
 
@@ -33,24 +32,11 @@ class Reconstruction:
         return resolution_at(curve, self.box, self.apix, threshold)
 
 
-def crop_fourier(F: torch.Tensor, box: int) -> torch.Tensor:
-    """Keep the central (box, box) of centred transforms (..., N, N)."""
-    n = F.shape[-1]
-    lo = n // 2 - box // 2
-    return F[..., lo:lo + box, lo:lo + box]
-
-
-def backproject_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], pset, box: int, apix: float,
-                        device: torch.device, pad: int = 2) -> BackProjector:
-    """Insert (indices, images) batches of ``pset`` (images at ``pset.apix``; cropped to ``box``)."""
+def backproject_batches(batches: Iterable[ImageBatch], box: int, device: torch.device, pad: int = 2) -> BackProjector:
+    """Insert prepared batches (whole grids at ``box``) into a new accumulator."""
     bp = BackProjector(box, pad, device)
-    for idx, images in batches:
-        F = fft2c(torch.as_tensor(images, device=device, dtype=torch.float32))  # single precision, as RELION
-        origin_px = torch.as_tensor(pset.shift_A[idx] / pset.apix, device=device)
-        F = crop_fourier(undo_origin(F, origin_px), box)
-        ctf = ctf_2d(pset.ctf.take(idx), box, apix, device=device, dtype=torch.float64)
-        A = torch.as_tensor(euler_to_matrix(pset.euler_deg[idx]), device=device)
-        bp.insert(F, ctf, A)
+    for b in batches:
+        bp.insert(b.images_ft, b.ctf, b.rotations)
     bp.flush()
     return bp
 
@@ -78,21 +64,24 @@ def reconstruct_halves(pset, half: np.ndarray, batch_size: int, device: torch.de
                        progress: Callable[[Iterable, str, int], Iterator] | None = None) -> Reconstruction:
     """Reconstruct the half-sets given by ``half`` (values 1 or 2 per particle) and their sum.
 
+    ``box``: Fourier-crop the images to this box (maps keep the full box's voxel values, see geometry.lattice).
+
     ``wiener``: "auto" (λ from the half-map FSC), "none" (plain division, as relion_reconstruct), or a number
     c (λ = c × mean weight per shell, i.e. a constant SSNR of 1/c).
     """
-    box = box or pset.box
-    apix = pset.apix * pset.box / box
+    lattice = Lattice(pset.box, pset.apix).cropped(box or pset.box)
+    box, apix = lattice.box, lattice.apix
+    prep = ImagePreparer(pset, lattice, device=device)
     bps = []
     for h in (1, 2):
         idx = np.nonzero(half == h)[0]
         if len(idx) == 0:
             raise ValueError(f"half-set {h} is empty: at least two particles are needed")
-        batches = pset.iter_batches(batch_size, idx)
-        n_batches = -(-len(idx) // batch_size)
+        rows = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+        batches: Iterable[ImageBatch] = BatchStream(pset.reader(), rows, prep, prefetch=0)
         if progress is not None:
-            batches = progress(batches, f"backprojecting half-set {h}", n_batches)
-        bps.append(backproject_batches(batches, pset, box, apix, device))
+            batches = progress(batches, f"backprojecting half-set {h}", -(-len(idx) // batch_size))
+        bps.append(backproject_batches(batches, box, device))
     maps = [bp.reconstruct() for bp in bps]
     raw_fsc = fsc(*maps)
     if wiener == "none":

@@ -157,7 +157,7 @@ def make_dataset(name: str, out_dir: str | Path, *, box: int = 64, apix: float |
     k = conf.n_states
     pops = default_populations(name, k) if populations is None else np.asarray(populations, dtype=np.float64)
     if pops.shape != (k,) or np.any(pops < 0) or pops.sum() <= 0:
-        raise ValueError(f"populations must be {k} non-negative numbers (one per state), got {list(pops)}")
+        raise ValueError(f"populations must be {k} non-negative numbers (one per state), got {pops.tolist()}")
     pops = pops / pops.sum()
     simulate_particles(conf, out_dir, n_particles=n_particles, snr=snr, populations=pops,
                        defocus_range_A=tuple(defocus_range_A), seed=seed, device=device, progress=progress)

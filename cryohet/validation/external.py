@@ -148,7 +148,7 @@ class CryoDRGNVolumeModel:
 
     def volumes(self, z: np.ndarray) -> np.ndarray:
         """Maps at latent points ``z`` (M, latent_dim) -> float32 (M, box, box, box)."""
-        from cryohet.validation.sources import read_map_array
+        from cryohet.models.maps import read_map_array
 
         z = np.atleast_2d(np.asarray(z, dtype=np.float32))
         with tempfile.TemporaryDirectory(prefix="cryohet_eval_vol_") as tmp:

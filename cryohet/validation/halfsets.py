@@ -1,7 +1,8 @@
 """Half-set validation without ground truth (survey section 9.5).
 
 The particles are split into two halves (RELION's rlnRandomSubset, or at random) and a small *probe* set
-that is given to both halves. The method runs on each half (half1/, half2/, each a normal run folder).
+that is given to both halves. The method runs on each half (half1/, half2/, each a normal run folder;
+``cryohet.methods.validate_halfsets`` runs them, this module splits and compares).
 The probe particles then have a latent in each half's space: these pairs are the matched points of the two
 latent spaces, whatever their labelling. Reported:
 
@@ -18,7 +19,6 @@ halves, so the halves are not fully independent; keep ``probe_fraction`` small (
 """
 from __future__ import annotations
 
-import logging
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from cryohet.errors import InputError
-from cryohet.methods.base import Method
 
 MIN_LATENT_CORR = 0.5
 MIN_IDENTIFIABILITY = 0.75
@@ -86,46 +85,6 @@ def parse_method_params(text: str | None) -> dict[str, str]:
         else:
             raise ValueError(f"cannot read method parameter {t!r} (use name=value or --name value)")
     return out
-
-
-def particles_param(method: Method) -> str:
-    """Name of the method's particles input."""
-    for p in method.all_params():
-        if p.input_role == "particles":
-            return p.name
-    raise ValueError(f"method {method.name} takes no particles, so it cannot be run on half-sets")
-
-
-def run_halves(method: Method, values: dict[str, Any], particles: str | Path, out_dir: str | Path,
-               probe_fraction: float = 0.1, use_subsets: bool = True, seed: int = 0,
-               log: logging.Logger | None = None) -> tuple[HalfSplit, tuple[Path, Path]]:
-    """Write the two half STARs (out_dir/half{1,2}_particles.star) and run ``method`` on each into
-    out_dir/half1 and out_dir/half2 (seeds ``seed`` and ``seed + 1``). ``values``: the method's other
-    parameters (strings or typed values)."""
-    from cryohet.io.particles import load_particles, write_particles_star
-    from cryohet.runner import run_method
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pset = load_particles(particles)
-    subsets = None
-    if use_subsets and "rlnRandomSubset" in pset.table.columns:
-        subsets = np.asarray(pset.table["rlnRandomSubset"], dtype=np.int64)
-    split = split_indices(len(pset), probe_fraction, subsets, seed)
-    pname = particles_param(method)
-    dirs = []
-    for h in (1, 2):
-        star = out_dir / f"half{h}_particles.star"
-        write_particles_star(star, pset, rows=split.rows[h - 1])
-        vals = dict(values)
-        vals[pname] = str(star)
-        vals["seed"] = seed + h - 1
-        if log is not None:
-            log.info("half %d: %d particles (%d probes); running %s", h, len(split.rows[h - 1]),
-                     len(split.probes), method.name)
-        run_method(method, vals, out_dir / f"half{h}")
-        dirs.append(out_dir / f"half{h}")
-    return split, (dirs[0], dirs[1])
 
 
 def _corr_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -215,16 +174,6 @@ def compare_halves(run1: str | Path, run2: str | Path, split: HalfSplit, n_volum
     out.update(flagged=bool(reasons), reasons=reasons,
                thresholds={"min_latent_corr": min_latent_corr, "min_identifiability": min_identifiability})
     return out
-
-
-def validate_halfsets(method: Method, values: dict[str, Any], particles: str | Path, out_dir: str | Path,
-                      probe_fraction: float = 0.1, use_subsets: bool = True, seed: int = 0,
-                      log: logging.Logger | None = None, **compare: Any) -> dict[str, Any]:
-    """Run ``method`` on two half-sets and compare them; returns the ``compare_halves`` result."""
-    split, (r1, r2) = run_halves(method, values, particles, out_dir, probe_fraction, use_subsets, seed, log)
-    result = compare_halves(r1, r2, split, seed=seed, **compare)
-    result["method"] = method.name
-    return result
 
 
 def plot_halfsets(result: dict[str, Any], path: str | Path) -> Path:

@@ -18,12 +18,8 @@ from pwem.protocols import EMProtocol
 from pwem.protocols.protocol_base_flexhub import ProtFlexBase
 
 from .. import convert
-from ..constants import ENGINE_DIR, HOST_FILLED, INPUT_DIR, INPUT_PARTICLES, PROGRAM_NAME
-
-#: Scipion class each input role points at.
-POINTER_CLASSES = {"particles": "SetOfParticles", "volume": "Volume", "mask": "VolumeMask",
-                   "run": "ProtCryohetBase"}  # "run": the output folder of an earlier cryohet protocol
-
+from ..constants import ENGINE_DIR, HOST_FILLED, INPUT_DIR, INPUT_PARTICLES, POINTER_CLASSES, PROGRAM_NAME
+from .forms import define_form
 
 #: ``content`` of the latents outputs that are per-particle coordinates (not PCA, UMAP or cluster labels).
 LATENT_CONTENT = (None, "", "z", "latent", "latents")
@@ -80,8 +76,6 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
 
     # ------------------------------------------------------------------ form
     def _defineParams(self, form) -> None:
-        from .generated import define_form
-
         define_form(self, form)
 
     # ------------------------------------------------------------------ steps

@@ -1,0 +1,358 @@
+"""GPU check: speed of cryohet side by side with cryoDRGN 4.3.1 on one GPU, within a time budget.
+
+    python bench/gpu_check.py                    # on the GPU machine (bench/gpu_check.sh runs it after the tests)
+    python bench/gpu_check.py --cpu-smoke        # the whole pipeline, tiny, on the CPU (box 32, 200 particles)
+
+For each box (default 128 and 256): ``cryohet simulate`` makes a hinge dataset (the bundled molecule, CTF,
+SNR 0.1, a 192 Å field of view); ``cryohet reconstruct``, ``cryohet train-vae`` and ``cryohet
+principal-volumes`` run on it, and cryoDRGN's ``train_vae`` on the same STAR with the same architecture
+(3 × 1024 encoder and decoder, z 8), batch size, learning rate and number of epochs, each program with its own
+default mixed precision. train-vae is compared by the time of its last epoch as each program logs it (start-up,
+data loading and the final latent pass excluded); the other steps by the wall time of the method.
+
+Peak GPU memory is ``torch.cuda.max_memory_allocated`` in the process that ran the step (reset before it), for
+cryohet and for cryoDRGN alike. cryohet's steps run in one child process per box (``run_method``, as the CLI
+runs them), cryoDRGN in its own child process through its command modules (its console script imports every
+command, some needing GUI packages), its phase-shift NaN (STAR files without rlnPhaseShift) set to 0. Child
+processes are killed at the deadline (``--budget_s``), so a slow step costs its own row only; steps not run say
+so in the table. cryoDRGN's column shows '-' when ``import cryodrgn`` fails.
+
+Writes ``<work>/results.jsonl`` (one line per step) and prints a Markdown table for docs/benchmarks.md, also
+written to ``$OUT/gpu_check.md`` (and ``gpu_check.json``) when OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+FIELD_A = 192.0  # field of view of the simulated images, Å (box × apix)
+RESERVE_S = 20.0  # time kept for each later job of the check when one runs long
+
+
+# --------------------------------------------------------------------------------------------------- children
+
+def _cuda_reset() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _cuda_peak_gb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def _emit(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print("gpu_check:", json.dumps(row), flush=True)
+
+
+def child_ours(spec: dict[str, Any]) -> None:
+    """Run cryohet's steps for one box in this process, one result line per step."""
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
+    from cryohet.methods import all_methods
+    from cryohet.runner import run_method
+
+    methods = all_methods()
+    res, deadline = Path(spec["results"]), spec["deadline"]
+    import torch
+
+    if spec["device"] != "cpu" and torch.cuda.is_available():
+        torch.zeros(1, device="cuda")  # the CUDA context, outside the first step's time
+    common = dict(device=spec["device"], threads=spec["threads"], seed=0)
+    for step in spec["steps"]:
+        name, values, out = step["method"], dict(step["values"]), Path(step["out"])
+        row = {"tool": "cryohet", "step": name, "box": spec["box"], "n": spec["n"], "label": step.get("label", "")}
+        if time.time() > deadline - step.get("min_s", 5):
+            _emit(res, {**row, "status": "skipped (time budget)"})
+            continue
+        _cuda_reset()
+        t0 = time.perf_counter()
+        try:
+            run_method(methods[name], {**values, **common}, out)
+        except Exception as exc:  # a failed step is a row of the table, the check goes on
+            _emit(res, {**row, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
+            if name == "simulate":
+                return
+            continue
+        row.update(status="ok", wall_s=time.perf_counter() - t0, peak_gpu_gb=_cuda_peak_gb())
+        if name == "train-vae":
+            hist = json.loads((out / "config.json").read_text())["history"]
+            row["epoch_s"] = [h["seconds"] for h in hist]
+        _emit(res, row)
+
+
+def _run_drgn_command(module: str, args: list[str]) -> None:
+    import argparse as ap
+    import importlib
+
+    m = importlib.import_module(f"cryodrgn.commands.{module}")
+    p = ap.ArgumentParser()
+    m.add_args(p)
+    m.main(p.parse_args(args))
+
+
+def child_cryodrgn(spec: dict[str, Any]) -> None:
+    """cryoDRGN's parse_pose_star, parse_ctf_star (phase-shift NaN set to 0) and train_vae on one dataset."""
+    import pickle
+
+    import numpy as np
+
+    res, work, star = Path(spec["results"]), Path(spec["work"]), spec["star"]
+    row = {"tool": "cryoDRGN", "step": "train-vae", "box": spec["box"], "n": spec["n"], "label": spec["label"]}
+    work.mkdir(parents=True, exist_ok=True)
+    pose, ctf, out = work / "pose.pkl", work / "ctf.pkl", work / "train"
+    try:
+        _run_drgn_command("parse_pose_star", [star, "-o", str(pose)])
+        _run_drgn_command("parse_ctf_star", [star, "-o", str(ctf)])
+        params = pickle.loads(ctf.read_bytes())
+        params[np.isnan(params)] = 0.0  # no rlnPhaseShift column: cryoDRGN leaves NaN, and its CTF is then NaN
+        ctf.write_bytes(pickle.dumps(params))
+        a = spec["arch"]
+        args = [star, "--poses", str(pose), "--ctf", str(ctf), "--zdim", str(a["zdim"]), "-n", str(a["epochs"]),
+                "-b", str(a["batch"]), "--lr", str(a["lr"]), "--enc-layers", str(a["layers"]), "--enc-dim",
+                str(a["dim"]), "--dec-layers", str(a["layers"]), "--dec-dim", str(a["dim"]), "--seed", "0",
+                "--max-threads", str(spec["threads"]), "--checkpoint", str(a["epochs"]), "--no-analysis",
+                "-o", str(out)]
+        _cuda_reset()
+        t0 = time.perf_counter()
+        _run_drgn_command("train_vae", args)
+        wall = time.perf_counter() - t0
+    except Exception as exc:  # reported as the row of the table
+        _emit(res, {**row, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
+        return
+    text = (out / "run.log").read_text() if (out / "run.log").exists() else ""
+    epochs = [int(h) * 3600 + int(m) * 60 + float(s)
+              for h, m, s in re.findall(r"=====> Epoch: \d+ .*Finished in (\d+):(\d+):([\d.]+)", text)]
+    _emit(res, {**row, "status": "ok" if epochs else "failed: no epoch times in run.log", "wall_s": wall,
+                "peak_gpu_gb": _cuda_peak_gb(), "epoch_s": epochs})
+
+
+# --------------------------------------------------------------------------------------------------- parent
+
+def cryodrgn_version() -> str | None:
+    """cryoDRGN's version when it can be imported here, else None."""
+    if importlib.util.find_spec("cryodrgn") is None:
+        return None
+    probe = subprocess.run([sys.executable, "-c", "import cryodrgn; print(cryodrgn.__version__)"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        return None
+    return probe.stdout.strip() or None
+
+
+def run_child(kind: str, spec: dict[str, Any], log: Path, timeout: float) -> str:
+    """Run a child of this script; 'ok', 'timeout' or 'exit N' (its output in ``log``)."""
+    spec_path = log.with_suffix(".json")
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, CRYOHET_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, __file__, f"_{kind}", str(spec_path)], stdout=fh,
+                                stderr=subprocess.STDOUT, env=env, cwd=log.parent, start_new_session=True)
+        try:
+            proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return "timeout"
+    return "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+
+
+def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """The jobs in order of importance: per box, simulate + reconstruct + train-vae, then cryoDRGN; then
+    principal-volumes for every box (the step whose GPU time is least known)."""
+    jobs: list[dict[str, Any]] = []
+    arch = dict(zdim=a.zdim, epochs=a.epochs, batch=a.batch, lr=a.lr, layers=a.layers, dim=a.dim)
+    for box, n in zip(a.boxes, a.n, strict=True):
+        d = a.work / f"box{box}"
+        apix = round(FIELD_A / box, 4)
+        star = str(d / "sim" / "particles.star")
+        sim = dict(box=box, apix=apix, n_particles=n, snr=0.1, n_states=20, resolution_A=max(6.0, 3 * apix))
+        vae = dict(particles=star, zdim=a.zdim, epochs=a.epochs, batch_size=a.batch, lr=a.lr, enc_layers=a.layers,
+                   enc_dim=a.dim, dec_layers=a.layers, dec_dim=a.dim)
+        jobs.append(dict(kind="ours", box=box, n=n, steps=[
+            dict(method="simulate", values=sim, out=str(d / "sim"), min_s=5),
+            dict(method="reconstruct", values=dict(particles=star), out=str(d / "reconstruct"), min_s=5),
+            dict(method="train-vae", values=vae, out=str(d / "vae"), min_s=10,
+                 label=f"{a.layers}×{a.dim}, z {a.zdim}, batch {a.batch}, {a.epochs} epoch(s)"),
+        ]))
+        jobs.append(dict(kind="cryodrgn", box=box, n=n, star=star,
+                         work=str(d / "cryodrgn"), arch=arch,
+                         label=f"{a.layers}×{a.dim}, z {a.zdim}, batch {a.batch}, {a.epochs} epoch(s)"))
+    for box, n in zip(a.boxes, a.n, strict=True):
+        d = a.work / f"box{box}"
+        apix = round(FIELD_A / box, 4)
+        pv = dict(particles=str(d / "sim" / "particles.star"), n_components=3, resolution_A=4 * apix,
+                  max_iter=a.pv_iter, tol=0.0, movie_frames=2)
+        jobs.append(dict(kind="ours", box=box, n=n, steps=[
+            dict(method="principal-volumes", values=pv, out=str(d / "pv"), min_s=10,
+                 label=f"K 3, {a.pv_iter} EM iterations, limit 4 px (working box {box // 2})")]))
+    return jobs
+
+
+def run_all(a: argparse.Namespace) -> list[dict[str, Any]]:
+    a.work.mkdir(parents=True, exist_ok=True)
+    res = a.work / "results.jsonl"
+    res.unlink(missing_ok=True)
+    t_end = time.time() + a.budget_s
+    have_drgn = not a.no_cryodrgn and a.drgn_version is not None
+    simulated_ok: dict[int, bool] = {}
+    jobs = [j for j in plan(a) if j["kind"] == "ours" or have_drgn]
+    for i, job in enumerate(jobs):
+        left = t_end - time.time()
+        # the jobs come in order of importance: this one may use all the time left but RESERVE_S for each later one
+        timeout = max(min(left, 30.0), left - RESERVE_S * (len(jobs) - i - 1))
+        tag = f"{job['kind']}_box{job['box']}_{i}"
+        if left < 10:
+            status = "timeout"
+        elif job["kind"] == "cryodrgn":
+            if not simulated_ok.get(job["box"], False):
+                continue
+            spec = dict(results=str(res), work=job["work"], star=job["star"], box=job["box"], n=job["n"],
+                        label=job["label"], arch=job["arch"], threads=a.threads)
+            status = run_child("cryodrgn", spec, a.work / f"{tag}.log", timeout)
+        else:
+            spec = dict(results=str(res), box=job["box"], n=job["n"], steps=job["steps"], device=a.device,
+                        threads=a.threads, deadline=time.time() + timeout)
+            status = run_child("ours", spec, a.work / f"{tag}.log", timeout)
+        rows = [json.loads(line) for line in res.read_text().splitlines()] if res.exists() else []
+        done = {(r["tool"], r["step"], r["box"]) for r in rows}
+        if job["kind"] == "ours":
+            simulated_ok[job["box"]] = simulated_ok.get(job["box"], False) or any(
+                r["step"] == "simulate" and r["box"] == job["box"] and r["status"] == "ok" for r in rows)
+            missing = [s["method"] for s in job["steps"] if ("cryohet", s["method"], job["box"]) not in done]
+            for m in missing:
+                _emit(res, {"tool": "cryohet", "step": m, "box": job["box"], "n": job["n"],
+                            "status": f"not finished ({status}; see {tag}.log)"})
+        elif ("cryoDRGN", "train-vae", job["box"]) not in done:
+            _emit(res, {"tool": "cryoDRGN", "step": "train-vae", "box": job["box"], "n": job["n"],
+                        "status": f"not finished ({status}; see {tag}.log)"})
+    return [json.loads(line) for line in res.read_text().splitlines()] if res.exists() else []
+
+
+def _fmt(x: float | None, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _last_epoch(r: dict[str, Any] | None) -> float | None:
+    if not r or r.get("status") != "ok" or not r.get("epoch_s"):
+        return None
+    return float(r["epoch_s"][-1])
+
+
+def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
+    by = {(r["tool"], r["step"], r["box"]): r for r in rows}
+    out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
+           "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
+    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes"):
+        for box, n in zip(a.boxes, a.n, strict=True):
+            ours = by.get(("cryohet", step, box))
+            if ours is None:
+                continue
+            note = ours.get("label", "")
+            if ours["status"] != "ok":
+                note = (note + "; " if note else "") + f"cryohet: {ours['status']}"
+            if step == "train-vae":
+                theirs = by.get(("cryoDRGN", step, box))
+                t_o, t_d = _last_epoch(ours), _last_epoch(theirs)
+                if theirs is None:
+                    note += "; cryoDRGN not run" + ("" if a.drgn_version else " (cannot import cryodrgn)")
+                elif theirs["status"] != "ok":
+                    note += f"; cryoDRGN: {theirs['status']}"
+                ratio = _fmt(t_o / t_d) if t_o is not None and t_d is not None else "-"
+                walls = [f"{who} {r['wall_s']:.0f} s" for who, r in (("cryohet", ours), ("cryoDRGN", theirs))
+                         if r and r["status"] == "ok"]
+                if walls:
+                    note += "; whole run: " + ", ".join(walls)
+                peak_d = _fmt(theirs.get("peak_gpu_gb")) if theirs and theirs["status"] == "ok" else "-"
+                out.append(f"| train-vae, s per epoch (last) | {box} | {n} | {_fmt(t_o)} | {_fmt(t_d)} | {ratio} | "
+                           f"{_fmt(ours.get('peak_gpu_gb'))} / {peak_d} | {note} |")
+            else:
+                wall = ours.get("wall_s") if ours["status"] == "ok" else None
+                out.append(f"| {step} | {box} | {n} | {_fmt(wall, 1)} | - | - | {_fmt(ours.get('peak_gpu_gb'))} / - "
+                           f"| {note} |")
+    return "\n".join(out)
+
+
+def header(a: argparse.Namespace, elapsed: float) -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    lines = [f"GPU check, {time.strftime('%Y-%m-%d')}: {gpu}; torch {torch.__version__} "
+             f"(CUDA {torch.version.cuda}); cryohet device {a.device}; cryoDRGN {a.drgn_version or '-'}; "
+             f"{a.threads} CPU thread(s) per program; {elapsed:.0f} s for the speed part."]
+    if a.tests_summary and Path(a.tests_summary).exists():
+        lines.append(f"Engine tests on this machine: {Path(a.tests_summary).read_text().strip()}")
+    return "\n\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] in ("_ours", "_cryodrgn"):
+        spec = json.loads(Path(sys.argv[2]).read_text())
+        (child_ours if sys.argv[1] == "_ours" else child_cryodrgn)(spec)
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="the whole pipeline, tiny, on the CPU: box 32, 200 particles, 1 epoch, 3 × 64 networks")
+    p.add_argument("--work", type=Path, default=Path("/tmp/cryohet_gpu_check"), help="working folder")
+    p.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--n", type=int, nargs="+", default=[2000, 1000], help="particles per box")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8, help="batch size of both programs (cryoDRGN's default: 8)")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--zdim", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--pv_iter", type=int, default=5, help="EM iterations of principal-volumes")
+    p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--device", default="auto", help="cryohet's --device")
+    p.add_argument("--budget_s", type=float, default=400.0, help="deadline for the speed part, seconds")
+    p.add_argument("--no_cryodrgn", action="store_true")
+    p.add_argument("--tests_summary", default="", help="a file holding the engine tests' summary line")
+    a = p.parse_args()
+    if a.cpu_smoke:
+        a.device, a.boxes, a.n, a.epochs, a.dim, a.pv_iter = "cpu", [32], [200], 1, 64, 2
+        a.threads = min(a.threads, 2)
+        a.budget_s = min(a.budget_s, 110.0)
+    if len(a.n) != len(a.boxes):
+        p.error("give one --n per --boxes")
+    a.drgn_version = None if a.no_cryodrgn else cryodrgn_version()
+    t0 = time.time()
+    rows = run_all(a)
+    report = header(a, time.time() - t0) + "\n\n" + table(rows, a) + "\n"
+    print("\n" + report, flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "gpu_check.md").write_text(report)
+        Path(out, "gpu_check.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(a).items()},
+                                                            "rows": rows}, indent=1))
+        with tarfile.open(Path(out, "gpu_check_logs.tar.gz"), "w:gz") as tar:  # the children's and tools' logs
+            for log in sorted(a.work.rglob("*.log")):
+                if log.stat().st_size < 20 * 2**20:
+                    tar.add(log, arcname=str(log.relative_to(a.work)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

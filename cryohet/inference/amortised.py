@@ -1,0 +1,78 @@
+"""Amortised inference: an encoder maps each particle image to q(z | image) (the VAE of cryoDRGN, survey 7.2).
+
+The encoder sees the centred, CTF-phase-flipped transform of the image (real and imaginary parts on the
+half-plane inside the resolution circle) and returns the mean and log-variance of q(z | image).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cryohet.data.prepare import ImageBatch
+from cryohet.geometry.lattice import Points
+from cryohet.inference.elbo import gaussian_elbo, kl_weight
+from cryohet.models.neural import NeuralVolume, ResidMLP, init_linear
+
+
+class Encoder(nn.Module):
+    """Image features (B, in_dim) -> (mu, logvar), each (B, zdim)."""
+
+    def __init__(self, in_dim: int, zdim: int, layers: int, dim: int, activation: str = "relu"):
+        super().__init__()
+        self.zdim = zdim
+        self.mlp = ResidMLP(in_dim, layers, dim, 2 * zdim, activation)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.mlp(x)
+        return out[:, :self.zdim], out[:, self.zdim:]
+
+
+class AmortisedInference(nn.Module):
+    """Encoder + volume, trained on the ELBO. ``settings``: enc_layers, enc_dim."""
+
+    kind = "amortised"
+
+    def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(int(volume_cfg.seed))
+        self.settings = {"kind": self.kind, "enc_layers": int(settings["enc_layers"]),
+                         "enc_dim": int(settings["enc_dim"])}
+        self.encoder = Encoder(2 * len(points), volume_cfg.zdim, self.settings["enc_layers"],
+                               self.settings["enc_dim"], volume_cfg.activation)
+        self.decoder = NeuralVolume(volume_cfg, g)
+        init_linear(self, g)  # encoder first, then decoder: layers drawn from the seed in a fixed order
+        self.register_buffer("kxy", points.kxy, persistent=False)
+        self.noise_dim = volume_cfg.zdim
+        self.kl_weight = kl_weight(beta, volume_cfg.zdim, len(points))
+
+    @staticmethod
+    def inputs(b: ImageBatch) -> dict[str, torch.Tensor]:
+        """Loss inputs of a prepared batch (runs in the loader thread)."""
+        yr = torch.view_as_real(b.images_ft).contiguous()                       # (B, M, 2)
+        enc = (yr * torch.sign(b.ctf)[..., None]).reshape(len(b.rows), -1)      # phase-flipped, as cryoDRGN
+        return {"y": yr, "ctf": b.ctf, "rot": b.rotations, "enc": enc}
+
+    def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(d["enc"])
+        return gaussian_elbo(self.decoder, self.kxy, d["rot"], d["y"], d["ctf"], mu, logvar, eps)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.parameters()), "lr": lr}]
+
+    @torch.no_grad()
+    def latents(self, batches: Any, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, mu, logvar) of the particles in ``batches`` (loader batches whose data are :meth:`inputs`)."""
+        was = self.training
+        self.eval()
+        rows, outs = [], []
+        for batch in batches:
+            mu, logvar = self.encoder(batch.data["enc"].to(device))
+            outs.append(torch.cat([mu.float(), logvar.float()], 1).cpu())
+            rows.append(np.asarray(batch.rows))
+        self.train(was)
+        d = self.noise_dim
+        out = torch.cat(outs).numpy() if outs else np.zeros((0, 2 * d), np.float32)
+        return (np.concatenate(rows) if rows else np.zeros(0, np.int64)), out[:, :d], out[:, d:]

@@ -1,0 +1,125 @@
+"""Fitting a neural volume with a chosen inference strategy: data scale, resume and initial weights, the trainer.
+
+The strategies (``INFERENCES``) differ only in how q(z) of a particle is given: an encoder of its image
+(``amortised``, the VAE) or a free per-particle table (``autodecoder``). Both train the same volume on the same
+prepared data through the same :class:`~cryohet.inference.trainer.Trainer`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cryohet.data.prepare import ImagePreparer, transform_rms
+from cryohet.distributed import setup_distributed
+from cryohet.errors import InputError
+from cryohet.geometry.lattice import Lattice
+from cryohet.inference.amortised import AmortisedInference
+from cryohet.inference.autodecoder import AutoDecoderInference
+from cryohet.inference.trainer import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    Hooks,
+    Trainer,
+    TrainOptions,
+    TrainResult,
+    load_checkpoint,
+)
+from cryohet.models.neural import VolumeConfig, read_model, stored_inference
+
+INFERENCES: dict[str, type[nn.Module]] = {c.kind: c for c in (AmortisedInference, AutoDecoderInference)}
+
+
+def check_compatible(cfg: VolumeConfig, other: VolumeConfig, source: Path) -> None:
+    """Refuse weights of another box, pixel size or architecture."""
+    if cfg.box != other.box:
+        raise InputError(source, f"the model was trained at a box of {other.box} px but the particles give "
+                                 f"{cfg.box} px (after --crop_box); use the same box")
+    if abs(cfg.apix - other.apix) > 1e-3 * other.apix:
+        raise InputError(source, f"the model was trained at {other.apix:g} Å/pixel but the particles give "
+                                 f"{cfg.apix:g} Å/pixel")
+    a, b = cfg.architecture(), other.architecture()
+    diff = [f"{k}: {b[k]} (model) vs {a[k]} (asked)" for k in a if a[k] != b[k]]
+    if diff:
+        raise InputError(source, "the model's architecture differs from the one asked for: " + "; ".join(diff))
+
+
+def _check_settings(asked: dict[str, Any], saved: dict[str, Any], source: Path, what: str) -> None:
+    keys = [k for k in asked if k != "latent_lr"]  # learning rates may change on resuming
+    diff = [f"{k}: {saved.get(k)!r} ({what}) vs {asked[k]!r} (asked)" for k in keys if saved.get(k) != asked[k]]
+    if diff:
+        raise InputError(source, f"the {what}'s inference differs from the one asked for: " + "; ".join(diff))
+
+
+def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: TrainOptions, out_dir: str | Path,
+               device: torch.device | str = "cpu", ctx: Any | None = None, *, beta: float = 0.0,
+               window_radius: float = 0.85, norm_sample: int = 1000, resume: bool = False,
+               init_model: str | Path | None = None) -> tuple[nn.Module, TrainResult]:
+    """Train the volume ``cfg`` (its box and pixel size those of the cropped images) with the inference strategy
+    ``inference`` (``kind`` and its settings) on ``pset``; returns the trained objective and the result.
+
+    Writes ``out_dir/checkpoint.safetensors`` after every epoch (rank 0); ``resume`` continues from it.
+    """
+    hooks = Hooks.of(ctx)
+    ddp, device = setup_distributed(torch.device(device))
+    try:
+        if inference["kind"] not in INFERENCES:
+            raise ValueError(f"unknown inference {inference['kind']!r}; known: {', '.join(INFERENCES)}")
+        reader = pset.reader()
+        lattice = Lattice(pset.box, pset.apix).cropped(cfg.box)
+        points = lattice.half_plane(cfg.max_freq * cfg.box)
+        ckpt = _resume_point(Path(out_dir) / CHECKPOINT_NAME, cfg, inference, opts, len(reader), hooks) \
+            if resume else None
+        if resume and ckpt is None:
+            hooks.log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+        prep = ImagePreparer(pset, lattice, points, window_radius)
+        if ckpt is None:
+            cfg.data_scale = transform_rms(reader, prep, norm_sample, opts.seed)
+            hooks.log.info("data scale (RMS of the transforms in the resolution circle): %.6g", cfg.data_scale)
+        prep.scale = cfg.data_scale
+        objective = INFERENCES[inference["kind"]](cfg, points, inference, beta)
+        if init_model is not None and ckpt is None:
+            _load_initial(objective, cfg, Path(init_model), hooks)
+        hooks.log.info("volume: box %d px at %.4g Å/px, %d frequencies in the half-plane, zdim %d, beta %s",
+                       cfg.box, cfg.apix, len(points), cfg.zdim, beta or f"1/zdim = {1 / max(cfg.zdim, 1):.4g}")
+        meta = {"config": cfg.to_json(), "inference": json.dumps(objective.settings, sort_keys=True)}
+        result = Trainer(objective, reader, prep, opts, Path(out_dir), device, ddp, hooks, meta).fit(ckpt)
+        ddp.barrier()  # every rank's collectives are complete before the group is torn down
+        return objective, result
+    finally:
+        ddp.close()
+
+
+def _resume_point(path: Path, cfg: VolumeConfig, inference: dict[str, Any], opts: TrainOptions, n: int,
+                  hooks: Hooks) -> Checkpoint | None:
+    """The checkpoint to continue from (None when there is none), checked against what is asked now."""
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path)
+    saved = VolumeConfig.from_dict(json.loads(ckpt.meta.get("config", "{}")))
+    check_compatible(cfg, saved, path)
+    _check_settings(inference, stored_inference(ckpt.meta), path, "checkpoint")
+    if ckpt.n_particles != n:
+        raise InputError(path, f"the checkpoint was trained on {ckpt.n_particles} particles, the input has {n}")
+    cfg.data_scale, cfg.seed = saved.data_scale, saved.seed
+    seed = int(ckpt.options.get("seed", opts.seed))
+    if seed != opts.seed:  # the epoch orders and noise draws continue as the run began
+        hooks.log.warning("--seed %d ignored on resuming: the run was started with seed %d", opts.seed, seed)
+        opts.seed = seed
+    hooks.log.info("resuming from %s after epoch %d", path, ckpt.epoch)
+    return ckpt
+
+
+def _load_initial(objective: nn.Module, cfg: VolumeConfig, path: Path, hooks: Hooks) -> None:
+    """Initial weights from a trained model: all of them when its inference is the same, else the volume's."""
+    saved_cfg, saved_inf, tensors, _ = read_model(path)
+    check_compatible(cfg, saved_cfg, path)
+    state = objective.state_dict()
+    same = saved_inf.get("kind") == objective.kind and all(
+        k in tensors and tensors[k].shape == v.shape for k, v in state.items())
+    keep = state.keys() if same else [k for k in state if k.startswith("decoder.")]
+    objective.load_state_dict({**state, **{k: tensors[k] for k in keep}})
+    hooks.log.info("initial weights from %s (%s)", path, "all" if same else "the volume's only")
