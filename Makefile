@@ -43,8 +43,8 @@ relion:
 	  else echo "RELION is missing: run 'sudo apt-get install relion' (Debian/Ubuntu)" >&2; exit 1; fi; }
 
 demo: setup
-	$(VENV)/bin/cryohet simulate --o demo_out/simulate
-	$(VENV)/bin/cryohet reconstruct --particles demo_out/simulate/particles.star --o demo_out/reconstruct
+	$(VENV)/bin/cryohet simulate --o demo_out/simulate --overwrite yes
+	$(VENV)/bin/cryohet reconstruct --particles demo_out/simulate/particles.star --o demo_out/reconstruct --overwrite yes
 	@echo; echo "Simulated particles and ground truth: demo_out/simulate/ (particles.star, maps/)"; \
 	 echo "Reconstruction, half-maps, FSC:       demo_out/reconstruct/ (map.mrc, fsc.png, cryohet_run.json)"
 

@@ -60,7 +60,7 @@ def main() -> None:
             run_dir = args.out / f"{name}_{method}"
             t0 = time.perf_counter()
             run_method(get_method(method), {"particles": str(ds_dir / "particles.star"), "threads": args.threads,
-                                            **params}, run_dir)
+                                            "overwrite": True, **params}, run_dir)
             seconds = time.perf_counter() - t0
             result = score_run(run_dir, ds_dir)
             (run_dir / "score.json").write_text(json.dumps(result["summary"], indent=1, default=float))

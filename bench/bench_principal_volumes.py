@@ -48,7 +48,7 @@ def run_pv(star: Path, out: Path, **params) -> tuple[float, dict]:
     from cryohet.runner import run_method
 
     t = time.time()
-    run_method(METHOD, {"particles": str(star), **params}, out)
+    run_method(METHOD, {"particles": str(star), "overwrite": True, **params}, out)
     return time.time() - t, json.loads((out / "cryohet_run.json").read_text())
 
 

@@ -63,7 +63,7 @@ def main() -> None:
            "--add_noise", "--white_noise", str(args.noise), cwd=d)
     env = dict(os.environ, CRYOHET_NO_PROGRESS="1")
     cryohet = [sys.executable, "-m", "cryohet.cli", "reconstruct", "--particles", "sim.star",
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--overwrite", "yes"]  # repeats replace the earlier run
     t_rel, t_ours, t_none = [], [], []
     for _ in range(args.repeat):
         t_rel.append(timed(["relion_reconstruct", "--i", "sim.star", "--o", "relion.mrc", "--ctf",

@@ -68,7 +68,7 @@ _OURS = textwrap.dedent("""
     import json, sys
     from cryohet.runner import run_method
     from cryohet.methods.train_vae import METHOD
-    run_method(METHOD, json.loads(sys.argv[1]), sys.argv[2])
+    run_method(METHOD, {"overwrite": True, **json.loads(sys.argv[1])}, sys.argv[2])
 """)
 
 

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -78,7 +79,7 @@ def child_ours(spec: dict[str, Any]) -> None:
 
     if spec["device"] != "cpu" and torch.cuda.is_available():
         torch.zeros(1, device="cuda")  # the CUDA context, outside the first step's time
-    common = dict(device=spec["device"], threads=spec["threads"], seed=0)
+    common = dict(device=spec["device"], threads=spec["threads"], seed=0, overwrite=True)
     for step in spec["steps"]:
         name, values, out = step["method"], dict(step["values"]), Path(step["out"])
         row = {"tool": "cryohet", "step": name, "box": spec["box"], "n": spec["n"], "label": step.get("label", "")}
@@ -314,7 +315,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true",
                    help="the whole pipeline, tiny, on the CPU: box 32, 200 particles, 1 epoch, 3 × 64 networks")
-    p.add_argument("--work", type=Path, default=Path("/tmp/cryohet_gpu_check"), help="working folder")
+    p.add_argument("--work", type=Path, default=Path("/tmp/cryohet_gpu_check"),
+                   help="working folder (emptied first: every run starts from new data)")
     p.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
     p.add_argument("--n", type=int, nargs="+", default=[2000, 1000], help="particles per box")
     p.add_argument("--epochs", type=int, default=2)
@@ -337,6 +339,7 @@ def main() -> int:
     if len(a.n) != len(a.boxes):
         p.error("give one --n per --boxes")
     a.drgn_version = None if a.no_cryodrgn else cryodrgn_version()
+    shutil.rmtree(a.work, ignore_errors=True)
     t0 = time.time()
     rows = run_all(a)
     report = header(a, time.time() - t0) + "\n\n" + table(rows, a) + "\n"

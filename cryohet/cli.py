@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from cryohet import __version__
-from cryohet.errors import InputError, RunAborted
+from cryohet.errors import InputError, OutputError, RunAborted
 from cryohet.methods import all_methods
 from cryohet.methods.base import Method, Param
 
@@ -28,7 +28,8 @@ def add_method_parser(sub: argparse._SubParsersAction, method: Method) -> argpar
     sp = sub.add_parser(method.name, help=method.title.replace("%", "%%"), description=method.help,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("--o", required=True, metavar="DIR",
-                    help="Output folder (created; outputs are listed in DIR/cryohet_run.json, the log in DIR/run.log).")
+                    help="Output folder (created; outputs are listed in DIR/cryohet_run.json, the log in DIR/run.log). "
+                         "One run at a time; a folder with an earlier run needs --overwrite yes or --resume yes.")
     for p in method.all_params():
         kwargs = dict(dest=p.name, default=None, help=_help(p))
         if p.type is bool:
@@ -64,13 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = {p.name: getattr(args, p.name) for p in method.all_params()}
     values = {k: v for k, v in values.items() if v is not None}
     try:
-        run_method(method, values, args.o)
+        run_method(method, values, args.o, command=sys.argv if argv is None else ["cryohet", *argv])
     except (InputError, ValueError) as exc:
         print(f"cryohet {method.name}: error: {exc}", file=sys.stderr)
         return 2
     except RunAborted as exc:
         print(f"cryohet {method.name}: {exc}", file=sys.stderr)
         return 3
+    except OutputError as exc:
+        print(f"cryohet {method.name}: error: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -1,7 +1,10 @@
 """The run record: a JSON file in each output folder listing what a run wrote.
 
 Both hosts (the Scipion protocols and the RELION External job) read only this file to find
-and register outputs. Paths are stored relative to the output folder.
+and register outputs. Paths are stored relative to the output folder. The record is written when a
+run starts (status ``running``, with the process, host, command line and versions) and again when it
+ends: ``finished``, ``failed`` or ``aborted`` with the reason, or ``died`` when a later look finds the
+run's process gone without an end (see ``run_state``).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 from cryohet import __version__
 from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
+from cryohet.runlock import Lock, holder_alive, read_lock
 
 RECORD_NAME = "cryohet_run.json"
 
@@ -44,6 +48,9 @@ class Output:
 
 @dataclass
 class RunRecord:
+    """What a run is doing or did. Times are seconds since the epoch; ``convergence`` holds one entry per
+    iterative step (``RunContext.report_convergence``)."""
+
     method: str
     params: dict[str, Any]
     status: str = "running"
@@ -52,6 +59,16 @@ class RunRecord:
     finished: float | None = None
     error: str | None = None
     outputs: list[Output] = field(default_factory=list)
+    convergence: list[dict[str, Any]] = field(default_factory=list)
+    pid: int | None = None
+    host: str = ""
+    argv: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """``<method> run (<status>, started <local time>)``."""
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"{self.method} run ({self.status}, started {when})"
 
     def add(self, kind: str, path: str | Path, out_dir: Path, label: str = "", **meta: Any) -> Output:
         """Register an output file (absolute or relative to ``out_dir``)."""
@@ -92,3 +109,40 @@ def read_record(out_dir: str | Path) -> RunRecord:
         return RunRecord(outputs=outputs, **raw)
     except (ValueError, TypeError, KeyError) as exc:
         raise InputError(path, f"malformed run record ({exc})") from None
+
+
+def convergence_warning(entry: dict[str, Any]) -> str | None:
+    """The warning for one ``convergence`` entry of a record; None when that step converged."""
+    if entry.get("converged", True):
+        return None
+    return (f"{entry['what']} did not converge: last change {entry['last_change']:.3g} against tolerance "
+            f"{entry['tol']:.3g} after {entry['iterations']} iterations")
+
+
+def run_state(out_dir: str | Path) -> str:
+    """The state of the run in ``out_dir``: ``none`` (no record), the record's status, or ``died`` for a
+    record that says ``running`` while no live process on this host holds the folder's lock. A run
+    holding the lock from another host is taken as ``running``."""
+    if not (Path(out_dir) / RECORD_NAME).is_file():
+        return "none"
+    status = read_record(out_dir).status
+    if status != "running":
+        return status
+    lock = read_lock(out_dir)
+    return "died" if lock is None or holder_alive(lock) is False else "running"
+
+
+def mark_died(out_dir: str | Path, holder: Lock | None) -> RunRecord | None:
+    """Rewrite a record that says ``running`` as ``died``; ``holder`` is the lock its dead process left, if
+    any. Return the record, None when there is no such record."""
+    try:
+        record = read_record(out_dir)
+    except InputError:
+        return None
+    if record.status != "running":
+        return None
+    who = holder.describe() if holder is not None else f"pid {record.pid} on host {record.host}"
+    record.status = "died"
+    record.error = f"the run's process ended without finishing the run (killed?): {who}"
+    record.write(Path(out_dir))
+    return record

@@ -53,8 +53,10 @@ NODE_TYPES: dict[str, tuple[int, str]] = {
 PDF_KINDS = ("plot", "report")
 PDF_NODE = (13, "LogFile.pdf")
 
-#: Defaults that differ under RELION: image paths relative to the project folder, RELION's convention.
-RELION_DEFAULTS = {"image_paths": "cwd"}
+#: Defaults that differ under RELION: image paths relative to the project folder, RELION's convention; and
+#: the job folder belongs to its job, so running a job again (RELION's continue or overwrite) replaces the
+#: earlier run in it (``overwrite = no`` refuses; ``resume = yes`` continues where the method can).
+RELION_DEFAULTS = {"image_paths": "cwd", "overwrite": "yes"}
 
 #: RELION's External job tab has ten label/value pairs; ``method`` takes one.
 RELION_PARAM_SLOTS = 10

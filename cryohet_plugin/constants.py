@@ -17,8 +17,9 @@ ENGINE_DIR = "cryohet"          # the engine's output folder (its run record liv
 INPUT_DIR = "input"             # converted inputs
 INPUT_PARTICLES = "input_particles.star"
 
-#: Method parameters the protocol fills itself (from its GPU and thread settings).
-HOST_FILLED = ("device", "threads")
+#: Method parameters the protocol fills itself (from its GPU and thread settings; ``overwrite``: the engine's
+#: folder belongs to the protocol, so running it again, e.g. Scipion's continue, replaces the earlier run).
+HOST_FILLED = ("device", "threads", "overwrite")
 
 #: Scipion class each input role points at ("run": the output folder of an earlier cryohet protocol).
 POINTER_CLASSES = {"particles": "SetOfParticles", "volume": "Volume", "mask": "VolumeMask",

@@ -9,7 +9,7 @@ models, which imports modules of the registry's own package).
 Layers, by package (a new module of a package takes its package's layer; a new package or top-level module
 must be placed in ``LAYERS`` first). A module may import its own layer or lower ones:
 
-0  foundations: errors, atomic, record, device, distributed, io, geometry (and ``cryohet/__init__``)
+0  foundations: errors, atomic, runlock, record, device, distributed, io, geometry (and ``cryohet/__init__``)
 1  the data path and what needs only geometry: data, simulate, reconstruct
 2  models of V(τ, r)
 3  inference of τ
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: dict[str, int] = {
     "cryohet": 0,  # the package's __init__ (its version) only; every other module is placed below
-    "cryohet.errors": 0, "cryohet.atomic": 0, "cryohet.record": 0, "cryohet.device": 0,
+    "cryohet.errors": 0, "cryohet.atomic": 0, "cryohet.runlock": 0, "cryohet.record": 0, "cryohet.device": 0,
     "cryohet.distributed": 0, "cryohet.io": 0, "cryohet.geometry": 0,
     "cryohet.data": 1, "cryohet.simulate": 1, "cryohet.reconstruct": 1,
     "cryohet.models": 2,

@@ -1,14 +1,24 @@
-"""principal-volumes: subspace and latent recovery on simulated hinge data, homogeneous control, outputs, bad input."""
+"""principal-volumes: subspace and latent recovery on simulated hinge data, homogeneous control, outputs, bad input,
+convergence reporting, resume after kills at several points and from damaged checkpoints."""
 from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
 
 import numpy as np
 import pytest
+import starfile
 import torch
+from faults import kill_when, run_until_killed, self_kill, start, temporaries
 
 from cryohet.errors import InputError
 from cryohet.inference.ppca import band_limit, fit_principal_volumes, subspace_sines
+from cryohet.inference.ppca_state import read_state
 from cryohet.io.mrc import read_map, write_map
 from cryohet.io.particles import load_particles
+from cryohet.io.weights import previous_path
 from cryohet.models.linear import LinearModel
 from cryohet.simulate.molecules import default_molecule
 from cryohet.simulate.motions import hinge_conformations
@@ -130,6 +140,13 @@ def test_run_record_and_model(hinge, tmp_path):
                         "max_iter": 2, "movie_frames": 3, "mask": str(mask)}, run_dir)
     rec = read_record(run_dir)
     assert rec.status == "finished"
+    # 2 iterations cannot meet --tol (3 warm-up iterations): said in the record, the log and the report
+    (conv,) = rec.convergence
+    assert conv["converged"] is False and conv["iterations"] == 2 and conv["tol"] == 1e-3
+    assert "did not converge" in (run_dir / "run.log").read_text()
+    assert (f"**did not converge**: EM stopped at the iteration limit (--max_iter) after 2 iterations with a last "
+            f"subspace change (sine) of {conv['last_change']:.2e} against --tol 1.00e-03") in (run_dir / "report.md"
+                                                                                             ).read_text()
     kinds = {o.kind for o in rec.outputs}
     assert {"model", "volume", "latents", "particles_star", "volume_series", "plot"} <= kinds
     (model_out,) = rec.of_kind("model")
@@ -226,8 +243,9 @@ def read_map_default(n: int) -> np.ndarray:
     return atoms_to_map(atom_coords(mol), n, 6.0, 12.0, weights=atom_weights(mol))
 
 
-def test_resume_ends_as_an_uninterrupted_fit(hinge, tmp_path):
-    """A fit stopped after 2 EM iterations and resumed to 4 equals a 4-iteration fit; other settings are refused."""
+def test_resume_ends_as_an_uninterrupted_fit(hinge, tmp_path, caplog):
+    """A fit stopped after 2 EM iterations and resumed to 4 equals a 4-iteration fit; other settings are refused;
+    a damaged newest checkpoint gives way to the previous one."""
     pset = hinge[3]
     kw = dict(resolution_A=RES_A, tol=0.0, seed=0)
     full = fit_principal_volumes(pset, 2, max_iter=4, **kw)
@@ -242,6 +260,73 @@ def test_resume_ends_as_an_uninterrupted_fit(hinge, tmp_path):
     np.testing.assert_array_equal(again.latents, full.latents)
     with pytest.raises(InputError, match="n_components: 2 .checkpoint. vs 3"):
         fit_principal_volumes(pset, 3, max_iter=4, checkpoint=ckpt, resume=True, **kw)
+    # a damaged newest checkpoint is refused with a warning and the previous one (iteration 3) used
     ckpt.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="checkpoint.safetensors"):
+    with caplog.at_level(logging.WARNING):
+        again = fit_principal_volumes(pset, 2, max_iter=4, checkpoint=ckpt, resume=True, **kw)
+    assert f"checkpoint {ckpt} is unusable" in caplog.text
+    assert f"continuing from the previous checkpoint {previous_path(ckpt)}" in caplog.text
+    np.testing.assert_array_equal(again.latents, full.latents)
+    # with both damaged: an error naming both
+    ckpt.write_bytes(b"not a checkpoint")
+    previous_path(ckpt).write_bytes(b"")
+    with pytest.raises(InputError, match=r"no usable checkpoint .*checkpoint\.safetensors: .*"
+                                         r"checkpoint\.prev\.safetensors: "):
         fit_principal_volumes(pset, 2, max_iter=4, checkpoint=ckpt, resume=True, **kw)
+
+
+def test_convergence_is_reported(hinge):
+    """EM that meets --tol after the warm-up says so; one that stops at --max_iter says it did not converge."""
+    pset = hinge[3].subset(np.arange(300))
+    loose = fit_principal_volumes(pset, 1, resolution_A=16.0, max_iter=10, tol=1.0, warmup_iter=2)
+    assert loose.converged and loose.iterations == 3 == len(loose.history) and loose.tol == 1.0
+    assert loose.last_change == loose.history[-1]["subspace_change_sine"] < 1.0
+    tight = fit_principal_volumes(pset, 1, resolution_A=16.0, max_iter=3, tol=0.0, warmup_iter=2)
+    assert not tight.converged and tight.iterations == 3 and tight.last_change > 0
+
+
+#: quick principal-volumes runs for the fault tests (300 particles; tol 0: every run does max_iter iterations)
+FAST = dict(n_components=1, resolution_A=16.0, max_iter=8, tol=0.0, movie_frames=2, threads=1)
+
+
+def _em_iteration(path: Path) -> int:
+    """EM iteration of the checkpoint ``path`` (0 while there is none)."""
+    try:
+        return read_state(path)[0].iteration
+    except InputError:
+        return 0
+
+
+def test_runs_killed_at_several_points_resume_to_the_same_result(hinge, tmp_path):
+    """Killed while writing the checkpoint of EM iteration 2, between the two renames of that of iteration 4 and
+    at a random moment after that of iteration 4 or 5, each time continued with --resume yes: the maps and
+    coordinates are bit for bit those of an uninterrupted run."""
+    from cryohet.methods.principal_volumes import METHOD
+    from cryohet.runner import run_method
+
+    tables = starfile.read(hinge[1].particles_star, always_dict=True)
+    tables["particles"] = tables["particles"].iloc[:300]
+    star = Path(hinge[1].particles_star).with_name("particles_300.star")
+    starfile.write(tables, star)
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    run_method(METHOD, dict(particles=str(star), **FAST), ref)
+    values = dict(particles=str(star), resume=True, **FAST)  # no checkpoint yet: from scratch
+    code = ("from cryohet.runner import run_method\nfrom cryohet.methods.principal_volumes import METHOD\n"
+            f"run_method(METHOD, {values!r}, {str(out)!r})\n")
+    run_until_killed(self_kill(mid_write=2) + code)
+    ckpt = out / "checkpoint.safetensors"
+    assert _em_iteration(ckpt) == 1 and temporaries(out)      # the half-written one under a temporary name
+    run_until_killed(self_kill(between_renames=4) + code)
+    assert not ckpt.exists() and _em_iteration(previous_path(ckpt)) == 3
+    rng = random.Random(5)
+    iteration, delay = rng.choice([4, 5]), rng.uniform(0.0, 0.2)
+    kill_when(start(code), lambda: _em_iteration(ckpt) >= iteration, delay)
+    run_method(METHOD, values, out)
+    for name in ("latents.npy", "latents_std.npy"):
+        np.testing.assert_array_equal(np.load(ref / name), np.load(out / name))
+    for name in ("mean.mrc", "component_01.mrc"):
+        np.testing.assert_array_equal(read_map(ref / name)[0], read_map(out / name)[0])
+    assert "8 EM iterations" in (out / "report.md").read_text()
+    assert "continuing from the previous checkpoint" in (out / "run.log").read_text()
+    assert json.loads((out / "cryohet_run.json").read_text())["status"] == "finished"
+    assert not temporaries(out)

@@ -222,6 +222,26 @@ def test_abort_file_present_at_start_in_process(tmp_path, monkeypatch):
     assert "CRYOHET_ABORT_FILE" not in os.environ
 
 
+def test_running_a_job_again_replaces_it_unless_overwrite_no(tmp_path, monkeypatch):
+    """RELION runs a job again into its own folder (continue, overwrite): the earlier run is replaced; with the
+    pair overwrite = no the job fails, with the engine's reason in run.err."""
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "External" / "job010"
+    job.mkdir(parents=True)
+    (job / "note.txt").write_text("RELION's note of the job\n")  # RELION writes into the folder first
+    args = ["--o", "External/job010/", "--method", "simulate", "--n_particles", "20", "--box", "16",
+            "--n_states", "2", "--j", "1"]
+    assert main(args) == 0
+    first = read_record(job)
+    assert first.params["overwrite"] is True and first.status == "finished"
+    assert main(args) == 0 and read_record(job).started > first.started and (job / EXIT_SUCCESS).exists()
+    assert main([*args, "--overwrite", "no"]) == 2
+    assert (job / EXIT_FAILURE).exists() and not (job / EXIT_SUCCESS).exists()
+    err = (job / "run.err").read_text()
+    assert "earlier cryohet simulate run (finished" in err and "--overwrite yes" in err, err
+    assert read_record(job).status == "finished"  # the refused run left the earlier record alone
+
+
 def test_parse_what_relion_passes():
     args = parse_job_args(["--o", "External/job003/", "--in_parts", "Select/job002/particles.star",
                            "--method", "reconstruct", "--wiener", "0.5", "--box", "24", "--j", "4",

@@ -47,6 +47,41 @@ def test_form_values_become_engine_arguments():
     assert pairs["--motion"] == "interpolate"  # the enum index mapped back to the choice
     assert pairs["--discrete"] == "yes"
     assert pairs["--threads"] == "3" and pairs["--device"] == "cpu"
+    assert pairs["--overwrite"] == "yes"  # the engine's folder is the protocol's own: running it again replaces it
     gpu = CryohetProtSimulate(useGpu=True, gpuList="0")
     assert dict(zip(gpu.engineArgs()[1::2], gpu.engineArgs()[2::2]))["--device"] == "auto"
     assert gpu.getGpuList() == [0]
+
+
+def test_failure_reason_and_summary_show_the_engines_state(tmp_path):
+    """The protocol fails with the engine's reason (its record's error); a run whose process was killed shows as
+    died; the summary shows the state and convergence warnings."""
+    import json
+    import socket
+
+    from cryohet.runlock import LOCK_NAME
+    from cryohet_plugin.protocols import CryohetProtReconstruct
+
+    prot = CryohetProtReconstruct()
+    prot.setWorkingDir(str(tmp_path))
+    engine = tmp_path / "extra" / "cryohet"
+    engine.mkdir(parents=True)
+    record = {"method": "reconstruct", "params": {}, "status": "failed", "outputs": [], "version": "0",
+              "error": "/data/particles.mrcs: file not found",
+              "convergence": [{"what": "EM", "converged": False, "last_change": 0.02, "tol": 0.001,
+                               "iterations": 30}]}
+    (engine / "cryohet_run.json").write_text(json.dumps(record))
+    assert prot._failureReason(2, ["some line"]) == \
+        "cryohet reconstruct failed: /data/particles.mrcs: file not found"
+    summary = prot._summary()
+    assert summary[0].endswith("reconstruct: failed") and "Error: /data/particles.mrcs: file not found" in summary
+    assert "Warning: EM did not converge: last change 0.02 against tolerance 0.001 after 30 iterations" in summary
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (engine / "cryohet_run.json").write_text(json.dumps(dict(record, status="running", error=None)))
+    (engine / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": 1.7e9,
+                                                "method": "reconstruct"}))
+    assert prot._failureReason(-9, []) == ("cryohet reconstruct failed: the engine's process ended without "
+                                           "finishing its run (killed by signal 9)")
+    assert prot._summary()[0].endswith("reconstruct: died")

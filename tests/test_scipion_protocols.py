@@ -85,7 +85,7 @@ def test_generated_protocol_forms():
     assert params["mask"].pointerClass.get() == "VolumeMask" and params["mask"].allowsNull
     assert type(params["box"]).__name__ == "IntParam"
     assert params["batch_size"].expertLevel.get() == 1 and params["box"].expertLevel.get() == 0
-    assert "device" not in params and "threads" not in params and "gpuList" in params
+    assert "device" not in params and "threads" not in params and "overwrite" not in params and "gpuList" in params
     sim = dict(CryohetProtSimulate().getDefinition().iterParams())
     assert type(sim["motion"]).__name__ == "EnumParam"
     assert sim["motion"].choices[int(sim["motion"].default.get())] == "hinge"
@@ -99,6 +99,7 @@ def test_every_method_has_a_protocol_with_its_parameters():
     """Adding a method to the engine adds a protocol; descriptions from the cache equal the engine's."""
     import cryohet_plugin.protocols as protocols
     from cryohet.methods import all_methods
+    from cryohet_plugin.constants import HOST_FILLED
     from cryohet_plugin.descriptions import load_descriptions
 
     engine = all_methods()
@@ -110,7 +111,7 @@ def test_every_method_has_a_protocol_with_its_parameters():
         cls = getattr(protocols, protocols.class_name(name))
         form = dict(cls().getDefinition().iterParams())
         for p in m.all_params():
-            if p.name not in ("device", "threads"):
+            if p.name not in HOST_FILLED:
                 assert cls._paramAttrs[p.name] in form, (name, p.name)
 
 

@@ -1,14 +1,16 @@
-"""train-vae: learning a conformational latent, model files and volumes, resume after a kill, NaN guard,
-refusal of a model of another box, and two DDP ranks (gloo, CPU) against one."""
+"""train-vae: learning a conformational latent, model files and volumes, resume after kills at several points
+(also while a checkpoint is written), damaged checkpoints, a full disk, NaN guard, refusal of a model of another
+box, and two DDP ranks (gloo, CPU) against one."""
 from __future__ import annotations
 
 import json
 import os
-import signal
+import random
+import shutil
 import subprocess
 import sys
-import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,14 @@ import pandas as pd
 import pytest
 import starfile
 import torch
+from faults import file_size_limit, kill_when, run_until_killed, self_kill, start, temporaries
 
-from cryohet.errors import InputError
+from cryohet.errors import InputError, OutputError
 from cryohet.geometry.euler import euler_to_matrix, random_euler
 from cryohet.geometry.lattice import Lattice
 from cryohet.geometry.project import Projector
 from cryohet.inference.trainer import CHECKPOINT_NAME, TrainingDiverged, load_checkpoint
+from cryohet.io.weights import previous_path
 from cryohet.methods.simulate import METHOD as SIMULATE
 from cryohet.methods.train_vae import METHOD as TRAIN_VAE
 from cryohet.models.base import load_volume_model
@@ -31,6 +35,8 @@ from cryohet.validation.metrics import spearman_pc1
 
 #: small and quick: the tests look at behaviour, bench/bench_vae.py at accuracy and speed
 TINY = dict(enc_dim=64, dec_dim=64, batch_size=32, lr=1e-3, threads=1)
+#: smaller still, on 300 particles, for the runs that are killed, damaged or starved of disk space
+FAST = dict(enc_dim=32, dec_dim=32, batch_size=32, lr=1e-3, threads=1, epochs=8)
 
 
 @pytest.fixture(scope="module")
@@ -111,48 +117,121 @@ def test_decoder_slices_are_the_projections_of_its_volumes(tmp_path: Path, domai
     assert (a * r.conj()).sum().real / (a.abs().norm() * r.abs().norm()) < 0.8
 
 
-def _python(code: str) -> list[str]:
-    return [sys.executable, "-c", code]
-
-
 def _train_code(particles: Path, out: Path, **values: object) -> str:
-    vals = dict(particles=str(particles), **TINY, **values)
+    vals = dict(particles=str(particles), **{**TINY, **values})
     return ("from cryohet.runner import run_method\nfrom cryohet.methods.train_vae import METHOD\n"
             f"run_method(METHOD, {vals!r}, {str(out)!r})\n")
 
 
-def test_resume_after_a_kill_gives_the_same_model(hinge: Path, tmp_path: Path) -> None:
-    star = hinge / "particles.star"
-    ref = tmp_path / "ref"
-    run_method(TRAIN_VAE, dict(particles=str(star), epochs=4, **TINY), ref)
+@pytest.fixture(scope="module")
+def small(hinge: Path) -> Path:
+    """The first 300 particles of ``hinge`` (a STAR beside its stack): quick runs for the fault tests."""
+    tables = starfile.read(hinge / "particles.star", always_dict=True)
+    tables["particles"] = tables["particles"].iloc[:300]
+    starfile.write(tables, hinge / "particles_300.star")
+    return hinge / "particles_300.star"
 
-    killed = tmp_path / "killed"
-    env = dict(os.environ, CRYOHET_NO_PROGRESS="1")
-    proc = subprocess.Popen(_python(_train_code(star, killed, epochs=4)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+
+@pytest.fixture(scope="module")
+def uninterrupted(small: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The folder of an uninterrupted ``FAST`` run on ``small`` with a given inference (run once, when first asked)."""
+    runs: dict[str, Path] = {}
+
+    def run(inference: str) -> Path:
+        if inference not in runs:
+            runs[inference] = tmp_path_factory.mktemp(f"uninterrupted_{inference}")
+            run_method(TRAIN_VAE, dict(particles=str(small), inference=inference, **FAST), runs[inference])
+        return runs[inference]
+    return run
+
+
+def _checkpoint_epoch(folder: Path) -> int:
+    """Epoch of the checkpoint under the newest name in ``folder`` (0 while there is none)."""
     try:
-        while time.time() < deadline:
-            ckpt = killed / CHECKPOINT_NAME
-            if ckpt.exists() and load_checkpoint(ckpt).epoch >= 1:
-                break
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "model.safetensors").exists()
-    done = load_checkpoint(killed / CHECKPOINT_NAME).epoch
-    assert 1 <= done < 4
+        return load_checkpoint(folder / CHECKPOINT_NAME).epoch
+    except InputError:
+        return 0
 
-    run_method(TRAIN_VAE, dict(particles=str(star), epochs=4, resume=True, **TINY), killed)
-    a, b = _weights(ref / "model.safetensors"), _weights(killed / "model.safetensors")
+
+def _assert_same_run(ref: Path, out: Path) -> None:
+    """Bit for bit the same weights, latents and losses per epoch."""
+    a, b = _weights(ref / "model.safetensors"), _weights(out / "model.safetensors")
+    assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    np.testing.assert_array_equal(np.load(ref / "z.npy"), np.load(killed / "z.npy"))
-    hist = json.loads((killed / "config.json").read_text())["history"]
-    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    np.testing.assert_array_equal(np.load(ref / "z.npy"), np.load(out / "z.npy"))
+    h_ref, h_out = (json.loads((d / "config.json").read_text())["history"] for d in (ref, out))
+    assert [h["epoch"] for h in h_out] == list(range(1, FAST["epochs"] + 1))
+    assert [h["loss"] for h in h_out] == [h["loss"] for h in h_ref]
+
+
+@pytest.mark.parametrize("inference", ["amortised", "autodecoder"])
+def test_runs_killed_at_several_points_resume_to_the_same_model(small: Path, uninterrupted: Callable[[str], Path],
+                                                                tmp_path: Path, inference: str) -> None:
+    """Killed while writing the checkpoint of epoch 2, between the two renames of that of epoch 4 and at a
+    random moment after that of epoch 5 or 6, each time continued with --resume yes: the run ends bit for bit
+    as an uninterrupted one."""
+    out = tmp_path / "killed"
+    values = dict(particles=str(small), inference=inference, resume=True, **FAST)  # no checkpoint yet: from scratch
+    code = _train_code(small, out, inference=inference, resume=True, **FAST)
+    run_until_killed(self_kill(mid_write=2) + code)
+    assert _checkpoint_epoch(out) == 1
+    assert any(p.name.startswith(f".{CHECKPOINT_NAME}.") for p in temporaries(out))  # the half-written one
+    run_until_killed(self_kill(between_renames=4) + code)
+    assert not (out / CHECKPOINT_NAME).exists()
+    assert load_checkpoint(previous_path(out / CHECKPOINT_NAME)).epoch == 3
+    rng = random.Random(inference)
+    epoch, delay = rng.choice([5, 6]), rng.uniform(0.0, 0.3)
+    kill_when(start(code), lambda: _checkpoint_epoch(out) >= epoch, delay)
+    assert not (out / "model.safetensors").exists() or _checkpoint_epoch(out) == FAST["epochs"]
+    run_method(TRAIN_VAE, values, out)
+    _assert_same_run(uninterrupted(inference), out)
+    log = (out / "run.log").read_text()
+    assert "continuing from the previous checkpoint" in log and "the run stopped while replacing it" in log
+    assert not temporaries(out)
+
+
+def test_a_damaged_checkpoint_is_refused_and_the_previous_one_used(small: Path, uninterrupted: Callable[[str], Path],
+                                                                    tmp_path: Path) -> None:
+    """The newest checkpoint truncated, or overwritten with garbage, after 2 epochs: resuming warns, continues from
+    epoch 1 and ends as the uninterrupted run; with both checkpoints damaged the error names both."""
+    first = tmp_path / "first"
+    run_method(TRAIN_VAE, dict(particles=str(small), **{**FAST, "epochs": 2}), first)
+    assert load_checkpoint(previous_path(first / CHECKPOINT_NAME)).epoch == 1
+    data = (first / CHECKPOINT_NAME).read_bytes()
+    damages = {"truncated": data[: len(data) // 2], "garbage": np.random.default_rng(0).bytes(len(data))}
+    for name, damaged in damages.items():
+        out = tmp_path / name
+        shutil.copytree(first, out)
+        (out / CHECKPOINT_NAME).write_bytes(damaged)
+        run_method(TRAIN_VAE, dict(particles=str(small), resume=True, **FAST), out)
+        log = (out / "run.log").read_text()
+        assert f"WARNING checkpoint {out / CHECKPOINT_NAME} is unusable: not a complete safetensors file" in log
+        assert f"resuming from {previous_path(out / CHECKPOINT_NAME)} after epoch 1" in log
+        assert (out / "checkpoint.unusable.safetensors").read_bytes() == damaged  # kept aside, out of the way
+        _assert_same_run(uninterrupted("amortised"), out)
+    out = tmp_path / "garbage"
+    for path in (out / CHECKPOINT_NAME, previous_path(out / CHECKPOINT_NAME)):
+        path.write_bytes(damages["truncated"])
+    with pytest.raises(InputError, match=r"no usable checkpoint \(.*checkpoint\.safetensors: not a complete.*"
+                                         r"checkpoint\.prev\.safetensors: not a complete"):
+        run_method(TRAIN_VAE, dict(particles=str(small), resume=True, **{**FAST, "epochs": 9}), out)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_good_one(small: Path, tmp_path: Path) -> None:
+    """Writing the checkpoint of epoch 2 fails (a file-size limit): a clear error naming it, the run fails, the
+    checkpoint of epoch 1 is intact and no temporary file is left; the run then resumes from it."""
+    run_method(TRAIN_VAE, dict(particles=str(small), **{**FAST, "epochs": 1}), tmp_path)
+    ckpt = tmp_path / CHECKPOINT_NAME
+    good = ckpt.read_bytes()
+    with file_size_limit(len(good) // 2), pytest.raises(OutputError, match=f"{ckpt}: could not be written: file "
+                                                                           "too large"):
+        run_method(TRAIN_VAE, dict(particles=str(small), resume=True, **{**FAST, "epochs": 2}), tmp_path)
+    assert ckpt.read_bytes() == good and not previous_path(ckpt).exists() and not temporaries(tmp_path)
+    record = json.loads((tmp_path / "cryohet_run.json").read_text())
+    assert record["status"] == "failed" and "could not be written" in record["error"]
+    run_method(TRAIN_VAE, dict(particles=str(small), resume=True, **{**FAST, "epochs": 2}), tmp_path)
+    assert load_checkpoint(ckpt).epoch == 2 and load_checkpoint(previous_path(ckpt)).epoch == 1
 
 
 def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(hinge: Path, tmp_path: Path) -> None:

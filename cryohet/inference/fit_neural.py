@@ -28,6 +28,7 @@ from cryohet.inference.trainer import (
     TrainResult,
     load_checkpoint,
 )
+from cryohet.io.weights import read_checkpoint
 from cryohet.models.neural import VolumeConfig, read_model, stored_inference
 
 INFERENCES: dict[str, type[nn.Module]] = {c.kind: c for c in (AmortisedInference, AutoDecoderInference)}
@@ -61,7 +62,8 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
     """Train the volume ``cfg`` (its box and pixel size those of the cropped images) with the inference strategy
     ``inference`` (``kind`` and its settings) on ``pset``; returns the trained objective and the result.
 
-    Writes ``out_dir/checkpoint.safetensors`` after every epoch (rank 0); ``resume`` continues from it.
+    Writes ``out_dir/checkpoint.safetensors`` after every epoch (rank 0), keeping the one before as
+    ``checkpoint.prev.safetensors``; ``resume`` continues from the newest usable of the two.
     """
     hooks = Hooks.of(ctx)
     ddp, device = setup_distributed(torch.device(device))
@@ -71,7 +73,7 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         reader = pset.reader()
         lattice = Lattice(pset.box, pset.apix).cropped(cfg.box)
         points = lattice.half_plane(cfg.max_freq * cfg.box)
-        ckpt = _resume_point(Path(out_dir) / CHECKPOINT_NAME, cfg, inference, opts, len(reader), hooks) \
+        ckpt = _resume_point(Path(out_dir) / CHECKPOINT_NAME, cfg, inference, opts, len(reader), hooks, ddp.main) \
             if resume else None
         if resume and ckpt is None:
             hooks.log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
@@ -94,11 +96,14 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
 
 
 def _resume_point(path: Path, cfg: VolumeConfig, inference: dict[str, Any], opts: TrainOptions, n: int,
-                  hooks: Hooks) -> Checkpoint | None:
-    """The checkpoint to continue from (None when there is none), checked against what is asked now."""
-    if not path.is_file():
+                  hooks: Hooks, owner: bool) -> Checkpoint | None:
+    """The checkpoint to continue from (None when there is none), checked against what is asked now: ``path``,
+    or its previous version when ``path`` is missing, truncated or corrupt (``read_checkpoint``; ``owner``: the
+    rank that writes the checkpoints)."""
+    found = read_checkpoint(path, load_checkpoint, hooks.log, owner)
+    if found is None:
         return None
-    ckpt = load_checkpoint(path)
+    path, ckpt = found
     saved = VolumeConfig.from_dict(json.loads(ckpt.meta.get("config", "{}")))
     check_compatible(cfg, saved, path)
     _check_settings(inference, stored_inference(ckpt.meta), path, "checkpoint")

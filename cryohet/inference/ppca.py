@@ -66,6 +66,10 @@ class PrincipalVolumes:
     work_box: int                  # box the images were Fourier-cropped to
     resolution_A: float            # resolution limit used
     history: list[dict[str, float]] = field(default_factory=list)
+    converged: bool = False        # EM met ``tol`` after the warm-up (else it stopped at ``max_iter``)
+    last_change: float = math.nan  # sine of the largest principal angle between the last two component subspaces
+    tol: float = 0.0               # the stopping tolerance on that sine
+    iterations: int = 0            # EM iterations done (a resumed fit counts those before the stop)
 
 
 def check_inputs(n_particles: int, box: int, apix: float, n_components: int, resolution_A: float,
@@ -287,9 +291,11 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     ``mask``: (box,)*3 map in [0, 1] restricting the components (default: a soft sphere).
     ``regularisation``: T of the per-shell prior 1/(T τ²); larger trusts the data more.
     ``max_iter``/``tol``: EM stops when the largest principal-angle sine between successive
-    component subspaces falls below ``tol``.
-    ``checkpoint``: file written after every EM iteration; with ``resume`` the fit continues from it (when it
-    exists) and ends as an uninterrupted fit would.
+    component subspaces falls below ``tol`` (after ``warmup_iter``), else after ``max_iter`` iterations; the
+    result says which (``converged``, ``last_change``, ``tol``, ``iterations``).
+    ``checkpoint``: file written after every EM iteration, the one before kept as ``<stem>.prev<suffix>``; with
+    ``resume`` the fit continues from the newest usable of the two (when there is one) and ends as an
+    uninterrupted fit would.
     """
     log = log or logging.getLogger("cryohet.ppca")
     progress = progress or _progress_default
@@ -423,10 +429,11 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                 "radius_px": round(float(radius_px), 6), "pad": pad, "regularisation": regularisation,
                 "prior": prior, "warmup_iter": warmup_iter, "seed": seed, "mask": mask_digest(mask_n)}
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    state = load_state(ckpt, settings) if resume and ckpt is not None and ckpt.is_file() else None
-    if state is not None:
+    found = load_state(ckpt, settings, log) if resume and ckpt is not None else None
+    if found is not None:
+        used, state = found
         vols, noise, history = state.vols.to(device), state.noise.to(device), state.history
-        log.info("resuming from %s after EM iteration %d", ckpt, state.iteration)
+        log.info("resuming from %s after EM iteration %d", used, state.iteration)
     else:
         if resume:
             log.info("--resume: no checkpoint at %s, starting from scratch", ckpt)
@@ -444,8 +451,7 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         noise = None
         history = []
     prev_basis = _orthonormal(vols[1:].reshape(K, -1))
-    converged = bool(history) and history[-1]["iteration"] > warmup_iter and history[-1]["subspace_change_sine"] < tol
-    last = len(history) if converged else max_iter  # a resumed fit that had converged does no more iterations
+    last = len(history) if _met_tolerance(history, warmup_iter, tol) else max_iter  # a converged fit stays so
     for it in range(len(history) + 1, last + 1):
         ti = time.time()
         acc, new_noise, z_it, cov_it = run_pass(vols, noise, True, True, f"principal volumes: EM {it}/{max_iter}")
@@ -473,8 +479,13 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                  float((s ** 2).sum()), time.time() - ti)
         if ckpt is not None:
             save_state(ckpt, EMState(vols, noise, it, history), settings)
-        if it > warmup_iter and change < tol:
+        if _met_tolerance(history, warmup_iter, tol):
             break
+    converged = _met_tolerance(history, warmup_iter, tol)
+    last_change = history[-1]["subspace_change_sine"] if history else math.nan
+    log.info("principal volumes: EM %s after %d iterations: last subspace change %.2e, tolerance %.2e",
+             "converged" if converged else "stopped at the iteration limit without converging", len(history),
+             last_change, tol)
     # final E-step with the fitted model
     _, noise_final, z, cov = run_pass(vols, noise, True, False, "principal volumes: coordinates")
 
@@ -497,4 +508,10 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         components=X.reshape((K,) + (N_box,) * 3).numpy().astype(np.float32),
         eigenvalues=(s ** 2).numpy(), latents=b, latent_std=std_b,
         noise_var=noise_final.cpu().numpy(), apix=apix, work_box=n, resolution_A=float(res_used),
-        history=history)
+        history=history, converged=converged, last_change=last_change, tol=tol, iterations=len(history))
+
+
+def _met_tolerance(history: list[dict[str, float]], warmup_iter: int, tol: float) -> bool:
+    """Whether the last EM iteration, past the warm-up, changed the component subspace by less than ``tol``
+    (the sine of the largest principal angle)."""
+    return bool(history) and history[-1]["iteration"] > warmup_iter and history[-1]["subspace_change_sine"] < tol

@@ -2,12 +2,14 @@
 
 One safetensors file holds the maps (mean and components at the working box), the noise spectrum, the
 iteration and its history, and the settings that must match on resuming (particles, box, K, limit, prior,
-mask). EM is deterministic given that state, so a resumed run ends as an uninterrupted one.
+mask). EM is deterministic given that state, so a resumed run ends as an uninterrupted one. The checkpoint
+it replaces is kept as ``checkpoint.prev.safetensors`` and used when the newest is missing, truncated or corrupt.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from cryohet.errors import InputError
-from cryohet.io.weights import read_weights, write_weights
+from cryohet.io.weights import read_checkpoint, read_weights, write_weights
 
 FORMAT = "cryohet-ppca-checkpoint-1"
 
@@ -34,20 +36,40 @@ def mask_digest(mask: torch.Tensor) -> str:
 
 
 def save_state(path: Path, state: EMState, settings: dict[str, Any]) -> None:
+    """Write the EM state atomically, keeping the checkpoint it replaces as the previous one."""
     tensors = {"vols": state.vols.detach().cpu().contiguous(), "noise": state.noise.detach().cpu().contiguous()}
     meta = {"format": FORMAT, "iteration": str(state.iteration), "history": json.dumps(state.history),
             "settings": json.dumps(settings, sort_keys=True)}
-    write_weights(path, tensors, meta)
+    write_weights(path, tensors, meta, checkpoint=True)
 
 
-def load_state(path: Path, settings: dict[str, Any]) -> EMState:
-    """The state in ``path``; InputError when it is not a principal-volumes checkpoint or its settings differ."""
+def read_state(path: Path) -> tuple[EMState, dict[str, Any]]:
+    """The state in ``path`` and the settings it was written with; InputError when the file is missing,
+    truncated, corrupt or not a complete principal-volumes checkpoint."""
     tensors, meta = read_weights(path)
     if meta.get("format") != FORMAT or not {"vols", "noise"} <= tensors.keys():
         raise InputError(path, f"not a principal-volumes checkpoint (format {meta.get('format')!r})")
-    saved = json.loads(meta["settings"])
+    try:
+        state = EMState(tensors["vols"], tensors["noise"], int(meta["iteration"]), json.loads(meta["history"]))
+        settings = json.loads(meta["settings"])
+    except (KeyError, ValueError) as exc:
+        raise InputError(path, f"the checkpoint's metadata is incomplete ({exc})") from None
+    if state.vols.ndim != 4 or state.noise.ndim != 1 or len(state.history) != state.iteration:
+        raise InputError(path, f"inconsistent checkpoint: maps of shape {tuple(state.vols.shape)}, noise of shape "
+                               f"{tuple(state.noise.shape)}, iteration {state.iteration} with "
+                               f"{len(state.history)} iterations of history")
+    return state, settings
+
+
+def load_state(path: Path, settings: dict[str, Any], log: logging.Logger) -> tuple[Path, EMState] | None:
+    """The newest usable state of the checkpoint ``path`` or of its previous version (``read_checkpoint``) and the
+    file it came from; None when there is none. InputError when none is usable or its settings differ."""
+    found = read_checkpoint(path, read_state, log)
+    if found is None:
+        return None
+    used, (state, saved) = found
     diff = [f"{k}: {saved.get(k)!r} (checkpoint) vs {v!r} (asked)" for k, v in settings.items() if saved.get(k) != v]
     if diff:
-        raise InputError(path, "the checkpoint was written with other settings; use the same ones or a new output "
+        raise InputError(used, "the checkpoint was written with other settings; use the same ones or a new output "
                                "folder: " + "; ".join(diff))
-    return EMState(tensors["vols"], tensors["noise"], int(meta["iteration"]), json.loads(meta["history"]))
+    return used, state

@@ -123,7 +123,8 @@ class Checkpoint:
 def save_checkpoint(path: Path, model: nn.Module, optim: torch.optim.Optimizer, epoch: int,
                     history: list[dict[str, float]], opts: TrainOptions, n_particles: int,
                     meta: dict[str, str]) -> None:
-    """Model, optimizer, RNG, epoch and the caller's metadata in one safetensors file, written atomically."""
+    """Model, optimizer, RNG, epoch and the caller's metadata in one safetensors file, written atomically; the
+    checkpoint it replaces is kept as ``checkpoint.prev.safetensors`` (``read_checkpoint`` falls back to it)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     sd = optim.state_dict()
     for i, st in sd["state"].items():
@@ -132,18 +133,24 @@ def save_checkpoint(path: Path, model: nn.Module, optim: torch.optim.Optimizer, 
     tensors["rng.torch"] = torch.get_rng_state()
     write_weights(path, tensors, {**meta, "format": CHECKPOINT_FORMATS[0], "epoch": str(epoch),
                                   "history": json.dumps(history), "param_groups": json.dumps(sd["param_groups"]),
-                                  "options": json.dumps(asdict(opts)), "n_particles": str(n_particles)})
+                                  "options": json.dumps(asdict(opts)), "n_particles": str(n_particles)},
+                  checkpoint=True)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint in ``path``; InputError when it is missing, truncated, corrupt or not a training checkpoint."""
     tensors, meta = read_weights(path)
     if meta.get("format") not in CHECKPOINT_FORMATS:
         raise InputError(path, f"not a cryohet training checkpoint (format {meta.get('format')!r})")
     try:
-        return Checkpoint(meta, int(meta["epoch"]), json.loads(meta["history"]), int(meta["n_particles"]), tensors,
+        ckpt = Checkpoint(meta, int(meta["epoch"]), json.loads(meta["history"]), int(meta["n_particles"]), tensors,
                           json.loads(meta["param_groups"]), json.loads(meta.get("options", "{}")))
     except (KeyError, ValueError) as exc:
         raise InputError(path, f"the checkpoint's metadata is incomplete ({exc})") from None
+    if len(ckpt.history) != ckpt.epoch or not ckpt.model_state():
+        raise InputError(path, f"inconsistent checkpoint: epoch {ckpt.epoch} with {len(ckpt.history)} epochs of "
+                               f"history and {len(ckpt.model_state())} model tensors")
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 from cryohet.analysis import latent
 from cryohet.analysis.runs import load_latents, particles_star_path
 from cryohet.analysis.volumes import VolumeSeries, write_chimerax_script, write_volume_series
+from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
 from cryohet.methods.base import Method, Param
 
@@ -87,7 +88,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     # PCA
     pcs = latent.pca(z)
     coords = pcs.transform(z).astype(np.float32)
-    np.save(ctx.out_dir / "pca.npy", coords)
+    with atomic_path(ctx.out_dir / "pca.npy") as tmp:
+        np.save(tmp, coords)
     ratio = pcs.explained_variance_ratio
     ctx.log.info("PCA explained variance ratio: %s", ", ".join(f"{r:.3f}" for r in ratio))
     ctx.add("latents", "pca.npy", "PCA coordinates of the latents", content="pca",
@@ -112,7 +114,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     else:
         emb, fit_rows = latent.umap_embedding(z, params["umap_neighbors"], params["umap_min_dist"],
                                               params["umap_max_points"], ctx.seed, log=ctx.log.info)
-        np.save(ctx.out_dir / "umap.npy", emb)
+        with atomic_path(ctx.out_dir / "umap.npy") as tmp:
+            np.save(tmp, emb)
         ctx.add("latents", "umap.npy", "UMAP of the latents", content="umap", fitted_on=int(len(fit_rows)),
                 n_neighbors=params["umap_neighbors"], min_dist=params["umap_min_dist"], **src)
         ctx.add("plot", plots.scatter_plot(emb, ctx.out_dir / "umap.png", xlabel="UMAP1", ylabel="UMAP2",
@@ -129,11 +132,13 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         name = f"kmeans{k}"
         folder = ctx.out_dir / name
         folder.mkdir(exist_ok=True)
-        np.save(folder / "labels.npy", km.labels.astype(np.int32))
-        np.savetxt(folder / "centers.txt", km.centers, fmt="%.6g",
-                   header=f"on-data k-means centres (latent coordinates), one per cluster 0..{k - 1}")
-        np.savetxt(folder / "centers_ind.txt", km.center_indices, fmt="%d",
-                   header="0-based row (particles STAR / latents) of each centre")
+        with atomic_path(folder / "labels.npy") as tmp:
+            np.save(tmp, km.labels.astype(np.int32))
+        with atomic_path(folder / "centers.txt") as tmp:
+            np.savetxt(tmp, km.centers, fmt="%.6g",
+                       header=f"on-data k-means centres (latent coordinates), one per cluster 0..{k - 1}")
+        with atomic_path(folder / "centers_ind.txt") as tmp:
+            np.savetxt(tmp, km.center_indices, fmt="%d", header="0-based row (particles STAR / latents) of each centre")
         sizes = np.bincount(km.labels, minlength=k)
         ctx.log.info("k-means (K=%d): cluster sizes %s", k, " ".join(map(str, sizes)))
         ctx.add("latents", f"{name}/labels.npy", f"k-means labels (K={k})", content="kmeans_labels", k=k,
@@ -161,7 +166,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             per_map["particle_index"] = idx.tolist()
         folder = ctx.out_dir / name
         folder.mkdir(exist_ok=True)
-        np.savetxt(folder / "z_values.txt", pts, fmt="%.6g", header=f"latent points along {pc_lab[i]}")
+        with atomic_path(folder / "z_values.txt") as tmp:
+            np.savetxt(tmp, pts, fmt="%.6g", header=f"latent points along {pc_lab[i]}")
         ctx.add("plot", plots.scatter_plot(xy, folder / "pca.png", xlabel=pc_lab[0], ylabel=ylab,
                                            points=pcs.transform(pts)[:, :2], points_label=f"{name} traversal",
                                            title=f"{name} traversal ({params['pc_low_pct']:g}th to "

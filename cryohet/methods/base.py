@@ -73,6 +73,8 @@ COMMON_PARAMS = (
           expert=True),
     Param("threads", int, 2, "CPU threads for torch.", min=1, expert=True),
     Param("seed", int, 0, "Random seed (half-sets, initialisation, simulation).", expert=True),
+    Param("overwrite", bool, False, "Replace the outputs of an earlier run in this folder (without it, a folder "
+          "that holds an earlier run's record is refused).", expert=True),
 )
 
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from cryohet.analysis.latent import linear_path
 from cryohet.analysis.volumes import parse_z, read_z_file, write_chimerax_script, write_volume_series
+from cryohet.atomic import atomic_path
 from cryohet.methods.base import Method, Param
 
 PARAMS = (
@@ -43,7 +44,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                         params["n_frames"]).astype(np.float32)
     ctx.log.info("model: latent dimension %d, box %d, %.4g Å/pixel; %d map(s)", d, model.box, model.apix, len(z))
     series = write_volume_series(model, z, ctx.out_dir, progress=ctx.progress, desc="maps", batch=params["batch"])
-    np.savetxt(ctx.out_dir / "z_values.txt", z, fmt="%.6g", header="latent point of vol_000.mrc, vol_001.mrc, ...")
+    with atomic_path(ctx.out_dir / "z_values.txt") as tmp:
+        np.savetxt(tmp, z, fmt="%.6g", header="latent point of vol_000.mrc, vol_001.mrc, ...")
     src = str(run_dir)
     if len(series.files) == 1:
         ctx.add("volume", series.files[0], "map at z = " + ", ".join(f"{v:.4g}" for v in z[0]),

@@ -37,7 +37,8 @@ PARAMS = (
     Param("cache_mb", float, 1024.0, "Keep the Fourier-cropped images in memory when they fit in this many MiB "
           "(else they are read again at each iteration).", min=0.0, expert=True),
     Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (checkpoint.safetensors, "
-          "written after every EM iteration); --max_iter is the new total. The other settings must be the same."),
+          "written after every EM iteration; the one before is kept as checkpoint.prev.safetensors and used when "
+          "the newest is damaged); --max_iter is the new total. The other settings must be the same."),
 )
 
 
@@ -85,6 +86,16 @@ def _plot(path: Path, b: np.ndarray, eigenvalues: np.ndarray) -> None:
     save_png(fig, path, dpi=90)
 
 
+def _convergence_line(converged: bool, last_change: float, tol: float, iterations: int) -> str:
+    """The report's line on whether EM met --tol (changes: sines of the largest principal angle between
+    successive component subspaces)."""
+    if converged:
+        return f"- converged: last subspace change (sine) {last_change:.2e} below --tol {tol:.2e}"
+    return (f"- **did not converge**: EM stopped at the iteration limit (--max_iter) after {iterations} iterations "
+            f"with a last subspace change (sine) of {last_change:.2e} against --tol {tol:.2e}; run more iterations "
+            "(--resume yes with a larger --max_iter continues from the checkpoint) or loosen --tol")
+
+
 def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
     from cryohet.atomic import atomic_path
@@ -104,6 +115,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         prior=params["prior"], device=ctx.device, seed=params["seed"],
         cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log,
         checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", resume=params["resume"])
+    ctx.report_convergence("principal-volumes EM (subspace change, sine)", res.converged, res.last_change, res.tol,
+                           res.iterations)
     out = Path(ctx.out_dir)
     apix = pset.apix
 
@@ -155,8 +168,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
     lines = [f"# principal volumes: {len(pset)} particles, K = {K}", "",
              f"- working box {res.work_box} px, resolution limit {res.resolution_A:.2f} Å, "
-             f"{len(res.history)} EM iterations",
-             f"- last subspace change (sine): {res.history[-1]['subspace_change_sine']:.2e}" if res.history else "",
+             f"{res.iterations} EM iterations",
+             _convergence_line(res.converged, res.last_change, res.tol, res.iterations),
              "", "| k | eigenvalue (variance of b_k) | fraction | s.d. of b_k | mean posterior s.d. |",
              "|---|---|---|---|---|"]
     total = float(res.eigenvalues.sum()) or 1.0
@@ -184,7 +197,8 @@ METHOD = Method(
          "(latents.npy, latents_std.npy; the particles STAR with cryohetZ1..K), movies X_0 + τ X_k along each "
          "component (survey equation 6) with ChimeraX scripts, the linear model (for analyze / eval-volume), a "
          "plot of the coordinates and a short report. A fast, interpretable first look before a neural model. "
-         "A checkpoint is written after every EM iteration: --resume yes continues after a crash or kill.",
+         "A checkpoint is written after every EM iteration: --resume yes continues after a crash or kill. Whether "
+         "EM met --tol or stopped at --max_iter is reported in the log, the report and the run record.",
     params=PARAMS,
     outputs=("model", "volume", "latents", "particles_star", "volume_series", "chimerax", "plot", "report"),
     run=run,

@@ -17,6 +17,7 @@ from cryohet.analysis.select import (
     read_indices,
     region_mask,
 )
+from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
 from cryohet.methods.base import Method, Param
 
@@ -111,7 +112,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     ctx.log.info("selected %d of %d particles", len(rows), n)
     meta = {"source_run": str(run_dir), "source_star": str(star.resolve()), **criteria}
     write_particles_star(ctx.out_dir / "particles_selected.star", pset, rows=rows)
-    np.savetxt(ctx.out_dir / "selected_indices.txt", rows, fmt="%d", header="0-based rows of the run's particles STAR")
+    with atomic_path(ctx.out_dir / "selected_indices.txt") as tmp:
+        np.savetxt(tmp, rows, fmt="%d", header="0-based rows of the run's particles STAR")
     ctx.add("particles_star", "particles_selected.star", f"selected particles ({len(rows)} of {n})",
             n_particles=int(len(rows)), subset="selected", **meta)
     if params["write_rest"] and len(rest):

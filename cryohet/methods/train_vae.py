@@ -53,7 +53,7 @@ PARAMS = (
           "CUDA and on CPUs with native bfloat16, yes forces it, no keeps float32.", choices=("auto", "yes", "no"),
           expert=True),
     Param("resume", bool, False, "Continue the run in this output folder from its last checkpoint (written after "
-          "every epoch); --epochs is the new total."),
+          "every epoch; the one before is kept and used when the newest is damaged); --epochs is the new total."),
     Param("init_model", str, "", "Start from the weights of a trained model (a train-vae output folder or its "
           "model.safetensors); it must have the same box, pixel size and architecture.", expert=True),
     Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",

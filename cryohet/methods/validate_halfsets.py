@@ -91,6 +91,7 @@ def validate_halfsets(method: Method, values: dict[str, Any], particles: str | P
 
 
 def run(params: dict[str, Any], ctx: RunContext) -> None:
+    from cryohet.atomic import atomic_path
     from cryohet.methods import get_method
     from cryohet.validation.halfsets import halfsets_markdown, parse_method_params, plot_halfsets
     from cryohet.validation.report import write_json
@@ -101,7 +102,8 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
         method = get_method(params["method"])
     except KeyError as exc:
         raise ValueError(str(exc)) from None
-    values: dict[str, Any] = {"device": params["device"], "threads": params["threads"]}
+    values: dict[str, Any] = {"device": params["device"], "threads": params["threads"],
+                              "overwrite": params["overwrite"]}  # half1/, half2/ are replaced with this run
     values.update(parse_method_params(params["method_params"]))
     result = validate_halfsets(method, values, params["particles"], ctx.out_dir,
                                probe_fraction=params["probe_fraction"], use_subsets=params["use_subsets"],
@@ -113,7 +115,8 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     figure = plot_halfsets(result, out / "halfsets_fsc.png") if result["volume"] else None
     metrics = write_json(result, out / "halfsets.json")
     report = out / "report.md"
-    report.write_text(halfsets_markdown(result, figure.name if figure else None))
+    with atomic_path(report) as tmp:
+        tmp.write_text(halfsets_markdown(result, figure.name if figure else None))
     if result["flagged"]:
         ctx.log.warning("FLAGGED: %s", "; ".join(result["reasons"]))
     else:

@@ -17,6 +17,9 @@ from pwem.objects import FSC, ParticleFlex, SetOfParticles, SetOfParticlesFlex, 
 from pwem.protocols import EMProtocol
 from pwem.protocols.protocol_base_flexhub import ProtFlexBase
 
+from cryohet.errors import InputError
+from cryohet.record import convergence_warning, run_state
+
 from .. import convert
 from ..constants import ENGINE_DIR, HOST_FILLED, INPUT_DIR, INPUT_PARTICLES, POINTER_CLASSES, PROGRAM_NAME
 from .forms import define_form
@@ -27,6 +30,11 @@ LATENT_CONTENT = (None, "", "z", "latent", "latents")
 
 class EngineError(Exception):
     """The engine failed; the message is its own reason."""
+
+
+def _exitText(rc: int) -> str:
+    """How a process ended, from its return code (negative: killed by that signal)."""
+    return f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
 
 
 def _plugin():
@@ -128,6 +136,7 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
                 args += [p.flag, value]
         args += ["--threads", str(max(1, self.numberOfThreads.get() or 1))]
         args += ["--device", "auto" if self.usesGpu() else "cpu"]
+        args += ["--overwrite", "yes"]
         return args
 
     def _paramText(self, p, obj) -> str | None:
@@ -170,15 +179,23 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
             raise EngineError(self._failureReason(rc, list(tail)))
 
     def _failureReason(self, rc: int, tail: list[str]) -> str:
-        try:
-            record = convert.read_record(self._engineDir())
-        except (OSError, ValueError):
-            record = {}
-        reason = record.get("error") if record.get("status") in ("failed", "aborted") else None
+        """The engine's own reason (its run record's error), else the last error line of its output."""
+        record, state = self._recordState()
+        reason = record.get("error") if state in ("failed", "aborted", "died") else None
+        if state == "died" and not reason:
+            reason = f"the engine's process ended without finishing its run ({_exitText(rc)})"
         if not reason:
             errs = [t for t in tail if "error" in t.lower()]
-            reason = errs[-1] if errs else (tail[-1] if tail else f"exit code {rc}")
+            reason = errs[-1] if errs else (tail[-1] if tail else _exitText(rc))
         return f"cryohet {self._methodName} failed: {reason}"
+
+    def _recordState(self) -> tuple[dict[str, Any], str]:
+        """(the engine's run record, or {} when unreadable; the run's state as ``cryohet.record.run_state``
+        tells it: running, finished, failed, aborted, died, or none)."""
+        try:
+            return convert.read_record(self._engineDir()), run_state(self._engineDir())
+        except (OSError, ValueError, InputError):
+            return {}, "none"
 
     # ------------------------------------------------------------------ outputs
     def createOutputStep(self) -> None:
@@ -389,13 +406,14 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
         return errors
 
     def _summary(self) -> list[str]:
-        try:
-            record = convert.read_record(self._engineDir())
-        except (OSError, ValueError):
+        record, state = self._recordState()
+        if not record:
             return [f"cryohet {self._methodName}: no results yet."]
-        lines = [f"cryohet {record.get('version', '')} {self._methodName}: {record.get('status')}"]
+        lines = [f"cryohet {record.get('version', '')} {self._methodName}: {state}"]
         if record.get("error"):
             lines.append(f"Error: {record['error']}")
+        warnings = (convergence_warning(c) for c in record.get("convergence", []))
+        lines += [f"Warning: {w}" for w in warnings if w]
         for out in record["outputs"]:
             meta = out.get("meta") or {}
             extra = ", ".join(f"{k}={v}" for k, v in meta.items() if isinstance(v, int | float | str))
