@@ -3,6 +3,7 @@ before any work, and real torchrun runs (two gloo ranks on the CPU; on a GPU mac
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,11 +189,16 @@ def _torchrun(tmp_path: Path, device: str, nproc: int = 2) -> subprocess.Complet
                            str(nproc), str(script), device], env=env, capture_output=True, text=True, timeout=120)
 
 
+def _rank_lines(stdout: str) -> list[str]:
+    """The ranks' report lines, sorted (two ranks share one stdout: their lines may run together)."""
+    return sorted(re.findall(r"rank \d+ of \d+ local \d+ on \S+? backend \w+ sum \d+", stdout))
+
+
 def test_two_gloo_ranks_under_torchrun(tmp_path: Path) -> None:
     res = _torchrun(tmp_path, "cpu")
     assert res.returncode == 0, res.stderr[-3000:]
-    lines = sorted(line for line in res.stdout.splitlines() if line.startswith("rank "))
-    assert lines == ["rank 0 of 2 local 0 on cpu backend gloo sum 3", "rank 1 of 2 local 1 on cpu backend gloo sum 3"]
+    assert _rank_lines(res.stdout) == ["rank 0 of 2 local 0 on cpu backend gloo sum 3",
+                                       "rank 1 of 2 local 1 on cpu backend gloo sum 3"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -205,5 +211,4 @@ def test_ranks_against_the_real_gpus(tmp_path: Path) -> None:
         assert "invalid device ordinal" not in res.stderr
     else:
         assert res.returncode == 0, res.stderr[-3000:]
-        lines = sorted(line for line in res.stdout.splitlines() if line.startswith("rank "))
-        assert lines == [f"rank {r} of 2 local {r} on cuda:{r} backend nccl sum 3" for r in (0, 1)]
+        assert _rank_lines(res.stdout) == [f"rank {r} of 2 local {r} on cuda:{r} backend nccl sum 3" for r in (0, 1)]
