@@ -32,7 +32,6 @@ class ImageBatch:
     images_ft: torch.Tensor      # complex64 centred transforms, origins undone, divided by the preparer's scale
     ctf: torch.Tensor            # float32
     rotations: torch.Tensor      # (B, 3, 3) float32 RELION matrices A
-    extra: dict[str, Any] | None = None  # what a model's ``inputs`` adds (encoder input, ...)
 
 
 def soft_circle(box: int, radius_frac: float) -> torch.Tensor | None:

@@ -73,12 +73,6 @@ class Lattice:
         """The lattice after Fourier cropping to ``new_box`` (the pixel size grows by box / new_box)."""
         return Lattice(new_box, self.apix * self.box / new_box)
 
-    def radius_px(self, resolution_A: float) -> float:
-        """Radius of the resolution circle for ``resolution_A`` (0: Nyquist), pixels of this lattice."""
-        if resolution_A <= 0:
-            return self.box / 2
-        return min(self.box / 2, self.box * self.apix / resolution_A)
-
     def half_plane(self, radius_px: float | None = None, dc: bool = False, strict: bool = True) -> Points:
         """The half-plane pixels (ky < 0, or ky = 0 and kx < 0) inside the resolution circle.
 

@@ -162,7 +162,6 @@ class TrainResult:
     history: list[dict[str, float]]
     epoch_seconds: list[float]
     start_epoch: int
-    rows: np.ndarray | None           # latents of these particle rows (rank 0; None on other ranks)
     z_mu: np.ndarray | None
     z_logvar: np.ndarray | None
 
@@ -323,10 +322,10 @@ class Trainer:
             if ddp.main:
                 save_checkpoint(ckpt_path, obj, optim, epoch, history, opts, n, self.meta)
             ddp.barrier()
-        rows, z_mu, z_logvar = self.latents()
-        return TrainResult(history, epoch_seconds, start_epoch, rows, z_mu, z_logvar)
+        z_mu, z_logvar = self.latents()
+        return TrainResult(history, epoch_seconds, start_epoch, z_mu, z_logvar)
 
-    def latents(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    def latents(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Every particle's latent mean and log-variance, rows in particle-file order (rank 0)."""
         n, ddp, opts = len(self.reader), self.ddp, self.opts
         bounds = np.linspace(0, n, ddp.world + 1).astype(np.int64)
@@ -337,7 +336,7 @@ class Trainer:
         with amp_ctx():
             rows, mu, logvar = self.objective.latents(stream, self.device)
         d = mu.shape[1]
-        rows, both = _gather_rows(ddp, self.device, rows, np.concatenate([mu, logvar], 1))
+        _, both = _gather_rows(ddp, self.device, rows, np.concatenate([mu, logvar], 1))
         if both is None:
-            return None, None, None
-        return rows, both[:, :d].astype(np.float32), both[:, d:].astype(np.float32)
+            return None, None
+        return both[:, :d].astype(np.float32), both[:, d:].astype(np.float32)
