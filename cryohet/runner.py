@@ -197,6 +197,12 @@ def _dead_run_notes(out_dir: Path, stale: runlock.Lock | None) -> list[str]:
         notes.append(f"the folder's lock was left by {stale.describe()}, whose process has ended; taken over")
     if mark_died(out_dir, stale) is not None:
         notes.append("the earlier run in this folder ended without finishing; its record now says 'died'")
+    # no other process writes here now: what killed writers left under temporary names (cryohet.atomic) goes
+    left = [p for p in out_dir.rglob(".*.part*") if p.is_file()]
+    for p in left:
+        p.unlink(missing_ok=True)
+    if left:
+        notes.append(f"removed {len(left)} file(s) a killed run left under temporary names")
     return notes
 
 
