@@ -4,11 +4,12 @@
     python bench/gpu_check.py --cpu-smoke        # the whole pipeline, tiny, on the CPU (box 32, 200 particles)
 
 For each box (default 128 and 256): ``cryohet simulate`` makes a hinge dataset (the bundled molecule, CTF,
-SNR 0.1, a 192 Å field of view); ``cryohet reconstruct``, ``cryohet train-vae`` and ``cryohet
-principal-volumes`` run on it, and cryoDRGN's ``train_vae`` on the same STAR with the same architecture
-(3 × 1024 encoder and decoder, z 8), batch size, learning rate and number of epochs, each program with its own
-default mixed precision. train-vae is compared by the time of its last epoch as each program logs it (start-up,
-data loading and the final latent pass excluded); the other steps by the wall time of the method.
+SNR 0.1, a 192 Å field of view); ``cryohet reconstruct``, ``cryohet train-vae``, ``cryohet
+principal-volumes`` and ``cryohet classify`` run on it, and cryoDRGN's ``train_vae`` on the same STAR with the
+same architecture (3 × 1024 encoder and decoder, z 8), batch size, learning rate and number of epochs, each
+program with its own default mixed precision. train-vae is compared by the time of its last epoch as each
+program logs it (start-up, data loading and the final latent pass excluded); the other steps by the wall time of
+the method.
 
 Peak GPU memory is ``torch.cuda.max_memory_allocated`` in the process that ran the step (reset before it), for
 cryohet and for cryoDRGN alike. cryohet's steps run in one child process per box (``run_method``, as the CLI
@@ -181,7 +182,7 @@ def run_child(kind: str, spec: dict[str, Any], log: Path, timeout: float) -> str
 
 def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The jobs in order of importance: per box, simulate + reconstruct + train-vae, then cryoDRGN; then
-    principal-volumes for every box (the step whose GPU time is least known)."""
+    principal-volumes and classify for every box (the steps whose GPU time is least known)."""
     jobs: list[dict[str, Any]] = []
     arch = dict(zdim=a.zdim, epochs=a.epochs, batch=a.batch, lr=a.lr, layers=a.layers, dim=a.dim)
     for box, n in zip(a.boxes, a.n, strict=True):
@@ -205,9 +206,12 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
         apix = round(FIELD_A / box, 4)
         pv = dict(particles=str(d / "sim" / "particles.star"), n_components=3, resolution_A=4 * apix,
                   max_iter=a.pv_iter, tol=0.0, movie_frames=2)
+        cls = dict(particles=str(d / "sim" / "particles.star"), K=3, iterations=a.pv_iter)
         jobs.append(dict(kind="ours", box=box, n=n, steps=[
             dict(method="principal-volumes", values=pv, out=str(d / "pv"), min_s=10,
-                 label=f"K 3, {a.pv_iter} EM iterations, limit 4 px (working box {box // 2})")]))
+                 label=f"K 3, {a.pv_iter} EM iterations, limit 4 px (working box {box // 2})"),
+            dict(method="classify", values=cls, out=str(d / "classify"), min_s=10,
+                 label=f"K 3, {a.pv_iter} iterations, Nyquist (working box {box})")]))
     return jobs
 
 
@@ -265,7 +269,7 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     by = {(r["tool"], r["step"], r["box"]): r for r in rows}
     out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
            "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
-    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes"):
+    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "classify"):
         for box, n in zip(a.boxes, a.n, strict=True):
             ours = by.get(("cryohet", step, box))
             if ours is None:

@@ -51,6 +51,7 @@ IGNORE=(
 )
 NEEDS_RELION=(
   tests/test_analysis_methods.py::test_select_by_cluster_writes_relion_subsets
+  tests/test_classify.py::test_class_map_agrees_with_relion_reconstruct
   tests/test_analysis_methods.py::test_select_by_region_and_indices
   tests/test_geometry.py::test_projection_and_ctf_match_relion_project
   tests/test_io_mrc.py::test_write_map_roundtrip_and_relion_reads_it

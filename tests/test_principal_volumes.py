@@ -14,8 +14,8 @@ import torch
 from faults import kill_when, run_until_killed, self_kill, start, temporaries
 
 from cryohet.errors import InputError
+from cryohet.inference.em_state import read_state
 from cryohet.inference.ppca import band_limit, fit_principal_volumes, subspace_sines
-from cryohet.inference.ppca_state import read_state
 from cryohet.io.mrc import read_map, write_map
 from cryohet.io.particles import load_particles
 from cryohet.io.weights import previous_path

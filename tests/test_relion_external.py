@@ -151,6 +151,57 @@ def test_reconstruct_job_on_relion_particles(project, simulated_job):
     assert np.corrcoef(half.ravel(), ours.ravel())[0, 1] > 0.5
 
 
+def test_classify_job_registers_classes_as_nodes(project, simulated_job):
+    """classify from RELION's External job: particles with rlnClassNumber, one STAR per class, class maps and
+    half-maps as nodes RELION's next jobs take; relion_star_handler reads the classes back."""
+    job = _add_external(project, {"method": "classify", "K": "2", "iterations": "3"},
+                        inputs={"in_part": f"{simulated_job}particles.star"})
+    _run_job(project, job)
+    assert (project / job / EXIT_SUCCESS).exists(), (project / job / "run.err").read_text()
+    nodes = _nodes(project)
+    assert nodes[f"{job}particles.star"] == 3
+    assert nodes[f"{job}class001.mrc"] == 6 and nodes[f"{job}class002.mrc"] == 6
+    assert nodes[f"{job}class001_half1.mrc"] == 10
+    per_class = [n for n in nodes if n.startswith(f"{job}particles_class")]
+    assert per_class and all(nodes[n] == 3 for n in per_class)
+    subprocess.run(["relion_star_handler", "--i", f"{job}particles.star", "--o", f"{job}c1.star", "--select",
+                    "rlnClassNumber", "--minval", "1", "--maxval", "1"], cwd=project, env=_env(), check=True,
+                   capture_output=True, timeout=120)
+    ours = (project / job / "particles_class001.star").read_text().count("@")
+    theirs = (project / job / "c1.star").read_text().count("@")
+    assert ours == theirs > 0
+
+
+def test_multibody_and_flex_analyse_jobs(project, monkeypatch):
+    """multibody (particles, consensus map and the bodies STAR from RELION's tab) then flex-analyse on its job
+    folder: body maps, half-maps and masks, the particles and a component-range subset as nodes."""
+    from cryohet.simulate.bodies import simulate_two_bodies
+
+    monkeypatch.chdir(project)  # image and mask paths relative to the project folder, as RELION names them
+    data = simulate_two_bodies(project / "TwoBody", n_particles=120, box=32, apix=3.0, snr=5.0, image_paths="cwd")
+    mb = _add_external(project, {"method": "multibody", "bodies": "TwoBody/bodies.star", "iterations": "1",
+                                 "resolution_A": "9"},
+                       inputs={"in_part": "TwoBody/particles.star",
+                               "in_3dref": str(data.mean_map.relative_to(project))})
+    _run_job(project, mb)
+    assert (project / mb / EXIT_SUCCESS).exists(), (project / mb / "run.err").read_text()
+    nodes = _nodes(project)
+    assert nodes[f"{mb}body001.mrc"] == 6 and nodes[f"{mb}body002.mrc"] == 6
+    assert nodes[f"{mb}body002_half1.mrc"] == 10 and nodes[f"{mb}body002_mask.mrc"] == 7
+    assert nodes[f"{mb}particles.star"] == 3
+    fa = _add_external(project, {"method": "flex-analyse", "run": mb, "relative_to": "1", "components": "1",
+                                 "maps_per_component": "3", "select_component": "1", "select_min": "0"})
+    _run_job(project, fa)
+    assert (project / fa / EXIT_SUCCESS).exists(), (project / fa / "run.err").read_text()
+    nodes = _nodes(project)
+    assert nodes[f"{fa}particles_selected.star"] == 3
+    maps = [n for n in nodes if n.startswith(fa) and n.endswith(".mrc")]
+    assert len(maps) == 3 and all(nodes[n] == 6 for n in maps)
+    z = np.load(project / fa / "components.npy")
+    kept = (project / fa / "particles_selected.star").read_text().count("@")
+    assert kept == int((z[:, 0] >= 0).sum()) > 0
+
+
 def test_bad_input_fails_with_reason_in_run_err(project, simulated_job):
     """A particles STAR without CTF columns: RELION_JOB_EXIT_FAILURE, status failed, the reason in run.err."""
     src = (project / simulated_job / "particles.star").read_text().splitlines()

@@ -16,6 +16,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+import starfile
 from pwem.objects import SetOfParticles, SetOfVolumes, Volume
 from pwem.protocols import ProtImportMask, ProtImportParticles
 from pyworkflow.plugin import Domain
@@ -293,3 +294,89 @@ def test_principal_volumes_select_then_relion(project, imported):
         rep = cls.getRepresentative()
         assert rep.getFileName().endswith(f"kmeans3/vol_{cls.getObjId() - 1:03d}.mrc")
         assert rep.getSamplingRate() == pytest.approx(parts.getSamplingRate(), rel=1e-3)
+
+
+def test_classify_protocol_outputs_classes3d_that_relion_reconstructs(project, imported):
+    """classify -> SetOfClasses3D of the imported particles (class maps with half-maps as representatives, read
+    back from the project database) -> one class's particles to RELION's reconstruction through scipion-em-relion."""
+    from cryohet_plugin.protocols import CryohetProtClassify
+
+    parts = imported.outputParticles
+    cl = _launch(project, project.newProtocol(CryohetProtClassify, particles=parts, K=2, iterations=3,
+                                              useGpu=False, numberOfThreads=2))
+    classes = cl.outputClasses
+    assert type(classes).__name__ == "SetOfClasses3D"
+    table = starfile.read(cl._getExtraPath("cryohet", "particles.star"))["particles"]
+    ids = [p.getObjId() for p in parts.iterItems()]
+    numbers = table["rlnClassNumber"].to_numpy()
+    assert classes.getSize() == len(set(numbers))
+    for cls in classes.iterItems():
+        members = sorted(p.getObjId() for p in cls.iterItems())
+        assert members == sorted(ids[i] for i in np.flatnonzero(numbers == cls.getObjId()))
+        rep = cls.getRepresentative()
+        assert rep.getFileName().endswith(f"class{cls.getObjId():03d}.mrc")
+        assert len(rep.getHalfMaps().split(",")) == 2
+        assert rep.getSamplingRate() == pytest.approx(parts.getSamplingRate(), rel=1e-3)
+        first = cls.getFirstItem()
+        assert first.hasCTF() and first.hasTransform()
+    assert not any(name.startswith("outputParticlesClass") for name, _ in cl.iterOutputAttributes())
+
+    # Scipion's classes extractor takes them: the biggest class's particles -> RELION's reconstruction
+    from pwem.protocols.protocol_classes_selector import ProtClassesSelector
+
+    biggest = max(classes.iterItems(), key=lambda c: c.getSize())
+    big_ids = {p.getObjId() for p in biggest.iterItems()}
+    pick = _launch(project, project.newProtocol(ProtClassesSelector, inputClasses=classes, firstNElements=1))
+    chosen = pick.output
+    assert {p.getObjId() for p in chosen.iterItems()} == big_ids and chosen.hasAlignmentProj()
+    ProtRelionReconstruct = Domain.importFromPlugin("relion.protocols", "ProtRelionReconstruct", doRaise=True)
+    rec = _launch(project, project.newProtocol(ProtRelionReconstruct, inputParticles=chosen, numberOfMpi=1,
+                                               doCTF=True))
+    with mrcfile.open(rec.outputVolume.getFileName().split(":")[0]) as m:
+        theirs = m.data.copy()
+    with mrcfile.open(cl._getExtraPath("cryohet", f"class{biggest.getObjId():03d}.mrc")) as m:
+        ours = m.data.copy()
+    assert np.corrcoef(theirs.ravel(), ours.ravel())[0, 1] > 0.5
+
+
+def test_multibody_then_flex_analyse_protocols(project, tmp_path_factory):
+    """multibody on imported particles and an imported consensus map (bodies as mask files) -> body maps with
+    half-maps, body masks and the body motions as SetOfParticlesFlex; flex-analyse on that run -> maps along the
+    first component and the particles in a range of it as a Scipion subset."""
+    from pwem.protocols import ProtImportVolumes
+
+    from cryohet.simulate.bodies import simulate_two_bodies
+    from cryohet_plugin.protocols import CryohetProtFlexAnalyse, CryohetProtMultibody
+
+    data = simulate_two_bodies(tmp_path_factory.mktemp("two_body"), n_particles=120, box=BOX, apix=APIX, snr=5.0)
+    parts = _launch(project, project.newProtocol(
+        ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION, starFile=str(data.particles_star),
+        samplingRate=APIX, voltage=300, sphericalAberration=2.7, amplitudeContrast=0.1,
+        magnification=10000)).outputParticles
+    vol = _launch(project, project.newProtocol(ProtImportVolumes, filesPath=str(data.mean_map),
+                                               samplingRate=APIX)).outputVolume
+    mb = project.newProtocol(CryohetProtMultibody, bodies=",".join(map(str, data.mask_paths)), iterations=1,
+                             resolution_A=9.0, useGpu=False, numberOfThreads=2)
+    attrs = CryohetProtMultibody._paramAttrs
+    getattr(mb, attrs["particles"]).set(parts)
+    getattr(mb, attrs["map"]).set(vol)
+    mb = _launch(project, mb)
+    bodies = list(mb.outputVolumes.iterItems())
+    assert len(bodies) == 2 and all(len(b.getHalfMaps().split(",")) == 2 for b in bodies)
+    assert mb.outputMasks.getSize() == 2
+    flex = mb.outputParticlesFlex
+    motions = np.load(mb._getExtraPath("cryohet", "body_motions.npy"))
+    assert flex.getSize() == parts.getSize() and flex.getFlexInfo().getAttr("zDim") == 12
+    first = next(iter(flex.iterItems()))
+    ids = [p.getObjId() for p in parts.iterItems()]
+    assert np.allclose(first.getZFlex(), motions[ids.index(first.getObjId())], atol=1e-4)
+
+    fa = project.newProtocol(CryohetProtFlexAnalyse, relative_to=1, components=1, maps_per_component=3,
+                             select_component=1, select_min=0.0, useGpu=False)
+    getattr(fa, CryohetProtFlexAnalyse._paramAttrs["run"]).set(mb)
+    fa = _launch(project, fa)
+    assert fa.outputVolumeSeries.getSize() == 3
+    z = np.load(fa._getExtraPath("cryohet", "components.npy"))
+    subsets = [getattr(fa, n) for n, _ in fa.iterOutputAttributes() if n.startswith("outputParticles")
+               and getattr(fa, n).getSize() < parts.getSize()]
+    assert [s.getSize() for s in subsets] == [int((z[:, 0] >= 0).sum())]

@@ -39,7 +39,7 @@ from cryohet.geometry.fourier import centered_coords, fft3c, fourier_crop_3d, if
 from cryohet.geometry.lattice import Lattice, box_for_resolution
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import Projector, sinc2_grid, slice_coords
-from cryohet.inference.ppca_state import EMState, load_state, mask_digest, save_state
+from cryohet.inference.em_state import EMState, load_state, mask_digest, save_state
 
 #: Fewest particles the estimator accepts, and particles needed per unknown map (mean + K components).
 MIN_PARTICLES = 50

@@ -110,6 +110,28 @@ def read_map(path: str | os.PathLike, allow_noncubic: bool = False) -> tuple[np.
     return vol, float(vx)
 
 
+def read_map_like(path: str | os.PathLike, box: int, apix: float, what: str = "--mask") -> np.ndarray:
+    """A map that must match the particles: ``box`` px cubed at ``apix`` Å/px (within 1 %), finite; InputError
+    naming ``path`` and ``what`` (the parameter) otherwise."""
+    arr, map_apix = read_map(path)
+    if arr.shape != (box,) * 3:
+        raise InputError(path, f"{what} has shape {arr.shape} but the particles' box is {box} px: "
+                               f"it must be a ({box}, {box}, {box}) map")
+    if map_apix and abs(map_apix - apix) > 1e-2 * apix:
+        raise InputError(path, f"{what} has {map_apix:.4f} Å/px but the particles {apix:.4f} Å/px")
+    if not np.isfinite(arr).all():
+        raise InputError(path, f"{what} holds NaN/inf values")
+    return arr
+
+
+def read_mask(path: str | os.PathLike, box: int, apix: float, what: str = "--mask") -> np.ndarray:
+    """A mask matching the particles (see ``read_map_like``), scaled to [0, 1]; InputError when it is empty."""
+    mask = read_map_like(path, box, apix, what)
+    if mask.max() <= 0:
+        raise InputError(path, f"{what} is empty (no voxel above 0)")
+    return np.clip(mask / mask.max(), 0, 1) if mask.max() > 1 else np.clip(mask, 0, 1)
+
+
 def _write_mrc(path: str | os.PathLike, arr: np.ndarray, apix: float, stack: bool) -> None:
     what = "write_stack needs an array (n, y, x)" if stack else "write_map needs a 3-D array (z, y, x)"
     if arr.ndim != 3:

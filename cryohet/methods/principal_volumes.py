@@ -42,21 +42,6 @@ PARAMS = (
 )
 
 
-def _read_mask(path: str, box: int, apix: float) -> np.ndarray:
-    from cryohet.errors import InputError
-    from cryohet.io.mrc import read_map
-
-    mask, mask_apix = read_map(path)
-    if mask.shape != (box,) * 3:
-        raise InputError(path, f"--mask has shape {mask.shape} but the particles' box is {box} px: "
-                               f"the mask must be a ({box}, {box}, {box}) map")
-    if mask_apix and abs(mask_apix - apix) > 1e-2 * apix:
-        raise InputError(path, f"--mask has {mask_apix:.4f} Å/px but the particles {apix:.4f} Å/px")
-    if not np.isfinite(mask).all() or mask.max() <= 0:
-        raise InputError(path, "--mask is empty or holds NaN/inf values")
-    return np.clip(mask / mask.max(), 0, 1) if mask.max() > 1 else np.clip(mask, 0, 1)
-
-
 def _plot(path: Path, b: np.ndarray, eigenvalues: np.ndarray) -> None:
     from matplotlib.figure import Figure
 
@@ -100,13 +85,13 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
     from cryohet.atomic import atomic_path
     from cryohet.inference.ppca import check_inputs, fit_principal_volumes
-    from cryohet.io.mrc import write_map
+    from cryohet.io.mrc import read_mask, write_map
     from cryohet.io.particles import load_particles, write_particles_star
     from cryohet.models.linear import LinearModel
 
     pset = load_particles(params["particles"], params["datadir"] or None)
     K = params["n_components"]
-    mask = _read_mask(params["mask"], pset.box, pset.apix) if params["mask"] else None
+    mask = read_mask(params["mask"], pset.box, pset.apix) if params["mask"] else None
     check_inputs(len(pset), pset.box, pset.apix, K, params["resolution_A"], mask, params["particles"],
                  params["mask"] or None)
     res = fit_principal_volumes(

@@ -5,16 +5,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
+from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
 from cryohet.errors import InputError
 from cryohet.io.mrc import read_map, write_map
 from cryohet.io.particles import load_particles, write_particles_star
-from cryohet.io.star import write_star
 from cryohet.methods.base import Method, Param
-from cryohet.reconstruct.fsc import shell_frequencies
-from cryohet.reconstruct.homogeneous import Reconstruction, random_halves, reconstruct_halves
+from cryohet.reconstruct.homogeneous import random_halves, reconstruct_halves
 
 PARAMS = (
     Param("particles", Path, None, "Particles with poses and CTF: RELION STAR (3.0/3.1/5) or cryoSPARC .cs.",
@@ -42,37 +40,6 @@ def _check_wiener(value: str) -> str:
     return value
 
 
-def _write_fsc(out_dir: Path, rec: Reconstruction) -> tuple[Path, Path]:
-    freqs = shell_frequencies(rec.box, rec.apix)
-    with np.errstate(divide="ignore"):
-        ang = np.where(freqs > 0, 1.0 / np.maximum(freqs, 1e-12), 999.0)
-    table = pd.DataFrame({"rlnSpectralIndex": np.arange(len(freqs)), "rlnResolution": freqs,
-                          "rlnAngstromResolution": ang, "rlnFourierShellCorrelationUnmaskedMaps": rec.fsc})
-    if rec.fsc_masked is not None:
-        table["rlnFourierShellCorrelationMaskedMaps"] = rec.fsc_masked
-    general = pd.DataFrame({"rlnFinalResolution": [rec.resolution(0.143)],
-                            "rlnUnmaskedResolution": [rec.resolution(0.143, masked=False)]})
-    star = out_dir / "fsc.star"
-    write_star(star, {"general": general, "fsc": table})
-    from matplotlib.figure import Figure
-
-    from cryohet.analysis.plots import save_png
-
-    png = out_dir / "fsc.png"
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(freqs, rec.fsc, label=f"unmasked ({rec.resolution(0.143, masked=False):.2f} Å)")
-    if rec.fsc_masked is not None:
-        ax.plot(freqs, rec.fsc_masked, label=f"masked ({rec.resolution(0.143):.2f} Å)")
-    ax.axhline(0.143, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("spatial frequency (1/Å)")
-    ax.set_ylabel("FSC between half-maps")
-    ax.set_ylim(-0.1, 1.05)
-    ax.legend()
-    save_png(fig, png, dpi=100)
-    return star, png
-
-
 def run(params: dict[str, Any], ctx) -> None:
     wiener = _check_wiener(params["wiener"])
     pset = load_particles(params["particles"], datadir=params["datadir"])
@@ -95,7 +62,9 @@ def run(params: dict[str, Any], ctx) -> None:
     write_map(out / "half1.mrc", rec.half1.cpu().numpy(), rec.apix)
     write_map(out / "half2.mrc", rec.half2.cpu().numpy(), rec.apix)
     write_map(out / "map.mrc", rec.full.cpu().numpy(), rec.apix)
-    star, png = _write_fsc(out, rec)
+    star = write_fsc_star(out / "fsc.star", rec.box, rec.apix, rec.fsc, rec.fsc_masked)
+    curves = {"unmasked": rec.fsc} | ({"masked": rec.fsc_masked} if rec.fsc_masked is not None else {})
+    png = plot_fsc(out / "fsc.png", rec.box, rec.apix, curves)
     write_particles_star(out / "particles.star", pset, extra_columns={"rlnRandomSubset": half})
     res = rec.resolution(0.143)
     ctx.log.info("resolution at FSC 0.143: %.2f Å (%s)", res, "masked" if mask is not None else "unmasked")

@@ -82,29 +82,32 @@ def reconstruct_halves(pset, half: np.ndarray, batch_size: int, device: torch.de
         if progress is not None:
             batches = progress(batches, f"backprojecting half-set {h}", -(-len(idx) // batch_size))
         bps.append(backproject_batches(batches, box, device))
-    maps = [bp.reconstruct() for bp in bps]
-    raw_fsc = fsc(*maps)
-    if wiener == "none":
-        lam_half = [0.0, 0.0]
-        lam_full = 0.0
-    elif wiener == "auto":
-        ssnr = ssnr_from_fsc(raw_fsc)
-        lam_half = [ssnr_regularisation(bp, ssnr) for bp in bps]
-        lam_full = None
-    else:
-        c = float(wiener)
-        lam_half = [ssnr_regularisation(bp, np.full(box // 2 + 1, 1 / c)) for bp in bps]
-        lam_full = None
-    half_maps = [bp.reconstruct(lam) for bp, lam in zip(bps, lam_half)]
-    full_bp = bps[0]
-    full_bp.add(bps[1])
-    if lam_full is None:
-        ssnr_full = 2 * ssnr_from_fsc(raw_fsc) if wiener == "auto" else np.full(box // 2 + 1, 1 / float(wiener))
-        lam_full = ssnr_regularisation(full_bp, ssnr_full)
-    full = full_bp.reconstruct(lam_full)
+    half_maps, full, _ = wiener_reconstruct(bps, wiener)
     curve = fsc(*half_maps)
     curve_masked = fsc(half_maps[0] * mask, half_maps[1] * mask) if mask is not None else None
     return Reconstruction(full, half_maps[0], half_maps[1], curve, curve_masked, apix)
+
+
+def wiener_reconstruct(bps: list[BackProjector], wiener: str = "auto", ssnr_scale: float = 1.0,
+                       half_maps: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
+    """(half-maps, full map, FSC of the unregularised half-maps) from the two half-sets' accumulators.
+
+    ``wiener``: "auto" (λ from the half-map FSC, the full map's SSNR twice a half's), "none" (plain division),
+    or a number c (constant SSNR 1/c). ``ssnr_scale`` multiplies the SSNR of "auto" (RELION's T: above 1 trusts
+    the data more). ``half_maps`` False skips the filtered half-maps (an empty list; two fewer transforms).
+    ``bps[0]`` ends holding the sum of both half-sets.
+    """
+    box = bps[0].box
+    raw_fsc = fsc(*[bp.reconstruct() for bp in bps])
+    if wiener == "none":
+        halves = [bp.reconstruct(0.0) for bp in bps] if half_maps else []
+        bps[0].add(bps[1])
+        return halves, bps[0].reconstruct(0.0), raw_fsc
+    ssnr = ssnr_scale * ssnr_from_fsc(raw_fsc) if wiener == "auto" else np.full(box // 2 + 1, 1 / float(wiener))
+    halves = [bp.reconstruct(ssnr_regularisation(bp, ssnr)) for bp in bps] if half_maps else []
+    bps[0].add(bps[1])
+    ssnr_full = 2 * ssnr if wiener == "auto" else ssnr
+    return halves, bps[0].reconstruct(ssnr_regularisation(bps[0], ssnr_full)), raw_fsc
 
 
 def random_halves(n: int, rng: np.random.Generator, existing: np.ndarray | None = None) -> np.ndarray:

@@ -74,6 +74,8 @@ def form_param(p) -> tuple[type, dict]:
         kw["default"] = p.default
     if p.required and p.default is None:
         kw["validators"] = [params.NonEmpty]
+    elif p.default is None:
+        kw["allowsNull"] = True  # an optional number left empty is not a format error
     if p.type is int:
         kw.setdefault("validators", []).extend(_validators(p))
         return params.IntParam, kw

@@ -25,7 +25,7 @@ from ..constants import ENGINE_DIR, HOST_FILLED, INPUT_DIR, INPUT_PARTICLES, POI
 from .forms import define_form
 
 #: ``content`` of the latents outputs that are per-particle coordinates (not PCA, UMAP or cluster labels).
-LATENT_CONTENT = (None, "", "z", "latent", "latents")
+LATENT_CONTENT = (None, "", "z", "latent", "latents", "body_motions")
 
 
 class EngineError(Exception):
@@ -218,11 +218,14 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
                 vol.setHalfMaps([h["file"] for h in halves])
             defined["outputVolume"] = vol
         elif vols:
-            defined["outputVolumes"] = self._volumeSet(vols, sampling, "")
+            defined["outputVolumes"] = self._volumeSet(vols, sampling, "", halves)
         if outs.get("volume_series"):
             defined["outputVolumeSeries"] = self._volumeSet(outs["volume_series"], sampling, "series")
-        if outs.get("mask"):
-            defined["outputMask"] = self._newVolume(VolumeMask, outs["mask"][0], sampling)
+        masks = outs.get("mask", [])
+        if len(masks) == 1:
+            defined["outputMask"] = self._newVolume(VolumeMask, masks[0], sampling)
+        elif masks:
+            defined["outputMasks"] = self._volumeSet(masks, sampling, "masks", cls=VolumeMask)
 
         latents = [o for o in outs.get("latents", []) if o["meta"].get("content") in LATENT_CONTENT]
         stars = outs.get("particles_star", [])
@@ -238,12 +241,20 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
                 raise EngineError(f"{latents[0]['abspath']}: {len(z)} rows for {len(ids_in)} input particles")
             if zmap is not None:
                 defined["outputParticlesFlex"] = self._flexParticles(parts_in, zmap, latents[0], None, "")
+            class_maps = {int(o["meta"]["class_number"]): o for o in outs.get("volume_series", [])
+                          if "class_number" in o.get("meta", {})}
             for i, star in enumerate(stars):
+                if class_maps and "class_number" in star.get("meta", {}):
+                    continue  # one class's particles: a class of the SetOfClasses3D below
                 ids = convert.particle_ids(star["abspath"])
                 if ids is None:
                     self.warning(f"{star['abspath']}: no particle id column; not registered")
                     continue
                 classes = convert.column(star["abspath"], "rlnClassNumber")
+                if classes is not None and class_maps:
+                    defined[f"outputClasses{i + 1 if i else ''}"] = self._classes3D(parts_in, ids, classes,
+                                                                                    class_maps, halves)
+                    continue
                 class_z = (None, None)
                 if classes is not None and len(set(classes)) > 1:
                     class_z = (zmap, latents[0]) if zmap is not None else self._upstreamLatents(ids_in)
@@ -293,11 +304,17 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
             vol.setObjLabel(out["label"])
         return vol
 
-    def _volumeSet(self, outs: list[dict], sampling: float | None, suffix: str):
+    def _volumeSet(self, outs: list[dict], sampling: float | None, suffix: str, halves: list[dict] = (),
+                   cls=Volume):
+        """A SetOfVolumes of ``outs``; a map whose meta ``body`` matches two ``halves`` gets them as half-maps."""
         vset = self._createSetOfVolumes(suffix)
         first = None
         for out in outs:
-            vol = self._newVolume(Volume, out, sampling)
+            vol = self._newVolume(cls, out, sampling)
+            body = out.get("meta", {}).get("body")
+            pair = [h["file"] for h in halves if body is not None and h.get("meta", {}).get("body") == body]
+            if len(pair) == 2:
+                vol.setHalfMaps(pair)
             first = first or vol.getSamplingRate()
             vset.append(vol)
         vset.setSamplingRate(first)
@@ -362,21 +379,43 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
         """SetOfClassesFlex from RELION class numbers (1..K); representatives: maps with meta ``cluster``
         (0-based, e.g. the maps at k-means centres)."""
         flex = self._flexParticles(parts_in, zmap, latent_out, set(ids), "classes")
-        klass_of = {pid: int(float(c)) for pid, c in zip(ids, classes)}
         reps = {int(o["meta"]["cluster"]) + 1: o for o in series if "cluster" in o.get("meta", {})}
-        classes_set = self._createSetOfClassesFlex(flex, progName=PROGRAM_NAME)
-        sampling = parts_in.getSamplingRate()
+        flex.write()
+        return self._fillClasses(self._createSetOfClassesFlex(flex, progName=PROGRAM_NAME), ids, classes, reps,
+                                 parts_in.getSamplingRate())
+
+    def _classes3D(self, parts_in, ids: list[int], classes: list[str], class_maps: dict[int, dict],
+                   halves: list[dict]):
+        """SetOfClasses3D of the input particles from RELION class numbers (1..K), each class's map (with its
+        half-maps) as its representative (a class without particles is left out: Scipion holds no empty class)."""
+        half_files: dict[int, list[str]] = collections.defaultdict(list)
+        for h in halves:
+            if "class_number" in h.get("meta", {}):
+                half_files[int(h["meta"]["class_number"])].append(h["file"])
+        return self._fillClasses(self._createSetOfClasses3D(parts_in), ids, classes, class_maps,
+                                 parts_in.getSamplingRate(), half_files)
+
+    @staticmethod
+    def _fillClasses(classes_set, ids: list[int], classes: list[str], reps: dict[int, dict], sampling: float,
+                     half_files: dict[int, list[str]] | None = None):
+        """Put each particle in the class its RELION class number names; class k's representative is the map
+        ``reps[k]`` (with its two half-maps when ``half_files`` has them)."""
+        klass_of = {pid: int(float(c)) for pid, c in zip(ids, classes)}
 
         def update_item(item, _row=None) -> None:
             item.setClassId(klass_of.get(item.getObjId(), 0))
 
         def update_class(cls, _row=None) -> None:
             rep = reps.get(cls.getObjId())
-            if rep is not None:
-                cls.getRepresentative().setLocation(rep["file"])
-                cls.getRepresentative().setSamplingRate(convert.map_sampling(rep["abspath"]) or sampling)
+            if rep is None:
+                return
+            cls.getRepresentative().setLocation(rep["file"])
+            cls.getRepresentative().setSamplingRate(convert.map_sampling(rep["abspath"]) or sampling)
+            if half_files is not None:
+                if len(half_files[cls.getObjId()]) == 2:
+                    cls.getRepresentative().setHalfMaps(half_files[cls.getObjId()])
+                cls.setObjLabel(rep.get("label") or f"class {cls.getObjId()}")
 
-        flex.write()
         classes_set.classifyItems(updateItemCallback=update_item, updateClassCallback=update_class)
         return classes_set
 

@@ -1,9 +1,11 @@
-"""Checkpoints of the principal-volumes EM: the model after each iteration, so a stopped run resumes.
+"""Checkpoints of an EM over maps (principal volumes, classification): the model after each iteration, so a
+stopped run resumes.
 
-One safetensors file holds the maps (mean and components at the working box), the noise spectrum, the
-iteration and its history, and the settings that must match on resuming (particles, box, K, limit, prior,
-mask). EM is deterministic given that state, so a resumed run ends as an uninterrupted one. The checkpoint
-it replaces is kept as ``checkpoint.prev.safetensors`` and used when the newest is missing, truncated or corrupt.
+One safetensors file holds the maps at the working box (principal volumes: mean and components; classification:
+the class maps), the noise spectrum, the iteration and its history, and the settings that must match on resuming
+(particles, box, K, limit, prior, mask). Each model names its own format, so one is never resumed as another.
+EM is deterministic given that state, so a resumed run ends as an uninterrupted one. The checkpoint it replaces
+is kept as ``checkpoint.prev.safetensors`` and used when the newest is missing, truncated or corrupt.
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ import torch
 from cryohet.errors import InputError
 from cryohet.io.weights import read_checkpoint, read_weights, write_weights
 
-FORMAT = "cryohet-ppca-checkpoint-1"
+PPCA_FORMAT = "cryohet-ppca-checkpoint-1"
 
 
 @dataclass
 class EMState:
-    vols: torch.Tensor                  # (K + 1, n, n, n) float32: mean, then components
+    vols: torch.Tensor                  # (maps, n, n, n) float32
     noise: torch.Tensor                 # (shells,) noise variance per shell
     iteration: int                      # EM iterations done
     history: list[dict[str, float]]
@@ -35,20 +37,20 @@ def mask_digest(mask: torch.Tensor) -> str:
     return hashlib.sha256(mask.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def save_state(path: Path, state: EMState, settings: dict[str, Any]) -> None:
+def save_state(path: Path, state: EMState, settings: dict[str, Any], fmt: str = PPCA_FORMAT) -> None:
     """Write the EM state atomically, keeping the checkpoint it replaces as the previous one."""
     tensors = {"vols": state.vols.detach().cpu().contiguous(), "noise": state.noise.detach().cpu().contiguous()}
-    meta = {"format": FORMAT, "iteration": str(state.iteration), "history": json.dumps(state.history),
+    meta = {"format": fmt, "iteration": str(state.iteration), "history": json.dumps(state.history),
             "settings": json.dumps(settings, sort_keys=True)}
     write_weights(path, tensors, meta, checkpoint=True)
 
 
-def read_state(path: Path) -> tuple[EMState, dict[str, Any]]:
+def read_state(path: Path, fmt: str = PPCA_FORMAT) -> tuple[EMState, dict[str, Any]]:
     """The state in ``path`` and the settings it was written with; InputError when the file is missing,
-    truncated, corrupt or not a complete principal-volumes checkpoint."""
+    truncated, corrupt or not a complete checkpoint of format ``fmt``."""
     tensors, meta = read_weights(path)
-    if meta.get("format") != FORMAT or not {"vols", "noise"} <= tensors.keys():
-        raise InputError(path, f"not a principal-volumes checkpoint (format {meta.get('format')!r})")
+    if meta.get("format") != fmt or not {"vols", "noise"} <= tensors.keys():
+        raise InputError(path, f"not a {fmt} file (format {meta.get('format')!r})")
     try:
         state = EMState(tensors["vols"], tensors["noise"], int(meta["iteration"]), json.loads(meta["history"]))
         settings = json.loads(meta["settings"])
@@ -61,10 +63,11 @@ def read_state(path: Path) -> tuple[EMState, dict[str, Any]]:
     return state, settings
 
 
-def load_state(path: Path, settings: dict[str, Any], log: logging.Logger) -> tuple[Path, EMState] | None:
+def load_state(path: Path, settings: dict[str, Any], log: logging.Logger, fmt: str = PPCA_FORMAT
+               ) -> tuple[Path, EMState] | None:
     """The newest usable state of the checkpoint ``path`` or of its previous version (``read_checkpoint``) and the
     file it came from; None when there is none. InputError when none is usable or its settings differ."""
-    found = read_checkpoint(path, read_state, log)
+    found = read_checkpoint(path, lambda p: read_state(p, fmt), log)
     if found is None:
         return None
     used, (state, saved) = found
