@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cryohet.geometry.fourier import centered_coords, fft3c, ifft2c
 from cryohet.geometry.shift import apply_origin
@@ -36,14 +37,8 @@ class Projector:
         lo = self.pad_box // 2 - self.box // 2
         padded = torch.zeros((self.pad_box,) * 3, dtype=torch.float32, device=volume.device)
         padded[lo:lo + self.box, lo:lo + self.box, lo:lo + self.box] = v
-        P = self.pad_box
-        ft = torch.zeros((P + 1,) * 3, dtype=torch.complex64, device=volume.device)
-        ft[:P, :P, :P] = fft3c(padded)
-        self._ft = ft.flatten()  # ((P + 1)³,) indexed (z · (P + 1) + y) · (P + 1) + x; the planes at P are zero
-        Q = P + 1
-        #: flat offsets of the 8 corners of a trilinear cell, in the order (z, y, x) of ``sample``'s weights
-        self._offsets = torch.tensor([dz * Q * Q + dy * Q + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
-                                     device=volume.device)
+        ft = fft3c(padded)
+        self._ft = torch.stack([ft.real, ft.imag])[None]  # (1, 2, P, P, P) for grid_sample
         r = centered_coords(self.box, volume.device)
         self._inside = (r[:, None] ** 2 + r[None, :] ** 2) <= (self.box // 2) ** 2
 
@@ -53,19 +48,12 @@ class Projector:
 
     def sample(self, pos: torch.Tensor) -> torch.Tensor:
         """The padded transform at positions ``pos`` (..., 3) = (x, y, z) in padded-grid units from its centre, by
-        trilinear interpolation (zero outside the grid, as ``grid_sample``'s zero padding): one gather of the 8
-        corners from the transform stored with one more (zero) plane per axis."""
-        Q = self.pad_box + 1
-        u = (pos.to(torch.float32) + self.pad_box // 2).clamp_(0, Q - 1 - 1e-4)
-        base = torch.floor(u)
-        f = u - base
-        b = base.long()
-        idx = ((b[..., 2] * Q + b[..., 1]) * Q + b[..., 0]).unsqueeze(-1) + self._offsets   # (..., 8)
-        wx = torch.stack([1 - f[..., 0], f[..., 0]], -1)
-        wy = torch.stack([1 - f[..., 1], f[..., 1]], -1)
-        wz = torch.stack([1 - f[..., 2], f[..., 2]], -1)
-        w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).flatten(-3)
-        return (self._ft[idx] * w).sum(-1)
+        trilinear interpolation (zero outside the grid)."""
+        P = self.pad_box
+        grid = (pos.to(self.device, torch.float32).reshape(1, -1, 1, 1, 3) + P // 2) / (P - 1) * 2 - 1
+        out = F.grid_sample(self._ft, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        out = out.reshape(2, *pos.shape[:-1])  # align_corners=True: index i at -1 + 2i / (P - 1)
+        return torch.complex(out[0], out[1])
 
     def slice(self, A: torch.Tensor) -> torch.Tensor:
         """(B, 3, 3) RELION matrices -> (B, box, box) complex: F_V(Aᵀ k), zero beyond Nyquist."""

@@ -349,7 +349,7 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         for batch in progress(src.batches(), desc, src.n_batches()):
             idx, y, c, A = batch.rows, batch.images_ft, batch.ctf, batch.rotations
             B = len(idx)
-            S = torch.stack([src.points.take(p.slice(A)) for p in projs], 1)   # (B, Jp, p)
+            S = torch.stack([p.slice_points(A, src.points.kxy) for p in projs], 1)   # (B, Jp, p)
             G = S * c[:, None, :]
             r = y - G[:, 0]
             if omega is None:
