@@ -35,16 +35,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from command_cost import Cost, timed  # noqa: E402  (beside this script)
+
 os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
 
 from cryohet.inference.bodies import read_bodies, relative_rotation  # noqa: E402
@@ -57,27 +57,6 @@ MPI = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_re
 CONSENSUS_ITERATIONS = 3
 
 
-@dataclass
-class Cost:
-    """Whole-command wall and CPU (user + system) seconds and peak resident memory (GB, largest process)."""
-
-    wall_s: float
-    cpu_s: float
-    peak_gb: float
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(self.wall_s + other.wall_s, self.cpu_s + other.cpu_s, max(self.peak_gb, other.peak_gb))
-
-
-def timed(cmd: list[str], cwd: Path, log: Path) -> Cost:
-    """Run one command (its output to ``log``) and measure it."""
-    t0 = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
-    return Cost(time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20)
 
 
 def make_data(d: Path, n: int, box: int, apix: float, snr: float, max_angle_deg: float, seed: int) -> None:
