@@ -55,6 +55,8 @@ from cryohet.reconstruct.fsc import fsc, fsc_auc, resolution_at  # noqa: E402
 DIAMETER_A = 100.0  # RELION --particle_diameter: the molecule is about 70 Å long
 MPI = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi"]
 CONSENSUS_ITERATIONS = 3
+#: cryohet's output folder; not "cryohet", which would shadow the package for `python -m cryohet.cli` run there
+OURS = "cryohet_multibody"
 
 
 
@@ -167,7 +169,7 @@ def main() -> None:
         prep, rel = run_relion(d, args.seed)
         timing.write_text(json.dumps([asdict(prep), asdict(rel)]))
     ours = timed([sys.executable, "-m", "cryohet.cli", "multibody", "--particles", "particles.star", "--map",
-                  "relion/consensus.mrc", "--bodies", "bodies.star", "--o", "cryohet", "--threads", str(args.threads),
+                  "relion/consensus.mrc", "--bodies", "bodies.star", "--o", OURS, "--threads", str(args.threads),
                   "--seed", str(args.seed), "--overwrite", "yes"], d, d / "cryohet.log")
 
     truth = np.load(d / "body_truth.npz")
@@ -180,8 +182,8 @@ def main() -> None:
         "consensus, no body motion (baseline)": (np.tile(np.eye(3), (args.n, nb, 1, 1)), [consensus] * nb, None),
         "RELION 3.1.3 multi-body": (relion_rotations(d, bodies.frames),
                                     [read_map(d / "relion" / f"mb_body{b + 1:03d}.mrc")[0] for b in range(nb)], rel),
-        "cryohet `multibody`": (cryohet_rotations(d / "cryohet", bodies.frames),
-                                [read_map(d / "cryohet" / f"body{b + 1:03d}.mrc")[0] for b in range(nb)], ours),
+        "cryohet `multibody`": (cryohet_rotations(d / OURS, bodies.frames),
+                                [read_map(d / OURS / f"body{b + 1:03d}.mrc")[0] for b in range(nb)], ours),
     }
     print(f"\n{args.n} particles, box {args.box}, {args.apix:g} Å/px, SNR {args.snr:g}, "
           f"hinge 0-{args.max_angle_deg:g}°; "
