@@ -101,9 +101,10 @@ def _insert_weighted(bps: list[list[BackProjector]], b: ImageBatch, gamma: torch
     """Backproject each image into every class it belongs to with probability ≥ MIN_INSERT_PROBABILITY, weighted
     by that probability (data Σγ·c·F, weight Σγ·c²), in its half-set's accumulator."""
     h = half[b.rows]
+    kept = gamma.cpu().numpy() >= MIN_INSERT_PROBABILITY   # one copy from the device per batch
     for k, pair in enumerate(bps):
         for j, bp in enumerate(pair):
-            sel = np.nonzero((h == j + 1) & (gamma[:, k].cpu().numpy() >= MIN_INSERT_PROBABILITY))[0]
+            sel = np.nonzero((h == j + 1) & kept[:, k])[0]
             if len(sel) == 0:
                 continue
             idx = torch.as_tensor(sel, device=b.images_ft.device)
