@@ -37,7 +37,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, *, keep_prev
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _no_room_is_an_output_error(path):
-        tmp_path = _temporary(path, suffix if suffix is not None else ".part" + path.suffix)
+        tmp_path = temporary_beside(path, suffix if suffix is not None else path.suffix)
         try:
             yield tmp_path
             if durable:
@@ -61,9 +61,15 @@ def remove_temporaries(path: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def _temporary(path: Path, suffix: str) -> Path:
-    """An empty file beside ``path`` (hidden, unique) with the usual permissions of a new file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+def temporaries_under(folder: str | os.PathLike) -> list[Path]:
+    """Every file under ``folder`` (recursively) with a name that ``temporary_beside`` gives."""
+    return sorted(p for p in Path(folder).rglob(".*.part*") if p.is_file())
+
+
+def temporary_beside(path: Path, suffix: str) -> Path:
+    """An empty file beside ``path`` (hidden, unique, ``.<name>.*.part<suffix>``: what a killed writer leaves
+    under such a name is cleared by the next run in the folder) with the usual permissions of a new file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + suffix, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from cryohet import __version__, runlock
+from cryohet.atomic import temporaries_under
 from cryohet.device import pick_device
 from cryohet.errors import FolderInUse, InputError, RunAborted
 from cryohet.methods.base import Method
@@ -198,7 +199,7 @@ def _dead_run_notes(out_dir: Path, stale: runlock.Lock | None) -> list[str]:
     if mark_died(out_dir, stale) is not None:
         notes.append("the earlier run in this folder ended without finishing; its record now says 'died'")
     # no other process writes here now: what killed writers left under temporary names (cryohet.atomic) goes
-    left = [p for p in out_dir.rglob(".*.part*") if p.is_file()]
+    left = temporaries_under(out_dir)
     for p in left:
         p.unlink(missing_ok=True)
     if left:

@@ -12,14 +12,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 import torch
 from faults import file_size_limit, limit_file_size, temporaries
 
-from cryohet.atomic import atomic_path, remove_temporaries
+from cryohet.atomic import atomic_path, remove_temporaries, temporaries_under
 from cryohet.errors import InputError, OutputError
 from cryohet.io.mrc import open_stack, read_map
+from cryohet.io.star import write_star
 from cryohet.io.weights import previous_path, read_checkpoint, read_weights, write_weights
 from cryohet.methods.simulate import METHOD as SIMULATE
 from cryohet.runner import run_method
@@ -130,3 +132,20 @@ def test_remove_temporaries_touches_only_those_of_the_file(tmp_path: Path) -> No
         p.write_bytes(b"x")
     assert remove_temporaries(tmp_path / "checkpoint.safetensors") == [gone]
     assert all(p.exists() for p in keep)
+
+
+def test_every_temporary_of_a_star_write_is_one_the_next_run_clears(tmp_path: Path, monkeypatch) -> None:
+    """A run killed while ``write_star`` is under way (the CI failure of f6dc71d left ``.particles.star.*.body.star``)
+    leaves only names that ``temporaries_under`` (the runner's clean-up) finds."""
+    seen: list[list[Path]] = []
+    real_write = starfile.write
+
+    def write_and_look(*args, **kwargs):
+        real_write(*args, **kwargs)
+        seen.append(temporaries(tmp_path))
+        assert seen[-1] == temporaries_under(tmp_path)
+
+    monkeypatch.setattr(starfile, "write", write_and_look)
+    write_star(tmp_path / "particles.star", {"particles": pd.DataFrame({"rlnImageName": ["1@a.mrcs"]})})
+    assert len(seen) == 1 and len(seen[0]) == 2          # the atomic temporary and the body written by starfile
+    assert not temporaries(tmp_path) and (tmp_path / "particles.star").is_file()

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import starfile
 
-from cryohet.atomic import atomic_path
+from cryohet.atomic import atomic_path, temporary_beside
 from cryohet.errors import InputError
 
 WRITE_VERSION = 30001  # RELION 3.1 format, read by RELION 3.1, 4 and 5
@@ -63,8 +62,7 @@ def write_star(path: str | os.PathLike, blocks: dict[str, pd.DataFrame], version
         if bad:
             raise ValueError(f"block {name!r}: invalid STAR labels {bad}")
     with atomic_path(path) as tmp:
-        fd, body = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".body.star", dir=path.parent)
-        os.close(fd)
+        body = temporary_beside(path, ".body.star")
         try:
             starfile.write({k: v for k, v in blocks.items()}, body, overwrite=True, float_format=_format_float,
                            sep=" ")
