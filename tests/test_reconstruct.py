@@ -117,3 +117,25 @@ def test_reconstruct_nan_image_fails_cleanly(relion_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sim.mrcs" in err and "NaN" in err
     assert not any(out.glob("*.mrc")) and json.loads((out / "cryohet_run.json").read_text())["status"] == "failed"
+
+
+def test_insertion_within_a_radius_fills_the_grid_there_as_a_full_one():
+    """``BackProjector.insert(radius_px=r)`` (classification's early iterations): every voxel well inside r
+    gets what a full insertion gives it (rounded shells, and a sample's trilinear corners reach up to √3/2 px
+    beyond it: r − 2); nothing lands beyond r + 1."""
+    from cryohet.geometry.backproject import BackProjector
+
+    box, r = 32, 6.0
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(40, box, box, dtype=torch.complex64, generator=g)
+    ctf = torch.rand(40, box, box, generator=g)
+    A = torch.linalg.qr(torch.randn(40, 3, 3, generator=g))[0]
+    A = A * torch.linalg.det(A)[:, None, None]
+    full, part = BackProjector(box), BackProjector(box)
+    full.insert(F, ctf, A)
+    part.insert(F, ctf, A, radius_px=r)
+    shells = full.shell_index()
+    inner, outer = shells <= r - 2, shells > r + 1
+    np.testing.assert_allclose(part.weight[inner].numpy(), full.weight[inner].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(part._data[inner].numpy(), full._data[inner].numpy(), rtol=1e-5, atol=1e-5)
+    assert full.weight[outer].abs().sum() > 0 and part.weight[outer].abs().sum() == 0

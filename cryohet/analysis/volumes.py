@@ -6,7 +6,7 @@ Maps are written as MRC with the model's voxel size (``apix``, Å/pixel).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryohet.atomic import atomic_path
+from cryohet.data.loader import Progress
 from cryohet.errors import InputError
 
 if TYPE_CHECKING:
     from cryohet.models.base import VolumeModel
 
 #: ``progress(iterable, desc, total)`` as ``RunContext.progress``; None means no progress bar.
-Progress = Callable[[Iterable[Any], str, int | None], Iterable[Any]]
 
 #: Default contour: the level above which this fraction of the box lies (median over the maps).
 ENCLOSED_FRACTION = 0.02

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,9 @@ import numpy as np
 import torch
 
 from cryohet.io.reader import ImageReader
+
+#: wraps an iterable of work items with a progress display: (items, description, total or None) -> items
+Progress = Callable[[Iterable[Any], str, int | None], Iterable[Any]]
 
 #: Bytes of images read per block when the caller does not set ``chunk_images``.
 BLOCK_BYTES = 16 << 20

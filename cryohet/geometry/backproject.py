@@ -9,7 +9,7 @@ import torch
 
 from cryohet.geometry.fourier import centered_coords
 from cryohet.geometry.masks import sphere_mask
-from cryohet.geometry.project import sinc2_grid, slice_coords
+from cryohet.geometry.project import sinc2_grid
 
 
 class BackProjector:
@@ -36,15 +36,20 @@ class BackProjector:
         self._in_scratch = 0
         k = centered_coords(box, self.device)
         ky, kx = torch.meshgrid(k, k, indexing="ij")
-        self._half = ((kx**2 + ky**2 <= (box // 2) ** 2) & (kx >= 0)).flatten()
+        self._plane = torch.stack([kx, ky], -1).reshape(-1, 2)
+        self._k2 = (kx**2 + ky**2).flatten()
+        self._half = (self._k2 <= (box // 2) ** 2) & (kx >= 0).flatten()
         self._step = torch.tensor([1, H, P * H], device=self.device)
         self._centre = torch.tensor([0, P // 2, P // 2], device=self.device, dtype=torch.float32)
         self._top = torch.tensor([H - 1, P - 1, P - 1], device=self.device, dtype=torch.float32) - 1e-3
         self.n_images = 0
         self._shells: torch.Tensor | None = None
 
-    def insert(self, F: torch.Tensor, ctf: torch.Tensor | None, A: torch.Tensor) -> None:
+    def insert(self, F: torch.Tensor, ctf: torch.Tensor | None, A: torch.Tensor,
+               radius_px: float | None = None) -> None:
         """Insert (B, box, box) centred transforms with their CTFs (or None) at orientations A (B, 3, 3).
+        ``radius_px``: only the samples within this radius (pixels of the box's Fourier grid) go in, at a cost
+        that falls with their number (a map needed only to that resolution); None: all within Nyquist.
 
         Each sample of the image's kx >= 0 half goes in at its 3-D position p and, as its Friedel mate, at −p
         with the conjugate value; only corners with kx >= 0 are kept. Samples are sorted by grid index first
@@ -54,10 +59,12 @@ class BackProjector:
         """
         B = F.shape[0]
         ctf = torch.ones(F.shape, device=self.device) if ctf is None else ctf.to(self.device)
-        pos = slice_coords(A.to(self.device, torch.float32), self.box, self.pad).reshape(B, -1, 3)
-        pos = pos[:, self._half].reshape(-1, 3)
-        c = ctf.reshape(B, -1)[:, self._half].to(torch.float32).flatten()
-        data = F.to(self.device).reshape(B, -1)[:, self._half].to(torch.complex64).flatten()
+        keep = self._half if radius_px is None else self._half & (self._k2 <= radius_px**2)
+        # position_j = pad Σ_i A[i, j] k_i over the image's (kx, ky) of the kept samples (project.slice_coords)
+        pos = self.pad * torch.einsum("mi,bij->bmj", self._plane[keep], A.to(self.device, torch.float32)[:, :2, :])
+        pos = pos.reshape(-1, 3)
+        c = ctf.reshape(B, -1)[:, keep].to(torch.float32).flatten()
+        data = F.to(self.device).reshape(B, -1)[:, keep].to(torch.complex64).flatten()
         # move every sample to kx >= 0 (its Friedel mate), then add the mates of those within one voxel of
         # kx = 0, whose trilinear corners reach back into kx >= 0
         flip = pos[:, 0] < 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryohet.data.loader import BatchStream
+from cryohet.data.loader import BatchStream, Progress
 from cryohet.data.prepare import ImageBatch, ImagePreparer
 from cryohet.geometry.backproject import BackProjector
 from cryohet.geometry.lattice import Lattice, Points
@@ -44,7 +44,6 @@ CHECKPOINT_FORMAT = "cryohet-classify-checkpoint-1"
 #: posterior probabilities below this are not backprojected (a class's map ignores images it does not explain)
 MIN_INSERT_PROBABILITY = 1e-3
 
-Progress = Callable[[Iterable, str, int], Iterator]
 
 
 @dataclass
@@ -97,9 +96,11 @@ class _Scorer:
         return -(r2 * self.inv_var).sum(-1).T, r2
 
 
-def _insert_weighted(bps: list[list[BackProjector]], b: ImageBatch, gamma: torch.Tensor, half: np.ndarray) -> None:
+def _insert_weighted(bps: list[list[BackProjector]], b: ImageBatch, gamma: torch.Tensor, half: np.ndarray,
+                     radius_px: float | None = None) -> None:
     """Backproject each image into every class it belongs to with probability ≥ MIN_INSERT_PROBABILITY, weighted
-    by that probability (data Σγ·c·F, weight Σγ·c²), in its half-set's accumulator."""
+    by that probability (data Σγ·c·F, weight Σγ·c²), in its half-set's accumulator; only its samples within
+    ``radius_px`` (None: all)."""
     h = half[b.rows]
     kept = gamma.cpu().numpy() >= MIN_INSERT_PROBABILITY   # one copy from the device per batch
     for k, pair in enumerate(bps):
@@ -109,7 +110,7 @@ def _insert_weighted(bps: list[list[BackProjector]], b: ImageBatch, gamma: torch
                 continue
             idx = torch.as_tensor(sel, device=b.images_ft.device)
             w = gamma[idx, k].sqrt().to(torch.float32)[:, None, None]
-            bp.insert(b.images_ft[idx] * w, b.ctf[idx] * w, b.rotations[idx])
+            bp.insert(b.images_ft[idx] * w, b.ctf[idx] * w, b.rotations[idx], radius_px)
 
 
 def _reconstruct(bps: list[list[BackProjector]], tau2_fudge: float, previous: torch.Tensor | None = None,
@@ -194,7 +195,7 @@ def fit_classes(particles: Any, n_classes: int, *, lattice: Lattice, half: np.nd
         if resume and checkpoint is not None:
             log.info("--resume: no checkpoint at %s, starting from scratch", checkpoint)
         maps, noise = _start(particles, K, references, initial_classes, stream, new_accumulators, half, points,
-                             shell, n_shells, apix, ini_high_A, seed, device)
+                             shell, n_shells, apix, ini_high_A, seed, device, floor_px + 2 * margin_px)
         history = []
     log_prior = torch.log(torch.tensor(history[-1]["populations"], dtype=torch.float64, device=device)
                           .clamp_min(1e-12)) if history else torch.full((K,), -math.log(K), device=device,
@@ -204,11 +205,13 @@ def fit_classes(particles: Any, n_classes: int, *, lattice: Lattice, half: np.nd
     prev_class = None  # after a resume, class changes count from the first new iteration
     gamma_all = np.zeros((N, K), np.float32)
     loglik_all = np.zeros(N, np.float32)
-    halves = curves = None
+    curves = None
     for it in range(len(history), iterations):
         weights = torch.exp(log_prior).to(torch.float32)
-        # score (and estimate the noise) up to a few shells beyond the limit: the limit can grow by that much
+        # score (and estimate the noise) up to a few shells beyond the limit: the limit can grow by that much;
+        # the maps are needed a margin beyond that (the next iteration's reach); at full resolution only at the end
         reach_px = min(n / 2, limit_px + margin_px)
+        insert_px = reach_px + margin_px
         pts = lattice.half_plane(reach_px)
         pts_shell = pts.shell.to(device)
         scorer = _Scorer(maps, pts, noise, limit_px, focus, weights)
@@ -222,11 +225,11 @@ def fit_classes(particles: Any, n_classes: int, *, lattice: Lattice, half: np.nd
             gamma_all[b.rows] = gamma.cpu().numpy()
             loglik_all[b.rows] = lse[:, 0].cpu().numpy()
             resid += _shell_sum((gamma.T.to(torch.float32)[:, :, None] * r2), pts_shell, n_shells)
-            _insert_weighted(bps, b, gamma, half)
+            _insert_weighted(bps, b, gamma, half, insert_px)
         counts = torch.bincount(pts_shell, minlength=n_shells).to(torch.float64)
         noise = torch.where(counts > 0, resid / (N * counts.clamp_min(1)), noise)
         populations = gamma_all.sum(0) / N
-        maps, halves, curves = _reconstruct(bps, tau2_fudge, maps, half_maps=it + 1 == iterations)
+        maps, _, curves = _reconstruct(bps, tau2_fudge, maps)
         del bps
         populated = populations >= min_class_fraction
         classes = gamma_all.argmax(1)
@@ -251,7 +254,7 @@ def fit_classes(particles: Any, n_classes: int, *, lattice: Lattice, half: np.nd
                            f"splitting class {big + 1}", -(-len(members) // batch_size)):
                 g = groups[np.searchsorted(members, b.rows)]
                 onehot = torch.nn.functional.one_hot(torch.as_tensor(g), 2).to(device, torch.float32)
-                _insert_weighted(pair, b, onehot, half)
+                _insert_weighted(pair, b, onehot, half, insert_px)
             split, _, _ = _reconstruct(pair, tau2_fudge, torch.stack([maps[big], maps[big]]))
             share = np.bincount(groups, minlength=2) / len(members)
             maps[k], maps[big] = split[0], split[1]
@@ -278,6 +281,12 @@ def fit_classes(particles: Any, n_classes: int, *, lattice: Lattice, half: np.nd
     if curves is None:
         raise ValueError(f"nothing to do: the checkpoint already holds {len(history)} iterations; ask for more "
                          f"--iterations to continue")
+    # the class maps and half-maps at full resolution from the last posteriors (the checkpoint keeps the EM's own
+    # maps, so that a resumed run goes on as an uninterrupted one)
+    bps = new_accumulators()
+    for b in stream("class maps at full resolution"):
+        _insert_weighted(bps, b, torch.as_tensor(gamma_all[b.rows], device=device), half)
+    maps, halves, curves = _reconstruct(bps, tau2_fudge, maps, half_maps=True)
     return ClassFit(maps, halves, curves, gamma_all, loglik_all, history, apix, reseeds)
 
 
@@ -312,10 +321,11 @@ def initial_classes_from_pca(particles: Any, n_classes: int, *, resolution_A: fl
 def _start(particles: Any, K: int, references: torch.Tensor | None, initial_classes: np.ndarray | None, stream,
            new_accumulators, half: np.ndarray,
            points: Points, shell: torch.Tensor, n_shells: int, apix: float, ini_high_A: float, seed: int,
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+           device: torch.device, radius_px: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Starting maps (low-passed to ``ini_high_A``) and noise spectrum (the images' power per shell, as RELION).
 
-    Without references, class k starts as the reconstruction of a random 1/K of the particles.
+    Without references, class k starts as the reconstruction of a random 1/K of the particles (their samples
+    within ``radius_px``).
     """
     N = len(particles)
     power = torch.zeros(n_shells, dtype=torch.float64, device=device)
@@ -327,7 +337,7 @@ def _start(particles: Any, K: int, references: torch.Tensor | None, initial_clas
         if bps is not None:
             onehot = torch.zeros((len(b.rows), K), device=device)
             onehot[torch.arange(len(b.rows)), torch.as_tensor(init[b.rows], device=device)] = 1
-            _insert_weighted(bps, b, onehot, half)
+            _insert_weighted(bps, b, onehot, half, radius_px)
     counts = torch.bincount(shell, minlength=n_shells).to(torch.float64).clamp_min(1)
     noise = power / (N * counts)
     if references is None:

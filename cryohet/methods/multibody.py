@@ -32,6 +32,10 @@ PARAMS = (
           "prior.", min=0.0, expert=True),
     Param("sigma_offset_A", float, 2.0, "With a list of masks: width of the Gaussian prior on each body's shift, Å "
           "(a bodies STAR gives its own, rlnBodySigmaOffsetAngst). 0: no prior.", min=0.0, expert=True),
+    Param("learn_priors", bool, True, "Learn the widths of each body's priors from the data after every iteration "
+          "(empirical Bayes: the widths under which the per-particle estimates are most probable), starting from "
+          "the given ones; no: keep them fixed, as RELION does. Weakly determined bodies are then pulled towards "
+          "the consensus pose as much as their data warrant.", expert=True),
     Param("datadir", Path, None, "Folder to look for the image stacks in when the STAR's image paths are relative "
           "to another folder (default: the STAR's folder, then the current folder).", expert=True),
     Param("batch_size", int, 256, "Images per batch.", min=1, expert=True),
@@ -88,6 +92,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     fit = refine_bodies(pset, consensus, bodies, half, iterations=params["iterations"],
                         resolution_A=params["resolution_A"], max_angle_deg=params["max_angle_deg"],
                         max_shift_A=params["max_shift_A"], n_rounds=params["search_rounds"],
+                        learn_priors=params["learn_priors"],
                         batch_size=params["batch_size"], device=ctx.device,
                         log=ctx.log, progress=ctx.progress)
     # converged when no body's resolution moved by a Fourier shell in the last iteration (the per-particle poses
@@ -117,15 +122,15 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         ctx.add("mask", f"{stem}_mask.mrc", f"body {b + 1} mask", body=b + 1,
                 centre_A=body.centre_A.round(6).tolist(), frame=body.frame.round(9).tolist(),
                 relative_to=-1 if body.relative_to is None else body.relative_to + 1,
-                sigma_angles_deg=body.sigma_angles_deg, sigma_offset_A=body.sigma_offset_A, source=body.source)
+                sigma_angles_deg=float(fit.sigma_angles_deg[b]), sigma_offset_A=float(fit.sigma_offset_A[b]),
+                source=body.source)
         ctx.add("fsc", f"{stem}_fsc.star", f"body {b + 1} half-map FSC (masked and unmasked)", body=b + 1,
                 resolution_A=res)
         ctx.log.info("body %d: %.2f Å at FSC 0.143 inside its mask (%.2f Å unmasked)", b + 1, res,
                      fit.resolution_A(b, masked=False))
     write_bodies_star(out / "bodies.star", [f"body{b + 1:03d}_mask.mrc" for b in range(nb)],
                       [-1 if body.relative_to is None else body.relative_to + 1 for body in bodies.bodies],
-                      [body.sigma_angles_deg for body in bodies.bodies],
-                      [body.sigma_offset_A for body in bodies.bodies])
+                      fit.sigma_angles_deg.round(3).tolist(), fit.sigma_offset_A.round(3).tolist())
     plot_fsc(out / "fsc_bodies.png", box, apix, curves)
     ctx.add("plot", "fsc_bodies.png", "half-map FSC of each body inside its mask")
 
