@@ -127,7 +127,7 @@ def relion_classes(d: Path, iterations: int) -> np.ndarray:
 def run_cryohet(d: Path, k: int, iterations: int, threads: int, init: str, seed: int) -> Cost:
     cmd = [sys.executable, "-m", "cryohet.cli", "classify", "--particles", "particles.star", "--o", f"cryohet_{init}",
            "--K", str(k), "--iterations", str(iterations), "--init", init, "--threads", str(threads),
-           "--seed", str(seed), "--overwrite", "yes"]
+           "--seed", str(seed), "--particle_diameter_A", f"{DIAMETER_A:g}", "--overwrite", "yes"]
     return timed(cmd, d, d / f"cryohet_{init}.log")
 
 

@@ -186,6 +186,8 @@ def test_bad_input_is_refused_clearly(states, tmp_path):
     write_map(other_apix, np.ones((BOX,) * 3, np.float32), ds.apix * 1.5)
     with pytest.raises(InputError, match=r"mask\.mrc.*Å/px"):
         run_method(METHOD, {"particles": str(ds.particles_star), "mask": str(other_apix)}, tmp_path / "b")
+    with pytest.raises(InputError, match=r"--particle_diameter_A 500 is wider than the box"):
+        run_method(METHOD, {"particles": str(ds.particles_star), "particle_diameter_A": 500.0}, tmp_path / "d")
     # through the command line: exit code 2, the reason on stderr, no class map written
     cmd = [str(Path(sys.executable).with_name("cryohet")), "classify", "--particles", str(ds.particles_star),
            "--K", "2", "--references", str(small), "--o", str(tmp_path / "c")]
@@ -199,7 +201,7 @@ def test_runs_at_a_realistic_box(tmp_path):
     classes found (measured on 400 particles, 3 iterations: ARI 1.0 at SNR 0.5, 117 s and 3.4 GB on 2 cores)."""
     ds = make_dataset("discrete", tmp_path / "data", box=128, n_particles=60, snr=0.5, n_states=2, seed=2)
     run_method(METHOD, {"particles": str(ds.particles_star), "K": 2, "iterations": 1, "init": "random",
-                        "threads": 2}, tmp_path / "run")
+                        "particle_diameter_A": 0.8 * 128 * ds.apix, "threads": 2}, tmp_path / "run")
     maps = [read_map(tmp_path / "run" / f"class00{c}.mrc") for c in (1, 2)]
     assert all(m.shape == (128,) * 3 and abs(a - ds.apix) < 1e-3 for m, a in maps)
     assert len(read_fsc(tmp_path / "run" / "class001_fsc.star")) == 65

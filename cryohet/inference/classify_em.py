@@ -148,6 +148,7 @@ def fit_classes(particles: Any, n_classes: int, *, lattice: Lattice, half: np.nd
                 references: torch.Tensor | None = None, initial_classes: np.ndarray | None = None,
                 iterations: int = 25, tau2_fudge: float = 1.0,
                 ini_high_A: float = 30.0, resolution_A: float = 0.0, focus_mask: torch.Tensor | None = None,
+                solvent_mask: torch.Tensor | None = None,
                 min_class_fraction: float = 0.01, max_reseeds: int = 3, init_resolution_A: float = 20.0,
                 batch_size: int = 256,
                 device: torch.device | str = "cpu", seed: int = 0, log: logging.Logger | None = None,
@@ -159,6 +160,8 @@ def fit_classes(particles: Any, n_classes: int, *, lattice: Lattice, half: np.nd
     ``references``: (K, n, n, n) starting maps on the lattice (None: reconstructions of K random
     subsets); every start is low-passed to ``ini_high_A`` Å, the first E-step's limit. ``resolution_A``: the
     images are never scored beyond it (0: Nyquist). ``focus_mask`` (n, n, n): see the module's text.
+    ``solvent_mask`` (n, n, n): the class maps are multiplied by it before they are compared with the images (the
+    EM's maps; the full-resolution maps returned are not).
     ``checkpoint``: written after every iteration (the one before kept); ``resume`` continues from it.
     """
     device = torch.device(device)
@@ -185,6 +188,7 @@ def fit_classes(particles: Any, n_classes: int, *, lattice: Lattice, half: np.nd
     settings = {"n_particles": N, "box": n, "apix": round(apix, 6), "K": K, "tau2_fudge": tau2_fudge,
                 "ini_high_A": ini_high_A, "resolution_A": resolution_A, "seed": seed,
                 "focus": mask_digest(focus) if focus is not None else "",
+                "solvent": mask_digest(solvent_mask) if solvent_mask is not None else "",
                 "references": mask_digest(references) if references is not None else ""}
     found = load_state(checkpoint, settings, log, CHECKPOINT_FORMAT) if resume and checkpoint is not None else None
     if found is not None:
@@ -214,7 +218,8 @@ def fit_classes(particles: Any, n_classes: int, *, lattice: Lattice, half: np.nd
         insert_px = reach_px + margin_px
         pts = lattice.half_plane(reach_px)
         pts_shell = pts.shell.to(device)
-        scorer = _Scorer(maps, pts, noise, limit_px, focus, weights)
+        scorer = _Scorer(maps if solvent_mask is None else maps * solvent_mask.to(device), pts, noise, limit_px,
+                         focus, weights)
         bps = new_accumulators()
         resid = torch.zeros(n_shells, dtype=torch.float64, device=device)
         for b in stream(f"iteration {it + 1}/{iterations}"):

@@ -8,6 +8,9 @@ import numpy as np
 
 from cryohet.methods.base import Method, Param
 
+#: width of the solvent mask's cosine edge, Å
+SOLVENT_EDGE_A = 5.0
+
 PARAMS = (
     Param("particles", Path, None, "Particles with poses and CTF: RELION STAR (3.0/3.1/5) or cryoSPARC .cs.",
           required=True, input_role="particles"),
@@ -25,6 +28,9 @@ PARAMS = (
     Param("mask", Path, None, "Optional focus mask (MRC, the particles' box and pixel size, values 0-1): classes "
           "differ only inside it; outside it every class is scored with the population-weighted mean map.",
           input_role="mask"),
+    Param("particle_diameter_A", float, 0.0, "Diameter of the soft spherical solvent mask put on the class maps before "
+          "they are compared with the images (as RELION's --particle_diameter with --flatten_solvent --zero_mask), "
+          "Å; 0: the box's inscribed sphere. Less noise in the references separates states at low SNR.", min=0.0),
     Param("iterations", int, 25, "EM iterations (RELION's default for 3-D classification is 25).", min=1, max=1000),
     Param("tau2_fudge", float, 1.0, "Regularisation parameter T: each class map's Wiener filter uses T × the "
           "signal-to-noise ratio that its half-map FSC shows. Above 1 trusts the data more (sharper, noisier "
@@ -107,8 +113,10 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
     from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
     from cryohet.atomic import atomic_path
+    from cryohet.errors import InputError
     from cryohet.geometry.fourier import fourier_crop_3d
     from cryohet.geometry.lattice import Lattice, box_for_resolution
+    from cryohet.geometry.masks import sphere_mask
     from cryohet.inference.classify_em import fit_classes, initial_classes_from_pca
     from cryohet.io.mrc import read_mask, write_map
     from cryohet.io.particles import load_particles, write_particles_star
@@ -130,6 +138,13 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         (lambda v: torch.as_tensor(v, dtype=torch.float32))
     references = torch.stack([crop(v) for v in refs]) if refs is not None else None
     focus_t = crop(focus).clamp(0, 1) if focus is not None else None
+    solvent = None
+    if params["particle_diameter_A"] > 0:
+        radius_px = params["particle_diameter_A"] / (2 * lattice.apix)
+        if radius_px > n / 2:
+            raise InputError(params["particles"], f"--particle_diameter_A {params['particle_diameter_A']:g} is "
+                             f"wider than the box ({n * lattice.apix:.1f} Å)")
+        solvent = sphere_mask(n, radius_px, SOLVENT_EDGE_A / lattice.apix, device)
     existing = pset.table["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in pset.table else None
     half = random_halves(len(pset), np.random.default_rng(ctx.seed), existing)
     out = Path(ctx.out_dir)
@@ -146,7 +161,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     fit = fit_classes(pset, K, lattice=lattice, half=half, references=references, initial_classes=initial,
                       iterations=params["iterations"],
                       tau2_fudge=params["tau2_fudge"], ini_high_A=params["ini_high_A"],
-                      resolution_A=params["resolution_A"], focus_mask=focus_t,
+                      resolution_A=params["resolution_A"], focus_mask=focus_t, solvent_mask=solvent,
                       min_class_fraction=params["min_class_fraction"], max_reseeds=params["max_reseeds"],
                       init_resolution_A=params["init_resolution_A"],
                       batch_size=params["batch_size"], device=device, seed=ctx.seed, log=ctx.log,
