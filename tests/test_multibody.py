@@ -404,3 +404,40 @@ def test_learned_prior_width_is_the_spread_of_the_true_motions(true_sigma):
     map_ = ml * h / (h + 1 / given**2)
     assert abs(prior_width(map_, h, given) / true_sigma - 1) < 0.1
     assert prior_width(map_, np.zeros_like(h), given) == given
+
+
+def test_resume_continues_as_an_uninterrupted_run(data, tmp_path):
+    """Two iterations in one go, and one then a resumed second, give the same motions and maps; a resume with
+    other settings is refused naming the checkpoint."""
+    d, consensus = data
+    values = {"particles": str(d.particles_star), "map": str(consensus), "bodies": str(d.bodies_star), **FAST}
+    run_method(MULTIBODY, values, tmp_path / "whole")
+    run_method(MULTIBODY, {**values, "iterations": 1}, tmp_path / "resumed")
+    run_method(MULTIBODY, {**values, "resume": True}, tmp_path / "resumed")
+    np.testing.assert_allclose(np.load(tmp_path / "whole" / "body_motions.npy"),
+                               np.load(tmp_path / "resumed" / "body_motions.npy"), atol=1e-4)
+    for b in (1, 2):
+        np.testing.assert_allclose(read_map(tmp_path / "whole" / f"body00{b}.mrc")[0],
+                                   read_map(tmp_path / "resumed" / f"body00{b}.mrc")[0], atol=1e-5)
+    assert "resuming from" in (tmp_path / "resumed" / "run.log").read_text()
+    with pytest.raises(InputError, match=r"checkpoint\.safetensors.*other settings.*max_angle_deg"):
+        run_method(MULTIBODY, {**values, "iterations": 3, "max_angle_deg": 5.0, "resume": True}, tmp_path / "resumed")
+
+
+def test_runs_at_a_realistic_box(tmp_path):
+    """Box 128 at Nyquist on the CPU (one iteration, 40 particles): body maps, half-maps and FSC at the full box,
+    poses for every particle and body."""
+    d = simulate_two_bodies(tmp_path / "data", n_particles=40, box=128, apix=1.5, snr=2.0, seed=4)
+    pset = load_particles(d.particles_star)
+    rec = reconstruct_halves(pset, pset.table["rlnRandomSubset"].to_numpy(), 200, torch.device("cpu"))
+    write_map(tmp_path / "consensus.mrc", rec.full.numpy(), d.apix)
+    run_method(MULTIBODY, {"particles": str(d.particles_star), "map": str(tmp_path / "consensus.mrc"),
+                           "bodies": str(d.bodies_star), "iterations": 1, "search_rounds": 2, "threads": 2},
+               tmp_path / "run")
+    for b in (1, 2):
+        for name in (f"body00{b}.mrc", f"body00{b}_half1.mrc", f"body00{b}_half2.mrc"):
+            vol, apix = read_map(tmp_path / "run" / name)
+            assert vol.shape == (128,) * 3 and abs(apix - d.apix) < 1e-3 and np.isfinite(vol).all()
+        assert len(starfile.read(tmp_path / "run" / f"body00{b}_fsc.star")["fsc"]) == 65
+    motions = np.load(tmp_path / "run" / "body_motions.npy")
+    assert motions.shape == (40, 12) and np.isfinite(motions).all()

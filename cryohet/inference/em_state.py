@@ -71,8 +71,13 @@ def load_state(path: Path, settings: dict[str, Any], log: logging.Logger, fmt: s
     if found is None:
         return None
     used, (state, saved) = found
+    require_same_settings(used, saved, settings)
+    return used, state
+
+
+def require_same_settings(path: Path, saved: dict[str, Any], settings: dict[str, Any]) -> None:
+    """InputError naming the checkpoint ``path`` and every setting that differs from the ones it was written with."""
     diff = [f"{k}: {saved.get(k)!r} (checkpoint) vs {v!r} (asked)" for k, v in settings.items() if saved.get(k) != v]
     if diff:
-        raise InputError(used, "the checkpoint was written with other settings; use the same ones or a new output "
+        raise InputError(path, "the checkpoint was written with other settings; use the same ones or a new output "
                                "folder: " + "; ".join(diff))
-    return used, state

@@ -36,6 +36,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,8 @@ from cryohet.geometry.lattice import Lattice, box_for_resolution, crop_transform
 from cryohet.geometry.project import Projector
 from cryohet.geometry.shift import apply_origin, undo_origin
 from cryohet.inference.bodies import BodySet, relative_euler
+from cryohet.inference.em_state import mask_digest
+from cryohet.inference.multibody_state import MultiBodyState, load_state, save_state
 from cryohet.inference.pose_search import PoseScorer, angle_between_deg, local_search, rotation_from_vector
 from cryohet.reconstruct.fsc import fsc, resolution_at
 from cryohet.reconstruct.homogeneous import wiener_reconstruct
@@ -380,8 +383,9 @@ def _rms_angle(a: np.ndarray, b: np.ndarray) -> float:
 def refine_bodies(particles: Any, consensus: np.ndarray, bodies: BodySet, half: np.ndarray, *, iterations: int = 3,
                   resolution_A: float = 0.0, max_angle_deg: float = 10.0, max_shift_A: float = 3.0,
                   n_rounds: int = 4, learn_priors: bool = True, batch_size: int = 256,
-                  device: torch.device | str = "cpu",
-                  log: logging.Logger | None = None, progress: Progress | None = None) -> MultiBodyFit:
+                  device: torch.device | str = "cpu", log: logging.Logger | None = None,
+                  progress: Progress | None = None, checkpoint: Path | None = None,
+                  resume: bool = False) -> MultiBodyFit:
     """Refine each body's rotation and translation per particle (see the module's text) and reconstruct the bodies.
 
     ``consensus``: the consensus map (box³, the particles' box and pixel size); ``half``: 1 or 2 per particle
@@ -389,7 +393,8 @@ def refine_bodies(particles: Any, consensus: np.ndarray, bodies: BodySet, half: 
     they are Fourier-cropped to the box it needs); ``max_angle_deg`` / ``max_shift_A``: the local search's reach
     around the current pose per iteration; ``learn_priors``: after each iteration the widths of each body's
     priors become those that make its per-particle estimates most probable (:func:`prior_width`), starting from
-    the bodies' own (RELION keeps them fixed).
+    the bodies' own (RELION keeps them fixed). ``checkpoint``: written after every iteration (the one before
+    kept); ``resume`` continues from it.
     """
     device = torch.device(device)
     log = log or logging.getLogger("cryohet")
@@ -411,6 +416,24 @@ def refine_bodies(particles: Any, consensus: np.ndarray, bodies: BodySet, half: 
     sigma_deg = np.array([body.sigma_angles_deg for body in bodies.bodies], dtype=np.float64)
     sigma_px = np.array([body.sigma_offset_A for body in bodies.bodies], dtype=np.float64) / work.apix
     evidence = PriorEvidence.empty(N, nb) if learn_priors else None
+    settings = {"n_particles": N, "box": full.box, "apix": round(full.apix, 6), "resolution_A": resolution_A,
+                "max_angle_deg": max_angle_deg, "max_shift_A": max_shift_A, "n_rounds": n_rounds,
+                "learn_priors": learn_priors,
+                "consensus": mask_digest(torch.as_tensor(consensus)), "masks": mask_digest(masks),
+                "order": list(map(int, bodies.order)), "half": mask_digest(torch.as_tensor(half, dtype=torch.float32)),
+                "priors": [[b.sigma_angles_deg, b.sigma_offset_A] for b in bodies.bodies]}
+    found = load_state(checkpoint, settings, log) if resume and checkpoint is not None else None
+    if found is not None:
+        used, state = found
+        poses = BodyPoses(state.rotations.copy(), state.shifts_A.copy())
+        refs = {h: [state.refs[h - 1, b].to(device) for b in range(nb)] for h in (1, 2)}
+        sigma_deg, sigma_px, history = state.sigma_deg.copy(), state.sigma_px.copy(), state.history
+        log.info("resuming from %s after iteration %d", used, state.iteration)
+    elif resume and checkpoint is not None:
+        log.info("--resume: no checkpoint at %s, starting from scratch", checkpoint)
+    if len(history) >= iterations:
+        raise ValueError(f"nothing to do: the checkpoint already holds {len(history)} iterations; ask for more "
+                         f"--iterations to continue")
 
     def batches(rows: np.ndarray, desc: str) -> Iterable[ImageBatch]:
         chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
@@ -427,7 +450,7 @@ def refine_bodies(particles: Any, consensus: np.ndarray, bodies: BodySet, half: 
         d = torch.as_tensor(poses.shifts_A[rows], dtype=torch.float32, device=device)
         return A, R, d
 
-    for it in range(iterations):
+    for it in range(len(history), iterations):
         before = BodyPoses(poses.rotations.copy(), poses.shifts_A.copy())
         bps = [[BackProjector(full.box, 2, device) for _ in (1, 2)] for _ in range(nb)]
         for h in (1, 2):
@@ -481,5 +504,9 @@ def refine_bodies(particles: Any, consensus: np.ndarray, bodies: BodySet, half: 
                  "resolutions %s Å", it + 1, " ".join(f"{v:.2f}" for v in entry["angle_change_deg"]),
                  " ".join(f"{v:.2f}" for v in entry["shift_change_A"]),
                  " ".join(f"{v:.1f}" for v in entry["resolution_A"]))
+        if checkpoint is not None:
+            save_state(checkpoint, MultiBodyState(it + 1, poses.rotations, poses.shifts_A,
+                                                  torch.stack([torch.stack(refs[h]) for h in (1, 2)]), sigma_deg,
+                                                  sigma_px, history), settings)
     return MultiBodyFit(poses, maps_out, halves_out, curves.copy(), curves_masked.copy(), full.apix, sigma_deg,
                         sigma_px * work.apix, history)

@@ -39,6 +39,9 @@ PARAMS = (
     Param("datadir", Path, None, "Folder to look for the image stacks in when the STAR's image paths are relative "
           "to another folder (default: the STAR's folder, then the current folder).", expert=True),
     Param("batch_size", int, 256, "Images per batch.", min=1, expert=True),
+    Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (checkpoint.safetensors, "
+          "written after every iteration; the one before is kept as checkpoint.prev.safetensors); --iterations is the "
+          "new total. The other settings must be the same."),
 )
 
 #: Largest change of a body's resolution in the last iteration, in Fourier shells, that counts as converged.
@@ -93,6 +96,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                         resolution_A=params["resolution_A"], max_angle_deg=params["max_angle_deg"],
                         max_shift_A=params["max_shift_A"], n_rounds=params["search_rounds"],
                         learn_priors=params["learn_priors"],
+                        checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", resume=params["resume"],
                         batch_size=params["batch_size"], device=ctx.device,
                         log=ctx.log, progress=ctx.progress)
     # converged when no body's resolution moved by a Fourier shell in the last iteration (the per-particle poses
