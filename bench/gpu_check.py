@@ -9,7 +9,8 @@ principal-volumes`` and ``cryohet classify`` run on it, and cryoDRGN's ``train_v
 same architecture (3 × 1024 encoder and decoder, z 8), batch size, learning rate and number of epochs, each
 program with its own default mixed precision. train-vae is compared by the time of its last epoch as each
 program logs it (start-up, data loading and the final latent pass excluded); the other steps by the wall time of
-the method.
+the method. Then, per box, ``cryohet.simulate.bodies.simulate_two_bodies`` makes two-body data (the LID hinge, at
+most 1000 particles, SNR 2) and ``cryohet multibody`` refines it for 2 iterations at Nyquist.
 
 Peak GPU memory is ``torch.cuda.max_memory_allocated`` in the process that ran the step (reset before it), for
 cryohet and for cryoDRGN alike. cryohet's steps run in one child process per box (``run_method``, as the CLI
@@ -90,10 +91,15 @@ def child_ours(spec: dict[str, Any]) -> None:
         _cuda_reset()
         t0 = time.perf_counter()
         try:
-            run_method(methods[name], {**values, **common}, out)
+            if name == "two-bodies":  # data for multibody: the LID hinge, body masks and a bodies STAR
+                from cryohet.simulate.bodies import simulate_two_bodies
+
+                simulate_two_bodies(out, **values, device=spec["device"])
+            else:
+                run_method(methods[name], {**values, **common}, out)
         except Exception as exc:  # a failed step is a row of the table, the check goes on
             _emit(res, {**row, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
-            if name == "simulate":
+            if name in ("simulate", "two-bodies"):
                 return
             continue
         row.update(status="ok", wall_s=time.perf_counter() - t0, peak_gpu_gb=_cuda_peak_gb())
@@ -182,7 +188,8 @@ def run_child(kind: str, spec: dict[str, Any], log: Path, timeout: float) -> str
 
 def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The jobs in order of importance: per box, simulate + reconstruct + train-vae, then cryoDRGN; then
-    principal-volumes and classify for every box (the steps whose GPU time is least known)."""
+    principal-volumes and classify for every box (the steps whose GPU time is least known); then multibody on
+    two-body data (``simulate_two_bodies``, at most 1000 particles) for every box."""
     jobs: list[dict[str, Any]] = []
     arch = dict(zdim=a.zdim, epochs=a.epochs, batch=a.batch, lr=a.lr, layers=a.layers, dim=a.dim)
     for box, n in zip(a.boxes, a.n, strict=True):
@@ -212,6 +219,17 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
                  label=f"K 3, {a.pv_iter} EM iterations, limit 4 px (working box {box // 2})"),
             dict(method="classify", values=cls, out=str(d / "classify"), min_s=10,
                  label=f"K 3, {a.pv_iter} iterations, Nyquist (working box {box})")]))
+    for box, n in zip(a.boxes, a.n, strict=True):
+        d = a.work / f"box{box}" / "bodies"
+        bodies = dict(n_particles=min(n, 1000), box=box, apix=round(FIELD_A / box, 4), snr=2.0)
+        star = str(d / "data" / "particles.star")
+        # the consensus map: the mean of the true maps the simulation writes (maps/mean.mrc)
+        mb = dict(particles=star, map=str(d / "data" / "maps" / "mean.mrc"), bodies=str(d / "data" / "bodies.star"),
+                  iterations=2)
+        jobs.append(dict(kind="ours", box=box, n=bodies["n_particles"], steps=[
+            dict(method="two-bodies", values=bodies, out=str(d / "data"), min_s=5),
+            dict(method="multibody", values=mb, out=str(d / "multibody"), min_s=10,
+                 label="2 bodies, 2 iterations, Nyquist")]))
     return jobs
 
 
@@ -269,7 +287,8 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     by = {(r["tool"], r["step"], r["box"]): r for r in rows}
     out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
            "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
-    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "classify"):
+    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "classify", "two-bodies",
+                 "multibody"):
         for box, n in zip(a.boxes, a.n, strict=True):
             ours = by.get(("cryohet", step, box))
             if ours is None:
