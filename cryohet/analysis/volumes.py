@@ -20,8 +20,6 @@ from cryohet.errors import InputError
 if TYPE_CHECKING:
     from cryohet.models.base import VolumeModel
 
-#: ``progress(iterable, desc, total)`` as ``RunContext.progress``; None means no progress bar.
-
 #: Default contour: the level above which this fraction of the box lies (median over the maps).
 ENCLOSED_FRACTION = 0.02
 

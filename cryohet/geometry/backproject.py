@@ -9,7 +9,7 @@ import torch
 
 from cryohet.geometry.fourier import centered_coords
 from cryohet.geometry.masks import sphere_mask
-from cryohet.geometry.project import sinc2_grid
+from cryohet.geometry.project import plane_coords, sinc2_grid
 
 
 class BackProjector:
@@ -60,9 +60,7 @@ class BackProjector:
         B = F.shape[0]
         ctf = torch.ones(F.shape, device=self.device) if ctf is None else ctf.to(self.device)
         keep = self._half if radius_px is None else self._half & (self._k2 <= radius_px**2)
-        # position_j = pad Σ_i A[i, j] k_i over the image's (kx, ky) of the kept samples (project.slice_coords)
-        pos = self.pad * torch.einsum("mi,bij->bmj", self._plane[keep], A.to(self.device, torch.float32)[:, :2, :])
-        pos = pos.reshape(-1, 3)
+        pos = plane_coords(self._plane[keep], A.to(self.device, torch.float32), self.pad).reshape(-1, 3)
         c = ctf.reshape(B, -1)[:, keep].to(torch.float32).flatten()
         data = F.to(self.device).reshape(B, -1)[:, keep].to(torch.complex64).flatten()
         # move every sample to kx >= 0 (its Friedel mate), then add the mates of those within one voxel of

@@ -15,13 +15,18 @@ def sinc2_grid(box: int, pad_box: int, device=None) -> torch.Tensor:
     return (s[:, None, None] * s[None, :, None] * s[None, None, :]).to(torch.float32)
 
 
+def plane_coords(k: torch.Tensor, A: torch.Tensor, pad: int) -> torch.Tensor:
+    """3-D padded-grid positions (B, ..., 3) as (x, y, z) of the central-slice points Aᵀ (kx, ky, 0) for the 2-D
+    frequencies ``k`` (..., 2) in pixels of the unpadded Fourier grid (kx, ky) and rotations A (B, 3, 3)."""
+    # position_j = pad Σ_i A[i, j] k_i for i in (x, y)
+    return pad * torch.einsum("...i,bij->b...j", k, A[:, :2, :])
+
+
 def slice_coords(A: torch.Tensor, box: int, pad: int) -> torch.Tensor:
     """3-D padded-grid positions (B, box, box, 3) as (x, y, z) of the central slices Aᵀ (kx, ky, 0)."""
     k = centered_coords(box, A.device, A.dtype)
     ky, kx = torch.meshgrid(k, k, indexing="ij")
-    plane = torch.stack([kx, ky], -1)  # (box, box, 2)
-    # position_j = sum_i A[i, j] k_i for i in (x, y)
-    return pad * torch.einsum("hwi,bij->bhwj", plane, A[:, :2, :])
+    return plane_coords(torch.stack([kx, ky], -1), A, pad)
 
 
 class Projector:
@@ -64,8 +69,7 @@ class Projector:
         """F_V(Aᵀ k) (B, M) at the 2-D frequencies ``kxy`` (M, 2) in cycles/pixel (``Points.kxy``): the slice at
         only the pixels a method uses (a half-plane inside a resolution circle is under half of the box)."""
         k = kxy.to(self.device, torch.float32) * self.box
-        pos = self.pad * torch.einsum("mi,bij->bmj", k, A.to(self.device, torch.float32)[:, :2, :])
-        return self.sample(pos)
+        return self.sample(plane_coords(k, A.to(self.device, torch.float32), self.pad))
 
     def project(self, A: torch.Tensor, shift_px: torch.Tensor | None = None,
                 ctf: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,7 +45,6 @@ CHECKPOINT_FORMAT = "cryohet-classify-checkpoint-1"
 MIN_INSERT_PROBABILITY = 1e-3
 
 
-
 @dataclass
 class ClassFit:
     """The outcome of :func:`fit_classes`. Maps are on the working lattice (``apix``)."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +23,7 @@ from cryohet.errors import InputError
 from cryohet.io.weights import read_checkpoint, read_weights, write_weights
 
 PPCA_FORMAT = "cryohet-ppca-checkpoint-1"
+S = TypeVar("S")
 
 
 @dataclass
@@ -67,17 +69,20 @@ def load_state(path: Path, settings: dict[str, Any], log: logging.Logger, fmt: s
                ) -> tuple[Path, EMState] | None:
     """The newest usable state of the checkpoint ``path`` or of its previous version (``read_checkpoint``) and the
     file it came from; None when there is none. InputError when none is usable or its settings differ."""
-    found = read_checkpoint(path, lambda p: read_state(p, fmt), log)
+    return load_checkpoint(path, lambda p: read_state(p, fmt), settings, log)
+
+
+def load_checkpoint(path: Path, read: Callable[[Path], tuple[S, dict[str, Any]]], settings: dict[str, Any],
+                    log: logging.Logger) -> tuple[Path, S] | None:
+    """The newest usable state that ``read`` (state, settings) gets from the checkpoint ``path`` or its previous
+    version (``read_checkpoint``) and the file it came from; None when there is none. InputError when none is
+    usable or it was written with other settings (naming the checkpoint and every setting that differs)."""
+    found = read_checkpoint(path, read, log)
     if found is None:
         return None
     used, (state, saved) = found
-    require_same_settings(used, saved, settings)
-    return used, state
-
-
-def require_same_settings(path: Path, saved: dict[str, Any], settings: dict[str, Any]) -> None:
-    """InputError naming the checkpoint ``path`` and every setting that differs from the ones it was written with."""
     diff = [f"{k}: {saved.get(k)!r} (checkpoint) vs {v!r} (asked)" for k, v in settings.items() if saved.get(k) != v]
     if diff:
-        raise InputError(path, "the checkpoint was written with other settings; use the same ones or a new output "
+        raise InputError(used, "the checkpoint was written with other settings; use the same ones or a new output "
                                "folder: " + "; ".join(diff))
+    return used, state

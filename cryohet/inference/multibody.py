@@ -251,7 +251,7 @@ def noise_power(model: BodyModel, batches: Iterable[tuple[torch.Tensor, torch.Te
 class PriorEvidence:
     """Per particle and body, what the data say about its motion away from the consensus: the MAP rotation
     (rotation vector, image frame, degrees) and shift (px from the consensus origin) and the curvature of the
-    log-likelihood (prior left out) along each of those axes (per deg², per px²), for :func:`prior_widths`."""
+    log-likelihood (prior left out) along each of those axes (per deg², per px²), for :func:`prior_width`."""
 
     rotation_deg: np.ndarray      # (N, B, 3)
     rotation_curv: np.ndarray     # (N, B, 3)
@@ -279,11 +279,12 @@ def _curvature(scorer: PoseScorer, F: torch.Tensor, ctf: torch.Tensor, rot: torc
         v[1 + 2 * i, i], v[2 + 2 * i, i] = a, -a
     for j in range(2):
         u[1 + 2 * j, j], u[2 + 2 * j, j] = t, -t
-    cand_A = rotation_from_vector(v)[None] @ rot.to(scorer.device)[:, None]
-    ll = scorer.score(F, ctf, cand_A, shift.to(scorer.device)[:, None] + u[None]).double()
-    ll0 = ll[:, 0, 0]
-    h_rot = torch.stack([2 * ll0 - ll[:, 1 + 2 * i, 0] - ll[:, 2 + 2 * i, 0] for i in range(3)], 1)
-    h_shift = torch.stack([2 * ll0 - ll[:, 0, 1 + 2 * j] - ll[:, 0, 2 + 2 * j] for j in range(2)], 1)
+    rot, shift = rot.to(scorer.device), shift.to(scorer.device)
+    along_rot = scorer.score(F, ctf, rotation_from_vector(v)[None] @ rot[:, None], shift[:, None])[:, :, 0].double()
+    along_shift = scorer.score(F, ctf, rot[:, None], shift[:, None] + u[None])[:, 0, :].double()
+    ll0 = along_rot[:, 0]
+    h_rot = torch.stack([2 * ll0 - along_rot[:, 1 + 2 * i] - along_rot[:, 2 + 2 * i] for i in range(3)], 1)
+    h_shift = torch.stack([2 * ll0 - along_shift[:, 1 + 2 * j] - along_shift[:, 2 + 2 * j] for j in range(2)], 1)
     return (h_rot / CURVATURE_STEP_DEG**2).clamp_min(0), (h_shift / CURVATURE_STEP_PX**2).clamp_min(0)
 
 

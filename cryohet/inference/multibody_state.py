@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from cryohet.errors import InputError
-from cryohet.inference.em_state import require_same_settings
-from cryohet.io.weights import read_checkpoint, read_weights, write_weights
+from cryohet.inference.em_state import load_checkpoint
+from cryohet.io.weights import read_weights, write_weights
 
 FORMAT = "cryohet-multibody-checkpoint-1"
 
@@ -72,9 +72,4 @@ def read_state(path: Path) -> tuple[MultiBodyState, dict[str, Any]]:
 def load_state(path: Path, settings: dict[str, Any], log: logging.Logger) -> tuple[Path, MultiBodyState] | None:
     """The newest usable state of ``path`` or of its previous version and the file it came from; None when there is
     none. InputError when none is usable or its settings differ from ``settings``."""
-    found = read_checkpoint(path, read_state, log)
-    if found is None:
-        return None
-    used, (state, saved) = found
-    require_same_settings(used, saved, settings)
-    return used, state
+    return load_checkpoint(path, read_state, settings, log)
