@@ -4,13 +4,13 @@
     python bench/gpu_check.py --cpu-smoke        # the whole pipeline, tiny, on the CPU (box 32, 200 particles)
 
 For each box (default 128 and 256): ``cryohet simulate`` makes a hinge dataset (the bundled molecule, CTF,
-SNR 0.1, a 192 Å field of view); ``cryohet reconstruct``, ``cryohet train-vae``, ``cryohet
-principal-volumes`` and ``cryohet classify`` run on it, and cryoDRGN's ``train_vae`` on the same STAR with the
-same architecture (3 × 1024 encoder and decoder, z 8), batch size, learning rate and number of epochs, each
-program with its own default mixed precision. train-vae is compared by the time of its last epoch as each
-program logs it (start-up, data loading and the final latent pass excluded); the other steps by the wall time of
-the method. Then, per box, ``cryohet.simulate.bodies.simulate_two_bodies`` makes two-body data (the LID hinge, at
-most 1000 particles, SNR 2) and ``cryohet multibody`` refines it for 2 iterations at Nyquist.
+SNR 0.1, a 192 Å field of view); ``cryohet reconstruct``, ``cryohet train-vae``, ``cryohet principal-volumes``,
+``cryohet classify`` and ``cryohet abinit`` (poses hidden) run on it, and cryoDRGN's ``train_vae`` on the same
+STAR with the same architecture (3 × 1024 encoder and decoder, z 8), batch size, learning rate and number of
+epochs, each program with its own default mixed precision. train-vae is compared by the time of its last epoch
+as each program logs it (start-up, data loading and the final latent pass excluded); the other steps by the wall
+time of the method. Then, per box, ``cryohet.simulate.bodies.simulate_two_bodies`` makes two-body data (the LID
+hinge, at most 1000 particles, SNR 2) and ``cryohet multibody`` refines it for 2 iterations at Nyquist.
 
 Peak GPU memory is ``torch.cuda.max_memory_allocated`` in the process that ran the step (reset before it), for
 cryohet and for cryoDRGN alike. cryohet's steps run in one child process per box (``run_method``, as the CLI
@@ -188,9 +188,10 @@ def run_child(kind: str, spec: dict[str, Any], log: Path, timeout: float) -> str
 
 def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The jobs in order of importance: per box, simulate + reconstruct + train-vae, then cryoDRGN; then
-    principal-volumes and classify for every box (the steps whose GPU time is least known); then multibody on
+    principal-volumes, classify and abinit for every box (the steps whose GPU time is least known); then multibody on
     two-body data (``simulate_two_bodies``, at most 1000 particles) for every box."""
     jobs: list[dict[str, Any]] = []
+    n_global, n_local = (2, 1) if a.cpu_smoke else (15, 3)
     arch = dict(zdim=a.zdim, epochs=a.epochs, batch=a.batch, lr=a.lr, layers=a.layers, dim=a.dim)
     for box, n in zip(a.boxes, a.n, strict=True):
         d = a.work / f"box{box}"
@@ -218,7 +219,12 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
             dict(method="principal-volumes", values=pv, out=str(d / "pv"), min_s=10,
                  label=f"K 3, {a.pv_iter} EM iterations, limit 4 px (working box {box // 2})"),
             dict(method="classify", values=cls, out=str(d / "classify"), min_s=10,
-                 label=f"K 3, {a.pv_iter} iterations, Nyquist (working box {box})")]))
+                 label=f"K 3, {a.pv_iter} iterations, Nyquist (working box {box})"),
+            dict(method="abinit", values=dict(particles=str(d / "sim" / "particles.star"), global_iterations=n_global,
+                                              local_iterations=n_local),
+                 out=str(d / "abinit"), min_s=10,
+                 label=f"poses hidden; {n_global} global iterations (300 particles each, all in the last), "
+                       f"{n_local} local")]))
     for box, n in zip(a.boxes, a.n, strict=True):
         d = a.work / f"box{box}" / "bodies"
         bodies = dict(n_particles=min(n, 1000), box=box, apix=round(FIELD_A / box, 4), snr=2.0)
@@ -287,7 +293,7 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     by = {(r["tool"], r["step"], r["box"]): r for r in rows}
     out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
            "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
-    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "classify", "two-bodies",
+    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "classify", "abinit", "two-bodies",
                  "multibody"):
         for box, n in zip(a.boxes, a.n, strict=True):
             ours = by.get(("cryohet", step, box))

@@ -64,7 +64,7 @@ def _to_json(m: Method) -> dict[str, Any]:
         d["choices"] = list(p.choices) if p.choices is not None else None
         params.append(d)
     return {"name": m.name, "title": m.title, "help": m.help, "params": params, "outputs": list(m.outputs),
-            "citations": list(m.citations), "order": m.order}
+            "citations": list(m.citations), "order": m.order, "needs_poses": m.needs_poses}
 
 
 def _from_json(d: dict[str, Any]) -> Method:
@@ -76,7 +76,7 @@ def _from_json(d: dict[str, Any]) -> Method:
         params.append(Param(**p))
     return Method(name=d["name"], title=d["title"], help=d["help"], params=tuple(params),
                   outputs=tuple(d["outputs"]), run=_not_here, citations=tuple(d["citations"]),
-                  order=d.get("order", Method.order))
+                  order=d.get("order", Method.order), needs_poses=d.get("needs_poses", True))
 
 
 def _not_here(*_args: Any) -> None:

@@ -380,3 +380,43 @@ def test_multibody_then_flex_analyse_protocols(project, tmp_path_factory):
     subsets = [getattr(fa, n) for n, _ in fa.iterOutputAttributes() if n.startswith("outputParticles")
                and getattr(fa, n).getSize() < parts.getSize()]
     assert [s.getSize() for s in subsets] == [int((z[:, 0] >= 0).sum())]
+
+
+def test_abinit_protocol_takes_particles_without_poses(project, simulated, tmp_path_factory):
+    """Particles imported from a STAR without poses (no alignment in Scipion) -> abinit -> the same particles
+    (ids, CTF) with the poses found, and the map with its half-maps; RELION's reconstruction (scipion-em-relion)
+    of those particles gives our map (FSC above 0.9 to 16 Å: ours is Wiener-filtered, RELION's is not)."""
+    from cryohet_plugin.protocols import CryohetProtAbinit
+
+    src = Path(simulated._getExtraPath("cryohet"))
+    data = tmp_path_factory.mktemp("no_poses")
+    tables = starfile.read(src / "particles.star")
+    pose_columns = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+    starfile.write({"optics": tables["optics"], "particles": tables["particles"].drop(columns=pose_columns)},
+                   data / "particles.star")
+    shutil.copy(src / "particles.mrcs", data)
+    imp = _launch(project, project.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+                                               starFile=str(data / "particles.star"), samplingRate=APIX, voltage=300,
+                                               sphericalAberration=2.7, amplitudeContrast=0.1, magnification=10000))
+    parts = imp.outputParticles
+    assert not parts.hasAlignmentProj()
+    ab = _launch(project, project.newProtocol(CryohetProtAbinit, particles=parts, global_iterations=4,
+                                              local_iterations=1, global_subset=100, useGpu=False,
+                                              numberOfThreads=2))
+    posed = ab.outputParticles
+    assert posed.hasAlignmentProj() and posed.getSize() == parts.getSize()
+    assert [p.getObjId() for p in posed.iterItems()] == [p.getObjId() for p in parts.iterItems()]
+    first = posed.getFirstItem()
+    assert first.hasCTF() and first.hasTransform()
+    assert first.getCTF().getDefocusU() == pytest.approx(parts.getFirstItem().getCTF().getDefocusU())
+    assert len(ab.outputVolume.getHalfMaps().split(",")) == 2
+    ProtRelionReconstruct = Domain.importFromPlugin("relion.protocols", "ProtRelionReconstruct", doRaise=True)
+    rec = _launch(project, project.newProtocol(ProtRelionReconstruct, inputParticles=posed, numberOfMpi=1,
+                                               doCTF=True))
+    with mrcfile.open(rec.outputVolume.getFileName().split(":")[0]) as m:
+        theirs = m.data.copy()
+    with mrcfile.open(ab._getExtraPath("cryohet", "map.mrc")) as m:
+        ours = m.data.copy()
+    from cryohet.reconstruct.fsc import fsc
+
+    assert fsc(ours, theirs)[1:int(BOX * APIX / 16.0) + 1].min() > 0.9  # the same map to 16 Å

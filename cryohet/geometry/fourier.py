@@ -70,3 +70,19 @@ def fourier_crop_2d(images: torch.Tensor, new_box: int) -> torch.Tensor:
 def fourier_crop_3d(volume: torch.Tensor, new_box: int) -> torch.Tensor:
     """Downsample a map (N, N, N) to (n, n, n) by cropping its transform; keeps voxel values."""
     return _fourier_crop(volume, new_box, 3)
+
+
+def fourier_resize_3d(volume: torch.Tensor, new_box: int) -> torch.Tensor:
+    """A map (N, N, N) on an even ``new_box`` grid of the same extent in Å: its transform cropped (new_box < N) or
+    padded with zeros (new_box > N, the old Nyquist planes left out: unpaired there, they have no place on the
+    larger grid); keeps voxel values, so a crop then a pad back is a low-pass."""
+    n_old = volume.shape[-1]
+    if new_box <= n_old:
+        return fourier_crop_3d(volume, new_box)
+    if new_box % 2:
+        raise ValueError(f"Fourier padding needs an even box, got {new_box}")
+    lo = new_box // 2 - n_old // 2
+    F = torch.zeros((new_box,) * 3, dtype=torch.complex64, device=volume.device)
+    F[lo + 1:lo + n_old, lo + 1:lo + n_old, lo + 1:lo + n_old] = fft3c(volume.to(torch.float32))[1:, 1:, 1:]
+    return ifft3c(F).real * (new_box / n_old) ** 3
+

@@ -18,6 +18,7 @@ the current pose, and the geodesic distance moved is the angle of ΔR.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ class PoseScorer:
     """
 
     def __init__(self, volume: torch.Tensor, lattice: Lattice, resolution_A: float = 0.0,
-                 noise_var: torch.Tensor | None = None, chunk: int = 4096):
+                 noise_var: torch.Tensor | None = None, chunk: int = 4096, fit_scale: bool = False):
         n = lattice.box
         if tuple(volume.shape) != (n, n, n):
             raise ValueError(f"the map is {tuple(volume.shape)} but the lattice box is {n}")
@@ -72,21 +73,38 @@ class PoseScorer:
         self.chunk = int(chunk)
         self.projector = Projector(volume)
         device = self.projector.device
-        radius_px = n / 2 if resolution_A == 0 else min(n / 2, n * lattice.apix / resolution_A)
-        self.points = lattice.half_plane(radius_px)
-        self.resolution_A = float(resolution_A)
-        self._flat = self.points.flat.to(device)
-        self._kxy = self.points.kxy.to(device)
         if noise_var is None:
-            sigma2 = torch.ones(len(self.points), device=device)
+            self.noise_var = torch.ones(n // 2 + 1, device=device)
         else:
             nv = torch.as_tensor(noise_var, dtype=torch.float32, device=device).reshape(-1)
             if len(nv) != n // 2 + 1 or not bool((nv > 0).all()):
                 raise ValueError(f"noise_var must hold {n // 2 + 1} positive shell variances, got {tuple(nv.shape)}")
-            sigma2 = nv[self.points.shell.to(device)]
+            self.noise_var = nv
+        #: score each hypothesis at its best image scale α ≥ 0 (−|X − α CTF P|²/σ² maximised over α): a
+        #: reference of the wrong amplitude then does not favour the views whose projections carry least power,
+        #: which draws an ab initio map into a streak along one direction
+        self.fit_scale = bool(fit_scale)
+        self._keep(resolution_A)
+
+    def _keep(self, resolution_A: float) -> None:
+        """Score the half-plane pixels below 1 / resolution_A (0: Nyquist)."""
+        n, device = self.lattice.box, self.projector.device
+        radius_px = n / 2 if resolution_A == 0 else min(n / 2, n * self.lattice.apix / resolution_A)
+        self.points = self.lattice.half_plane(radius_px)
+        self.resolution_A = float(resolution_A)
+        self._flat = self.points.flat.to(device)
+        self._kxy = self.points.kxy.to(device)
+        self._shell = self.points.shell.to(device)
         #: (M,) weight 1 / σ² of each pixel kept (0 where σ² is infinite): σ² = E|N_k|², so each half-plane
         #: coefficient is a complex Gaussian (as the classification EM and RELION's likelihood count it)
-        self.weights = 1.0 / sigma2
+        self.weights = 1.0 / self.noise_var[self._shell]
+
+    def limited(self, resolution_A: float) -> PoseScorer:
+        """The same map and noise scored only below 1 / resolution_A (frequency marching): shares the map's
+        transform, so a search can score coarse levels cheaply and finer ones on the same projector."""
+        other = copy.copy(self)
+        other._keep(resolution_A)
+        return other
 
     @property
     def device(self) -> torch.device:
@@ -142,8 +160,60 @@ class PoseScorer:
                 P = self.slices(A).reshape(b1 - b0, h1 - h0, M)
                 cross = torch.bmm(P, y[b0:b1].transpose(1, 2)).real  # (b, h, S)
                 pp = ((P.real ** 2 + P.imag ** 2) * cw[b0:b1, None, :]).sum(-1)  # (b, h)
-                out[b0:b1, h0:h1] = 2 * cross - pp[..., None] - xx[b0:b1, None, None]
+                out[b0:b1, h0:h1] = self._combine(cross, pp[..., None], xx[b0:b1, None, None])
         return out
+
+
+    def _combine(self, cross: torch.Tensor, pp: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        """−|X − α CTF P|²/σ² from its terms: α = 1, or with ``fit_scale`` the best α ≥ 0 per hypothesis."""
+        if self.fit_scale:
+            return cross.clamp_min(0) ** 2 / pp.clamp_min(1e-30) - xx
+        return 2 * cross - pp - xx
+
+    def score_grid(self, x: torch.Tensor, c: torch.Tensor, rotations: torch.Tensor,
+                   shifts_px: torch.Tensor) -> torch.Tensor:
+        """Log-likelihoods (B, H, S) of one set of rotations (H, 3, 3) and origins (S, 2) shared by all images
+        (a global search), for transforms ``x`` and CTF ``c`` at the scored pixels (B, M).
+
+        Each slice is computed once for all images, and the cross term of every (rotation, image, shift) is one
+        real matrix product [Re P, −Im P] · [Re y; Im y]; the rotations go in chunks of ``chunk``.
+        """
+        B, M = x.shape
+        if rotations.ndim != 3 or shifts_px.ndim != 2 or shifts_px.shape[-1] != 2:
+            raise ValueError(f"rotations must be (H, 3, 3) and shifts (S, 2), got {tuple(rotations.shape)} and "
+                             f"{tuple(shifts_px.shape)}")
+        x = x.to(self.device, torch.complex64)
+        c = c.to(self.device, torch.float32)
+        w = self.weights
+        S = shifts_px.shape[0]
+        phase = -2 * math.pi * shifts_px.to(self.device, torch.float32) @ self._kxy.T  # (S, M)
+        y = torch.conj(x[:, None, :] * torch.polar(torch.ones_like(phase), phase)[None]) * (c * w)[:, None, :]
+        y_ri = torch.cat([y.real, y.imag], -1).reshape(B * S, 2 * M).T  # (2M, B·S)
+        xx = ((x.real ** 2 + x.imag ** 2) * w).sum(-1)  # (B,)
+        cw = (c * c * w).T  # (M, B)
+        H = rotations.shape[0]
+        out = torch.empty(B, H, S, device=self.device)
+        for h0 in range(0, H, self.chunk):
+            P = self.slices(rotations[h0:h0 + self.chunk])  # (h, M)
+            cross = torch.cat([P.real, -P.imag], -1) @ y_ri  # (h, B·S)
+            pp = (P.real ** 2 + P.imag ** 2) @ cw  # (h, B)
+            block = self._combine(cross.reshape(-1, B, S), pp[..., None], xx[None, :, None])
+            out[:, h0:h0 + self.chunk] = block.permute(1, 0, 2)
+        return out
+
+    def residual_power(self, x: torch.Tensor, c: torch.Tensor, rotations: torch.Tensor,
+                       shifts_px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ |X(s) − CTF · P_R|² and the pixel count per shell (n // 2 + 1 each, float64) of transforms ``x`` and
+        CTF ``c`` at the scored pixels (B, M) at one pose each (B, 3, 3), (B, 2): what a noise estimate needs."""
+        x = x.to(self.device, torch.complex64)
+        phase = -2 * math.pi * shifts_px.to(self.device, torch.float32) @ self._kxy.T
+        r = x * torch.polar(torch.ones_like(phase), phase) - c.to(self.device) * self.slices(rotations)
+        n_shells = self.lattice.box // 2 + 1
+        power = (r.real ** 2 + r.imag ** 2).sum(0).to(torch.float64)
+        sums = torch.zeros(n_shells, dtype=torch.float64, device=self.device).index_add_(0, self._shell, power)
+        count = torch.zeros(n_shells, dtype=torch.float64, device=self.device).index_add_(
+            0, self._shell, torch.full_like(power, float(x.shape[0])))
+        return sums, count
 
 
 @dataclass

@@ -94,6 +94,8 @@ class Method:
     run: Callable[[dict[str, Any], Path], Any]
     citations: tuple[str, ...] = field(default_factory=tuple)
     order: int = 1000
+    #: the input particles must carry poses (all but ab initio methods)
+    needs_poses: bool = True
 
     def all_params(self) -> tuple[Param, ...]:
         return self.params + COMMON_PARAMS

@@ -244,6 +244,10 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
             class_maps = {int(o["meta"]["class_number"]): o for o in outs.get("volume_series", [])
                           if "class_number" in o.get("meta", {})}
             for i, star in enumerate(stars):
+                if star.get("meta", {}).get("poses"):
+                    defined["outputParticles" if i == 0 else f"outputParticles{i + 1}"] = \
+                        self._particlesWithPoses(parts_in, star)
+                    continue
                 if class_maps and "class_number" in star.get("meta", {}):
                     continue  # one class's particles: a class of the SetOfClasses3D below
                 ids = convert.particle_ids(star["abspath"])
@@ -324,6 +328,23 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
         parts = self._createSetOfParticles(name.replace("outputParticles", ""))
         convert.read_particles_star(star["abspath"], parts)
         return parts
+
+    def _particlesWithPoses(self, parts_in, star: dict) -> SetOfParticles:
+        """The input particles (ids, CTF, acquisition kept) with the poses the engine found: its STAR, read by
+        scipion-em-relion's converter, holds one row per input particle in input order."""
+        found = SetOfParticles(filename=self._getTmpPath("poses.sqlite"))
+        convert.read_particles_star(star["abspath"], found)
+        if found.getSize() != parts_in.getSize():
+            raise EngineError(f"{star['abspath']}: {found.getSize()} rows for {parts_in.getSize()} input particles")
+        out = self._createSetOfParticles()
+        out.copyInfo(parts_in)
+        out.setAlignmentProj()
+        for part, posed in zip(parts_in.iterItems(orderBy="id"), found.iterItems(orderBy="id")):
+            new = part.clone()
+            new.setTransform(posed.getTransform())
+            out.append(new)
+        found.close()
+        return out
 
     def _subset(self, parts_in, ids: set[int], suffix: str) -> SetOfParticles:
         subset = self._createSetOfParticles(suffix)
@@ -429,7 +450,7 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
             if not parts.hasCTF():
                 errors.append("The input particles have no CTF: cryohet needs CTF parameters "
                               "(import them with their CTF, or estimate it first).")
-            if not parts.hasAlignmentProj():
+            if self.getMethod().needs_poses and not parts.hasAlignmentProj():
                 errors.append("The input particles have no 3D alignment (projection angles and shifts): "
                               "run a 3D refinement first.")
         m = self.getMethod()
