@@ -438,8 +438,8 @@ def main() -> None:
     for snr in a.snr:
         bench_snr(a, snr, results, save)
     text = (f"\n{a.n} particles, box {a.box} ({FOV_A / a.box:g} Å/px), particle diameter {DIAMETER_A:g} Å; "
-            f"cryoDRGN: {a.cryodrgn_epochs} epochs after pretraining; RELION starts from the true map low-passed "
-            f"to {INI_HIGH_A:g} Å\n\n" + table(results["rows"]))
+            + ("" if a.skip_cryodrgn else f"cryoDRGN: {a.cryodrgn_epochs} epochs after pretraining; ")
+            + f"RELION starts from the true map low-passed to {INI_HIGH_A:g} Å\n\n" + table(results["rows"]))
     results["table"] = text
     save()
     (a.out / "results.md").write_text(text + "\n")
