@@ -41,6 +41,7 @@ from cryohet.geometry.fourier import fourier_resize_3d
 from cryohet.geometry.lattice import Lattice, box_for_resolution, crop_scale
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.shift import undo_origin
+from cryohet.inference.classify_em import MIN_INSERT_PROBABILITY
 from cryohet.inference.em_state import load_checkpoint
 from cryohet.inference.pose_grid import Hypotheses, grid_search, refine_hypotheses, shift_grid, so3_grid
 from cryohet.inference.pose_search import PoseScorer
@@ -66,15 +67,15 @@ LOCAL_LEVELS = 3
 class AbinitSettings:
     """What an ab initio run does; everything in Å or degrees is converted per iteration."""
 
-    n_global: int = 8                # global-search iterations
+    n_global: int = 15               # global-search iterations
     n_local: int = 6                 # local, gold-standard iterations
     ini_high_A: float = 30.0         # first band limit (and the low-pass of the first reference), Å
-    global_high_A: float = 12.0      # band limit of the last global iteration, Å
+    global_high_A: float = 15.0      # band limit of the last global iteration, Å
     resolution_A: float = 0.0        # never score beyond this, Å (0: Nyquist)
     grid_step_deg: float = 15.0      # base grid step on SO(3), degrees
     keep: int = 8                    # poses kept per image and level of a global search
     keep_local: int = 4              # and of a local one
-    max_shift_A: float = 0.0         # origins searched within this radius, Å (0: 10 % of the box)
+    max_shift_A: float = 0.0         # origins searched within ±this in x and y, Å (0: 10 % of the box)
     particle_diameter_A: float = 0.0  # soft spherical solvent mask, Å (0: 80 % of the box)
     init_particles: int = 100        # images at random orientations in the first reference (no --reference)
     global_subset: int = 300         # random particles per global iteration but the last (stochastic EM)
@@ -176,9 +177,9 @@ def level_resolution_A(step_deg: float, limit_px: float, box: int, apix: float) 
 def _initial_reference(particles, rows: np.ndarray, lattice: Lattice, device: torch.device,
                        rng: np.random.Generator) -> torch.Tensor:
     """Reconstruction of the images ``rows`` at random orientations (no origins), on ``lattice``."""
+    rows = np.sort(rows)
     prep = ImagePreparer(particles, lattice, device=device)
-    images = torch.from_numpy(particles.reader().read(np.sort(rows)))
-    F, C = prep.transforms(images, np.sort(rows)), prep.ctf(np.sort(rows))
+    F, C = prep.transforms(torch.from_numpy(particles.reader().read(rows)), rows), prep.ctf(rows)
     A = torch.as_tensor(Rotation.random(len(rows), random_state=rng).as_matrix(), dtype=torch.float32,
                         device=device)
     bp = BackProjector(lattice.box, 2, device)
@@ -207,11 +208,11 @@ def _noise_from_images(particles, rows: np.ndarray, lattice: Lattice, device: to
 
 def _insert(bp: BackProjector, b: ImageBatch, idx: torch.Tensor, hyp: Hypotheses, weights: torch.Tensor) -> None:
     """Backproject images ``idx`` of the batch at each kept pose, centred by its origin, weighted by its
-    posterior probability (poses under 1e-3 skipped)."""
+    posterior probability (poses under MIN_INSERT_PROBABILITY skipped, as classification does)."""
     F, C = b.images_ft[idx], b.ctf[idx]
     for k in range(hyp.scores.shape[1]):
         w = weights[:, k]
-        sel = torch.nonzero(w >= 1e-3).squeeze(1)
+        sel = torch.nonzero(w >= MIN_INSERT_PROBABILITY).squeeze(1)
         if len(sel) == 0:
             continue
         sw = w[sel].sqrt().to(torch.float32)[:, None, None]

@@ -53,9 +53,9 @@ class Hypotheses:
     shifts_px: torch.Tensor   # (B, K, 2) further origins (px of the scorer's lattice, RELION sign)
     scores: torch.Tensor      # (B, K) log-likelihoods
 
-    def posterior(self, temperature: float = 1.0) -> torch.Tensor:
-        """(B, K) normalised weights exp(score / temperature) over the kept poses."""
-        return torch.softmax(self.scores / temperature, dim=1)
+    def posterior(self) -> torch.Tensor:
+        """(B, K) normalised weights exp(score) over the kept poses."""
+        return torch.softmax(self.scores, dim=1)
 
 
 def grid_search(scorer: PoseScorer, x: torch.Tensor, c: torch.Tensor, rotations: torch.Tensor,

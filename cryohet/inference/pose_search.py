@@ -144,9 +144,8 @@ class PoseScorer:
         w = self.weights
         H = rotations.shape[1]
         shift = shifts_px.to(self.device, torch.float32)
-        phase = -2 * math.pi * shift @ self._kxy.T  # (B, S, M): undo_origin's ramp
         # y: conj of the shifted images times CTF and weight; the cross term is 2 Re(P · y)
-        y = torch.conj(x[:, None, :] * torch.polar(torch.ones_like(phase), phase)) * (c * w)[:, None, :]
+        y = torch.conj(x[:, None, :] * self._ramp(shift)) * (c * w)[:, None, :]
         xx = ((x.real ** 2 + x.imag ** 2) * w).sum(-1)  # (B,)
         cw = c * c * w  # (B, M)
         out = torch.empty(B, H, shift.shape[1], device=self.device)
@@ -163,6 +162,10 @@ class PoseScorer:
                 out[b0:b1, h0:h1] = self._combine(cross, pp[..., None], xx[b0:b1, None, None])
         return out
 
+    def _ramp(self, shifts_px: torch.Tensor) -> torch.Tensor:
+        """undo_origin's phase ramps (..., M) at the scored pixels for further origins ``shifts_px`` (..., 2)."""
+        phase = -2 * math.pi * shifts_px.to(self.device, torch.float32) @ self._kxy.T
+        return torch.polar(torch.ones_like(phase), phase)
 
     def _combine(self, cross: torch.Tensor, pp: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
         """−|X − α CTF P|²/σ² from its terms: α = 1, or with ``fit_scale`` the best α ≥ 0 per hypothesis."""
@@ -186,8 +189,7 @@ class PoseScorer:
         c = c.to(self.device, torch.float32)
         w = self.weights
         S = shifts_px.shape[0]
-        phase = -2 * math.pi * shifts_px.to(self.device, torch.float32) @ self._kxy.T  # (S, M)
-        y = torch.conj(x[:, None, :] * torch.polar(torch.ones_like(phase), phase)[None]) * (c * w)[:, None, :]
+        y = torch.conj(x[:, None, :] * self._ramp(shifts_px)[None]) * (c * w)[:, None, :]
         y_ri = torch.cat([y.real, y.imag], -1).reshape(B * S, 2 * M).T  # (2M, B·S)
         xx = ((x.real ** 2 + x.imag ** 2) * w).sum(-1)  # (B,)
         cw = (c * c * w).T  # (M, B)
@@ -206,8 +208,7 @@ class PoseScorer:
         """Σ |X(s) − CTF · P_R|² and the pixel count per shell (n // 2 + 1 each, float64) of transforms ``x`` and
         CTF ``c`` at the scored pixels (B, M) at one pose each (B, 3, 3), (B, 2): what a noise estimate needs."""
         x = x.to(self.device, torch.complex64)
-        phase = -2 * math.pi * shifts_px.to(self.device, torch.float32) @ self._kxy.T
-        r = x * torch.polar(torch.ones_like(phase), phase) - c.to(self.device) * self.slices(rotations)
+        r = x * self._ramp(shifts_px) - c.to(self.device) * self.slices(rotations)
         n_shells = self.lattice.box // 2 + 1
         power = (r.real ** 2 + r.imag ** 2).sum(0).to(torch.float64)
         sums = torch.zeros(n_shells, dtype=torch.float64, device=self.device).index_add_(0, self._shell, power)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.methods.base import Method, Param
+from cryohet.methods.base import DATADIR, Method, Param
 
 PARAMS = (
     Param("particles", Path, None, "Particles with CTF: RELION STAR (3.0/3.1/5) or cryoSPARC .cs. Any poses and "
@@ -40,8 +40,7 @@ PARAMS = (
           "each iteration, so a poor start is not reinforced by all the data at once).", min=10, expert=True),
     Param("init_particles", int, 100, "Images reconstructed at random orientations into the starting map when no "
           "--reference is given.", min=2, expert=True),
-    Param("datadir", Path, None, "Folder to look for the image stacks in when the STAR's image paths are relative "
-          "to another folder (default: the STAR's folder, then the current folder).", expert=True),
+    DATADIR,
     Param("batch_size", int, 128, "Images per batch.", min=1, expert=True),
     Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (checkpoint.safetensors, "
           "written after every iteration; the one before is kept as checkpoint.prev.safetensors). The settings must "

@@ -67,6 +67,10 @@ class Param:
         return value
 
 
+#: The image-stack folder of methods that read a particles STAR with ``load_particles``.
+DATADIR = Param("datadir", Path, None, "Folder to look for the image stacks in when the STAR's image paths are "
+                "relative to another folder (default: the STAR's folder, then the current folder).", expert=True)
+
 #: Parameters every method takes.
 COMMON_PARAMS = (
     Param("device", str, "auto", "Where to compute: auto (CUDA when present, else CPU), cpu or cuda[:N].",

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.methods.base import Method, Param
+from cryohet.methods.base import DATADIR, Method, Param
 
 #: width of the solvent mask's cosine edge, Å
 SOLVENT_EDGE_A = 5.0
@@ -46,8 +46,7 @@ PARAMS = (
           "--max_reseeds times per class, never in the last iteration); a class still below it at the end is "
           "reported as empty.", min=0.0, max=0.5),
     Param("max_reseeds", int, 3, "Times a class may be reseeded.", min=0, expert=True),
-    Param("datadir", Path, None, "Folder to look for the image stacks in when the STAR's image paths are relative "
-          "to another folder (default: the STAR's folder, then the current folder).", expert=True),
+    DATADIR,
     Param("batch_size", int, 256, "Images per batch.", min=1, expert=True),
     Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (checkpoint.safetensors, "
           "written after every iteration; the one before is kept as checkpoint.prev.safetensors); --iterations is the "

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.methods.base import Method, Param
+from cryohet.methods.base import DATADIR, Method, Param
 
 PARAMS = (
     Param("particles", Path, None, "Particles with their consensus poses and CTF: RELION STAR (3.0/3.1/5) or "
@@ -36,8 +36,7 @@ PARAMS = (
           "(empirical Bayes: the widths under which the per-particle estimates are most probable), starting from "
           "the given ones; no: keep them fixed, as RELION does. Weakly determined bodies are then pulled towards "
           "the consensus pose as much as their data warrant.", expert=True),
-    Param("datadir", Path, None, "Folder to look for the image stacks in when the STAR's image paths are relative "
-          "to another folder (default: the STAR's folder, then the current folder).", expert=True),
+    DATADIR,
     Param("batch_size", int, 256, "Images per batch.", min=1, expert=True),
     Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (checkpoint.safetensors, "
           "written after every iteration; the one before is kept as checkpoint.prev.safetensors); --iterations is the "

@@ -11,7 +11,7 @@ from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
 from cryohet.errors import InputError
 from cryohet.io.mrc import read_map, write_map
 from cryohet.io.particles import load_particles, write_particles_star
-from cryohet.methods.base import Method, Param
+from cryohet.methods.base import DATADIR, Method, Param
 from cryohet.reconstruct.homogeneous import random_halves, reconstruct_halves
 
 PARAMS = (
@@ -19,8 +19,7 @@ PARAMS = (
           required=True, input_role="particles"),
     Param("mask", Path, None, "Optional 3-D mask (MRC, same box as the output) for the masked FSC.",
           input_role="mask"),
-    Param("datadir", Path, None, "Folder to look for the image stacks in when the STAR's image paths are "
-          "relative to another folder (default: the STAR's folder, then the current folder).", expert=True),
+    DATADIR,
     Param("box", int, 0, "Output box in pixels, by Fourier cropping the images (even; 0 keeps the images' box). "
           "The output pixel size is apix × input box / box Å.", min=0),
     Param("wiener", str, "auto", "Regularisation: auto (Wiener filter with the SSNR from the half-map FSC), none "
