@@ -188,8 +188,8 @@ def run_child(kind: str, spec: dict[str, Any], log: Path, timeout: float) -> str
 
 def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The jobs in order of importance: per box, simulate + reconstruct + train-vae, then cryoDRGN; then
-    principal-volumes, classify and abinit for every box (the steps whose GPU time is least known); then multibody on
-    two-body data (``simulate_two_bodies``, at most 1000 particles) for every box."""
+    principal-volumes, kernel-volumes, classify and abinit for every box (the steps whose GPU time is least known);
+    then multibody on two-body data (``simulate_two_bodies``, at most 1000 particles) for every box."""
     jobs: list[dict[str, Any]] = []
     n_global, n_local = (2, 1) if a.cpu_smoke else (15, 3)
     arch = dict(zdim=a.zdim, epochs=a.epochs, batch=a.batch, lr=a.lr, layers=a.layers, dim=a.dim)
@@ -218,6 +218,8 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
         jobs.append(dict(kind="ours", box=box, n=n, steps=[
             dict(method="principal-volumes", values=pv, out=str(d / "pv"), min_s=10,
                  label=f"K 3, {a.pv_iter} EM iterations, limit 4 px (working box {box // 2})"),
+            dict(method="kernel-volumes", values=dict(run=str(d / "pv"), n_points=3), out=str(d / "kernel"),
+                 min_s=10, label="3 points on principal-volumes' latents, 6 neighbourhoods, local resolution"),
             dict(method="classify", values=cls, out=str(d / "classify"), min_s=10,
                  label=f"K 3, {a.pv_iter} iterations, Nyquist (working box {box})"),
             dict(method="abinit", values=dict(particles=str(d / "sim" / "particles.star"), global_iterations=n_global,
@@ -293,8 +295,8 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     by = {(r["tool"], r["step"], r["box"]): r for r in rows}
     out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
            "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
-    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "classify", "abinit", "two-bodies",
-                 "multibody"):
+    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "kernel-volumes", "classify", "abinit",
+                 "two-bodies", "multibody"):
         for box, n in zip(a.boxes, a.n, strict=True):
             ours = by.get(("cryohet", step, box))
             if ours is None:

@@ -27,6 +27,7 @@ OUTPUT_KINDS = (
     "half_map",        # one of two half-set maps (MRC)
     "volume_series",   # several maps along a motion or at cluster centres (MRC each)
     "mask",            # a 3-D mask (MRC)
+    "local_resolution",  # local resolution per voxel, Å (MRC)
     "particles_star",  # RELION 3.1 particles STAR pointing at the original images
     "latents",         # per-particle latent coordinates (.npy, rows in STAR order)
     "fsc",             # FSC curve (.star / .json)

@@ -16,6 +16,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+import starfile
 
 from cryohet.record import read_record
 from cryohet.relion_external import (
@@ -192,6 +193,55 @@ def test_abinit_job_registers_posed_particles_and_map(project, simulated_job):
         ours = m.data.copy()
     curve = fsc(ours, theirs)  # ours is Wiener-filtered, RELION's is not: they differ where the signal is weak
     assert curve[1:5].min() > 0.9 and curve[1:7].min() > 0.5  # to 24 Å and to 16 Å
+
+
+def test_kernel_volumes_job_on_relion_particles_with_latents(project, simulated_job):
+    """kernel-volumes from RELION's External job: the particles from the input node, latents from a file (the
+    simulator's true states); maps, half-maps and the particles STAR are nodes of the types RELION takes, and a
+    map of the state's particles alone by relion_reconstruct agrees with the state's kernel map at low resolution
+    (FSC above 0.8 to 1/12 Å⁻¹)."""
+    from cryohet.reconstruct.fsc import fsc
+
+    table = starfile.read(project / simulated_job / "particles.star")["particles"]
+    state = table["cryohetTrueState"].to_numpy()
+    np.save(project / "states.npy", state.astype(np.float32)[:, None])
+    (project / "points.txt").write_text("0\n1\n")  # (--z 0;1 cannot pass: the pipeliner splits options at ';')
+    job = _add_external(project, {"method": "kernel-volumes", "latents": "states.npy", "z_file": "points.txt",
+                                  "min_particles": "25", "n_levels": "3"},
+                        inputs={"in_part": f"{simulated_job}particles.star"})
+    _run_job(project, job)
+    assert (project / job / EXIT_SUCCESS).exists(), (project / job / "run.err").read_text()
+    nodes = _nodes(project)
+    assert nodes[f"{job}maps/kernel_000.mrc"] == 6 and nodes[f"{job}maps/kernel_001.mrc"] == 6
+    assert nodes[f"{job}maps/kernel_001_half2.mrc"] == 10 and nodes[f"{job}particles.star"] == 3
+    subset = table[state == 1]
+    starfile.write({"optics": starfile.read(project / simulated_job / "particles.star")["optics"],
+                    "particles": subset}, project / "state1.star", overwrite=True)
+    theirs = _relion_reconstruct(project, "state1.star", "state1.mrc")
+    with mrcfile.open(project / job / "maps" / "kernel_001.mrc") as m:
+        ours = m.data.copy()
+    curve = fsc(ours, theirs)
+    apix = float(SIMULATE["apix"])
+    shells = int(len(ours) * apix / 12.0)
+    assert curve[1:shells + 1].min() > 0.8, curve
+
+
+def test_landscape_job_registers_path_subsets(project, simulated_job):
+    """landscape from RELION's External job on latents from a file: the particles with their free energy and the
+    subsets along the path between the two states are particle nodes that point at the original images."""
+    table = starfile.read(project / simulated_job / "particles.star")["particles"]
+    z = table["cryohetTrueState"].to_numpy().astype(np.float32)[:, None]
+    np.save(project / "noisy_states.npy", z + np.random.default_rng(0).normal(0, 0.1, z.shape).astype(np.float32))
+    job = _add_external(project, {"method": "landscape", "latents": "noisy_states.npy", "bootstrap": "2",
+                                  "path_points": "3", "path_maps": "no"},
+                        inputs={"in_part": f"{simulated_job}particles.star"})
+    _run_job(project, job)
+    assert (project / job / EXIT_SUCCESS).exists(), (project / job / "run.err").read_text()
+    nodes = _nodes(project)
+    subsets = [n for n in nodes if n.startswith(f"{job}particles_path_")]
+    assert nodes[f"{job}particles.star"] == 3 and len(subsets) >= 2 and all(nodes[n] == 3 for n in subsets)
+    ours = starfile.read(project / job / "particles.star")["particles"]
+    assert "cryohetFreeEnergy" in ours and set(ours["rlnImageName"]) == set(table["rlnImageName"])
 
 
 def test_multibody_and_flex_analyse_jobs(project, monkeypatch):

@@ -41,7 +41,7 @@ def test_gpu_list_becomes_cuda_visible_devices(monkeypatch):
 def test_form_values_become_engine_arguments():
     prot = CryohetProtSimulate(n_particles=123, motion=2, discrete=True, useGpu=False, numberOfThreads=3)
     args = prot.engineArgs()
-    pairs = dict(zip(args[1::2], args[2::2]))
+    pairs = dict(a.split("=", 1) for a in args[1:])
     assert args[0] == "simulate"
     assert pairs["--n_particles"] == "123"
     assert pairs["--motion"] == "interpolate"  # the enum index mapped back to the choice
@@ -49,7 +49,7 @@ def test_form_values_become_engine_arguments():
     assert pairs["--threads"] == "3" and pairs["--device"] == "cpu"
     assert pairs["--overwrite"] == "yes"  # the engine's folder is the protocol's own: running it again replaces it
     gpu = CryohetProtSimulate(useGpu=True, gpuList="0")
-    assert dict(zip(gpu.engineArgs()[1::2], gpu.engineArgs()[2::2]))["--device"] == "auto"
+    assert "--device=auto" in gpu.engineArgs()
     assert gpu.getGpuList() == [0]
 
 

@@ -6,6 +6,7 @@ protocols (RELION reconstruct and post-process through scipion-em-relion) consum
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -294,6 +295,32 @@ def test_principal_volumes_select_then_relion(project, imported):
         rep = cls.getRepresentative()
         assert rep.getFileName().endswith(f"kmeans3/vol_{cls.getObjId() - 1:03d}.mrc")
         assert rep.getSamplingRate() == pytest.approx(parts.getSamplingRate(), rel=1e-3)
+
+    # kernel-volumes on principal-volumes' latents -> maps at two latent points as a SetOfVolumes, FSCs
+    from cryohet_plugin.protocols import CryohetProtKernelVolumes
+
+    kv = project.newProtocol(CryohetProtKernelVolumes, z="-1,0;1,0", min_particles=50, n_levels=3, useGpu=False,
+                             numberOfThreads=2)
+    getattr(kv, CryohetProtKernelVolumes._paramAttrs["run"]).set(pv)
+    kv = _launch(project, kv)
+    maps = sorted(v.getFileName() for v in kv.outputVolumeSeries.iterItems())
+    assert [os.path.basename(m) for m in maps] == ["kernel_000.mrc", "kernel_001.mrc"]
+    assert kv.outputVolumeSeries.getSamplingRate() == pytest.approx(parts.getSamplingRate(), rel=1e-3)
+    assert kv.outputFSC.getSize() == 2
+    assert kv._inputParticles().getObjId() == parts.getObjId()
+
+    # landscape of the same latents -> the particles near each point of the path as Scipion subsets
+    from cryohet_plugin.protocols import CryohetProtLandscape
+
+    ls = project.newProtocol(CryohetProtLandscape, dims=1, bootstrap=2, path_points=3, path_maps=False,
+                             useGpu=False, numberOfThreads=2)
+    getattr(ls, CryohetProtLandscape._paramAttrs["run"]).set(pv)
+    ls = _launch(project, ls)
+    record = json.loads(Path(ls._getExtraPath("cryohet", "cryohet_run.json")).read_text())
+    stars = [o for o in record["outputs"] if o["kind"] == "particles_star" and "index" in o["meta"]]
+    subsets = [getattr(ls, name) for name, _ in ls.iterOutputAttributes() if name.startswith("outputParticles")]
+    assert stars and sorted(s.getSize() for s in subsets) == sorted(o["meta"]["n"] for o in stars)
+    assert all(s.hasAlignmentProj() and s.hasCTF() for s in subsets)
 
 
 def test_classify_protocol_outputs_classes3d_that_relion_reconstructs(project, imported):

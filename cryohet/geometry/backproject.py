@@ -117,6 +117,15 @@ class BackProjector:
         if release:
             self._scratch = None
 
+    def copy(self) -> BackProjector:
+        """A new accumulator holding the same sums (a snapshot that later inserts do not change)."""
+        self.flush()
+        out = BackProjector(self.box, self.pad, self.device)
+        out._data.copy_(self._data)
+        out._weight.copy_(self._weight)
+        out.n_images = self.n_images
+        return out
+
     def add(self, other: BackProjector) -> None:
         """Merge another accumulator (e.g. the other half-set, or another rank)."""
         self.flush()

@@ -90,7 +90,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.abinit import AbinitSettings, fit_abinit
     from cryohet.io.mrc import read_map, write_map
     from cryohet.io.particles import load_particles, write_particles_star
-    from cryohet.reconstruct.homogeneous import random_halves
+    from cryohet.reconstruct.homogeneous import particle_halves
 
     pset = load_particles(params["particles"], params["datadir"] or None, require_poses=False)
     if pset.box < MIN_BOX:
@@ -123,8 +123,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         max_shift_A=params["max_shift_A"], particle_diameter_A=params["particle_diameter_A"],
         init_particles=params["init_particles"], global_subset=params["global_subset"],
         batch_size=params["batch_size"])
-    existing = pset.table["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in pset.table else None
-    half = random_halves(len(pset), np.random.default_rng(ctx.seed), existing)
+    half = particle_halves(pset, ctx.seed)
     ctx.log.info("%d particles, box %d at %.3f Å/px; %d global iterations (%g -> %g Å), then %d local; half-sets "
                  "of %d and %d", len(pset), pset.box, pset.apix, settings.n_global, settings.ini_high_A,
                  settings.global_high_A, settings.n_local, (half == 1).sum(), (half == 2).sum())

@@ -119,7 +119,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.classify_em import fit_classes, initial_classes_from_pca
     from cryohet.io.mrc import read_mask, write_map
     from cryohet.io.particles import load_particles, write_particles_star
-    from cryohet.reconstruct.homogeneous import random_halves
+    from cryohet.reconstruct.homogeneous import particle_halves
 
     pset = load_particles(params["particles"], params["datadir"] or None)
     K = params["K"]
@@ -144,8 +144,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             raise InputError(params["particles"], f"--particle_diameter_A {params['particle_diameter_A']:g} is "
                              f"wider than the box ({n * lattice.apix:.1f} Å)")
         solvent = sphere_mask(n, radius_px, SOLVENT_EDGE_A / lattice.apix, device)
-    existing = pset.table["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in pset.table else None
-    half = random_halves(len(pset), np.random.default_rng(ctx.seed), existing)
+    half = particle_halves(pset, ctx.seed)
     out = Path(ctx.out_dir)
     initial = None
     resuming = params["resume"] and (out / "checkpoint.safetensors").exists()

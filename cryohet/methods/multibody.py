@@ -72,7 +72,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.multibody import absolute_poses, body_motions, refine_bodies
     from cryohet.io.mrc import read_map_like, write_map
     from cryohet.io.particles import load_particles, write_particles_star
-    from cryohet.reconstruct.homogeneous import random_halves
+    from cryohet.reconstruct.homogeneous import particle_halves
     from cryohet.simulate.bodies import write_bodies_star
 
     # every input is read and checked before anything is written
@@ -81,8 +81,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     bodies = read_bodies(params["bodies"], pset.box, pset.apix, params["sigma_angles_deg"],
                          params["sigma_offset_A"])
     nb = len(bodies)
-    existing = pset.table["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in pset.table else None
-    half = random_halves(len(pset), np.random.default_rng(ctx.seed), existing)
+    half = particle_halves(pset, ctx.seed)
     ctx.log.info("%d particles, box %d at %.3f Å/px; %d bodies refined in the order %s; half-sets of %d and %d",
                  len(pset), pset.box, pset.apix, nb, " ".join(str(b + 1) for b in bodies.order),
                  (half == 1).sum(), (half == 2).sum())

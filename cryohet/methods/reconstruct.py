@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
@@ -12,7 +11,7 @@ from cryohet.errors import InputError
 from cryohet.io.mrc import read_map, write_map
 from cryohet.io.particles import load_particles, write_particles_star
 from cryohet.methods.base import DATADIR, Method, Param
-from cryohet.reconstruct.homogeneous import random_halves, reconstruct_halves
+from cryohet.reconstruct.homogeneous import particle_halves, reconstruct_halves
 
 PARAMS = (
     Param("particles", Path, None, "Particles with poses and CTF: RELION STAR (3.0/3.1/5) or cryoSPARC .cs.",
@@ -51,8 +50,7 @@ def run(params: dict[str, Any], ctx) -> None:
         if mask_arr.shape[0] != box:
             raise InputError(params["mask"], f"mask box {mask_arr.shape[0]} does not match the output box {box}")
         mask = torch.as_tensor(mask_arr, device=ctx.device)
-    existing = pset.table["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in pset.table else None
-    half = random_halves(len(pset), np.random.default_rng(ctx.seed), existing)
+    half = particle_halves(pset, ctx.seed)
     ctx.log.info("%d particles, box %d at %.3f Å/px -> box %d; half-sets of %d and %d", len(pset), pset.box,
                  pset.apix, box, (half == 1).sum(), (half == 2).sum())
     rec = reconstruct_halves(pset, half, params["batch_size"], ctx.device, box=box, wiener=wiener, mask=mask,

@@ -117,3 +117,9 @@ def random_halves(n: int, rng: np.random.Generator, existing: np.ndarray | None 
     half = np.ones(n, dtype=int)
     half[rng.permutation(n)[: n // 2]] = 2
     return half
+
+
+def particle_halves(pset, seed: int) -> np.ndarray:
+    """Half-set per particle of ``pset``: its rlnRandomSubset when valid, else a random even split (``seed``)."""
+    existing = pset.table["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in pset.table else None
+    return random_halves(len(pset), np.random.default_rng(seed), existing)

@@ -72,7 +72,7 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
     def _particlesSource(self) -> ProtCryohetBase | None:
         """The protocol whose converted particles this run works on: itself, or the earlier cryohet run."""
         roles = self._roleAttrs()
-        if "particles" in roles:
+        if "particles" in roles and ("run" not in roles or getattr(self, roles["particles"]).get() is not None):
             return self
         upstream = getattr(self, roles["run"]).get() if "run" in roles else None
         return upstream._particlesSource() if isinstance(upstream, ProtCryohetBase) else None
@@ -126,17 +126,18 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
     def engineArgs(self) -> list[str]:
         """The engine's command-line arguments (after ``cryohet``) from the form's values."""
         m = self.getMethod()
-        args = [m.name, "--o", os.path.abspath(self._engineDir())]
+        # every option as one "--flag=value" argument: a value such as "-1,0" is not taken for a flag
+        args = [m.name, f"--o={os.path.abspath(self._engineDir())}"]
         for p in m.all_params():
             attr = self._paramAttrs.get(p.name)
             if attr is None or p.name in HOST_FILLED:
                 continue
             value = self._paramText(p, getattr(self, attr))
             if value is not None:
-                args += [p.flag, value]
-        args += ["--threads", str(max(1, self.numberOfThreads.get() or 1))]
-        args += ["--device", "auto" if self.usesGpu() else "cpu"]
-        args += ["--overwrite", "yes"]
+                args.append(f"{p.flag}={value}")
+        args.append(f"--threads={max(1, self.numberOfThreads.get() or 1)}")
+        args.append(f"--device={'auto' if self.usesGpu() else 'cpu'}")
+        args.append("--overwrite=yes")
         return args
 
     def _paramText(self, p, obj) -> str | None:
