@@ -69,6 +69,10 @@ def test_neighbourhoods_whitening_and_shell_choice():
     errors[0, :, :4] -= 5.0
     chosen = choose_levels(errors)
     assert chosen[:3].tolist() == [0, 0, 0] and chosen[6:].tolist() == [2] * 4
+    # a level without signal in a shell (its half-map FSC below 0.143) cannot supply it, however low its error
+    allowed = np.ones((3, 10), dtype=bool)
+    allowed[0, :2] = False
+    assert choose_levels(errors, allowed)[:2].tolist() == [2, 2]
     maps = [torch.randn(16, 16, 16) for _ in range(2)]
     pick = np.array([0] * 4 + [1] * 5)
     out = fft3c(combine_shells(maps, pick))

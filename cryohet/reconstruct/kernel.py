@@ -29,6 +29,9 @@ from cryohet.reconstruct.homogeneous import wiener_reconstruct
 
 Progress = Callable[[Iterable, str, int], Iterator]
 
+#: A neighbourhood's map may supply a shell only where its half-map FSC reaches this value.
+SIGNAL_FSC = 0.143
+
 
 def neighbourhood_sizes(n: int, min_particles: int, n_levels: int) -> np.ndarray:
     """Particles per neighbourhood, increasing: n, n/2, n/4, ... (at most ``n_levels``, none below
@@ -84,20 +87,25 @@ def smooth_shells(err: np.ndarray) -> np.ndarray:
     return (pad[..., :-2] + pad[..., 1:-1] + pad[..., 2:]) / 3.0
 
 
-def choose_levels(errors: np.ndarray) -> np.ndarray:
+def choose_levels(errors: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
     """Neighbourhood per shell from per-image errors (J levels, images, shells), levels ordered narrow to wide.
 
-    The errors are smoothed over neighbouring shells. In each shell the level of least mean error is found;
-    the widest level whose mean error exceeds it by no more than one standard error of the difference (over the
-    validation images) is taken: more particles, hence less noise, unless fewer predict the images better beyond
-    doubt (the one-standard-error rule).
+    The errors are smoothed over neighbouring shells. In each shell, among the ``allowed`` levels (J, shells; the
+    widest is always allowed), the level of least mean error is found; the widest allowed level whose mean error
+    exceeds it by no more than one standard error of the difference (over the validation images) is taken: more
+    particles, hence less noise, unless fewer predict the images better beyond doubt (the one-standard-error rule).
     """
     e = smooth_shells(errors)
-    n_img = e.shape[1]
-    best = np.argmin(e.mean(axis=1), axis=0)
+    n_levels, n_img, n_shells = e.shape
+    ok = np.ones((n_levels, n_shells), dtype=bool) if allowed is None else np.array(allowed, dtype=bool)
+    ok[-1] = True
+    mean = np.where(ok, e.mean(axis=1), np.inf)
+    best = np.argmin(mean, axis=0)
     chosen = best.copy()
     for s, b in enumerate(best):
-        for j in range(e.shape[0] - 1, b, -1):
+        for j in range(n_levels - 1, b, -1):
+            if not ok[j, s]:
+                continue
             d = e[j, :, s] - e[b, :, s]
             if d.mean() <= d.std(ddof=1) / np.sqrt(n_img) if n_img > 1 else d.mean() <= 0:
                 chosen[s] = j
@@ -140,7 +148,7 @@ class KernelRegression:
         self.max_validation = max_validation
         self.batch_size = batch_size
         self.progress = progress
-        self._all: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        self._all: tuple[list[torch.Tensor], torch.Tensor, np.ndarray] | None = None
         self.typical_radius = self._typical_radius()
 
     @property
@@ -176,13 +184,12 @@ class KernelRegression:
                     bp.insert(b.images_ft[sel], b.ctf[sel], b.rotations[sel])
 
     @staticmethod
-    def _maps(bps: list[BackProjector]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(half-maps, full map) of the accumulators, which are left as they were."""
-        halves, full, _ = wiener_reconstruct([bps[0].copy(), bps[1]])
-        return halves, full
+    def _maps(bps: list[BackProjector]) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
+        """(half-maps, full map, FSC of the unfiltered half-maps) of the accumulators, which are left as they were."""
+        return wiener_reconstruct([bps[0].copy(), bps[1]])
 
-    def all_particles(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Half-maps and map of every particle (computed once)."""
+    def all_particles(self) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
+        """Half-maps, map and half-map FSC of every particle (computed once)."""
         if self._all is None:
             bps = [BackProjector(self.box, 2, self.device) for _ in (1, 2)]
             self._insert(np.arange(len(self.w)), bps, "backprojecting all particles")
@@ -232,19 +239,22 @@ class KernelRegression:
         val = self._validation(order[:n_val])
         bps = [BackProjector(self.box, 2, self.device) for _ in (1, 2)]
         maps: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        errors, start, power = [], 0, None
+        errors, curves, start, power = [], [], 0, None
         for j, size in enumerate(self.sizes):
             if size >= len(order):
-                halves, full = self.all_particles()
+                halves, full, curve = self.all_particles()
             else:
                 self._insert(order[start:size], bps, f"neighbourhood {j + 1}/{len(self.sizes)} ({size} particles)")
                 start = int(size)
-                halves, full = self._maps(bps)
+                halves, full, curve = self._maps(bps)
             err, power = self._cv_error(halves, val)
             errors.append(err)
+            curves.append(curve)
             maps.append((halves, full))
         per_image = np.array(errors)
-        chosen = choose_levels(per_image)
+        # a neighbourhood competes only in the shells where its half-maps hold signal (FSC 0.143); beyond, its
+        # Wiener-filtered map is near zero and the errors differ by noise alone
+        chosen = choose_levels(per_image, np.array(curves) >= SIGNAL_FSC)
         h1 = combine_shells([m[0][0] for m in maps], chosen)
         h2 = combine_shells([m[0][1] for m in maps], chosen)
         full = combine_shells([m[1] for m in maps], chosen)
