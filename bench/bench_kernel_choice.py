@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryohet.geometry.backproject import BackProjector
 from cryohet.io.particles import load_particles
 from cryohet.reconstruct import kernel as K
 from cryohet.reconstruct.fsc import fsc, fsc_auc
@@ -38,25 +37,12 @@ def main() -> None:
     print("| state | " + " | ".join(f"{n} only" for n in kr.sizes) + " | cryohet | argmin | oracle |")
     print("|---" * (len(kr.sizes) + 4) + "|")
     for s in a.states:
-        d2 = ((kr.w - kr.whiten(ds.state_tau[s])[0]) ** 2).sum(1)
-        order = np.argsort(d2, kind="stable")
-        val = kr._validation(order[:min(kr.sizes[0], kr.max_validation)])
-        bps = [BackProjector(kr.box, 2, kr.device) for _ in (1, 2)]
-        start, maps, errors, curves = 0, [], [], []
-        for size in kr.sizes:
-            if size >= len(order):
-                halves, full, curve = kr.all_particles()
-            else:
-                kr._insert(order[start:size], bps, "")
-                start = int(size)
-                halves, full, curve = kr._maps(bps)
-            errors.append(kr._cv_error(halves, val)[0])
-            maps.append(full)
-            curves.append(curve)
-        E, truth = np.array(errors), ds.true_model().map(s)
+        levels, E, curves, _ = kr.levels(ds.state_tau[s])
+        maps = [full for _, full in levels]
+        truth = ds.true_model().map(s)
         per_level = [fsc_auc(fsc(m, truth)) for m in maps]
         oracle = np.array([fsc(m, truth) for m in maps]).argmax(0)
-        choices = {"cryohet": K.choose_levels(E, np.array(curves) >= K.SIGNAL_FSC),
+        choices = {"cryohet": K.choose_levels(E, curves >= K.SIGNAL_FSC),
                    "argmin": np.argmin(K.smooth_shells(E).mean(1), axis=0), "oracle": oracle}
         auc = {k: fsc_auc(fsc(K.combine_shells(maps, c), truth)) for k, c in choices.items()}
         print(f"| {s} | " + " | ".join(f"{v:.3f}" for v in per_level) + " | "

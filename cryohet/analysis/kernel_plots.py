@@ -3,22 +3,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from cryohet.analysis.plots import save_png
 from cryohet.reconstruct.fsc import resolution_at, shell_frequencies
-from cryohet.reconstruct.kernel import KernelMap
 
 
-def plot_kernel_maps(path: str | Path, maps: list[KernelMap], box: int, apix: float) -> Path:
-    """Left: the neighbourhood size that each shell of each point's map came from (log scale); right: the FSC
-    of each point's half-maps, labelled with its resolution at 0.143."""
+def plot_kernel_maps(path: str | Path, per_shell: list[np.ndarray], fscs: list[np.ndarray], box: int,
+                     apix: float) -> Path:
+    """Left: the particles behind each shell of each point's map (log scale); right: the FSC of each point's
+    half-maps, labelled with its resolution at 0.143."""
     freqs = shell_frequencies(box, apix)
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax_n, ax_f = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for i, km in enumerate(maps):
-        ax_n.step(freqs, km.particles_per_shell, where="mid", lw=1.2, label=f"point {i}")
-        ax_f.plot(freqs, km.fsc, lw=1.0, label=f"{i}: {resolution_at(km.fsc, box, apix):.2f} Å")
+    for i, (n, curve) in enumerate(zip(per_shell, fscs, strict=True)):
+        ax_n.step(freqs, n, where="mid", lw=1.2, label=f"point {i}")
+        ax_f.plot(freqs, curve, lw=1.0, label=f"{i}: {resolution_at(curve, box, apix):.2f} Å")
     ax_n.set_yscale("log")
     ax_n.set_xlabel("spatial frequency (1/Å)")
     ax_n.set_ylabel("particles behind the shell")
@@ -28,6 +29,6 @@ def plot_kernel_maps(path: str | Path, maps: list[KernelMap], box: int, apix: fl
     ax_f.set_xlabel("spatial frequency (1/Å)")
     ax_f.set_ylabel("FSC between half-maps")
     for ax in (ax_n, ax_f):
-        if len(maps) <= 12:
+        if len(fscs) <= 12:
             ax.legend(fontsize=7)
     return save_png(fig, path, dpi=100)

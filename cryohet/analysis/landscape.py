@@ -20,6 +20,8 @@ from scipy.ndimage import map_coordinates, minimum_filter
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 
+from cryohet.data.loader import Progress
+
 #: Grids are built for at most this many latent dimensions (beyond it: reduce with PCA first).
 MAX_GRID_DIMS = 4
 DEFAULT_GRID = {1: 200, 2: 60, 3: 24, 4: 12}
@@ -136,12 +138,13 @@ def held_out_loglik(z: np.ndarray, var: np.ndarray, grid: Grid, p: np.ndarray,
 
 
 def choose_smoothing(z: np.ndarray, var: np.ndarray, grid: Grid, candidates: np.ndarray, folds: int = 3,
-                     iterations: int = 80, seed: int = 0, device: torch.device | str = "cpu"
-                     ) -> tuple[float, np.ndarray]:
+                     iterations: int = 80, seed: int = 0, device: torch.device | str = "cpu",
+                     progress: Progress | None = None) -> tuple[float, np.ndarray]:
     """The smoothing of greatest held-out log-likelihood (``folds``-fold), and the score of every candidate."""
     fold = np.random.default_rng(seed).permutation(len(z)) % folds
     scores = np.zeros(len(candidates))
-    for j, h in enumerate(candidates):
+    steps = enumerate(candidates)
+    for j, h in progress(steps, "choosing the smoothing", len(candidates)) if progress else steps:
         for f in range(folds):
             train, test = fold != f, fold == f
             p = deconvolve(z[train], var[train], grid, float(h), iterations, device=device)
@@ -157,12 +160,14 @@ def smoothing_candidates(grid: Grid, n: int = 6) -> np.ndarray:
 
 
 def bootstrap_free_energy(z: np.ndarray, var: np.ndarray, grid: Grid, smooth: float, n_boot: int,
-                          iterations: int = 100, seed: int = 0, device: torch.device | str = "cpu") -> np.ndarray:
+                          iterations: int = 100, seed: int = 0, device: torch.device | str = "cpu",
+                          progress: Progress | None = None) -> np.ndarray:
     """Standard deviation of G over ``n_boot`` bootstrap resamples of the particles (grid shape, kT)."""
     rng = np.random.default_rng([seed, 0xB007])
+    resamples = range(n_boot)
     runs = [free_energy(deconvolve(z, var, grid, smooth, iterations, device=device,
                                    weights=np.bincount(rng.integers(0, len(z), len(z)), minlength=len(z))))
-            for _ in range(n_boot)]
+            for _ in (progress(resamples, "bootstrap", n_boot) if progress else resamples)]
     return np.std(runs, axis=0, ddof=1) if n_boot > 1 else np.zeros(grid.shape)
 
 

@@ -131,6 +131,40 @@ class VolumeSeries:
                     **extra, **meta)
 
 
+def points_from_params(params: dict[str, Any], latent_dim: int) -> np.ndarray | None:
+    """Latent points (M, d) float32 from ``--z`` (with ``--z_end``: ``--n_frames`` points on the straight path)
+    or ``--z_file`` (``LATENT_POINT_PARAMS``); None when neither is given."""
+    from cryohet.analysis.latent import linear_path
+
+    if params["z"] is not None and params["z_file"] is not None:
+        raise ValueError("give at most one of --z and --z_file")
+    if params["z_end"] is not None and params["z"] is None:
+        raise ValueError("--z_end needs --z (the start of the path)")
+    if params["z_file"] is not None:
+        return read_z_file(params["z_file"], latent_dim)
+    if params["z"] is None:
+        return None
+    z = parse_z(params["z"], latent_dim, "--z")
+    if params["z_end"] is None:
+        return z
+    if len(z) != 1:
+        raise ValueError("--z must be one point when --z_end is given")
+    end = parse_z(params["z_end"], latent_dim, "--z_end")
+    return linear_path(np.concatenate([z, end]), params["n_frames"]).astype(np.float32)
+
+
+def register_series(ctx: Any, files: list[Path], z: np.ndarray, apix: float, levels: list[float], series: str,
+                    label: str, cxc: Path, title: str, per_map: dict[str, list[Any]] | None = None) -> VolumeSeries:
+    """Register maps ``files`` at latent points ``z`` as one volume series of ``ctx`` at one contour level (the
+    median of the maps' own ``levels``), with a ChimeraX script ``cxc`` that opens them as a series."""
+    vs = VolumeSeries(list(files), np.atleast_2d(np.asarray(z, dtype=np.float32)), float(apix),
+                      float(np.median(levels)))
+    vs.register(ctx, series, label, per_map)
+    ctx.add("chimerax", write_chimerax_script(cxc, vs.files, vs.level, title=title),
+            "ChimeraX: the maps as a series", series=series, n_maps=len(vs.files))
+    return vs
+
+
 def contour_level(vol: np.ndarray, enclosed: float = ENCLOSED_FRACTION) -> float:
     """The value above which the fraction ``enclosed`` of the map's voxels lies."""
     flat = np.asarray(vol, dtype=np.float32).ravel()

@@ -71,6 +71,16 @@ class Param:
 DATADIR = Param("datadir", Path, None, "Folder to look for the image stacks in when the STAR's image paths are "
                 "relative to another folder (default: the STAR's folder, then the current folder).", expert=True)
 
+#: Latent points of the methods that make maps at them (eval-volume, kernel-volumes); read with
+#: ``cryohet.analysis.volumes.points_from_params``.
+LATENT_POINT_PARAMS = (
+    Param("z", str, None, "Latent point(s): values separated by commas, points by ';' "
+          "(e.g. '0.1,-0.4' or '0,0;1,0'). Latent-space units. A value starting with '-' needs '=': --z=-0.5,1."),
+    Param("z_file", Path, None, "Latent points from a file: .npy (M, d) or text, one point a line."),
+    Param("z_end", str, None, "With --z (one point): end of a straight path from --z; --n_frames maps along it."),
+    Param("n_frames", int, 10, "Maps along the --z to --z_end path.", min=2),
+)
+
 #: Parameters every method takes.
 COMMON_PARAMS = (
     Param("device", str, "auto", "Where to compute: auto (CUDA when present, else CPU), cpu or cuda[:N].",

@@ -6,19 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.analysis.latent import linear_path
-from cryohet.analysis.volumes import parse_z, read_z_file, write_chimerax_script, write_volume_series
+from cryohet.analysis.volumes import points_from_params, write_chimerax_script, write_volume_series
 from cryohet.atomic import atomic_path
-from cryohet.methods.base import Method, Param
+from cryohet.methods.base import LATENT_POINT_PARAMS, Method, Param
 
 PARAMS = (
     Param("run", Path, None, "Run folder of a heterogeneity method (its model of the volumes).", required=True,
           input_role="run"),
-    Param("z", str, None, "Latent point(s): values separated by commas, points by ';' "
-          "(e.g. '0.1,-0.4' or '0,0;1,0'). Latent-space units. A value starting with '-' needs '=': --z=-0.5,1."),
-    Param("z_file", Path, None, "Latent points from a file: .npy (M, d) or text, one point a line."),
-    Param("z_end", str, None, "With --z (one point): end of a straight path from --z; --n_frames maps along it."),
-    Param("n_frames", int, 10, "Maps along the --z to --z_end path.", min=2),
+    *LATENT_POINT_PARAMS,
     Param("batch", int, 1, "Maps computed per model call (memory: batch·box³·4 bytes).", min=1, expert=True),
 )
 
@@ -28,20 +23,10 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
     if (params["z"] is None) == (params["z_file"] is None):
         raise ValueError("give exactly one of --z and --z_file")
-    if params["z_end"] is not None and params["z"] is None:
-        raise ValueError("--z_end needs --z (the start of the path)")
     run_dir = Path(params["run"]).resolve()
     model = load_volume_model(run_dir)
     d = model.latent_dim
-    if params["z"] is not None:
-        z = parse_z(params["z"], d, "--z")
-    else:
-        z = read_z_file(params["z_file"], d)
-    if params["z_end"] is not None:
-        if len(z) != 1:
-            raise ValueError("--z must be one point when --z_end is given")
-        z = linear_path(np.concatenate([z, parse_z(params["z_end"], d, "--z_end")]),
-                        params["n_frames"]).astype(np.float32)
+    z = points_from_params(params, d)
     ctx.log.info("model: latent dimension %d, box %d, %.4g Å/pixel; %d map(s)", d, model.box, model.apix, len(z))
     series = write_volume_series(model, z, ctx.out_dir, progress=ctx.progress, desc="maps", batch=params["batch"])
     with atomic_path(ctx.out_dir / "z_values.txt") as tmp:

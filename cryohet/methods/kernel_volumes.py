@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryohet.errors import InputError
-from cryohet.methods.base import DATADIR, Method, Param
+from cryohet.methods.base import DATADIR, LATENT_POINT_PARAMS, Method, Param
 
 if TYPE_CHECKING:
     from cryohet.runner import RunContext
@@ -20,12 +20,7 @@ PARAMS = (
     Param("latents", Path, None, "... with their latents from any tool, in the particles' order: .npy, .txt/.csv "
           "or cryoDRGN's z.N.pkl (read safely: numpy arrays only)."),
     DATADIR,
-    Param("z", str, None, "Latent point(s): values separated by commas, points by ';' (e.g. '0.1,-0.4;1,0'). "
-          "Latent-space units. A value starting with '-' needs '=': --z=-0.5,1. Empty: --n_points k-means "
-          "centres."),
-    Param("z_file", Path, None, "Latent points from a file: .npy (M, d) or text, one point a line."),
-    Param("z_end", str, None, "With --z (one point): end of a straight path from --z; --n_frames maps along it."),
-    Param("n_frames", int, 10, "Maps along the --z to --z_end path.", min=2),
+    *LATENT_POINT_PARAMS,
     Param("n_points", int, 10, "Without --z/--z_file: maps at this many k-means centres of the latents (each "
           "snapped to the nearest particle), ordered along the first principal component.", min=1),
     Param("min_particles", int, 100, "Particles in the smallest neighbourhood of a point. The neighbourhoods double "
@@ -66,35 +61,22 @@ def _inputs(params: dict[str, Any]):
 
 
 def _points(params: dict[str, Any], z: np.ndarray, seed: int) -> np.ndarray:
-    """The latent points (M, d) the maps are made at."""
-    from cryohet.analysis.latent import kmeans, linear_path, pca
-    from cryohet.analysis.volumes import parse_z, read_z_file
+    """The latent points (M, d): --z/--z_file, else k-means centres of the latents ordered along their first PC."""
+    from cryohet.analysis.latent import kmeans, pca
+    from cryohet.analysis.volumes import points_from_params
 
-    d = z.shape[1]
-    if params["z"] is not None and params["z_file"] is not None:
-        raise ValueError("give at most one of --z and --z_file")
-    if params["z_end"] is not None and params["z"] is None:
-        raise ValueError("--z_end needs --z (the start of the path)")
-    if params["z"] is not None:
-        points = parse_z(params["z"], d, "--z")
-        if params["z_end"] is not None:
-            if len(points) != 1:
-                raise ValueError("--z must be one point when --z_end is given")
-            points = linear_path(np.concatenate([points, parse_z(params["z_end"], d, "--z_end")]),
-                                 params["n_frames"])
+    points = points_from_params(params, z.shape[1])
+    if points is not None:
         return np.asarray(points, dtype=np.float64)
-    if params["z_file"] is not None:
-        return np.asarray(read_z_file(params["z_file"], d), dtype=np.float64)
-    k = min(params["n_points"], len(z))
-    centres = kmeans(z, k, seed=seed).centers
-    pc1 = pca(z, 1).transform(centres)[:, 0] if d > 1 else centres[:, 0]
+    centres = kmeans(z, min(params["n_points"], len(z)), seed=seed).centers
+    pc1 = pca(z, 1).transform(centres)[:, 0] if z.shape[1] > 1 else centres[:, 0]
     return np.asarray(centres[np.argsort(pc1)], dtype=np.float64)
 
 
 def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.analysis.fsc_files import write_fsc_star
     from cryohet.analysis.kernel_plots import plot_kernel_maps
-    from cryohet.analysis.volumes import VolumeSeries, contour_level, write_chimerax_script
+    from cryohet.analysis.volumes import contour_level, register_series
     from cryohet.atomic import atomic_path
     from cryohet.io.mrc import write_map
     from cryohet.io.particles import write_particles_star
@@ -121,15 +103,17 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
                  kr.apix)
     out = ctx.out_dir
     (out / "maps").mkdir(exist_ok=True)
-    results, files = [], []
+    files, levels, fscs, per_shell, near, resolutions = [], [], [], [], [], []
     for i, p in enumerate(points):
         km = kr.map_at(p)
         stem = f"maps/kernel_{i:03d}"
         for suffix, vol in (("", km.full), ("_half1", km.half1), ("_half2", km.half2)):
             write_map(out / f"{stem}{suffix}.mrc", vol.cpu().numpy(), kr.apix)
-        write_fsc_star(out / f"{stem}_fsc.star", kr.box, kr.apix, km.fsc)
-        files.append(out / f"{stem}.mrc")
+        for j in (1, 2):
+            ctx.add("half_map", f"{stem}_half{j}.mrc", f"kernel map {i} half-map {j}", index=i, apix=kr.apix)
         res = resolution_at(km.fsc, kr.box, kr.apix)
+        write_fsc_star(out / f"{stem}_fsc.star", kr.box, kr.apix, km.fsc)
+        ctx.add("fsc", f"{stem}_fsc.star", f"kernel map {i} half-map FSC", index=i, resolution_A=round(res, 3))
         low, high = km.particles_per_shell[[min(3, kr.box // 2), kr.box // 2]]
         ctx.log.info("point %d/%d (%s): %.2f Å at FSC 0.143; particles behind shell 3: %d, Nyquist: %d",
                      i + 1, len(points), ", ".join(f"{v:.4g}" for v in p), res, low, high)
@@ -138,27 +122,23 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
                             "holds %d around a typical particle; its smallest neighbourhood reaches %.3g "
                             "(whitened units), so its map mixes other states", i + 1, km.n_near, km.sizes[0],
                             km.radii[0])
+        full = km.full.cpu().numpy()
+        levels.append(contour_level(full))
         if params["local_resolution"]:
             locres = local_resolution(km.half1, km.half2, kr.apix)
             write_map(out / f"{stem}_locres.mrc", locres.cpu().numpy(), kr.apix)
-            inside = (km.full > contour_level(km.full.cpu().numpy())).to(locres.device).float()
+            inside = (km.full > levels[-1]).to(locres.device).float()
             spread = summarise(locres, inside)  # over the molecule (the map above its contour level)
             ctx.add("local_resolution", f"{stem}_locres.mrc", f"kernel map {i} local resolution (Å) in the "
-                    "molecule", index=i,
-                    apix=kr.apix, **{k: round(v, 3) for k, v in spread.items()})
-        results.append((km, res))
-    level = contour_level(np.stack([r[0].full.cpu().numpy() for r in results]))
-    series = VolumeSeries(files, points.astype(np.float32), kr.apix, level)
-    series.register(ctx, "kernel", "kernel-regression map", per_map={
-        "resolution_A": [round(r[1], 3) for r in results],
-        "n_near": [r[0].n_near for r in results],
-        "particles_per_shell": [r[0].particles_per_shell.tolist() for r in results]})
-    for i in range(len(points)):
-        for j in (1, 2):
-            ctx.add("half_map", f"maps/kernel_{i:03d}_half{j}.mrc", f"kernel map {i} half-map {j}", index=i,
-                    apix=kr.apix)
-        ctx.add("fsc", f"maps/kernel_{i:03d}_fsc.star", f"kernel map {i} half-map FSC", index=i,
-                resolution_A=round(results[i][1], 3))
+                    "molecule", index=i, apix=kr.apix, **{k: round(v, 3) for k, v in spread.items()})
+        files.append(out / f"{stem}.mrc")
+        fscs.append(km.fsc)
+        per_shell.append(km.particles_per_shell)
+        near.append(km.n_near)
+        resolutions.append(round(res, 3))
+    register_series(ctx, files, points, kr.apix, levels, "kernel", "kernel-regression map", out / "kernel_maps.cxc",
+                    "cryohet kernel-volumes", per_map={"resolution_A": resolutions, "n_near": near,
+                                                       "particles_per_shell": [n.tolist() for n in per_shell]})
     MapsModel(files, points, kr.apix).save(out / "kernel_maps.json")
     ctx.add("model", "kernel_maps.json", "maps at latent points (the nearest point's map for any latent)",
             model_type=MODEL_TYPE, n_maps=len(points))
@@ -171,10 +151,8 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     write_particles_star(out / "particles.star", pset, extra_columns={"rlnRandomSubset": half})
     ctx.add("particles_star", "particles.star", "input particles with their half-set (rlnRandomSubset)",
             n=len(pset))
-    png = plot_kernel_maps(out / "kernel_maps.png", [r[0] for r in results], kr.box, kr.apix)
+    png = plot_kernel_maps(out / "kernel_maps.png", per_shell, fscs, kr.box, kr.apix)
     ctx.add("plot", png, "particles behind each frequency shell, and the half-map FSC, per point")
-    cxc = write_chimerax_script(out / "kernel_maps.cxc", files, level, title="cryohet kernel-volumes")
-    ctx.add("chimerax", cxc, "ChimeraX: the maps as a series", series="kernel", n_maps=len(files))
 
 
 METHOD = Method(

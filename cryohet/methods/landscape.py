@@ -114,14 +114,15 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     grid = L.make_grid(y, np.sqrt(var) if std is not None else None, params["grid"] or None)
     dev = ctx.device
     cands = L.smoothing_candidates(grid)
-    smooth, scores = L.choose_smoothing(y, var, grid, cands, seed=ctx.seed, device=dev)
+    smooth, scores = L.choose_smoothing(y, var, grid, cands, seed=ctx.seed, device=dev, progress=ctx.progress)
     ctx.log.info("%d particles, %d-D landscape on a %s grid; %s; smoothing %.4g (held-out log-likelihood per "
                  "candidate: %s)", len(y), d, "×".join(map(str, grid.shape)),
                  "deconvolved from each particle's uncertainty" if std is not None else "latents taken as exact",
                  smooth, ", ".join(f"{c:.3g}: {s:.4g}" for c, s in zip(cands, scores, strict=True)))
     p = L.deconvolve(y, var, grid, smooth, device=dev)
     G = L.free_energy(p)
-    G_std = L.bootstrap_free_energy(y, var, grid, smooth, params["bootstrap"], seed=ctx.seed, device=dev)
+    G_std = L.bootstrap_free_energy(y, var, grid, smooth, params["bootstrap"], seed=ctx.seed, device=dev,
+                                    progress=ctx.progress)
     minima = L.local_minima(G, max_G=10.0)
     ends = None  # the path's ends, checked before anything is written
     if len(minima) >= 2 or params["path_from"] or params["path_to"]:
@@ -193,7 +194,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
 
 def _path_maps(params: dict[str, Any], ctx, pset, y: np.ndarray, points: np.ndarray) -> None:
     """Kernel-regression maps at the path's points, in the landscape's coordinates."""
-    from cryohet.analysis.volumes import VolumeSeries, contour_level, write_chimerax_script
+    from cryohet.analysis.volumes import contour_level, register_series
     from cryohet.io.mrc import write_map
     from cryohet.reconstruct.homogeneous import particle_halves
     from cryohet.reconstruct.kernel import KernelRegression
@@ -206,18 +207,14 @@ def _path_maps(params: dict[str, Any], ctx, pset, y: np.ndarray, points: np.ndar
     kr = KernelRegression(pset, y, half, pset.box, ctx.device, min_particles=params["min_particles"],
                           progress=ctx.progress)
     (ctx.out_dir / "path_maps").mkdir(exist_ok=True)
-    files, vols = [], []
+    files, levels = [], []
     for k, point in enumerate(points):
-        km = kr.map_at(point)
-        f = ctx.out_dir / "path_maps" / f"path_{k:03d}.mrc"
-        write_map(f, km.full.cpu().numpy(), kr.apix)
-        files.append(f)
-        vols.append(km.full.cpu().numpy())
-    level = contour_level(np.stack(vols))
-    VolumeSeries(files, points.astype(np.float32), kr.apix, level).register(ctx, "path", "map along the path")
-    cxc = write_chimerax_script(ctx.out_dir / "path_maps.cxc", files, level, title="cryohet landscape: path")
-    ctx.add("chimerax", cxc, "ChimeraX: the maps along the path", series="path", n_maps=len(files))
-
+        vol = kr.map_at(point).full.cpu().numpy()
+        files.append(ctx.out_dir / "path_maps" / f"path_{k:03d}.mrc")
+        write_map(files[-1], vol, kr.apix)
+        levels.append(contour_level(vol))
+    register_series(ctx, files, points, kr.apix, levels, "path", "map along the path", ctx.out_dir / "path_maps.cxc",
+                    "cryohet landscape: path")
 
 METHOD = Method(
     name="landscape",

@@ -12,13 +12,13 @@ particles (the widest neighbourhood) are computed once and shared by every point
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cryohet.data.loader import BatchStream
+from cryohet.data.loader import BatchStream, Progress
 from cryohet.data.prepare import ImagePreparer
 from cryohet.geometry.backproject import BackProjector
 from cryohet.geometry.fourier import fft3c, ifft3c, radius_grid
@@ -26,8 +26,6 @@ from cryohet.geometry.lattice import Lattice
 from cryohet.geometry.project import Projector
 from cryohet.reconstruct.fsc import fsc
 from cryohet.reconstruct.homogeneous import wiener_reconstruct
-
-Progress = Callable[[Iterable, str, int], Iterator]
 
 #: A neighbourhood's map may supply a shell only where its half-map FSC reaches this value.
 SIGNAL_FSC = 0.143
@@ -62,7 +60,6 @@ class Whitening:
 class KernelMap:
     """The map at one latent point and how it was made."""
 
-    point: np.ndarray        # latent point (d,)
     full: torch.Tensor       # (box, box, box)
     half1: torch.Tensor
     half2: torch.Tensor
@@ -70,9 +67,6 @@ class KernelMap:
     sizes: np.ndarray        # particles per neighbourhood (J,)
     radii: np.ndarray        # whitened latent distance of each neighbourhood's farthest particle (J,)
     chosen: np.ndarray       # neighbourhood index per shell 0 .. box // 2
-    cv_error: np.ndarray     # (J, shells) mean residual power per Fourier coefficient of the validation images
-    image_power: np.ndarray  # (shells,) mean power of the validation images (the error of a zero map)
-    n_validation: int
     n_near: int              # particles within the typical neighbourhood radius of a particle
 
     @property
@@ -149,6 +143,7 @@ class KernelRegression:
         self.batch_size = batch_size
         self.progress = progress
         self._all: tuple[list[torch.Tensor], torch.Tensor, np.ndarray] | None = None
+        self._all_projectors: list[Projector] | None = None
         self.typical_radius = self._typical_radius()
 
     @property
@@ -208,57 +203,63 @@ class KernelRegression:
     def _shell_index_2d(self) -> torch.Tensor:
         return torch.round(radius_grid(self.box, 2, self.device)).long().flatten()
 
-    def _cv_error(self, halves: list[torch.Tensor], val) -> tuple[np.ndarray, np.ndarray]:
-        """(residual power (images, shells), image power (images, shells)), each a mean per Fourier coefficient, of
-        the validation images, each predicted by the map of the half-set it is not in."""
+    def _cv_error(self, projectors: list[Projector], val) -> np.ndarray:
+        """Residual power (images, shells), a mean per Fourier coefficient, of the validation images, each predicted
+        by the projector of the half-map it is not in (``projectors``: of half-maps 1 and 2)."""
         n = self.box // 2 + 1
         shells = self._shell_index_2d()
         keep = shells < n
         s_keep = shells[keep]
         count = torch.zeros(n, dtype=torch.float64, device=self.device).index_add_(
             0, s_keep, torch.ones(len(s_keep), dtype=torch.float64, device=self.device)).clamp_min(1)
-        errs, powers = [], []
+        errs = []
         for k, (F, ctf, A) in enumerate(val):
-            if len(F) == 0:
-                continue
-            proj = Projector(halves[1 - k].to(self.device))
             for s in range(0, len(F), self.batch_size):
                 f = F[s:s + self.batch_size]
-                pred = proj.slice(A[s:s + self.batch_size]) * ctf[s:s + self.batch_size]
-                for out, x in ((errs, f - pred), (powers, f)):
-                    p = x.abs().pow(2).reshape(len(f), -1)[:, keep].double()
-                    out.append(torch.zeros(len(f), n, dtype=torch.float64, device=self.device)
-                               .index_add_(1, s_keep, p) / count)
-        return torch.cat(errs).cpu().numpy(), torch.cat(powers).cpu().numpy()
+                pred = projectors[1 - k].slice(A[s:s + self.batch_size]) * ctf[s:s + self.batch_size]
+                p = (f - pred).abs().pow(2).reshape(len(f), -1)[:, keep].double()
+                errs.append(torch.zeros(len(f), n, dtype=torch.float64, device=self.device)
+                            .index_add_(1, s_keep, p) / count)
+        return torch.cat(errs).cpu().numpy()
 
-    def map_at(self, point: np.ndarray) -> KernelMap:
-        """The map, half-maps and FSC at latent ``point`` (d,)."""
+    def _projectors(self, halves: list[torch.Tensor]) -> list[Projector]:
+        return [Projector(h.to(self.device)) for h in halves]
+
+    def levels(self, point: np.ndarray) -> tuple[list[tuple[list[torch.Tensor], torch.Tensor]], np.ndarray,
+                                                  np.ndarray, np.ndarray]:
+        """Every neighbourhood of latent ``point`` (d,): ((half-maps, map) per neighbourhood, validation errors
+        (J, images, shells), half-map FSC (J, shells), squared whitened distance of each particle to the point)."""
         d2 = ((self.w - self.whiten(point)[0]) ** 2).sum(axis=1)
         order = np.argsort(d2, kind="stable")
-        n_val = int(min(self.sizes[0], self.max_validation))
-        val = self._validation(order[:n_val])
+        val = self._validation(order[:int(min(self.sizes[0], self.max_validation))])
         bps = [BackProjector(self.box, 2, self.device) for _ in (1, 2)]
         maps: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        errors, curves, start, power = [], [], 0, None
+        errors, curves, start = [], [], 0
         for j, size in enumerate(self.sizes):
             if size >= len(order):
                 halves, full, curve = self.all_particles()
+                if self._all_projectors is None:  # shared by every point
+                    self._all_projectors = self._projectors(halves)
+                projectors = self._all_projectors
             else:
                 self._insert(order[start:size], bps, f"neighbourhood {j + 1}/{len(self.sizes)} ({size} particles)")
                 start = int(size)
                 halves, full, curve = self._maps(bps)
-            err, power = self._cv_error(halves, val)
-            errors.append(err)
+                projectors = self._projectors(halves)
+            errors.append(self._cv_error(projectors, val))
             curves.append(curve)
             maps.append((halves, full))
-        per_image = np.array(errors)
+        return maps, np.array(errors), np.array(curves), d2
+
+    def map_at(self, point: np.ndarray) -> KernelMap:
+        """The map, half-maps and FSC at latent ``point`` (d,)."""
+        maps, errors, curves, d2 = self.levels(point)
         # a neighbourhood competes only in the shells where its half-maps hold signal (FSC 0.143); beyond, its
         # Wiener-filtered map is near zero and the errors differ by noise alone
-        chosen = choose_levels(per_image, np.array(curves) >= SIGNAL_FSC)
+        chosen = choose_levels(errors, curves >= SIGNAL_FSC)
         h1 = combine_shells([m[0][0] for m in maps], chosen)
         h2 = combine_shells([m[0][1] for m in maps], chosen)
         full = combine_shells([m[1] for m in maps], chosen)
-        radii = np.sqrt(d2[order[np.minimum(self.sizes, len(order)) - 1]])
+        radii = np.sqrt(np.sort(d2)[np.minimum(self.sizes, len(d2)) - 1])
         n_near = int((d2 <= self.typical_radius**2).sum())
-        return KernelMap(np.asarray(point, dtype=np.float64), full, h1, h2, fsc(h1, h2), self.sizes.copy(), radii,
-                         chosen, per_image.mean(axis=1), power.mean(axis=0), n_val, n_near)
+        return KernelMap(full, h1, h2, fsc(h1, h2), self.sizes.copy(), radii, chosen, n_near)
