@@ -53,6 +53,27 @@ def populations(n_states: int) -> np.ndarray:
     return p / p.sum()
 
 
+def data_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the two-well hinge data shared by the bench scripts: --out, --box, --n, --snr, --threads."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--box", type=int, default=64)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--snr", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def make_data(a: argparse.Namespace) -> tuple[Path, Path]:
+    """(the output folder, its data folder): ``benchmark-make --dataset hinge`` with the two-well population."""
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    pops = ",".join(f"{p:.6f}" for p in populations(20))
+    step(out, "data", ["benchmark-make", "--dataset", "hinge", "--box", str(a.box), "--n_particles", str(a.n),
+                       "--snr", str(a.snr), "--n_states", "20", "--populations", pops], a.threads)
+    return out, out / "data"
+
+
 def finished(folder: Path) -> bool:
     rec = folder / "cryohet_run.json"
     return rec.is_file() and json.loads(rec.read_text()).get("status") == "finished"
@@ -77,22 +98,12 @@ def score(out: Path, dataset: Path, name: str, args: list[str]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--box", type=int, default=64)
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--snr", type=float, default=0.1)
+    ap = data_arguments(__doc__)
     ap.add_argument("--points", type=int, default=20, help="k-means centres for the kernel maps")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recovar", type=Path, default=None, help="virtual environment with recovar 1.0.5")
     ap.add_argument("--skip_truth", action="store_true", help="no kernel-volumes row on the true τ")
     a = ap.parse_args()
-    out = a.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    pops = ",".join(f"{p:.6f}" for p in populations(20))
-    step(out, "data", ["benchmark-make", "--dataset", "hinge", "--box", str(a.box), "--n_particles", str(a.n),
-                       "--snr", str(a.snr), "--n_states", "20", "--populations", pops], a.threads)
+    out, data = make_data(a)
     star = str(data / "particles.star")
     truth = np.load(data / "ground_truth.npz")
     np.save(out / "true_tau.npy", truth["tau"].astype(np.float32))

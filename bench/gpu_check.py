@@ -188,8 +188,9 @@ def run_child(kind: str, spec: dict[str, Any], log: Path, timeout: float) -> str
 
 def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The jobs in order of importance: per box, simulate + reconstruct + train-vae, then cryoDRGN; then
-    principal-volumes, kernel-volumes, classify and abinit for every box (the steps whose GPU time is least known);
-    then multibody on two-body data (``simulate_two_bodies``, at most 1000 particles) for every box."""
+    principal-volumes, kernel-volumes, manifold-images, manifold-volumes, classify and abinit for every box (the
+    steps whose GPU time is least known); then multibody on two-body data (``simulate_two_bodies``, at most 1000
+    particles) for every box."""
     jobs: list[dict[str, Any]] = []
     n_global, n_local = (2, 1) if a.cpu_smoke else (15, 3)
     arch = dict(zdim=a.zdim, epochs=a.epochs, batch=a.batch, lr=a.lr, layers=a.layers, dim=a.dim)
@@ -220,6 +221,13 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
                  label=f"K 3, {a.pv_iter} EM iterations, limit 4 px (working box {box // 2})"),
             dict(method="kernel-volumes", values=dict(run=str(d / "pv"), n_points=3), out=str(d / "kernel"),
                  min_s=10, label="3 points on principal-volumes' latents, 6 neighbourhoods, local resolution"),
+            dict(method="manifold-images", values=dict(particles=str(d / "sim" / "particles.star"), n_frames=3,
+                                                       spectral_functions=2),
+                 out=str(d / "manifold"), min_s=10,
+                 label="defaults (15 Å, 100 a direction, 2 refinement rounds), 3 kernel and spectral maps"),
+            dict(method="manifold-volumes", values=dict(particles=str(d / "sim" / "particles.star"), n_bootstrap=4),
+                 out=str(d / "manifold_volumes"), min_s=10,
+                 label="4 bootstrap resamples × 4 classes (10 iterations, 15 Å), 4 state maps at the full box"),
             dict(method="classify", values=cls, out=str(d / "classify"), min_s=10,
                  label=f"K 3, {a.pv_iter} iterations, Nyquist (working box {box})"),
             dict(method="abinit", values=dict(particles=str(d / "sim" / "particles.star"), global_iterations=n_global,
@@ -295,8 +303,8 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     by = {(r["tool"], r["step"], r["box"]): r for r in rows}
     out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
            "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
-    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "kernel-volumes", "classify", "abinit",
-                 "two-bodies", "multibody"):
+    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "kernel-volumes", "manifold-images",
+                 "manifold-volumes", "classify", "abinit", "two-bodies", "multibody"):
         for box, n in zip(a.boxes, a.n, strict=True):
             ours = by.get(("cryohet", step, box))
             if ours is None:

@@ -209,7 +209,7 @@ def test_insertion_inverts_projector_slices():
     from cryohet.geometry.euler import euler_to_matrix, random_euler
     from cryohet.geometry.fourier import centered_coords
     from cryohet.geometry.project import Projector, slice_coords
-    from cryohet.inference.ppca import _Accumulator, _to_real_space
+    from cryohet.inference.ppca import MapEquations, to_real_space
 
     n, pad, radius = 16, 2, 7
     vol = torch.as_tensor(band_limit(read_map_default(n), 1.0, n / radius)).float()
@@ -222,13 +222,13 @@ def test_insertion_inverts_projector_slices():
     hw = torch.where((kxs[half] == 0) & (kys[half] == 0), 0.5, 1.0).float()
     y = Projector(vol, pad).slice(A).reshape(len(A), -1)[:, sel[half]]
     pos = slice_coords(A, n, pad).reshape(len(A), -1, 3)[:, sel[half]]
-    acc = _Accumulator(n, pad, radius, 1, torch.device("cpu"))
+    acc = MapEquations(n, pad, radius, 1, torch.device("cpu"))
     acc.insert(pos, hw, y, torch.ones(y.shape), torch.ones(len(half)), torch.ones(len(A), 1, dtype=torch.float64),
                torch.ones(len(A), 1, 1, dtype=torch.float64))
     lam = 1e-3 * acc.weight_diag().mean() * torch.ones(len(acc.flat), 1, dtype=torch.float64)
     c3 = centered_coords(pad * n, None, torch.float64) / pad
     limit = ((c3[:, None, None] ** 2 + c3[None, :, None] ** 2 + c3[None, None, :] ** 2) <= radius**2).double()
-    rec = _to_real_space(acc.to_grid(acc.solve(lam)[0]), n, pad, limit)[0]
+    rec = to_real_space(acc.to_grid(acc.solve(lam)[0]), n, pad, limit)[0]
     corr = np.corrcoef(rec.numpy().ravel(), vol.numpy().ravel())[0, 1]
     scale = float((rec * vol).sum() / (vol * vol).sum())
     assert corr > 0.99 and abs(scale - 1) < 0.05, (corr, scale)

@@ -323,6 +323,61 @@ def test_principal_volumes_select_then_relion(project, imported):
     assert all(s.hasAlignmentProj() and s.hasCTF() for s in subsets)
 
 
+def test_manifold_images_protocol_outputs_flex_particles_and_maps(project, simulated, imported):
+    """manifold-images -> its coordinate as a SetOfParticlesFlex (zFlex by Scipion id), the kernel maps and the
+    spectral volumes along it as two SetOfVolumes; the coordinate orders the three simulated states (|Spearman|
+    0.86 measured)."""
+    from scipy.stats import spearmanr
+
+    from cryohet_plugin.protocols import CryohetProtManifoldImages
+
+    parts = imported.outputParticles
+    mi = _launch(project, project.newProtocol(CryohetProtManifoldImages, particles=parts, per_direction=60,
+                                              min_per_direction=30, refine_rounds=1, n_frames=2, min_particles=50,
+                                              spectral_functions=1, bootstrap=2, useGpu=False,
+                                              numberOfThreads=2))
+    z = np.load(mi._getExtraPath("cryohet", "latents.npy"))
+    flex = mi.outputParticlesFlex
+    assert flex.getSize() == parts.getSize() == len(z) and flex.getFlexInfo().getAttr("zDim") == 1
+    ids = [p.getObjId() for p in parts.iterItems()]
+    for row in (0, len(ids) - 1):
+        assert np.allclose(flex[ids[row]].getZFlex(), z[row], atol=1e-5)
+    assert mi.outputVolumeSeries.getSize() == 2 and mi.outputVolumeSeriesSpectral.getSize() == 2
+    assert all("spectral_" in v.getFileName() for v in mi.outputVolumeSeriesSpectral.iterItems())
+    truth = starfile.read(simulated._getExtraPath("cryohet", "particles.star"))["particles"]  # imported in order
+    assert abs(spearmanr(z[:, 0], truth["cryohetTrueState"]).correlation) > 0.6
+
+
+def test_manifold_volumes_protocol_outputs_states_as_classes3d(project, simulated, imported):
+    """manifold-volumes (bootstrap classifications) -> its states as a SetOfClasses3D of the imported particles
+    (state maps with half-maps as representatives, members as rlnClassNumber) and each particle's embedding
+    coordinate as a SetOfParticlesFlex; the states follow the three simulated ones (adjusted Rand 0.70 measured)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from cryohet_plugin.protocols import CryohetProtManifoldVolumes
+
+    parts = imported.outputParticles
+    mv = _launch(project, project.newProtocol(CryohetProtManifoldVolumes, particles=parts, n_bootstrap=4,
+                                              classes=3, iterations=5, n_states=3, resolution_A=20.0, box=16,
+                                              useGpu=False, numberOfThreads=2))
+    table = starfile.read(mv._getExtraPath("cryohet", "particles.star"))["particles"]
+    numbers = table["rlnClassNumber"].to_numpy()
+    assert numbers.min() >= 1
+    classes = mv.outputClasses
+    assert type(classes).__name__ == "SetOfClasses3D" and classes.getSize() == len(set(numbers))
+    ids = [p.getObjId() for p in parts.iterItems()]
+    for cls in classes.iterItems():
+        assert sorted(p.getObjId() for p in cls.iterItems()) == sorted(ids[i] for i in np.flatnonzero(
+            numbers == cls.getObjId()))
+        rep = cls.getRepresentative()
+        assert rep.getFileName().endswith(f"state_{cls.getObjId() - 1:03d}.mrc")
+        assert len(rep.getHalfMaps().split(",")) == 2
+    flex = mv.outputParticlesFlex
+    assert flex.getSize() == parts.getSize() and flex.getFlexInfo().getAttr("zDim") == 2
+    truth = starfile.read(simulated._getExtraPath("cryohet", "particles.star"))["particles"]  # imported in order
+    assert adjusted_rand_score(truth["cryohetTrueState"], numbers) > 0.4
+
+
 def test_classify_protocol_outputs_classes3d_that_relion_reconstructs(project, imported):
     """classify -> SetOfClasses3D of the imported particles (class maps with half-maps as representatives, read
     back from the project database) -> one class's particles to RELION's reconstruction through scipion-em-relion."""

@@ -171,6 +171,33 @@ def bootstrap_free_energy(z: np.ndarray, var: np.ndarray, grid: Grid, smooth: fl
     return np.std(runs, axis=0, ddof=1) if n_boot > 1 else np.zeros(grid.shape)
 
 
+@dataclass
+class Landscape:
+    """A fitted landscape: density and free energy (kT) with its bootstrap s.d. on ``grid``."""
+
+    grid: Grid
+    smooth: float              # the chosen smoothing (latent units)
+    candidates: np.ndarray     # the smoothings tried
+    scores: np.ndarray         # their held-out log-likelihoods
+    density: np.ndarray
+    G: np.ndarray
+    G_std: np.ndarray
+
+
+def fit_landscape(z: np.ndarray, var: np.ndarray | None, n_per_axis: int | None = None, bootstrap: int = 10,
+                  seed: int = 0, device: torch.device | str = "cpu", progress: Progress | None = None) -> Landscape:
+    """Grid, smoothing by held-out likelihood, deconvolved density, free energy and its bootstrap s.d. of latents
+    ``z`` (N, d) with variances ``var`` (N, d; None: latents taken as exact)."""
+    exact = var is None
+    var = np.zeros_like(z) if exact else var
+    grid = make_grid(z, None if exact else np.sqrt(var), n_per_axis)
+    cands = smoothing_candidates(grid)
+    smooth, scores = choose_smoothing(z, var, grid, cands, seed=seed, device=device, progress=progress)
+    p = deconvolve(z, var, grid, smooth, device=device)
+    G_std = bootstrap_free_energy(z, var, grid, smooth, bootstrap, seed=seed, device=device, progress=progress)
+    return Landscape(grid, smooth, cands, scores, p, free_energy(p), G_std)
+
+
 def free_energy(p: np.ndarray, floor: float = 1e-12) -> np.ndarray:
     """G = −log p in kT, zero at the minimum (densities below ``floor`` × the maximum are held there)."""
     q = np.maximum(p, floor * p.max())

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cryohet.errors import InputError
 from cryohet.record import Output, RunRecord, read_record
+
+if TYPE_CHECKING:
+    from cryohet.io.particles import ParticleSet
 
 #: ``meta["content"]`` of latents outputs that are not the latent coordinates themselves.
 DERIVED_CONTENT = ("pca", "umap", "kmeans_labels")
@@ -63,6 +67,61 @@ def particles_star_path(run_dir: str | Path) -> Path:
     if not path.is_file():
         raise InputError(path, "particles STAR listed in the run record is missing")
     return path
+
+
+@dataclass
+class LatentInputs:
+    """Particles and their latents as a method that works on any latent space reads them: ``particles`` (None
+    when not given), ``z`` (N, d) float64 (None when not given), their s.d. ``std`` (N, d) or None, and the file
+    the latents came from (``source``, for messages)."""
+
+    particles: ParticleSet | None
+    z: np.ndarray | None
+    std: np.ndarray | None
+    source: Path | None
+
+
+def latent_inputs(params: dict[str, Any], need_particles: bool = True, need_latents: bool = True) -> LatentInputs:
+    """Read ``--run`` (a run folder: its latents, their s.d. when it registers one, its particles STAR) or
+    ``--particles`` / ``--latents`` (any tool's file: .npy, .txt/.csv, cryoDRGN's z.pkl) / ``--latents_std`` (when
+    the method has it), with ``--datadir``. ValueError for a wrong combination, InputError for a bad file."""
+    from cryohet.io.particles import load_particles
+    from cryohet.validation.external import load_latents as load_latents_file
+
+    alternative = ("--particles with --latents" if need_particles and need_latents else
+                   "--particles (optionally with --latents)" if need_particles else
+                   "--latents (optionally with --particles)")
+    if params["run"] is not None:
+        if any(params.get(k) is not None for k in ("particles", "latents", "latents_std")):
+            raise ValueError(f"give --run, or {alternative}, not both")
+        run_dir = Path(params["run"])
+        z, zpath = load_latents(run_dir)
+        std = None
+        if "latents_std" in params:
+            meta = latents_output(read_record(run_dir), run_dir).meta
+            if meta.get("std"):
+                std = load_npy(run_dir / meta["std"], "latent s.d.")
+            elif meta.get("logvar"):
+                std = np.exp(0.5 * load_npy(run_dir / meta["logvar"], "latent log-variance"))
+        pset = load_particles(particles_star_path(run_dir), datadir=params["datadir"])
+    else:
+        if (need_particles and params["particles"] is None) or (need_latents and params["latents"] is None):
+            raise ValueError(f"give --run (a heterogeneity run), or {alternative}")
+        pset = load_particles(params["particles"], datadir=params["datadir"]) if params["particles"] else None
+        zpath = Path(params["latents"]) if params["latents"] is not None else None
+        z = load_latents_file(zpath) if zpath is not None else None
+        std = load_latents_file(params["latents_std"]) if params.get("latents_std") is not None else None
+    if z is not None:
+        z = np.asarray(z, np.float64)
+        z = z[:, None] if z.ndim == 1 else z
+        if std is not None:
+            std = np.asarray(std, np.float64)
+            std = std[:, None] if std.ndim == 1 else std
+            if std.shape != z.shape:
+                raise InputError(zpath, f"latents {z.shape} and their s.d. {std.shape} differ in shape")
+        if pset is not None and len(z) != len(pset):
+            raise InputError(zpath, f"{len(z)} latent rows but {len(pset)} particles in {pset.source}")
+    return LatentInputs(pset, z, std, zpath)
 
 
 @dataclass

@@ -117,7 +117,7 @@ def band_limit(maps: np.ndarray, apix: float, resolution_A: float) -> np.ndarray
     return ifft3c(F).real.numpy().astype(np.float32)
 
 
-class _ImageSource:
+class ImageSource:
     """Prepared particles on the half-plane inside the resolution circle (``data.prepare``), cached in memory
     after the first pass when they fit in ``cache_mb``. Sums over the plane are weighted sums over the half."""
 
@@ -154,7 +154,7 @@ class _ImageSource:
         return len(self.rows)
 
 
-class _Accumulator:
+class MapEquations:
     """Per-voxel normal equations of the M-step on the padded Fourier grid, inside a sphere.
 
     Channels: Re and Im of Σ ω c y z̃_j (j = 0..K), then Σ ω c² E[z̃_j z̃_l] for j ≤ l, then Σ t² ω c² z̃_j²
@@ -249,7 +249,7 @@ class _Accumulator:
         return self.full()[:, 2 * self.J + diag]
 
 
-def _to_real_space(grid: torch.Tensor, n: int, pad: int, limit: torch.Tensor) -> torch.Tensor:
+def to_real_space(grid: torch.Tensor, n: int, pad: int, limit: torch.Tensor) -> torch.Tensor:
     """Padded Fourier grids (J, P, P, P) -> maps (J, n, n, n), as ``BackProjector.reconstruct``."""
     P = pad * n
     grid = grid * limit
@@ -257,6 +257,48 @@ def _to_real_space(grid: torch.Tensor, n: int, pad: int, limit: torch.Tensor) ->
     lo = P // 2 - n // 2
     vol = vol[:, lo:lo + n, lo:lo + n, lo:lo + n]
     return (vol / sinc2_grid(n, P, grid.device).double()).to(torch.float32)
+
+
+def _shell_mean(values: torch.Tensor, shell: torch.Tensor, n_sh: int) -> torch.Tensor:
+    tot = torch.zeros(n_sh, dtype=torch.float64, device=values.device).index_add_(0, shell, values)
+    cnt = torch.zeros(n_sh, dtype=torch.float64, device=values.device).index_add_(0, shell, torch.ones_like(values))
+    return tot / cnt.clamp_min(1)
+
+
+def solve_maps(acc: MapEquations, radius_px: float, limit: torch.Tensor, regularisation: float | None,
+               prior: str = "mean", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Solve the per-voxel systems of ``acc`` and return maps (J, n, n, n); maps 1.. multiplied by ``mask``.
+
+    λ per voxel and map: a floor for voxels with little data; with a ``regularisation`` T also the per-shell
+    prior 1/(T τ²) with τ² the signal power per shell estimated by moments from a weakly regularised solution,
+    mean |X̂|² − noise variance of X̂ (empirical Bayes as RELION's τ², without the feedback that drives a
+    weakly supported estimate to zero); for maps 1.. τ² is pooled over them ("moments": their own excess power,
+    zero where the data show no variability above the noise; "mean": up to the first map's power per shell).
+    ``limit``: the padded grid's resolution sphere.
+    """
+    wdiag = acc.weight_diag()                                   # (V, J)
+    inside = acc.shell <= radius_px
+    floor = MIN_WEIGHT_FRACTION * wdiag[inside].mean(0).clamp_min(1e-30)   # (J,)
+    lam = floor[None, :].expand(len(acc.flat), -1).clone()
+    X, var = acc.solve(lam)
+    if regularisation is not None:
+        n_sh = int(acc.shell.max()) + 1
+        excess = X.abs() ** 2 - var                             # (J, V)
+        tau0 = _shell_mean(excess[0], acc.shell, n_sh).clamp_min(0)
+        lam[:, 0] = torch.maximum(lam[:, 0], 1.0 / (regularisation * tau0[acc.shell]).clamp_min(1e-300))
+        if acc.J > 1:
+            if prior == "moments":
+                tau_w = _shell_mean(excess[1:].mean(0), acc.shell, n_sh)
+                tau_w = torch.maximum(tau_w, MIN_COMPONENT_POWER * tau0)
+            else:
+                tau_w = tau0
+            lam[:, 1:] = torch.maximum(lam[:, 1:], (1.0 / (regularisation * tau_w[acc.shell])
+                                                    .clamp_min(1e-300))[:, None])
+        X, _ = acc.solve(lam)
+    vols = to_real_space(acc.to_grid(X), acc.n, acc.pad, limit)
+    if vols.shape[0] > 1 and mask is not None:
+        vols[1:] = vols[1:] * mask
+    return vols
 
 
 def _orthonormal(W: torch.Tensor) -> torch.Tensor:
@@ -315,7 +357,7 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     res_used = n * apix_n / radius_px
     log.info("principal volumes: %d particles, box %d -> working box %d (%.2f Å/px), limit %.2f Å, K=%d",
              n_part, N_box, n, apix_n, res_used, K)
-    src = _ImageSource(particles, lattice, radius_px, batch_size, device, cache_mb)
+    src = ImageSource(particles, lattice, radius_px, batch_size, device, cache_mb)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     # mask for the components at the working box
@@ -332,12 +374,12 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         return torch.zeros(src.n_shells, dtype=torch.float64, device=device).index_add_(0, src.shell, values.double())
 
     def run_pass(vols: torch.Tensor, noise: torch.Tensor | None, with_w: bool, accumulate: bool, desc: str
-                 ) -> tuple[_Accumulator | None, torch.Tensor, np.ndarray, np.ndarray]:
+                 ) -> tuple[MapEquations | None, torch.Tensor, np.ndarray, np.ndarray]:
         """One pass over the data: E-step with ``vols`` (J, n, n, n) and noise σ² per shell (None: estimate it
         from the first batch's residuals to the mean, or 1 without components); M-step statistics, expected
         residual power per shell, posterior means and covariances of z."""
         Jp = J if with_w else 1
-        acc = _Accumulator(n, pad, radius_px, Jp, device) if accumulate else None
+        acc = MapEquations(n, pad, radius_px, Jp, device) if accumulate else None
         projs = [Projector(v, pad) for v in vols[:Jp]]
         res_sum = torch.zeros(src.n_shells, dtype=torch.float64, device=device)
         count = torch.zeros(src.n_shells, dtype=torch.float64, device=device)
@@ -386,43 +428,8 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                 acc.insert(pos, 0.5 * w, y, c, omega, zt, Ezz)
         return acc, res_sum / count.clamp_min(1), z_all, cov_all
 
-    def shell_mean(values: torch.Tensor, shell: torch.Tensor, n_sh: int) -> torch.Tensor:
-        tot = torch.zeros(n_sh, dtype=torch.float64, device=device).index_add_(0, shell, values)
-        cnt = torch.zeros(n_sh, dtype=torch.float64, device=device).index_add_(0, shell, torch.ones_like(values))
-        return tot / cnt.clamp_min(1)
-
-    def m_step(acc: _Accumulator, use_prior: bool) -> torch.Tensor:
-        """Solve the per-voxel systems and return maps (J, n, n, n), components masked.
-
-        λ per voxel and map: a floor for voxels with little data; with ``use_prior`` also the per-shell prior
-        1/(T τ²) with τ² the signal power per shell estimated by moments from a weakly regularised solution,
-        mean |X̂|² − noise variance of X̂ (empirical Bayes as RELION's τ², without the feedback that drives a
-        weakly supported estimate to zero); for the components τ² is pooled over them, and it is zero (the
-        components vanish) where the data show no variability above the noise.
-        """
-        wdiag = acc.weight_diag()                                   # (V, J)
-        inside = acc.shell <= radius_px
-        floor = MIN_WEIGHT_FRACTION * wdiag[inside].mean(0).clamp_min(1e-30)   # (J,)
-        lam = floor[None, :].expand(len(acc.flat), -1).clone()
-        X, var = acc.solve(lam)
-        if use_prior:
-            n_sh = int(acc.shell.max()) + 1
-            excess = X.abs() ** 2 - var                             # (J, V)
-            tau0 = shell_mean(excess[0], acc.shell, n_sh).clamp_min(0)
-            lam[:, 0] = torch.maximum(lam[:, 0], 1.0 / (regularisation * tau0[acc.shell]).clamp_min(1e-300))
-            if acc.J > 1:
-                if prior == "moments":
-                    tau_w = shell_mean(excess[1:].mean(0), acc.shell, n_sh)
-                    tau_w = torch.maximum(tau_w, MIN_COMPONENT_POWER * tau0)
-                else:       # "mean": the components may have up to the mean's signal power per shell
-                    tau_w = tau0
-                lam[:, 1:] = torch.maximum(lam[:, 1:], (1.0 / (regularisation * tau_w[acc.shell])
-                                                        .clamp_min(1e-300))[:, None])
-            X, _ = acc.solve(lam)
-        vols = _to_real_space(acc.to_grid(X), n, pad, limit)
-        if vols.shape[0] > 1:
-            vols[1:] = vols[1:] * mask_n
-        return vols
+    def m_step(acc: MapEquations, use_prior: bool) -> torch.Tensor:
+        return solve_maps(acc, radius_px, limit, regularisation if use_prior else None, prior, mask_n)
 
     t0 = time.time()
     settings = {"n_particles": n_part, "box": N_box, "apix": round(apix, 6), "n_components": K, "work_box": n,

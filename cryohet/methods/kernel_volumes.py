@@ -37,27 +37,7 @@ PARAMS = (
 )
 
 
-def _inputs(params: dict[str, Any]):
-    """(particles, latents (N, d), the latents' file) from --run or --particles with --latents."""
-    from cryohet.analysis.runs import load_latents as run_latents
-    from cryohet.analysis.runs import particles_star_path
-    from cryohet.io.particles import load_particles
-    from cryohet.validation.external import load_latents
 
-    if params["run"] is not None:
-        if params["particles"] is not None or params["latents"] is not None:
-            raise ValueError("give --run, or --particles with --latents, not both")
-        z, zpath = run_latents(params["run"])
-        pset = load_particles(particles_star_path(params["run"]), datadir=params["datadir"])
-    elif params["particles"] is None or params["latents"] is None:
-        raise ValueError("give --run (a heterogeneity run), or --particles with --latents")
-    else:
-        zpath = Path(params["latents"])
-        z = load_latents(zpath)
-        pset = load_particles(params["particles"], datadir=params["datadir"])
-    if len(z) != len(pset):
-        raise InputError(zpath, f"{len(z)} latent rows but {len(pset)} particles in {pset.source}")
-    return pset, z, zpath
 
 
 def _points(params: dict[str, Any], z: np.ndarray, seed: int) -> np.ndarray:
@@ -76,6 +56,7 @@ def _points(params: dict[str, Any], z: np.ndarray, seed: int) -> np.ndarray:
 def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.analysis.fsc_files import write_fsc_star
     from cryohet.analysis.kernel_plots import plot_kernel_maps
+    from cryohet.analysis.runs import latent_inputs
     from cryohet.analysis.volumes import contour_level, register_series
     from cryohet.atomic import atomic_path
     from cryohet.io.mrc import write_map
@@ -86,7 +67,8 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.reconstruct.kernel import KernelRegression
     from cryohet.reconstruct.local_fsc import local_resolution, summarise
 
-    pset, z, zpath = _inputs(params)
+    inputs = latent_inputs(params)
+    pset, z, zpath = inputs.particles, inputs.z, inputs.source
     box = params["box"] or pset.box
     if box % 2 or box > pset.box:
         raise ValueError(f"--box: expected an even size no larger than the images' {pset.box}, got {box}")

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cryohet.errors import InputError
 from cryohet.methods.base import DATADIR, Method, Param
 
 if TYPE_CHECKING:
@@ -37,40 +36,7 @@ PARAMS = (
 )
 
 
-def _inputs(params: dict[str, Any]):
-    """(particles or None, latents (N, d), latent s.d. (N, d) or None, their source)."""
-    from cryohet.analysis.runs import latents_output, particles_star_path
-    from cryohet.analysis.runs import load_latents as run_latents
-    from cryohet.io.particles import load_particles
-    from cryohet.record import read_record
-    from cryohet.validation.external import load_latents
 
-    if params["run"] is not None:
-        if any(params[k] is not None for k in ("particles", "latents", "latents_std")):
-            raise ValueError("give --run, or --latents (with --particles, --latents_std), not both")
-        run_dir = Path(params["run"])
-        z, zpath = run_latents(run_dir)
-        meta = latents_output(read_record(run_dir), run_dir).meta
-        std = None
-        if meta.get("std"):
-            std = np.load(run_dir / meta["std"], allow_pickle=False)
-        elif meta.get("logvar"):
-            std = np.exp(0.5 * np.load(run_dir / meta["logvar"], allow_pickle=False))
-        pset = load_particles(particles_star_path(run_dir), datadir=params["datadir"])
-    else:
-        if params["latents"] is None:
-            raise ValueError("give --run (a heterogeneity run), or --latents")
-        zpath = Path(params["latents"])
-        z = load_latents(zpath)
-        std = None
-        if params["latents_std"] is not None:
-            std = load_latents(params["latents_std"])
-        pset = load_particles(params["particles"], datadir=params["datadir"]) if params["particles"] else None
-    if std is not None and std.shape != z.shape:
-        raise InputError(zpath, f"latents {z.shape} and their s.d. {std.shape} differ in shape")
-    if pset is not None and len(pset) != len(z):
-        raise InputError(zpath, f"{len(z)} latent rows but {len(pset)} particles in {pset.source}")
-    return pset, np.asarray(z, np.float64), None if std is None else np.asarray(std, np.float64), zpath
 
 
 def _reduce(z: np.ndarray, std: np.ndarray | None, dims: int, log) -> tuple[np.ndarray, np.ndarray, list[str],
@@ -102,27 +68,29 @@ def _endpoint(text: str | None, default: int, minima: np.ndarray, grid, d: int, 
     return int(grid.nearest(parse_z(text, d, flag))[0])
 
 
+def log_fit(log, fit, n: int, deconvolved: bool) -> None:
+    """Log a fitted landscape's grid and smoothing choice (``n`` particles)."""
+    log.info("%d particles, %d-D landscape on a %s grid; %s; smoothing %.4g (held-out log-likelihood per "
+             "candidate: %s)", n, fit.G.ndim, "×".join(map(str, fit.grid.shape)),
+             "deconvolved from each particle's uncertainty" if deconvolved else "latents taken as exact",
+             fit.smooth, ", ".join(f"{c:.3g}: {s:.4g}" for c, s in zip(fit.candidates, fit.scores, strict=True)))
+
+
 def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.analysis import landscape as L
     from cryohet.analysis.landscape_plots import plot_landscape, plot_path_profile
+    from cryohet.analysis.runs import latent_inputs
     from cryohet.atomic import atomic_path
     from cryohet.io.particles import write_particles_star
 
-    pset, z, std, zpath = _inputs(params)
+    inputs = latent_inputs(params, need_particles=False)
+    pset, z, std = inputs.particles, inputs.z, inputs.std
     y, var, names, pca_meta = _reduce(z, std, params["dims"], ctx.log)
     d = y.shape[1]
-    grid = L.make_grid(y, np.sqrt(var) if std is not None else None, params["grid"] or None)
-    dev = ctx.device
-    cands = L.smoothing_candidates(grid)
-    smooth, scores = L.choose_smoothing(y, var, grid, cands, seed=ctx.seed, device=dev, progress=ctx.progress)
-    ctx.log.info("%d particles, %d-D landscape on a %s grid; %s; smoothing %.4g (held-out log-likelihood per "
-                 "candidate: %s)", len(y), d, "×".join(map(str, grid.shape)),
-                 "deconvolved from each particle's uncertainty" if std is not None else "latents taken as exact",
-                 smooth, ", ".join(f"{c:.3g}: {s:.4g}" for c, s in zip(cands, scores, strict=True)))
-    p = L.deconvolve(y, var, grid, smooth, device=dev)
-    G = L.free_energy(p)
-    G_std = L.bootstrap_free_energy(y, var, grid, smooth, params["bootstrap"], seed=ctx.seed, device=dev,
-                                    progress=ctx.progress)
+    fit = L.fit_landscape(y, var if std is not None else None, params["grid"] or None, params["bootstrap"],
+                          seed=ctx.seed, device=ctx.device, progress=ctx.progress)
+    log_fit(ctx.log, fit, len(y), std is not None)
+    grid, smooth, p, G, G_std = fit.grid, fit.smooth, fit.density, fit.G, fit.G_std
     minima = L.local_minima(G, max_G=10.0)
     ends = None  # the path's ends, checked before anything is written
     if len(minima) >= 2 or params["path_from"] or params["path_to"]:
@@ -189,32 +157,32 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
         ctx.add("particles_star", name, f"particles nearest path point {k}", n=len(rows), index=k,
                 point=points[k].round(5).tolist())
     if params["path_maps"]:
-        _path_maps(params, ctx, pset, y, points)
+        kernel_series(ctx, pset, y, points, params["min_particles"], "path_maps", "path", "map along the path",
+                      "cryohet landscape: path")
 
 
-def _path_maps(params: dict[str, Any], ctx, pset, y: np.ndarray, points: np.ndarray) -> None:
-    """Kernel-regression maps at the path's points, in the landscape's coordinates."""
+def kernel_series(ctx, pset, y: np.ndarray, points: np.ndarray, min_particles: int, folder: str, series: str,
+                  label: str, title: str) -> None:
+    """Kernel-regression maps at ``points`` of the latents ``y`` (see kernel-volumes), written as
+    ``folder/<series>_XXX.mrc`` and registered as one series with a ChimeraX script."""
     from cryohet.analysis.volumes import contour_level, register_series
     from cryohet.io.mrc import write_map
     from cryohet.reconstruct.homogeneous import particle_halves
     from cryohet.reconstruct.kernel import KernelRegression
 
-    if len(pset) < 2 * params["min_particles"]:
-        ctx.log.warning("%d particles: too few for maps along the path (at least %d)", len(pset),
-                        2 * params["min_particles"])
+    if len(pset) < 2 * min_particles:
+        ctx.log.warning("%d particles: too few for the %ss (at least %d)", len(pset), label, 2 * min_particles)
         return
     half = particle_halves(pset, ctx.seed)
-    kr = KernelRegression(pset, y, half, pset.box, ctx.device, min_particles=params["min_particles"],
-                          progress=ctx.progress)
-    (ctx.out_dir / "path_maps").mkdir(exist_ok=True)
+    kr = KernelRegression(pset, y, half, pset.box, ctx.device, min_particles=min_particles, progress=ctx.progress)
+    (ctx.out_dir / folder).mkdir(exist_ok=True)
     files, levels = [], []
     for k, point in enumerate(points):
         vol = kr.map_at(point).full.cpu().numpy()
-        files.append(ctx.out_dir / "path_maps" / f"path_{k:03d}.mrc")
+        files.append(ctx.out_dir / folder / f"{series}_{k:03d}.mrc")
         write_map(files[-1], vol, kr.apix)
         levels.append(contour_level(vol))
-    register_series(ctx, files, points, kr.apix, levels, "path", "map along the path", ctx.out_dir / "path_maps.cxc",
-                    "cryohet landscape: path")
+    register_series(ctx, files, points, kr.apix, levels, series, label, ctx.out_dir / f"{folder}.cxc", title)
 
 METHOD = Method(
     name="landscape",

@@ -220,8 +220,12 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
             defined["outputVolume"] = vol
         elif vols:
             defined["outputVolumes"] = self._volumeSet(vols, sampling, "", halves)
-        if outs.get("volume_series"):
-            defined["outputVolumeSeries"] = self._volumeSet(outs["volume_series"], sampling, "series")
+        series: dict[str, list[dict]] = {}
+        for out in outs.get("volume_series", []):
+            series.setdefault(str(out.get("meta", {}).get("series", "")), []).append(out)
+        for i, (name, members) in enumerate(series.items()):  # the first series keeps the plain name
+            suffix = "" if i == 0 else name[:1].upper() + name[1:]
+            defined[f"outputVolumeSeries{suffix}"] = self._volumeSet(members, sampling, f"series{suffix}")
         masks = outs.get("mask", [])
         if len(masks) == 1:
             defined["outputMask"] = self._newVolume(VolumeMask, masks[0], sampling)
