@@ -28,6 +28,7 @@ setup(
         "umap-learn",
         "tqdm",
         "safetensors",
+        "cryosparc-tools",
     ],
     extras_require={
         # Scipion and the versions of the engine's dependencies that install together with it (see

@@ -234,6 +234,14 @@ def test_select_by_cluster_writes_relion_subsets(toy_run) -> None:
     assert set(stars) == {"particles_selected.star", "particles_rest.star"}
     assert stars["particles_selected.star"].meta["n_particles"] == len(rows)
     assert stars["particles_selected.star"].meta["clusters"] == [0, 2]
+    # its cryoSPARC twin, named in the record: the same particles and latents (3D Variability's fields)
+    from cryosparc.dataset import Dataset
+
+    assert stars["particles_selected.star"].meta["cs"] == "particles_selected.cs"
+    twin = Dataset.load(out / "particles_selected.cs")
+    assert len(twin) == len(rows) and np.allclose(twin["components_mode_0/value"], z[rows, 0], atol=1e-5)
+    assert [Path(p).name for p in twin["blob/path"]] == [Path(n.split("@")[1]).name
+                                                          for n in original_names(data)[rows]]
 
     with pytest.raises(ValueError, match="cluster 3 does not exist"):
         run_method(SELECT, {"analysis": an, "clusters": "3"}, data / "bad")

@@ -10,7 +10,8 @@ from scipy.spatial.transform import Rotation
 from cryohet.errors import InputError
 from cryohet.geometry.euler import euler_to_matrix as relion_matrix
 from cryohet.geometry.euler import matrix_to_euler as relion_euler
-from cryohet.io.cryosparc import cs_pose_to_relion, read_cs
+from cryohet.io.cryosparc import cs_pose_to_relion, read_cs, relion_to_cs_pose, write_particles_cs
+from cryohet.io.particles import load_particles, write_particles_star
 from cryohet.io.star import read_particles_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "thirdparty" / "cryodrgn-tests"
@@ -110,3 +111,72 @@ def test_corrupt_and_incomplete_cs(tmp_path: Path) -> None:
     assert "noctf.cs" in str(e.value) and "ctf/df1_A" in str(e.value)
     with pytest.raises(InputError, match="file not found"):
         read_cs(tmp_path / "missing.cs")
+
+
+# ------------------------------------------------------------------------------------------ writing .cs
+
+def _same_rotations(pose_a: np.ndarray, pose_b: np.ndarray) -> float:
+    """Largest angle (degrees) between the rotations of two sets of rotation vectors (a rotation vector and
+    one of norm 2π - θ about the opposite axis are the same rotation)."""
+    d = Rotation.from_rotvec(pose_a) * Rotation.from_rotvec(pose_b).inv()
+    return float(np.degrees(d.magnitude()).max())
+
+
+def test_cryosparc_particles_written_back_keep_uids_fields_and_poses(tmp_path: Path) -> None:
+    """A subset of cryoSPARC's particles written as .cs and read by cryosparc-tools: the original uids, image
+    references and every other field of the same rows, the same rotations (to 1e-4°) and shifts; latents as 3D
+    Variability's components_mode_k/value and as cryohet/ fields; cryohet reads it back to the same poses and CTF."""
+    from cryosparc.dataset import Dataset
+
+    src = DATA / "cryosparc_P12_J24_001_particles.cs"
+    ps = load_particles(src, check_images=False)
+    rows = np.arange(0, len(ps), 7)
+    z = np.arange(2 * len(ps), dtype=np.float64).reshape(-1, 2) / 10
+    out = tmp_path / "subset.cs"
+    write_particles_cs(out, ps, {"cryohetZ1": z[:, 0], "cryohetZ2": z[:, 1], "cryohetState": np.ones(len(ps))},
+                       rows=rows)
+    ours, orig = Dataset.load(out), Dataset.load(src)
+    assert len(ours) == len(rows)
+    np.testing.assert_array_equal(ours["uid"], orig["uid"][rows])
+    assert set(orig.fields()) <= set(ours.fields())
+    for field in ("blob/path", "blob/idx", "blob/shape", "blob/sign", "ctf/type", "ctf/exp_group_id",
+                  "alignments3D/split", "alignments3D/class", "alignments3D/error"):
+        np.testing.assert_array_equal(ours[field], orig[field][rows], err_msg=field)
+    assert _same_rotations(ours["alignments3D/pose"], orig["alignments3D/pose"][rows]) < 1e-4
+    np.testing.assert_allclose(ours["alignments3D/shift"], orig["alignments3D/shift"][rows], atol=1e-5)
+    np.testing.assert_allclose(ours["ctf/df_angle_rad"], orig["ctf/df_angle_rad"][rows], rtol=1e-6)
+    np.testing.assert_allclose(ours["components_mode_1/value"], z[rows, 1], rtol=1e-6)
+    np.testing.assert_allclose(ours["cryohet/Z1"], z[rows, 0])
+    assert (ours["cryohet/State"] == 1).all()
+    back = load_particles(out, check_images=False)
+    np.testing.assert_allclose(back.euler_deg, ps.euler_deg[rows], atol=1e-3)
+    np.testing.assert_allclose(back.shift_A, ps.shift_A[rows], atol=1e-4)
+    np.testing.assert_allclose(back.ctf.defocus_u_A, ps.ctf.defocus_u_A[rows], rtol=1e-6)
+
+
+def test_relion_particles_written_as_cs_point_at_the_same_images(tmp_path: Path) -> None:
+    """A RELION STAR written with its .cs twin: cryohet reads the twin to the same images, poses, origins and CTF
+    as the STAR; every particle keeps one uid in every output (written twice, as two overlapping subsets); the
+    pose conversion is the inverse of the one checked against RELION above; blob/sign -1 as cryoSPARC's own
+    import of a RELION stack (empiar_10076_7.cs)."""
+    from cryosparc.dataset import Dataset
+
+    star = DATA / "relion31.star"
+    ps = load_particles(star)
+    write_particles_star(tmp_path / "a.star", ps, rows=[0, 1, 2])
+    write_particles_star(tmp_path / "b.star", ps, rows=[1, 2, 3, 4], extra_columns={"rlnRandomSubset": [1, 2, 1, 2]})
+    a, b = Dataset.load(tmp_path / "a.cs"), Dataset.load(tmp_path / "b.cs")
+    np.testing.assert_array_equal(a["uid"][1:], b["uid"][:2])
+    assert len(set(b["uid"].tolist())) == 4 and (b["blob/sign"] == -1).all()
+    assert (Dataset.load(DATA / "empiar_10076_7.cs")["blob/sign"] == -1).all()
+    np.testing.assert_array_equal(b["alignments3D/split"], [0, 1, 0, 1])
+    twin = load_particles(tmp_path / "b.cs")
+    np.testing.assert_array_equal(twin.images(slice(None)), ps.images([1, 2, 3, 4]))
+    np.testing.assert_allclose(twin.euler_deg, ps.euler_deg[1:5], atol=1e-3)
+    np.testing.assert_allclose(relion_euler(relion_matrix(twin.euler_deg)), relion_euler(relion_matrix(
+        ps.euler_deg[1:5])), atol=1e-3)
+    np.testing.assert_allclose(twin.shift_A, ps.shift_A[1:5], atol=1e-4)
+    for k in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kV", "cs_mm", "amp_contrast"):
+        np.testing.assert_allclose(getattr(twin.ctf, k), getattr(ps.ctf, k)[1:5], rtol=1e-6, atol=1e-6, err_msg=k)
+    pose = relion_to_cs_pose(ps.euler_deg)
+    np.testing.assert_allclose(cs_pose_to_relion(pose), relion_euler(relion_matrix(ps.euler_deg)), atol=1e-6)

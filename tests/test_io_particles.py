@@ -313,7 +313,7 @@ def test_write_relion31_roundtrip_with_extras_and_rows(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out" / "with_z.star"
     write_particles_star(out, ps, extra_columns={"cryohetZ1": z[:, 0], "cryohetZ2": z[:, 1]}, rows=rows)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["with_z.star"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["with_z.cs", "with_z.star"]  # and its cryoSPARC twin
     parts, optics, version = read_particles_table(out)
     assert version == "3.1"
     orig = read_star(DATA / "relion31.star")
@@ -406,7 +406,7 @@ def test_failed_write_leaves_old_file(tmp_path: Path) -> None:
         write_particles_star(out, ps, extra_columns={"cryohetZ1": np.zeros(3)})
     with pytest.raises(ValueError, match="invalid STAR labels"):
         write_particles_star(out, ps, extra_columns={"bad name": np.zeros(5)})
-    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["p.star"]
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["p.cs", "p.star"]
 
 
 # ------------------------------------------------------------------------------- RELION reads what we write

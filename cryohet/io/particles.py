@@ -16,7 +16,7 @@ import pandas as pd
 
 from cryohet.errors import InputError
 from cryohet.geometry.ctf import CTFParams
-from cryohet.io.cryosparc import read_cs
+from cryohet.io.cryosparc import read_cs, write_particles_cs
 from cryohet.io.mrc import read_header
 from cryohet.io.reader import ImageReader
 from cryohet.io.star import merge_optics, read_particle_blocks, write_star
@@ -340,8 +340,9 @@ def _image_name_column(pset: ParticleSet, pos: np.ndarray) -> np.ndarray:
 
 
 def write_particles_star(path: str | os.PathLike, pset: ParticleSet, extra_columns: dict[str, np.ndarray] | None = None,
-                         rows=None) -> None:
-    """Write particles as a RELION 3.1 STAR (optics + particles), atomically.
+                         rows=None, cs: bool = True) -> None:
+    """Write particles as a RELION 3.1 STAR (optics + particles), atomically, and with ``cs`` the same particles
+    as a cryoSPARC ``.cs`` beside it (same name, suffix ``.cs``; see ``io.cryosparc.write_particles_cs``).
 
     Every original column and the row order are kept; ``rlnImageName`` points at the original images;
     ``extra_columns`` (arrays of length ``len(pset)``, or of the selected rows) are appended or replace
@@ -394,3 +395,5 @@ def write_particles_star(path: str | os.PathLike, pset: ParticleSet, extra_colum
     for name, v in extras.items():
         df[name] = v
     write_star(path, {"optics": optics, "particles": df})
+    if cs:
+        write_particles_cs(Path(path).with_suffix(".cs"), pset, extras, pos)
