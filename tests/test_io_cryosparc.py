@@ -10,8 +10,8 @@ from scipy.spatial.transform import Rotation
 from cryohet.errors import InputError
 from cryohet.geometry.euler import euler_to_matrix as relion_matrix
 from cryohet.geometry.euler import matrix_to_euler as relion_euler
-from cryohet.io.cryosparc import cs_pose_to_relion, read_cs, relion_to_cs_pose, write_particles_cs
-from cryohet.io.particles import load_particles, write_particles_star
+from cryohet.io.cryosparc import cs_pose_to_relion, read_cs, relion_to_cs_pose
+from cryohet.io.particles import load_particles, write_particles_cs, write_particles_star
 from cryohet.io.star import read_particles_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "thirdparty" / "cryodrgn-tests"

@@ -20,10 +20,11 @@ Conversion to RELION (see ``read_cs``):
 - images: ``blob/path`` (relative to the cryoSPARC project; a leading ``>`` is dropped) and ``blob/idx``
   (0-based); ``blob/psize_A`` is the pixel size, ``blob/shape`` the box.
 
-Files are read and written with cryoSPARC's own library (cryosparc-tools' ``Dataset``). ``write_particles_cs``
-writes the inverse conversion: particles read from a ``.cs`` keep their ``uid`` and every original field; particles
-from a STAR get a ``uid`` derived from their image (path and index: the same particle gets the same uid in every
-output) and ``blob/sign`` −1, as cryoSPARC's particle import gives RELION stacks (``empiar_10076_7.cs``).
+Files are read and written with cryoSPARC's own library (cryosparc-tools' ``Dataset``). ``write_cs`` writes
+the inverse conversion (its fields built by ``io.particles.write_particles_cs``): particles read from a ``.cs``
+keep their ``uid`` and every original field; particles from a STAR get a ``uid`` derived from their image (path
+and index: the same particle gets the same uid in every output) and ``blob/sign`` −1, as cryoSPARC's particle
+import gives RELION stacks (``empiar_10076_7.cs``).
 """
 from __future__ import annotations
 
@@ -31,17 +32,15 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from scipy.spatial.transform import Rotation
 
 from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
+from cryohet.geometry.ctf import CTFParams
 from cryohet.geometry.euler import euler_to_matrix, matrix_to_euler
-
-if TYPE_CHECKING:
-    from cryohet.io.particles import ParticleSet
 
 CTF_FIELDS = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast")
 BLOB_FIELDS = ("blob/path", "blob/idx", "blob/shape", "blob/psize_A")
@@ -176,15 +175,15 @@ def read_cs(path: str | os.PathLike, require_poses: bool = True) -> dict[str, np
 _LATENT_COLUMN = re.compile(r"^cryohetZ(\d+)$")
 
 
-def _uid_from_image(names: np.ndarray, index0: np.ndarray) -> np.ndarray:
+def uid_from_image(names: np.ndarray, index0: np.ndarray) -> np.ndarray:
     """A 64-bit uid per particle from its image (stack path as written, 0-based index)."""
     return np.array([int.from_bytes(hashlib.blake2b(f"{i}@{p}".encode(), digest_size=8).digest(), "little")
                      for p, i in zip(names, index0)], dtype=np.uint64)
 
 
-def _original_fields(pset: ParticleSet, pos: np.ndarray) -> dict[str, np.ndarray]:
-    """The fields of a particle set read from a .cs, rows ``pos``, multi-valued fields joined again."""
-    table = pset.table.iloc[pos]
+def join_fields(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The fields of a .cs from its table as ``read_cs``'s records flatten it (``name/j`` columns of a
+    multi-valued field joined again)."""
     fields: dict[str, np.ndarray] = {}
     multi: dict[str, list[str]] = {}
     for name in table.columns:
@@ -199,53 +198,31 @@ def _original_fields(pset: ParticleSet, pos: np.ndarray) -> dict[str, np.ndarray
     return fields
 
 
-def write_particles_cs(path: str | os.PathLike, pset: ParticleSet, extra_columns: dict[str, np.ndarray] | None = None,
-                       rows=None) -> None:
+def write_cs(path: str | os.PathLike, base: dict[str, np.ndarray], ctf: CTFParams, euler_deg: np.ndarray,
+             shift_A: np.ndarray, apix: float, columns: dict[str, np.ndarray]) -> None:
     """Write particles as a cryoSPARC ``.cs`` file (cryosparc-tools ``Dataset``), atomically.
 
-    Rows ``rows`` (indices or mask; all when None) with their images (``blob/*``), CTF (``ctf/*``) and, when
-    known, poses (``alignments3D/pose``, ``shift`` in pixels, ``psize_A``, ``split`` from ``rlnRandomSubset``).
-    ``extra_columns`` (1-D, of length ``len(pset)`` or of the selected rows, as for the STAR) and the ``cryohet*``
-    columns of a STAR read become ``cryohet/<name>`` fields; ``cryohetZk`` also ``components_mode_<k-1>/value``,
-    the fields cryoSPARC's 3D Variability writes its per-particle coordinates to. A set read from a ``.cs`` keeps
-    its other fields.
+    ``base``: ``uid`` and ``blob/*`` fields (and any other field kept from a ``.cs``). Added: the CTF (``ctf/*``),
+    the poses when all are known (``alignments3D/pose`` by the inverse of :func:`cs_pose_to_relion`, ``shift`` in
+    pixels, ``psize_A``), and ``columns`` (1-D numeric, one value per particle) as ``cryohet/<name>`` fields;
+    ``cryohetZk`` also as ``components_mode_<k-1>/value``, where cryoSPARC's 3D Variability writes its
+    per-particle coordinates, and ``rlnRandomSubset`` as ``alignments3D/split``.
     """
     from cryosparc.dataset import Dataset
 
-    pos = pset._positions(rows)
-    n = len(pos)
-    if pset.source_format == "cryosparc":
-        fields = _original_fields(pset, pos)
-        fields["blob/path"] = np.asarray(fields["blob/path"], dtype=object)
-    else:
-        names = np.asarray(pset.image_names if pset.image_names is not None else
-                           [str(p) for p in pset.stack_paths], dtype=object)
-        stacks = np.array([str(p) for p in pset.stack_paths], dtype=object)
-        fields = {"uid": _uid_from_image(names[pset.stack_id[pos]], pset.stack_index[pos]),
-                  "blob/path": stacks[pset.stack_id[pos]],
-                  "blob/idx": pset.stack_index[pos].astype(np.uint32),
-                  "blob/shape": np.full((n, 2), pset.box, dtype=np.uint32),
-                  "blob/psize_A": np.full(n, pset.apix, dtype=np.float32),
-                  "blob/sign": np.full(n, -1.0, dtype=np.float32)}
-        if "rlnRandomSubset" in pset.table.columns:
-            fields["alignments3D/split"] = pset.table["rlnRandomSubset"].to_numpy()[pos].astype(np.uint32) - 1
-    c = pset.ctf.take(pos)
-    fields.update({"ctf/accel_kv": c.voltage_kV, "ctf/cs_mm": c.cs_mm, "ctf/amp_contrast": c.amp_contrast,
-                   "ctf/df1_A": c.defocus_u_A, "ctf/df2_A": c.defocus_v_A,
-                   "ctf/df_angle_rad": np.deg2rad(c.defocus_angle_deg),
-                   "ctf/phase_shift_rad": np.deg2rad(c.phase_shift_deg), "ctf/bfactor": c.bfactor_A2,
-                   "ctf/scale": c.scale})
-    euler = pset.euler_deg[pos]
-    if np.isfinite(euler).all():
-        fields.update({"alignments3D/pose": relion_to_cs_pose(euler).astype(np.float32),
-                       "alignments3D/shift": (pset.shift_A[pos] / pset.apix).astype(np.float32),
-                       "alignments3D/psize_A": np.full(n, pset.apix, dtype=np.float32)})
-    columns: dict[str, np.ndarray] = {}
-    if pset.source_format != "cryosparc":  # cryohet's columns of the STAR read (e.g. a run's latents) carry over
-        columns = {c: pset.table[c].to_numpy()[pos] for c in pset.table.columns if c.startswith("cryohet")}
-    columns.update({k: (np.asarray(v)[pos] if len(v) == len(pset) else np.asarray(v))
-                    for k, v in (extra_columns or {}).items()})
+    fields = dict(base)
+    n = len(fields["uid"])
+    fields.update({"ctf/accel_kv": ctf.voltage_kV, "ctf/cs_mm": ctf.cs_mm, "ctf/amp_contrast": ctf.amp_contrast,
+                   "ctf/df1_A": ctf.defocus_u_A, "ctf/df2_A": ctf.defocus_v_A,
+                   "ctf/df_angle_rad": np.deg2rad(ctf.defocus_angle_deg),
+                   "ctf/phase_shift_rad": np.deg2rad(ctf.phase_shift_deg), "ctf/bfactor": ctf.bfactor_A2,
+                   "ctf/scale": ctf.scale})
+    if np.isfinite(euler_deg).all():
+        fields.update({"alignments3D/pose": relion_to_cs_pose(euler_deg).astype(np.float32),
+                       "alignments3D/shift": (np.asarray(shift_A) / apix).astype(np.float32),
+                       "alignments3D/psize_A": np.full(n, apix, dtype=np.float32)})
     for name, v in columns.items():
+        v = np.asarray(v)
         if v.ndim != 1 or len(v) != n:
             raise ValueError(f"extra column {name!r}: {v.shape} values for {n} particles")
         if not np.issubdtype(v.dtype, np.number):

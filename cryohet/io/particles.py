@@ -16,7 +16,7 @@ import pandas as pd
 
 from cryohet.errors import InputError
 from cryohet.geometry.ctf import CTFParams
-from cryohet.io.cryosparc import read_cs, write_particles_cs
+from cryohet.io.cryosparc import join_fields, read_cs, uid_from_image, write_cs
 from cryohet.io.mrc import read_header
 from cryohet.io.reader import ImageReader
 from cryohet.io.star import merge_optics, read_particle_blocks, write_star
@@ -337,6 +337,38 @@ def _image_name_column(pset: ParticleSet, pos: np.ndarray) -> np.ndarray:
     per_stack = np.array(per_stack, dtype=object)
     idx = pset.stack_index[pos] + 1
     return np.array([f"{i:06d}@{p}" for i, p in zip(idx, per_stack[pset.stack_id[pos]])], dtype=object)
+
+
+def write_particles_cs(path: str | os.PathLike, pset: ParticleSet, extra_columns: dict[str, np.ndarray] | None = None,
+                       rows=None) -> None:
+    """Write particles as a cryoSPARC ``.cs`` (``io.cryosparc.write_cs``), atomically.
+
+    Rows ``rows`` (indices or mask; all when None). A set read from a ``.cs`` keeps its ``uid`` and every other
+    field; one read from a STAR gets a ``uid`` derived from its image (the same particle has the same uid in every
+    output), the resolved stack path, ``blob/sign`` −1 (as cryoSPARC's import gives RELION stacks,
+    ``empiar_10076_7.cs``) and ``alignments3D/split`` from ``rlnRandomSubset``. The STAR's ``cryohet*`` columns
+    and ``extra_columns`` (1-D, of length ``len(pset)`` or of the selected rows) become ``cryohet/<name>`` fields.
+    """
+    pos = pset._positions(rows)
+    n = len(pos)
+    columns: dict[str, np.ndarray] = {}
+    if pset.source_format == "cryosparc":
+        base = join_fields(pset.table.iloc[pos])
+        base["blob/path"] = np.asarray(base["blob/path"], dtype=object)
+    else:
+        names = np.asarray(pset.image_names if pset.image_names is not None else
+                           [str(p) for p in pset.stack_paths], dtype=object)
+        stacks = np.array([str(p) for p in pset.stack_paths], dtype=object)
+        base = {"uid": uid_from_image(names[pset.stack_id[pos]], pset.stack_index[pos]),
+                "blob/path": stacks[pset.stack_id[pos]], "blob/idx": pset.stack_index[pos].astype(np.uint32),
+                "blob/shape": np.full((n, 2), pset.box, dtype=np.uint32),
+                "blob/psize_A": np.full(n, pset.apix, dtype=np.float32),
+                "blob/sign": np.full(n, -1.0, dtype=np.float32)}
+        columns = {c: pset.table[c].to_numpy()[pos] for c in pset.table.columns
+                   if c.startswith("cryohet") or c == "rlnRandomSubset"}
+    columns.update({k: (np.asarray(v)[pos] if len(v) == len(pset) else np.asarray(v))
+                    for k, v in (extra_columns or {}).items()})
+    write_cs(path, base, pset.ctf.take(pos), pset.euler_deg[pos], pset.shift_A[pos], pset.apix, columns)
 
 
 def write_particles_star(path: str | os.PathLike, pset: ParticleSet, extra_columns: dict[str, np.ndarray] | None = None,
