@@ -137,6 +137,20 @@ def test_simulate_protocol_outputs_and_relion_reconstruct(project, simulated):
         assert m.data.shape == (BOX, BOX, BOX) and float(np.abs(m.data).max()) > 0
 
 
+def test_engine_runs_in_its_own_environment(project, imported, monkeypatch):
+    """CRYOHET_PYTHON names the interpreter of a second environment (the README's .venv-current: the newest numpy
+    and torch, no Scipion): the protocol runs the engine there, and registers its map from there, while Scipion
+    keeps its own pins (numpy 1.26 here)."""
+    current = Path(__file__).resolve().parents[1] / ".venv-current" / "bin" / "python"
+    assert current.is_file(), f"{current}: missing (make setup-current builds the second environment)"
+    monkeypatch.setenv("CRYOHET_PYTHON", str(current))  # read by the plugin in the protocol's own process
+    rec = _launch(project, project.newProtocol(CryohetProtReconstruct, particles=imported.outputParticles,
+                                               useGpu=False, numberOfThreads=2))
+    record = json.loads(Path(rec._getExtraPath("cryohet", "cryohet_run.json")).read_text())
+    assert record["versions"]["numpy"].startswith("2.") and np.__version__.startswith("1.26")
+    assert rec.outputVolume.getSamplingRate() == pytest.approx(APIX)
+
+
 def test_reconstruct_protocol_then_relion_postprocess(project, imported, mask):
     parts = imported.outputParticles
     assert parts.hasAlignmentProj() and parts.hasCTF()
