@@ -51,12 +51,10 @@ class RunContext:
     def add(self, kind: str, path: str | Path, label: str = "", **meta: Any) -> None:
         """Register an output of the run (``path`` absolute or relative to the output folder). A particles STAR
         with its cryoSPARC twin beside it (``write_particles_star``) names the twin in ``meta["cs"]``."""
-        if kind == "particles_star" and "cs" not in meta:
-            twin = (self.out_dir / path).with_suffix(".cs")
-            if twin.is_file():
-                meta["cs"] = Path(path).with_suffix(".cs").as_posix() if not Path(path).is_absolute() else \
-                    twin.relative_to(self.out_dir.resolve()).as_posix()
-        self.record.add(kind, path, self.out_dir, label, **meta)
+        out = self.record.add(kind, path, self.out_dir, label, **meta)
+        twin = Path(out.path).with_suffix(".cs")
+        if kind == "particles_star" and "cs" not in out.meta and (self.out_dir / twin).is_file():
+            out.meta["cs"] = twin.as_posix()
 
     def report_convergence(self, what: str, converged: bool, last_change: float, tol: float,
                            iterations: int) -> None:

@@ -190,5 +190,8 @@ def test_bad_input_is_refused(hinge, tmp_path):
     with pytest.raises(InputError, match=r"small\.mrc.*16 px but the images are 32 px"):
         run_method(METHOD, {"particles": str(ds.particles_star), "volume": str(tmp_path / "small.mrc")},
                    tmp_path / "b")
-    for out in ("a", "b"):
+    with pytest.raises(ValueError, match="--spectral_functions makes maps at the --n_frames positions"):
+        run_method(METHOD, {"particles": str(ds.particles_star), "n_frames": 0, "spectral_functions": 1},
+                   tmp_path / "c")
+    for out in ("a", "b", "c"):
         assert {p.name for p in (tmp_path / out).iterdir()} <= {"cryohet_run.json", "run.log"}

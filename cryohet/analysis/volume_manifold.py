@@ -26,14 +26,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-
-from cryohet.analysis.plots import save_png
 
 #: Classes with fewer members than this (or than MIN_MEMBER_FRACTION of their resample) give no volume.
 MIN_MEMBERS = 10
@@ -43,10 +39,6 @@ MIN_DIFFUSION_VOLUMES = 8
 
 VolumeHook = Callable[[int, torch.Tensor, float], None]
 Progress = Callable[[Iterable[Any], str, int | None], Iterable[Any]]
-
-
-def _no_progress(items: Iterable[Any], desc: str, total: int | None = None) -> Iterable[Any]:
-    return items
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,14 +79,6 @@ def embedding_box(box: int, apix: float, resolution_A: float) -> int:
     from cryohet.geometry.lattice import box_for_resolution
 
     return min(box, max(16, box_for_resolution(box, apix, resolution_A)))
-
-
-def working_box(box: int, apix: float, resolution_A: float) -> int:
-    """Default box of the subsets' classifications and reconstructions: that of the embedding (Nyquist at
-    ``resolution_A``). Measured on the hinge benchmark (box 64, 2 Å/px, SNR 0.1, 2000 particles, 20 resamples of 4
-    classes, 15 Å): classifying at 38 px (Nyquist at half of 15 Å) instead of 20 px took 152 s instead of 68 s for
-    the same result (Spearman of the particles' coordinate with the true motion 0.77, state purity 0.57)."""
-    return embedding_box(box, apix, resolution_A)
 
 
 def embedding_copy(vol: torch.Tensor, apix: float, box: int, resolution_A: float) -> torch.Tensor:
@@ -168,7 +152,7 @@ def bootstrap_volumes(pset: Any, half: np.ndarray, *, n_resamples: int, fraction
     history, dropped = [], 0
     em_log = log.getChild("classify")
     em_log.setLevel(logging.WARNING)   # one line per resample here, not one per EM iteration
-    for b, rows in enumerate((progress or _no_progress)(resamples, "resamples", len(resamples))):
+    for b, rows in enumerate((progress or (lambda items, desc, total: items))(resamples, "resamples", len(resamples))):
         fit = fit_classes(pset.subset(rows), n_classes, lattice=lattice, half=half[rows], iterations=iterations,
                           ini_high_A=ini_high_A, batch_size=batch_size, device=device, seed=seed + b, log=em_log,
                           progress=em_progress)
@@ -208,7 +192,7 @@ def latent_volumes(pset: Any, half: np.ndarray, z: np.ndarray, *, n_volumes: int
 
     subsets, centres = latent_subsets(z, n_volumes, subset_size, seed)
     copies, res, apix = [], [], pset.apix
-    for i, rows in enumerate((progress or _no_progress)(subsets, "subset volumes", len(subsets))):
+    for i, rows in enumerate((progress or (lambda items, desc, total: items))(subsets, "subset volumes", len(subsets))):
         rec = reconstruct_halves(pset.subset(rows), half[rows], batch_size, device, box=work_box)
         apix = rec.apix
         if on_volume is not None:
@@ -378,44 +362,3 @@ def particle_coordinates(members: list[np.ndarray], coords: np.ndarray, n_partic
     n = np.bincount(p, minlength=n_particles)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n[:, None] > 0, out / n[:, None], np.nan)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Figure
-
-
-def plot_volume_manifold(path: str | Path, coords: np.ndarray, counts: np.ndarray, state: np.ndarray,
-                         particle_coords: np.ndarray, votes: Votes, method: str) -> Path:
-    """Left: the volumes in their embedding, coloured by state, marker area by members; middle: the particles'
-    mean coordinates coloured by their voted state; right: the fraction of each particle's votes for its state."""
-    fig = Figure(figsize=(14, 4.2), layout="constrained")
-    ax = fig.add_subplot(1, 3, 1)
-    xy = coords if coords.shape[1] > 1 else np.column_stack([coords[:, 0], np.zeros(len(coords))])
-    n_states = int(state.max()) + 1
-    for s in range(n_states):
-        sel = state == s
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=15 + 150 * counts[sel] / max(counts.max(), 1), color=f"C{s % 10}",
-                   alpha=0.75, edgecolor="k", lw=0.4, label=f"state {s}")
-    ax.set_xlabel(f"{method} coordinate 1")
-    ax.set_ylabel(f"{method} coordinate 2" if coords.shape[1] > 1 else "")
-    ax.set_title(f"{len(coords)} volumes (size: members)", fontsize=9)
-    ax.legend(fontsize=7)
-
-    ax = fig.add_subplot(1, 3, 2)
-    ok = votes.state >= 0
-    pxy = particle_coords if particle_coords.shape[1] > 1 else np.column_stack(
-        [particle_coords[:, 0], np.random.default_rng(0).normal(0, 0.02, len(particle_coords))])
-    sub = np.flatnonzero(ok)
-    if len(sub) > 20000:
-        sub = np.sort(np.random.default_rng(0).choice(sub, 20000, replace=False))
-    ax.scatter(pxy[sub, 0], pxy[sub, 1], s=3, c=[f"C{s % 10}" for s in votes.state[sub]], alpha=0.4, lw=0)
-    ax.set_xlabel("particle coordinate 1 (mean over its volumes)")
-    ax.set_ylabel("particle coordinate 2" if particle_coords.shape[1] > 1 else "(jittered)")
-    ax.set_title(f"{int(ok.sum())} particles by voted state", fontsize=9)
-
-    ax = fig.add_subplot(1, 3, 3)
-    ax.hist(votes.fraction[ok], bins=20, range=(0, 1), color="0.4")
-    ax.set_xlabel("fraction of its votes for its state")
-    ax.set_ylabel("particles")
-    ax.set_title(f"median {np.median(votes.fraction[ok]) if ok.any() else 0:.2f}", fontsize=9)
-    return save_png(fig, path, dpi=100)

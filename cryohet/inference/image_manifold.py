@@ -38,8 +38,9 @@ from cryohet.data.loader import BatchStream
 from cryohet.data.prepare import ImagePreparer
 from cryohet.geometry.ctf import ctf_2d
 from cryohet.geometry.euler import euler_to_matrix
-from cryohet.geometry.fourier import centered_coords, fft2c, ifft2c
+from cryohet.geometry.fourier import centered_coords, fft2c, ifft2c, radius_grid
 from cryohet.geometry.lattice import Lattice
+from cryohet.geometry.masks import circle_mask
 from cryohet.geometry.project import Projector
 from cryohet.inference.classify_em import fit_classes
 from cryohet.inference.diffusion import arc_length, diffusion_map, nystrom, synchronise_signs
@@ -134,11 +135,8 @@ class Residuals:
         self.prep = ImagePreparer(pset, lattice, device=device)
         self.projector = Projector(consensus.to(device))
         n = lattice.box
-        c = centered_coords(n, device, torch.float32)
-        r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
-        self.inside = r <= radius_px                                    # Fourier pixels compared
-        t = ((r - mask_radius_px) / max(2.0, 0.1 * n)).clamp(0, 1)
-        self.mask = 0.5 * (1 + torch.cos(math.pi * t))                  # soft circle around the particle
+        self.inside = radius_grid(n, 2, device) <= radius_px                             # Fourier pixels compared
+        self.mask = circle_mask(n, mask_radius_px, max(2.0, 0.1 * n), device)          # soft circle, the particle
 
     def __call__(self, rows: np.ndarray, frame: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, c): residual transforms (B, M) complex64 and CTFs (B, M) at the compared pixels, in ``frame``."""

@@ -29,8 +29,8 @@ PARAMS = (
           "nearest kept direction.", min=10),
     Param("max_per_direction", int, 2000, "Diffusion maps are fitted on at most this many particles of a "
           "direction; the others are placed by Nyström extension.", min=50, expert=True),
-    Param("neighbours", int, 10, "Diffusion-map bandwidth: the median squared distance to this nearest "
-          "neighbour.", min=2, expert=True),
+    Param("neighbours", int, 10, "Diffusion-map bandwidth: every image has this many neighbours within it (the "
+          "largest squared distance to this nearest neighbour).", min=2, expert=True),
     Param("refine_rounds", int, 2, "Rounds of refinement across directions: particles binned along the coordinate, "
           "the bins reconstructed, every image scored against every bin's map (one E-step of 3-D classification) "
           "and placed at the posterior mean (0: the directions' diffusion maps alone, as ManifoldEM).", min=0),
@@ -39,7 +39,7 @@ PARAMS = (
           "none).", min=0),
     Param("min_particles", int, 100, "Smallest neighbourhood of those maps (see kernel-volumes).", min=10,
           expert=True),
-    Param("spectral_functions", int, 0, "Also spectral volumes at the same positions: maps expanded in this many "
+    Param("spectral_functions", int, 0, "Also spectral volumes at the --n_frames positions: maps expanded in this many "
           "Laplacian eigenfunctions of the coordinate's graph besides the constant, fitted to all images by least "
           "squares, each weighted by its half-set FSC (0: none).", min=0, max=20),
     Param("bootstrap", int, 10, "Bootstrap resamples for the free energy's uncertainty (0: none).", min=0),
@@ -79,6 +79,8 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.reconstruct.homogeneous import particle_halves
     from cryohet.simulate.density import particle_radius_A
 
+    if params["spectral_functions"] and not params["n_frames"]:
+        raise ValueError("--spectral_functions makes maps at the --n_frames positions: give --n_frames above 0")
     pset = load_particles(params["particles"], datadir=params["datadir"])
     n = len(pset)
     if n < 2 * params["min_per_direction"]:
