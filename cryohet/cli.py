@@ -5,7 +5,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cryohet import __version__
+from cryohet import __version__, describe
 from cryohet.errors import InputError, OutputError, RunAborted
 from cryohet.methods import all_methods
 from cryohet.methods.base import Method, Param
@@ -50,10 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="<command>")
     for method in all_methods().values():
         add_method_parser(sub, method)
+    describe.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if args_in[:1] == ["describe"]:  # before the method parsers: --key imports no method
+        return describe.main(args_in[1:])
     from cryohet.runner import run_method
 
     parser = build_parser()

@@ -58,6 +58,11 @@ PDF_NODE = (13, "LogFile.pdf")
 #: earlier run in it (``overwrite = no`` refuses; ``resume = yes`` continues where the method can).
 RELION_DEFAULTS = {"image_paths": "cwd", "overwrite": "yes"}
 
+#: The python of the environment the engine runs in, when not this one (the Scipion plugin's variable too).
+ENGINE_PYTHON = "CRYOHET_PYTHON"
+#: Set in the engine's environment after the switch, so that it happens once.
+_IN_ENGINE_ENV = "CRYOHET_IN_ENGINE_ENV"
+
 #: RELION's External job tab has ten label/value pairs; ``method`` takes one.
 RELION_PARAM_SLOTS = 10
 
@@ -323,8 +328,34 @@ def run_job(args: JobArgs) -> int:
     return 0
 
 
+def _fail_before_job(argv: Sequence[str], reason: str, usage: bool = False) -> int:
+    """Report a failure before the job could start: in the job folder when ``--o`` names one, else on stderr."""
+    out = next((argv[i + 1] for i, t in enumerate(argv[:-1]) if t == "--o"), None)
+    if out is None:
+        print(f"{reason}\n{_usage()}" if usage else reason, file=sys.stderr)
+        return 2
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _report_error(Path(out), reason)
+    _touch(Path(out) / EXIT_FAILURE)
+    return 2
+
+
+def engine_python() -> str | None:
+    """The interpreter named by ``CRYOHET_PYTHON`` when it is another one than this (None: run here)."""
+    python = os.environ.get(ENGINE_PYTHON, "").strip()
+    if not python or os.environ.get(_IN_ENGINE_ENV) or os.path.abspath(python) == os.path.abspath(sys.executable):
+        return None
+    return python
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    python = engine_python()
+    if python:  # the whole job, --version and --list-params too, runs in the engine's environment
+        try:
+            os.execve(python, [python, "-m", "cryohet.relion_external", *argv], {**os.environ, _IN_ENGINE_ENV: "1"})
+        except OSError as exc:
+            return _fail_before_job(argv, f"cryohet_external: {ENGINE_PYTHON}={python} cannot run: {exc.strerror}")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -342,14 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_job_args(argv)
     except UsageError as exc:
-        out = next((argv[i + 1] for i, t in enumerate(argv[:-1]) if t == "--o"), None)
-        if out is None:
-            print(f"cryohet_external: error: {exc}\n{_usage()}", file=sys.stderr)
-            return 2
-        Path(out).mkdir(parents=True, exist_ok=True)
-        _report_error(Path(out), f"cryohet_external: error: {exc}")
-        _touch(Path(out) / EXIT_FAILURE)
-        return 2
+        return _fail_before_job(argv, f"cryohet_external: error: {exc}", usage=True)
     if not args.out:
         print(f"cryohet_external: error: --o JOB_DIR is required\n{_usage()}", file=sys.stderr)
         return 2

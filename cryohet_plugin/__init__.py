@@ -40,6 +40,12 @@ class Plugin(pwem.Plugin):
                        var_type=VarTypes.STRING)
 
     @classmethod
+    def engineVar(cls, name: str) -> str:
+        """A plugin variable; from the environment when Scipion has not registered the plugin yet (a script that
+        imports the protocols first)."""
+        return cls.getVar(name) or os.environ.get(name) or ""
+
+    @classmethod
     def getEnviron(cls, gpus: Sequence[int] | None = None) -> pwutils.Environ:
         """Environment of the engine process; ``gpus`` becomes CUDA_VISIBLE_DEVICES."""
         env = pwutils.Environ(os.environ)
@@ -54,8 +60,8 @@ class Plugin(pwem.Plugin):
         Values are passed as separate arguments and never pasted into a shell line; with an
         activation command, bash runs it and then ``exec "$@"`` on the untouched arguments.
         """
-        cmd = [cls.getVar(CRYOHET_PYTHON) or sys.executable, "-m", "cryohet.cli", *map(str, args)]
-        activation = (cls.getVar(CRYOHET_ENV_ACTIVATION) or "").strip()
+        cmd = [cls.engineVar(CRYOHET_PYTHON) or sys.executable, "-m", "cryohet.cli", *map(str, args)]
+        activation = cls.engineVar(CRYOHET_ENV_ACTIVATION).strip()
         if activation:
             cmd = ["bash", "-c", f'{activation} && exec "$@"', "cryohet", *cmd]
         return cmd
@@ -66,10 +72,17 @@ class Plugin(pwem.Plugin):
 
     @classmethod
     def validateInstallation(cls) -> list[str]:
-        python = cls.getVar(CRYOHET_PYTHON) or sys.executable
+        python = cls.engineVar(CRYOHET_PYTHON) or sys.executable
         if not (os.path.isfile(python) or shutil.which(python)):
             return [f"{CRYOHET_PYTHON} = {python}: no such python. Point it at the interpreter of the "
                     "environment where cryohet is installed."]
+        from .descriptions import EngineUnreachable, ask_engine
+
+        try:
+            ask_engine(cls, "--key", timeout_s=120)
+        except EngineUnreachable as exc:
+            return [f"the cryohet engine does not answer: {exc}. Install cryohet in the environment of "
+                    f"{CRYOHET_PYTHON} ({python}) or fix {CRYOHET_ENV_ACTIVATION}."]
         return []
 
     @classmethod

@@ -1,8 +1,14 @@
 """The command line: every command's --help renders (units and defaults included) and exits 0."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from cryohet import __version__
 from cryohet.cli import main
 from cryohet.methods import all_methods
 
@@ -57,3 +63,32 @@ def test_methods_are_discovered_and_listed_in_order(tmp_path, monkeypatch, capsy
     assert out.index("simulate") < out.index("toy") < out.index("reconstruct")
     sys.modules.pop("cryohet.methods.zz_toy", None)
     sys.modules.pop("cryohet.methods.zz_helper", None)
+
+
+def test_describe_json_is_every_method_as_the_engine_has_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """What hosts build their forms from (``cryohet describe --json``) reads back as the engine's own descriptions."""
+    from cryohet.describe import from_json, source_key
+
+    assert main(["describe", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["key"] == source_key() and data["version"] == __version__
+    back = from_json(data)
+    assert list(back) == list(METHODS)
+    for name, m in METHODS.items():
+        b = back[name]
+        assert (b.params, b.common_params, b.outputs, b.title, b.help, b.citations, b.order, b.needs_poses) == (
+            m.params, m.common_params, m.outputs, m.title, m.help, m.citations, m.order, m.needs_poses), name
+        with pytest.raises(RuntimeError, match="does not run"):
+            b.run({}, Path("."))
+    data["schema"] = 99
+    with pytest.raises(ValueError, match="schema 99"):
+        from_json(data)
+
+
+def test_describe_key_imports_no_method() -> None:
+    """``describe --key`` is what Scipion runs in each of its processes: it must not import torch."""
+    code = ("import sys; from cryohet.cli import main; main(['describe', '--key']); "
+            "print('torch' in sys.modules, any(m.startswith('cryohet.methods.') and m != 'cryohet.methods.base' "
+            "for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert len(out[0]) == 20 and out[1:] == ["False", "False"]

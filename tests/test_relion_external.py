@@ -152,6 +152,30 @@ def test_reconstruct_job_on_relion_particles(project, simulated_job):
     assert np.corrcoef(half.ravel(), ours.ravel())[0, 1] > 0.5
 
 
+def test_job_runs_in_the_environment_of_cryohet_python(project, simulated_job, monkeypatch):
+    """CRYOHET_PYTHON (the Scipion plugin's variable) chooses the environment the job runs the engine in: here the
+    README's other environment (numpy 2.x from the Scipion-pinned one, numpy 1.26 from the newest one)."""
+    here = Path(sys.executable).parents[1]
+    other = here.with_name(".venv" if here.name == ".venv-current" else ".venv-current") / "bin" / "python"
+    assert other.is_file(), f"{other}: missing (make setup setup-current builds both environments)"
+    monkeypatch.setenv("CRYOHET_PYTHON", str(other))
+    job = _add_external(project, {"method": "reconstruct"}, inputs={"in_part": f"{simulated_job}particles.star"})
+    _run_job(project, job)
+    assert (project / job / EXIT_SUCCESS).exists(), (project / job / "run.err").read_text()
+    assert _nodes(project)[f"{job}map.mrc"] == 6
+    other_numpy = subprocess.run([str(other), "-c", "import numpy; print(numpy.__version__)"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+    assert read_record(project / job).versions["numpy"] == other_numpy != np.__version__
+
+
+def test_cryohet_python_that_cannot_run_fails_the_job_with_its_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRYOHET_PYTHON", str(tmp_path / "no" / "python"))
+    job = tmp_path / "External" / "job009"
+    assert main(["--o", str(job), "--method", "reconstruct"]) == 2
+    assert (job / EXIT_FAILURE).exists()
+    assert f"CRYOHET_PYTHON={tmp_path / 'no' / 'python'} cannot run" in (job / "run.err").read_text()
+
+
 def test_classify_job_registers_classes_as_nodes(project, simulated_job):
     """classify from RELION's External job: particles with rlnClassNumber, one STAR per class, class maps and
     half-maps as nodes RELION's next jobs take; relion_star_handler reads the classes back."""

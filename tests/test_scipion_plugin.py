@@ -1,8 +1,13 @@
 """The Scipion plugin's engine command, GPU selection and parameter passing (no project needed)."""
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from pyworkflow.plugin import Domain
 
@@ -85,3 +90,59 @@ def test_failure_reason_and_summary_show_the_engines_state(tmp_path):
     assert prot._failureReason(-9, []) == ("cryohet reconstruct failed: the engine's process ended without "
                                            "finishing its run (killed by signal 9)")
     assert prot._summary()[0].endswith("reconstruct: died")
+
+
+#: A method that only the engine of the test below has (a module added to a copy of cryohet).
+_PROBE_METHOD = """
+from pathlib import Path
+from cryohet.methods.base import Method, Param
+
+METHOD = Method(name="probe-only-there", title="Only in the engine that runs", help="A test method.",
+                params=(Param("width_A", float, 12.5, "Width (Å).", min=1.0),
+                        Param("detail", int, 3, "An expert knob.", expert=True)),
+                outputs=("volume",), run=lambda params, out: None, order=99)
+"""
+
+#: Run in a fresh Scipion process (as the GUI or a protocol run): what the plugin offers, and whether it imported
+#: the engine's method modules itself (torch) to know it.
+_SCIPION_SIDE = """
+import json, sys
+import cryohet_plugin.protocols as p
+from pyworkflow.plugin import Domain
+cls = p.CryohetProtProbeOnlyThere
+form = {name: (param.label.get(), param.default.get()) for name, param in cls().getDefinition().iterParams()}
+print(json.dumps({"form": form, "listed": "CryohetProtProbeOnlyThere" in Domain.getProtocols(),
+                  "torch_here": "torch" in sys.modules, "reconstruct": hasattr(p, "CryohetProtReconstruct")}))
+"""
+
+
+def test_forms_come_from_the_engine_that_runs(tmp_path):
+    """With the engine in another environment (the README's numpy-2 one, running a copy of cryohet that has one
+    more method), Scipion's protocols and forms are that engine's (``cryohet describe``), built without importing
+    torch on Scipion's side; a second process reads them from the cache."""
+    current = Path(__file__).resolve().parents[1] / ".venv-current" / "bin" / "python"
+    assert current.is_file(), f"{current}: missing (make setup-current builds the second environment)"
+    engine = tmp_path / "engine"
+    shutil.copytree(Path(cryohet.__file__).parent, engine / "cryohet", ignore=shutil.ignore_patterns("__pycache__"))
+    (engine / "cryohet" / "methods" / "probe_only_there.py").write_text(_PROBE_METHOD)
+    env = dict(os.environ, CRYOHET_PYTHON=str(current), CRYOHET_CACHE_DIR=str(tmp_path / "cache"),
+               CRYOHET_ENV_ACTIVATION=f"export PYTHONPATH={shlex.quote(str(engine))}")
+    for _ in range(2):  # first asks the engine, then reads the cache
+        out = subprocess.run([sys.executable, "-c", _SCIPION_SIDE], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        seen = json.loads(out.stdout.splitlines()[-1])
+        assert seen["listed"] and seen["reconstruct"] and not seen["torch_here"]
+        assert seen["form"]["width_A"] == ["Width (Å)", "12.5"] and "detail" in seen["form"]
+    assert len(list((tmp_path / "cache").glob("descriptions-*.json"))) == 1
+    # this process's own engine has no such method
+    assert not hasattr(__import__("cryohet_plugin.protocols").protocols, "CryohetProtProbeOnlyThere")
+
+
+def test_engine_that_does_not_answer_is_named_by_validation(monkeypatch, tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'No module named cryohet' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setitem(Plugin._vars, CRYOHET_PYTHON, str(fake))
+    errors = Plugin.validateInstallation()
+    assert len(errors) == 1 and "does not answer" in errors[0] and "No module named cryohet" in errors[0]

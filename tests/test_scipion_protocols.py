@@ -101,11 +101,12 @@ def test_every_method_has_a_protocol_with_its_parameters():
     """Adding a method to the engine adds a protocol; descriptions from the cache equal the engine's."""
     import cryohet_plugin.protocols as protocols
     from cryohet.methods import all_methods
+    from cryohet_plugin import Plugin
     from cryohet_plugin.constants import HOST_FILLED
     from cryohet_plugin.descriptions import load_descriptions
 
     engine = all_methods()
-    cached = load_descriptions()
+    cached = load_descriptions(Plugin)
     assert set(cached) == set(engine)
     for name, m in engine.items():
         c = cached[name]

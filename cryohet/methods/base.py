@@ -110,9 +110,11 @@ class Method:
     order: int = 1000
     #: the input particles must carry poses (all but ab initio methods)
     needs_poses: bool = True
+    #: the parameters every method takes (a host's copy of a description carries the engine's own)
+    common_params: tuple[Param, ...] = COMMON_PARAMS
 
     def all_params(self) -> tuple[Param, ...]:
-        return self.params + COMMON_PARAMS
+        return self.params + self.common_params
 
     def param(self, name: str) -> Param:
         for p in self.all_params():

@@ -48,10 +48,11 @@ def make_protocol_class(method) -> type[ProtCryohetBase]:
 
 def make_protocols() -> dict[str, type[ProtCryohetBase]]:
     """One protocol class per engine method (descriptions from the cache, see ``descriptions``)."""
+    from .. import Plugin
     from ..descriptions import load_descriptions
 
     classes = {}
-    for method in load_descriptions().values():
+    for method in load_descriptions(Plugin).values():
         cls = make_protocol_class(method)
         classes[cls.__name__] = cls
     return classes

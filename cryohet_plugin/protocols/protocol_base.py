@@ -46,7 +46,7 @@ def _plugin():
 def _method_description(name: str):
     from ..descriptions import get_description
 
-    return get_description(name)
+    return get_description(_plugin(), name)
 
 
 class ProtCryohetBase(EMProtocol, ProtFlexBase):
