@@ -38,6 +38,7 @@ setup(
             "scipion-pyworkflow",
             "scipion-em",
             "scipion-em-relion",
+            "scipion-app",  # Scipion's installer (scipion3 installb cryohet: the engine's own environment)
             "numpy==1.26.1",
             "scipy<=1.10.0",
             "matplotlib==3.8.1",

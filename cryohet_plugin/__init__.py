@@ -18,7 +18,7 @@ from pyworkflow.config import VarTypes
 
 from cryohet import __version__
 
-from .constants import CRYOHET_ENV_ACTIVATION, CRYOHET_PYTHON
+from .constants import CRYOHET_ENGINE_SOURCE, CRYOHET_ENV_ACTIVATION, CRYOHET_PYTHON, ENGINE_PACKAGE
 
 _logo = ""
 _references: list[str] = []
@@ -32,12 +32,28 @@ class Plugin(pwem.Plugin):
 
     @classmethod
     def _defineVariables(cls) -> None:
-        cls._defineVar(CRYOHET_PYTHON, sys.executable,
-                       description="Python interpreter of the environment where cryohet (the engine) is installed.",
+        cls._defineVar(CRYOHET_PYTHON, cls.defaultEnginePython(),
+                       description="Python interpreter of the environment where cryohet (the engine) is installed "
+                                   "(default: the one `scipion3 installb cryohet` made, else Scipion's own).",
                        var_type=VarTypes.FILENAME)
         cls._defineVar(CRYOHET_ENV_ACTIVATION, "",
                        description="Optional shell command run before the engine, e.g. 'conda activate cryohet'.",
                        var_type=VarTypes.STRING)
+        cls._defineVar(CRYOHET_ENGINE_SOURCE, f"cryohet=={__version__}",
+                       description="What `scipion3 installb cryohet` pip-installs into the engine's environment "
+                                   "(pip arguments: a release, a source folder or wheel, a torch build).",
+                       var_type=VarTypes.STRING)
+
+    @classmethod
+    def engineEnvDir(cls) -> str:
+        """The engine's environment that ``scipion3 installb cryohet`` makes: ``<EM_ROOT>/cryohet-<version>``."""
+        return os.path.join(pwem.Config.EM_ROOT, f"{ENGINE_PACKAGE}-{__version__}")
+
+    @classmethod
+    def defaultEnginePython(cls) -> str:
+        """The python of ``engineEnvDir()`` once installed, else Scipion's own."""
+        installed = os.path.join(cls.engineEnvDir(), "bin", "python")
+        return installed if os.path.isfile(installed) else sys.executable
 
     @classmethod
     def engineVar(cls, name: str) -> str:
@@ -60,7 +76,7 @@ class Plugin(pwem.Plugin):
         Values are passed as separate arguments and never pasted into a shell line; with an
         activation command, bash runs it and then ``exec "$@"`` on the untouched arguments.
         """
-        cmd = [cls.engineVar(CRYOHET_PYTHON) or sys.executable, "-m", "cryohet.cli", *map(str, args)]
+        cmd = [cls.engineVar(CRYOHET_PYTHON) or cls.defaultEnginePython(), "-m", "cryohet.cli", *map(str, args)]
         activation = cls.engineVar(CRYOHET_ENV_ACTIVATION).strip()
         if activation:
             cmd = ["bash", "-c", f'{activation} && exec "$@"', "cryohet", *cmd]
@@ -68,11 +84,22 @@ class Plugin(pwem.Plugin):
 
     @classmethod
     def defineBinaries(cls, env) -> None:
-        """Nothing to build: the engine is a Python package (``pip install cryohet``)."""
+        """``scipion3 installb cryohet``: the engine in its own virtual environment, ``engineEnvDir()``, with the
+        newest releases of its dependencies (a CUDA build of torch from PyPI on Linux), apart from Scipion's pins;
+        ``CRYOHET_PYTHON`` then defaults to its python. Scipion's installer runs one shell line: every value in it
+        is quoted."""
+        target = cls.engineEnvDir()
+        python = shlex.quote(os.path.join(target, "bin", "python"))
+        source = " ".join(map(shlex.quote, shlex.split(cls.engineVar(CRYOHET_ENGINE_SOURCE)
+                                                       or f"{ENGINE_PACKAGE}=={__version__}")))
+        cmd = (f"{shlex.quote(sys.executable)} -m venv {shlex.quote(target)} && {python} -m pip install -q --upgrade "
+               f"pip && {python} -m pip install {source} && {python} -m cryohet.cli describe --key")
+        env.addPackage(ENGINE_PACKAGE, version=__version__, tar="void.tgz", commands=[(cmd, ["bin/cryohet"])],
+                       default=True)
 
     @classmethod
     def validateInstallation(cls) -> list[str]:
-        python = cls.engineVar(CRYOHET_PYTHON) or sys.executable
+        python = cls.engineVar(CRYOHET_PYTHON) or cls.defaultEnginePython()
         if not (os.path.isfile(python) or shutil.which(python)):
             return [f"{CRYOHET_PYTHON} = {python}: no such python. Point it at the interpreter of the "
                     "environment where cryohet is installed."]

@@ -3,6 +3,9 @@
 #: Plugin variables (scipion.conf or the environment).
 CRYOHET_PYTHON = "CRYOHET_PYTHON"  # the python that has the engine installed (default: Scipion's own)
 CRYOHET_ENV_ACTIVATION = "CRYOHET_ENV_ACTIVATION"  # optional shell command run first, e.g. "conda activate cryohet"
+CRYOHET_ENGINE_SOURCE = "CRYOHET_ENGINE_SOURCE"  # pip arguments `scipion3 installb cryohet` installs the engine from
+#: The Scipion binary (``scipion3 installb cryohet``) and the distribution it pip-installs by default.
+ENGINE_PACKAGE = "cryohet"
 
 #: Program name stored in FlexInfo of the particles with latent coordinates.
 PROGRAM_NAME = "CryoHet"

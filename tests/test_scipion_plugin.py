@@ -146,3 +146,53 @@ def test_engine_that_does_not_answer_is_named_by_validation(monkeypatch, tmp_pat
     monkeypatch.setitem(Plugin._vars, CRYOHET_PYTHON, str(fake))
     errors = Plugin.validateInstallation()
     assert len(errors) == 1 and "does not answer" in errors[0] and "No module named cryohet" in errors[0]
+
+
+#: What ``scipion3 installb cryohet`` does once it has found the plugin (scipion-app's own installer code).
+_INSTALLB = """
+import cryohet_plugin
+from pyworkflow.plugin import Domain
+from scipion.install.plugin_funcs import PluginInfo
+Domain.getPlugins()
+PluginInfo(name="cryohet_plugin", plugin=cryohet_plugin, remote=False).installBin({"args": ["cryohet", "-j", "1"]})
+"""
+
+#: A fresh Scipion process after the install: where the plugin now runs the engine, and what that engine says.
+_AFTER_INSTALL = """
+import json, subprocess
+from pyworkflow.plugin import Domain
+Domain.getPlugins()
+from cryohet_plugin import Plugin
+cmd = Plugin.getEngineCommand(["describe", "--json"])
+d = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+numpy = subprocess.run([cmd[0], "-c", "import numpy; print(numpy.__version__)"], capture_output=True, text=True,
+                       check=True).stdout.strip()
+print(json.dumps({"python": Plugin.getVar("CRYOHET_PYTHON"), "engine_python": d["python"], "numpy": numpy,
+                  "methods": [m["name"] for m in d["methods"]], "errors": Plugin.validateInstallation()}))
+"""
+
+
+def test_scipion_installb_makes_the_engines_own_environment(tmp_path):
+    """Scipion's installer (scipion-app, as ``scipion3 installb cryohet``) makes the engine's environment under
+    Scipion's software/em with the newest releases (numpy 2.x, apart from Scipion's 1.26), and the plugin then runs
+    the engine there without any configuration. The engine is installed from this source tree with the CPU torch
+    (CRYOHET_ENGINE_SOURCE), the default being the release from PyPI."""
+    root = Path(cryohet.__file__).resolve().parents[1]
+    em = tmp_path / "software" / "em"
+    em.mkdir(parents=True)
+    # Scipion's installer downloads an empty void.tgz from Scipion's server once; an installation has it already.
+    subprocess.run(["tar", "czf", str(em / "void.tgz"), "-T", "/dev/null"], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYOHET_") or k == "CRYOHET_NO_PROGRESS"}
+    env.update(SCIPION_HOME=str(tmp_path), CRYOHET_CACHE_DIR=str(tmp_path / "cache"), EM_ROOT=str(em),
+               CRYOHET_ENGINE_SOURCE=f"-e {shlex.quote(str(root))} torch==2.13.0")
+    out = subprocess.run([sys.executable, "-c", _INSTALLB], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=1200)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    engine = em / f"cryohet-{cryohet.__version__}" / "bin" / "python"
+    assert (engine.parent / "cryohet").is_file(), (out.stdout + out.stderr)[-4000:]
+    out = subprocess.run([sys.executable, "-c", _AFTER_INSTALL], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.splitlines()[-1])
+    assert seen["python"] == seen["engine_python"] == str(engine) and seen["errors"] == []
+    assert seen["numpy"].startswith("2.") and "reconstruct" in seen["methods"]
