@@ -15,9 +15,9 @@ SCIPION_TESTS := tests/test_scipion_*.py
 PYTEST_ARGS ?= -v -rfEs --durations=15
 export CRYOHET_NO_PROGRESS ?= 0
 
-.PHONY: setup setup-current relion demo test lint
+.PHONY: setup setup-current relion xvfb demo test lint
 
-setup: $(VENV)/.installed relion
+setup: $(VENV)/.installed relion xvfb
 
 setup-current: $(VENV_CURRENT)/.installed relion
 
@@ -41,6 +41,12 @@ relion:
 	@command -v relion_reconstruct >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q relion; \
 	  else echo "RELION is missing: run 'sudo apt-get install relion' (Debian/Ubuntu)" >&2; exit 1; fi; }
+
+# Xvfb: tests/test_scipion_gui.py draws Scipion's Tk windows on a virtual display (it fails without one).
+xvfb:
+	@command -v Xvfb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q xvfb; \
+	  else echo "Xvfb is missing: run 'sudo apt-get install xvfb' (Debian/Ubuntu)" >&2; exit 1; fi; }
 
 demo: setup
 	$(VENV)/bin/cryohet simulate --o demo_out/simulate --overwrite yes

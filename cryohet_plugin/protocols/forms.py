@@ -16,17 +16,22 @@ from pyworkflow.protocol.constants import GPU_LIST, LEVEL_ADVANCED, USE_GPU
 from ..constants import POINTER_CLASSES
 
 #: Readable words for the unit suffixes and abbreviations of parameter names.
-_UNITS = {"A": "Å", "A2": "Å²", "deg": "deg", "px": "px", "kV": "kV", "mm": "mm", "invA": "1/Å"}
+_UNITS = {"A": "Å", "A2": "Å²", "deg": "deg", "px": "px", "kV": "kV", "mm": "mm", "invA": "1/Å", "mb": "MiB",
+          "pct": "%"}
 _WORDS = {"apix": "pixel size (Å/px)", "snr": "SNR", "n": "number of", "fsc": "FSC", "cs": "Cs",
-          "ctf": "CTF", "pca": "PCA", "umap": "UMAP", "zdim": "latent dimension", "lr": "learning rate"}
+          "ctf": "CTF", "pca": "PCA", "pc": "PC", "umap": "UMAP", "zdim": "latent dimension", "lr": "learning rate"}
+#: Units of names without a unit suffix (a box is in pixels: ``box``, ``crop_box``).
+_IMPLIED_UNITS = {"box": "px"}
 
 
 def param_label(name: str) -> str:
-    """A form label from a parameter name: ``lowpass_A`` -> ``Lowpass (Å)``."""
+    """A form label from a parameter name: ``lowpass_A`` -> ``Lowpass (Å)``, ``crop_box`` -> ``Crop box (px)``."""
     parts = name.split("_")
     unit = _UNITS.get(parts[-1]) if len(parts) > 1 else None
     if unit:
         parts = parts[:-1]
+    else:
+        unit = _IMPLIED_UNITS.get(parts[-1])
     words = " ".join(_WORDS.get(w.lower(), w) for w in parts)
     words = words[:1].upper() + words[1:]
     return f"{words} ({unit})" if unit else words

@@ -61,6 +61,7 @@ class CryohetResultsViewer(pwviewer.Viewer):
     """Latent space (scatter, density), FSC curves and volume series of a cryohet run."""
 
     _label = "cryohet results"
+    _name = _label  # what Scipion's menus show (Viewer.getName; _label only names ProtocolViewers)
     _targets = [ProtCryohetBase]
     _environments = [pwviewer.DESKTOP_TKINTER]
 
@@ -110,6 +111,7 @@ class CryohetFlexViewer(pwviewer.Viewer):
     """Latent-space scatter and density of particles with latent coordinates (zFlex)."""
 
     _label = "latent space (cryohet)"
+    _name = _label
     _targets = [SetOfParticlesFlex]
     _environments = [pwviewer.DESKTOP_TKINTER]
 
