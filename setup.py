@@ -10,7 +10,7 @@ setup(
     license="GPL-3.0-or-later",
     python_requires=">=3.10",
     packages=find_packages(include=["cryohet", "cryohet.*", "cryohet_plugin", "cryohet_plugin.*"]),
-    package_data={"cryohet": ["data/*.pdb", "data/*.cif"]},
+    package_data={"cryohet": ["data/*.pdb", "data/*.cif"], "cryohet_plugin": ["protocols.conf"]},
     scripts=["bin/cryohet_external"],
     # The engine's dependencies, unpinned: it runs on the newest releases (numpy 2.x) as well as on the older
     # set Scipion pins. The Makefile builds one environment of each kind and tests in both (README, Set-up).

@@ -196,3 +196,29 @@ def test_scipion_installb_makes_the_engines_own_environment(tmp_path):
     seen = json.loads(out.stdout.splitlines()[-1])
     assert seen["python"] == seen["engine_python"] == str(engine) and seen["errors"] == []
     assert seen["numpy"].startswith("2.") and "reconstruct" in seen["methods"]
+
+
+def test_protocol_tree_shows_every_protocol_under_heterogeneity():
+    """Scipion's protocol tree (what the project window's left panel shows, read from the plugins' protocols.conf)
+    lists every cryohet protocol, and only those, under 3D > Analysis > Heterogeneity > cryohet, in the order of
+    ``cryohet --help``."""
+    import pyworkflow
+    from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
+
+    import cryohet_plugin.protocols as protocols
+    from cryohet.methods import all_methods
+
+    views = ProtocolTreeConfig.load(Domain, pyworkflow.Config.SCIPION_PROTOCOLS)
+
+    def child(node, text):
+        found = [c for c in node.childs if c.text == text]
+        assert found, (text, [c.text for c in node.childs])
+        return found[0]
+
+    node = views["Protocols SPA"]
+    for text in ("3D", "Analysis", "Heterogeneity", "cryohet"):
+        node = child(node, text)
+    assert node.visible
+    listed = [c.value for c in node.childs]
+    assert listed == [protocols.class_name(name) for name in all_methods()]
+    assert all(c.tag == "protocol" for c in node.childs)  # installed, not disabled
