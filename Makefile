@@ -2,7 +2,8 @@
 #
 # Two Python environments (README, Set-up):
 #   $(VENV)          the versions Scipion pins (numpy 1.26.1, ...): engine, Scipion plugin, RELION External job;
-#   $(VENV_CURRENT)  the newest releases of the engine's dependencies (numpy 2.x): engine and RELION job only.
+#   $(VENV_CURRENT)  the newest releases of the engine's dependencies (numpy 2.x): engine, RELION External job and
+#                    RELION 5 (CCP-EM pipeliner) jobs.
 # The dependencies are listed once, in setup.py (the Scipion pins in its `scipion` extra).
 VENV ?= .venv
 VENV_CURRENT ?= .venv-current
@@ -11,6 +12,8 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # The tests that drive Scipion (pyworkflow, pwem): only in $(VENV), left out of $(VENV_CURRENT) by name.
 SCIPION_TESTS := tests/test_scipion_*.py
+# The tests that drive RELION 5's pipeliner (ccpem-pipeliner needs numpy 2): only in $(VENV_CURRENT).
+PIPELINER_TESTS := tests/test_pipeliner.py
 # One line per test as it runs, the reasons of failures/errors/skips and the 15 slowest tests at the end.
 PYTEST_ARGS ?= -v -rfEs --durations=15
 export CRYOHET_NO_PROGRESS ?= 0
@@ -32,7 +35,7 @@ $(VENV)/.installed: setup.py
 $(VENV_CURRENT)/.installed: setup.py
 	python3 -m venv $(VENV_CURRENT)
 	$(VENV_CURRENT)/bin/pip install -q --upgrade pip
-	$(VENV_CURRENT)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]" "$(TORCH)"
+	$(VENV_CURRENT)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test,relion5]" "$(TORCH)"
 	$(VENV_CURRENT)/bin/pip check
 	touch $@
 
@@ -54,12 +57,12 @@ demo: setup
 	@echo; echo "Simulated particles and ground truth: demo_out/simulate/ (particles.star, maps/)"; \
 	 echo "Reconstruction, half-maps, FSC:       demo_out/reconstruct/ (map.mrc, fsc.png, cryohet_run.json)"
 
-# The whole suite in $(VENV), then all but the Scipion tests in $(VENV_CURRENT); both run, and make fails
+# All but the pipeliner tests in $(VENV), then all but the Scipion tests in $(VENV_CURRENT); both run, and make fails
 # when either does.
 test: setup setup-current
 	@rc=0; \
-	echo "== $(VENV): Scipion-pinned versions, whole suite =="; \
-	CRYOHET_NO_PROGRESS=1 $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
+	echo "== $(VENV): Scipion-pinned versions, all but $(PIPELINER_TESTS) =="; \
+	CRYOHET_NO_PROGRESS=1 $(VENV)/bin/pytest $(PYTEST_ARGS) --ignore-glob='$(PIPELINER_TESTS)' || rc=$$?; \
 	echo "== $(VENV_CURRENT): newest versions, all but $(SCIPION_TESTS) =="; \
 	CRYOHET_NO_PROGRESS=1 $(VENV_CURRENT)/bin/pytest $(PYTEST_ARGS) --ignore-glob='$(SCIPION_TESTS)' || rc=$$?; \
 	exit $$rc

@@ -1,5 +1,13 @@
 """cryohet: continuous-heterogeneity analysis for cryo-EM (engine + Scipion plugin + RELION External jobs)."""
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+#: One RELION 5 / CCP-EM pipeliner job type per method module (cryohet/methods/<name>.py, as the method registry
+#: finds them: all but base and _*); cryohet.pipeliner_jobs makes each class from the module's METHOD.
+PIPELINER_JOBS = [f"cryohet.{p.stem} = cryohet.pipeliner_jobs:{p.stem}"
+                  for p in sorted(Path(__file__).resolve().parent.joinpath("cryohet", "methods").glob("*.py"))
+                  if p.stem != "base" and not p.stem.startswith("_")]
 
 setup(
     name="cryohet",
@@ -46,9 +54,12 @@ setup(
             "pyarrow<26",
         ],
         "test": ["pytest", "ruff"],
+        # RELION 5's job runner (needs numpy 2: installed beside the engine's newest releases, not Scipion's pins).
+        "relion5": ["ccpem-pipeliner"],
     },
     entry_points={
         "console_scripts": ["cryohet = cryohet.cli:main"],
         "pyworkflow.plugin": ["cryohet_plugin = cryohet_plugin"],
+        "ccpem_pipeliner.jobs": PIPELINER_JOBS,
     },
 )

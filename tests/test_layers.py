@@ -15,7 +15,7 @@ must be placed in ``LAYERS`` first). A module may import its own layer or lower 
 3  inference of τ
 4  analysis and validation of a fit (they read run records and volume models)
 5  methods (one description per method) and the runner that runs them (``RunContext`` is the methods' contract)
-6  hosts inside the engine: the CLI and the RELION External job
+6  hosts inside the engine: the CLI, its describe command, the RELION External job and the RELION 5 pipeliner jobs
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     "cryohet.inference": 3,
     "cryohet.analysis": 4, "cryohet.validation": 4,
     "cryohet.methods": 5, "cryohet.runner": 5,
-    "cryohet.cli": 6, "cryohet.relion_external": 6, "cryohet.describe": 6,
+    "cryohet.cli": 6, "cryohet.relion_external": 6, "cryohet.describe": 6, "cryohet.pipeliner_jobs": 6,
 }
 
 #: Top-level packages the engine never imports: Scipion (pyworkflow, pwem), its RELION plugin, our Scipion plugin.

@@ -1,0 +1,204 @@
+"""RELION 5 / CCP-EM pipeliner jobs: one job type per cryohet method, made from its description.
+
+The pipeliner finds job types through the ``ccpem_pipeliner.jobs`` entry points. setup.py lists one per module of
+``cryohet/methods`` (``cryohet.<module> = cryohet.pipeliner_jobs:<module>``, found on disk as the method registry
+finds them); the job class is made here on first access (``__getattr__``), from that module's ``METHOD``:
+
+* job options from the parameters: inputs by role as input nodes (particles, map, mask), numbers with their hard
+  ranges, choices, booleans, other text and paths; expert parameters in the *Expert* group; threads from the
+  Running tab;
+* one command, an argument list: ``<python> -m cryohet.cli <method> --o <job dir> --<param> <value> ...``, where
+  python is ``CRYOHET_PYTHON`` (the engine's environment, as for the other hosts) or this one;
+* output nodes after the run, from its run record, with the RELION 4/5 node types of the External job
+  (``ParticleGroupMetadata.star.relion``, ``DensityMap.mrc``, ``DensityMap.mrc.halfmap``, ``Mask3D.mrc``,
+  ``LogFile.pdf``);
+* results displays: slices and a 3-D view of the maps, the record's plots as images, the report as text.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from pipeliner.display_tools import create_results_display_object, make_maps_slice_montage_and_3d_display
+from pipeliner.external_program_utils import ExternalProgram
+from pipeliner.job_options import (
+    BooleanJobOption,
+    FileDescription,
+    FloatJobOption,
+    InputNodeJobOption,
+    IntJobOption,
+    JobOption,
+    MultipleChoiceJobOption,
+    StringJobOption,
+)
+from pipeliner.node_factory import create_node
+from pipeliner.nodes import NODE_DENSITYMAP, NODE_MASK3D, NODE_PARTICLEGROUPMETADATA
+from pipeliner.pipeliner_job import PipelinerCommand, PipelinerJob, Ref
+from pipeliner.results_display_objects import ResultsDisplayObject
+
+from cryohet import __version__
+from cryohet.methods import method_modules, method_of
+from cryohet.methods.base import Method, Param
+from cryohet.record import RunRecord, read_record
+from cryohet.relion_external import ENGINE_PYTHON, RELION_DEFAULTS, output_nodes
+
+#: Process names are ``cryohet.<module of cryohet/methods>``.
+PREFIX = "cryohet."
+#: Input role -> (node type, accepted files).
+INPUT_NODES = {
+    "particles": (NODE_PARTICLEGROUPMETADATA, FileDescription("RELION STAR or cryoSPARC .cs", [".star", ".cs"])),
+    "volume": (NODE_DENSITYMAP, FileDescription("MRC map", [".mrc"])),
+    "mask": (NODE_MASK3D, FileDescription("MRC mask", [".mrc"])),
+}
+#: Parameters the job fills itself: threads from the Running tab; the job folder belongs to the job, so running
+#: it again replaces the earlier run (as for the External job).
+JOB_FILLED = ("threads", "overwrite")
+#: Plots shown as images, at most (the rest stay in the job folder).
+MAX_IMAGES = 12
+
+
+def engine_python() -> str:
+    """The python that runs the engine: ``CRYOHET_PYTHON``, else this one."""
+    return os.environ.get(ENGINE_PYTHON, "").strip() or sys.executable
+
+
+def _group(p: Param) -> str:
+    return "Expert" if p.expert else "Main"
+
+
+def job_option(p: Param) -> JobOption:
+    """The pipeliner job option of one method parameter (label = its name, as on the command line)."""
+    common = {"label": p.name, "help_text": p.help, "jobop_group": _group(p)}
+    if p.input_role in INPUT_NODES:
+        node_type, pattern = INPUT_NODES[p.input_role]
+        return InputNodeJobOption(node_type=node_type, pattern=pattern, is_required=p.required, **common)
+    if p.type is bool:
+        return BooleanJobOption(default_value=bool(p.default), **common)
+    if p.choices is not None:
+        return MultipleChoiceJobOption(choices=[str(c) for c in p.choices], default_value=str(p.default),
+                                       is_required=p.required, **common)
+    if p.type in (int, float):
+        cls = IntJobOption if p.type is int else FloatJobOption
+        return cls(default_value=p.default, hard_min=p.min, hard_max=p.max, is_required=p.required, **common)
+    return StringJobOption(default_value="" if p.default is None else str(p.default), is_required=p.required,
+                           **common)
+
+
+def _citation(text: str) -> Ref:
+    """A pipeliner reference from a description's free-text citation, ``Authors (year) Title. Journal ...``."""
+    m = re.match(r"(?P<authors>.+?)\s*\((?P<year>(?:19|20)\d\d)\)\s*(?P<rest>.+)", text)
+    if m is None:
+        return Ref(title=text, journal=text, year="-")
+    title, sep, journal = m["rest"].partition(". ")
+    if not sep or len(title.split()) < 4:  # no title before the journal ("J. Mol. Biol. 224:159")
+        title = journal = m["rest"]
+    return Ref(authors=m["authors"], title=title, journal=journal, year=m["year"])
+
+
+class CryohetJob(PipelinerJob):
+    """A cryohet method as a pipeliner job (subclassed per method by ``job_class``)."""
+
+    METHOD: Method
+    OUT_DIR = "Cryohet"
+    CATEGORY_LABEL = "Continuous heterogeneity"
+
+    def __init__(self) -> None:
+        super().__init__()
+        m = self.METHOD
+        self.jobinfo.display_name = f"cryohet {m.name}"
+        self.jobinfo.version = __version__
+        self.jobinfo.short_desc = m.title
+        self.jobinfo.long_desc = m.help
+        self.jobinfo.programs = [ExternalProgram(command=engine_python())]
+        self.jobinfo.references = [_citation(c) for c in m.citations]
+        for p in m.all_params():
+            if p.name not in JOB_FILLED:
+                self.joboptions[p.name] = job_option(p)
+        self.get_runtab_options(threads="threads" in {p.name for p in m.all_params()})
+
+    def _values(self) -> dict[str, str]:
+        """Parameter -> command-line text, for every option that has a value."""
+        values = {}
+        for p in self.METHOD.all_params():
+            if p.name in JOB_FILLED:
+                continue
+            raw = self.joboptions[p.name].get_string()
+            if p.type is bool:
+                values[p.name] = "yes" if raw.strip().lower() in ("yes", "true", "1") else "no"
+            elif raw.strip() != "":
+                values[p.name] = raw.strip()
+        names = {p.name for p in self.METHOD.all_params()}
+        if "threads" in names:
+            values["threads"] = str(self.get_nr_threads())
+        values.update({k: v for k, v in RELION_DEFAULTS.items() if k in names})
+        return values
+
+    def get_commands(self) -> list[PipelinerCommand]:
+        cmd = [engine_python(), "-m", "cryohet.cli", self.METHOD.name, "--o", self.output_dir]
+        for name, value in self._values().items():
+            cmd += [f"--{name}", value]
+        return [PipelinerCommand(cmd)]
+
+    def create_output_nodes(self) -> None:
+        """Nothing before the run: the outputs are known from the run record (``create_post_run_output_nodes``)."""
+
+    def _record(self) -> RunRecord | None:
+        try:
+            return read_record(Path(self.output_dir))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def create_post_run_output_nodes(self) -> None:
+        record = self._record()
+        if record is None:
+            return
+        for name, _relion31_type, label in output_nodes(record, self.output_dir):
+            top, _ext, *kwds = label.split(".")
+            self.output_nodes.append(create_node(filename=name, nodetype=top, kwds=kwds))
+
+    def create_results_display(self) -> list[ResultsDisplayObject]:
+        record = self._record()
+        if record is None:
+            return []
+        job = Path(self.output_dir)
+        maps = {str(job / o.path): o.label for o in record.outputs if o.kind in ("volume", "volume_series")}
+        shown: list[ResultsDisplayObject] = []
+        if maps:
+            shown += make_maps_slice_montage_and_3d_display(in_maps=maps, output_dir=self.output_dir)
+        plots = [o for o in record.outputs if o.kind == "plot" and o.path.lower().endswith(".png")]
+        for o in plots[:MAX_IMAGES]:
+            shown.append(create_results_display_object(
+                "image", title=o.label or Path(o.path).stem, image_path=str(job / o.path),
+                image_desc=f"cryohet {self.METHOD.name}: {o.path}", associated_data=[str(job / o.path)]))
+        for o in record.outputs:
+            if o.kind == "report":
+                shown.append(create_results_display_object(
+                    "textfile", title=o.label or "Report", file_path=str(job / o.path)))
+        shown.append(create_results_display_object(
+            "text", title="Outputs", display_data=json.dumps(
+                [{"kind": o.kind, "path": o.path, "label": o.label} for o in record.outputs], indent=1),
+            associated_data=[str(job / "cryohet_run.json")]))
+        return shown
+
+
+def job_class(module: str) -> type[CryohetJob]:
+    """The job class of ``cryohet.methods.<module>`` (AttributeError when there is no such method)."""
+    method = method_of(module) if module in method_modules() else None
+    if method is None:
+        raise AttributeError(f"cryohet.methods.{module} defines no METHOD")
+    name = "Cryohet" + "".join(w.capitalize() for w in module.split("_")) + "Job"
+    return type(name, (CryohetJob,), {"METHOD": method, "PROCESS_NAME": PREFIX + module, "__module__": __name__})
+
+
+_classes: dict[str, type[CryohetJob]] = {}
+
+
+def __getattr__(module: str) -> type[CryohetJob]:
+    if module.startswith("__"):
+        raise AttributeError(module)
+    if module not in _classes:
+        _classes[module] = job_class(module)
+    return _classes[module]

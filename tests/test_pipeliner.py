@@ -1,0 +1,125 @@
+"""RELION 5's job runner, the CCP-EM pipeliner (ccpem-pipeliner from PyPI), runs every cryohet method as a job type.
+
+A real pipeliner project is made in a temporary folder and jobs are run through its API as RELION 5's GUI runs
+them: nodes with RELION 5's types in default_pipeline.star, the job's results displays, failures with the
+engine's reason. The pipeliner needs numpy 2, so these tests run in the newest environment only (make test).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+from pipeliner.api.manage_project import PipelinerProject
+from pipeliner.job_factory import UnavailableJob, get_job_types
+from pipeliner.project_graph import ProjectGraph
+
+from cryohet.methods import all_methods, method_modules, method_of
+from cryohet.record import read_record
+
+SIMULATE = {"n_particles": "200", "box": "32", "apix": "3", "n_states": "2", "resolution_A": "8", "snr": "1"}
+
+
+def _run(project: PipelinerProject, job_type: str, options: dict[str, str]):
+    return project.run_job({"_rlnJobTypeLabel": job_type, **options}, run_in_foreground=True)
+
+
+def _nodes() -> dict[str, str]:
+    """Node name -> RELION 5 type label, from the project's default_pipeline.star."""
+    with ProjectGraph(read_only=True) as graph:
+        return {n.name: n.toplevel_type + "." + ".".join([n.format, *n.kwds]) for n in graph.node_list}
+
+
+def _status(job_dir: str) -> str:
+    with ProjectGraph(read_only=True) as graph:
+        return graph.find_process(job_dir).status
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A new pipeliner project with a simulate job (the input of the others)."""
+    folder = tmp_path_factory.mktemp("relion5_project")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(folder)
+    mp.setenv("CRYOHET_NO_PROGRESS", "1")
+    project = PipelinerProject(make_new_project=True)
+    sim = _run(project, "cryohet.simulate", SIMULATE)
+    yield project, sim.output_dir
+    mp.undo()
+
+
+def test_every_method_is_a_job_type():
+    """The entry points (setup.py, one per module of cryohet/methods) give one loadable job type per method, with a
+    job option per parameter (inputs as input nodes, expert ones in the Expert group)."""
+    jobs = {j.PROCESS_NAME: j for j in get_job_types("cryohet.")}
+    assert not [n for n, j in jobs.items() if isinstance(j, UnavailableJob)], jobs
+    modules = [m for m in method_modules() if method_of(m) is not None]
+    assert set(jobs) == {f"cryohet.{m}" for m in modules} and len(jobs) == len(all_methods())
+    rec = jobs["cryohet.reconstruct"]
+    assert type(rec.joboptions["particles"]).__name__ == "InputNodeJobOption"
+    assert rec.joboptions["particles"].is_required and rec.joboptions["particles"].node_type == "ParticleGroupMetadata"
+    assert type(rec.joboptions["mask"]).__name__ == "InputNodeJobOption"
+    assert rec.joboptions["batch_size"].jobop_group == "Expert" and rec.joboptions["box"].jobop_group == "Main"
+    assert "threads" not in rec.joboptions and "nr_threads" in rec.joboptions  # the Running tab's threads
+    sim = jobs["cryohet.simulate"]
+    assert type(sim.joboptions["motion"]).__name__ == "MultipleChoiceJobOption"
+    assert sim.joboptions["n_particles"].hard_min == 1
+    assert sim.jobinfo.references and all(r.year for r in sim.jobinfo.references)
+
+
+def test_simulate_then_reconstruct_in_a_relion5_project(project):
+    project, sim_dir = project
+    assert _status(sim_dir) == "Succeeded"
+    rec = _run(project, "cryohet.reconstruct", {"particles": f"{sim_dir}particles.star", "nr_threads": "2"})
+    job = rec.output_dir
+    assert _status(job) == "Succeeded", Path(job, "run.err").read_text()
+    nodes = _nodes()
+    assert nodes[f"{sim_dir}particles.star"] == "ParticleGroupMetadata.star.relion"
+    assert nodes[f"{sim_dir}maps/mean.mrc"] == "DensityMap.mrc"
+    assert nodes[f"{job}map.mrc"] == "DensityMap.mrc"
+    assert nodes[f"{job}half1.mrc"] == nodes[f"{job}half2.mrc"] == "DensityMap.mrc.halfmap"
+    assert nodes[f"{job}particles.star"] == "ParticleGroupMetadata.star.relion"
+    assert all(Path(n).is_file() for n in nodes)
+    with ProjectGraph(read_only=True) as graph:  # the edge from the simulated particles to this job
+        assert [n.name for n in graph.find_process(job).input_nodes] == [f"{sim_dir}particles.star"]
+    record = read_record(Path(job))
+    assert record.params["threads"] == 2 and record.params["overwrite"] is True
+    assert read_record(Path(sim_dir)).params["image_paths"] == "cwd"  # RELION's convention: paths from the project
+    with mrcfile.open(f"{job}map.mrc") as m, mrcfile.open(f"{sim_dir}maps/mean.mrc") as t:
+        assert np.corrcoef(m.data.ravel(), t.data.ravel())[0, 1] > 0.8
+
+    # What the GUI's results tab shows: map slices, a 3-D view, the FSC plot, the outputs
+    shown = {(o.dobj_type, o.title) for o in project.get_job(job).save_results_display_files()}
+    kinds = {k for k, _ in shown}
+    assert {"montage", "mapmodel", "image", "text"} <= kinds and "pending" not in kinds, shown
+    assert any(t == "FSC curve" for k, t in shown if k == "image")
+    saved = sorted(Path(job).glob(".results_display*.json"))
+    assert len(saved) == len(shown) and json.loads(saved[0].read_text())["dobj_type"] == "montage"
+
+
+def test_engine_in_another_environment(project, monkeypatch):
+    """CRYOHET_PYTHON chooses the python a job runs the engine with (here the Scipion-pinned environment)."""
+    project, sim_dir = project
+    other = Path(sys.executable).parents[1].with_name(".venv") / "bin" / "python"
+    assert other.is_file(), f"{other}: missing (make setup builds it)"
+    monkeypatch.setenv("CRYOHET_PYTHON", str(other))
+    job = _run(project, "cryohet.reconstruct", {"particles": f"{sim_dir}particles.star"}).output_dir
+    assert _status(job) == "Succeeded", Path(job, "run.err").read_text()
+    numpy = subprocess.run([str(other), "-c", "import numpy; print(numpy.__version__)"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert read_record(Path(job)).versions["numpy"] == numpy != np.__version__
+
+
+def test_bad_input_fails_the_job_with_the_engines_reason(project, tmp_path):
+    project, _ = project
+    bad = Path("not_particles.star")
+    bad.write_text("data_particles\n\nloop_\n_rlnImageName #1\n1@missing.mrcs\n")
+    job = _run(project, "cryohet.reconstruct", {"particles": str(bad)}).output_dir
+    assert _status(job) == "Failed"
+    err = Path(job, "run.err").read_text()
+    assert "cryohet reconstruct: error:" in err and "not_particles.star" in err, err
+    assert not Path(job, "map.mrc").exists()
