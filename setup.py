@@ -47,6 +47,11 @@ setup(
             "scipion-em",
             "scipion-em-relion",
             "scipion-app",  # Scipion's installer (scipion3 installb cryohet: the engine's own environment)
+            # Scipion's flexibility tools that take our particles with latents (tests/test_scipion_flexutils.py);
+            # flexutils' protocols import scipion-em-xmipp's.
+            "scipion-em-flexutils",
+            "scipion-em-cryodrgn",
+            "scipion-em-xmipp",
             "numpy==1.26.1",
             "scipy<=1.10.0",
             "matplotlib==3.8.1",

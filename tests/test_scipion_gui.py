@@ -26,6 +26,7 @@ from tkinter import ttk
 
 import numpy as np
 import pytest
+import scipion_tools
 
 XVFB = shutil.which("Xvfb")
 SCREEN = (1920, 1400)
@@ -289,20 +290,14 @@ def test_every_protocol_form_in_scipions_window(window, shots):
 @pytest.fixture(scope="module")
 def finished_run(window):
     """simulate -> principal-volumes, launched in the window's project (latents, plots, a report)."""
-    from cryohet_plugin.protocols import CryohetProtPrincipalVolumes, CryohetProtSimulate
+    from cryohet_plugin.protocols import CryohetProtPrincipalVolumes
 
     project = window.project
 
     def launch(prot):
-        project.launchProtocol(prot, wait=True)
-        prot = project.getProtocol(prot.getObjId())
-        if not prot.isFinished():
-            logs = [Path(f).read_text()[-3000:] for f in prot.getLogPaths() if os.path.exists(f)]
-            pytest.fail(f"{prot.getRunName()} did not finish: {prot.getErrorMessage()}\n" + "\n".join(logs))
-        return prot
+        return scipion_tools.launch(project, prot)
 
-    sim = launch(project.newProtocol(CryohetProtSimulate, n_particles=200, box=32, apix=3.0, n_states=3,
-                                     resolution_A=8.0, snr=1.0, useGpu=False, numberOfThreads=2))
+    sim = scipion_tools.simulate(project, 200)
     return launch(project.newProtocol(CryohetProtPrincipalVolumes, particles=sim.outputParticles,
                                       n_components=2, resolution_A=12.0, max_iter=2, movie_frames=3,
                                       useGpu=False, numberOfThreads=2))

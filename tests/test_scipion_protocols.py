@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import mrcfile
@@ -21,29 +20,18 @@ import starfile
 from pwem.objects import SetOfParticles, SetOfVolumes, Volume
 from pwem.protocols import ProtImportMask, ProtImportParticles
 from pyworkflow.plugin import Domain
-from pyworkflow.project import Manager
+from scipion_tools import launch as _launch
+from scipion_tools import new_project
 
 from cryohet_plugin.protocols import CryohetProtReconstruct, CryohetProtSimulate, ProtCryohetBase
 
 BOX, APIX, N_PARTICLES = 32, 3.0, 300
 
 
-def _launch(proj, prot, ok: bool = True):
-    proj.launchProtocol(prot, wait=True)
-    prot = proj.getProtocol(prot.getObjId())  # re-read what the runner process stored
-    if ok and not prot.isFinished():
-        logs = [Path(f).read_text()[-3000:] for f in prot.getLogPaths() if os.path.exists(f)]
-        pytest.fail(f"{prot.getRunName()} did not finish: {prot.getErrorMessage()}\n" + "\n".join(logs))
-    return prot
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    cwd = os.getcwd()
-    proj = Manager().createProject(f"cryohet_{uuid.uuid4().hex[:8]}")
-    os.chdir(proj.path)
-    yield proj
-    os.chdir(cwd)
+def project():
+    with new_project("protocols") as proj:
+        yield proj
 
 
 @pytest.fixture(scope="module")
