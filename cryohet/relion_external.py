@@ -48,6 +48,7 @@ NODE_TYPES: dict[str, tuple[int, str]] = {
     "volume_series": (6, "DensityMap.mrc"),
     "half_map": (10, "DensityMap.mrc.halfmap"),
     "mask": (7, "Mask3D.mrc"),
+    "local_resolution": (12, "Image3D.mrc.localresmap"),  # RELION's local-resolution maps (3.1: a resmap node)
 }
 #: PDF files of these kinds become log-file nodes.
 PDF_KINDS = ("plot", "report")

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "cryohet.analysis": 4, "cryohet.validation": 4,
     "cryohet.methods": 5, "cryohet.runner": 5,
     "cryohet.cli": 6, "cryohet.relion_external": 6, "cryohet.describe": 6, "cryohet.pipeliner_jobs": 6,
+    "cryohet.pipeliner_engine": 6,
 }
 
 #: Top-level packages the engine never imports: Scipion (pyworkflow, pwem), its RELION plugin, our Scipion plugin.

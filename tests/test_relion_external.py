@@ -221,9 +221,9 @@ def test_abinit_job_registers_posed_particles_and_map(project, simulated_job):
 
 def test_kernel_volumes_job_on_relion_particles_with_latents(project, simulated_job):
     """kernel-volumes from RELION's External job: the particles from the input node, latents from a file (the
-    simulator's true states); maps, half-maps and the particles STAR are nodes of the types RELION takes, and a
-    map of the state's particles alone by relion_reconstruct agrees with the state's kernel map at low resolution
-    (FSC above 0.8 to 1/12 Å⁻¹)."""
+    simulator's true states); maps, half-maps, local-resolution maps and the particles STAR are nodes of the
+    types RELION takes, and a map of the state's particles alone by relion_reconstruct agrees with the state's
+    kernel map at low resolution (FSC above 0.8 to 1/12 Å⁻¹)."""
     from cryohet.reconstruct.fsc import fsc
 
     table = starfile.read(project / simulated_job / "particles.star")["particles"]
@@ -238,6 +238,7 @@ def test_kernel_volumes_job_on_relion_particles_with_latents(project, simulated_
     nodes = _nodes(project)
     assert nodes[f"{job}maps/kernel_000.mrc"] == 6 and nodes[f"{job}maps/kernel_001.mrc"] == 6
     assert nodes[f"{job}maps/kernel_001_half2.mrc"] == 10 and nodes[f"{job}particles.star"] == 3
+    assert nodes[f"{job}maps/kernel_001_locres.mrc"] == 12  # RELION 3.1's local-resolution (resmap) node
     subset = table[state == 1]
     starfile.write({"optics": starfile.read(project / simulated_job / "particles.star")["optics"],
                     "particles": subset}, project / "state1.star", overwrite=True)
