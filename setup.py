@@ -32,6 +32,8 @@ setup(
         "emtable",
         "pyarrow",
         "gemmi",
+        "prody",  # elastic-network modes (cryohet nma)
+        "MDAnalysis",  # MD trajectories (DCD, XTC) for ensemble reweighting
         "scikit-learn",
         "umap-learn",
         "tqdm",
