@@ -36,6 +36,8 @@ OUTPUT_KINDS = (
     "chimerax",        # a ChimeraX script (.cxc)
     "report",          # Markdown report
     "ground_truth",    # simulator ground truth (.npz)
+    "atomic_model",    # an atomic model (PDB / mmCIF), one model or several (a movie along a motion)
+    "normal_modes",    # normal modes of an elastic network (.npz: eigenvalues, modes, atoms)
 )
 
 

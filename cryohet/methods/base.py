@@ -22,7 +22,8 @@ class Param:
     """A method parameter.
 
     ``type`` is one of int, float, str, bool, path. ``input_role`` marks a path that a host
-    fills from one of its own objects (``particles``, ``volume``, ``mask``).
+    fills from one of its own objects (``particles``, ``volume``, ``mask``, ``run``, ``atomic_model``: a PDB or
+    mmCIF file).
     ``help`` states units; ``expert`` hides it from the basic forms.
     """
 
