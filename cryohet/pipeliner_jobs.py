@@ -42,7 +42,7 @@ from pipeliner.job_options import (
     StringJobOption,
 )
 from pipeliner.node_factory import create_node
-from pipeliner.nodes import NODE_DENSITYMAP, NODE_MASK3D, NODE_PARTICLEGROUPMETADATA, NODE_PROCESSDATA
+from pipeliner.nodes import NODE_ATOMCOORDS, NODE_DENSITYMAP, NODE_MASK3D, NODE_PARTICLEGROUPMETADATA, NODE_PROCESSDATA
 from pipeliner.pipeliner_job import PipelinerCommand, PipelinerJob, Ref
 from pipeliner.results_display_objects import ResultsDisplayObject
 
@@ -63,6 +63,8 @@ INPUT_NODES = {
     "volume": (NODE_DENSITYMAP, [], FileDescription("MRC map", [".mrc"])),
     "mask": (NODE_MASK3D, [], FileDescription("MRC mask", [".mrc"])),
     "run": (*RECORD_NODE, FileDescription("cryohet run record", [RECORD_NAME], exact=True)),
+    "atomic_model": (NODE_ATOMCOORDS, [], FileDescription("PDB or mmCIF atomic model", [".pdb", ".ent", ".cif",
+                                                                                        ".mmcif"])),
 }
 #: Parameters the job fills itself: threads from the Running tab; the job folder belongs to the job, so running
 #: it again replaces the earlier run (as for the External job).

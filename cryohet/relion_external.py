@@ -41,14 +41,17 @@ UNUSED_INPUT_FLAGS = ("in_movies", "in_mics", "in_coords")
 #: Options of the job itself (not method parameters).
 JOB_FLAGS = ("o", "method", "j", "pipeline_control", *ROLE_OF_FLAG, *UNUSED_INPUT_FLAGS)
 
-#: Output kind -> (RELION 3.1 node type, RELION 4/5 node type label).
-NODE_TYPES: dict[str, tuple[int, str]] = {
+#: Output kind -> (RELION 3.1 node type or None where 3.1 has none, RELION 4/5 node type label).
+NODE_TYPES: dict[str, tuple[int | None, str]] = {
     "particles_star": (3, "ParticleGroupMetadata.star.relion"),
     "volume": (6, "DensityMap.mrc"),
     "volume_series": (6, "DensityMap.mrc"),
     "half_map": (10, "DensityMap.mrc.halfmap"),
     "mask": (7, "Mask3D.mrc"),
     "local_resolution": (12, "Image3D.mrc.localresmap"),  # RELION's local-resolution maps (3.1: a resmap node)
+    # RELION 3.1 has no node type for atomic models: they are nodes of RELION 4/5 (the pipeliner jobs) only;
+    # "{ext}" is the file's own (pdb or cif)
+    "atomic_model": (None, "AtomCoords.{ext}"),
 }
 #: PDF files of these kinds become log-file nodes.
 PDF_KINDS = ("plot", "report")
@@ -186,23 +189,25 @@ def _node_name(job_dir: str, rel_path: str) -> str:
     return path
 
 
-def output_nodes(record: RunRecord, job_dir: str) -> list[tuple[str, int, str]]:
-    """(node name, RELION 3.1 type, RELION 4/5 type label) for each output RELION can use."""
+def output_nodes(record: RunRecord, job_dir: str) -> list[tuple[str, int | None, str]]:
+    """(node name, RELION 3.1 type or None, RELION 4/5 type label) for each output RELION can use."""
     nodes = []
     for out in record.outputs:
         node = NODE_TYPES.get(out.kind)
         if node is None and out.kind in PDF_KINDS and out.path.lower().endswith(".pdf"):
             node = PDF_NODE
         if node is not None:
-            nodes.append((_node_name(job_dir, out.path), *node))
+            ext = "cif" if out.path.lower().endswith((".cif", ".mmcif")) else "pdb"
+            nodes.append((_node_name(job_dir, out.path), node[0], node[1].format(ext=ext)))
     return nodes
 
 
-def write_output_nodes(path: Path, nodes: list[tuple[str, int, str]]) -> None:
-    """Write ``RELION_OUTPUT_NODES.star`` (read by RELION 3.1 for the type, 4/5 for the label)."""
+def write_output_nodes(path: Path, nodes: list[tuple[str, int | None, str]]) -> None:
+    """Write ``RELION_OUTPUT_NODES.star`` (read by RELION 3.1 for the type, 4/5 for the label); nodes without a
+    RELION 3.1 type are left out (3.1 reads every line's type)."""
     lines = ["# version 30001", "", "data_output_nodes", "", "loop_",
              "_rlnPipeLineNodeName #1", "_rlnPipeLineNodeType #2", "_rlnPipeLineNodeTypeLabel #3"]
-    lines += [f"{name} {ntype} {label}" for name, ntype, label in nodes]
+    lines += [f"{name} {ntype} {label}" for name, ntype, label in nodes if ntype is not None]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n\n")
 

@@ -26,4 +26,4 @@ HOST_FILLED = ("device", "threads", "overwrite")
 
 #: Scipion class each input role points at ("run": the output folder of an earlier cryohet protocol).
 POINTER_CLASSES = {"particles": "SetOfParticles", "volume": "Volume", "mask": "VolumeMask",
-                   "run": "ProtCryohetBase"}
+                   "run": "ProtCryohetBase", "atomic_model": "AtomStruct"}

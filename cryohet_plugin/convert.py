@@ -137,6 +137,12 @@ def map_sampling(path: str) -> float | None:
     return size if size > 0 else None
 
 
+def read_modes(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(modes (M, N, 3), collectivity (M,)) of a ``cryohet nma`` modes file (.npz of arrays only)."""
+    with np.load(path, allow_pickle=False) as f:
+        return np.asarray(f["modes"], dtype=np.float64), np.asarray(f["collectivity"], dtype=np.float64)
+
+
 def load_latents(path: str) -> np.ndarray:
     """Latent coordinates (.npy, or text) as a 2-D array, one row per particle."""
     z = np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=2)

@@ -13,7 +13,17 @@ import sys
 from typing import Any
 
 import numpy as np
-from pwem.objects import FSC, ParticleFlex, SetOfParticles, SetOfParticlesFlex, Volume, VolumeMask
+from pwem.objects import (
+    FSC,
+    AtomStruct,
+    NormalMode,
+    ParticleFlex,
+    SetOfNormalModes,
+    SetOfParticles,
+    SetOfParticlesFlex,
+    Volume,
+    VolumeMask,
+)
 from pwem.protocols import EMProtocol
 from pwem.protocols.protocol_base_flexhub import ProtFlexBase
 
@@ -102,7 +112,7 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
             obj = getattr(self, attr).get()
             if obj is None:
                 continue
-            if role == "run":
+            if role in ("run", "atomic_model"):  # an earlier run's folder, a PDB/mmCIF file: read where they are
                 continue
             if role == "particles":
                 convert.write_particles_star(obj, self._getExtraPath(INPUT_DIR, INPUT_PARTICLES),
@@ -149,6 +159,8 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
                 return os.path.abspath(self._getExtraPath(INPUT_DIR, INPUT_PARTICLES))
             if p.input_role == "run":
                 return os.path.abspath(target._getExtraPath(ENGINE_DIR))
+            if p.input_role == "atomic_model":
+                return os.path.abspath(target.getFileName())
             return self._mapFile(target, p.input_role)
         value = obj.get()
         if value is None or (isinstance(value, str) and value.strip() == ""):
@@ -232,6 +244,18 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
         elif masks:
             defined["outputMasks"] = self._volumeSet(masks, sampling, "masks", cls=VolumeMask)
 
+        models = outs.get("atomic_model", [])
+        if len(models) == 1:
+            defined["outputAtomStruct"] = self._atomStruct(models[0])
+        elif models:
+            structs = self._createSetOfPDBs("models")
+            for out in models:
+                structs.append(self._atomStruct(out))
+            defined["outputAtomStructs"] = structs
+        for i, out in enumerate(outs.get("normal_modes", [])):
+            reference = defined.get("outputAtomStruct") or self._inputAtomStruct()
+            defined["outputModes" if i == 0 else f"outputModes{i + 1}"] = self._normalModes(out, reference, i)
+
         latents = [o for o in outs.get("latents", []) if o["meta"].get("content") in LATENT_CONTENT]
         stars = outs.get("particles_star", [])
         if parts_in is None:
@@ -312,6 +336,31 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
         if out.get("label"):
             vol.setObjLabel(out["label"])
         return vol
+
+    @staticmethod
+    def _atomStruct(out: dict) -> AtomStruct:
+        struct = AtomStruct(filename=out["file"])
+        if out.get("label"):
+            struct.setObjLabel(out["label"])
+        return struct
+
+    def _inputAtomStruct(self) -> AtomStruct | None:
+        attr = self._roleAttrs().get("atomic_model")
+        return getattr(self, attr).get() if attr is not None else None
+
+    def _normalModes(self, out: dict, reference: AtomStruct | None, index: int) -> SetOfNormalModes:
+        """Scipion's normal modes (as ContinuousFlex keeps them: one text file per mode, a row (x, y, z) per atom)
+        from the engine's ``modes.npz``; ``reference``: the atoms they move."""
+        folder = self._getExtraPath(f"modes{index + 1 if index else ''}")
+        os.makedirs(folder, exist_ok=True)
+        modes = self._createSetOfNormalModes(str(index + 1) if index else "")
+        if reference is not None:
+            modes.setPdb(reference)
+        for k, (vec, coll) in enumerate(zip(*convert.read_modes(out["abspath"])), start=1):
+            path = os.path.join(folder, f"vec.{k}")
+            np.savetxt(path, vec, fmt="%.8f")
+            modes.append(NormalMode(modeFile=path, collectivity=float(coll), objId=k))
+        return modes
 
     def _volumeSet(self, outs: list[dict], sampling: float | None, suffix: str, halves: list[dict] = (),
                    cls=Volume):
