@@ -23,6 +23,7 @@ from cryohet.models.elastic_network import (
     load_modes,
     max_atoms,
     plan_memory,
+    subspace_overlaps,
 )
 from cryohet.models.pseudo_atoms import place_pseudo_atoms, pseudo_atom_count
 from cryohet.simulate.density import atoms_to_map
@@ -49,20 +50,6 @@ def _prody_anm(xyz: np.ndarray, n_modes: int) -> prody.ANM:
     return anm
 
 
-def _subspace_overlaps(ours: np.ndarray, ref: np.ndarray, values: np.ndarray, rel: float = 1e-6) -> np.ndarray:
-    """Per mode, the overlap of our mode with ProDy's, as the smallest cosine of the principal angles between
-    the two subspaces of each group of (near-)degenerate eigenvalues (1 for one mode: |v·w|)."""
-    a, b = ours.reshape(len(ours), -1), ref.reshape(len(ref), -1)
-    out = np.empty(len(values))
-    start = 0
-    for k in range(1, len(values) + 1):
-        if k == len(values) or values[k] - values[k - 1] > rel * values[k]:
-            s = np.linalg.svd(a[start:k] @ b[start:k].T, compute_uv=False)
-            out[start:k] = s.min()
-            start = k
-    return out
-
-
 @pytest.mark.parametrize("solver", ["prody", "torch"])
 @pytest.mark.parametrize("path, selection", [(DEFAULT_MOLECULE, "ca"), (UBIQUITIN, "ca"), (UBIQUITIN, "heavy")],
                          ids=["adk-ca", "ubq-ca", "ubq-heavy"])
@@ -73,7 +60,7 @@ def test_modes_match_prody(path: Path, selection: str, solver: str) -> None:
     assert nm.solver == solver and nm.modes.shape == (20, len(nodes), 3)
     np.testing.assert_allclose(nm.eigenvalues, ref.getEigvals(), rtol=1e-4)
     ref_modes = ref.getEigvecs().T.reshape(20, len(nodes), 3)
-    assert _subspace_overlaps(nm.modes, ref_modes, ref.getEigvals()).min() > 0.99
+    assert subspace_overlaps(nm.modes, ref_modes, ref.getEigvals()).min() > 0.99
     np.testing.assert_allclose(np.linalg.norm(nm.modes.reshape(20, -1), axis=1), 1.0, atol=1e-10)
     np.testing.assert_allclose(nm.collectivity, prody.calcCollectivity(ref), atol=1e-8)
     np.testing.assert_allclose(nm.square_fluctuations(), prody.calcSqFlucts(ref), rtol=1e-6)
@@ -105,7 +92,7 @@ def test_network_in_two_pieces_warns_and_drops_both_rigid_sets(caplog: pytest.Lo
         assert nm.eigenvalues[0] > 1e-3  # the 12 rigid-body modes are gone
         # each eigenvalue of one piece appears twice (the two copies): compare the degenerate pairs' subspaces
         ref_modes = ref.getEigvecs().T.reshape(10, len(two), 3)
-        assert _subspace_overlaps(nm.modes, ref_modes, ref.getEigvals()).min() > 0.99
+        assert subspace_overlaps(nm.modes, ref_modes, ref.getEigvals()).min() > 0.99
 
 
 def test_pseudo_atoms_recover_a_simulated_map() -> None:
@@ -277,3 +264,15 @@ def test_memory_plan_refuses_and_names_the_largest_system() -> None:
     assert msg.startswith(f"big.cif: {fits * 2} atoms need ") and "--selection ca" in msg
     named = int(re.search(r"enough for (\d+) atoms", msg).group(1))
     assert abs(named - fits) <= 0.05 * fits  # the free memory moves a little between the two looks
+
+
+def test_subspace_overlaps_of_rotated_degenerate_modes() -> None:
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(rng.normal(size=(30, 4)))[0].T.reshape(4, 10, 3)  # 4 orthonormal modes of 10 atoms
+    c, s = np.cos(0.7), np.sin(0.7)
+    rotated = q.copy()
+    rotated[1], rotated[2] = c * q[1] + s * q[2], -s * q[1] + c * q[2]  # modes 2 and 3 share an eigenvalue
+    values = np.array([1.0, 2.0, 2.0, 3.0])
+    np.testing.assert_allclose(subspace_overlaps(rotated, q, values), 1.0, atol=1e-12)
+    assert subspace_overlaps(rotated, q, np.array([1.0, 2.0, 2.5, 3.0]))[1] == pytest.approx(c)
+    assert subspace_overlaps(q[[1, 0, 2, 3]], q, np.array([1.0, 2.0, 3.0, 4.0]))[:2] == pytest.approx([0, 0])

@@ -150,6 +150,21 @@ def collectivity(modes: np.ndarray) -> np.ndarray:
     return np.exp(-(u2 * np.log(u2 + np.finfo(float).eps)).sum(1)) / u2.shape[1]
 
 
+def subspace_overlaps(modes_a: np.ndarray, modes_b: np.ndarray, eigenvalues: np.ndarray, rel: float = 1e-6
+                      ) -> np.ndarray:
+    """Per mode (M,), the overlap of two sets of unit modes (M, N, 3) of one network: |a·b| for a mode alone; for a
+    group of (near-)degenerate eigenvalues (relative gap < ``rel``), where any rotation of the modes within the group
+    is as good, the smallest cosine of the principal angles between the two groups' subspaces."""
+    a, b = modes_a.reshape(len(modes_a), -1), modes_b.reshape(len(modes_b), -1)
+    out = np.empty(len(eigenvalues))
+    start = 0
+    for k in range(1, len(eigenvalues) + 1):
+        if k == len(eigenvalues) or eigenvalues[k] - eigenvalues[k - 1] > rel * abs(eigenvalues[k]):
+            out[start:k] = np.linalg.svd(a[start:k] @ b[start:k].T, compute_uv=False).min()
+            start = k
+    return out
+
+
 def pick_solver(solver: str, n_atoms: int, device: torch.device) -> str:
     """``auto``: torch on CUDA from ``AUTO_TORCH_MIN_ATOMS`` atoms, ProDy otherwise."""
     if solver not in SOLVERS:
