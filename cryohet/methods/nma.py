@@ -8,6 +8,9 @@ import numpy as np
 
 from cryohet.methods.base import Method, Param
 
+#: Atom serial numbers of a PDB file stop here: larger models' files are written as mmCIF.
+PDB_MAX_ATOMS = 99_999
+
 PARAMS = (
     Param("model", Path, None, "Atomic model (PDB or mmCIF; first model; waters and hydrogens ignored).",
           input_role="atomic_model"),
@@ -121,7 +124,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             n_nodes=len(nodes), selection=selection, solver=nm.solver, source=str(source))
     ctx.add("normal_modes", write_modes_csv(out / "modes.csv", nm).name, "mode table: eigenvalue, collectivity",
             format="csv")
-    suffix = ".cif" if source.suffix.lower() in (".cif", ".mmcif") else ".pdb"
+    suffix = ".cif" if source.suffix.lower() in (".cif", ".mmcif") or len(atoms) > PDB_MAX_ATOMS else ".pdb"
     write_models(out / f"atoms{suffix}", nodes, nodes.xyz_A[None])
     ctx.add("atomic_model", f"atoms{suffix}", "the network's nodes", n_atoms=len(nodes))
     moved = extend_to_residues(nm, atoms) if atoms is not nodes else nm.modes
@@ -154,7 +157,8 @@ METHOD = Method(
     order=21,
     title="Elastic-network normal modes",
     help="Normal modes of an anisotropic network model (ANM, as ProDy's) of an atomic model (Cα or heavy atoms) or "
-         "of pseudo-atoms placed in a map: springs of constant --gamma between nodes closer than --cutoff_A, the "
+         "of pseudo-atoms placed in a map (weighted k-means of the voxels above --threshold, one pseudo-atom per "
+         "--pseudo_spacing_A³): springs of constant --gamma between nodes closer than --cutoff_A, the "
          "six rigid-body modes removed. Writes modes.npz (eigenvalues, unit modes, coordinates, atom names), "
          "modes.csv (eigenvalue, collectivity), atoms.pdb/.cif (the nodes), for the lowest --movie_modes modes a "
          "movie mode_NN.pdb/.cif (every atom moving with its residue), maps along it (mode_NN_maps/) and a ChimeraX "
