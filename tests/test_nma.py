@@ -23,6 +23,7 @@ from cryohet.models.elastic_network import (
     free_memory_bytes,
     load_modes,
     max_atoms,
+    network_pieces,
     plan_memory,
     subspace_overlaps,
 )
@@ -96,6 +97,17 @@ def test_network_in_two_pieces_warns_and_drops_both_rigid_sets(caplog: pytest.Lo
         assert subspace_overlaps(nm.modes, ref_modes, ref.getEigvals()).min() > 0.99
 
 
+def test_zero_modes_counted_as_prody_finds_them() -> None:
+    ca = read_atoms(UBIQUITIN, "ca").xyz_A
+    for extra, expected in (([], (1, 6)), ([[200.0, 0, 0]], (2, 9)), ([[200.0, 0, 0], [203.0, 0, 0]], (2, 11))):
+        xyz = np.concatenate([ca, np.reshape(extra, (-1, 3))])
+        assert network_pieces(xyz, 15.0) == expected
+        anm = prody.ANM("all")
+        anm.buildHessian(xyz, cutoff=15.0, gamma=1.0)
+        anm.calcModes(None, zeros=False)  # every mode: ProDy drops the zero ones itself
+        assert anm.numModes() == 3 * len(xyz) - expected[1]
+
+
 def test_pseudo_atoms_recover_a_simulated_map() -> None:
     box, apix, res = 48, 2.0, 8.0
     atoms = read_atoms(DEFAULT_MOLECULE, "heavy")
@@ -138,6 +150,7 @@ def test_cli_outputs_of_an_atomic_model(tmp_path: Path, capsys: pytest.CaptureFi
     kinds = [(o["kind"], o["path"]) for o in record["outputs"]]
     assert ("normal_modes", "modes.npz") in kinds and ("atomic_model", "mode_02.pdb") in kinds
     assert ("chimerax", "mode_01.cxc") in kinds and ("plot", "modes.png") in kinds
+    assert record["outputs"][0]["meta"]["solver"] == "prody"  # --solver auto on the CPU
     # modes.npz: the shared format, arrays only
     with np.load(out / "modes.npz", allow_pickle=False) as z:
         d = {k: z[k] for k in z.files}

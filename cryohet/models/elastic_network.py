@@ -90,16 +90,19 @@ def plan_memory(n_atoms: int, solver: str, device: torch.device, source: str | o
                                  "--selection ca (one node per residue) or fewer pseudo-atoms")
 
 
-def network_pieces(xyz_A: np.ndarray, cutoff_A: float) -> int:
-    """Connected pieces of the network (atoms joined within ``cutoff_A``)."""
+def network_pieces(xyz_A: np.ndarray, cutoff_A: float) -> tuple[int, int]:
+    """(connected pieces of the network (atoms joined within ``cutoff_A``), its zero modes: 6 per piece, 5 for a
+    pair, 3 for a lone atom)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
 
-    pairs = cKDTree(xyz_A).query_pairs(cutoff_A, output_type="ndarray")
     n = len(xyz_A)
+    pairs = cKDTree(xyz_A).query_pairs(cutoff_A, output_type="ndarray")
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    return int(connected_components(graph, directed=False)[0])
+    pieces, label = connected_components(graph, directed=False)
+    sizes = np.bincount(label)
+    return int(pieces), int(np.where(sizes == 1, 3, np.where(sizes == 2, 5, RIGID_MODES)).sum())
 
 
 def anm_hessian(xyz_A: torch.Tensor, cutoff_A: float, gamma: float, block_bytes: int = 1 << 28) -> torch.Tensor:
@@ -185,17 +188,16 @@ def anm_modes(atoms: Atoms, n_modes: int, cutoff_A: float = 15.0, gamma: float =
     """
     device = torch.device(device)
     n = len(atoms)
-    pieces = network_pieces(atoms.xyz_A, cutoff_A) if n > 1 else 1
-    available = 3 * n - RIGID_MODES * pieces
+    pieces, zeros = network_pieces(atoms.xyz_A, cutoff_A)
+    available = 3 * n - zeros
     if n_modes > available:
         raise InputError(atoms.source, f"{n_modes} modes requested but the network of {n} atoms has only "
-                                       f"{max(available, 0)} non-rigid modes (3N - {RIGID_MODES * pieces}"
+                                       f"{max(available, 0)} non-rigid modes (3N - {zeros}"
                                        f"{f', {pieces} separate pieces' if pieces > 1 else ''}): ask for fewer "
                                        "modes, or use --selection heavy / more pseudo-atoms")
     if pieces > 1 and log is not None:
         log.warning("the network falls apart into %d pieces at a %.3g Å cutoff: %d zero modes are removed, the "
-                    "pieces move as rigid bodies in them; raise --cutoff_A to join them", pieces, cutoff_A,
-                    RIGID_MODES * pieces)
+                    "pieces move as rigid bodies in them; raise --cutoff_A to join them", pieces, cutoff_A, zeros)
     chosen = pick_solver(solver, n, device)
     plan_memory(n, chosen, device if chosen == "torch" else torch.device("cpu"), atoms.source)
     if chosen == "torch":
