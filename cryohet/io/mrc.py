@@ -132,7 +132,8 @@ def read_mask(path: str | os.PathLike, box: int, apix: float, what: str = "--mas
     return np.clip(mask / mask.max(), 0, 1) if mask.max() > 1 else np.clip(mask, 0, 1)
 
 
-def _write_mrc(path: str | os.PathLike, arr: np.ndarray, apix: float, stack: bool) -> None:
+def _write_mrc(path: str | os.PathLike, arr: np.ndarray, apix: float, stack: bool,
+               origin_A: np.ndarray | None = None) -> None:
     what = "write_stack needs an array (n, y, x)" if stack else "write_map needs a 3-D array (z, y, x)"
     if arr.ndim != 3:
         raise ValueError(f"{what}, got shape {arr.shape}")
@@ -145,12 +146,15 @@ def _write_mrc(path: str | os.PathLike, arr: np.ndarray, apix: float, stack: boo
         else:
             m.set_volume()
         m.voxel_size = float(apix)
+        if origin_A is not None:
+            m.header.origin = tuple(float(v) for v in origin_A)
         m.update_header_stats()
 
 
-def write_map(path: str | os.PathLike, array: np.ndarray, apix: float) -> None:
-    """Write a 3-D float32 map ``(z, y, x)`` with voxel size ``apix`` Å, atomically."""
-    _write_mrc(path, np.asarray(array), apix, stack=False)
+def write_map(path: str | os.PathLike, array: np.ndarray, apix: float, origin_A: np.ndarray | None = None) -> None:
+    """Write a 3-D float32 map ``(z, y, x)`` with voxel size ``apix`` Å, atomically; ``origin_A`` (x, y, z): where
+    voxel 0 lies in Å (the header's origin, which ChimeraX honours and RELION ignores; default 0)."""
+    _write_mrc(path, np.asarray(array), apix, stack=False, origin_A=origin_A)
 
 
 def open_stack(path: str | os.PathLike) -> np.memmap:
