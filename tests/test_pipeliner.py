@@ -143,6 +143,25 @@ def test_a_job_on_an_earlier_cryohet_job(project):
     assert len(montage.labels) == 3 * 24  # three slices of each of the first 24 maps of the 2 + 22 the run made
 
 
+def test_nma_job_has_an_atomic_model_input_node_and_registers_models(project):
+    """The atomic model is an AtomCoords input node; the job's models are AtomCoords nodes, its mode maps
+    DensityMap nodes."""
+    project, _ = project
+    model = Path("Import/model.pdb")
+    model.parent.mkdir(exist_ok=True)
+    model.write_bytes((Path(__file__).resolve().parents[1] / "cryohet" / "data" / "default_molecule.pdb").read_bytes())
+    option = new_job_of_type("cryohet.nma").joboptions["model"]
+    assert type(option).__name__ == "InputNodeJobOption" and option.node_type == "AtomCoords"
+    job = _run(project, "cryohet.nma", {"model": str(model), "n_modes": "3", "movie_modes": "1", "n_frames": "3",
+                                        "nr_threads": "1"}).output_dir
+    assert _status(job) == "Succeeded", Path(job, "run.err").read_text()
+    nodes = _nodes()
+    assert nodes[f"{job}atoms.pdb"] == nodes[f"{job}mode_01.pdb"] == "AtomCoords.pdb"
+    assert sum(1 for n, t in nodes.items() if n.startswith(f"{job}mode_01_maps/") and t == "DensityMap.mrc") == 3
+    with ProjectGraph(read_only=True) as graph:
+        assert [n.name for n in graph.find_process(job).input_nodes] == [str(model)]
+
+
 def test_abort_stops_the_engine(project):
     """The GUI's Abort (the pipeliner's abort trigger, then SIGTERM to the command) stops a long run at once: the job
     is aborted, the run record says so and run.err has the reason."""

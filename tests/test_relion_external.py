@@ -340,6 +340,25 @@ def test_multibody_and_flex_analyse_jobs(project, monkeypatch):
     assert kept == int((z[:, 0] >= 0).sum()) > 0
 
 
+def test_nma_job_takes_the_atomic_model_as_a_parameter(project):
+    """RELION 3.1's External job has no atomic-model input: the model is a parameter (a path), and the mode maps are
+    its map nodes; the models themselves stay files (3.1 has no node type for them; RELION 5's jobs register them)."""
+    model = Path(__file__).resolve().parents[1] / "cryohet" / "data" / "default_molecule.pdb"
+    job = _add_external(project, {"method": "nma", "model": str(model), "n_modes": "4", "movie_modes": "1",
+                                  "n_frames": "3"})
+    _run_job(project, job)
+    assert _status(project, job) == PROC_FINISHED, (project / job / "run.err").read_text()
+    nodes = _nodes(project)
+    maps = sorted(n for n in nodes if n.startswith(f"{job}mode_01_maps/"))
+    assert len(maps) == 3 and all(nodes[n] == 6 for n in maps)
+    assert not [n for n in nodes if n.startswith(job) and n.endswith(".pdb")]
+    assert "AtomCoords" not in (project / job / OUTPUT_NODES).read_text()
+    record = read_record(project / job)
+    assert record.params["model"] == str(model) and record.params["n_modes"] == 4
+    with np.load(project / job / "modes.npz", allow_pickle=False) as f:
+        assert f["modes"].shape == (4, 214, 3)
+
+
 def test_bad_input_fails_with_reason_in_run_err(project, simulated_job):
     """A particles STAR without CTF columns: RELION_JOB_EXIT_FAILURE, status failed, the reason in run.err."""
     src = (project / simulated_job / "particles.star").read_text().splitlines()

@@ -48,15 +48,26 @@ def _help(p) -> str:
     return text + f"\ncryohet param: *{p.flag}*"
 
 
+class Bounds(params.Conditional):
+    """``lo <= value <= hi`` (either bound may be None); an empty value passes when the parameter is optional
+    (pyworkflow's own GE, LE and Range refuse it)."""
+
+    def __init__(self, lo: float | None, hi: float | None, error: str, allows_null: bool):
+        super().__init__(error, allowsNull=allows_null)
+        self._condition = lambda value: value is not None and (lo is None or value >= lo) and (hi is None or
+                                                                                               value <= hi)
+
+
 def _validators(p) -> list:
-    v = []
-    if p.min is not None and p.max is not None:
-        v.append(params.Range(p.min, p.max, error=f"{p.name} must be in [{p.min:g}, {p.max:g}]"))
-    elif p.min is not None:
-        v.append(params.GE(p.min, error=f"{p.name} must be >= {p.min:g}"))
-    elif p.max is not None:
-        v.append(params.LE(p.max, error=f"{p.name} must be <= {p.max:g}"))
-    return v
+    if p.min is None and p.max is None:
+        return []
+    if p.max is None:
+        error = f"{p.name} must be >= {p.min:g}"
+    elif p.min is None:
+        error = f"{p.name} must be <= {p.max:g}"
+    else:
+        error = f"{p.name} must be in [{p.min:g}, {p.max:g}]"
+    return [Bounds(p.min, p.max, error, allows_null=p.default is None and not p.required)]
 
 
 def form_param(p) -> tuple[type, dict]:

@@ -252,9 +252,10 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
             for out in models:
                 structs.append(self._atomStruct(out))
             defined["outputAtomStructs"] = structs
-        for i, out in enumerate(outs.get("normal_modes", [])):
-            reference = defined.get("outputAtomStruct") or self._inputAtomStruct()
-            defined["outputModes" if i == 0 else f"outputModes{i + 1}"] = self._normalModes(out, reference, i)
+        mode_files = [o for o in outs.get("normal_modes", []) if o["path"].endswith(".npz")]  # (not the tables)
+        for i, out in enumerate(mode_files):
+            defined["outputModes" if i == 0 else f"outputModes{i + 1}"] = self._normalModes(
+                out, self._inputAtomStruct(), i)
 
         latents = [o for o in outs.get("latents", []) if o["meta"].get("content") in LATENT_CONTENT]
         stars = outs.get("particles_star", [])
@@ -349,8 +350,8 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
         return getattr(self, attr).get() if attr is not None else None
 
     def _normalModes(self, out: dict, reference: AtomStruct | None, index: int) -> SetOfNormalModes:
-        """Scipion's normal modes (as ContinuousFlex keeps them: one text file per mode, a row (x, y, z) per atom)
-        from the engine's ``modes.npz``; ``reference``: the atoms they move."""
+        """Scipion's normal modes (as ContinuousFlex keeps them: one text file per mode, a row (x, y, z) per network
+        node) from the engine's ``modes.npz``; ``reference``: the atomic model they were computed from."""
         folder = self._getExtraPath(f"modes{index + 1 if index else ''}")
         os.makedirs(folder, exist_ok=True)
         modes = self._createSetOfNormalModes(str(index + 1) if index else "")
