@@ -72,35 +72,37 @@ def _open(path: Path, what: str) -> None:
 
 
 def _universe(trajectory: Path, topology: Path | None) -> mda.Universe:
-    """The MDAnalysis universe of ``trajectory`` (with ``topology``); every model of a multi-model mmCIF (which
-    MDAnalysis reads only the first of) through gemmi."""
-    is_model = trajectory.suffix.lower() in MODEL_SUFFIXES
-    if topology is None and not is_model:
+    """The MDAnalysis universe of ``trajectory`` (with ``topology``)."""
+    if topology is None and trajectory.suffix.lower() not in MODEL_SUFFIXES:
         raise InputError(trajectory, "a trajectory in this format has no atom names: give its topology "
                                      "(--topology, e.g. the PDB or GRO file it was written from)")
     top = topology if topology is not None else trajectory
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            u = mda.Universe(str(top))
-        except Exception as exc:  # MDAnalysis raises many kinds for unreadable files
-            raise InputError(top, f"cannot read the topology ({_one_line(exc)})") from None
+        if top.suffix.lower() in CIF_SUFFIXES:
+            u = _cif_universe(top)
+        else:
+            try:
+                u = mda.Universe(str(top))
+            except Exception as exc:  # MDAnalysis raises many kinds for unreadable files
+                raise InputError(top, f"cannot read the topology ({_one_line(exc)})") from None
+        if top == trajectory:
+            return u
         if trajectory.suffix.lower() in CIF_SUFFIXES:
-            coords = _cif_frames(trajectory)
+            coords = _cif_frames(gemmi_structure(trajectory), trajectory)
             if coords.shape[1] != len(u.atoms):
                 raise _mismatch(trajectory, top, len(u.atoms), f"{coords.shape[1]} atoms per frame")
             u.load_new(coords, format=MemoryReader)
             return u
-        if top == trajectory:
-            return u
         try:
-            return mda.Universe(str(top), str(trajectory))
+            u.load_new(str(trajectory))
         except ValueError as exc:
             if "number of atoms" in str(exc):
                 raise _mismatch(trajectory, top, len(u.atoms), _one_line(exc)) from None
             raise InputError(trajectory, f"cannot read the trajectory ({_one_line(exc)})") from None
         except Exception as exc:
             raise InputError(trajectory, f"cannot read the trajectory ({_one_line(exc)})") from None
+    return u
 
 
 def _mismatch(trajectory: Path, topology: Path, n_top: int, detail: str) -> InputError:
@@ -108,17 +110,45 @@ def _mismatch(trajectory: Path, topology: Path, n_top: int, detail: str) -> Inpu
                                   f"{detail}; give the topology the trajectory was written with")
 
 
-def _cif_frames(path: Path) -> np.ndarray:
-    """Coordinates (F, N, 3) of every model of an mmCIF file, atoms in file order."""
+def gemmi_structure(path: Path) -> gemmi.Structure:
+    """Every model of a PDB/mmCIF file (gemmi); InputError naming the file when it cannot be read."""
     try:
         st = gemmi.read_structure(str(path))
     except (RuntimeError, ValueError, OSError) as exc:
         raise InputError(path, f"cannot read the models ({exc})") from None
+    if len(st) == 0 or st[0].count_atom_sites() == 0:
+        raise InputError(path, "the file has no atoms")
+    return st
+
+
+def _cif_frames(st: gemmi.Structure, path: Path) -> np.ndarray:
+    """Coordinates (F, N, 3) of every model, atoms in file order."""
     counts = {m.count_atom_sites() for m in st}
     if len(counts) != 1:
         raise InputError(path, f"the models have different numbers of atoms ({sorted(counts)}): not a trajectory")
     return np.stack([np.array([a.pos.tolist() for ch in m for r in ch for a in r], dtype=np.float32)
                      for m in st])
+
+
+def _cif_universe(path: Path) -> mda.Universe:
+    """A universe of a (multi-model) mmCIF file built from gemmi: MDAnalysis reads only an mmCIF's first model,
+    and its reader depends on the gemmi version."""
+    st = gemmi_structure(path)
+    coords = _cif_frames(st, path)
+    atoms = [(ch.name, r.seqid.num, r.seqid.icode, r.name, a.name, a.element.name)
+             for ch in st[0] for r in ch for a in r]
+    keys = [a[:4] for a in atoms]
+    new_residue = np.array([i == 0 or keys[i] != keys[i - 1] for i in range(len(keys))])
+    starts = np.flatnonzero(new_residue)
+    resindex = np.cumsum(new_residue) - 1
+    u = mda.Universe.empty(len(atoms), n_residues=len(starts), atom_resindex=resindex, trajectory=True)
+    u.add_TopologyAttr("names", [a[4] for a in atoms])
+    u.add_TopologyAttr("elements", [a[5] for a in atoms])
+    u.add_TopologyAttr("chainIDs", [a[0] for a in atoms])
+    u.add_TopologyAttr("resids", [atoms[i][1] for i in starts])
+    u.add_TopologyAttr("resnames", [atoms[i][3] for i in starts])
+    u.load_new(coords, format=MemoryReader)
+    return u
 
 
 def _one_line(exc: BaseException) -> str:

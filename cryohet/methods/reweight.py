@@ -156,10 +156,10 @@ def run(params: dict[str, Any], ctx) -> None:
     with atomic_path(out / "latents.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, expected[:, None].astype(np.float32))
     best = np.argsort(-w)[:params["n_maps"]]
-    full = frame_maps(traj.xyz_A[best], traj.weight, pset.box, pset.apix, params["resolution_A"], device=dev)
-    for rank, f in enumerate(best):
-        write_map(out / f"frame_{traj.frames[f] + 1:05d}.mrc", full[rank].cpu().numpy(), pset.apix)
     if len(best):
+        full = frame_maps(traj.xyz_A[best], traj.weight, pset.box, pset.apix, params["resolution_A"], device=dev)
+        for rank, f in enumerate(best):
+            write_map(out / f"frame_{traj.frames[f] + 1:05d}.mrc", full[rank].cpu().numpy(), pset.apix)
         write_models(out / "top_frames.pdb", traj.as_atoms(0), traj.xyz_A[best])
     p = np.clip(w, 1e-300, None)
     summary = {"n_particles": len(pset), "n_frames": F, "trajectory": str(traj.source),
