@@ -4,8 +4,8 @@ sampling, and per-particle posteriors over frames.
 The model (ensemble reweighting, as cryoBIFE / Tang et al. 2023): every image comes from one frame, drawn with
 probabilities w on the simplex, so p(X | w) = Π_i Σ_f w_f L_if.
 
-- ``em_weights``: the maximum-likelihood w by EM (w ← mean_i of the posteriors p(f | X_i, w)); the likelihood is
-  concave in w, so EM reaches the global maximum from any interior start.
+- ``em_weights``: the maximum-likelihood w by EM (w ← mean_i of the posteriors p(f | X_i, w)), accelerated by
+  SQUAREM; the log-likelihood is concave in w, so EM reaches the global maximum from any interior start.
 - ``gibbs_weights``: samples of w from its posterior under a Dirichlet(α) prior, by Gibbs sampling with the frame
   of each image as the latent variable (z_i ~ p(f | X_i, w), then w ~ Dirichlet(α + counts of z)), the chain
   started at the EM weights. Its spread is the uncertainty of the populations that the finite number of images
@@ -28,24 +28,44 @@ def _chunks(ll: np.ndarray, chunk: int, device: torch.device) -> Iterator[tuple[
         yield rows, torch.as_tensor(np.array(ll[rows], dtype=np.float64), device=device)
 
 
-def em_weights(ll: np.ndarray, max_iter: int = 1000, tol: float = 1e-7, chunk: int = 65536,
+def _em_step(ll: np.ndarray, w: torch.Tensor, chunk: int) -> tuple[torch.Tensor, float]:
+    """One EM map: (mean posterior over the frames, (F,), the mean log-likelihood at ``w``)."""
+    logw = torch.log(w.clamp_min(1e-300))
+    acc = torch.zeros_like(w)
+    total = 0.0
+    for _, L in _chunks(ll, chunk, w.device):
+        lp = L + logw
+        lse = torch.logsumexp(lp, 1, keepdim=True)
+        acc += torch.exp(lp - lse).sum(0)
+        total += float(lse.sum())
+    return acc / len(ll), total / len(ll)
+
+
+def em_weights(ll: np.ndarray, max_iter: int = 2000, tol: float = 1e-7, chunk: int = 65536,
                device: torch.device | str = "cpu") -> tuple[np.ndarray, int, float]:
-    """Maximum-likelihood frame weights (F,) by EM from uniform; (weights, iterations, last L1 change).
-    Stops when the L1 change of the weights falls below ``tol``."""
+    """Maximum-likelihood frame weights (F,) by EM from uniform, accelerated by SQUAREM (Varadhan & Roland 2008:
+    two EM steps, an extrapolation along them, one EM step from there, kept only when it is no worse than the
+    first step); (weights, EM passes over the matrix, L1 change of the last plain EM step). Stops when that change
+    falls below ``tol`` or after ``max_iter`` passes."""
     device = torch.device(device)
     F = ll.shape[1]
     w = torch.full((F,), 1.0 / F, dtype=torch.float64, device=device)
-    change, iterations = np.inf, 0
-    while iterations < max_iter and change >= tol:
-        acc = torch.zeros(F, dtype=torch.float64, device=device)
-        logw = torch.log(w.clamp_min(1e-300))
-        for _, L in _chunks(ll, chunk, device):
-            acc += torch.softmax(L + logw, 1).sum(0)
-        new = acc / len(ll)
-        change = float((new - w).abs().sum())
-        w = new
-        iterations += 1
-    return w.cpu().numpy(), iterations, change
+    change, passes = np.inf, 0
+    while passes < max_iter:
+        w1, _ = _em_step(ll, w, chunk)
+        w2, L1 = _em_step(ll, w1, chunk)
+        passes += 2
+        r, v = w1 - w, w2 - w1 - (w1 - w)
+        change = float((w2 - w1).abs().sum())
+        if change < tol or float(v.norm()) == 0:
+            w = w2
+            break
+        alpha = min(-float(r.norm() / v.norm()), -1.0)
+        jump = (w - 2 * alpha * r + alpha**2 * v).clamp_min(1e-12)
+        w3, L_jump = _em_step(ll, jump / jump.sum(), chunk)
+        passes += 1
+        w = w3 if L_jump >= L1 else w2
+    return w.cpu().numpy(), passes, change
 
 
 def gibbs_weights(ll: np.ndarray, start: np.ndarray, n_samples: int = 1000, burn_in: int = 200,

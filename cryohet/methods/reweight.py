@@ -49,8 +49,9 @@ PARAMS = (
           "simplex).", min=1e-6, expert=True),
     Param("mcmc_samples", int, 1000, "Posterior samples of the populations (Gibbs sweeps kept).", min=10),
     Param("burn_in", int, 200, "Gibbs sweeps discarded before the samples.", min=0, expert=True),
-    Param("em_iterations", int, 2000, "Most EM iterations for the maximum-likelihood populations.", min=1,
-          expert=True),
+    Param("em_iterations", int, 2000, "Most EM passes over the likelihood matrix for the maximum-likelihood "
+          "populations (SQUAREM-accelerated EM; it stops when an EM step changes them by under 1e-7 in L1).",
+          min=3, expert=True),
     Param("n_maps", int, 5, "Maps (and models) written of the most populated frames.", min=0),
     Param("noise_particles", int, 2000, "Particles the noise spectrum and scale are estimated from.", min=10,
           expert=True),
@@ -105,7 +106,7 @@ def _report(path: Path, summary: dict[str, Any], frames: np.ndarray, w: np.ndarr
              f"({summary['n_atoms']} atoms, selection `{summary['selection']}`), scored to "
              f"{summary['resolution_A']:g} Å on a {summary['lattice_box']}-pixel lattice; amplitude "
              f"{summary['scale']} ({summary['scale_value']:.4g}).", "",
-             f"EM: {summary['em_iterations']} iterations (last L1 change {summary['em_change']:.2g}); posterior: "
+             f"EM: {summary['em_iterations']} passes (last L1 change {summary['em_change']:.2g}); posterior: "
              f"{samples.shape[0]} Gibbs samples, Dirichlet({summary['prior_alpha']:g}) prior.", "",
              f"Mean probability of each particle's top frame: {summary['mean_top_probability']:.3f}; effective "
              f"number of frames (exp entropy of the populations): {summary['effective_frames']:.2f}.", "",
