@@ -67,11 +67,12 @@ def test_recovers_uneven_populations(noisy, reweighted):
     out, record = reweighted
     pop = _populations(out)
     tv = total_variation(pop["population"], noisy.populations)
+    tv_ml = total_variation(pop["ml"], noisy.populations)
     tv_hard = total_variation(pop["hard_assignment"], noisy.populations)
-    assert tv < 0.04, (pop["population"].values, noisy.populations)
-    assert tv < tv_hard
+    assert tv < 0.04 and tv_ml < 0.04, (pop, noisy.populations)
+    assert max(tv, tv_ml) < tv_hard
     assert record.status == "finished"
-    assert abs(pop["population"].sum() - 1) < 1e-6
+    assert abs(pop["population"].sum() - 1) < 1e-5
 
 
 def test_credible_intervals_cover_the_truth(noisy, reweighted):
@@ -136,7 +137,9 @@ def test_noise_free_images_give_the_exact_mixture(tmp_path):
     run_method(METHOD, {"particles": str(data.particles.particles_star), "trajectory": str(data.models_pdb),
                         **FAST}, out)
     pop = _populations(out)
-    assert total_variation(pop["population"], data.populations) < 1e-3
+    assert total_variation(pop["ml"], data.populations) < 1e-3
+    # the posterior mean is Dirichlet(1 + counts)'s
+    assert np.allclose(pop["population"], (data.populations * 200 + 1) / 203, atol=3e-3)
     table = starfile.read(out / "particles.star")["particles"]
     truth = np.load(data.particles.ground_truth)["state"]
     assert (table["cryohetReweightFrame"].values - 1 == truth).all()
@@ -259,7 +262,7 @@ def test_cli_end_to_end_with_a_distance_cv(noisy, tmp_path):
     assert proc.returncode == 0, proc.stderr
     fe = pd.read_csv(tmp_path / "o" / "free_energy.csv")
     assert fe.columns[0] == "distance (Å)" and 2 <= len(fe) <= 3
-    assert abs(fe["population"].sum() - 1) < 1e-6
+    assert abs(fe["population"].sum() - 1) < 1e-5
 
 
 @pytest.fixture(scope="module")

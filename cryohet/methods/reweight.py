@@ -50,7 +50,8 @@ PARAMS = (
     Param("mcmc_samples", int, 1000, "Posterior samples of the populations (Gibbs sweeps kept).", min=10),
     Param("burn_in", int, 200, "Gibbs sweeps discarded before the samples.", min=0, expert=True),
     Param("em_iterations", int, 2000, "Most EM passes over the likelihood matrix for the maximum-likelihood "
-          "populations (SQUAREM-accelerated EM; it stops when an EM step changes them by under 1e-7 in L1).",
+          "populations (SQUAREM-accelerated EM; it stops when an EM step raises the log-likelihood of all the "
+          "images by under 0.001 nats).",
           min=3, expert=True),
     Param("n_maps", int, 5, "Maps (and models) written of the most populated frames.", min=0),
     Param("noise_particles", int, 2000, "Particles the noise spectrum and scale are estimated from.", min=10,
@@ -87,15 +88,17 @@ def _settings(params: dict[str, Any]) -> dict[str, Any]:
             **{k: params[k] for k in ("selection", "stride", "resolution_A", "batch_size")}}
 
 
-def _write_populations(path: Path, frames: np.ndarray, cv: np.ndarray, w: np.ndarray, samples: np.ndarray,
+def _write_populations(path: Path, frames: np.ndarray, cv: np.ndarray, samples: np.ndarray, ml: np.ndarray,
                        hard: np.ndarray) -> None:
+    """population: posterior mean; sd and 2.5/97.5 % quantiles of the posterior; ml: EM; hard_assignment."""
     lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         out = csv.writer(fh)
-        out.writerow(["frame", "cv", "population", "sd", "q2.5", "q97.5", "posterior_mean", "hard_assignment"])
-        for f in range(len(w)):
-            out.writerow([int(frames[f]) + 1, f"{cv[f]:.6g}", f"{w[f]:.6g}", f"{samples[:, f].std():.4g}",
-                          f"{lo[f]:.6g}", f"{hi[f]:.6g}", f"{samples[:, f].mean():.6g}", f"{hard[f]:.6g}"])
+        out.writerow(["frame", "cv", "population", "sd", "q2.5", "q97.5", "ml", "hard_assignment"])
+        for f in range(samples.shape[1]):
+            out.writerow([int(frames[f]) + 1, f"{cv[f]:.6g}", f"{samples[:, f].mean():.6g}",
+                          f"{samples[:, f].std():.4g}", f"{lo[f]:.6g}", f"{hi[f]:.6g}", f"{ml[f]:.6g}",
+                          f"{hard[f]:.6g}"])
 
 
 def _report(path: Path, summary: dict[str, Any], frames: np.ndarray, w: np.ndarray, samples: np.ndarray) -> None:
@@ -106,14 +109,16 @@ def _report(path: Path, summary: dict[str, Any], frames: np.ndarray, w: np.ndarr
              f"({summary['n_atoms']} atoms, selection `{summary['selection']}`), scored to "
              f"{summary['resolution_A']:g} Å on a {summary['lattice_box']}-pixel lattice; amplitude "
              f"{summary['scale']} ({summary['scale_value']:.4g}).", "",
-             f"EM: {summary['em_iterations']} passes (last L1 change {summary['em_change']:.2g}); posterior: "
-             f"{samples.shape[0]} Gibbs samples, Dirichlet({summary['prior_alpha']:g}) prior.", "",
+             f"EM: {summary['em_iterations']} passes (last step's log-likelihood gain {summary['em_change']:.2g} "
+             f"nats); posterior: {samples.shape[0]} Gibbs samples, Dirichlet({summary['prior_alpha']:g}) prior.", "",
              f"Mean probability of each particle's top frame: {summary['mean_top_probability']:.3f}; effective "
              f"number of frames (exp entropy of the populations): {summary['effective_frames']:.2f}.", "",
-             "| frame | population | 95 % credible interval |", "|---:|---:|---|"]
-    lines += [f"| {frames[f] + 1} | {w[f]:.4f} | {lo[f]:.4f} – {hi[f]:.4f} |" for f in order[:20]]
+             "| frame | population (posterior mean) | 95 % credible interval | maximum likelihood (EM) |",
+             "|---:|---:|---|---:|"]
+    ml = summary["ml"]
+    lines += [f"| {frames[f] + 1} | {w[f]:.4f} | {lo[f]:.4f} – {hi[f]:.4f} | {ml[f]:.4f} |" for f in order[:20]]
     if len(order) > 20:
-        lines.append(f"| ... | ({len(order) - 20} more in populations.csv) | |")
+        lines.append(f"| ... | ({len(order) - 20} more in populations.csv) | | |")
     lines += ["", "Files: populations.csv, loglik.npy (N × F log-likelihoods, particles-file order), "
               "free_energy.csv, free_energy.png, particles.star (cryohetReweightFrame, "
               "cryohetReweightFrameProbability, cryohetReweightCV), latents.npy (expected CV per particle), "
@@ -140,14 +145,16 @@ def run(params: dict[str, Any], ctx) -> None:
                               noise_particles=params["noise_particles"], batch_size=params["batch_size"],
                               chunk_particles=params["chunk_particles"], settings=_settings(params),
                               resume=params["resume"], device=dev, log=ctx.log, progress=ctx.progress)
-    w, iters, change = em_weights(ll, params["em_iterations"], device=dev)
-    ctx.report_convergence("EM populations (L1 change of the weights)", change < 1e-7, change, 1e-7, iters)
-    samples = gibbs_weights(ll, w, params["mcmc_samples"], params["burn_in"], params["prior_alpha"], ctx.seed,
+    ml, iters, change = em_weights(ll, params["em_iterations"], device=dev)
+    ctx.report_convergence("EM populations (log-likelihood gain of an EM step, nats)", change < 1e-3, change, 1e-3,
+                           iters)
+    samples = gibbs_weights(ll, ml, params["mcmc_samples"], params["burn_in"], params["prior_alpha"], ctx.seed,
                             device=dev)
+    w = samples.mean(0)  # the populations reported: the posterior mean (see inference.populations)
     hard = hard_assignment(ll)
     top, prob, expected = frame_posteriors(ll, w, cv, device=dev)
     lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
-    _write_populations(out / "populations.csv", traj.frames, cv, w, samples, hard)
+    _write_populations(out / "populations.csv", traj.frames, cv, samples, ml, hard)
     prof = free_energy_profile(cv, w, samples, 0 if params["cv"] == "frame" else params["cv_bins"])
     write_profile_csv(out / "free_energy.csv", prof, cv_name, params["temperature_K"])
     plot_profile(out / "free_energy.png", prof, cv_name, cv, w, lo, hi)
@@ -169,7 +176,8 @@ def run(params: dict[str, Any], ctx) -> None:
                "scale_value": noise.scale, "em_iterations": iters, "em_change": change,
                "prior_alpha": params["prior_alpha"], "mean_top_probability": float(prob.mean()),
                "effective_frames": float(np.exp(-(p * np.log(p)).sum())), "frames": (traj.frames + 1).tolist(),
-               "populations": w.tolist(), "sd": samples.std(0).tolist(), "q2.5": lo.tolist(), "q97.5": hi.tolist(),
+               "populations": w.tolist(), "ml": ml.tolist(), "sd": samples.std(0).tolist(), "q2.5": lo.tolist(),
+               "q97.5": hi.tolist(),
                "hard_assignment": hard.tolist(), "noise_var_per_shell": noise.noise_var, "cv": cv.tolist(),
                "cv_name": cv_name}
     with atomic_path(out / "summary.json") as tmp:
@@ -198,7 +206,8 @@ METHOD = Method(
     help="Likelihood of every particle image under every frame of a trajectory aligned to the consensus map "
          "(frames rendered at --resolution_A, projected at each particle's pose with its CTF, Gaussian noise per "
          "frequency shell estimated from the data), maximum-likelihood populations by EM, their posterior by "
-         "Gibbs sampling (Dirichlet prior: s.d. and 95 % credible intervals), the most probable frame of each "
+         "Gibbs sampling (Dirichlet prior; the populations reported are its means, with s.d. and 95 % credible "
+         "intervals), the most probable frame of each "
          "particle, and the free energy −kT ln p along the frame order or a collective variable (a file, RMSD to "
          "a frame, or a distance between two selections). Writes populations.csv, loglik.npy, free_energy.csv, "
          "free_energy.png, particles.star, latents.npy, report.md, summary.json, maps and models of the most "
