@@ -15,8 +15,8 @@ probabilities w on the simplex, so p(X | w) = Π_i Σ_f w_f L_if.
 The populations to report are the posterior means, not the ML weights: with many similar frames the ML problem
 is ill-posed (the maximum-likelihood mixing distribution is sparse, and EM keeps moving weight between
 near-identical frames for ever smaller gains: on 10⁴ images of 100 frames at SNR 0.05 the ML weights stopped at a
-gain of 10⁻³ nats and at 2·10⁻⁵ nats differ by a total-variation distance of 0.26, and the later is further from the
-truth, 0.50 against 0.27), while the posterior mean is a stable average over the weights the data allow.
+step gain of 10⁻³ nats and at 2·10⁻⁵ nats differ by a total-variation distance of 0.26, and the latter is further
+from the truth, 0.50 against 0.27), while the posterior mean is a stable average over the weights the data allow.
 
 The matrix may be a memory map: every pass reads it in chunks of rows.
 """
