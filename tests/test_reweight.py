@@ -95,8 +95,15 @@ def test_outputs_and_particle_posteriors(noisy, reweighted):
     truth = np.load(noisy.particles.ground_truth)["state"]
     assert (table["cryohetReweightFrame"].values - 1 == truth).mean() > 0.8
     assert table["cryohetReweightFrameProbability"].between(0, 1).all()
-    z = np.load(out / "latents.npy")
+    z, z_sd = np.load(out / "latents.npy"), np.load(out / "latents_std.npy")
     assert z.shape == (1500, 1) and np.allclose(z[:, 0], table["cryohetReweightCV"], atol=1e-5)
+    # the posterior over frames: mean and s.d. of the frame number from its probabilities
+    w = _populations(out)["population"].values
+    p = np.exp(ll - ll.max(1, keepdims=True)) * w
+    p /= p.sum(1, keepdims=True)
+    mean = p @ np.arange(1, 6)
+    assert np.allclose(z[:, 0], mean, atol=1e-3)
+    assert np.allclose(z_sd[:, 0], np.sqrt(np.clip(p @ np.arange(1, 6) ** 2 - mean**2, 0, None)), atol=1e-3)
     # the free energy along frame order is −ln p of the populations, shifted to a minimum of 0
     fe = pd.read_csv(out / "free_energy.csv")
     pop = _populations(out)["population"].values
@@ -332,3 +339,12 @@ def test_cli_bad_input_exit_code(bad_inputs, tmp_path):
                 str(values["topology"]), "--o", str(tmp_path / "o"))
     assert proc.returncode == 2 and name in proc.stderr and text in proc.stderr
     assert not (tmp_path / "o" / "populations.csv").exists()
+
+
+def test_landscape_takes_the_run(reweighted, tmp_path):
+    """The expected CV and its s.d. are a 1-D latent with uncertainty: ``cryohet landscape --run`` reads them."""
+    from cryohet.methods.landscape import METHOD as LANDSCAPE
+
+    record = run_method(LANDSCAPE, {"run": str(reweighted[0]), "threads": 1, "path_maps": False}, tmp_path / "l")
+    assert record.status == "finished" and (tmp_path / "l" / "free_energy.npy").is_file()
+    assert "deconvolved from each particle's uncertainty" in (tmp_path / "l" / "run.log").read_text()

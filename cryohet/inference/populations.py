@@ -101,19 +101,21 @@ def gibbs_weights(ll: np.ndarray, start: np.ndarray, n_samples: int = 1000, burn
 
 
 def frame_posteriors(ll: np.ndarray, weights: np.ndarray, cv: np.ndarray, chunk: int = 65536,
-                     device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per particle, under the weights: the most probable frame (index, 0-based), its probability and the
-    expected value of ``cv`` (F,) (each (N,))."""
+                     device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per particle, under the weights: the most probable frame (index, 0-based), its probability, and the
+    posterior mean and s.d. of ``cv`` (F,) (each (N,))."""
     device = torch.device(device)
     logw = torch.log(torch.as_tensor(weights, dtype=torch.float64, device=device).clamp_min(1e-300))
     cvt = torch.as_tensor(cv, dtype=torch.float64, device=device)
     N = len(ll)
-    top, prob, mean = np.empty(N, np.int64), np.empty(N), np.empty(N)
+    top, prob, mean, sd = np.empty(N, np.int64), np.empty(N), np.empty(N), np.empty(N)
     for rows, L in _chunks(ll, chunk, device):
         p = torch.softmax(L + logw, 1)
         pmax, arg = p.max(1)
-        top[rows], prob[rows], mean[rows] = arg.cpu().numpy(), pmax.cpu().numpy(), (p @ cvt).cpu().numpy()
-    return top, prob, mean
+        m = p @ cvt
+        top[rows], prob[rows], mean[rows] = arg.cpu().numpy(), pmax.cpu().numpy(), m.cpu().numpy()
+        sd[rows] = (p @ cvt**2 - m**2).clamp_min(0).sqrt().cpu().numpy()
+    return top, prob, mean, sd
 
 
 def total_variation(p: np.ndarray, q: np.ndarray) -> float:

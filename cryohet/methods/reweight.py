@@ -121,8 +121,8 @@ def _report(path: Path, summary: dict[str, Any], frames: np.ndarray, w: np.ndarr
         lines.append(f"| ... | ({len(order) - 20} more in populations.csv) | | |")
     lines += ["", "Files: populations.csv, loglik.npy (N × F log-likelihoods, particles-file order), "
               "free_energy.csv, free_energy.png, particles.star (cryohetReweightFrame, "
-              "cryohetReweightFrameProbability, cryohetReweightCV), latents.npy (expected CV per particle), "
-              "frame_*.mrc, top_frames.pdb, summary.json.", ""]
+              "cryohetReweightFrameProbability, cryohetReweightCV), latents.npy and latents_std.npy (posterior "
+              "mean and s.d. of the CV per particle), frame_*.mrc, top_frames.pdb, summary.json.", ""]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
 
@@ -152,7 +152,7 @@ def run(params: dict[str, Any], ctx) -> None:
                             device=dev)
     w = samples.mean(0)  # the populations reported: the posterior mean (see inference.populations)
     hard = hard_assignment(ll)
-    top, prob, expected = frame_posteriors(ll, w, cv, device=dev)
+    top, prob, expected, spread = frame_posteriors(ll, w, cv, device=dev)
     lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
     _write_populations(out / "populations.csv", traj.frames, cv, samples, ml, hard)
     prof = free_energy_profile(cv, w, samples, 0 if params["cv"] == "frame" else params["cv_bins"])
@@ -161,8 +161,9 @@ def run(params: dict[str, Any], ctx) -> None:
     write_particles_star(out / "particles.star", pset, extra_columns={
         "cryohetReweightFrame": traj.frames[top] + 1, "cryohetReweightFrameProbability": prob,
         "cryohetReweightCV": expected})
-    with atomic_path(out / "latents.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, expected[:, None].astype(np.float32))
+    for name, values in (("latents.npy", expected), ("latents_std.npy", spread)):
+        with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, values[:, None].astype(np.float32))
     best = np.argsort(-w)[:params["n_maps"]]
     if len(best):
         full = frame_maps(traj.xyz_A[best], traj.weight, pset.box, pset.apix, params["resolution_A"], device=dev)
@@ -189,7 +190,8 @@ def run(params: dict[str, Any], ctx) -> None:
             populations="populations.csv", summary="summary.json", loglik="loglik.npy")
     ctx.add("plot", "free_energy.png", f"populations and free energy along {cv_name}", table="free_energy.csv")
     ctx.add("particles_star", "particles.star", "particles with their most probable frame", n=len(pset))
-    ctx.add("latents", "latents.npy", f"expected {cv_name} per particle", content="reweight_cv", cv=cv_name)
+    ctx.add("latents", "latents.npy", f"expected {cv_name} per particle (posterior mean over the frames)",
+            cv=cv_name, std="latents_std.npy")
     for rank, f in enumerate(best):
         ctx.add("volume_series", f"frame_{traj.frames[f] + 1:05d}.mrc", f"frame {traj.frames[f] + 1} "
                 f"(population {w[f]:.3f})", series="top_frames", index=rank, apix=pset.apix,
