@@ -54,11 +54,7 @@ class Projector:
     def sample(self, pos: torch.Tensor) -> torch.Tensor:
         """The padded transform at positions ``pos`` (..., 3) = (x, y, z) in padded-grid units from its centre, by
         trilinear interpolation (zero outside the grid)."""
-        P = self.pad_box
-        grid = (pos.to(self.device, torch.float32).reshape(1, -1, 1, 1, 3) + P // 2) / (P - 1) * 2 - 1
-        out = F.grid_sample(self._ft, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        out = out.reshape(2, *pos.shape[:-1])  # align_corners=True: index i at -1 + 2i / (P - 1)
-        return torch.complex(out[0], out[1])
+        return _sample(self._ft, pos, self.pad_box)[0]
 
     def slice(self, A: torch.Tensor) -> torch.Tensor:
         """(B, 3, 3) RELION matrices -> (B, box, box) complex: F_V(Aᵀ k), zero beyond Nyquist."""
@@ -84,6 +80,36 @@ class Projector:
         if shift_px is not None:
             Fs = apply_origin(Fs, shift_px)
         return ifft2c(Fs).real
+
+
+def _sample(ft: torch.Tensor, pos: torch.Tensor, pad_box: int) -> torch.Tensor:
+    """Padded transforms ``ft`` (1, 2K, P, P, P) (real and imaginary parts of K maps) at positions ``pos`` (..., 3)
+    in padded-grid units from the centre -> (K, ...) complex, by trilinear interpolation (zero outside)."""
+    P = pad_box
+    grid = (pos.to(ft.device, torch.float32).reshape(1, -1, 1, 1, 3) + P // 2) / (P - 1) * 2 - 1
+    out = F.grid_sample(ft, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = out.reshape(-1, 2, *pos.shape[:-1])  # align_corners=True: index i at -1 + 2i / (P - 1)
+    return torch.complex(out[:, 0], out[:, 1])
+
+
+class ProjectorStack:
+    """Several maps of one box sliced at the same positions in one interpolation pass (each map a pair of
+    channels of one ``grid_sample``): the slices of every map at a particle's pose at the cost of about one."""
+
+    def __init__(self, volumes: torch.Tensor, pad: int = 2):
+        if volumes.ndim != 4:
+            raise ValueError(f"a stack of maps must be (K, box, box, box), got shape {tuple(volumes.shape)}")
+        projectors = [Projector(v, pad) for v in volumes]
+        self.box, self.pad, self.pad_box = projectors[0].box, pad, projectors[0].pad_box
+        self._ft = torch.cat([p._ft for p in projectors], 1)  # (1, 2K, P, P, P)
+
+    def __len__(self) -> int:
+        return self._ft.shape[1] // 2
+
+    def slice_points(self, A: torch.Tensor, kxy: torch.Tensor) -> torch.Tensor:
+        """F_Vk(Aᵀ k) (K, B, M) of every map k at the 2-D frequencies ``kxy`` (M, 2) in cycles/pixel."""
+        k = kxy.to(self._ft.device, torch.float32) * self.box
+        return _sample(self._ft, plane_coords(k, A.to(self._ft.device, torch.float32), self.pad), self.pad_box)
 
 
 def project(volume: torch.Tensor, A: torch.Tensor, shift_px: torch.Tensor | None = None,
