@@ -1,52 +1,18 @@
-"""Atoms -> density map: a sum of Gaussians (one per atom, weight = atomic number) in torch.
-
-Each atom is a 3-D Gaussian of standard deviation ``0.225 * resolution_A`` (ChimeraX ``molmap``'s rule),
-integrated exactly over each voxel (separable erf differences, so mass is conserved whatever the
-sampling), then the map is low-passed at ``resolution_A`` with a soft raised-cosine edge so that it is
-band-limited (Fourier-slice projection and reconstruction then reproduce it closely).
+"""Atoms -> density map: a sum of Gaussians (one per atom, weight = atomic number), as
+``cryohet.geometry.gaussians.gaussian_map`` renders them (ChimeraX ``molmap``'s width, band-limited at the
+resolution).
 
 Map layout is RELION's: array (z, y, x); the voxel at index ``box // 2`` is the point ``centre_A``.
 """
 from __future__ import annotations
 
-import functools
-import math
-
 import gemmi
 import numpy as np
 import torch
 
-from cryohet.simulate.molecules import atom_coords, atom_weights, centre_of_mass
-
-#: Gaussian width per Å of resolution (ChimeraX molmap: sigma = resolution / (pi * sqrt(2))).
-SIGMA_PER_RESOLUTION = 1.0 / (math.pi * math.sqrt(2.0))
-
-
-def _axis_profiles(pos_A: torch.Tensor, box: int, apix: float, sigma_A: float) -> torch.Tensor:
-    """(N, box) voxel-integrated 1-D Gaussian profiles of N atom coordinates along one axis."""
-    edges = (torch.arange(box + 1, dtype=pos_A.dtype, device=pos_A.device) - box // 2 - 0.5) * apix
-    z = (edges[None, :] - pos_A[:, None]) / (math.sqrt(2.0) * sigma_A)
-    cdf = 0.5 * torch.erf(z)
-    return cdf[:, 1:] - cdf[:, :-1]
-
-
-def lowpass_map(volume: torch.Tensor, apix: float, resolution_A: float, edge_width_A_inv: float | None = None
-                ) -> torch.Tensor:
-    """Low-pass a (D, D, D) map at 1/resolution_A with a raised-cosine edge (default width 1.5 Fourier shells)."""
-    w = _lowpass_weights(volume.shape[-1], float(apix), float(resolution_A), edge_width_A_inv, str(volume.device),
-                         volume.dtype)
-    return torch.fft.irfftn(torch.fft.rfftn(volume) * w, s=volume.shape)
-
-
-@functools.lru_cache(maxsize=8)
-def _lowpass_weights(d: int, apix: float, resolution_A: float, edge_width_A_inv: float | None, device: str,
-                     dtype: torch.dtype) -> torch.Tensor:
-    f = torch.fft.fftfreq(d, d=apix, device=device, dtype=dtype)
-    fr = torch.fft.rfftfreq(d, d=apix, device=device, dtype=dtype)
-    k = torch.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + fr[None, None, :] ** 2)
-    width = edge_width_A_inv if edge_width_A_inv is not None else 1.5 / (d * apix)
-    w = torch.clamp((1.0 / resolution_A + width / 2 - k) / width, 0.0, 1.0)
-    return 0.5 - 0.5 * torch.cos(math.pi * w)
+from cryohet.geometry.gaussians import SIGMA_PER_RESOLUTION, gaussian_map, lowpass_map  # noqa: F401  (re-exported)
+from cryohet.io.atomic_model import atom_coords, atom_weights
+from cryohet.simulate.molecules import centre_of_mass
 
 
 def atoms_to_map(structure_or_coords: gemmi.Structure | np.ndarray, box: int, apix: float,
@@ -68,20 +34,8 @@ def atoms_to_map(structure_or_coords: gemmi.Structure | np.ndarray, box: int, ap
     w = np.ones(len(xyz)) if weights is None else np.asarray(weights, dtype=np.float64)
     if len(w) != len(xyz):
         raise ValueError(f"{len(w)} weights for {len(xyz)} atoms")
-    if box < 2 or box % 2:
-        raise ValueError(f"box must be even, got {box}")
     centre = centre_of_mass(xyz, w) if centre_A is None else np.asarray(centre_A, dtype=np.float64)
-    sigma_A = SIGMA_PER_RESOLUTION * resolution_A
-    rel = torch.as_tensor(xyz - centre, dtype=torch.float64, device=device)
-    wt = torch.as_tensor(w, dtype=torch.float64, device=device)
-    vol = torch.zeros(box, box, box, dtype=torch.float32, device=device)
-    for s in range(0, len(rel), chunk_atoms):
-        p, ww = rel[s:s + chunk_atoms], wt[s:s + chunk_atoms]
-        gx, gy, gz = (_axis_profiles(p[:, i], box, apix, sigma_A).float() for i in range(3))
-        zy = (gz * ww[:, None].float())[:, :, None] * gy[:, None, :]                # (n, z, y)
-        vol += (zy.reshape(len(p), box * box).T @ gx).reshape(box, box, box)       # (z, y, x)
-    vol = lowpass_map(vol, apix, resolution_A) / apix**3
-    return vol.cpu().numpy()
+    return gaussian_map(xyz, w, box, apix, resolution_A, centre, device, chunk_atoms)
 
 
 def particle_radius_A(maps: np.ndarray, apix: float, fraction: float = 0.02) -> float:

@@ -1,4 +1,5 @@
-"""Atomic models: the bundled default molecule, reading PDB/mmCIF, atom arrays, residue selections.
+"""Atomic models: the bundled default molecule, atom keys, residue selections (files are read by
+``cryohet.io.atomic_model``).
 
 The bundled molecule is E. coli adenylate kinase, chain A, in two states with the same atoms in the
 same order: open (PDB 4AKE, ``default_molecule.pdb``) and closed (PDB 1AKE without its ligand,
@@ -8,13 +9,17 @@ atomic-number-weighted centre of mass of the open state.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import gemmi
 import numpy as np
 
-from cryohet.errors import InputError
+from cryohet.io.atomic_model import (  # noqa: F401  (re-exported: the simulator's callers import them here)
+    atom_coords,
+    atom_weights,
+    iter_atoms,
+    load_structure,
+)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_MOLECULE = DATA_DIR / "default_molecule.pdb"
@@ -23,32 +28,6 @@ DEFAULT_MOLECULE_CLOSED = DATA_DIR / "default_molecule_closed.pdb"
 DEFAULT_NAME = "cryohet_default_molecule"
 #: Residue selections of the bundled molecule's domains (see ``select_residues``).
 DEFAULT_DOMAINS = {"CORE": "A:1-29,A:60-121,A:160-214", "NMP": "A:30-59", "LID": "A:122-159"}
-
-
-def load_structure(path: str | os.PathLike) -> gemmi.Structure:
-    """Read a PDB/mmCIF file: first model only, without hydrogens, waters and alternative conformations.
-
-    Ligands are kept (they scatter too). Raises InputError when the file cannot be read or has no atoms.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "atomic model not found")
-    try:
-        st = gemmi.read_structure(str(path))
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise InputError(path, f"cannot read the atomic model ({exc})") from None
-    if len(st) == 0:
-        raise InputError(path, "the atomic model has no models/atoms")
-    while len(st) > 1:
-        del st[len(st) - 1]
-    st.setup_entities()
-    st.remove_hydrogens()
-    st.remove_waters()
-    st.remove_alternative_conformations()
-    st.remove_empty_chains()
-    if st[0].count_atom_sites() == 0:
-        raise InputError(path, "the atomic model has no (non-hydrogen, non-water) atoms")
-    return st
 
 
 def default_molecule(closed: bool = False) -> gemmi.Structure:
@@ -62,27 +41,9 @@ def is_default_molecule(structure: gemmi.Structure) -> bool:
     return structure.name == DEFAULT_NAME
 
 
-def _atoms(structure: gemmi.Structure):
-    for chain in structure[0]:
-        for res in chain:
-            for atom in res:
-                yield chain, res, atom
-
-
-def atom_coords(structure: gemmi.Structure) -> np.ndarray:
-    """Atom positions (N, 3) in Å, (x, y, z), in file order (first model)."""
-    return np.array([a.pos.tolist() for _, _, a in _atoms(structure)], dtype=np.float64).reshape(-1, 3)
-
-
-def atom_weights(structure: gemmi.Structure) -> np.ndarray:
-    """Scattering weight of each atom (N,): its atomic number times its occupancy."""
-    return np.array([max(a.element.atomic_number, 1) * a.occ for _, _, a in _atoms(structure)], dtype=np.float64)
-
-
 def atom_keys(structure: gemmi.Structure) -> list[tuple[str, int, str, str, str]]:
     """(chain, residue number, insertion code, residue name, atom name) of each atom, to match two models."""
-    return [(c.name, r.seqid.num, r.seqid.icode.strip(), r.name, a.name) for c, r, a in _atoms(structure)]
-
+    return [(c.name, r.seqid.num, r.seqid.icode.strip(), r.name, a.name) for c, r, a in iter_atoms(structure)]
 
 
 def select_residues(structure: gemmi.Structure, spec: str) -> np.ndarray:
@@ -105,7 +66,7 @@ def select_residues(structure: gemmi.Structure, spec: str) -> np.ndarray:
     if not ranges:
         raise ValueError(f"empty residue selection {spec!r}")
     mask = np.array([any((ch is None or ch == c.name) and lo <= r.seqid.num <= hi for ch, lo, hi in ranges)
-                     for c, r, _ in _atoms(structure)], dtype=bool)
+                     for c, r, _ in iter_atoms(structure)], dtype=bool)
     if not mask.any():
         raise ValueError(f"residue selection {spec!r} matches no atom")
     return mask
