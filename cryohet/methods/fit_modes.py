@@ -116,7 +116,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     prep.scale = model.data_scale = transform_rms(reader, prep, 1000, params["seed"])
     model.log_scale.data.fill_(float(np.log(estimate_scale(model, reader, prep, ctx.device, seed=params["seed"]))))
     ctx.log.info("%d atoms from %s, modes %s; %d frequencies below %g Å; scale %.4g", len(nm.atoms), src,
-                 numbers, len(prep.points), res_A, float(model.log_scale.exp()))
+                 numbers, len(prep.points), res_A, float(model.log_scale.detach().exp()))
     hooks = Hooks.of(ctx)
     extra: dict[str, np.ndarray] = {}
     if params["fit"] == "direct":
