@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,7 @@ def make_data(a: argparse.Namespace, out: Path) -> tuple[Path, Path, np.ndarray]
     from cryohet.simulate.modes import anm_modes, draw_amplitudes, mode_conformations, place_in_box
     from cryohet.simulate.molecules import DEFAULT_MOLECULE
 
+    torch.set_num_threads(a.threads)
     apix = a.extent_A / a.box
     atoms = place_in_box(read_atoms(DEFAULT_MOLECULE, "ca"), a.box, apix)
     ev, modes = anm_modes(atoms.xyz_A, 6)
@@ -65,7 +67,7 @@ def run(method: str, values: dict, out: Path, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), CRYOHET_NO_PROGRESS="1",
                PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run([sys.executable, "-c", _RUN, method, json.dumps(values), str(out)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -124,7 +126,7 @@ def main() -> None:
         rows[name] = r
         print(name, json.dumps(r))
     base = rows.get("direct", {}).get("wall_s")
-    print(f"\n| method | corr. per mode | CCA with truth | kNN R² | wall s | s per 10^4 images | vs direct | "
+    print("\n| method | corr. per mode | CCA with truth | kNN R² | wall s | s per 10^4 images | vs direct | "
           "peak RSS MB |\n|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         cpm = " / ".join(f"{c:.3f}" for c in r.get("corr_per_mode", [])) or "—"

@@ -32,11 +32,9 @@ from cryohet.io.mrc import write_map
 from cryohet.io.normal_modes import read_normal_modes, write_normal_modes
 from cryohet.io.particles import load_particles
 from cryohet.io.star import read_star, write_star
-from cryohet.methods.fit_modes import METHOD as FIT_MODES
 from cryohet.models.base import load_volume_model
 from cryohet.models.modes import ModeModel
 from cryohet.record import read_record
-from cryohet.runner import run_method
 from cryohet.simulate import simulate_particles
 from cryohet.simulate.modes import anm_modes, draw_amplitudes, mode_conformations, place_in_box
 from cryohet.simulate.molecules import DEFAULT_MOLECULE
@@ -47,6 +45,15 @@ SIGMA_A = np.array([3.0, 2.0, 2.0])  # amplitude spread of modes 1-3, Å RMS
 #: direct noiseless 0.999/0.986/0.992, SNR 1 0.988/0.975/0.976, SNR 0.3 0.974/0.922/0.908; amortised noiseless
 #: (1000 particles, 30 epochs) 0.994/0.990/0.992. Thresholds leave room for other draws.
 MIN_CC = {None: 0.95, 1.0: 0.93, 0.3: 0.85}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The library-level fits here run in this process: one torch thread, as the CLI runs get --threads 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +335,5 @@ def test_bad_inputs_are_refused_by_name(data: dict, tmp_path: Path, capsys: pyte
     assert "modes.npz" in err and "mirror.mrc" in err and "hands" in err
     err = _fails(data, tmp_path / "g", capsys, "--modes", str(tmp_path / "a"))  # a run folder without nma output
     assert "normal modes" in err
+    err = _fails(data, tmp_path / "h", capsys, "--modes", modes, "--fit", "amortised", "--pose_correction", "yes")
+    assert "--pose_correction" in err

@@ -99,6 +99,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.io.particles import load_particles, write_particles_star
     from cryohet.models.modes import ModeModel
 
+    if params["pose_correction"] and params["fit"] != "direct":
+        raise ValueError("--pose_correction refines poses in the direct fit only (--fit direct)")
     out = Path(ctx.out_dir)
     src = modes_file(params["modes"])
     nm = read_normal_modes(src)
