@@ -337,3 +337,18 @@ def test_bad_inputs_are_refused_by_name(data: dict, tmp_path: Path, capsys: pyte
     assert "normal modes" in err
     err = _fails(data, tmp_path / "h", capsys, "--modes", modes, "--fit", "amortised", "--pose_correction", "yes")
     assert "--pose_correction" in err
+
+
+def test_slices_keep_float32_under_mixed_precision(data: dict) -> None:
+    """The trainer's autocast (bfloat16) must not reach the atoms' positions and phases."""
+    nm = read_normal_modes(data["modes"])
+    model = ModeModel(nm.atoms, nm.modes[:2], [1, 2], BOX, APIX, RES)
+    pts = Lattice(BOX, APIX).half_plane(BOX * APIX / RES)
+    A = torch.as_tensor(euler_to_matrix(random_euler(4, np.random.default_rng(3))), dtype=torch.float32)
+    z = torch.tensor([[1.0, -2.0]]).expand(4, -1)
+    with torch.no_grad():
+        ref = model.slices(A, z, pts.kxy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model.slices(A, z, pts.kxy)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, ref)

@@ -38,8 +38,17 @@ def gaussian_slices(A: torch.Tensor, xyz_A: torch.Tensor, weights: torch.Tensor,
     relative to the box centre; ``weights``: (N,) electrons; ``sigma_A``: Gaussian standard deviation in Å;
     ``kxy``: (M, 2) image frequencies, cycles/pixel (``Points.kxy``); ``apix``: Å/pixel. ``box`` (pixels) is
     needed only for ``lowpass_A`` (the filter's edge is 1.5 Fourier shells of that box). Atoms are summed in
-    chunks of ``chunk_atoms`` so that memory is B·M·chunk_atoms, whatever the number of atoms.
+    chunks of ``chunk_atoms`` so that memory is B·M·chunk_atoms, whatever the number of atoms. Computed in
+    ``A``'s precision (at least float32) even under autocast: phases of many radians need it.
     """
+    with torch.autocast(A.device.type, enabled=False):
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        return _slices(A.to(dtype), xyz_A.to(dtype), weights.to(dtype), sigma_A, kxy.to(dtype), apix, box,
+                       voxel_integrated, lowpass_A, chunk_atoms)
+
+
+def _slices(A: torch.Tensor, xyz: torch.Tensor, w: torch.Tensor, sigma_A: float, kxy: torch.Tensor, apix: float,
+            box: int | None, voxel_integrated: bool, lowpass_A: float | None, chunk_atoms: int) -> torch.Tensor:
     k3 = slice_frequencies_A(A, kxy, apix)                                   # (B, M, 3) 1/Å
     k2 = (k3 ** 2).sum(-1)
     envelope = torch.exp(-2.0 * math.pi ** 2 * sigma_A ** 2 * k2) / apix ** 3
@@ -49,8 +58,6 @@ def gaussian_slices(A: torch.Tensor, xyz_A: torch.Tensor, weights: torch.Tensor,
         if box is None:
             raise ValueError("the low-pass needs the box")
         envelope = envelope * raised_cosine_lowpass(torch.sqrt(k2), lowpass_A, 1.5 / (box * apix))
-    xyz = xyz_A.to(A.dtype)
-    w = weights.to(A.dtype)
     re = torch.zeros(k3.shape[:2], dtype=A.dtype, device=A.device)
     im = torch.zeros_like(re)
     for s in range(0, xyz.shape[-2], chunk_atoms):

@@ -69,9 +69,10 @@ class ModeModel(nn.Module):
         frequencies ``kxy`` (M, 2) cycles/pixel of this model's box: the transforms of ``volumes(z)``."""
         if z is None:
             z = torch.zeros(len(rot), self.latent_dim, device=rot.device)
-        out = gaussian_slices(rot.float(), self.positions(z), self.weight, self.sigma_A, kxy, self.apix,
-                              box=self.box, lowpass_A=self.resolution_A)
-        return out * self.log_scale.exp()
+        with torch.autocast(rot.device.type, enabled=False):  # positions and phases in float32 under mixed precision
+            out = gaussian_slices(rot.float(), self.positions(z.float()), self.weight, self.sigma_A, kxy.float(),
+                                  self.apix, box=self.box, lowpass_A=self.resolution_A)
+            return out * self.log_scale.exp()
 
     @torch.no_grad()
     def frames_A(self, z: np.ndarray) -> np.ndarray:
