@@ -4,6 +4,7 @@ noisy; pose correction; resume of both fits; the CLI end to end; every kind of b
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from cryohet.io.particles import load_particles
 from cryohet.io.star import read_star, write_star
 from cryohet.models.base import load_volume_model
 from cryohet.models.modes import ModeModel
-from cryohet.record import read_record
+from cryohet.record import RunRecord, read_record
 from cryohet.simulate import simulate_particles
 from cryohet.simulate.modes import anm_modes, draw_amplitudes, mode_conformations, place_in_box
 from cryohet.simulate.molecules import DEFAULT_MOLECULE
@@ -279,9 +280,22 @@ def test_cli_direct_with_pose_correction_end_to_end(data: dict, tmp_path: Path) 
     np.testing.assert_allclose(frames.xyz_A, expected, atol=2e-3)
 
 
+def _nma_like_run(data: dict, folder: Path) -> Path:
+    """A run folder as ``cryohet nma`` leaves it: a mode table and modes.npz, both of kind normal_modes."""
+    folder.mkdir()
+    shutil.copy(data["modes"], folder / "modes.npz")
+    (folder / "modes.csv").write_text("mode,eigenvalue\n")
+    rec = RunRecord("nma", {}, status="finished")
+    for name in ("modes.csv", "modes.npz"):
+        rec.add("normal_modes", name, folder)
+    rec.write(folder)
+    return folder
+
+
 def test_cli_amortised_end_to_end(data: dict, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["fit-modes", "--particles", str(data[1.0]), "--modes", str(data["modes"]), "--modes_used", "1,2",
+    nma_run = _nma_like_run(data, tmp_path / "nma")
+    assert main(["fit-modes", "--particles", str(data[1.0]), "--modes", str(nma_run), "--modes_used", "1,2",
                  "--fit", "amortised", "--epochs", "3", "--enc_dim", "64", "--o", str(out), "--threads", "1"]) == 0
     assert np.load(out / "amplitudes.npy").shape == (200, 2)
     assert (out / "checkpoint.safetensors").is_file() and (out / "mode_2.pdb").is_file()
@@ -334,7 +348,7 @@ def test_bad_inputs_are_refused_by_name(data: dict, tmp_path: Path, capsys: pyte
     err = _fails(data, tmp_path / "f", capsys, "--modes", modes, "--reference_map", str(tmp_path / "mirror.mrc"))
     assert "modes.npz" in err and "mirror.mrc" in err and "hands" in err
     err = _fails(data, tmp_path / "g", capsys, "--modes", str(tmp_path / "a"))  # a run folder without nma output
-    assert "normal modes" in err
+    assert "holds no normal modes" in err
     err = _fails(data, tmp_path / "h", capsys, "--modes", modes, "--fit", "amortised", "--pose_correction", "yes")
     assert "--pose_correction" in err
 

@@ -53,9 +53,13 @@ def modes_file(path: str) -> Path:
     """The modes.npz of ``--modes``: the file itself, or a run folder's ``normal_modes`` output."""
     p = Path(path)
     if p.is_dir():
+        from cryohet.errors import InputError
         from cryohet.record import read_record
 
-        return p / read_record(p).require("normal_modes", p, "normal modes (cryohet nma)").path
+        found = [o for o in read_record(p).of_kind("normal_modes") if str(o.path).endswith(".npz")]
+        if not found:
+            raise InputError(p, "the run folder holds no normal modes (.npz; a cryohet nma run writes modes.npz)")
+        return p / found[0].path
     return p
 
 
