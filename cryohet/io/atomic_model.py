@@ -51,7 +51,8 @@ class Atoms:
 
 
 def load_structure(path: str | os.PathLike) -> gemmi.Structure:
-    """Read a PDB/mmCIF file: first model only, without hydrogens, waters and alternative conformations.
+    """Read a PDB/mmCIF file: first model only, without hydrogens, waters and alternative conformations (the first
+    conformer kept, with the summed occupancy of all).
 
     Ligands are kept (they scatter too). Raises InputError when the file cannot be read or has no atoms.
     """
@@ -69,11 +70,25 @@ def load_structure(path: str | os.PathLike) -> gemmi.Structure:
     st.setup_entities()
     st.remove_hydrogens()
     st.remove_waters()
+    split = _altloc_occupancy(st)
     st.remove_alternative_conformations()
+    for chain, res, atom in iter_atoms(st):  # the conformer kept stands for the whole atom
+        atom.occ = split.get((chain.name, str(res.seqid), atom.name), atom.occ)
     st.remove_empty_chains()
     if st[0].count_atom_sites() == 0:
         raise InputError(path, "the atomic model has no (non-hydrogen, non-water) atoms")
     return st
+
+
+def _altloc_occupancy(structure: gemmi.Structure) -> dict[tuple[str, str, str], float]:
+    """(chain, residue number, atom name) -> the summed occupancy of the atom's alternative conformations (at
+    most 1), for the atoms that have them."""
+    total: dict[tuple[str, str, str], float] = {}
+    for chain, res, atom in iter_atoms(structure):
+        if atom.has_altloc():
+            key = (chain.name, str(res.seqid), atom.name)
+            total[key] = min(1.0, total.get(key, 0.0) + atom.occ)
+    return total
 
 
 def iter_atoms(structure: gemmi.Structure) -> Iterator[tuple[gemmi.Chain, gemmi.Residue, gemmi.Atom]]:
