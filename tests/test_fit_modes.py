@@ -106,6 +106,18 @@ def test_gaussian_slices_are_the_projector_slices_of_the_rendered_map() -> None:
     assert torch.isfinite(xyz.grad).all() and xyz.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+def test_gaussian_slices_gradients_match_finite_differences(per_image: bool) -> None:
+    """The hand-written backward pass (positions, rotations, weights) against torch's numerical gradients."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.as_tensor(euler_to_matrix(random_euler(3, np.random.default_rng(1)))).requires_grad_(True)
+    xyz = (torch.randn(*((3,) if per_image else ()), 5, 3, generator=g, dtype=torch.float64) * 10).requires_grad_()
+    w = torch.rand(5, generator=g, dtype=torch.float64).requires_grad_(True)
+    kxy = torch.rand(7, 2, generator=g, dtype=torch.float64) - 0.5
+    assert torch.autograd.gradcheck(lambda a, x, ww: gaussian_slices(a, x, ww, 1.5, kxy, 2.0, chunk_atoms=2),
+                                    (A, xyz, w))
+
+
 def test_gaussian_images_match_relion_project(tmp_path: Path) -> None:
     """Images from the analytic slices (CTF, origins) against relion_project --ctf of the rendered map."""
     atoms = place_in_box(read_atoms(DEFAULT_MOLECULE, "ca"), BOX, APIX)

@@ -58,16 +58,47 @@ def _slices(A: torch.Tensor, xyz: torch.Tensor, w: torch.Tensor, sigma_A: float,
         if box is None:
             raise ValueError("the low-pass needs the box")
         envelope = envelope * raised_cosine_lowpass(torch.sqrt(k2), lowpass_A, 1.5 / (box * apix))
+    k3_rad = 2.0 * math.pi * k3
     re = torch.zeros(k3.shape[:2], dtype=A.dtype, device=A.device)
     im = torch.zeros_like(re)
     for s in range(0, xyz.shape[-2], chunk_atoms):
-        p = xyz[..., s:s + chunk_atoms, :]
-        # phase (B, M, n) = 2π k·r
-        phase = 2.0 * math.pi * (k3 @ p.transpose(-1, -2) if p.ndim == 3 else k3 @ p.T)
-        ww = w[s:s + chunk_atoms]
-        re = re + torch.cos(phase) @ ww
-        im = im - torch.sin(phase) @ ww
+        cre, cim = _PhaseSum.apply(k3_rad, xyz[..., s:s + chunk_atoms, :], w[s:s + chunk_atoms])
+        re, im = re + cre, im + cim
     return torch.stack([re * envelope, im * envelope], -1)
+
+
+class _PhaseSum(torch.autograd.Function):
+    """(Σ_n w_n cos φ, −Σ_n w_n sin φ) with φ[b, m, n] = q[b, m]·r[(b,) n] (q in radians per Å), each (B, M).
+
+    The backward pass is four batched matrix products with the saved cos φ and sin φ (no elementwise pass over the
+    (B, M, n) phases, which is what autograd's would make): ∂/∂r = −w Σ_m (g_re sin φ + g_im cos φ) q, and ∂/∂q
+    likewise over the atoms."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rt = r.transpose(-1, -2)                                   # (B, 3, n) or (3, n)
+        phase = q @ rt                                             # (B, M, n)
+        cos, sin = torch.cos(phase), torch.sin(phase)
+        ctx.save_for_backward(q, r, w, cos, sin)
+        return cos @ w, -(sin @ w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_re: torch.Tensor, g_im: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, r, w, cos, sin = ctx.saved_tensors
+        # ∂L/∂φ[b, m, n] = −w_n (g_re[b, m] sin φ + g_im[b, m] cos φ)
+        grad_q = grad_r = grad_w = None
+        if ctx.needs_input_grad[1]:
+            gq_re = (g_re[..., None] * q).transpose(1, 2)          # (B, 3, M)
+            gq_im = (g_im[..., None] * q).transpose(1, 2)
+            per_image = -(gq_re @ sin + gq_im @ cos).transpose(1, 2) * w[:, None]   # (B, n, 3)
+            grad_r = per_image if r.ndim == 3 else per_image.sum(0)
+        if ctx.needs_input_grad[0]:
+            wr = w[:, None] * r                                    # (B, n, 3) or (n, 3)
+            grad_q = -(g_re[..., None] * (sin @ wr) + g_im[..., None] * (cos @ wr))
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.einsum("bm,bmn->n", g_re, cos) - torch.einsum("bm,bmn->n", g_im, sin)
+        return grad_q, grad_r, grad_w
 
 
 def shift_phase(kxy: torch.Tensor, shift_A: torch.Tensor, apix: float) -> torch.Tensor:
