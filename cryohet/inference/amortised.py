@@ -31,22 +31,32 @@ class Encoder(nn.Module):
 
 
 class AmortisedInference(nn.Module):
-    """Encoder + volume, trained on the ELBO. ``settings``: enc_layers, enc_dim."""
+    """Encoder + volume, trained on the ELBO. ``settings``: enc_layers, enc_dim.
+
+    The volume is the neural one of ``volume_cfg``, or ``decoder``: any ``SliceModel`` with a ``latent_dim`` (its
+    own parameters kept as they are; ``volume_cfg`` is then None and ``settings`` may hold ``seed``)."""
 
     kind = "amortised"
 
-    def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0):
+    def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0,
+                 decoder: nn.Module | None = None):
         super().__init__()
-        g = torch.Generator().manual_seed(int(volume_cfg.seed))
+        seed = int(volume_cfg.seed) if volume_cfg is not None else int(settings.get("seed", 0))
+        zdim = volume_cfg.zdim if decoder is None else int(decoder.latent_dim)
+        g = torch.Generator().manual_seed(seed)
         self.settings = {"kind": self.kind, "enc_layers": int(settings["enc_layers"]),
                          "enc_dim": int(settings["enc_dim"])}
-        self.encoder = Encoder(2 * len(points), volume_cfg.zdim, self.settings["enc_layers"],
-                               self.settings["enc_dim"], volume_cfg.activation)
-        self.decoder = NeuralVolume(volume_cfg, g)
-        init_linear(self, g)  # encoder first, then decoder: layers drawn from the seed in a fixed order
+        self.encoder = Encoder(2 * len(points), zdim, self.settings["enc_layers"], self.settings["enc_dim"],
+                               volume_cfg.activation if volume_cfg is not None else "relu")
+        if decoder is None:
+            self.decoder = NeuralVolume(volume_cfg, g)
+            init_linear(self, g)  # encoder first, then decoder: layers drawn from the seed in a fixed order
+        else:
+            self.decoder = decoder
+            init_linear(self.encoder, g)
         self.register_buffer("kxy", points.kxy, persistent=False)
-        self.noise_dim = volume_cfg.zdim
-        self.kl_weight = kl_weight(beta, volume_cfg.zdim, len(points))
+        self.noise_dim = zdim
+        self.kl_weight = kl_weight(beta, zdim, len(points))
 
     @staticmethod
     def inputs(b: ImageBatch) -> dict[str, torch.Tensor]:
