@@ -19,7 +19,7 @@ from cryohet.geometry.lattice import Lattice
 from cryohet.geometry.project import Projector
 from cryohet.inference.atomic_restraints import Restraints, bonded_pairs, chain_geometry
 from cryohet.io.atomic_model import read_atoms, write_models
-from cryohet.io.mrc import write_map
+from cryohet.io.mrc import read_map, write_map
 from cryohet.models.atomic_decoder import AtomicDecoder
 from cryohet.models.base import load_volume_model
 from cryohet.models.elastic_network import anm_hessian
@@ -158,7 +158,10 @@ def test_without_restraints_the_chain_breaks(data: dict, tmp_path: Path) -> None
 
 
 def test_resume_retraces_an_uninterrupted_run(data: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    base = ["--n_clusters", "0", "--batch_size", "64"]
+    """Also: an mmCIF model in, mmCIF models out; eval-volume renders the run's model."""
+    heavy = read_atoms(data["ref"], "heavy")
+    write_models(tmp_path / "ref.cif", heavy, heavy.xyz_A[None])
+    base = ["--n_clusters", "0", "--batch_size", "64", "--model", str(tmp_path / "ref.cif")]
     assert _train(data, tmp_path / "full", "--epochs", "3", *base) == 0
     assert _train(data, tmp_path / "cut", "--epochs", "2", *base) == 0
     assert _train(data, tmp_path / "cut", "--epochs", "3", "--resume", "yes", "--overwrite", "yes", *base) == 0
@@ -169,6 +172,12 @@ def test_resume_retraces_an_uninterrupted_run(data: dict, tmp_path: Path, capsys
     for a, b in zip(full["terms"], cut["terms"], strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     assert cut["restraint_weights"] == full["restraint_weights"]  # the calibration is kept in the checkpoint
+    assert len(_frames(tmp_path / "cut" / "pc1_models.cif")) == 10
+    assert main(["eval-volume", "--run", str(tmp_path / "cut"), "--z", "0,0", "--o", str(tmp_path / "ev"),
+                 "--threads", "1"]) == 0
+    vol = read_map(tmp_path / "ev" / "vol_000.mrc")[0]
+    want = load_volume_model(tmp_path / "cut").volumes(np.zeros((1, 2)))[0]
+    assert vol.shape == (BOX,) * 3 and np.corrcoef(vol.ravel(), want.ravel())[0, 1] > 0.9999
     capsys.readouterr()
     code = _train(data, tmp_path / "cut", "--epochs", "4", "--resume", "yes", "--overwrite", "yes",
                   "--elastic_weight", "5", *base)

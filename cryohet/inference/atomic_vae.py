@@ -31,6 +31,7 @@ from cryohet.distributed import Dist
 from cryohet.errors import InputError
 from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.atomic_restraints import Restraints
+from cryohet.inference.elbo import gaussian_elbo
 from cryohet.inference.trainer import CHECKPOINT_NAME, Hooks, Trainer, TrainOptions, TrainResult, load_checkpoint
 from cryohet.io.reader import ImageReader
 from cryohet.io.weights import read_checkpoint
@@ -56,13 +57,9 @@ class RestrainedAmortised(AmortisedInference):
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(d["enc"])
-        mu, logvar = mu.float(), logvar.float()
-        z = mu + eps * torch.exp(0.5 * logvar)
-        pos = self.decoder.positions(z)
-        pred = self.decoder.slices_at(d["rot"], pos, self.kxy) * d["ctf"][..., None]
-        data = ((pred - d["y"]) ** 2).sum(-1).mean()  # gaussian_elbo's reconstruction error
-        kld = (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)).mean()
-        elastic, clash = self.restraints(pos)
+        data, kld = gaussian_elbo(self.decoder, self.kxy, d["rot"], d["y"], d["ctf"], mu, logvar, eps)
+        z = mu.float() + eps * torch.exp(0.5 * logvar.float())  # the z gaussian_elbo decoded
+        elastic, clash = self.restraints(self.decoder.positions(z))
         if self.training:
             vals = torch.stack([data.detach(), elastic.detach(), clash.detach()]).double().cpu()
             self.tally += torch.cat([vals * len(z), torch.tensor([float(len(z))], dtype=torch.float64)])

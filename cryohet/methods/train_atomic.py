@@ -56,17 +56,6 @@ PARAMS = (
 )
 
 
-def _check_model(atoms: Any, pset: Any, params: dict[str, Any], ctx: Any) -> None:
-    from cryohet.io.atomic_model import check_hand, check_in_box
-    from cryohet.io.mrc import read_map_like
-
-    check_in_box(atoms, pset.box, pset.apix)
-    if params["reference_map"]:
-        vol = read_map_like(params["reference_map"], pset.box, pset.apix, "--reference_map")
-        cc = check_hand(atoms, vol, pset.apix, params["resolution_A"], params["reference_map"])
-        ctx.log.info("the model fits %s with correlation %.3f", params["reference_map"], cc)
-
-
 def _plot_terms(path: Path, terms: list[dict[str, float]], weights: list[float]) -> None:
     from matplotlib.figure import Figure
 
@@ -94,6 +83,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.trainer import Hooks, TrainOptions
     from cryohet.io.atomic_model import CIF_SUFFIXES, read_atoms, write_models
     from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.methods.fit_modes import _check_model  # the model's box and hand against the particles
     from cryohet.models.atomic_decoder import AtomicDecoder
 
     out = Path(ctx.out_dir)
