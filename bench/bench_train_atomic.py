@@ -113,8 +113,8 @@ def main() -> None:
               f"{geo['clashes_per_model']:.1f} clashes < 3 Å per model", flush=True)
     print(f"\n{a.n} particles, box {BOX}, {a.epochs} epochs, device {a.device}, {a.threads} thread(s); Cα RMSD per "
           "particle to its true state, mean over all particles / over the far states (τ ≥ 0.5)\n")
-    print("| SNR | method | latent vs τ: Spearman ρ (abs) of PC1 | kNN R² | Cα RMSD all (Å) | Cα RMSD far (Å) | s / epoch | "
-          "time ratio to train-atomic |")
+    print("| SNR | method | Spearman ρ (abs) of PC1 | kNN R² | Cα RMSD all (Å) | Cα RMSD far (Å) | s / epoch | "
+          "time / train-atomic |")
     print("|---|---|---|---|---|---|---|---|")
     for snr, name, rho, r2, r, far, t, ratio in rows:
         ra = "—" if r is None else f"{r.mean():.2f}"
