@@ -1,0 +1,162 @@
+"""Training an atomic decoder on the images (CryoSTAR's first stage): the ELBO plus structural restraints.
+
+The encoder of ``amortised.AmortisedInference`` gives q(z | image); the decoder is ``models.atomic_decoder``'s
+(residues displaced by an MLP of z, rendered as Gaussians). The loss per batch is
+
+    data + λ_en · elastic + λ_clash · clash + kl_weight · KL
+
+with the restraints of ``atomic_restraints`` evaluated on the residues decoded at each image's sampled z. The
+restraint weights are calibrated once, before training, by DynaMight's rule: λ = factor × ‖∇data‖ / ‖∇elastic‖,
+the gradients taken with respect to the residue positions of the reference displaced at random by
+``CALIBRATION_RMS_A`` on a fixed sample of images; ``--elastic_weight`` and ``--clash_weight`` are the factors
+(so their meaning does not depend on the number of residues, the SNR or the data scale), and the absolute
+weights are kept in the model and its checkpoints. Training runs through the shared ``Trainer`` (streaming
+epochs, a checkpoint per epoch, resume); the data term and each restraint are recorded per epoch in
+``restraint_history.json``.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryohet.atomic import atomic_path
+from cryohet.data.loader import Batch
+from cryohet.data.prepare import ImagePreparer
+from cryohet.distributed import Dist
+from cryohet.errors import InputError
+from cryohet.inference.amortised import AmortisedInference
+from cryohet.inference.atomic_restraints import Restraints
+from cryohet.inference.elbo import gaussian_elbo
+from cryohet.inference.trainer import CHECKPOINT_NAME, Hooks, Trainer, TrainOptions, TrainResult, load_checkpoint
+from cryohet.io.reader import ImageReader
+from cryohet.io.weights import read_checkpoint
+from cryohet.models.atomic_decoder import AtomicDecoder
+
+#: RMS (Å) of the random displacements of the reference at which the restraint weights are calibrated.
+CALIBRATION_RMS_A = 1.0
+HISTORY_NAME = "restraint_history.json"
+TERMS = ("data", "elastic", "clash")
+
+
+class RestrainedAmortised(AmortisedInference):
+    """Encoder + atomic decoder trained on the ELBO plus the restraints; ``weights`` (λ_en, λ_clash) absolute."""
+
+    kind = "amortised-atomic"
+
+    def __init__(self, decoder: AtomicDecoder, restraints: Restraints, weights: tuple[float, float],
+                 points: Any, settings: dict[str, Any], beta: float):
+        super().__init__(None, points, settings, beta, decoder=decoder)
+        self.restraints = restraints
+        self.register_buffer("restraint_weight", torch.tensor(weights, dtype=torch.float32))
+        self.tally = torch.zeros(len(TERMS) + 1, dtype=torch.float64)  # sums per image of each term, images
+
+    def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(d["enc"])
+        data, kld = gaussian_elbo(self.decoder, self.kxy, d["rot"], d["y"], d["ctf"], mu, logvar, eps)
+        z = mu.float() + eps * torch.exp(0.5 * logvar.float())  # the z gaussian_elbo decoded
+        elastic, clash = self.restraints(self.decoder.positions(z))
+        if self.training:
+            vals = torch.stack([data.detach(), elastic.detach(), clash.detach()]).double().cpu()
+            self.tally += torch.cat([vals * len(z), torch.tensor([float(len(z))], dtype=torch.float64)])
+        w = self.restraint_weight
+        return data + w[0] * elastic + w[1] * clash, kld
+
+    def take_tally(self) -> dict[str, float]:
+        """The mean of each term over the images since the last call (data: MSE; restraints: Å²)."""
+        t, self.tally = self.tally, torch.zeros_like(self.tally)
+        n = max(float(t[-1]), 1.0)
+        return {name: float(t[i]) / n for i, name in enumerate(TERMS)}
+
+
+def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: ImageReader, prep: ImagePreparer,
+                      device: torch.device, n_sample: int = 256, seed: int = 0) -> float:
+    """‖∇data‖ / ‖∇elastic‖ with respect to the residue positions (DynaMight's calibration), at the reference
+    displaced at random by ``CALIBRATION_RMS_A`` Å RMS, summed over a fixed sample of prepared images."""
+    n = len(reader)
+    rows = np.sort(np.random.default_rng([seed, 0xCA1]).permutation(n)[:min(n, n_sample)])
+    g = torch.Generator().manual_seed(seed)
+    kxy = prep.points.kxy.to(device)
+    decoder.to(device)
+    num = den = 0.0
+    for s in range(0, len(rows), 64):
+        r = rows[s:s + 64]
+        b = prep(Batch(r, torch.from_numpy(reader.read(r))))
+        y = torch.view_as_real(b.images_ft).to(device)
+        noise = torch.randn((len(r), *decoder.rel0_A.shape), generator=g) * CALIBRATION_RMS_A / np.sqrt(3)
+        pos = (decoder.rel0_A + noise.to(device)).requires_grad_(True)
+        pred = decoder.slices_at(b.rotations.to(device), pos, kxy) * b.ctf.to(device)[..., None]
+        data = ((pred - y) ** 2).sum(-1).mean()
+        num += float(torch.autograd.grad(data, pos)[0].norm())
+        den += float(torch.autograd.grad(restraints.elastic(pos), pos)[0].norm())
+    if not (num > 0 and den > 0):
+        raise ValueError("the restraint weights cannot be calibrated: the data or the elastic network has no "
+                         "gradient (no springs within the cutoff?)")
+    return num / den
+
+
+def _epoch_hooks(hooks: Hooks, objective: RestrainedAmortised, path: Path, history: list[dict[str, float]]
+                 ) -> Hooks:
+    """``hooks`` whose progress wrapper appends each finished epoch's terms to ``history`` and ``path``."""
+    def progress(items: Iterable, desc: str, total: int | None = None) -> Iterator:
+        yield from hooks.progress(items, desc, total)
+        if desc.startswith("epoch "):
+            history.append({"epoch": int(desc.split()[1].split("/")[0]), **objective.take_tally()})
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(history, indent=1))
+
+    return Hooks(hooks.log, progress, hooks.check_abort)
+
+
+def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
+               prep: ImagePreparer, opts: TrainOptions, enc_layers: int, enc_dim: int, beta: float,
+               out_dir: str | Path, device: torch.device, hooks: Hooks, resume: bool = False
+               ) -> tuple[RestrainedAmortised, TrainResult, list[dict[str, float]]]:
+    """Train an encoder and ``decoder`` (its intensity scale estimated) on the images prepared by ``prep``, with
+    the restraints weighted by ``factors`` (elastic, clash) × the calibration; returns the objective, the
+    trainer's result (``z_mu`` rows in particle-file order) and the per-epoch terms."""
+    out_dir = Path(out_dir)
+    settings = {"enc_layers": enc_layers, "enc_dim": enc_dim, "seed": opts.seed}
+    restraint_cfg = {"cutoff_A": restraints.cutoff_A, "bond_weight": restraints.bond_weight,
+                     "min_distance_A": restraints.min_distance_A, "factors": list(factors)}
+    meta = {"inference": json.dumps(settings, sort_keys=True), "beta": repr(beta),
+            "decoder": json.dumps(decoder.architecture(), sort_keys=True),
+            "restraints": json.dumps(restraint_cfg, sort_keys=True), "points": str(len(prep.points))}
+    ckpt = _resume_point(out_dir, meta, len(reader), hooks) if resume else None
+    calib = 1.0
+    if ckpt is None:
+        calib = calibrate_weights(decoder, restraints, reader, prep, device, seed=opts.seed)
+        hooks.log.info("restraint calibration: |grad data| / |grad elastic| = %.4g at %.3g Å RMS", calib,
+                       CALIBRATION_RMS_A)
+    weights = (factors[0] * calib, factors[1] * calib)
+    objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta)
+    history: list[dict[str, float]] = []
+    path = out_dir / HISTORY_NAME
+    if ckpt is not None and path.is_file():
+        history = json.loads(path.read_text())[:ckpt.epoch]
+    trainer = Trainer(objective, reader, prep, opts, out_dir, device, Dist(),
+                      _epoch_hooks(hooks, objective, path, history), meta)
+    result = trainer.fit(ckpt)  # a checkpoint's state holds the absolute weights it was trained with
+    hooks.log.info("restraint weights: elastic %.4g, clash %.4g", *objective.restraint_weight.tolist())
+    return objective, result, history
+
+
+def _resume_point(out_dir: Path, meta: dict[str, str], n: int, hooks: Hooks) -> Any:
+    """The checkpoint to continue from, checked against ``meta`` and the particle count (None when none)."""
+    found = read_checkpoint(out_dir / CHECKPOINT_NAME, load_checkpoint, hooks.log)
+    if found is None:
+        hooks.log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+        return None
+    path, ckpt = found
+    diff = [k for k in meta if ckpt.meta.get(k) != meta[k]]
+    if diff:
+        raise InputError(path, f"the checkpoint was trained with other settings ({', '.join(diff)}); run without "
+                               "--resume (and with --overwrite) to start again")
+    if ckpt.n_particles != n:
+        raise InputError(path, f"the checkpoint was trained on {ckpt.n_particles} particles, the input has {n}")
+    hooks.log.info("resuming from %s after epoch %d", path, ckpt.epoch)
+    return ckpt
