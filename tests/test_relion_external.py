@@ -45,7 +45,9 @@ def _pipeliner(project: Path, *args: str, background: bool = False):
     cmd = ["relion_pipeliner", *args]
     if background:
         return subprocess.Popen(cmd, cwd=project, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return subprocess.run(cmd, cwd=project, env=_env(), capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(cmd, cwd=project, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{cmd}: {out.stdout[-2000:]} {out.stderr[-2000:]}"
+    return out
 
 
 def _add_external(project: Path, params: dict[str, str], inputs: dict[str, str] | None = None,
@@ -357,6 +359,30 @@ def test_nma_job_takes_the_atomic_model_as_a_parameter(project):
     assert record.params["model"] == str(model) and record.params["n_modes"] == 4
     with np.load(project / job / "modes.npz", allow_pickle=False) as f:
         assert f["modes"].shape == (4, 214, 3)
+
+
+def test_fit_modes_job_on_an_nma_job(project, simulated_job):
+    """fit-modes takes the particles as its input node and the nma job's folder as the value of its `modes`
+    parameter; its particles (with the amplitudes) are a particles node that RELION reads."""
+    from cryohet.io.atomic_model import read_atoms, write_models
+    from cryohet.simulate.modes import place_in_box
+
+    atoms = place_in_box(read_atoms(Path(__file__).resolve().parents[1] / "cryohet" / "data" /
+                                    "default_molecule.pdb", "heavy"), 32, 3.0)
+    write_models(project / "placed.pdb", atoms, atoms.xyz_A[None])
+    nma = _add_external(project, {"method": "nma", "model": "placed.pdb", "n_modes": "2", "movie_modes": "0"})
+    _run_job(project, nma)
+    assert _status(project, nma) == PROC_FINISHED, (project / nma / "run.err").read_text()
+    job = _add_external(project, {"method": "fit-modes", "modes": nma, "modes_used": "1-2", "iterations": "5"},
+                        inputs={"in_part": f"{simulated_job}particles.star"})
+    _run_job(project, job)
+    assert _status(project, job) == PROC_FINISHED, (project / job / "run.err").read_text()
+    assert _nodes(project)[f"{job}particles.star"] == 3
+    star = starfile.read(project / job / "particles.star")["particles"]
+    amplitudes = np.load(project / job / "amplitudes.npy")
+    np.testing.assert_allclose(star[["cryohetZ1", "cryohetZ2"]].to_numpy(), amplitudes, rtol=1e-5, atol=1e-6)
+    vol = _relion_reconstruct(project, f"{job}particles.star", "fit_modes_rec.mrc")
+    assert vol.shape == (32, 32, 32) and np.isfinite(vol).all()
 
 
 def test_bad_input_fails_with_reason_in_run_err(project, simulated_job):
