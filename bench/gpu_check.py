@@ -10,7 +10,10 @@ STAR with the same architecture (3 × 1024 encoder and decoder, z 8), batch size
 epochs, each program with its own default mixed precision. train-vae is compared by the time of its last epoch
 as each program logs it (start-up, data loading and the final latent pass excluded); the other steps by the wall
 time of the method. Then, per box, ``cryohet.simulate.bodies.simulate_two_bodies`` makes two-body data (the LID
-hinge, at most 1000 particles, SNR 2) and ``cryohet multibody`` refines it for 2 iterations at Nyquist.
+hinge, at most 1000 particles, SNR 2) and ``cryohet multibody`` refines it for 2 iterations at Nyquist. Last, per
+box, the atomic-model methods: ``cryohet nma`` of the molecule's heavy atoms (the torch solver by default) and of
+its Cα, particles moved along its modes 1-3 (at most 2000), ``cryohet fit-modes`` direct and amortised and
+``cryohet train-atomic`` on them, and ``cryohet reweight`` on particles drawn from 10 frames of a trajectory.
 
 Peak GPU memory is ``torch.cuda.max_memory_allocated`` in the process that ran the step (reset before it), for
 cryohet and for cryoDRGN alike. cryohet's steps run in one child process per box (``run_method``, as the CLI
@@ -39,6 +42,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FIELD_A = 192.0  # field of view of the simulated images, Å (box × apix)
+#: Steps that make the data of the steps after them (a failed one ends its group).
+DATA_STEPS = ("simulate", "two-bodies", "mode-data", "ensemble-data")
 RESERVE_S = 20.0  # time kept for each later job of the check when one runs long
 
 
@@ -84,7 +89,8 @@ def child_ours(spec: dict[str, Any]) -> None:
     common = dict(device=spec["device"], threads=spec["threads"], seed=0, overwrite=True)
     for step in spec["steps"]:
         name, values, out = step["method"], dict(step["values"]), Path(step["out"])
-        row = {"tool": "cryohet", "step": name, "box": spec["box"], "n": spec["n"], "label": step.get("label", "")}
+        row = {"tool": "cryohet", "step": step.get("step", name), "box": spec["box"], "n": spec["n"],
+               "label": step.get("label", "")}
         if time.time() > deadline - step.get("min_s", 5):
             _emit(res, {**row, "status": "skipped (time budget)"})
             continue
@@ -95,11 +101,17 @@ def child_ours(spec: dict[str, Any]) -> None:
                 from cryohet.simulate.bodies import simulate_two_bodies
 
                 simulate_two_bodies(out, **values, device=spec["device"])
+            elif name == "mode-data":  # data for fit-modes and train-atomic: the nma run's modes 1-3 moving it
+                mode_data(out, **values, device=spec["device"])
+            elif name == "ensemble-data":  # data for reweight: frames of the open -> closed transition
+                from cryohet.simulate.ensemble import simulate_ensemble
+
+                simulate_ensemble(out, **values)
             else:
                 run_method(methods[name], {**values, **common}, out)
         except Exception as exc:  # a failed step is a row of the table, the check goes on
             _emit(res, {**row, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
-            if name in ("simulate", "two-bodies"):
+            if name in DATA_STEPS:
                 return
             continue
         row.update(status="ok", wall_s=time.perf_counter() - t0, peak_gpu_gb=_cuda_peak_gb())
@@ -107,6 +119,35 @@ def child_ours(spec: dict[str, Any]) -> None:
             hist = json.loads((out / "config.json").read_text())["history"]
             row["epoch_s"] = [h["seconds"] for h in hist]
         _emit(res, row)
+
+
+def placed_model(path: Path, box: int, apix: float) -> Path:
+    """The bundled molecule's heavy atoms placed in the map frame of ``box`` × ``apix`` (a PDB file)."""
+    from cryohet.io.atomic_model import read_atoms, write_models
+    from cryohet.simulate.modes import place_in_box
+    from cryohet.simulate.molecules import DEFAULT_MOLECULE
+
+    atoms = place_in_box(read_atoms(DEFAULT_MOLECULE, "heavy"), box, apix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_models(path, atoms, atoms.xyz_A[None])
+    return path
+
+
+def mode_data(out: Path, modes: str, n_particles: int, box: int, apix: float, device: str) -> None:
+    """Particles of the molecule moved along modes 1-3 of an nma run's ``modes.npz`` (200 states, SNR 0.1)."""
+    import numpy as np
+
+    from cryohet.io.atomic_model import Atoms
+    from cryohet.simulate.modes import draw_amplitudes, mode_conformations
+    from cryohet.simulate.simulate import simulate_particles
+
+    with np.load(Path(modes) / "modes.npz", allow_pickle=False) as f:
+        atoms = Atoms(f["coords_A"], f["weight"], f["chain"], f["resseq"], f["resname"], f["name"], f["element"],
+                      Path(modes))
+        vecs = f["modes"][:3]
+    amp = draw_amplitudes(200, np.array([3.0, 2.0, 2.0]), np.random.default_rng(0))
+    conf = mode_conformations(atoms, vecs, amp, box, apix, max(6.0, 3 * apix), device=device)
+    simulate_particles(conf, out, n_particles, 0.1, seed=0, write_maps=False)
 
 
 def _run_drgn_command(module: str, args: list[str]) -> None:
@@ -246,6 +287,39 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
             dict(method="two-bodies", values=bodies, out=str(d / "data"), min_s=5),
             dict(method="multibody", values=mb, out=str(d / "multibody"), min_s=10,
                  label="2 bodies, 2 iterations, Nyquist")]))
+    for box, n in zip(a.boxes, a.n, strict=True):
+        d = a.work / f"box{box}" / "atomic"
+        apix = round(FIELD_A / box, 4)
+        model = str(placed_model(d / "placed.pdb", box, apix))
+        star = str(d / "modes_data" / "particles.star")
+        n_fit = min(n, 2000)
+        res = max(8.0, 3 * apix)  # the fits' resolution, Å (coarser than Nyquist at the smoke test's 6 Å/px)
+        jobs.append(dict(kind="ours", box=box, n=n_fit, steps=[
+            dict(method="nma", step="nma, heavy atoms", values=dict(model=model, selection="heavy",
+                                                                     solver=a.nma_solver, movie_modes=1),
+                 out=str(d / "nma_heavy"), min_s=5, label=f"1656 heavy atoms, 20 modes, solver {a.nma_solver}"),
+            dict(method="nma", step="nma, Cα", values=dict(model=model, n_modes=6, movie_modes=0), out=str(d / "nma"),
+                 min_s=5,
+                 label="214 Cα, 6 modes"),
+            dict(method="mode-data", values=dict(modes=str(d / "nma"), n_particles=n_fit, box=box, apix=apix),
+                 out=str(d / "modes_data"), min_s=5),
+            dict(method="fit-modes", step="fit-modes, direct", values=dict(particles=star, modes=str(d / "nma"),
+                                                                            fit="direct", resolution_A=res),
+                 out=str(d / "fit_direct"), min_s=10, label="modes 1-3, direct, 60 Adam steps per image"),
+            dict(method="fit-modes", step="fit-modes, amortised",
+                 values=dict(particles=star, modes=str(d / "nma"), fit="amortised", epochs=a.epochs * 5,
+                             resolution_A=res),
+                 out=str(d / "fit_amortised"), min_s=10, label=f"modes 1-3, amortised, {a.epochs * 5} epochs"),
+            dict(method="train-atomic", values=dict(particles=star, model=model, zdim=2, epochs=a.epochs * 5,
+                                                    resolution_A=res),
+                 out=str(d / "train_atomic"), min_s=10, label=f"214 residues, z 2, {a.epochs * 5} epochs"),
+            dict(method="ensemble-data", values=dict(weights=[4, 1, 2, 3, 6, 2, 1, 1, 3, 2], n_particles=n_fit,
+                                                     snr=0.1, box=box, apix=apix),
+                 out=str(d / "ensemble"), min_s=5),
+            dict(method="reweight", values=dict(particles=str(d / "ensemble" / "particles" / "particles.star"),
+                                                trajectory=str(d / "ensemble" / "trajectory.dcd"),
+                                                topology=str(d / "ensemble" / "topology.pdb")),
+                 out=str(d / "reweight"), min_s=10, label="10 frames of 1656 atoms, defaults")]))
     return jobs
 
 
@@ -279,7 +353,8 @@ def run_all(a: argparse.Namespace) -> list[dict[str, Any]]:
         if job["kind"] == "ours":
             simulated_ok[job["box"]] = simulated_ok.get(job["box"], False) or any(
                 r["step"] == "simulate" and r["box"] == job["box"] and r["status"] == "ok" for r in rows)
-            missing = [s["method"] for s in job["steps"] if ("cryohet", s["method"], job["box"]) not in done]
+            missing = [s.get("step", s["method"]) for s in job["steps"]
+                       if ("cryohet", s.get("step", s["method"]), job["box"]) not in done]
             for m in missing:
                 _emit(res, {"tool": "cryohet", "step": m, "box": job["box"], "n": job["n"],
                             "status": f"not finished ({status}; see {tag}.log)"})
@@ -304,7 +379,8 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
            "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
     for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "kernel-volumes", "manifold-images",
-                 "manifold-volumes", "classify", "abinit", "two-bodies", "multibody"):
+                 "manifold-volumes", "classify", "abinit", "two-bodies", "multibody", "nma, heavy atoms", "nma, Cα",
+                 "mode-data", "fit-modes, direct", "fit-modes, amortised", "train-atomic", "ensemble-data", "reweight"):
         for box, n in zip(a.boxes, a.n, strict=True):
             ours = by.get(("cryohet", step, box))
             if ours is None:
@@ -358,6 +434,8 @@ def main() -> int:
                    help="working folder (emptied first: every run starts from new data)")
     p.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
     p.add_argument("--n", type=int, nargs="+", default=[2000, 1000], help="particles per box")
+    p.add_argument("--nma_solver", default="torch", choices=("torch", "prody", "auto"),
+                   help="solver of the heavy-atom nma step (torch: the GPU path)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="batch size of both programs (cryoDRGN's default: 8)")
     p.add_argument("--layers", type=int, default=3)

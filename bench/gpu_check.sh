@@ -65,6 +65,7 @@ NEEDS_RELION=(
   tests/test_reconstruct.py::test_reconstruct_mask_of_another_box
   tests/test_reconstruct.py::test_reconstruct_nan_image_fails_cleanly
   tests/test_simulate.py::test_cli_simulate_then_relion_reconstruct
+  tests/test_fit_modes.py::test_gaussian_images_match_relion_project
 )
 DESELECT=()
 for t in "${NEEDS_RELION[@]}"; do DESELECT+=(--deselect "$t"); done

@@ -2,7 +2,7 @@
 # Fetch, here, what the GPU machine lacks for bench/gpu_check.sh (it cannot reach a package registry), into
 # .whl/ (ignored by git; the device call carries it: carry [".whl"]):
 #   * wheels for its Python 3.12 on manylinux x86-64, --no-deps, pinned: the engine's mrcfile, starfile, emtable,
-#     gemmi, umap-learn (+ pynndescent; numba and llvmlite are there), and cryoDRGN 4.3.1 with what its
+#     gemmi, umap-learn (+ pynndescent; numba and llvmlite are there), MDAnalysis (+ its needs), and cryoDRGN 4.3.1 with what its
 #     train_vae imports and the machine lacks (igraph, texttable, nbformat and nbformat's needs);
 #   * the cryoDRGN test data the tests read from ../shared/data/thirdparty/cryodrgn-tests (that folder beside the
 #     checkout does not travel; gpu_check.sh links it from .whl/thirdparty there).
@@ -23,6 +23,10 @@ WHEELS=(
   gemmi==0.7.5
   umap-learn==0.5.12
   pynndescent==0.7.0
+  MDAnalysis==2.11.0        # reweight's trajectories (ProDy: no wheel for Python 3.12 here, a 35 MB sdist; see gpu_check.sh)
+  GridDataFormats==1.2.0
+  mmtf-python==1.1.3
+  mda-xdrlib==0.2.0
   # cryoDRGN's train_vae, parse_pose_star, parse_ctf_star (healpy, plotly, jupyterlab... are not imported by them)
   cryodrgn==4.3.1
   igraph==1.0.0
