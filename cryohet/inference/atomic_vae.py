@@ -25,16 +25,13 @@ import numpy as np
 import torch
 
 from cryohet.atomic import atomic_path
-from cryohet.data.loader import Batch
-from cryohet.data.prepare import ImagePreparer
+from cryohet.data.prepare import ImagePreparer, prepared_sample
 from cryohet.distributed import Dist
-from cryohet.errors import InputError
 from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.atomic_restraints import Restraints
 from cryohet.inference.elbo import gaussian_elbo
-from cryohet.inference.trainer import CHECKPOINT_NAME, Hooks, Trainer, TrainOptions, TrainResult, load_checkpoint
+from cryohet.inference.trainer import Hooks, Trainer, TrainOptions, TrainResult, resume_point
 from cryohet.io.reader import ImageReader
-from cryohet.io.weights import read_checkpoint
 from cryohet.models.atomic_decoder import AtomicDecoder
 
 #: RMS (Å) of the random displacements of the reference at which the restraint weights are calibrated.
@@ -77,17 +74,13 @@ def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: Im
                       device: torch.device, n_sample: int = 256, seed: int = 0) -> float:
     """‖∇data‖ / ‖∇elastic‖ with respect to the residue positions (DynaMight's calibration), at the reference
     displaced at random by ``CALIBRATION_RMS_A`` Å RMS, summed over a fixed sample of prepared images."""
-    n = len(reader)
-    rows = np.sort(np.random.default_rng([seed, 0xCA1]).permutation(n)[:min(n, n_sample)])
     g = torch.Generator().manual_seed(seed)
     kxy = prep.points.kxy.to(device)
     decoder.to(device)
     num = den = 0.0
-    for s in range(0, len(rows), 64):
-        r = rows[s:s + 64]
-        b = prep(Batch(r, torch.from_numpy(reader.read(r))))
+    for b in prepared_sample(reader, prep, n_sample, seed, 0xCA1):
         y = torch.view_as_real(b.images_ft).to(device)
-        noise = torch.randn((len(r), *decoder.rel0_A.shape), generator=g) * CALIBRATION_RMS_A / np.sqrt(3)
+        noise = torch.randn((len(b.rows), *decoder.rel0_A.shape), generator=g) * CALIBRATION_RMS_A / np.sqrt(3)
         pos = (decoder.rel0_A + noise.to(device)).requires_grad_(True)
         pred = decoder.slices_at(b.rotations.to(device), pos, kxy) * b.ctf.to(device)[..., None]
         data = ((pred - y) ** 2).sum(-1).mean()
@@ -126,7 +119,7 @@ def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[fl
     meta = {"inference": json.dumps(settings, sort_keys=True), "beta": repr(beta),
             "decoder": json.dumps(decoder.architecture(), sort_keys=True),
             "restraints": json.dumps(restraint_cfg, sort_keys=True), "points": str(len(prep.points))}
-    ckpt = _resume_point(out_dir, meta, len(reader), hooks) if resume else None
+    ckpt = resume_point(out_dir, meta, len(reader), hooks) if resume else None
     calib = 1.0
     if ckpt is None:
         calib = calibrate_weights(decoder, restraints, reader, prep, device, seed=opts.seed)
@@ -144,19 +137,3 @@ def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[fl
     hooks.log.info("restraint weights: elastic %.4g, clash %.4g", *objective.restraint_weight.tolist())
     return objective, result, history
 
-
-def _resume_point(out_dir: Path, meta: dict[str, str], n: int, hooks: Hooks) -> Any:
-    """The checkpoint to continue from, checked against ``meta`` and the particle count (None when none)."""
-    found = read_checkpoint(out_dir / CHECKPOINT_NAME, load_checkpoint, hooks.log)
-    if found is None:
-        hooks.log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
-        return None
-    path, ckpt = found
-    diff = [k for k in meta if ckpt.meta.get(k) != meta[k]]
-    if diff:
-        raise InputError(path, f"the checkpoint was trained with other settings ({', '.join(diff)}); run without "
-                               "--resume (and with --overwrite) to start again")
-    if ckpt.n_particles != n:
-        raise InputError(path, f"the checkpoint was trained on {ckpt.n_particles} particles, the input has {n}")
-    hooks.log.info("resuming from %s after epoch %d", path, ckpt.epoch)
-    return ckpt

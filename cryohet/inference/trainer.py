@@ -34,7 +34,7 @@ from cryohet.data.prepare import ImagePreparer
 from cryohet.distributed import Dist
 from cryohet.errors import InputError, RunAborted
 from cryohet.io.reader import ImageReader
-from cryohet.io.weights import read_weights, write_weights
+from cryohet.io.weights import read_checkpoint, read_weights, write_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMATS = ("cryohet-train-checkpoint-1", "cryohet-vae-checkpoint-1")  # written, and read too
@@ -164,6 +164,29 @@ class TrainResult:
     start_epoch: int
     z_mu: np.ndarray | None
     z_logvar: np.ndarray | None
+
+
+def resume_point(out_dir: Path, meta: dict[str, str], n: int, hooks: Hooks, owner: bool = True,
+                 check: Callable[[Path, Checkpoint], None] | None = None) -> Checkpoint | None:
+    """The checkpoint in ``out_dir`` to continue from (None, logged, when there is none): the newest usable one
+    (``read_checkpoint``; ``owner``: the rank that writes them), checked against what is asked now. InputError
+    naming the file when its ``meta`` strings differ from ``meta``, when ``check(path, ckpt)`` (the caller's own
+    checks) raises one, or when it was trained on other than ``n`` particles."""
+    found = read_checkpoint(Path(out_dir) / CHECKPOINT_NAME, load_checkpoint, hooks.log, owner)
+    if found is None:
+        hooks.log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+        return None
+    path, ckpt = found
+    diff = [k for k in meta if ckpt.meta.get(k) != meta[k]]
+    if diff:
+        raise InputError(path, f"the checkpoint was trained with other settings ({', '.join(diff)}); run without "
+                               "--resume (and with --overwrite) to start again")
+    if check is not None:
+        check(path, ckpt)
+    if ckpt.n_particles != n:
+        raise InputError(path, f"the checkpoint was trained on {ckpt.n_particles} particles, the input has {n}")
+    hooks.log.info("resuming from %s after epoch %d", path, ckpt.epoch)
+    return ckpt
 
 
 def _noise(seed: int, epoch: int, step: int, n_total: int, dim: int, lo: int, hi: int) -> torch.Tensor:
