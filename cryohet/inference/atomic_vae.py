@@ -12,12 +12,13 @@ the gradients taken with respect to the residue positions of the reference displ
 (so their meaning does not depend on the number of residues, the SNR or the data scale), and the absolute
 weights are kept in the model and its checkpoints. Training runs through the shared ``Trainer`` (streaming
 epochs, a checkpoint per epoch, resume); the data term and each restraint are recorded per epoch in
-``restraint_history.json``.
+``restraint_history.json`` (the trainer's ``on_epoch_end`` hook; the objective's ``epoch_terms`` add them to the
+trainer's history).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,9 @@ class RestrainedAmortised(AmortisedInference):
         w = self.restraint_weight
         return data + w[0] * elastic + w[1] * clash, kld
 
-    def take_tally(self) -> dict[str, float]:
-        """The mean of each term over the images since the last call (data: MSE; restraints: Å²)."""
+    def epoch_terms(self) -> dict[str, float]:
+        """The mean of each term over the images since the last call (data: MSE; restraints: Å²), for the
+        trainer's history of the epoch."""
         t, self.tally = self.tally, torch.zeros_like(self.tally)
         n = max(float(t[-1]), 1.0)
         return {name: float(t[i]) / n for i, name in enumerate(TERMS)}
@@ -92,19 +94,6 @@ def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: Im
     return num / den
 
 
-def _epoch_hooks(hooks: Hooks, objective: RestrainedAmortised, path: Path, history: list[dict[str, float]]
-                 ) -> Hooks:
-    """``hooks`` whose progress wrapper appends each finished epoch's terms to ``history`` and ``path``."""
-    def progress(items: Iterable, desc: str, total: int | None = None) -> Iterator:
-        yield from hooks.progress(items, desc, total)
-        if desc.startswith("epoch "):
-            history.append({"epoch": int(desc.split()[1].split("/")[0]), **objective.take_tally()})
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(history, indent=1))
-
-    return Hooks(hooks.log, progress, hooks.check_abort)
-
-
 def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
                prep: ImagePreparer, opts: TrainOptions, enc_layers: int, enc_dim: int, beta: float,
                out_dir: str | Path, device: torch.device, hooks: Hooks, resume: bool = False
@@ -127,13 +116,19 @@ def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[fl
                        CALIBRATION_RMS_A)
     weights = (factors[0] * calib, factors[1] * calib)
     objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta)
-    history: list[dict[str, float]] = []
-    path = out_dir / HISTORY_NAME
-    if ckpt is not None and path.is_file():
-        history = json.loads(path.read_text())[:ckpt.epoch]
+
+    def write_terms(epoch: int, history: list[dict[str, float]]) -> None:
+        with atomic_path(out_dir / HISTORY_NAME) as tmp:
+            tmp.write_text(json.dumps(restraint_terms(history), indent=1))
+
     trainer = Trainer(objective, reader, prep, opts, out_dir, device, Dist(),
-                      _epoch_hooks(hooks, objective, path, history), meta)
+                      dataclasses.replace(hooks, on_epoch_end=write_terms), meta)
     result = trainer.fit(ckpt)  # a checkpoint's state holds the absolute weights it was trained with
     hooks.log.info("restraint weights: elastic %.4g, clash %.4g", *objective.restraint_weight.tolist())
-    return objective, result, history
+    return objective, result, restraint_terms(result.history)
+
+
+def restraint_terms(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The epoch, data term and each restraint of every epoch of the trainer's ``history``."""
+    return [{"epoch": h["epoch"], **{k: h[k] for k in TERMS}} for h in history]
 
