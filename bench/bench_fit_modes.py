@@ -47,15 +47,17 @@ _RUN = textwrap.dedent("""
 def make_data(a: argparse.Namespace, out: Path) -> tuple[Path, Path, np.ndarray]:
     from cryohet.io.atomic_model import read_atoms
     from cryohet.io.normal_modes import write_normal_modes
+    from cryohet.models.elastic_network import anm_modes
     from cryohet.simulate import simulate_particles
-    from cryohet.simulate.modes import anm_modes, draw_amplitudes, mode_conformations, place_in_box
+    from cryohet.simulate.modes import draw_amplitudes, mode_conformations, place_in_box
     from cryohet.simulate.molecules import DEFAULT_MOLECULE
 
     torch.set_num_threads(a.threads)
     apix = a.extent_A / a.box
     atoms = place_in_box(read_atoms(DEFAULT_MOLECULE, "ca"), a.box, apix)
-    ev, modes = anm_modes(atoms.xyz_A, 6)
-    write_normal_modes(out / "modes.npz", atoms, ev, modes, np.zeros(6), 15.0, 1.0, "ca")
+    nm = anm_modes(atoms, 6, selection="ca")
+    modes = nm.modes
+    write_normal_modes(out / "modes.npz", nm)
     sigma = np.array(a.sigma_A[:a.k])
     amp = draw_amplitudes(a.states, sigma, np.random.default_rng(a.seed))
     conf = mode_conformations(atoms, modes[:a.k], amp, a.box, apix, a.resolution_A, device=a.device_sim)

@@ -34,10 +34,11 @@ from cryohet.io.normal_modes import read_normal_modes, write_normal_modes
 from cryohet.io.particles import load_particles
 from cryohet.io.star import read_star, write_star
 from cryohet.models.base import load_volume_model
+from cryohet.models.elastic_network import anm_modes
 from cryohet.models.modes import ModeModel
 from cryohet.record import RunRecord, read_record
 from cryohet.simulate import simulate_particles
-from cryohet.simulate.modes import anm_modes, draw_amplitudes, mode_conformations, place_in_box
+from cryohet.simulate.modes import draw_amplitudes, mode_conformations, place_in_box
 from cryohet.simulate.molecules import DEFAULT_MOLECULE
 
 BOX, APIX, RES = 32, 3.0, 8.0
@@ -63,8 +64,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     states drawn along modes 1-3, noiseless and at SNR 1 and 0.3 (the same draws)."""
     d = tmp_path_factory.mktemp("modes")
     atoms = place_in_box(read_atoms(DEFAULT_MOLECULE, "ca"), BOX, APIX)
-    ev, modes = anm_modes(atoms.xyz_A, 6)
-    write_normal_modes(d / "modes.npz", atoms, ev, modes, np.zeros(6), 15.0, 1.0, "ca")
+    nm = anm_modes(atoms, 6, selection="ca")
+    modes = nm.modes
+    write_normal_modes(d / "modes.npz", nm)
     amp = draw_amplitudes(150, SIGMA_A, np.random.default_rng(1))
     conf = mode_conformations(atoms, modes[:3], amp, BOX, APIX, RES)
     out = {"dir": d, "modes": d / "modes.npz", "atoms": atoms, "eigvecs": modes}

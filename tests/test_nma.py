@@ -17,11 +17,11 @@ from cryohet.cli import main
 from cryohet.errors import InputError
 from cryohet.io.atomic_model import box_centre_A, read_atoms
 from cryohet.io.mrc import write_map
+from cryohet.io.normal_modes import read_normal_modes
 from cryohet.models.elastic_network import (
     anm_hessian,
     anm_modes,
     free_memory_bytes,
-    load_modes,
     max_atoms,
     network_pieces,
     plan_memory,
@@ -164,7 +164,7 @@ def test_cli_outputs_of_an_atomic_model(tmp_path: Path, capsys: pytest.CaptureFi
     ref = _prody_anm(nodes.xyz_A, 8)
     np.testing.assert_allclose(d["eigenvalues"], ref.getEigvals(), rtol=1e-4)
     np.testing.assert_allclose(d["collectivity"], prody.calcCollectivity(ref), atol=1e-8)
-    assert len(load_modes(out / "modes.npz").eigenvalues) == 8
+    assert len(read_normal_modes(out / "modes.npz").eigenvalues) == 8
     table = np.genfromtxt(out / "modes.csv", delimiter=",", names=True)
     np.testing.assert_allclose(table["eigenvalue"], d["eigenvalues"], rtol=1e-6)
     np.testing.assert_allclose(table["collectivity"], d["collectivity"], atol=1e-6)
@@ -206,7 +206,7 @@ def test_cli_mmcif_model_with_two_chains(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 0, err
     nodes = read_atoms(model, "ca")
     ref = _prody_anm(prody.parseMMCIF(str(model)).select("name CA and protein").getCoords(), 5)
-    nm = load_modes(out / "modes.npz")
+    nm = read_normal_modes(out / "modes.npz")
     np.testing.assert_allclose(nm.eigenvalues, ref.getEigvals(), rtol=1e-4)
     assert set(nm.atoms.chain) == {"A", "B"} and len(nm.atoms) == len(nodes) == 428
     st = gemmi.read_structure(str(out / "mode_01.cif"))  # mmCIF in, mmCIF out: 3 frames of every heavy atom
@@ -226,7 +226,7 @@ def test_cli_pseudo_atoms_of_a_map(tmp_path: Path, capsys: pytest.CaptureFixture
                       "--n_pseudo", "150", "--n_modes", "6", "--movie_modes", "1", "--n_frames", "3",
                       "--solver", "torch"], out, capsys)
     assert code == 0, err
-    nm = load_modes(out / "modes.npz")
+    nm = read_normal_modes(out / "modes.npz")
     assert nm.modes.shape == (6, 150, 3) and nm.selection == "pseudo"
     ref = _prody_anm(nm.atoms.xyz_A, 6)
     np.testing.assert_allclose(nm.eigenvalues, ref.getEigvals(), rtol=1e-4)

@@ -197,6 +197,13 @@ def test_resume_retraces_an_uninterrupted_run(data: dict, tmp_path: Path, capsys
     for a, b in zip(full["terms"], cut["terms"], strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     assert cut["restraint_weights"] == full["restraint_weights"]  # the calibration is kept in the checkpoint
+    # the objective's terms are in the trainer's history of each epoch (its loss is their weighted sum) and the
+    # trainer's per-epoch hook wrote them, the resumed epochs included
+    w = cut["restraint_weights"]
+    for h, t in zip(cut["history"], cut["terms"], strict=True):
+        assert h["gen_loss"] == pytest.approx(t["data"] + w["elastic"] * t["elastic"] + w["clash"] * t["clash"],
+                                              rel=1e-4)
+    assert json.loads((tmp_path / "cut" / "restraint_history.json").read_text()) == cut["terms"]
     assert len(_frames(tmp_path / "cut" / "pc1_models.cif")) == 10
     assert main(["eval-volume", "--run", str(tmp_path / "cut"), "--z", "0,0", "--o", str(tmp_path / "ev"),
                  "--threads", "1"]) == 0

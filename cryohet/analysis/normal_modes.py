@@ -14,7 +14,7 @@ from cryohet.analysis.volumes import contour_level
 from cryohet.atomic import atomic_path
 from cryohet.geometry.gaussians import gaussian_map
 from cryohet.io.mrc import write_map
-from cryohet.models.elastic_network import NormalModes
+from cryohet.io.normal_modes import NormalModes
 
 
 def write_modes_csv(path: str | Path, nm: NormalModes) -> Path:

@@ -9,6 +9,7 @@ loader's background thread (``BatchStream(..., transform=preparer)``), on the CP
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +99,7 @@ class ImagePreparer:
 def transform_rms(reader: ImageReader, prep: ImagePreparer, n_sample: int, seed: int) -> float:
     """RMS of the prepared transforms over a fixed sample of particles (a data scale); InputError when zero."""
     n = len(reader)
-    rows = np.sort(np.random.default_rng([seed, 0xDA7A]).permutation(n)[:min(n, n_sample)])
+    rows = sample_rows(n, n_sample, seed, 0xDA7A)
     acc, count = 0.0, 0
     for s in range(0, len(rows), 256):
         r = rows[s:s + 256]
@@ -110,3 +111,18 @@ def transform_rms(reader: ImageReader, prep: ImagePreparer, n_sample: int, seed:
         raise InputError(reader.layouts[0].path, "the particle images are empty (all zero) inside the resolution "
                                                  "circle")
     return rms
+
+
+def sample_rows(n: int, n_sample: int, seed: int, stream: int) -> np.ndarray:
+    """A fixed sample (sorted) of at most ``n_sample`` of ``n`` particle rows, drawn from (``seed``, ``stream``)."""
+    return np.sort(np.random.default_rng([seed, stream]).permutation(n)[:min(n, n_sample)])
+
+
+def prepared_sample(reader: ImageReader, prep: ImagePreparer, n_sample: int, seed: int, stream: int,
+                    batch: int = 64) -> Iterator[ImageBatch]:
+    """The images of ``sample_rows(len(reader), n_sample, seed, stream)`` prepared by ``prep``, ``batch`` at a
+    time (to estimate a scale or a weight once, before a fit)."""
+    rows = sample_rows(len(reader), n_sample, seed, stream)
+    for s in range(0, len(rows), batch):
+        r = rows[s:s + batch]
+        yield prep(Batch(r, torch.from_numpy(reader.read(r))))

@@ -12,12 +12,13 @@ the gradients taken with respect to the residue positions of the reference displ
 (so their meaning does not depend on the number of residues, the SNR or the data scale), and the absolute
 weights are kept in the model and its checkpoints. Training runs through the shared ``Trainer`` (streaming
 epochs, a checkpoint per epoch, resume); the data term and each restraint are recorded per epoch in
-``restraint_history.json``.
+``restraint_history.json`` (the trainer's ``on_epoch_end`` hook; the objective's ``epoch_terms`` add them to the
+trainer's history).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,13 @@ import numpy as np
 import torch
 
 from cryohet.atomic import atomic_path
-from cryohet.data.loader import Batch
-from cryohet.data.prepare import ImagePreparer
+from cryohet.data.prepare import ImagePreparer, prepared_sample
 from cryohet.distributed import Dist
-from cryohet.errors import InputError
 from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.atomic_restraints import Restraints
 from cryohet.inference.elbo import gaussian_elbo
-from cryohet.inference.trainer import CHECKPOINT_NAME, Hooks, Trainer, TrainOptions, TrainResult, load_checkpoint
+from cryohet.inference.trainer import Hooks, Trainer, TrainOptions, TrainResult, resume_point
 from cryohet.io.reader import ImageReader
-from cryohet.io.weights import read_checkpoint
 from cryohet.models.atomic_decoder import AtomicDecoder
 
 #: RMS (Å) of the random displacements of the reference at which the restraint weights are calibrated.
@@ -66,8 +64,9 @@ class RestrainedAmortised(AmortisedInference):
         w = self.restraint_weight
         return data + w[0] * elastic + w[1] * clash, kld
 
-    def take_tally(self) -> dict[str, float]:
-        """The mean of each term over the images since the last call (data: MSE; restraints: Å²)."""
+    def epoch_terms(self) -> dict[str, float]:
+        """The mean of each term over the images since the last call (data: MSE; restraints: Å²), for the
+        trainer's history of the epoch."""
         t, self.tally = self.tally, torch.zeros_like(self.tally)
         n = max(float(t[-1]), 1.0)
         return {name: float(t[i]) / n for i, name in enumerate(TERMS)}
@@ -77,17 +76,13 @@ def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: Im
                       device: torch.device, n_sample: int = 256, seed: int = 0) -> float:
     """‖∇data‖ / ‖∇elastic‖ with respect to the residue positions (DynaMight's calibration), at the reference
     displaced at random by ``CALIBRATION_RMS_A`` Å RMS, summed over a fixed sample of prepared images."""
-    n = len(reader)
-    rows = np.sort(np.random.default_rng([seed, 0xCA1]).permutation(n)[:min(n, n_sample)])
     g = torch.Generator().manual_seed(seed)
     kxy = prep.points.kxy.to(device)
     decoder.to(device)
     num = den = 0.0
-    for s in range(0, len(rows), 64):
-        r = rows[s:s + 64]
-        b = prep(Batch(r, torch.from_numpy(reader.read(r))))
+    for b in prepared_sample(reader, prep, n_sample, seed, 0xCA1):
         y = torch.view_as_real(b.images_ft).to(device)
-        noise = torch.randn((len(r), *decoder.rel0_A.shape), generator=g) * CALIBRATION_RMS_A / np.sqrt(3)
+        noise = torch.randn((len(b.rows), *decoder.rel0_A.shape), generator=g) * CALIBRATION_RMS_A / np.sqrt(3)
         pos = (decoder.rel0_A + noise.to(device)).requires_grad_(True)
         pred = decoder.slices_at(b.rotations.to(device), pos, kxy) * b.ctf.to(device)[..., None]
         data = ((pred - y) ** 2).sum(-1).mean()
@@ -97,19 +92,6 @@ def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: Im
         raise ValueError("the restraint weights cannot be calibrated: the data or the elastic network has no "
                          "gradient (no springs within the cutoff?)")
     return num / den
-
-
-def _epoch_hooks(hooks: Hooks, objective: RestrainedAmortised, path: Path, history: list[dict[str, float]]
-                 ) -> Hooks:
-    """``hooks`` whose progress wrapper appends each finished epoch's terms to ``history`` and ``path``."""
-    def progress(items: Iterable, desc: str, total: int | None = None) -> Iterator:
-        yield from hooks.progress(items, desc, total)
-        if desc.startswith("epoch "):
-            history.append({"epoch": int(desc.split()[1].split("/")[0]), **objective.take_tally()})
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(history, indent=1))
-
-    return Hooks(hooks.log, progress, hooks.check_abort)
 
 
 def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
@@ -126,7 +108,7 @@ def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[fl
     meta = {"inference": json.dumps(settings, sort_keys=True), "beta": repr(beta),
             "decoder": json.dumps(decoder.architecture(), sort_keys=True),
             "restraints": json.dumps(restraint_cfg, sort_keys=True), "points": str(len(prep.points))}
-    ckpt = _resume_point(out_dir, meta, len(reader), hooks) if resume else None
+    ckpt = resume_point(out_dir, meta, len(reader), hooks) if resume else None
     calib = 1.0
     if ckpt is None:
         calib = calibrate_weights(decoder, restraints, reader, prep, device, seed=opts.seed)
@@ -134,29 +116,19 @@ def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[fl
                        CALIBRATION_RMS_A)
     weights = (factors[0] * calib, factors[1] * calib)
     objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta)
-    history: list[dict[str, float]] = []
-    path = out_dir / HISTORY_NAME
-    if ckpt is not None and path.is_file():
-        history = json.loads(path.read_text())[:ckpt.epoch]
+
+    def write_terms(epoch: int, history: list[dict[str, float]]) -> None:
+        with atomic_path(out_dir / HISTORY_NAME) as tmp:
+            tmp.write_text(json.dumps(restraint_terms(history), indent=1))
+
     trainer = Trainer(objective, reader, prep, opts, out_dir, device, Dist(),
-                      _epoch_hooks(hooks, objective, path, history), meta)
+                      dataclasses.replace(hooks, on_epoch_end=write_terms), meta)
     result = trainer.fit(ckpt)  # a checkpoint's state holds the absolute weights it was trained with
     hooks.log.info("restraint weights: elastic %.4g, clash %.4g", *objective.restraint_weight.tolist())
-    return objective, result, history
+    return objective, result, restraint_terms(result.history)
 
 
-def _resume_point(out_dir: Path, meta: dict[str, str], n: int, hooks: Hooks) -> Any:
-    """The checkpoint to continue from, checked against ``meta`` and the particle count (None when none)."""
-    found = read_checkpoint(out_dir / CHECKPOINT_NAME, load_checkpoint, hooks.log)
-    if found is None:
-        hooks.log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
-        return None
-    path, ckpt = found
-    diff = [k for k in meta if ckpt.meta.get(k) != meta[k]]
-    if diff:
-        raise InputError(path, f"the checkpoint was trained with other settings ({', '.join(diff)}); run without "
-                               "--resume (and with --overwrite) to start again")
-    if ckpt.n_particles != n:
-        raise InputError(path, f"the checkpoint was trained on {ckpt.n_particles} particles, the input has {n}")
-    hooks.log.info("resuming from %s after epoch %d", path, ckpt.epoch)
-    return ckpt
+def restraint_terms(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The epoch, data term and each restraint of every epoch of the trainer's ``history``."""
+    return [{"epoch": h["epoch"], **{k: h[k] for k in TERMS}} for h in history]
+

@@ -20,15 +20,13 @@ from cryohet.geometry.lattice import Lattice
 from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.autodecoder import AutoDecoderInference
 from cryohet.inference.trainer import (
-    CHECKPOINT_NAME,
     Checkpoint,
     Hooks,
     Trainer,
     TrainOptions,
     TrainResult,
-    load_checkpoint,
+    resume_point,
 )
-from cryohet.io.weights import read_checkpoint
 from cryohet.models.neural import VolumeConfig, read_model, stored_inference
 
 INFERENCES: dict[str, type[nn.Module]] = {c.kind: c for c in (AmortisedInference, AutoDecoderInference)}
@@ -73,10 +71,7 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         reader = pset.reader()
         lattice = Lattice(pset.box, pset.apix).cropped(cfg.box)
         points = lattice.half_plane(cfg.max_freq * cfg.box)
-        ckpt = _resume_point(Path(out_dir) / CHECKPOINT_NAME, cfg, inference, opts, len(reader), hooks, ddp.main) \
-            if resume else None
-        if resume and ckpt is None:
-            hooks.log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+        ckpt = _resume_point(Path(out_dir), cfg, inference, opts, len(reader), hooks, ddp.main) if resume else None
         prep = ImagePreparer(pset, lattice, points, window_radius)
         if ckpt is None:
             cfg.data_scale = transform_rms(reader, prep, norm_sample, opts.seed)
@@ -95,26 +90,23 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         ddp.close()
 
 
-def _resume_point(path: Path, cfg: VolumeConfig, inference: dict[str, Any], opts: TrainOptions, n: int,
+def _resume_point(out_dir: Path, cfg: VolumeConfig, inference: dict[str, Any], opts: TrainOptions, n: int,
                   hooks: Hooks, owner: bool) -> Checkpoint | None:
-    """The checkpoint to continue from (None when there is none), checked against what is asked now: ``path``,
-    or its previous version when ``path`` is missing, truncated or corrupt (``read_checkpoint``; ``owner``: the
-    rank that writes the checkpoints)."""
-    found = read_checkpoint(path, load_checkpoint, hooks.log, owner)
-    if found is None:
+    """``trainer.resume_point`` with the volume's and the inference's own checks (``owner``: the rank that writes
+    the checkpoints); the data scale and the seed then continue as the run began."""
+    def check(path: Path, ckpt: Checkpoint) -> None:
+        check_compatible(cfg, VolumeConfig.from_dict(json.loads(ckpt.meta.get("config", "{}"))), path)
+        _check_settings(inference, stored_inference(ckpt.meta), path, "checkpoint")
+
+    ckpt = resume_point(out_dir, {}, n, hooks, owner, check)
+    if ckpt is None:
         return None
-    path, ckpt = found
     saved = VolumeConfig.from_dict(json.loads(ckpt.meta.get("config", "{}")))
-    check_compatible(cfg, saved, path)
-    _check_settings(inference, stored_inference(ckpt.meta), path, "checkpoint")
-    if ckpt.n_particles != n:
-        raise InputError(path, f"the checkpoint was trained on {ckpt.n_particles} particles, the input has {n}")
     cfg.data_scale, cfg.seed = saved.data_scale, saved.seed
     seed = int(ckpt.options.get("seed", opts.seed))
     if seed != opts.seed:  # the epoch orders and noise draws continue as the run began
         hooks.log.warning("--seed %d ignored on resuming: the run was started with seed %d", opts.seed, seed)
         opts.seed = seed
-    hooks.log.info("resuming from %s after epoch %d", path, ckpt.epoch)
     return ckpt
 
 

@@ -15,11 +15,9 @@ import torch
 
 from cryohet.data.prepare import ImagePreparer
 from cryohet.distributed import Dist
-from cryohet.errors import InputError
 from cryohet.inference.amortised import AmortisedInference
-from cryohet.inference.trainer import CHECKPOINT_NAME, Hooks, Trainer, TrainOptions, TrainResult, load_checkpoint
+from cryohet.inference.trainer import Hooks, Trainer, TrainOptions, TrainResult, resume_point
 from cryohet.io.reader import ImageReader
-from cryohet.io.weights import read_checkpoint
 from cryohet.models.modes import ModeModel
 
 
@@ -34,20 +32,6 @@ def fit_amortised(model: ModeModel, reader: ImageReader, prep: ImagePreparer, op
     meta = {"inference": json.dumps(objective.settings, sort_keys=True), "beta": repr(beta),
             "decoder": json.dumps({k: v for k, v in model.describe().items() if k != "scale"}, sort_keys=True),
             "points": str(len(prep.points))}
-    ckpt = None
-    if resume:
-        found = read_checkpoint(Path(out_dir) / CHECKPOINT_NAME, load_checkpoint, hooks.log)
-        if found is None:
-            hooks.log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
-        else:
-            path, ckpt = found
-            diff = [k for k in meta if ckpt.meta.get(k) != meta[k]]
-            if diff:
-                raise InputError(path, f"the checkpoint was trained with other settings ({', '.join(diff)}); run "
-                                       "without --resume (and with --overwrite) to start again")
-            if ckpt.n_particles != len(reader):
-                raise InputError(path, f"the checkpoint was trained on {ckpt.n_particles} particles, the input has "
-                                       f"{len(reader)}")
-            hooks.log.info("resuming from %s after epoch %d", path, ckpt.epoch)
+    ckpt = resume_point(Path(out_dir), meta, len(reader), hooks) if resume else None
     result = Trainer(objective, reader, prep, opts, Path(out_dir), device, Dist(), hooks, meta).fit(ckpt)
     return objective, result

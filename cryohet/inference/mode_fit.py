@@ -23,7 +23,7 @@ import torch
 
 from cryohet.atomic import atomic_path
 from cryohet.data.loader import Batch, BatchStream
-from cryohet.data.prepare import ImagePreparer
+from cryohet.data.prepare import ImagePreparer, prepared_sample
 from cryohet.errors import InputError
 from cryohet.geometry.gaussian_slices import complex_mul, shift_phase
 from cryohet.geometry.lattice import Points
@@ -190,14 +190,10 @@ def fit_direct(model: ModeModel, reader: ImageReader, prep: ImagePreparer, opts:
 def estimate_scale(model: ModeModel, reader: ImageReader, prep: ImagePreparer, device: torch.device,
                    n_sample: int = 256, seed: int = 0) -> float:
     """Least-squares intensity scale of the reference (amplitudes 0) to a fixed sample of prepared images."""
-    n = len(reader)
-    rows = np.sort(np.random.default_rng([seed, 0x5CA1E]).permutation(n)[:min(n, n_sample)])
     kxy = prep.points.kxy.to(device)
     model.to(device)
     num = den = 0.0
-    for s in range(0, len(rows), 64):
-        r = rows[s:s + 64]
-        b = prep(Batch(r, torch.from_numpy(reader.read(r))))
+    for b in prepared_sample(reader, prep, n_sample, seed, 0x5CA1E):
         y = torch.view_as_real(b.images_ft).to(device)
         pred = model.slices(b.rotations.to(device), None, kxy) / model.log_scale.exp() * b.ctf.to(device)[..., None]
         num += float((pred * y).sum())

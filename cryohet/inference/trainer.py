@@ -4,7 +4,8 @@ An *objective* is an ``nn.Module`` holding a volume model and an inference strat
 ``autodecoder.py``, ...). It offers ``inputs(ImageBatch) -> dict`` (run in the loader thread),
 ``forward(inputs, eps) -> (reconstruction error, regulariser)``, ``kl_weight``, ``noise_dim`` (latent noise
 drawn per particle, 0 for none), ``param_groups(lr)``, ``settings`` and
-``latents(batches, device) -> (rows, mu, logvar)``.
+``latents(batches, device) -> (rows, mu, logvar)``; optionally ``epoch_terms() -> dict[str, float]``: the means of
+its own loss terms over the images since the last call, added to each epoch's history (averaged over ranks).
 
 The trainer owns what they share: chunk-shuffled streaming epochs, mixed precision, the NaN guard, abort
 requests, a checkpoint after every epoch and resuming from it, and DistributedDataParallel under torchrun.
@@ -34,7 +35,7 @@ from cryohet.data.prepare import ImagePreparer
 from cryohet.distributed import Dist
 from cryohet.errors import InputError, RunAborted
 from cryohet.io.reader import ImageReader
-from cryohet.io.weights import read_weights, write_weights
+from cryohet.io.weights import read_checkpoint, read_weights, write_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMATS = ("cryohet-train-checkpoint-1", "cryohet-vae-checkpoint-1")  # written, and read too
@@ -67,6 +68,8 @@ class Hooks:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("cryohet.train"))
     progress: Callable[[Iterable, str, int], Iterator] = lambda items, desc, total=None: iter(items)
     check_abort: Callable[[], None] = lambda: None
+    #: called on the main rank after each epoch (its checkpoint written) with the epoch and the history so far
+    on_epoch_end: Callable[[int, list[dict[str, float]]], None] = lambda epoch, history: None
 
     @staticmethod
     def of(ctx: Any | None) -> Hooks:
@@ -164,6 +167,29 @@ class TrainResult:
     start_epoch: int
     z_mu: np.ndarray | None
     z_logvar: np.ndarray | None
+
+
+def resume_point(out_dir: Path, meta: dict[str, str], n: int, hooks: Hooks, owner: bool = True,
+                 check: Callable[[Path, Checkpoint], None] | None = None) -> Checkpoint | None:
+    """The checkpoint in ``out_dir`` to continue from (None, logged, when there is none): the newest usable one
+    (``read_checkpoint``; ``owner``: the rank that writes them), checked against what is asked now. InputError
+    naming the file when its ``meta`` strings differ from ``meta``, when ``check(path, ckpt)`` (the caller's own
+    checks) raises one, or when it was trained on other than ``n`` particles."""
+    found = read_checkpoint(Path(out_dir) / CHECKPOINT_NAME, load_checkpoint, hooks.log, owner)
+    if found is None:
+        hooks.log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+        return None
+    path, ckpt = found
+    diff = [k for k in meta if ckpt.meta.get(k) != meta[k]]
+    if diff:
+        raise InputError(path, f"the checkpoint was trained with other settings ({', '.join(diff)}); run without "
+                               "--resume (and with --overwrite) to start again")
+    if check is not None:
+        check(path, ckpt)
+    if ckpt.n_particles != n:
+        raise InputError(path, f"the checkpoint was trained on {ckpt.n_particles} particles, the input has {n}")
+    hooks.log.info("resuming from %s after epoch %d", path, ckpt.epoch)
+    return ckpt
 
 
 def _noise(seed: int, epoch: int, step: int, n_total: int, dim: int, lo: int, hi: int) -> torch.Tensor:
@@ -315,15 +341,28 @@ class Trainer:
             cnt = max(float(sums[2]), 1.0)
             rec = {"epoch": epoch, "gen_loss": float(sums[0]) / cnt, "kld": float(sums[1]) / cnt,
                    "loss": (float(sums[0]) + obj.kl_weight * float(sums[1])) / cnt, "seconds": secs,
-                   "cpu_seconds": time.process_time() - c0}
+                   "cpu_seconds": time.process_time() - c0, **self._objective_terms()}
             history.append(rec)
             log.info("epoch %d/%d: reconstruction %.6f, KL %.4f, loss %.6f (%.1f s, %.1f CPU s)", epoch,
                      opts.epochs, rec["gen_loss"], rec["kld"], rec["loss"], secs, rec["cpu_seconds"])
             if ddp.main:
                 save_checkpoint(ckpt_path, obj, optim, epoch, history, opts, n, self.meta)
+                self.hooks.on_epoch_end(epoch, history)
             ddp.barrier()
         z_mu, z_logvar = self.latents()
         return TrainResult(history, epoch_seconds, start_epoch, z_mu, z_logvar)
+
+    def _objective_terms(self) -> dict[str, float]:
+        """The objective's own terms of the epoch (``epoch_terms``), averaged over the ranks; {} without them."""
+        terms = getattr(self.objective, "epoch_terms", None)
+        if terms is None:
+            return {}
+        t = terms()
+        if self.ddp.world > 1:
+            vals = torch.tensor(list(t.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(vals)
+            t = dict(zip(t, (vals / self.ddp.world).tolist(), strict=True))
+        return t
 
     def latents(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Every particle's latent mean and log-variance, rows in particle-file order (rank 0)."""

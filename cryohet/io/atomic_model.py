@@ -11,6 +11,7 @@ ChimeraX place it (map origin 0): voxel i is at i·apix Å, so the box centre (v
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
 from cryohet.geometry.gaussians import gaussian_map, lowpass_map
+from cryohet.io.mrc import read_map_like
 
 SELECTIONS = ("ca", "heavy", "all")
 #: Correlation below which a model is taken as not placed in the map at all (``check_hand``).
@@ -259,3 +261,19 @@ def check_hand(atoms: Atoms, volume: np.ndarray, apix: float, resolution_A: floa
                                        f"{resolution_A:g} Å, below {MIN_FIT_CORRELATION}): place the model in the "
                                        "map (map origin 0) and check the voxel size")
     return cc[0]
+
+
+def check_model(atoms: Atoms, box: int, apix: float, resolution_A: float, reference_map: str | os.PathLike = "",
+                log: logging.Logger | None = None) -> float | None:
+    """The checks of a model before it is fitted to particles of ``box`` px at ``apix`` Å/px: inside the box
+    (``check_in_box``) and, given a ``reference_map`` (a path, "" for none; ``--reference_map``: same box and pixel
+    size), placed in it with the right hand (``check_hand`` at ``resolution_A``). Returns that correlation (None
+    without a map), logged to ``log``."""
+    check_in_box(atoms, box, apix)
+    if not reference_map:
+        return None
+    vol = read_map_like(reference_map, box, apix, "--reference_map")
+    cc = check_hand(atoms, vol, apix, resolution_A, reference_map)
+    if log is not None:
+        log.info("the model fits %s with correlation %.3f", reference_map, cc)
+    return cc

@@ -8,6 +8,7 @@ lowest non-rigid one).
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -25,16 +26,26 @@ REQUIRED = ("eigenvalues", "modes", "coords_A", "weight") + ATOM_FIELDS
 
 @dataclass
 class NormalModes:
-    """Modes of an elastic network of ``atoms`` (positions in the map frame)."""
+    """Elastic-network modes of ``atoms`` (positions in the map frame): ``eigenvalues`` (M,) ascending (γ/Å²
+    units), ``modes`` (M, N, 3) unit vectors in 3N, ``collectivity`` (M,) (Brüschweiler 1995, ProDy's
+    ``calcCollectivity``); the network's ``cutoff_A``, ``gamma``, node ``selection`` and the ``solver`` that
+    found them (not stored in the file)."""
 
+    eigenvalues: np.ndarray
+    modes: np.ndarray
     atoms: Atoms
-    eigenvalues: np.ndarray     # (M,)
-    modes: np.ndarray           # (M, N, 3), unit vectors in 3N
-    collectivity: np.ndarray    # (M,)
-    info: dict[str, str]        # cutoff_A, gamma, selection as written
+    collectivity: np.ndarray
+    cutoff_A: float = math.nan
+    gamma: float = math.nan
+    selection: str = ""
+    solver: str = ""
 
     def __len__(self) -> int:
         return len(self.eigenvalues)
+
+    def square_fluctuations(self) -> np.ndarray:
+        """Σ_k |v_k,i|² / λ_k per atom (N,), Å² for γ = kT (ProDy's ``calcSqFlucts``)."""
+        return ((self.modes ** 2).sum(-1) / self.eigenvalues[:, None]).sum(0)
 
 
 def read_normal_modes(path: str | os.PathLike) -> NormalModes:
@@ -62,19 +73,20 @@ def read_normal_modes(path: str | os.PathLike) -> NormalModes:
     if not (np.isfinite(modes).all() and np.isfinite(xyz).all()):
         raise InputError(path, "modes or coordinates hold NaN or infinite values")
     atoms = Atoms(xyz, np.asarray(d["weight"], np.float64), *(np.asarray(d[k]) for k in ATOM_FIELDS), source=path)
-    info = {k: str(d[k]) for k in ("cutoff_A", "gamma", "selection") if k in d}
     coll = np.asarray(d.get("collectivity", np.full(len(modes), np.nan)), np.float64)
-    return NormalModes(atoms, np.asarray(d["eigenvalues"], np.float64), modes, coll, info)
+    return NormalModes(np.asarray(d["eigenvalues"], np.float64), modes, atoms, coll,
+                       float(d.get("cutoff_A", math.nan)), float(d.get("gamma", math.nan)),
+                       str(d.get("selection", "")))
 
 
-def write_normal_modes(path: str | os.PathLike, atoms: Atoms, eigenvalues: np.ndarray, modes: np.ndarray,
-                       collectivity: np.ndarray, cutoff_A: float, gamma: float, selection: str) -> None:
-    """Write a ``modes.npz`` in the format above (atomic)."""
+def write_normal_modes(path: str | os.PathLike, nm: NormalModes) -> None:
+    """Write ``nm`` as a ``modes.npz`` in the format above (atomic)."""
+    a = nm.atoms
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, eigenvalues=np.asarray(eigenvalues, np.float64), modes=np.asarray(modes, np.float64),
-                 coords_A=atoms.xyz_A, weight=atoms.weight, collectivity=np.asarray(collectivity, np.float64),
-                 **{k: np.asarray(getattr(atoms, k)).astype(int if k == "resseq" else str) for k in ATOM_FIELDS},
-                 cutoff_A=np.float64(cutoff_A), gamma=np.float64(gamma), selection=np.array(selection))
+        np.savez(fh, eigenvalues=np.asarray(nm.eigenvalues, np.float64), modes=np.asarray(nm.modes, np.float64),
+                 coords_A=a.xyz_A, weight=a.weight, collectivity=np.asarray(nm.collectivity, np.float64),
+                 **{k: np.asarray(getattr(a, k)).astype(np.int64 if k == "resseq" else str) for k in ATOM_FIELDS},
+                 cutoff_A=np.float64(nm.cutoff_A), gamma=np.float64(nm.gamma), selection=np.str_(nm.selection))
 
 
 def parse_mode_list(spec: str, available: int, source: str | os.PathLike) -> list[int]:

@@ -77,17 +77,6 @@ def _plot_amplitudes(path: Path, z: np.ndarray, numbers: list[int]) -> None:
     save_png(fig, path, dpi=100)
 
 
-def _check_model(atoms: Any, pset: Any, params: dict[str, Any], ctx: Any) -> None:
-    from cryohet.io.atomic_model import check_hand, check_in_box
-    from cryohet.io.mrc import read_map_like
-
-    check_in_box(atoms, pset.box, pset.apix)
-    if params["reference_map"]:
-        vol = read_map_like(params["reference_map"], pset.box, pset.apix, "--reference_map")
-        cc = check_hand(atoms, vol, pset.apix, params["resolution_A"], params["reference_map"])
-        ctx.log.info("the model fits %s with correlation %.3f", params["reference_map"], cc)
-
-
 def run(params: dict[str, Any], ctx: Any) -> None:
     import torch
 
@@ -98,9 +87,10 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.mode_amortised import fit_amortised
     from cryohet.inference.mode_fit import DirectOptions, axis_angle_matrix, estimate_scale, fit_direct
     from cryohet.inference.trainer import Hooks, TrainOptions
-    from cryohet.io.atomic_model import write_models
+    from cryohet.io.atomic_model import check_model, write_models
     from cryohet.io.normal_modes import parse_mode_list, read_normal_modes
-    from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.io.particles import load_particles
+    from cryohet.methods._latent_outputs import write_latents
     from cryohet.models.modes import ModeModel
 
     if params["pose_correction"] and params["fit"] != "direct":
@@ -110,7 +100,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     nm = read_normal_modes(src)
     numbers = parse_mode_list(params["modes_used"], len(nm), src)
     pset = load_particles(params["particles"], params["datadir"] or None)
-    _check_model(nm.atoms, pset, params, ctx)
+    check_model(nm.atoms, pset.box, pset.apix, params["resolution_A"], params["reference_map"], ctx.log)
     res_A = params["resolution_A"]
     if not res_A >= 2 * pset.apix:
         raise ValueError(f"--resolution_A {res_A:g} is finer than Nyquist ({2 * pset.apix:g} Å at the particles' "
@@ -149,10 +139,11 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     k = len(numbers)
     model.save(out / "model.safetensors", {"fit": params["fit"], "particles": str(Path(params["particles"]).resolve()),
                                            "modes_file": str(src.resolve())})
-    with atomic_path(out / "amplitudes.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, z.astype(np.float32))
-    cols = {f"cryohetZ{i + 1}": z[:, i] for i in range(k)}
-    write_particles_star(out / "particles.star", pset, extra_columns={**cols, **extra})
+    ctx.add("model", "model.safetensors", "atomic model moved along normal modes (fixed atoms, fitted scale)",
+            model_type="normal_modes", latent_dim=k, box=pset.box, apix=pset.apix, modes=numbers, fit=params["fit"])
+    write_latents(ctx, pset, {"amplitudes.npy": z.astype(np.float32)}, z,
+                  f"normal-mode amplitudes (N, {k}), Å of RMS displacement over atoms, modes {numbers}",
+                  f"particles with cryohetZ1..{k} (mode amplitudes, Å)", extra, units="A_rms", modes=numbers)
     _plot_amplitudes(out / "amplitudes.png", z, numbers)
     lo, hi = np.percentile(z, [5, 95], axis=0)
     for i, m in enumerate(numbers):
@@ -162,12 +153,6 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     with atomic_path(out / "fit.json") as tmp:
         tmp.write_text(json.dumps({"model": model.describe(), "fit": params["fit"], "n_particles": len(pset),
                                    "percentiles_5_95_A": [lo.tolist(), hi.tolist()]}, indent=1))
-    ctx.add("model", "model.safetensors", "atomic model moved along normal modes (fixed atoms, fitted scale)",
-            model_type="normal_modes", latent_dim=k, box=pset.box, apix=pset.apix, modes=numbers, fit=params["fit"])
-    ctx.add("latents", "amplitudes.npy", f"normal-mode amplitudes (N, {k}), Å of RMS displacement over atoms, "
-            f"modes {numbers}", dim=k, units="A_rms", modes=numbers)
-    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{k} (mode amplitudes, Å)",
-            columns=list(cols))
     ctx.add("plot", "amplitudes.png", "distribution of the amplitude of each mode")
     for m in numbers:
         ctx.add("atomic_model", f"mode_{m}.pdb", f"5 models along mode {m}, from its 5th to its 95th percentile "

@@ -108,7 +108,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         write_modes_csv,
     )
     from cryohet.io.atomic_model import write_models
-    from cryohet.models.elastic_network import anm_modes, extend_to_residues, mode_frames, save_modes
+    from cryohet.io.normal_modes import write_normal_modes
+    from cryohet.models.elastic_network import anm_modes, extend_to_residues, mode_frames
 
     nodes, atoms, ref, source = _nodes(params, ctx)
     selection = params["selection"] if params["model"] is not None else "pseudo"
@@ -119,7 +120,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     ctx.log.info("%d modes by the %s solver; eigenvalues %.4g to %.4g", len(nm.eigenvalues), nm.solver,
                  nm.eigenvalues[0], nm.eigenvalues[-1])
     out = ctx.out_dir
-    save_modes(out / "modes.npz", nm)
+    write_normal_modes(out / "modes.npz", nm)
     ctx.add("normal_modes", "modes.npz", "ANM modes (eigenvalues, modes, atoms)", n_modes=len(nm.eigenvalues),
             n_nodes=len(nodes), selection=selection, solver=nm.solver, source=str(source))
     ctx.add("normal_modes", write_modes_csv(out / "modes.csv", nm).name, "mode table: eigenvalue, collectivity",

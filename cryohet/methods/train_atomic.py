@@ -81,15 +81,15 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.atomic_vae import HISTORY_NAME, fit_atomic
     from cryohet.inference.mode_fit import estimate_scale
     from cryohet.inference.trainer import Hooks, TrainOptions
-    from cryohet.io.atomic_model import CIF_SUFFIXES, read_atoms, write_models
-    from cryohet.io.particles import load_particles, write_particles_star
-    from cryohet.methods.fit_modes import _check_model  # the model's box and hand against the particles
+    from cryohet.io.atomic_model import CIF_SUFFIXES, check_model, read_atoms, write_models
+    from cryohet.io.particles import load_particles
+    from cryohet.methods._latent_outputs import write_latents
     from cryohet.models.atomic_decoder import AtomicDecoder
 
     out = Path(ctx.out_dir)
     pset = load_particles(params["particles"], params["datadir"] or None)
     atoms = read_atoms(params["model"], "ca")
-    _check_model(atoms, pset, params, ctx)
+    check_model(atoms, pset.box, pset.apix, params["resolution_A"], params["reference_map"], ctx.log)
     res_A = params["resolution_A"]
     if not res_A >= 2 * pset.apix:
         raise ValueError(f"--resolution_A {res_A:g} is finer than Nyquist ({2 * pset.apix:g} Å at the particles' "
@@ -116,11 +116,10 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                                    "reference_model": str(Path(params["model"]).resolve()),
                                                    "restraint_weights": json.dumps(weights),
                                                    "history": json.dumps(res.history)})
-    for name, arr in (("z.npy", res.z_mu), ("z_logvar.npy", res.z_logvar)):
-        with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, arr)
-    cols = {f"cryohetZ{i + 1}": z[:, i] for i in range(d)}
-    write_particles_star(out / "particles.star", pset, extra_columns=cols)
+    ctx.add("model", "model.safetensors", "atomic decoder (reference residues displaced by an MLP of z)",
+            model_type="atomic_decoder", latent_dim=d, box=pset.box, apix=pset.apix)
+    write_latents(ctx, pset, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, z, f"latent means (N, {d})",
+                  f"particles with cryohetZ1..{d}", logvar="z_logvar.npy")
     suffix = ".cif" if Path(params["model"]).suffix.lower() in CIF_SUFFIXES else ".pdb"
     pcs = pca(z, 1)
     points, pc_values = pc_traversal(z, pcs, 0, params["n_models"])
@@ -143,10 +142,6 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         tmp.write_text(json.dumps(summary, indent=1))
     ctx.log.info("models along PC1: Cα-Cα bonds %.2f ± %.2f Å, %.1f clashes below 3 Å per model",
                  geometry["pc1"]["bond_mean_A"], geometry["pc1"]["bond_std_A"], geometry["pc1"]["clashes_per_model"])
-    ctx.add("model", "model.safetensors", "atomic decoder (reference residues displaced by an MLP of z)",
-            model_type="atomic_decoder", latent_dim=d, box=pset.box, apix=pset.apix)
-    ctx.add("latents", "z.npy", f"latent means (N, {d})", logvar="z_logvar.npy", dim=d)
-    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{d}", columns=list(cols))
     ctx.add("atomic_model", f"pc1_models{suffix}", f"{params['n_models']} models along the first principal "
             "component of z, 5th to 95th percentile", pc=1)
     if params["n_clusters"]:

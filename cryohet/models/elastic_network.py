@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
 from cryohet.io.atomic_model import Atoms
+from cryohet.io.normal_modes import NormalModes
 
 #: ProDy's threshold below which an eigenvalue counts as zero (``prody.utilities.eigtools.ZERO``).
 ZERO = 1e-6
@@ -33,26 +31,6 @@ AUTO_TORCH_MIN_ATOMS = 1500
 MATRICES_HELD = {"torch": 4, "prody": 3}
 #: Fraction of the free memory a solve may plan to use.
 MEMORY_FRACTION = 0.9
-NPZ_STRINGS = ("chain", "resseq", "resname", "name", "element")
-
-
-@dataclass
-class NormalModes:
-    """ANM modes of ``atoms``: ``eigenvalues`` (M,) ascending (γ/Å² units), ``modes`` (M, N, 3) unit vectors in
-    3N, ``collectivity`` (M,) (Brüschweiler 1995, ProDy's ``calcCollectivity``)."""
-
-    eigenvalues: np.ndarray
-    modes: np.ndarray
-    atoms: Atoms
-    collectivity: np.ndarray
-    cutoff_A: float
-    gamma: float
-    selection: str
-    solver: str = ""
-
-    def square_fluctuations(self) -> np.ndarray:
-        """Σ_k |v_k,i|² / λ_k per atom (N,), Å² for γ = kT (ProDy's ``calcSqFlucts``)."""
-        return ((self.modes ** 2).sum(-1) / self.eigenvalues[:, None]).sum(0)
 
 
 def hessian_bytes(n_atoms: int) -> int:
@@ -209,33 +187,6 @@ def anm_modes(atoms: Atoms, n_modes: int, cutoff_A: float = 15.0, gamma: float =
                                        f"{len(values)} non-zero modes: ask for fewer modes")
     modes = vectors.reshape(len(values), n, 3)
     return NormalModes(values, modes, atoms, collectivity(modes), float(cutoff_A), float(gamma), selection, chosen)
-
-
-def save_modes(path: str | os.PathLike, nm: NormalModes) -> None:
-    """``modes.npz``: arrays only (``np.load(allow_pickle=False)``): eigenvalues (M,), modes (M, N, 3), coords_A
-    (N, 3), weight (N,), collectivity (M,), chain/resseq/resname/name/element (N,), cutoff_A, gamma, selection."""
-    a = nm.atoms
-    arrays = {"eigenvalues": nm.eigenvalues, "modes": nm.modes, "coords_A": a.xyz_A, "weight": a.weight,
-              "collectivity": nm.collectivity, "chain": a.chain.astype(str), "resseq": a.resseq.astype(np.int64),
-              "resname": a.resname.astype(str), "name": a.name.astype(str), "element": a.element.astype(str),
-              "cutoff_A": np.float64(nm.cutoff_A), "gamma": np.float64(nm.gamma), "selection": np.str_(nm.selection)}
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def load_modes(path: str | os.PathLike) -> NormalModes:
-    """Read ``save_modes``' file; InputError naming it when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "normal-modes file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-        atoms = Atoms(d["coords_A"], d["weight"], *(d[k] for k in NPZ_STRINGS), source=path)
-        return NormalModes(d["eigenvalues"], d["modes"], atoms, d["collectivity"], float(d["cutoff_A"]),
-                           float(d["gamma"]), str(d["selection"]))
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(path, f"not a cryohet normal-modes file ({exc})") from None
 
 
 def extend_to_residues(nm: NormalModes, atoms: Atoms) -> np.ndarray:

@@ -12,7 +12,6 @@ import dataclasses
 import math
 
 import numpy as np
-import prody
 
 from cryohet.io.atomic_model import Atoms, box_centre_A
 from cryohet.simulate.density import atoms_to_map
@@ -24,17 +23,6 @@ def place_in_box(atoms: Atoms, box: int, apix: float) -> Atoms:
     """A copy of ``atoms`` moved so that their weighted centre is the box centre (the map frame)."""
     xyz = atoms.xyz_A - centre_of_mass(atoms.xyz_A, atoms.weight) + box_centre_A(box, apix)
     return dataclasses.replace(atoms, xyz_A=xyz)
-
-
-def anm_modes(xyz_A: np.ndarray, n_modes: int, cutoff_A: float = 15.0, gamma: float = 1.0
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """(eigenvalues (M,), modes (M, N, 3) unit vectors) of ProDy's anisotropic network model, rigid-body modes
-    removed, lowest first."""
-    anm = prody.ANM("cryohet")
-    anm.buildHessian(np.asarray(xyz_A, np.float64), cutoff=cutoff_A, gamma=gamma)
-    anm.calcModes(n_modes)
-    vecs = anm.getEigvecs().T.reshape(n_modes, -1, 3)
-    return np.asarray(anm.getEigvals(), np.float64), np.ascontiguousarray(vecs, np.float64)
 
 
 def draw_amplitudes(n_states: int, sigma_A: np.ndarray, rng: np.random.Generator) -> np.ndarray:
