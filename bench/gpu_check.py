@@ -298,7 +298,8 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
             dict(method="nma", step="nma, heavy atoms", values=dict(model=model, selection="heavy",
                                                                      solver=a.nma_solver, movie_modes=1),
                  out=str(d / "nma_heavy"), min_s=5, label=f"1656 heavy atoms, 20 modes, solver {a.nma_solver}"),
-            dict(method="nma", step="nma, Cα", values=dict(model=model, n_modes=6, movie_modes=0), out=str(d / "nma"),
+            dict(method="nma", step="nma, Cα", values=dict(model=model, n_modes=6, movie_modes=0, solver=a.nma_solver),
+                 out=str(d / "nma"),
                  min_s=5,
                  label="214 Cα, 6 modes"),
             dict(method="mode-data", values=dict(modes=str(d / "nma"), n_particles=n_fit, box=box, apix=apix),
@@ -435,7 +436,7 @@ def main() -> int:
     p.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
     p.add_argument("--n", type=int, nargs="+", default=[2000, 1000], help="particles per box")
     p.add_argument("--nma_solver", default="torch", choices=("torch", "prody", "auto"),
-                   help="solver of the heavy-atom nma step (torch: the GPU path)")
+                   help="solver of the nma steps (torch: the GPU path; ProDy is not on the GPU machine)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="batch size of both programs (cryoDRGN's default: 8)")
     p.add_argument("--layers", type=int, default=3)

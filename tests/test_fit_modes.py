@@ -64,7 +64,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     states drawn along modes 1-3, noiseless and at SNR 1 and 0.3 (the same draws)."""
     d = tmp_path_factory.mktemp("modes")
     atoms = place_in_box(read_atoms(DEFAULT_MOLECULE, "ca"), BOX, APIX)
-    nm = anm_modes(atoms, 6, selection="ca")
+    nm = anm_modes(atoms, 6, selection="ca", solver="torch")  # equal to ProDy's (tests/test_nma.py)
     modes = nm.modes
     write_normal_modes(d / "modes.npz", nm)
     amp = draw_amplitudes(150, SIGMA_A, np.random.default_rng(1))
