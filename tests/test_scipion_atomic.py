@@ -8,8 +8,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 import pytest
-
-from tests.scipion_tools import launch, new_project
+from scipion_tools import launch, new_project, simulate
 
 MODEL = Path(__file__).resolve().parents[1] / "cryohet" / "data" / "default_molecule.pdb"
 
@@ -61,8 +60,6 @@ def test_nma_protocol_takes_an_atomstruct_and_outputs_modes_models_and_maps(proj
 
 @pytest.fixture(scope="module")
 def simulated(project):
-    from tests.scipion_tools import simulate
-
     return simulate(project, 300)
 
 
