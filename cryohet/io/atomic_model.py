@@ -30,6 +30,8 @@ SELECTIONS = ("ca", "heavy", "all")
 #: Correlation below which a model is taken as not placed in the map at all (``check_hand``).
 MIN_FIT_CORRELATION = 0.3
 CIF_SUFFIXES = (".cif", ".mmcif")
+#: Atom serial numbers of a PDB file stop here: larger models are written as mmCIF.
+PDB_MAX_ATOMS = 99_999
 
 
 @dataclass
@@ -196,6 +198,13 @@ def _model(atoms: Atoms, xyz_A: np.ndarray, number: int) -> gemmi.Model:
         a.pos, a.occ, a.b_iso = gemmi.Position(*map(float, xyz_A[i])), 1.0, float(bfac[i])
         res.add_atom(a)
     return model
+
+
+def model_suffix(source: str | os.PathLike | None, n_atoms: int) -> str:
+    """The suffix of models written from ``source`` (the file they come from, if any): ".cif" when it is mmCIF or
+    when ``n_atoms`` is beyond PDB's atom numbers, else ".pdb"."""
+    from_cif = source is not None and Path(source).suffix.lower() in CIF_SUFFIXES
+    return ".cif" if from_cif or n_atoms > PDB_MAX_ATOMS else ".pdb"
 
 
 def write_models(path: str | os.PathLike, atoms: Atoms, frames: np.ndarray) -> None:

@@ -87,7 +87,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.mode_amortised import fit_amortised
     from cryohet.inference.mode_fit import DirectOptions, axis_angle_matrix, estimate_scale, fit_direct
     from cryohet.inference.trainer import Hooks, TrainOptions
-    from cryohet.io.atomic_model import check_model, write_models
+    from cryohet.io.atomic_model import check_model, model_suffix, write_models
     from cryohet.io.normal_modes import parse_mode_list, read_normal_modes
     from cryohet.io.particles import load_particles
     from cryohet.methods._latent_outputs import write_latents
@@ -146,16 +146,17 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                   f"particles with cryohetZ1..{k} (mode amplitudes, Å)", extra, units="A_rms", modes=numbers)
     _plot_amplitudes(out / "amplitudes.png", z, numbers)
     lo, hi = np.percentile(z, [5, 95], axis=0)
+    suffix = model_suffix(None, len(nm.atoms))
     for i, m in enumerate(numbers):
         pts = np.zeros((5, k))
         pts[:, i] = np.linspace(lo[i], hi[i], 5)
-        write_models(out / f"mode_{m}.pdb", nm.atoms, model.frames_A(pts))
+        write_models(out / f"mode_{m}{suffix}", nm.atoms, model.frames_A(pts))
     with atomic_path(out / "fit.json") as tmp:
         tmp.write_text(json.dumps({"model": model.describe(), "fit": params["fit"], "n_particles": len(pset),
                                    "percentiles_5_95_A": [lo.tolist(), hi.tolist()]}, indent=1))
     ctx.add("plot", "amplitudes.png", "distribution of the amplitude of each mode")
     for m in numbers:
-        ctx.add("atomic_model", f"mode_{m}.pdb", f"5 models along mode {m}, from its 5th to its 95th percentile "
+        ctx.add("atomic_model", f"mode_{m}{suffix}", f"5 models along mode {m}, from its 5th to its 95th percentile "
                 "(other modes at 0)", mode=m)
 
 

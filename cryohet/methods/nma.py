@@ -8,9 +8,6 @@ import numpy as np
 
 from cryohet.methods.base import Method, Param
 
-#: Atom serial numbers of a PDB file stop here: larger models' files are written as mmCIF.
-PDB_MAX_ATOMS = 99_999
-
 PARAMS = (
     Param("model", Path, None, "Atomic model (PDB or mmCIF; first model; waters and hydrogens ignored).",
           input_role="atomic_model"),
@@ -107,7 +104,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         write_mode_maps,
         write_modes_csv,
     )
-    from cryohet.io.atomic_model import write_models
+    from cryohet.io.atomic_model import model_suffix, write_models
     from cryohet.io.normal_modes import write_normal_modes
     from cryohet.models.elastic_network import anm_modes, extend_to_residues, mode_frames
 
@@ -125,7 +122,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             n_nodes=len(nodes), selection=selection, solver=nm.solver, source=str(source))
     ctx.add("normal_modes", write_modes_csv(out / "modes.csv", nm).name, "mode table: eigenvalue, collectivity",
             format="csv")
-    suffix = ".cif" if source.suffix.lower() in (".cif", ".mmcif") or len(atoms) > PDB_MAX_ATOMS else ".pdb"
+    suffix = model_suffix(source, len(atoms))
     write_models(out / f"atoms{suffix}", nodes, nodes.xyz_A[None])
     ctx.add("atomic_model", f"atoms{suffix}", "the network's nodes", n_atoms=len(nodes))
     moved = extend_to_residues(nm, atoms) if atoms is not nodes else nm.modes

@@ -13,7 +13,7 @@ from cryohet.analysis.free_energy import free_energy_profile, plot_profile, writ
 from cryohet.atomic import atomic_path
 from cryohet.inference.frame_likelihood import SCALES, FrameScorer, frame_maps, loglik_matrix, working_lattice
 from cryohet.inference.populations import em_weights, frame_posteriors, gibbs_weights, hard_assignment
-from cryohet.io.atomic_model import write_models
+from cryohet.io.atomic_model import model_suffix, write_models
 from cryohet.io.mrc import write_map
 from cryohet.io.particles import load_particles, write_particles_star
 from cryohet.io.trajectory import HEAVY, Trajectory, check_frames_in_box, read_trajectory
@@ -122,7 +122,7 @@ def _report(path: Path, summary: dict[str, Any], frames: np.ndarray, w: np.ndarr
     lines += ["", "Files: populations.csv, loglik.npy (N × F log-likelihoods, particles-file order), "
               "free_energy.csv, free_energy.png, particles.star (cryohetReweightFrame, "
               "cryohetReweightFrameProbability, cryohetReweightCV), latents.npy and latents_std.npy (posterior "
-              "mean and s.d. of the CV per particle), frame_*.mrc, top_frames.pdb, summary.json.", ""]
+              "mean and s.d. of the CV per particle), frame_*.mrc, top_frames.pdb (.cif from mmCIF), summary.json.", ""]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
 
@@ -165,11 +165,12 @@ def run(params: dict[str, Any], ctx) -> None:
         with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
             np.save(fh, values[:, None].astype(np.float32))
     best = np.argsort(-w)[:params["n_maps"]]
+    suffix = model_suffix(traj.source, traj.xyz_A.shape[1])
     if len(best):
         full = frame_maps(traj.xyz_A[best], traj.weight, pset.box, pset.apix, params["resolution_A"], device=dev)
         for rank, f in enumerate(best):
             write_map(out / f"frame_{traj.frames[f] + 1:05d}.mrc", full[rank].cpu().numpy(), pset.apix)
-        write_models(out / "top_frames.pdb", traj.as_atoms(0), traj.xyz_A[best])
+        write_models(out / f"top_frames{suffix}", traj.as_atoms(0), traj.xyz_A[best])
     p = np.clip(w, 1e-300, None)
     summary = {"n_particles": len(pset), "n_frames": F, "trajectory": str(traj.source),
                "n_atoms": int(traj.xyz_A.shape[1]), "selection": params["selection"],
@@ -197,7 +198,7 @@ def run(params: dict[str, Any], ctx) -> None:
                 f"(population {w[f]:.3f})", series="top_frames", index=rank, apix=pset.apix,
                 frame=int(traj.frames[f] + 1), population=float(w[f]))
     if len(best):
-        ctx.add("atomic_model", "top_frames.pdb", "the most populated frames, most populated first",
+        ctx.add("atomic_model", f"top_frames{suffix}", "the most populated frames, most populated first",
                 frames=[int(traj.frames[f] + 1) for f in best])
 
 

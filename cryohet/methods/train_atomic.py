@@ -81,7 +81,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.atomic_vae import HISTORY_NAME, fit_atomic
     from cryohet.inference.mode_fit import estimate_scale
     from cryohet.inference.trainer import Hooks, TrainOptions
-    from cryohet.io.atomic_model import CIF_SUFFIXES, check_model, read_atoms, write_models
+    from cryohet.io.atomic_model import check_model, model_suffix, read_atoms, write_models
     from cryohet.io.particles import load_particles
     from cryohet.methods._latent_outputs import write_latents
     from cryohet.models.atomic_decoder import AtomicDecoder
@@ -120,7 +120,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             model_type="atomic_decoder", latent_dim=d, box=pset.box, apix=pset.apix)
     write_latents(ctx, pset, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, z, f"latent means (N, {d})",
                   f"particles with cryohetZ1..{d}", logvar="z_logvar.npy")
-    suffix = ".cif" if Path(params["model"]).suffix.lower() in CIF_SUFFIXES else ".pdb"
+    suffix = model_suffix(params["model"], len(atoms))
     pcs = pca(z, 1)
     points, pc_values = pc_traversal(z, pcs, 0, params["n_models"])
     pc_frames = decoder.frames_A(points)
