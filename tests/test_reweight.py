@@ -31,7 +31,7 @@ from cryohet.inference.populations import em_weights, gibbs_weights, total_varia
 from cryohet.io.atomic_model import box_centre_A, read_atoms, write_models
 from cryohet.io.particles import load_particles
 from cryohet.io.star import read_star, write_star
-from cryohet.io.trajectory import read_trajectory
+from cryohet.io.trajectory import HEAVY, read_trajectory
 from cryohet.methods.reweight import METHOD
 from cryohet.runner import run_method
 from cryohet.simulate.density import atoms_to_map
@@ -348,3 +348,13 @@ def test_landscape_takes_the_run(reweighted, tmp_path):
     record = run_method(LANDSCAPE, {"run": str(reweighted[0]), "threads": 1, "path_maps": False}, tmp_path / "l")
     assert record.status == "finished" and (tmp_path / "l" / "free_energy.npy").is_file()
     assert "deconvolved from each particle's uncertainty" in (tmp_path / "l" / "run.log").read_text()
+
+
+def test_description_loads_no_engine_module_and_names_the_trajectory_default():
+    """The method's module is imported by every cryohet command: it loads neither MDAnalysis nor torch, and its
+    default selection is the one the trajectory reader knows."""
+    code = ("import sys, cryohet.methods.reweight as m; "
+            "print(m.METHOD.param('selection').default, 'MDAnalysis' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [HEAVY, "False", "False"]
+

@@ -11,8 +11,6 @@ from MDAnalysis.analysis import rms
 from cryohet.errors import InputError
 from cryohet.io.trajectory import Trajectory
 
-CV_KINDS = ("frame", "file", "rmsd", "distance")
-
 
 def frame_number(traj: Trajectory) -> np.ndarray:
     """1-based trajectory frame number of each kept frame."""

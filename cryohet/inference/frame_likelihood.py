@@ -48,7 +48,6 @@ from cryohet.geometry.project import ProjectorStack
 from cryohet.io.atomic_model import box_centre_A
 
 CHECKPOINT_FORMAT = "cryohet-reweight-loglik-1"
-SCALES = ("global", "per_image")
 #: Frames sliced in one interpolation pass (bounds the (frames, batch, pixels) arrays).
 FRAME_GROUP = 32
 

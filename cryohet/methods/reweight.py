@@ -8,16 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.analysis.collective import CV_KINDS, com_distance, cv_from_file, frame_number, rmsd_to_frame
-from cryohet.analysis.free_energy import free_energy_profile, plot_profile, write_profile_csv
 from cryohet.atomic import atomic_path
-from cryohet.inference.frame_likelihood import SCALES, FrameScorer, frame_maps, loglik_matrix, working_lattice
-from cryohet.inference.populations import em_weights, frame_posteriors, gibbs_weights, hard_assignment
-from cryohet.io.atomic_model import model_suffix, write_models
-from cryohet.io.mrc import write_map
-from cryohet.io.particles import load_particles, write_particles_star
-from cryohet.io.trajectory import HEAVY, Trajectory, check_frames_in_box, read_trajectory
 from cryohet.methods.base import DATADIR, Method, Param
+
+#: The choices of --scale and --cv, and the default selection (``cryohet.io.trajectory.HEAVY``). The engine's modules
+#: are imported when the method runs: MDAnalysis and torch would add about 2 s to every cryohet command's start.
+SCALES = ("global", "per_image")
+CV_KINDS = ("frame", "file", "rmsd", "distance")
+HEAVY = "heavy"
 
 PARAMS = (
     Param("particles", Path, None, "Particles with poses and CTF (from a consensus refinement): RELION STAR or "
@@ -65,7 +63,10 @@ PARAMS = (
 )
 
 
-def _cv(params: dict[str, Any], traj: Trajectory) -> tuple[np.ndarray, str]:
+def _cv(params: dict[str, Any], traj: Any) -> tuple[np.ndarray, str]:
+    """The per-frame CV of ``traj`` (a ``cryohet.io.trajectory.Trajectory``) and its name."""
+    from cryohet.analysis.collective import com_distance, cv_from_file, frame_number, rmsd_to_frame
+
     kind = params["cv"]
     if kind != "file" and params["cv_file"] is not None:
         raise ValueError("--cv_file is given but --cv is not 'file'")
@@ -128,6 +129,14 @@ def _report(path: Path, summary: dict[str, Any], frames: np.ndarray, w: np.ndarr
 
 
 def run(params: dict[str, Any], ctx) -> None:
+    from cryohet.analysis.free_energy import free_energy_profile, plot_profile, write_profile_csv
+    from cryohet.inference.frame_likelihood import FrameScorer, frame_maps, loglik_matrix, working_lattice
+    from cryohet.inference.populations import em_weights, frame_posteriors, gibbs_weights, hard_assignment
+    from cryohet.io.atomic_model import model_suffix, write_models
+    from cryohet.io.mrc import write_map
+    from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.io.trajectory import check_frames_in_box, read_trajectory
+
     if params["burn_in"] < 0:
         raise ValueError("--burn_in must be non-negative")
     pset = load_particles(params["particles"], datadir=params["datadir"])
