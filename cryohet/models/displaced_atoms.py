@@ -6,7 +6,8 @@ Each atom is an isotropic Gaussian of width ``SIGMA_PER_RESOLUTION · resolution
 ``slices`` are the analytic central slices of ``geometry.gaussian_slices`` and ``volumes`` the maps
 ``geometry.gaussians.gaussian_map`` renders (the same function below the resolution), times the intensity scale
 ``exp(log_scale)`` (fitted to the data as the trainer sees it: transforms divided by ``data_scale``) and
-``data_scale``, so that maps are on the particles' own scale. Files are safetensors with the reference's
+``data_scale``, so that maps are on the particles' own scale. With ``learn_weights`` the atoms' weights are
+parameters (fitted with the displacements) rather than fixed. Files are safetensors with the reference's
 ``coords_A`` and weights, the atoms' names and ``data_scale`` in the metadata, and what the subclass adds.
 """
 from __future__ import annotations
@@ -40,14 +41,18 @@ class DisplacedAtoms(nn.Module):
     WEIGHT_KEY: ClassVar[str]
 
     def __init__(self, atoms: Atoms, box: int, apix: float, resolution_A: float, scale: float = 1.0,
-                 data_scale: float = 1.0):
+                 data_scale: float = 1.0, learn_weights: bool = False):
         super().__init__()
         self.atoms = atoms
         self.box, self.apix, self.resolution_A = int(box), float(apix), float(resolution_A)
         self.data_scale = float(data_scale)
         centre = box_centre_A(self.box, self.apix)
         self.register_buffer("rel0_A", torch.as_tensor(atoms.xyz_A - centre, dtype=torch.float32))
-        self.register_buffer("weight", torch.as_tensor(atoms.weight, dtype=torch.float32))
+        weight = torch.as_tensor(atoms.weight, dtype=torch.float32)
+        if learn_weights:  # the atoms' amplitudes are fitted too (pseudo-atoms of a map, voxels of a canonical map)
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale), dtype=torch.float32))
 
     @property
@@ -94,7 +99,8 @@ class DisplacedAtoms(nn.Module):
         the particles' scale."""
         scale = float(self.log_scale.detach().exp()) * self.data_scale
         centre = box_centre_A(self.box, self.apix)
-        return np.stack([scale * gaussian_map(x, self.atoms.weight, self.box, self.apix, self.resolution_A, centre)
+        weight = self.weight.detach().cpu().double().numpy()
+        return np.stack([scale * gaussian_map(x, weight, self.box, self.apix, self.resolution_A, centre)
                          for x in self.frames_A(z)]).astype(np.float32)
 
     def describe(self) -> dict[str, Any]:
@@ -113,7 +119,7 @@ class DisplacedAtoms(nn.Module):
     def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
         """Write the model (atomic) as safetensors; ``extra``: more metadata strings."""
         tensors = {**self._file_tensors(), "coords_A": torch.as_tensor(self.atoms.xyz_A),
-                   self.WEIGHT_KEY: torch.as_tensor(self.atoms.weight)}
+                   self.WEIGHT_KEY: self.weight.detach().cpu().double()}
         meta = {"format": self.MODEL_FORMAT, **self._file_meta(), "data_scale": repr(self.data_scale),
                 "atoms": json.dumps({k: np.asarray(getattr(self.atoms, k)).tolist() for k in ATOM_FIELDS}),
                 **(extra or {})}
