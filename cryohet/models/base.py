@@ -3,6 +3,8 @@
 * ``VolumeModel`` (analysis, validation, hosts): the map at a latent point.
 * ``SliceModel`` (inference): central slices at given rotations and latents, on any pixels of the image lattice
   (``geometry.lattice.Points.kxy``); an inference strategy (``cryohet.inference``) fits it to prepared images.
+* ``DeformationModel`` (deformation-corrected reconstruction, displacement fields): a model whose conformations are
+  one canonical map deformed; it gives the displacement of any canonical point at a latent point.
 
 A method that fits a heterogeneity model registers a ``model`` output in its run record with
 ``meta={"model_type": <name>}``; ``load_volume_model(run_dir)`` returns the matching
@@ -41,6 +43,16 @@ class SliceModel(VolumeModel, Protocol):
     def slices(self, rot: torch.Tensor, z: torch.Tensor | None, kxy: torch.Tensor) -> torch.Tensor:
         """Central slices without CTF for RELION rotation matrices ``rot`` (B, 3, 3) and latents ``z`` (B, latent_dim)
         at image frequencies ``kxy`` (M, 2) cycles/pixel -> (B, M, 2) real and imaginary parts."""
+        ...
+
+
+class DeformationModel(VolumeModel, Protocol):
+    """A volume model that deforms one canonical map (Gaussian mixtures, Zernike3D, flow fields)."""
+
+    def displacement_field(self, z: torch.Tensor, x_A: torch.Tensor) -> torch.Tensor:
+        """Displacements (B, P, 3) Å (x, y, z) at latents ``z`` (B, latent_dim) of canonical points ``x_A`` (P, 3) Å
+        (x, y, z) relative to the box centre: the point x of the canonical map lies at x + d(z, x) in the
+        conformation z."""
         ...
 
 
