@@ -47,9 +47,10 @@ def gaussian_slices(A: torch.Tensor, xyz_A: torch.Tensor, weights: torch.Tensor,
                        voxel_integrated, lowpass_A, chunk_atoms)
 
 
-def _slices(A: torch.Tensor, xyz: torch.Tensor, w: torch.Tensor, sigma_A: float, kxy: torch.Tensor, apix: float,
-            box: int | None, voxel_integrated: bool, lowpass_A: float | None, chunk_atoms: int) -> torch.Tensor:
-    k3 = slice_frequencies_A(A, kxy, apix)                                   # (B, M, 3) 1/Å
+def slice_envelope(k3: torch.Tensor, sigma_A: float, apix: float, box: int | None, voxel_integrated: bool,
+                   lowpass_A: float | None) -> torch.Tensor:
+    """The factor (B, M) common to every atom at 3-D frequencies ``k3`` (B, M, 3) 1/Å: the Gaussian's transform
+    divided by apix³, with the voxel-integration sinc and the low-pass of ``gaussian_map`` when asked for."""
     k2 = (k3 ** 2).sum(-1)
     envelope = torch.exp(-2.0 * math.pi ** 2 * sigma_A ** 2 * k2) / apix ** 3
     if voxel_integrated:
@@ -58,6 +59,13 @@ def _slices(A: torch.Tensor, xyz: torch.Tensor, w: torch.Tensor, sigma_A: float,
         if box is None:
             raise ValueError("the low-pass needs the box")
         envelope = envelope * raised_cosine_lowpass(torch.sqrt(k2), lowpass_A, 1.5 / (box * apix))
+    return envelope
+
+
+def _slices(A: torch.Tensor, xyz: torch.Tensor, w: torch.Tensor, sigma_A: float, kxy: torch.Tensor, apix: float,
+            box: int | None, voxel_integrated: bool, lowpass_A: float | None, chunk_atoms: int) -> torch.Tensor:
+    k3 = slice_frequencies_A(A, kxy, apix)                                   # (B, M, 3) 1/Å
+    envelope = slice_envelope(k3, sigma_A, apix, box, voxel_integrated, lowpass_A)
     k3_rad = 2.0 * math.pi * k3
     re = torch.zeros(k3.shape[:2], dtype=A.dtype, device=A.device)
     im = torch.zeros_like(re)

@@ -7,7 +7,10 @@ Each atom is an isotropic Gaussian of width ``SIGMA_PER_RESOLUTION · resolution
 ``geometry.gaussians.gaussian_map`` renders (the same function below the resolution), times the intensity scale
 ``exp(log_scale)`` (fitted to the data as the trainer sees it: transforms divided by ``data_scale``) and
 ``data_scale``, so that maps are on the particles' own scale. With ``learn_weights`` the atoms' weights are
-parameters (fitted with the displacements) rather than fixed. Files are safetensors with the reference's
+parameters (fitted with the displacements) rather than fixed. ``projector`` chooses how slices are made: the
+analytic sum (``analytic``, cost B·N·M), splatting (``splat``, ``geometry.splat``: cost B·N + B·box² log box,
+the same slices within its aliasing, see docs/benchmarks.md) or ``auto`` (splatting once N·M reaches
+``SPLAT_MIN_WORK``); it is a setting of the object, not of its file. Files are safetensors with the reference's
 ``coords_A`` and weights, the atoms' names and ``data_scale`` in the metadata, and what the subclass adds.
 """
 from __future__ import annotations
@@ -24,9 +27,14 @@ from torch import nn
 from cryohet.errors import InputError
 from cryohet.geometry.gaussian_slices import gaussian_slices
 from cryohet.geometry.gaussians import SIGMA_PER_RESOLUTION, gaussian_map
+from cryohet.geometry.splat import splat_slices
 from cryohet.io.atomic_model import Atoms, box_centre_A
 from cryohet.io.normal_modes import ATOM_FIELDS
 from cryohet.io.weights import read_weights, write_weights
+
+PROJECTORS = ("analytic", "splat", "auto")
+#: atoms × frequencies from which ``auto`` splats (the analytic sum is the faster one below; bench/bench_splat.py)
+SPLAT_MIN_WORK = 50_000
 
 
 class DisplacedAtoms(nn.Module):
@@ -41,8 +49,11 @@ class DisplacedAtoms(nn.Module):
     WEIGHT_KEY: ClassVar[str]
 
     def __init__(self, atoms: Atoms, box: int, apix: float, resolution_A: float, scale: float = 1.0,
-                 data_scale: float = 1.0, learn_weights: bool = False):
+                 data_scale: float = 1.0, learn_weights: bool = False, projector: str = "analytic"):
         super().__init__()
+        if projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, got {projector!r}")
+        self.projector = projector
         self.atoms = atoms
         self.box, self.apix, self.resolution_A = int(box), float(apix), float(resolution_A)
         self.data_scale = float(data_scale)
@@ -79,11 +90,14 @@ class DisplacedAtoms(nn.Module):
 
     def slices_at(self, rot: torch.Tensor, pos_A: torch.Tensor, kxy: torch.Tensor) -> torch.Tensor:
         """Central slices (B, M, 2) of the atoms at positions ``pos_A`` ((N, 3) or (B, N, 3), Å from the box
-        centre), times the intensity scale."""
+        centre), times the intensity scale; by ``self.projector``."""
+        splat = self.projector == "splat" or (
+            self.projector == "auto" and pos_A.shape[-2] * kxy.shape[0] >= SPLAT_MIN_WORK)
+        project = splat_slices if splat else gaussian_slices
         # phases 2πk·r reach tens of radians: float32 even under autocast
         with torch.autocast(rot.device.type, enabled=False):
-            out = gaussian_slices(rot.float(), pos_A.float(), self.weight, self.sigma_A, kxy.float(), self.apix,
-                                  box=self.box, lowpass_A=self.resolution_A)
+            out = project(rot.float(), pos_A.float(), self.weight, self.sigma_A, kxy.float(), self.apix,
+                          box=self.box, lowpass_A=self.resolution_A)
         return out * self.log_scale.exp()
 
     @torch.no_grad()
