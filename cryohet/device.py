@@ -1,6 +1,8 @@
 """Choosing the torch device: ``--device auto|cpu|cuda|cuda:N`` (rules in ``cryohet.distributed``)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -24,3 +26,15 @@ def pick_device(name: str = "auto") -> torch.device:
     elif dev.index is not None:
         torch.cuda.set_device(dev)
     return dev
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: the GPU's (``cudaMemGetInfo``) or the machine's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

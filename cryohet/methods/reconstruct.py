@@ -38,18 +38,23 @@ def _check_wiener(value: str) -> str:
     return value
 
 
+def read_mask(path: Path | None, box: int, device: torch.device) -> torch.Tensor | None:
+    """The mask of ``--mask`` on ``device`` (None without one); InputError naming it when its box is not ``box``."""
+    if path is None:
+        return None
+    mask_arr, _ = read_map(path)
+    if mask_arr.shape[0] != box:
+        raise InputError(path, f"mask box {mask_arr.shape[0]} does not match the output box {box}")
+    return torch.as_tensor(mask_arr, device=device)
+
+
 def run(params: dict[str, Any], ctx) -> None:
     wiener = _check_wiener(params["wiener"])
     pset = load_particles(params["particles"], datadir=params["datadir"])
     box = params["box"] or pset.box
     if box % 2 or box > pset.box:
         raise ValueError(f"--box: expected an even size no larger than the images' {pset.box}, got {box}")
-    mask = None
-    if params["mask"] is not None:
-        mask_arr, _ = read_map(params["mask"])
-        if mask_arr.shape[0] != box:
-            raise InputError(params["mask"], f"mask box {mask_arr.shape[0]} does not match the output box {box}")
-        mask = torch.as_tensor(mask_arr, device=ctx.device)
+    mask = read_mask(params["mask"], box, ctx.device)
     half = particle_halves(pset, ctx.seed)
     ctx.log.info("%d particles, box %d at %.3f Å/px -> box %d; half-sets of %d and %d", len(pset), pset.box,
                  pset.apix, box, (half == 1).sum(), (half == 2).sum())

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import torch
 
+from cryohet.device import free_memory_bytes
 from cryohet.errors import InputError
 from cryohet.io.atomic_model import Atoms
 from cryohet.io.normal_modes import NormalModes
@@ -41,18 +42,6 @@ def hessian_bytes(n_atoms: int) -> int:
 def max_atoms(free_bytes: float, solver: str) -> int:
     """The largest atom count whose solve fits in ``free_bytes`` (``MATRICES_HELD`` Hessians)."""
     return int(np.sqrt(MEMORY_FRACTION * free_bytes / (MATRICES_HELD[solver] * 8)) // 3)
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory of ``device``: the GPU's (``cudaMemGetInfo``) or the machine's available RAM."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
-        return info["MemAvailable"]
-    except (OSError, KeyError, ValueError, IndexError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def plan_memory(n_atoms: int, solver: str, device: torch.device, source: str | os.PathLike) -> None:

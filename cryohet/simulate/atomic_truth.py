@@ -14,7 +14,7 @@ import numpy as np
 
 from cryohet.io.atomic_model import Atoms, box_centre_A, read_atoms
 from cryohet.simulate.molecules import DEFAULT_MOLECULE, centre_of_mass, default_molecule
-from cryohet.simulate.motions import Conformations, default_hinges, hinge_conformations
+from cryohet.simulate.motions import Conformations, Hinge, default_hinges, hinge_conformations
 
 
 @dataclass
@@ -22,6 +22,8 @@ class HingeTruth:
     conf: Conformations        # maps and τ of the states
     heavy: Atoms               # the open state's heavy atoms in the map frame (the reference model)
     ca_frames_A: np.ndarray    # (S, N_residues, 3) Cα positions of every state in the map frame, Å
+    hinge: Hinge               # the LID hinge in the map frame (moving atoms of ``heavy``)
+    max_angle_deg: float       # its angle at τ = 1
 
 
 def hinge_truth(n_states: int = 20, max_angle_deg: float = 50.0, box: int = 40, apix: float = 3.0,
@@ -32,6 +34,8 @@ def hinge_truth(n_states: int = 20, max_angle_deg: float = 50.0, box: int = 40, 
     hinge = default_hinges()["LID"][0]
     models = np.stack([hinge.apply(heavy.xyz_A, a) for a in conf.meta["angle_deg"]])
     centre = np.mean([centre_of_mass(x, heavy.weight) for x in models], axis=0)
-    models += box_centre_A(box, apix) - centre
+    shift = box_centre_A(box, apix) - centre
+    models += shift
     ca = heavy.name == "CA"
-    return HingeTruth(conf, dataclasses.replace(heavy, xyz_A=models[0]), models[:, ca])
+    return HingeTruth(conf, dataclasses.replace(heavy, xyz_A=models[0]), models[:, ca],
+                      Hinge(hinge.moving, hinge.point_A + shift, hinge.axis), float(max_angle_deg))

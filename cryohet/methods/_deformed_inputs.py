@@ -1,0 +1,87 @@
+"""What ``reconstruct-deformed`` reads from a deformation model's run folder, checked before anything is
+computed or written; and the memory plan that refuses a box the device cannot hold.
+
+(A ``_`` module: not a method, so the registry, the hosts and the pipeliner skip it.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryohet.device import free_memory_bytes
+from cryohet.errors import InputError
+from cryohet.io.particles import ParticleSet, load_particles
+from cryohet.models.base import load_volume_model
+from cryohet.reconstruct.deformed import memory_bytes
+from cryohet.record import read_record
+
+#: fraction of the device's free memory a reconstruction may plan to use
+MEMORY_FRACTION = 0.8
+
+
+@dataclass
+class DeformationRun:
+    run_dir: Path
+    model: Any                 # a models.base.DeformationModel
+    model_type: str
+    particles: ParticleSet     # the run's particles STAR
+    star: Path
+    latents: np.ndarray        # (N, latent_dim) float32, rows = the STAR's
+    latents_path: Path
+
+
+def read_deformation_run(run_dir: Path, datadir: Path | None) -> DeformationRun:
+    """The model, particles and latents of ``run_dir``'s record; InputError naming the file when the model has no
+    displacement field, or the latents do not match the particles or the model."""
+    record = read_record(run_dir)
+    model_out = record.require("model", run_dir, "model of the volumes")
+    model_type = str(model_out.meta.get("model_type"))
+    model = load_volume_model(run_dir)
+    if not callable(getattr(model, "displacement_field", None)):
+        raise InputError(run_dir / model_out.path, f"the {record.method} run's model ({model_type}) has no "
+                         "displacement field: reconstruct-deformed needs a deformation model (train-gmm, "
+                         "train-deform)")
+    star = run_dir / record.require("particles_star", run_dir, "particles STAR").path
+    lat_path = run_dir / record.require("latents", run_dir, "latents").path
+    pset = load_particles(star, datadir=datadir)
+    try:
+        z = np.load(lat_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(lat_path, f"cannot read the latents ({exc})") from None
+    z = np.asarray(z, dtype=np.float32).reshape(len(z), -1) if np.ndim(z) else z
+    if np.ndim(z) != 2 or len(z) != len(pset):
+        raise InputError(lat_path, f"latents of shape {np.shape(z)} do not match the {len(pset)} particles of {star}")
+    if z.shape[1] != model.latent_dim:
+        raise InputError(lat_path, f"latents have {z.shape[1]} coordinates, the model {model.latent_dim}")
+    if not np.isfinite(z).all():
+        raise InputError(lat_path, "the latents hold NaN or infinite values")
+    cols = [f"cryohetZ{i + 1}" for i in range(z.shape[1])]
+    if all(c in pset.table for c in cols):
+        star_z = pset.table[cols].to_numpy(dtype=np.float64)
+        if not np.allclose(star_z, z, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(z).max()))):
+            raise InputError(star, f"its {', '.join(cols)} columns differ from the latents of {lat_path}: the two "
+                                   "files are not of the same particles in the same order")
+    view_A, model_view_A = pset.box * pset.apix, model.box * model.apix
+    if abs(view_A - model_view_A) > 0.01 * view_A:
+        raise InputError(run_dir / model_out.path, f"the model's box spans {model_view_A:.1f} Å, the particles' "
+                                                   f"{view_A:.1f} Å ({star}): not the same frame")
+    return DeformationRun(run_dir, model, model_type, pset, star, z, lat_path)
+
+
+def check_memory(box: int, batch_size: int, voxel_chunk: int, device: torch.device, source: Path) -> None:
+    """InputError naming ``source`` when a reconstruction at ``box`` does not fit in the device's free memory,
+    with the largest box that does; checked before anything is allocated."""
+    free = free_memory_bytes(device)
+    need = memory_bytes(box, batch_size, voxel_chunk)
+    if need <= MEMORY_FRACTION * free:
+        return
+    fits = next((b for b in range(box - 2, 0, -2) if memory_bytes(b, batch_size, voxel_chunk)
+                 <= MEMORY_FRACTION * free), 0)
+    where = f"the GPU ({device})" if device.type == "cuda" else "this machine"
+    raise InputError(source, f"a deformation-corrected reconstruction at box {box} needs {need / 1e9:.1f} GB; "
+                             f"{where} has {free / 1e9:.1f} GB free, enough for box {fits}: use --box {fits} "
+                             "(Fourier cropping) or a smaller --batch_size")
