@@ -20,15 +20,15 @@ from cryohet.geometry.lattice import Lattice
 from cryohet.geometry.splat import splat_slices
 from cryohet.io.atomic_model import read_atoms
 from cryohet.io.mrc import read_map, write_map
-from cryohet.io.particles import load_particles, write_particles_star
+from cryohet.io.particles import load_particles
 from cryohet.methods._deformed_inputs import check_memory
 from cryohet.models.atomic_decoder import AtomicDecoder
 from cryohet.models.displaced_atoms import DisplacedAtoms
-from cryohet.models.hinge_truth import MODEL_TYPE, HingeTruthModel
+from cryohet.models.hinge_truth import HingeTruthModel, write_run
 from cryohet.models.maps import MapsModel
 from cryohet.reconstruct.deformed import reconstruct_deformed
 from cryohet.reconstruct.fsc import fsc, fsc_auc
-from cryohet.record import RunRecord, read_record
+from cryohet.record import Output, read_record
 from cryohet.simulate.atomic_truth import hinge_truth
 from cryohet.simulate.deformation_truth import hinge_field
 from cryohet.simulate.molecules import DEFAULT_MOLECULE
@@ -101,28 +101,16 @@ def test_displaced_atoms_projector_choice():
 
 @pytest.fixture(scope="module")
 def hinge(tmp_path_factory):
-    """1000 particles of the LID hinge (10 states, 0-50°, SNR 0.5), the truth model and its run folder."""
+    """1000 particles of the LID hinge (10 states, 0-90°, SNR 0.1), the truth model and its run folder."""
     root = tmp_path_factory.mktemp("hinge")
-    truth = hinge_truth(n_states=10, max_angle_deg=50.0, box=BOX, apix=APIX, resolution_A=RES_A)
-    sim = simulate_particles(truth.conf, root / "sim", 1000, snr=0.5, seed=1, write_maps=False)
+    truth = hinge_truth(n_states=10, max_angle_deg=90.0, box=BOX, apix=APIX, resolution_A=RES_A)
+    sim = simulate_particles(truth.conf, root / "sim", 1000, snr=0.1, seed=1, write_maps=False)
     pset = load_particles(sim.particles_star)
     tau = pset.table["cryohetTrueTau1"].to_numpy()[:, None].astype(np.float32)
     model = HingeTruthModel(hinge_field(truth), truth.heavy.weight, BOX, APIX, RES_A)
     run = root / "truth_run"
-    run.mkdir()
-    model.save(run / "model.safetensors")
-    _write_run(run, "model.safetensors", MODEL_TYPE, pset, tau)
+    write_run(run, model, pset, tau)
     return truth, pset, tau, model, run
-
-
-def _write_run(run, model_file, model_type, pset, z):
-    np.save(run / "latents.npy", z)
-    write_particles_star(run / "particles.star", pset, extra_columns={"cryohetZ1": z[:, 0]})
-    rec = RunRecord("simulate", {}, status="finished")
-    rec.add("model", model_file, run, "the true hinge motion", model_type=model_type)
-    rec.add("latents", "latents.npy", run, "true τ", dim=1)
-    rec.add("particles_star", "particles.star", run, "particles with cryohetZ1 = τ")
-    rec.write(run)
 
 
 def test_hinge_field_is_the_simulated_motion(hinge):
@@ -154,17 +142,16 @@ def test_corrected_map_beats_homogeneous(hinge):
     rec = reconstruct_deformed(pset, tau, half, model.displacement_field, 128, torch.device("cpu"))
     auc = {k: fsc_auc(fsc(r.full, canonical)) for k, r in (("c", rec.corrected), ("h", rec.homogeneous))}
     assert auc["c"] > auc["h"] + 0.04, auc
-    assert rec.corrected.resolution() < rec.homogeneous.resolution() - 0.3
-    scale = float((rec.corrected.full * canonical).sum() / (canonical * canonical).sum())
-    assert scale == pytest.approx(1, abs=0.1)
+    assert rec.corrected.resolution() < rec.homogeneous.resolution() - 0.5   # 7.5 Å and 8.4 Å
 
     zero = reconstruct_deformed(pset, tau, half, lambda z, x: torch.zeros(len(z), len(x), 3), 128,
                                 torch.device("cpu"))
     c, h = zero.corrected.full, zero.homogeneous.full
     assert np.corrcoef(c.numpy().ravel(), h.numpy().ravel())[0, 1] > 0.99
     assert float((c * h).sum() / (h * h).sum()) == pytest.approx(1, abs=0.05)
-    assert (fsc(c, h)[1:3 * BOX // 8] > 0.95).all()   # to 0.75 Nyquist
-    assert np.abs(zero.corrected.fsc - zero.homogeneous.fsc)[:3 * BOX // 8].max() < 0.05
+    signal = zero.homogeneous.fsc >= 0.5   # the shells with signal (noise differs where there is none)
+    assert signal[:8].all() and (fsc(c, h)[signal] > 0.97).all()
+    assert np.abs(zero.corrected.fsc - zero.homogeneous.fsc)[signal].max() < 0.05
 
 
 def test_reconstruct_deformed_cli(hinge, tmp_path):
@@ -195,17 +182,18 @@ def test_bad_inputs(hinge, tmp_path):
     for i in (0, 9):
         paths.append(maps_run / f"state_{i}.mrc")
         write_map(paths[-1], truth.conf.maps[i], APIX)
+    write_run(maps_run, HingeTruthModel.load(run / "model.safetensors"), pset, tau)
     MapsModel(paths, truth.conf.tau[[0, 9]]).save(maps_run / "maps.json")
-    _write_run(maps_run, "maps.json", "maps", pset, tau)
+    rec = read_record(maps_run)
+    rec.outputs[0] = Output("model", "maps.json", "two true maps", {"model_type": "maps"})
+    rec.write(maps_run)
     out = tmp_path / "o1"
     assert main(["reconstruct-deformed", "--run", str(maps_run), "--o", str(out)]) == 2
     assert json.loads((out / "cryohet_run.json").read_text())["error"].count("no displacement field") == 1
     assert not list(out.glob("*.mrc"))
 
     short = tmp_path / "short_run"
-    short.mkdir()
-    (short / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes())
-    _write_run(short, "model.safetensors", MODEL_TYPE, pset, tau)
+    write_run(short, HingeTruthModel.load(run / "model.safetensors"), pset, tau)
     np.save(short / "latents.npy", tau[:-1])
     out = tmp_path / "o2"
     assert main(["reconstruct-deformed", "--run", str(short), "--o", str(out)]) == 2

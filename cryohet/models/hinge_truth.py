@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
 from cryohet.geometry.gaussians import gaussian_map
 from cryohet.io.atomic_model import box_centre_A
+from cryohet.io.particles import ParticleSet, write_particles_star
 from cryohet.io.weights import read_weights, write_weights
+from cryohet.record import RunRecord
 from cryohet.simulate.deformation_truth import HingeField
 
 MODEL_TYPE = "hinge_truth"  # the run record's model_type that load_run_model reads (cryohet.models.base)
@@ -67,6 +70,23 @@ class HingeTruthModel:
         field = HingeField(t["atoms_A"], t["moving"] > 0.5, t["point_A"], t["axis"], float(meta["max_angle_deg"]),
                            float(meta["soft_A"]))
         return cls(field, t["weights"], int(meta["box"]), float(meta["apix"]), float(meta["resolution_A"]))
+
+
+def write_run(run_dir: Path, model: HingeTruthModel, pset: ParticleSet, tau: np.ndarray) -> Path:
+    """A run folder holding ``model``, the particles' true τ (N, 1) as latents and their STAR with cryohetZ1 = τ,
+    recorded as a finished run: what ``reconstruct-deformed --run`` reads from a trained model's run."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tau = np.asarray(tau, dtype=np.float32).reshape(len(pset), 1)
+    model.save(run_dir / "model.safetensors")
+    with atomic_path(run_dir / "latents.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, tau)
+    write_particles_star(run_dir / "particles.star", pset, extra_columns={"cryohetZ1": tau[:, 0]})
+    rec = RunRecord("simulate", {}, status="finished")
+    rec.add("model", "model.safetensors", run_dir, "the true hinge motion", model_type=MODEL_TYPE)
+    rec.add("latents", "latents.npy", run_dir, "true τ", dim=1)
+    rec.add("particles_star", "particles.star", run_dir, "particles with cryohetZ1 = τ", columns=["cryohetZ1"])
+    return rec.write(run_dir)
 
 
 def load_run_model(run_dir: str | Path, model_path: str | Path) -> HingeTruthModel:
