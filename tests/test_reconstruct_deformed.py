@@ -132,20 +132,17 @@ def test_hinge_field_is_the_simulated_motion(hinge):
         assert np.corrcoef(v.ravel(), ref.ravel())[0, 1] > 0.9999
 
 
-def test_corrected_map_beats_homogeneous(hinge):
-    """With the true field and τ the corrected map is closer to the true canonical map (τ = 0) than the
-    homogeneous reconstruction of the same particles, and its half-map resolution is better; with zero
-    displacements it is the homogeneous reconstruction."""
-    truth, pset, tau, model, _ = hinge
+def test_zero_deformation_is_the_homogeneous_reconstruction(hinge):
+    """With zero displacements the corrected map is the homogeneous reconstruction of the same images."""
+    _, pset, tau, _, _ = hinge
     half = pset.table["rlnRandomSubset"].to_numpy()
-    canonical = torch.as_tensor(truth.conf.maps[0])
-    rec = reconstruct_deformed(pset, tau, half, model.displacement_field, 128, torch.device("cpu"))
-    auc = {k: fsc_auc(fsc(r.full, canonical)) for k, r in (("c", rec.corrected), ("h", rec.homogeneous))}
-    assert auc["c"] > auc["h"] + 0.04, auc
-    assert rec.corrected.resolution() < rec.homogeneous.resolution() - 0.5   # 7.5 Å and 8.4 Å
-
-    zero = reconstruct_deformed(pset, tau, half, lambda z, x: torch.zeros(len(z), len(x), 3), 128,
-                                torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the CLI's --threads 1: the test machine's cores are shared
+    try:
+        zero = reconstruct_deformed(pset, tau, half, lambda z, x: torch.zeros(len(z), len(x), 3), 128,
+                                    torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
     c, h = zero.corrected.full, zero.homogeneous.full
     assert np.corrcoef(c.numpy().ravel(), h.numpy().ravel())[0, 1] > 0.99
     assert float((c * h).sum() / (h * h).sum()) == pytest.approx(1, abs=0.05)
@@ -154,8 +151,10 @@ def test_corrected_map_beats_homogeneous(hinge):
     assert np.abs(zero.corrected.fsc - zero.homogeneous.fsc)[signal].max() < 0.05
 
 
-def test_reconstruct_deformed_cli(hinge, tmp_path):
-    """``cryohet reconstruct-deformed --run`` on the truth model's run folder: maps, FSC of both, recorded."""
+def test_corrected_map_beats_homogeneous(hinge, tmp_path):
+    """``cryohet reconstruct-deformed --run`` on the truth model's run folder (true field, true τ): the corrected
+    map is closer to the true canonical map (τ = 0) than the homogeneous reconstruction of the same particles,
+    and its half-map resolution is better; maps and both FSC curves recorded."""
     truth, _, _, _, run = hinge
     out = tmp_path / "rd"
     assert main(["reconstruct-deformed", "--run", str(run), "--o", str(out), "--threads", "1"]) == 0
@@ -163,13 +162,13 @@ def test_reconstruct_deformed_cli(hinge, tmp_path):
     fscs = {o.label: o.meta["resolution_A"] for o in rec.of_kind("fsc")}
     res_c = fscs["half-map FSC, deformation-corrected"]
     res_h = fscs["half-map FSC, homogeneous"]
-    assert res_c < res_h
+    assert res_c < res_h - 0.5   # 7.5 Å and 8.4 Å
     corrected, apix = read_map(out / "map.mrc")
     homogeneous, _ = read_map(out / "homogeneous.mrc")
     assert apix == pytest.approx(APIX) and corrected.shape == (BOX,) * 3
     canonical = truth.conf.maps[0]
-    assert fsc_auc(fsc(corrected, canonical)) > fsc_auc(fsc(homogeneous, canonical))
-    assert len(rec.of_kind("half_map")) == 2 and rec.of_kind("plot")
+    assert fsc_auc(fsc(corrected, canonical)) > fsc_auc(fsc(homogeneous, canonical)) + 0.04   # 0.62 and 0.56
+    assert len(rec.of_kind("half_map")) == 2 and len(rec.of_kind("volume")) == 2 and rec.of_kind("plot")
 
 
 def test_bad_inputs(hinge, tmp_path):
