@@ -11,7 +11,8 @@ canonical point x (the τ = 0 conformation) moves with it in proportion to a sof
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from scipy.spatial import cKDTree
 from cryohet.io.atomic_model import box_centre_A
 from cryohet.simulate.atomic_truth import HingeTruth
 from cryohet.simulate.motions import rotate_about_axis
+
+#: point sets whose mask is kept
+MASKS_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -34,11 +38,20 @@ class HingeField:
     max_angle_deg: float
     soft_A: float = 1.0
 
+    _masks: dict[bytes, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
     def mask(self, x_A: np.ndarray) -> np.ndarray:
-        """The soft domain mask (P,) in [0, 1] at points ``x_A`` (P, 3) Å."""
-        d_moving = cKDTree(self.atoms_A[self.moving]).query(x_A)[0]
-        d_fixed = cKDTree(self.atoms_A[~self.moving]).query(x_A)[0]
-        return 1.0 / (1.0 + np.exp(-np.clip((d_fixed - d_moving) / self.soft_A, -50, 50)))
+        """The soft domain mask (P,) in [0, 1] at points ``x_A`` (P, 3) Å (kept for the last few point sets: a
+        reconstruction asks for the same voxels with every batch of images)."""
+        x = np.ascontiguousarray(x_A, dtype=np.float64)
+        key = hashlib.sha1(x.tobytes()).digest()
+        if key not in self._masks:
+            d_moving = cKDTree(self.atoms_A[self.moving]).query(x)[0]
+            d_fixed = cKDTree(self.atoms_A[~self.moving]).query(x)[0]
+            if len(self._masks) >= MASKS_KEPT:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[key] = 1.0 / (1.0 + np.exp(-np.clip((d_fixed - d_moving) / self.soft_A, -50, 50)))
+        return self._masks[key]
 
     def rotation(self, tau: float) -> np.ndarray:
         """The moving part's rotation matrix (3, 3) at ``tau`` (x' = R x about the hinge point)."""
@@ -48,10 +61,11 @@ class HingeField:
         """Displacements (B, P, 3) Å at ``tau`` (B, 1) of canonical points ``x_A`` (P, 3) Å, on ``x_A``'s
         device, float32."""
         x = x_A.detach().cpu().double().numpy()
-        m = self.mask(x)[:, None]
-        rel = x - self.point_A
-        out = np.stack([m * (rel @ self.rotation(float(t)).T - rel) for t in tau.detach().cpu().double()[:, 0]])
-        return torch.as_tensor(out, dtype=torch.float32, device=x_A.device)
+        rot = np.stack([self.rotation(float(t)) - np.eye(3) for t in tau.detach().cpu().double()[:, 0]])
+        m = torch.as_tensor(self.mask(x), dtype=torch.float32, device=x_A.device)
+        rel = x_A.detach().float() - torch.as_tensor(self.point_A, dtype=torch.float32, device=x_A.device)
+        moved = torch.einsum("pj,bij->bpi", rel, torch.as_tensor(rot, dtype=torch.float32, device=x_A.device))
+        return m[None, :, None] * moved
 
 
 def hinge_field(truth: HingeTruth, soft_A: float = 1.0) -> HingeField:
