@@ -3,20 +3,17 @@
 Data: the bundled adenylate kinase's LID closing by τ·``--angle`` degrees (τ on ``--states`` points in [0, 1]),
 ``--n`` particles at ``--snr`` (``cryohet.simulate``). The deformation model is the ground truth
 (``models.hinge_truth``: the true displacement field, latents = the true τ), so the benchmark measures the
-reconstruction itself, not a trained model. Both commands run on the same particles (the simulator's half-sets),
-each in its own process with the same thread count. Reported: FSC AUC and FSC = 0.5 resolution of each map
-against the true canonical map (τ = 0), half-map resolution at FSC 0.143, wall time and peak resident memory.
+reconstruct-deformed itself, not a trained model. Both commands run on the same particles (the simulator's
+half-sets), each in its own process with the same thread count (``bench/command_cost.py``). Reported: FSC AUC and
+FSC = 0.5 resolution of each map against the true canonical map (τ = 0), half-map resolution at FSC 0.143, wall
+and CPU time, peak memory.
 
     .venv/bin/python bench/bench_reconstruct_deformed.py --out /tmp/bench_rd          # docs/benchmarks.md
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +27,17 @@ from cryohet.simulate.atomic_truth import hinge_truth
 from cryohet.simulate.deformation_truth import hinge_field
 from cryohet.simulate.simulate import simulate_particles
 
-HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from command_cost import Cost, timed  # noqa: E402  (beside this script)
 
-_RUN = textwrap.dedent("""
-    import json, resource, sys, time
-    from cryohet.methods import get_method
-    from cryohet.runner import run_method
-    t0 = time.perf_counter()
-    run_method(get_method(sys.argv[1]), {"overwrite": True, **json.loads(sys.argv[2])}, sys.argv[3])
-    print(json.dumps({"wall_s": time.perf_counter() - t0,
-                      "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-""")
+REPO = Path(__file__).resolve().parents[1]
 
 
-def run(method: str, params: dict, out: Path, threads: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(HERE), "CRYOHET_NO_PROGRESS": "1"}
-    res = subprocess.run([sys.executable, "-c", _RUN, method, json.dumps({"threads": threads, **params}), str(out)],
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def run(method: str, args: list[str], out: Path, threads: int) -> Cost:
+    """``cryohet <method> <args> --o out`` in its own process (this interpreter, this checkout)."""
+    code = "import sys; from cryohet.cli import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, method, *args, "--o", str(out), "--threads", str(threads), "--overwrite", "yes"]
+    return timed(cmd, REPO, out.with_suffix(".log"))
 
 
 def main() -> None:
@@ -68,8 +58,8 @@ def main() -> None:
     tau = pset.table["cryohetTrueTau1"].to_numpy()[:, None]
     write_run(a.out / "truth_run", HingeTruthModel(hinge_field(truth), truth.heavy.weight, a.box, a.apix,
                                                    a.resolution_A), pset, tau)
-    costs = {"reconstruct": run("reconstruct", {"particles": str(sim.particles_star)}, a.out / "rec", a.threads),
-             "reconstruct-deformed": run("reconstruct-deformed", {"run": str(a.out / "truth_run")}, a.out / "rd",
+    costs = {"reconstruct": run("reconstruct", ["--particles", str(sim.particles_star)], a.out / "rec", a.threads),
+             "reconstruct-deformed": run("reconstruct-deformed", ["--run", str(a.out / "truth_run")], a.out / "rd",
                                          a.threads)}
     canonical = truth.conf.maps[0]
     rows = [("reconstruct", a.out / "rec" / "map.mrc", "reconstruct"),
@@ -82,17 +72,17 @@ def main() -> None:
                     o.meta["resolution_A"] for o in read_record(a.out / "rd").of_kind("fsc") if "corr" in o.label)}
     print(f"{a.n} particles, box {a.box}, {a.apix} Å/px, maps at {a.resolution_A} Å, SNR {a.snr}, hinge 0-{a.angle}°"
           f" ({a.states} states), {a.threads} threads")
-    print("| map | FSC AUC to truth (τ = 0) | FSC 0.5 to truth (Å) | half-map res. 0.143 (Å) | wall (s) | "
+    print("| map | FSC AUC to truth (τ = 0) | FSC 0.5 to truth (Å) | half-map res. 0.143 (Å) | wall (s) | CPU (s) | "
           "peak memory (GB) |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for label, path, method in rows:
         vol, _ = read_map(path)
         curve = fsc(np.asarray(vol), canonical)
         c = costs[method]
         print(f"| {label} | {fsc_auc(curve):.3f} | {resolution_at(curve, a.box, a.apix, 0.5):.2f} | "
-              f"{half_res[label]:.2f} | {c['wall_s']:.1f} | {c['peak_rss_MB'] / 1024:.2f} |")
-    print(f"time ratio reconstruct-deformed / reconstruct: "
-          f"{costs['reconstruct-deformed']['wall_s'] / costs['reconstruct']['wall_s']:.2f}")
+              f"{half_res[label]:.2f} | {c.wall_s:.1f} | {c.cpu_s:.1f} | {c.peak_gb:.2f} |")
+    print(f"wall-time ratio reconstruct-deformed / reconstruct: "
+          f"{costs['reconstruct-deformed'].wall_s / costs['reconstruct'].wall_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -114,8 +114,8 @@ def hinge(tmp_path_factory):
 
 
 def test_hinge_field_is_the_simulated_motion(hinge):
-    """The field moves the LID's atoms as the simulator does (the mask is ~1 deep inside it), leaves the core's
-    and is zero at τ = 0; the truth model's maps are the simulator's."""
+    """The field moves the LID's atoms as the simulator does (times the mask, above 0.95 deep inside it), leaves
+    the core's (mask below 0.05) nearly still and is zero at τ = 0; the truth model's maps are the simulator's."""
     truth, _, _, model, _ = hinge
     f = model.field
     x = torch.as_tensor(f.atoms_A, dtype=torch.float32)
@@ -123,10 +123,11 @@ def test_hinge_field_is_the_simulated_motion(hinge):
     assert np.abs(d[0]).max() < 1e-5
     moved = truth.hinge.apply(truth.heavy.xyz_A, truth.max_angle_deg) - truth.heavy.xyz_A
     m = f.mask(f.atoms_A)
-    deep = m > 0.99
-    assert deep[f.moving].mean() > 0.7 and (m[~f.moving] < 0.5).mean() > 0.95
+    assert (m[f.moving] > 0.5).all() and (m[~f.moving] < 0.5).all()
+    deep = m > 0.95
+    assert deep[f.moving].mean() > 0.6 and not deep[~f.moving].any()
     np.testing.assert_allclose(d[1][deep], moved[deep] * m[deep, None], atol=1e-3)
-    assert np.abs(d[1][~f.moving & (m < 0.01)]).max() < 0.5
+    assert np.abs(d[1][m < 0.05]).max() < 0.05 * np.abs(moved).max()
     vols = model.volumes(np.array([[0.0], [1.0]]))
     for v, ref in zip(vols, truth.conf.maps[[0, -1]]):
         assert np.corrcoef(v.ravel(), ref.ravel())[0, 1] > 0.9999
@@ -162,12 +163,12 @@ def test_corrected_map_beats_homogeneous(hinge, tmp_path):
     fscs = {o.label: o.meta["resolution_A"] for o in rec.of_kind("fsc")}
     res_c = fscs["half-map FSC, deformation-corrected"]
     res_h = fscs["half-map FSC, homogeneous"]
-    assert res_c < res_h - 0.5   # 7.5 Å and 8.4 Å
+    assert res_c < res_h - 0.5   # 6.7 Å and 8.4 Å
     corrected, apix = read_map(out / "map.mrc")
     homogeneous, _ = read_map(out / "homogeneous.mrc")
     assert apix == pytest.approx(APIX) and corrected.shape == (BOX,) * 3
     canonical = truth.conf.maps[0]
-    assert fsc_auc(fsc(corrected, canonical)) > fsc_auc(fsc(homogeneous, canonical)) + 0.04   # 0.62 and 0.56
+    assert fsc_auc(fsc(corrected, canonical)) > fsc_auc(fsc(homogeneous, canonical)) + 0.04   # 0.61 and 0.56
     assert len(rec.of_kind("half_map")) == 2 and len(rec.of_kind("volume")) == 2 and rec.of_kind("plot")
 
 

@@ -6,21 +6,26 @@ to x + d(z, x). The adjoint of that forward model (splat the displaced voxels, p
 CTF-weighted image along deformed rays: canonical voxel x receives the image's value at the projection of
 x + d(z, x). The normal operator Σ P^T C² P is nearly the same with and without the deformations (locally a
 deformation is a shift, which commutes with the CTF² weighting), so it is inverted as in the homogeneous
-reconstruction: a first pass over the particles fills the homogeneous reconstruction's accumulators
-(``geometry.backproject``: Σ CTF·F and the CTF² weights W on the padded Fourier grid); a second pass divides each
-image's CTF-weighted transform by W + floor at its slice (a weighted backprojection: the sum of slices is then
-nearly uniformly dense, so backprojecting it in real space gives the map with no 3-D deconvolution of the rays'
-long tails), and backprojects it along deformed rays and, for calibration, along straight ones. Where few slices
-cross a voxel (the lowest shells) the density differs from the padded grid's, so the straight-ray map's transfer
-per shell against the homogeneous reconstruction of the same images (its unregularised half-map: correlation
-0.998 and more per shell, tested) is measured and divided out. The half-maps' FSC then gives the Wiener filter
-W / (W + λ), applied in Fourier space with ``reconstruct.homogeneous``'s λ. With zero displacements this is the
-homogeneous reconstruction (tested). No iterative polish: each conjugate-gradient
-step would cost two more passes over the particles (forward and adjoint), for a correction second order in the
-deformation's gradient.
+reconstruction, whose pieces are reused:
 
-The real-space backprojection samples images bilinearly; the images are first divided by that interpolation's
-transform (sinc² per axis), as ``geometry.splat`` divides by its spreading kernel's.
+1. pass 1 fills the homogeneous reconstruction's accumulators (``geometry.backproject``: Σ CTF·F and the CTF²
+   weights W of each half-set on the padded Fourier grid) and makes the homogeneous half-maps, full map, FSC and
+   Wiener λ (``reconstruct.homogeneous``);
+2. pass 2 weights each image's transform at its slice by CTF / (W + λ) (a weighted backprojection: the sum of
+   slices is then nearly uniformly dense and already Wiener-filtered, so backprojecting it in real space gives
+   the map without a 3-D deconvolution of the rays' long tails) and backprojects it along deformed rays, once
+   with its half-set's W and λ (the half-map) and once with both half-sets' (the full map);
+3. the real-space operator's transfer differs from the Fourier reconstruction's where few slices cross a voxel,
+   so it is measured without noise: the homogeneous map, projected at each particle's pose with its CTF, goes
+   through the same weighting and straight-ray backprojection, and is regressed per shell on what the Fourier
+   reconstruction makes of it (the map × W / (W + λ)); the corrected maps are divided by that transfer.
+
+With zero displacements this is the homogeneous reconstruction (tested). The corrected maps use the homogeneous
+reconstruction's λ (its SSNR is the lower one, so their filter errs on the safe side). No iterative polish: each
+conjugate-gradient step would cost two more passes over the particles (forward and adjoint), for a correction
+second order in the deformation's gradient. Real-space reads are bilinear; images are first divided by that
+interpolation's transform (sinc² per axis, as ``geometry.splat`` divides by its spreading kernel's) and cut at
+Nyquist (beyond it they would alias in the 3-D grid).
 """
 from __future__ import annotations
 
@@ -37,9 +42,9 @@ from cryohet.geometry.backproject import BackProjector
 from cryohet.geometry.fourier import centered_coords, ifft2c
 from cryohet.geometry.lattice import Lattice
 from cryohet.geometry.masks import sphere_mask
-from cryohet.geometry.project import slice_coords
+from cryohet.geometry.project import Projector, slice_coords
 from cryohet.reconstruct.fsc import fsc
-from cryohet.reconstruct.homogeneous import Reconstruction, backproject_batches, wiener_reconstruct
+from cryohet.reconstruct.homogeneous import Reconstruction, backproject_batches, wiener_lambda, wiener_reconstruct
 
 #: d(z (B, zdim), x_A (P, 3)) -> (B, P, 3) Å: a DeformationModel's ``displacement_field``
 DisplacementField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,11 +61,12 @@ class DeformedReconstruction:
 
 def memory_bytes(box: int, batch_size: int, voxel_chunk: int = VOXEL_CHUNK) -> int:
     """Peak bytes of ``reconstruct_deformed`` at ``box``: three padded accumulators (two half-sets and a copy;
-    complex128 data, float64 weights) with one single-precision scratch pair, two float64 real-space sums, the
-    canonical voxels' positions, 3-D transforms of a map, and a batch's images and displaced voxels (float32)."""
+    complex128 data, float64 weights) with one single-precision scratch pair, the reference map's padded transform
+    (complex64), two float64 real-space sums, the canonical voxels' positions, 3-D transforms of a map, and a
+    batch's images and displaced voxels (float32)."""
     P = PAD * box
     grid = P * P * (P // 2 + 1)
-    grids = 3 * 24 * grid + 12 * grid
+    grids = 3 * 24 * grid + 12 * grid + 8 * P**3
     maps = 2 * 8 * box**3 + 12 * box**3 + 4 * 16 * box**3
     batch = batch_size * (4 * 16 * box * box + 4 * 12 * min(voxel_chunk, box**3))
     return grids + maps + batch
@@ -98,53 +104,67 @@ def box_weights(bp: BackProjector) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DeformedBackProjector:
-    """Σ over images of the weighted image (CTF·F / (W + floor) at its slice, W a BackProjector's CTF² weights)
-    read at the projection of every displaced canonical voxel."""
+    """Sums over the images of one half-set on the canonical voxels, each a pair: the image weighted at its slice
+    by CTF / (W + λ) with the half-set's weights and λ (its half-map) and with both half-sets' (its share of the
+    full map), read at the projections of the displaced voxels; and the reference map's projections weighted the
+    same way, read along straight rays (the calibration)."""
 
-    def __init__(self, weights: BackProjector, apix: float, field: DisplacementField,
-                 min_weight_fraction: float = 1e-3, voxel_chunk: int = VOXEL_CHUNK):
-        self.bp, self.apix, self.field, self.chunk = weights, apix, field, voxel_chunk
-        self.box, self.device = weights.box, weights.device
+    def __init__(self, weights: list[BackProjector], half: int, lam: list[torch.Tensor | float], reference: Projector,
+                 apix: float, field: DisplacementField, min_weight_fraction: float = 1e-3,
+                 voxel_chunk: int = VOXEL_CHUNK):
+        self.mine, self.other = weights[half], weights[1 - half]
+        self.reference, self.apix, self.field, self.chunk = reference, apix, field, voxel_chunk
+        self.box, self.device = self.mine.box, self.mine.device
         n = self.box
-        self.sum = torch.zeros(n**3, dtype=torch.float64, device=self.device)
-        self.straight = torch.zeros_like(self.sum)  # the same images along undeformed rays (calibration)
+        self.sum = torch.zeros(2, n**3, dtype=torch.float64, device=self.device)
+        self.reference_sum = torch.zeros_like(self.sum)
         self.x_A = canonical_points(n, apix, self.device)
-        w, shells = weights.weight, weights.shell_index()
-        self.floor = float(min_weight_fraction * w[shells <= n // 2].mean().clamp_min(1e-30))
         c = centered_coords(n, self.device)
-        s = torch.sinc(c / n) ** 2
+        r2 = c[:, None] ** 2 + c[None, :] ** 2
+        shell = torch.round(torch.sqrt(r2)).long().clamp_max(n // 2)
+        self._lam = []   # λ per image pixel (box, box), at least the floor, for (this half-set, both)
+        for bps, lam_i in (([self.mine], lam[0]), ([self.mine, self.other], lam[1])):
+            w, shells = sum(bp.weight for bp in bps), self.mine.shell_index()
+            floor = min_weight_fraction * w[shells <= n // 2].mean().clamp_min(1e-30)
+            lam_t = torch.as_tensor(lam_i, dtype=torch.float64, device=self.device)
+            px = lam_t[shell.clamp_max(len(lam_t) - 1)] if lam_t.ndim else torch.full(r2.shape, float(lam_t))
+            self._lam.append(px.clamp(min=float(floor)).to(torch.float32))
         # the bilinear interpolation's transform, and nothing beyond Nyquist (it would alias in the 3-D grid)
-        self._kernel = torch.where(c[:, None] ** 2 + c[None, :] ** 2 <= (n // 2) ** 2, s[:, None] * s[None, :],
-                                   torch.inf)
+        s = torch.sinc(c / n) ** 2
+        self._kernel = torch.where(r2 <= (n // 2) ** 2, s[:, None] * s[None, :], torch.inf)
 
     def insert(self, F_img: torch.Tensor, ctf: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> None:
         """Add (B, box, box) centred transforms (origins undone) with their CTFs at RELION rotations ``A``
         (B, 3, 3) and latents ``z`` (B, zdim)."""
         A = A.to(self.device, torch.float32)
-        weighted = F_img.to(self.device) * ctf.to(self.device) / ((slice_weights(self.bp, A) + self.floor)
-                                                                    * self._kernel)
-        img = ifft2c(weighted).real.to(torch.float32)[:, None]
+        ctf = ctf.to(self.device)
+        w_mine = slice_weights(self.mine, A)
+        w_both = w_mine + slice_weights(self.other, A)
+        weight = torch.stack([ctf / ((w_mine + self._lam[0]) * self._kernel),
+                              ctf / ((w_both + self._lam[1]) * self._kernel)], 1)          # (B, 2, n, n)
+        img = ifft2c(F_img.to(self.device)[:, None] * weight).real.to(torch.float32)
+        ref = ifft2c((self.reference.slice(A) * ctf)[:, None] * weight).real.to(torch.float32)
         z = z.to(self.device)
         for s in range(0, len(self.x_A), self.chunk):
             x = self.x_A[s:s + self.chunk]
-            self.sum[s:s + self.chunk] += self._read(img, x + self.field(z, x).to(self.device, torch.float32), A)
-            self.straight[s:s + self.chunk] += self._read(img, x, A)
+            self.sum[:, s:s + self.chunk] += self._read(img, x + self.field(z, x).to(self.device, torch.float32), A)
+            self.reference_sum[:, s:s + self.chunk] += self._read(ref, x, A)
 
     def _read(self, img: torch.Tensor, x_A: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """Images (B, 1, n, n) read bilinearly at the projections of points ``x_A`` ((p, 3) or (B, p, 3) Å),
-        summed over the images -> (p,) float64."""
+        """Images (B, C, n, n) read bilinearly at the projections of points ``x_A`` ((p, 3) or (B, p, 3) Å),
+        summed over the images -> (C, p) float64."""
         n = self.box
         uv = x_A @ A[:, :2, :].transpose(1, 2) / self.apix                                  # (B, p, 2) px
         grid = (uv + n // 2) * (2.0 / (n - 1)) - 1.0                                         # align_corners=True
         vals = F.grid_sample(img, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=True)
-        return vals.sum(0).flatten().double()
+        return vals.sum(0)[:, 0].double()
 
-    def raw_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unfiltered canonical map and the straight-ray one (box, box, box): a sum's transform is box · pad³
-        times the map's in the dense regime (a slice point's weight is spread over pad³ padded voxels per box
-        voxel; the real-space sum along a voxel line is box times a slice's inverse transform)."""
-        n, scale = self.box, self.box * self.bp.pad**3
-        return tuple((v / scale).reshape(n, n, n).to(torch.float32) for v in (self.sum, self.straight))
+    def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sums, the reference's) as (2, box, box, box) maps: a sum's transform is box · pad³ times the
+        map's in the dense regime (a slice point's weight is spread over pad³ padded voxels per box voxel; the
+        real-space sum along a voxel line is box times a slice's inverse transform)."""
+        n, scale = self.box, self.box * self.mine.pad**3
+        return tuple((v / scale).reshape(2, n, n, n) for v in (self.sum, self.reference_sum))
 
 
 def rfft_centred(vol: torch.Tensor) -> torch.Tensor:
@@ -152,35 +172,33 @@ def rfft_centred(vol: torch.Tensor) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.rfftn(torch.fft.ifftshift(vol.double())), dim=(0, 1))
 
 
-def shell_transfer(estimate: torch.Tensor, reference: torch.Tensor, shells: torch.Tensor) -> torch.Tensor:
-    """Per shell (0 .. box // 2), the regression coefficient of ``estimate``'s transform on ``reference``'s
-    (Σ Re(E R*) / Σ |R|²); ``shells``: ``box_weights``' shell of each rfft voxel."""
-    n = reference.shape[-1]
-    e, r = rfft_centred(estimate).flatten(), rfft_centred(reference.to(estimate.device)).flatten()
+def shell_sums(values: torch.Tensor, shells: torch.Tensor, n: int) -> torch.Tensor:
+    """Σ of ``values`` (flattened rfft grid) per shell 0 .. n // 2."""
     keep = shells <= n // 2
-    num = torch.zeros(n // 2 + 1, dtype=torch.float64, device=e.device).index_add_(
-        0, shells[keep], (e[keep] * r[keep].conj()).real)
-    den = torch.zeros_like(num).index_add_(0, shells[keep], r[keep].abs() ** 2)
-    return num / den.clamp_min(1e-30)
+    return torch.zeros(n // 2 + 1, dtype=torch.float64, device=values.device).index_add_(0, shells[keep],
+                                                                                          values[keep])
 
 
-def wiener_filtered(raw: torch.Tensor, transfer: torch.Tensor, bp: BackProjector,
-                    regularisation: torch.Tensor | float = 0.0, min_weight_fraction: float = 1e-3,
-                    soft_edge_px: float = 3.0) -> torch.Tensor:
-    """``raw`` (box, box, box) times W / (W + λ) / ``transfer`` (per shell) in Fourier space (W: ``bp``'s CTF²
-    weights; λ per shell or a constant, at least ``min_weight_fraction`` of the mean weight within Nyquist, as
-    ``BackProjector.reconstruct``), zero beyond Nyquist, then its soft spherical mask."""
+def calibrated_map(raw: torch.Tensor, through: torch.Tensor, reference: torch.Tensor, weight: torch.Tensor,
+                   lam: torch.Tensor | float, shells: torch.Tensor, min_power: float = 1e-6,
+                   soft_edge_px: float = 3.0) -> torch.Tensor:
+    """The map ``raw`` divided per shell by the real-space operator's transfer: the regression of ``through``
+    (the ``reference`` map through that operator) on what the Fourier reconstruction makes of the reference,
+    reference × W / (W + λ) (``weight``, ``shells``: ``box_weights``); 1 where the reference has under
+    ``min_power`` of its largest shell power; zero beyond Nyquist, then BackProjector.reconstruct's soft mask."""
     n = raw.shape[-1]
-    w, shells = box_weights(bp)
-    floor = min_weight_fraction * w[shells <= n // 2].mean().clamp_min(1e-30)
-    lam = torch.as_tensor(regularisation, dtype=torch.float64, device=w.device)
-    lam = lam[shells.clamp_max(len(lam) - 1)] if lam.ndim else torch.full_like(w, float(lam))
-    inside = shells <= n // 2
-    gain = w / (w + lam.clamp(min=floor)) / transfer[shells.clamp_max(n // 2)]
-    ft = rfft_centred(raw.to(w.device)) * gain.masked_fill(~inside, 0).reshape(n, n, n // 2 + 1)
+    lam_t = torch.as_tensor(lam, dtype=torch.float64, device=weight.device)
+    lam_v = lam_t[shells.clamp_max(len(lam_t) - 1)] if lam_t.ndim else lam_t
+    target = rfft_centred(reference).flatten() * (weight / (weight + lam_v).clamp_min(1e-30))
+    e = rfft_centred(through).flatten()
+    num = shell_sums((e * target.conj()).real, shells, n)
+    den = shell_sums(target.abs() ** 2, shells, n)
+    transfer = torch.where(den > min_power * den.max(), num / den.clamp_min(1e-300), torch.ones_like(num))
+    ft = rfft_centred(raw).flatten() / transfer[shells.clamp_max(n // 2)]
+    ft = ft.masked_fill(shells > n // 2, 0).reshape(n, n, n // 2 + 1)
     vol = torch.fft.fftshift(torch.fft.irfftn(torch.fft.ifftshift(ft, dim=(0, 1)), s=(n, n, n)))
     if soft_edge_px > 0:
-        vol = vol * sphere_mask(n, n / 2, soft_edge_px, w.device)
+        vol = vol * sphere_mask(n, n / 2, soft_edge_px, vol.device)
     return vol.to(torch.float32)
 
 
@@ -191,7 +209,7 @@ def reconstruct_deformed(pset, latents: np.ndarray, half: np.ndarray, field: Dis
     """Corrected and homogeneous reconstructions (half-maps, full map, FSC) of the half-sets ``half`` (1 or 2
     per particle) of ``pset`` with latents ``latents`` (N, zdim) and the displacement ``field``: two passes
     over the particles in batches of ``batch_size``. ``box``, ``wiener`` and ``mask`` as
-    ``homogeneous.reconstruct_halves``."""
+    ``homogeneous.reconstruct_halves``; the corrected maps take the homogeneous reconstruction's λ."""
     lattice = Lattice(pset.box, pset.apix).cropped(box or pset.box)
     n, apix = lattice.box, lattice.apix
     prep = ImagePreparer(pset, lattice, device=device)
@@ -209,23 +227,24 @@ def reconstruct_deformed(pset, latents: np.ndarray, half: np.ndarray, field: Dis
 
     bps = [backproject_batches(stream(h, "CTF² weights and homogeneous backprojection of"), n, device, PAD)
            for h in (0, 1)]
-    raw, transfer = [], []
-    shells = box_weights(bps[0])[1]
+    both = bps[0].copy()
+    halves, full, raw_fsc = wiener_reconstruct([both, bps[1]], wiener)   # ``both`` ends holding both half-sets
+    homogeneous = _result(halves, full, mask, apix)
+    lam = [wiener_lambda(bp, wiener, raw_fsc) for bp in bps] + [wiener_lambda(both, wiener, raw_fsc, True)]
+    reference = Projector(full, PAD)
+    sums = []
     for h in (0, 1):
-        dbp = DeformedBackProjector(bps[h], apix, field, voxel_chunk=voxel_chunk)
+        dbp = DeformedBackProjector(bps, h, [lam[h], lam[2]], reference, apix, field, voxel_chunk=voxel_chunk)
         for b in stream(h, "deformed backprojection of"):
             dbp.insert(b.images_ft, b.ctf, b.rotations, z[torch.as_tensor(b.rows)])
-        deformed, straight = dbp.raw_maps()
-        raw.append(deformed)
-        transfer.append(shell_transfer(straight, bps[h].reconstruct(0.0, soft_edge_px=0.0), shells))
-    raw.append((raw[0] + raw[1]) / 2)
-    transfer.append((transfer[0] + transfer[1]) / 2)
-    halves, full, _ = wiener_reconstruct(
-        [bps[0].copy(), bps[1]], wiener,
-        reconstruct=lambda bp, which, lam: wiener_filtered(raw[which], transfer[which], bp, lam))
-    corrected = _result(halves, full, mask, apix)
-    halves, full, _ = wiener_reconstruct(bps, wiener)
-    return DeformedReconstruction(corrected, _result(halves, full, mask, apix))
+        sums.append(dbp.maps())
+    del reference
+    weights = [box_weights(bp) for bp in (bps[0], bps[1], both)]
+    maps = [calibrated_map(sums[h][0][0], sums[h][1][0], full, weights[h][0], lam[h], weights[h][1])
+            for h in (0, 1)]
+    full_raw, full_through = (sums[0][i][1] + sums[1][i][1] for i in (0, 1))
+    corrected_full = calibrated_map(full_raw, full_through, full, weights[2][0], lam[2], weights[2][1])
+    return DeformedReconstruction(_result(maps, corrected_full, mask, apix), homogeneous)
 
 
 def _result(halves: list[torch.Tensor], full: torch.Tensor, mask: torch.Tensor | None, apix: float

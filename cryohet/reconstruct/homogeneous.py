@@ -13,9 +13,6 @@ from cryohet.geometry.backproject import BackProjector
 from cryohet.geometry.lattice import Lattice
 from cryohet.reconstruct.fsc import fsc, resolution_at
 
-#: makes a map from a half-set's CTF² weights (a BackProjector), which half-set (0, 1; 2: both) and λ
-MapMaker = Callable[[BackProjector, int, "torch.Tensor | float"], torch.Tensor]
-
 
 @dataclass
 class Reconstruction:
@@ -92,29 +89,33 @@ def reconstruct_halves(pset, half: np.ndarray, batch_size: int, device: torch.de
 
 
 def wiener_reconstruct(bps: list[BackProjector], wiener: str = "auto", ssnr_scale: float = 1.0,
-                       half_maps: bool = True, reconstruct: MapMaker | None = None
-                       ) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
+                       half_maps: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
     """(half-maps, full map, FSC of the unregularised half-maps) from the two half-sets' accumulators.
 
     ``wiener``: "auto" (λ from the half-map FSC, the full map's SSNR twice a half's), "none" (plain division),
     or a number c (constant SSNR 1/c). ``ssnr_scale`` multiplies the SSNR of "auto" (RELION's T: above 1 trusts
     the data more). ``half_maps`` False skips the filtered half-maps (an empty list; two fewer transforms).
-    ``reconstruct(bp, which, λ)`` makes the map of half-set ``which`` (0, 1; 2: both, when ``bp`` holds their
-    sum) from its CTF² weights ``bp`` and λ (default ``bp.reconstruct(λ)``: the data of ``bp`` itself).
     ``bps[0]`` ends holding the sum of both half-sets.
     """
-    make = reconstruct or (lambda bp, _which, lam: bp.reconstruct(lam))
-    box = bps[0].box
-    raw_fsc = fsc(*[make(bp, i, 0.0) for i, bp in enumerate(bps)])
-    if wiener == "none":
-        halves = [make(bp, i, 0.0) for i, bp in enumerate(bps)] if half_maps else []
-        bps[0].add(bps[1])
-        return halves, make(bps[0], 2, 0.0), raw_fsc
-    ssnr = ssnr_scale * ssnr_from_fsc(raw_fsc) if wiener == "auto" else np.full(box // 2 + 1, 1 / float(wiener))
-    halves = [make(bp, i, ssnr_regularisation(bp, ssnr)) for i, bp in enumerate(bps)] if half_maps else []
+    raw_fsc = fsc(*[bp.reconstruct() for bp in bps])
+    halves = [bp.reconstruct(wiener_lambda(bp, wiener, raw_fsc, ssnr_scale=ssnr_scale)) for bp in bps] \
+        if half_maps else []
     bps[0].add(bps[1])
-    ssnr_full = 2 * ssnr if wiener == "auto" else ssnr
-    return halves, make(bps[0], 2, ssnr_regularisation(bps[0], ssnr_full)), raw_fsc
+    return halves, bps[0].reconstruct(wiener_lambda(bps[0], wiener, raw_fsc, True, ssnr_scale)), raw_fsc
+
+
+def wiener_lambda(bp: BackProjector, wiener: str, raw_fsc: np.ndarray, both_halves: bool = False,
+                  ssnr_scale: float = 1.0) -> torch.Tensor | float:
+    """λ per shell of ``bp``'s weights for ``wiener`` (as ``wiener_reconstruct``; 0 for "none"), from the FSC of
+    the unregularised half-maps ``raw_fsc``; ``both_halves``: ``bp`` holds both half-sets (the full map, whose
+    SSNR is twice a half's under "auto")."""
+    if wiener == "none":
+        return 0.0
+    if wiener == "auto":
+        ssnr = ssnr_scale * ssnr_from_fsc(raw_fsc) * (2 if both_halves else 1)
+    else:
+        ssnr = np.full(bp.box // 2 + 1, 1 / float(wiener))
+    return ssnr_regularisation(bp, ssnr)
 
 
 def random_halves(n: int, rng: np.random.Generator, existing: np.ndarray | None = None) -> np.ndarray:

@@ -36,7 +36,7 @@ class HingeField:
     point_A: np.ndarray       # (3,)
     axis: np.ndarray          # (3,)
     max_angle_deg: float
-    soft_A: float = 1.0
+    soft_A: float = 3.0
 
     _masks: dict[bytes, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
@@ -68,7 +68,7 @@ class HingeField:
         return m[None, :, None] * moved
 
 
-def hinge_field(truth: HingeTruth, soft_A: float = 1.0) -> HingeField:
+def hinge_field(truth: HingeTruth, soft_A: float = 3.0) -> HingeField:
     """The field of ``atomic_truth.hinge_truth``'s states (τ = 0 the canonical conformation) in its box."""
     centre = box_centre_A(truth.conf.box, truth.conf.apix)
     return HingeField(truth.heavy.xyz_A - centre, truth.hinge.moving, truth.hinge.point_A - centre, truth.hinge.axis,
