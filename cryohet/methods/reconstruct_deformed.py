@@ -5,19 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cryohet.methods.base import DATADIR, Method, Param
+from cryohet.methods.base import Method, Param
+from cryohet.methods.reconstruct import PARAMS as RECONSTRUCT_PARAMS
 
 PARAMS = (
     Param("run", Path, None, "Run folder of a deformation model (train-gmm, train-deform): its model (with a "
           "displacement field), its latents (.npy) and its particles STAR (rows aligned with the latents).",
           required=True, input_role="run"),
-    Param("mask", Path, None, "Optional 3-D mask (MRC, same box as the output) for the masked FSC.",
-          input_role="mask"),
-    DATADIR,
-    Param("box", int, 0, "Output box in pixels, by Fourier cropping the images (even; 0 keeps the images' box). "
-          "The output pixel size is apix × input box / box Å.", min=0),
-    Param("wiener", str, "auto", "Regularisation: auto (Wiener filter with the SSNR from the half-map FSC), none "
-          "(plain CTF-weighted division), or a number c (constant SSNR 1/c)."),
+    *(p for p in RECONSTRUCT_PARAMS if p.name in ("mask", "datadir", "box", "wiener")),
     Param("batch_size", int, 64, "Images per batch (memory: batch × voxel_chunk × 48 bytes for the displaced "
           "voxels).", min=1, expert=True),
     Param("voxel_chunk", int, 16384, "Canonical voxels whose displacements are computed at once.", min=1,
@@ -84,11 +79,11 @@ METHOD = Method(
     name="reconstruct-deformed",
     order=47,
     title="Deformation-corrected reconstruction",
-    help="The canonical map of a deformation model's run (train-gmm, train-deform): each particle's image is "
-         "backprojected along rays bent by its displacement field at its latent point, with the CTF² weights of "
-         "the homogeneous reconstruction (two passes over the particles), for two half-sets (rlnRandomSubset or "
-         "a seeded split) with a Wiener filter from their FSC; and the homogeneous reconstruction of the same "
-         "particles. Writes map.mrc, half1.mrc, half2.mrc, homogeneous.mrc, homogeneous_half1/2.mrc, "
+    help="The canonical map of a deformation model's run (train-gmm, train-deform): each particle's image, "
+         "weighted by CTF / (CTF² weights + λ) of the homogeneous reconstruction of the same particles, is "
+         "backprojected along rays bent by its displacement field at its latent point (two passes over the "
+         "particles), for two half-sets (rlnRandomSubset or a seeded split); λ is the homogeneous "
+         "reconstruction's Wiener regularisation (--wiener), made beside it. Writes map.mrc, half1.mrc, half2.mrc, homogeneous.mrc, homogeneous_half1/2.mrc, "
          "fsc_corrected.star, fsc_homogeneous.star and fsc.png (both half-map FSC curves).",
     params=PARAMS,
     outputs=("volume", "half_map", "fsc", "plot"),
