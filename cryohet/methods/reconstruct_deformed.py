@@ -83,8 +83,9 @@ METHOD = Method(
          "weighted by CTF / (CTF² weights + λ) of the homogeneous reconstruction of the same particles, is "
          "backprojected along rays bent by its displacement field at its latent point (two passes over the "
          "particles), for two half-sets (rlnRandomSubset or a seeded split); λ is the homogeneous "
-         "reconstruction's Wiener regularisation (--wiener), made beside it. Writes map.mrc, half1.mrc, half2.mrc, homogeneous.mrc, homogeneous_half1/2.mrc, "
-         "fsc_corrected.star, fsc_homogeneous.star and fsc.png (both half-map FSC curves).",
+         "reconstruction's Wiener regularisation (--wiener), made beside it. Writes map.mrc, half1.mrc, "
+         "half2.mrc, homogeneous.mrc, homogeneous_half1/2.mrc, fsc_corrected.star, fsc_homogeneous.star and "
+         "fsc.png (both half-map FSC curves).",
     params=PARAMS,
     outputs=("volume", "half_map", "fsc", "plot"),
     run=run,
