@@ -98,7 +98,7 @@ def gradient_norms(decoder: Any, reader: ImageReader, prep: ImagePreparer, devic
         data = ((pred - y) ** 2).sum(-1).mean()
         num += float(torch.autograd.grad(data, v, retain_graph=True)[0].norm())
         den += float(torch.autograd.grad(penalty, v)[0].norm())
-        total, batches = total + float(data), batches + 1
+        total, batches = total + float(data.detach()), batches + 1
     return num, den, total / max(batches, 1)
 
 

@@ -5,10 +5,11 @@ canonical points moved by a Zernike3D or flow field, their amplitudes learned to
 
     data + λ_rigid · rigidity + λ_amp · drift + kl_weight · KL
 
-* rigidity (3DFlex's regulariser, as-rigid-as-possible): the mean over images and over a fixed subset of the
-  canonical points (at most ``REG_POINTS``) of ‖JᵀJ − I‖²_F, J = I + ∇d the local Jacobian of the deformation,
-  ∇d by central differences of step ``grid_A`` (the points' spacing): zero for any rotation and translation of
-  the neighbourhood, so domains may move rigidly while the field is kept from stretching, shearing or folding.
+* rigidity (3DFlex's regulariser, as-rigid-as-possible): the mean over images and over ``REG_POINTS`` canonical
+  points drawn per batch (from the batch's latent noise, so that a resumed run retraces) of ‖JᵀJ − I‖²_F,
+  J = I + ∇d the local Jacobian of the deformation, ∇d by central differences of step ``grid_A`` (the points'
+  spacing): zero for any rotation and translation of the neighbourhood, so domains may move rigidly while the
+  field is kept from stretching, shearing or folding.
 * drift: ‖w − w0‖² / ‖w0‖² of the canonical amplitudes w against their fit to the consensus w0, so the
   canonical map is refined without wandering off to absorb the motion.
 
@@ -26,7 +27,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cryohet.data.prepare import ImagePreparer
@@ -38,8 +38,8 @@ from cryohet.models.deformed_map import DeformedMap
 
 #: RMS (Å) of the random Zernike3D deformation at which the rigidity weight is calibrated
 CALIBRATION_RMS_A = 1.0
-#: canonical points at which the rigidity is evaluated per batch (an even subset of them)
-REG_POINTS = 512
+#: canonical points at which the rigidity is evaluated per batch
+REG_POINTS = 128
 
 
 def field_jacobian(field: Any, z: torch.Tensor | None, x_A: torch.Tensor, step_A: float) -> torch.Tensor:
@@ -58,9 +58,9 @@ def rigidity(grad_d: torch.Tensor) -> torch.Tensor:
     return ((j.transpose(-1, -2) @ j - eye) ** 2).sum((-1, -2)).mean()
 
 
-def reg_points(n: int) -> torch.Tensor:
-    """Indices of the canonical points where the rigidity is evaluated: all, or ``REG_POINTS`` evenly spread."""
-    return torch.as_tensor(np.unique(np.linspace(0, n - 1, min(n, REG_POINTS)).round().astype(np.int64)))
+def reg_points(n: int, seed: int) -> torch.Tensor:
+    """Indices of ``REG_POINTS`` of ``n`` canonical points (all when fewer) drawn from ``seed``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:REG_POINTS]
 
 
 class DeformAmortised(RestrainedAmortised):
@@ -73,11 +73,15 @@ class DeformAmortised(RestrainedAmortised):
     def __init__(self, decoder: DeformedMap, weights: tuple[float, float], points: Any, settings: dict[str, Any],
                  beta: float):
         super().__init__(decoder, None, weights, points, settings, beta)
-        self.register_buffer("reg_index", reg_points(len(decoder.atoms)), persistent=False)
+
+    def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the trainer draws eps from (seed, epoch, step): the points of the rigidity term follow it
+        self._reg_seed = int(eps.detach().double().abs().sum().mul(1e6).item()) % (2 ** 31)
+        return super().forward(d, eps)
 
     def penalties(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dec = self.decoder
-        x = dec.rel0_A[self.reg_index]
+        x = dec.rel0_A[reg_points(len(dec.atoms), self._reg_seed).to(z.device)]
         rigid = rigidity(field_jacobian(dec.displacement_field, z.float(), x, dec.grid_A))
         drift = ((dec.weight - dec.amplitude0) ** 2).sum() / (dec.amplitude0 ** 2).sum()
         return rigid, drift
@@ -92,7 +96,7 @@ def calibrate_deform(decoder: DeformedMap, reader: ImageReader, prep: ImagePrepa
     radius = float(decoder.rel0_A.norm(dim=1).max()) + decoder.grid_A
     degrees = basis_degrees(3, 2)
     basis = zernike3d_basis(decoder.rel0_A / radius, degrees)                          # (P, K)
-    x_reg = decoder.rel0_A[reg_points(len(decoder.atoms)).to(device)]
+    x_reg = decoder.rel0_A[reg_points(len(decoder.atoms), seed).to(device)]
 
     def perturb(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = torch.randn((n, 3, len(degrees)), generator=g).to(device)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from cryohet.geometry.zernike3d import basis_degrees, zernike3d_basis
 from cryohet.models.neural import ResidMLP, init_linear
@@ -102,9 +103,11 @@ class FlowField(nn.Module):
 
     def forward(self, z: torch.Tensor, x_A: torch.Tensor) -> torch.Tensor:
         feats = self.encode(x_A)
-        b, p = len(z), len(feats)
-        inp = torch.cat([feats.expand(b, p, -1), z.to(feats.dtype)[:, None, :].expand(b, p, -1)], -1)
-        return self.mlp(inp).float() * (self.radius_A / OUTPUT_FRACTION)
+        # the first layer on (features, z) as the sum of its parts: (P, h) + (B, 1, h), not a (B, P, ·) input
+        w, nf = self.mlp.first.weight, feats.shape[1]
+        h = (F.linear(feats.to(w.dtype), w[:, :nf], self.mlp.first.bias)
+             + F.linear(z.to(w.dtype), w[:, nf:])[:, None, :])
+        return self.mlp.body(h).float() * (self.radius_A / OUTPUT_FRACTION)
 
     def architecture(self) -> dict[str, Any]:
         return {"field": self.kind, "zdim": self.zdim, "radius_A": self.radius_A, "n_freq": self.n_freq,
