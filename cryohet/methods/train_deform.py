@@ -100,6 +100,9 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                  "relative residual %.4f after %d iterations", len(canon.atoms), grid_A, res_A, canon.fit.residual,
                  canon.fit.iterations)
     radius = params["radius_A"] or canon.radius_A
+    if params["field"] == "zernike" and radius < canon.radius_A - grid_A:
+        ctx.log.warning("--radius_A %g Å: canonical points up to %.1f Å from the box centre lie outside the "
+                        "Zernike3D sphere and will not move", radius, canon.radius_A - grid_A)
     common = dict(zdim=params["zdim"], radius_A=radius, seed=params["seed"])
     field = (ZernikeField(l1=params["l1"], l2=params["l2"], hidden=params["zernike_dim"], **common)
              if params["field"] == "zernike" else
