@@ -192,6 +192,18 @@ def write_volume_series(model: VolumeModel, z: np.ndarray, folder: str | Path, p
     return VolumeSeries(files, z, float(model.apix), float(np.median(levels)))
 
 
+def write_series(ctx: Any, model: VolumeModel, z: np.ndarray, name: str, label: str, batch: int = 1,
+                 per_map: dict[str, list[Any]] | None = None, title: str = "cryohet", **meta: Any) -> VolumeSeries:
+    """Write maps at ``z`` into ``<out>/<name>/vol_XXX.mrc`` with a ChimeraX script, and register both with
+    ``ctx`` (a RunContext; the maps as the volume series ``name``, see ``VolumeSeries.register``)."""
+    folder = Path(ctx.out_dir) / name
+    series = write_volume_series(model, z, folder, progress=ctx.progress, desc=f"maps {name}", batch=batch)
+    series.register(ctx, name, label, per_map, **meta)
+    cxc = write_chimerax_script(folder / f"{name}.cxc", series.files, series.level, title=f"{title}: {label}")
+    ctx.add("chimerax", cxc, f"ChimeraX: {label}", series=name, n_maps=len(series.files))
+    return series
+
+
 # ---------------------------------------------------------------------------------------------------
 # ChimeraX
 

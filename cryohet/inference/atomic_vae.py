@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +43,63 @@ TERMS = ("data", "elastic", "clash")
 
 
 class RestrainedAmortised(AmortisedInference):
-    """Encoder + atomic decoder trained on the ELBO plus the restraints; ``weights`` (λ_en, λ_clash) absolute."""
+    """Encoder + atomic decoder trained on the ELBO plus the restraints; ``weights`` (λ_en, λ_clash) absolute.
+
+    Subclasses with other penalties set ``TERMS`` (``"data"`` then one name per penalty, ``weights`` in that
+    order) and override ``penalties``."""
 
     kind = "amortised-atomic"
+    TERMS: tuple[str, ...] = TERMS
 
-    def __init__(self, decoder: AtomicDecoder, restraints: Restraints, weights: tuple[float, float],
-                 points: Any, settings: dict[str, Any], beta: float):
+    def __init__(self, decoder: Any, restraints: Any, weights: tuple[float, ...], points: Any,
+                 settings: dict[str, Any], beta: float):
         super().__init__(None, points, settings, beta, decoder=decoder)
         self.restraints = restraints
         self.register_buffer("restraint_weight", torch.tensor(weights, dtype=torch.float32))
-        self.tally = torch.zeros(len(TERMS) + 1, dtype=torch.float64)  # sums per image of each term, images
+        self.tally = torch.zeros(len(self.TERMS) + 1, dtype=torch.float64)  # sums per image of each term, images
+
+    def penalties(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The penalties (elastic, clash) of the models decoded at latents ``z``."""
+        return tuple(self.restraints(self.decoder.positions(z)))
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(d["enc"])
         data, kld = gaussian_elbo(self.decoder, self.kxy, d["rot"], d["y"], d["ctf"], mu, logvar, eps)
         z = mu.float() + eps * torch.exp(0.5 * logvar.float())  # the z gaussian_elbo decoded
-        elastic, clash = self.restraints(self.decoder.positions(z))
+        terms = self.penalties(z)
         if self.training:
-            vals = torch.stack([data.detach(), elastic.detach(), clash.detach()]).double().cpu()
+            vals = torch.stack([data.detach(), *(t.detach() for t in terms)]).double().cpu()
             self.tally += torch.cat([vals * len(z), torch.tensor([float(len(z))], dtype=torch.float64)])
-        w = self.restraint_weight
-        return data + w[0] * elastic + w[1] * clash, kld
+        return data + sum(w * t for w, t in zip(self.restraint_weight, terms, strict=True)), kld
 
     def epoch_terms(self) -> dict[str, float]:
         """The mean of each term over the images since the last call (data: MSE; restraints: Å²), for the
         trainer's history of the epoch."""
         t, self.tally = self.tally, torch.zeros_like(self.tally)
         n = max(float(t[-1]), 1.0)
-        return {name: float(t[i]) / n for i, name in enumerate(TERMS)}
+        return {name: float(t[i]) / n for i, name in enumerate(self.TERMS)}
+
+
+def gradient_norms(decoder: Any, reader: ImageReader, prep: ImagePreparer, device: torch.device,
+                   perturb: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_sample: int = 256,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """DynaMight's calibration: (Σ ‖∇data‖, Σ ‖∇penalty‖, the mean data term) over a fixed sample of prepared
+    images, both gradients with respect to the variable ``v`` of ``perturb(n) -> (v, positions, penalty)`` (``v`` a
+    leaf requiring grad, ``positions`` (n, N, 3) Å the decoder's atoms as a function of it, ``penalty`` a scalar
+    function of it)."""
+    kxy = prep.points.kxy.to(device)
+    decoder.to(device)
+    num = den = total = 0.0
+    batches = 0
+    for b in prepared_sample(reader, prep, n_sample, seed, 0xCA1):
+        y = torch.view_as_real(b.images_ft).to(device)
+        v, pos, penalty = perturb(len(b.rows))
+        pred = decoder.slices_at(b.rotations.to(device), pos, kxy) * b.ctf.to(device)[..., None]
+        data = ((pred - y) ** 2).sum(-1).mean()
+        num += float(torch.autograd.grad(data, v, retain_graph=True)[0].norm())
+        den += float(torch.autograd.grad(penalty, v)[0].norm())
+        total, batches = total + float(data.detach()), batches + 1
+    return num, den, total / max(batches, 1)
 
 
 def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: ImageReader, prep: ImagePreparer,
@@ -77,17 +107,13 @@ def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: Im
     """‖∇data‖ / ‖∇elastic‖ with respect to the residue positions (DynaMight's calibration), at the reference
     displaced at random by ``CALIBRATION_RMS_A`` Å RMS, summed over a fixed sample of prepared images."""
     g = torch.Generator().manual_seed(seed)
-    kxy = prep.points.kxy.to(device)
-    decoder.to(device)
-    num = den = 0.0
-    for b in prepared_sample(reader, prep, n_sample, seed, 0xCA1):
-        y = torch.view_as_real(b.images_ft).to(device)
-        noise = torch.randn((len(b.rows), *decoder.rel0_A.shape), generator=g) * CALIBRATION_RMS_A / np.sqrt(3)
+
+    def perturb(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        noise = torch.randn((n, *decoder.rel0_A.shape), generator=g) * CALIBRATION_RMS_A / np.sqrt(3)
         pos = (decoder.rel0_A + noise.to(device)).requires_grad_(True)
-        pred = decoder.slices_at(b.rotations.to(device), pos, kxy) * b.ctf.to(device)[..., None]
-        data = ((pred - y) ** 2).sum(-1).mean()
-        num += float(torch.autograd.grad(data, pos)[0].norm())
-        den += float(torch.autograd.grad(restraints.elastic(pos), pos)[0].norm())
+        return pos, pos, restraints.elastic(pos)
+
+    num, den, _ = gradient_norms(decoder, reader, prep, device, perturb, n_sample, seed)
     if not (num > 0 and den > 0):
         raise ValueError("the restraint weights cannot be calibrated: the data or the elastic network has no "
                          "gradient (no springs within the cutoff?)")
@@ -116,19 +142,26 @@ def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[fl
                        CALIBRATION_RMS_A)
     weights = (factors[0] * calib, factors[1] * calib)
     objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta)
+    result, terms = train_restrained(objective, reader, prep, opts, out_dir, device, hooks, meta, ckpt)
+    hooks.log.info("restraint weights: elastic %.4g, clash %.4g", *objective.restraint_weight.tolist())
+    return objective, result, terms
 
+
+def train_restrained(objective: RestrainedAmortised, reader: ImageReader, prep: ImagePreparer, opts: TrainOptions,
+                     out_dir: Path, device: torch.device, hooks: Hooks, meta: dict[str, str], ckpt: Any
+                     ) -> tuple[TrainResult, list[dict[str, float]]]:
+    """Train ``objective`` with the shared trainer from ``ckpt`` (None: from the start), writing its terms per
+    epoch to ``HISTORY_NAME``; returns the trainer's result and the per-epoch terms."""
     def write_terms(epoch: int, history: list[dict[str, float]]) -> None:
         with atomic_path(out_dir / HISTORY_NAME) as tmp:
-            tmp.write_text(json.dumps(restraint_terms(history), indent=1))
+            tmp.write_text(json.dumps(restraint_terms(history, objective.TERMS), indent=1))
 
     trainer = Trainer(objective, reader, prep, opts, out_dir, device, Dist(),
                       dataclasses.replace(hooks, on_epoch_end=write_terms), meta)
     result = trainer.fit(ckpt)  # a checkpoint's state holds the absolute weights it was trained with
-    hooks.log.info("restraint weights: elastic %.4g, clash %.4g", *objective.restraint_weight.tolist())
-    return objective, result, restraint_terms(result.history)
+    return result, restraint_terms(result.history, objective.TERMS)
 
 
-def restraint_terms(history: list[dict[str, float]]) -> list[dict[str, float]]:
-    """The epoch, data term and each restraint of every epoch of the trainer's ``history``."""
-    return [{"epoch": h["epoch"], **{k: h[k] for k in TERMS}} for h in history]
-
+def restraint_terms(history: list[dict[str, float]], names: tuple[str, ...] = TERMS) -> list[dict[str, float]]:
+    """The epoch and each term ``names`` of every epoch of the trainer's ``history``."""
+    return [{"epoch": h["epoch"], **{k: h[k] for k in names}} for h in history]

@@ -8,10 +8,12 @@ import numpy as np
 
 from cryohet.analysis import latent
 from cryohet.analysis.runs import load_latents, particles_star_path
-from cryohet.analysis.volumes import VolumeSeries, write_chimerax_script, write_volume_series
+from cryohet.analysis.volumes import write_series
 from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
 from cryohet.methods.base import Method, Param
+
+TITLE = "cryohet analyze"  # of its ChimeraX scripts
 
 PARAMS = (
     Param("run", Path, None, "Run folder of a heterogeneity method (its latents and model of the volumes).",
@@ -35,17 +37,6 @@ PARAMS = (
           expert=True),
     Param("batch", int, 1, "Maps computed per model call (memory: batch·box³·4 bytes).", min=1, expert=True),
 )
-
-
-def _series(ctx: Any, model: Any, z: np.ndarray, name: str, label: str, batch: int,
-            per_map: dict[str, list[Any]] | None = None, **meta: Any) -> VolumeSeries:
-    """Write maps at ``z`` into ``<out>/<name>/vol_XXX.mrc`` with a ChimeraX script; register them."""
-    folder = ctx.out_dir / name
-    series = write_volume_series(model, z, folder, progress=ctx.progress, desc=f"maps {name}", batch=batch)
-    series.register(ctx, name, label, per_map, **meta)
-    cxc = write_chimerax_script(folder / f"{name}.cxc", series.files, series.level, title=f"cryohet analyze: {label}")
-    ctx.add("chimerax", cxc, f"ChimeraX: {label}", series=name, n_maps=len(series.files))
-    return series
 
 
 def _write_classes(ctx: Any, run_dir: Path, labels: np.ndarray, k: int, name: str) -> None:
@@ -153,8 +144,9 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                                centers=emb[km.center_indices], xlabel="UMAP1", ylabel="UMAP2",
                                                title=f"k-means (K={k}) on UMAP"), f"k-means (K={k}) on UMAP")
         if model is not None:
-            _series(ctx, model, km.centers, name, f"map at a k-means centre (K={k})", params["batch"],
-                    per_map={"cluster": list(range(k)), "particle_index": km.center_indices.tolist()}, k=k)
+            write_series(ctx, model, km.centers, name, f"map at a k-means centre (K={k})", params["batch"],
+                         per_map={"cluster": list(range(k)), "particle_index": km.center_indices.tolist()},
+                         title=TITLE, k=k)
 
     # PC traversals
     for i in range(min(params["pcs"], d)):
@@ -174,7 +166,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                                  f"{params['pc_high_pct']:g}th percentile)"),
                 f"{name} traversal on PCA")
         if model is not None:
-            _series(ctx, model, pts, name, f"map along {pc_lab[i]}", params["batch"], per_map, pc=i + 1)
+            write_series(ctx, model, pts, name, f"map along {pc_lab[i]}", params["batch"], per_map, title=TITLE,
+                         pc=i + 1)
     if params["pcs"] > d:
         ctx.log.info("only %d PC(s) exist; traversed %d", d, d)
 
