@@ -24,7 +24,7 @@ RECORD_NAME = "cryohet_run.json"
 #: Output kinds a run record may hold; both hosts map them onto their own types.
 OUTPUT_KINDS = (
     "volume",          # one map (MRC)
-    "half_map",        # one of two half-set maps (MRC)
+    "half_map",        # one of two half-set maps (MRC); meta "of": the volume output they are halves of
     "volume_series",   # several maps along a motion or at cluster centres (MRC each)
     "mask",            # a 3-D mask (MRC)
     "local_resolution",  # local resolution per voxel, Å (MRC)

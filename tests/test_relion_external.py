@@ -17,7 +17,9 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
+import torch
 
+from cryohet.reconstruct.fsc import fsc
 from cryohet.record import read_record
 from cryohet.relion_external import (
     ABORT_NOW,
@@ -383,6 +385,32 @@ def test_fit_modes_job_on_an_nma_job(project, simulated_job):
     np.testing.assert_allclose(star[["cryohetZ1", "cryohetZ2"]].to_numpy(), amplitudes, rtol=1e-5, atol=1e-6)
     vol = _relion_reconstruct(project, f"{job}particles.star", "fit_modes_rec.mrc")
     assert vol.shape == (32, 32, 32) and np.isfinite(vol).all()
+
+
+def test_train_deform_and_reconstruct_deformed_jobs(project, simulated_job):
+    """train-deform takes RELION's own reconstruction of the particles as its consensus (the 3-D reference input);
+    reconstruct-deformed takes that job's folder as its run: corrected and homogeneous maps and half-maps are map
+    nodes, and its homogeneous map is relion_reconstruct's of the same particles."""
+    particles = f"{simulated_job}particles.star"
+    consensus = _relion_reconstruct(project, particles, "deform_consensus.mrc")
+    job = _add_external(project, {"method": "train-deform", "field": "flow", "zdim": "2", "epochs": "2",
+                                  "n_maps": "3", "n_clusters": "0"},
+                        inputs={"in_part": particles, "in_3dref": "deform_consensus.mrc"})
+    _run_job(project, job)
+    assert _status(project, job) == PROC_FINISHED, (project / job / "run.err").read_text()
+    nodes = _nodes(project)
+    assert nodes[f"{job}particles.star"] == 3 and nodes[f"{job}canonical_map.mrc"] == 6
+    assert len([n for n in nodes if n.startswith(f"{job}pc1/")]) == 3
+    rd = _add_external(project, {"method": "reconstruct-deformed", "run": job})
+    _run_job(project, rd)
+    assert _status(project, rd) == PROC_FINISHED, (project / rd / "run.err").read_text()
+    nodes = _nodes(project)
+    assert nodes[f"{rd}map.mrc"] == 6 and nodes[f"{rd}homogeneous.mrc"] == 6
+    assert nodes[f"{rd}half1.mrc"] == 10 and nodes[f"{rd}homogeneous_half2.mrc"] == 10
+    with mrcfile.open(project / rd / "homogeneous.mrc") as m:
+        ours = torch.as_tensor(m.data.astype(np.float32))
+    curve = fsc(ours, torch.as_tensor(consensus.astype(np.float32)))
+    assert curve[1:int(32 * 3.0 / 16.0) + 1].min() > 0.9  # the same map to 16 Å
 
 
 def test_bad_input_fails_with_reason_in_run_err(project, simulated_job):

@@ -66,10 +66,12 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     src = str(inputs.run_dir)
     ctx.add("volume", "map.mrc", "deformation-corrected canonical map", apix=apix, resolution_A=res["corrected"],
             source_run=src)
-    ctx.add("half_map", "half1.mrc", "deformation-corrected half-map 1", apix=apix)
-    ctx.add("half_map", "half2.mrc", "deformation-corrected half-map 2", apix=apix)
+    ctx.add("half_map", "half1.mrc", "deformation-corrected half-map 1", apix=apix, of="map.mrc")
+    ctx.add("half_map", "half2.mrc", "deformation-corrected half-map 2", apix=apix, of="map.mrc")
     ctx.add("volume", "homogeneous.mrc", "homogeneous reconstruction of the same particles", apix=apix,
             resolution_A=res["homogeneous"])
+    for k in (1, 2):
+        ctx.add("half_map", f"homogeneous_half{k}.mrc", f"homogeneous half-map {k}", apix=apix, of="homogeneous.mrc")
     ctx.add("fsc", stars["corrected"], "half-map FSC, deformation-corrected", resolution_A=res["corrected"])
     ctx.add("fsc", stars["homogeneous"], "half-map FSC, homogeneous", resolution_A=res["homogeneous"])
     ctx.add("plot", png, "half-map FSC: deformation-corrected and homogeneous")

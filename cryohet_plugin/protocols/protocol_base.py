@@ -365,13 +365,15 @@ class ProtCryohetBase(EMProtocol, ProtFlexBase):
 
     def _volumeSet(self, outs: list[dict], sampling: float | None, suffix: str, halves: list[dict] = (),
                    cls=Volume):
-        """A SetOfVolumes of ``outs``; a map whose meta ``body`` matches two ``halves`` gets them as half-maps."""
+        """A SetOfVolumes of ``outs``; a map gets as half-maps the two ``halves`` whose meta ``of`` names its path
+        or whose meta ``body`` is its own."""
         vset = self._createSetOfVolumes(suffix)
         first = None
         for out in outs:
             vol = self._newVolume(cls, out, sampling)
             body = out.get("meta", {}).get("body")
-            pair = [h["file"] for h in halves if body is not None and h.get("meta", {}).get("body") == body]
+            pair = [h["file"] for h in halves if h.get("meta", {}).get("of") == out["path"]
+                    or (body is not None and h.get("meta", {}).get("body") == body)]
             if len(pair) == 2:
                 vol.setHalfMaps(pair)
             first = first or vol.getSamplingRate()
