@@ -79,7 +79,10 @@ def run(name: str, roles: dict[str, str], wanted: dict[str, Any], run_dir: Path)
         return None, f"this cryohet has no method {name!r} (yet)", float("nan")
     values = values_for(method, dict(roles), wanted)
     t0 = time.perf_counter()
-    run_method(method, values, run_dir, command=["bench_deform.py", name])
+    try:
+        run_method(method, values, run_dir, command=["bench_deform.py", name])
+    except Exception as exc:  # a method under development must not take the other methods' results down
+        return None, f"FAILED: {type(exc).__name__}: {exc}", float("nan")
     seconds = time.perf_counter() - t0
     print(f"  {name} {values.get('field', '')}: {seconds:.0f} s", flush=True)
     return run_dir, "", seconds
@@ -112,7 +115,7 @@ def half_map_resolution(run_dir: Path) -> float:
 
 
 def map_output(run_dir: Path) -> Path:
-    """The run's first ``volume`` output (the full map)."""
+    """The run's first ``volume`` output (reconstruct's and reconstruct-deformed's full map)."""
     return run_dir / read_record(run_dir).of_kind("volume")[0].path
 
 
@@ -234,7 +237,7 @@ def main() -> None:
                     help="dataset:SNR pairs (datasets: hinge, two-part, interpolation)")
     ap.add_argument("--box", type=int, default=48, help="image box, pixels (128 Å field of view)")
     ap.add_argument("--n", type=int, default=2000, help="particles per dataset")
-    ap.add_argument("--epochs", type=int, default=8, help="epochs of every trained method")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs of every trained method")
     ap.add_argument("--zdim", type=int, default=2, help="latent dimension of every trained method")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -248,6 +251,17 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.runs, a.box, a.n, a.epochs = ["hinge:1"], 32, 300, 2
+    t_start = time.perf_counter()
+    scores, recs, skipped = [], [], []
+    for spec in a.runs:
+        name, snr = spec.split(":")
+        bench_dataset(dataset(name, float(snr), a), f"{name} SNR {float(snr):g}", a, scores, recs, skipped)
+    report(a, scores, recs, skipped, time.perf_counter() - t_start)
+
+
+def bench_dataset(ds: BenchmarkDataset, tag: str, a: argparse.Namespace, scores: list, recs: list,
+                  skipped: list[str]) -> None:
+    """Every method on ``ds``; appends the rows of the two tables and the skipped methods' reasons."""
     common = {"threads": a.threads, "device": a.device, "overwrite": True, "epochs": a.epochs, "zdim": a.zdim,
               "seed": 0}
     # label: (method, its own values, whether it is given the consensus map, i.e. reconstruct's map)
@@ -258,49 +272,44 @@ def main() -> None:
         "train-deform zernike": ("train-deform", {"field": "zernike"}, True),
         "train-deform flow": ("train-deform", {"field": "flow"}, True),
     }
-    scores, recs, skipped = [], [], []
-    t_start = time.perf_counter()
-    for spec in a.runs:
-        name, snr = spec.split(":")
-        ds = dataset(name, float(snr), a)
-        tag = f"{name} SNR {float(snr):g}"
-        print(f"{tag}: {ds.n_particles} particles, box {ds.box}, {ds.apix:.3g} Å/px", flush=True)
-        base = a.out / f"{ds.root.name}_runs"
-        rec_dir, _, _ = run("reconstruct", {"particles": str(ds.particles_star)}, common, base / "reconstruct")
-        homog = score(ds, None, ParticleVolumes.from_labels([map_output(rec_dir)], np.zeros(ds.n_particles, int)),
-                      label="homogeneous")["summary"]["fsc_auc"]
-        rec_true = best_true_match(map_output(rec_dir), ds)
-        scores.append((tag, "truth (ceiling)", score_true_answer(ds)["summary"], homog, *[float("nan")] * 3))
-        particles = {"particles": str(ds.particles_star)}
-        consensus = {**particles, "volume": str(map_output(rec_dir))}
-        vae_epoch = float("nan")
-        for label, (method, extra, with_map) in trained.items():
-            run_dir, why, seconds = run(method, consensus if with_map else particles, {**common, **extra},
-                               base / label.replace(" ", "_"))
-            if run_dir is None:
-                skipped.append(f"{tag}: {label} skipped: {why}")
-                print("  " + skipped[-1], flush=True)
+
+    def skip(what: str, why: str) -> None:
+        skipped.append(f"{tag}: {what} skipped: {why}")
+        print("  " + skipped[-1], flush=True)
+
+    print(f"{tag}: {ds.n_particles} particles, box {ds.box}, {ds.apix:.3g} Å/px", flush=True)
+    base = a.out / f"{ds.root.name}_runs"
+    particles = {"particles": str(ds.particles_star)}
+    rec_dir, _, _ = run("reconstruct", particles, common, base / "reconstruct")
+    homog = score(ds, None, ParticleVolumes.from_labels([map_output(rec_dir)], np.zeros(ds.n_particles, int)),
+                  label="homogeneous")["summary"]["fsc_auc"]
+    rec_true, rec_half = best_true_match(map_output(rec_dir), ds), half_map_resolution(rec_dir)
+    nan = float("nan")
+    scores.append((tag, "truth (ceiling)", score_true_answer(ds)["summary"], homog, nan, nan, nan))
+    consensus = {**particles, "volume": str(map_output(rec_dir))}
+    vae_epoch = nan
+    for label, (method, extra, with_map) in trained.items():
+        run_dir, why, seconds = run(method, consensus if with_map else particles, {**common, **extra},
+                                    base / label.replace(" ", "_"))
+        if run_dir is None:
+            skip(label, why)
+            continue
+        t = per_epoch(run_dir)
+        vae_epoch = t if label == "train-vae" else vae_epoch
+        scores.append((tag, label, score_run(run_dir, ds.root)["summary"], homog, seconds, t, t / vae_epoch))
+        if method in ("train-gmm", "train-deform"):
+            fixed, why, _ = run("reconstruct-deformed", {"run": str(run_dir)}, common,
+                                base / f"{label.replace(' ', '_')}_corrected")
+            if fixed is None:
+                skip(f"reconstruct-deformed of {label}", why)
                 continue
-            s = score_run(run_dir, ds.root)["summary"]
-            t = per_epoch(run_dir)
-            vae_epoch = t if label == "train-vae" else vae_epoch
-            scores.append((tag, label, s, homog, seconds, t, t / vae_epoch))
-            if method in ("train-gmm", "train-deform"):
-                dd, why, _ = run("reconstruct-deformed", {"run": str(run_dir), "particles": str(ds.particles_star)},
-                              common, base / f"{label.replace(' ', '_')}_corrected")
-                if dd is None:
-                    skipped.append(f"{tag}: reconstruct-deformed of {label} skipped: {why}")
-                    print("  " + skipped[-1], flush=True)
-                    continue
-                recs.append((tag, label, best_true_match(map_output(dd), ds), half_map_resolution(dd), rec_true,
-                             half_map_resolution(rec_dir)))
-        s, seconds, t, why = run_cryosphere(ds, a)
-        if s is None:
-            skipped.append(f"{tag}: cryoSPHERE skipped: {why}")
-            print("  " + skipped[-1], flush=True)
-        else:
-            scores.append((tag, "cryoSPHERE (CPU shim)", s, homog, seconds, t, t / vae_epoch))
-    report(a, scores, recs, skipped, time.perf_counter() - t_start)
+            recs.append((tag, label, best_true_match(map_output(fixed), ds), half_map_resolution(fixed), rec_true,
+                         rec_half))
+    s, seconds, t, why = run_cryosphere(ds, a)
+    if s is None:
+        skip("cryoSPHERE", why)
+    else:
+        scores.append((tag, "cryoSPHERE (CPU shim)", s, homog, seconds, t, t / vae_epoch))
 
 
 def report(a: argparse.Namespace, scores: list, recs: list, skipped: list[str], seconds: float) -> None:
