@@ -2,7 +2,7 @@
 principal-volumes and cryoSPHERE (the PyPI peer) on the same simulated motions, and reconstruct-deformed against
 reconstruct.
 
-    .venv/bin/python bench/bench_deform.py --out /tmp/bench_deform            # full CPU run (~25 min)
+    .venv/bin/python bench/bench_deform.py --out /tmp/bench_deform            # full CPU run (~25 min idle, estimated)
     .venv/bin/python bench/bench_deform.py --out /tmp/bench_deform --quick    # smoke run (a few minutes)
 
 Data: ``cryohet.validation.datasets.make_dataset`` (the simulator's hinge, two-part and interpolation motions of the
@@ -236,8 +236,8 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=["hinge:0.1", "two-part:0.1", "interpolation:0.1", "hinge:1"],
                     help="dataset:SNR pairs (datasets: hinge, two-part, interpolation)")
     ap.add_argument("--box", type=int, default=48, help="image box, pixels (128 Å field of view)")
-    ap.add_argument("--n", type=int, default=2000, help="particles per dataset")
-    ap.add_argument("--epochs", type=int, default=6, help="epochs of every trained method")
+    ap.add_argument("--n", type=int, default=1500, help="particles per dataset")
+    ap.add_argument("--epochs", type=int, default=5, help="epochs of every trained method")
     ap.add_argument("--zdim", type=int, default=2, help="latent dimension of every trained method")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
