@@ -33,7 +33,7 @@ from cryohet.inference.atomic_restraints import Restraints
 from cryohet.inference.elbo import gaussian_elbo
 from cryohet.inference.trainer import Hooks, Trainer, TrainOptions, TrainResult, resume_point
 from cryohet.io.reader import ImageReader
-from cryohet.models.atomic_decoder import AtomicDecoder
+from cryohet.models.atomic_decoder import MLPDisplacedAtoms
 
 #: RMS (Å) of the random displacements of the reference at which the restraint weights are calibrated.
 CALIBRATION_RMS_A = 1.0
@@ -46,7 +46,7 @@ class RestrainedAmortised(AmortisedInference):
 
     kind = "amortised-atomic"
 
-    def __init__(self, decoder: AtomicDecoder, restraints: Restraints, weights: tuple[float, float],
+    def __init__(self, decoder: MLPDisplacedAtoms, restraints: Restraints, weights: tuple[float, float],
                  points: Any, settings: dict[str, Any], beta: float):
         super().__init__(None, points, settings, beta, decoder=decoder)
         self.restraints = restraints
@@ -72,7 +72,7 @@ class RestrainedAmortised(AmortisedInference):
         return {name: float(t[i]) / n for i, name in enumerate(TERMS)}
 
 
-def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: ImageReader, prep: ImagePreparer,
+def calibrate_weights(decoder: MLPDisplacedAtoms, restraints: Restraints, reader: ImageReader, prep: ImagePreparer,
                       device: torch.device, n_sample: int = 256, seed: int = 0) -> float:
     """‖∇data‖ / ‖∇elastic‖ with respect to the residue positions (DynaMight's calibration), at the reference
     displaced at random by ``CALIBRATION_RMS_A`` Å RMS, summed over a fixed sample of prepared images."""
@@ -94,7 +94,7 @@ def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: Im
     return num / den
 
 
-def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
+def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
                prep: ImagePreparer, opts: TrainOptions, enc_layers: int, enc_dim: int, beta: float,
                out_dir: str | Path, device: torch.device, hooks: Hooks, resume: bool = False
                ) -> tuple[RestrainedAmortised, TrainResult, list[dict[str, float]]]:
