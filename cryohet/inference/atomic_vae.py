@@ -1,7 +1,8 @@
 """Training an atomic decoder on the images (CryoSTAR's first stage): the ELBO plus structural restraints.
 
-The encoder of ``amortised.AmortisedInference`` gives q(z | image); the decoder is ``models.atomic_decoder``'s
-(residues displaced by an MLP of z, rendered as Gaussians). The loss per batch is
+The encoder of ``amortised.AmortisedInference`` gives q(z | image); the decoder is any
+``models.atomic_decoder.MLPDisplacedAtoms`` (residues, or the Gaussians of a consensus map in
+``models.gaussian_mixture``, displaced by an MLP of z and rendered as Gaussians). The loss per batch is
 
     data + λ_en · elastic + λ_clash · clash + kl_weight · KL
 
