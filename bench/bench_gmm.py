@@ -27,11 +27,12 @@ from scipy.spatial import cKDTree
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
 
+from bench_train_atomic import epoch_seconds, num, run  # noqa: E402  (this folder: the same helpers)
+
 from cryohet.analysis.latent import pca  # noqa: E402
-from cryohet.cli import main as cli  # noqa: E402
-from cryohet.inference.trainer import load_checkpoint  # noqa: E402
 from cryohet.io.atomic_model import box_centre_A, read_atoms  # noqa: E402
 from cryohet.io.mrc import read_map  # noqa: E402
 from cryohet.models.base import load_volume_model  # noqa: E402
@@ -41,16 +42,6 @@ from cryohet.simulate.motions import default_hinges  # noqa: E402
 from cryohet.validation.metrics import knn_regression_r2  # noqa: E402
 
 BOX, APIX, RES = 32, 3.0, 8.0
-
-
-def run(args: list[str]) -> None:
-    code = cli(args)
-    if code != 0:
-        raise SystemExit(f"{' '.join(args[:1])} failed ({code})")
-
-
-def num(v: float, digits: int = 3) -> str:
-    return "—" if not np.isfinite(v) else f"{v:.{digits}f}"
 
 
 def true_ca(motion: str) -> np.ndarray:
@@ -74,10 +65,6 @@ def per_image_auc(run_dir: Path, z: np.ndarray, rows: np.ndarray, state: np.ndar
     aucs = [fsc_auc(fsc(v, read_map(maps / f"state_{s:03d}.mrc")[0]))
             for v, s in zip(model.volumes(z[rows]), state[rows], strict=True)]
     return float(np.mean(aucs))
-
-
-def epoch_seconds(run_dir: Path) -> float:
-    return float(np.mean([h["seconds"] for h in load_checkpoint(run_dir / "checkpoint.safetensors").history]))
 
 
 def main() -> None:

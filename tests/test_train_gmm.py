@@ -76,6 +76,11 @@ def test_displacement_field_interpolates_the_gaussians() -> None:
         pts = torch.as_tensor(g.uniform(-15, 15, (500, 3)), dtype=torch.float32)
         field = model.displacement_field(z, pts)
         assert torch.equal(field, model.displacement_field(z, pts, chunk_points=37))
+        assert model.interpolation(pts, torch.device("cpu"), 37) is model.interpolation(pts, torch.device("cpu"), 37)
+        moved = pts.clone()
+        assert torch.equal(model.displacement_field(z, moved), field)
+        moved[0] += 5.0  # changed in place: the cached weights are not reused
+        assert not torch.equal(model.displacement_field(z, moved)[:, 0], field[:, 0])
         _, idx = model.field_neighbours(pts.numpy())
         near = own[:, torch.as_tensor(idx[:, :-1])]                                   # (B, P, K, 3)
         assert bool((field >= near.amin(2) - 1e-4).all() and (field <= near.amax(2) + 1e-4).all())

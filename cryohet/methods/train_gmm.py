@@ -11,6 +11,7 @@ import numpy as np
 
 from cryohet.errors import InputError
 from cryohet.methods.base import DATADIR, Method, Param
+from cryohet.methods.train_atomic import NETWORK_PARAMS
 
 PARAMS = (
     Param("particles", Path, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
@@ -48,12 +49,7 @@ PARAMS = (
           min=0.0, max=2.0, expert=True),
     Param("bond_weight", float, 30.0, "With --model: weight of the chain's bonded neighbours in the elastic network "
           "relative to its other springs.", min=0.0, expert=True),
-    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).", min=0.0,
-          expert=True),
-    Param("enc_layers", int, 3, "Encoder hidden layers.", min=1, max=32, expert=True),
-    Param("enc_dim", int, 256, "Encoder layer width.", min=8, max=8192, expert=True),
-    Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32, expert=True),
-    Param("dec_dim", int, 256, "Decoder layer width.", min=8, max=8192, expert=True),
+    *NETWORK_PARAMS,
     Param("n_maps", int, 10, "Maps and pseudo-atom models along each of the first two principal components of z "
           "(5th to 95th percentile).", min=2),
     Param("n_clusters", int, 10, "k-means clusters of z: a map and a model at each centre (0: none).", min=0),

@@ -39,6 +39,8 @@ MIN_GAUSSIANS, MAX_GAUSSIANS = 50, 30000
 #: Gaussians whose displacements are interpolated at a point, and the smallest distance in the weights, Å.
 FIELD_NEIGHBOURS = 8
 FIELD_EPS_A = 1e-4
+#: The interpolation weights of the last set of points are kept when they are at most this many (16 bytes each).
+FIELD_CACHE_ENTRIES = 1 << 24
 
 
 def gaussian_count(support_voxels: int, apix: float, resolution_A: float) -> int:
@@ -54,6 +56,9 @@ def spacing_A(xyz_A: np.ndarray) -> float:
     return float(np.median(d[:, 1]))
 
 
+_Chunk = tuple[torch.Tensor, torch.Tensor]  # interpolation weights (p, K) and Gaussian indices (p, K)
+
+
 class GaussianMixture(MLPDisplacedAtoms):
     """Gaussians ``atoms`` (map frame, Å; weights their amplitudes, learned) displaced by an MLP of z;
     ``spacing_A``: their median nearest-neighbour distance (Å)."""
@@ -66,6 +71,7 @@ class GaussianMixture(MLPDisplacedAtoms):
                          learn_weights=True)
         self.spacing_A = float(spacing_A)
         self._tree: cKDTree | None = None
+        self._field_cache: tuple[torch.Tensor, tuple[int, int, str], list[_Chunk]] | None = None
 
     def architecture(self) -> dict[str, Any]:
         return {**super().architecture(), "spacing_A": self.spacing_A}
@@ -88,17 +94,33 @@ class GaussianMixture(MLPDisplacedAtoms):
         w = ((big - r) / (big * np.maximum(r, FIELD_EPS_A))) ** 2
         return w / w.sum(1, keepdims=True)
 
+    def interpolation(self, x_A: torch.Tensor, device: torch.device, chunk_points: int = 1 << 16
+                      ) -> list[_Chunk]:
+        """Per chunk of ``chunk_points`` points of ``x_A`` (P, 3) Å: (weights (p, K), Gaussian indices (p, K)) on
+        ``device``. The last set of points is cached (the same tensor, unchanged: a reconstruction asks for the
+        same grid at every batch) when it holds at most ``FIELD_CACHE_ENTRIES`` weights."""
+        cached = self._field_cache
+        if (cached is not None and cached[0] is x_A and cached[1] == (x_A._version, chunk_points, str(device))):
+            return cached[2]
+        pts = x_A.detach().cpu().double().numpy().reshape(-1, 3)
+        parts = []
+        for s in range(0, len(pts), chunk_points):
+            dist, idx = self.field_neighbours(pts[s:s + chunk_points])
+            parts.append((torch.as_tensor(self.field_weights(dist), dtype=torch.float32, device=device),
+                          torch.as_tensor(idx[:, :-1], device=device)))
+        if len(pts) * FIELD_NEIGHBOURS <= FIELD_CACHE_ENTRIES:
+            self._field_cache = (x_A, (x_A._version, chunk_points, str(device)), parts)
+        return parts
+
     def displacement_field(self, z: torch.Tensor, x_A: torch.Tensor, chunk_points: int = 1 << 16) -> torch.Tensor:
         """Displacements (B, P, 3) Å at latents ``z`` (B, zdim) of canonical points ``x_A`` (P, 3) Å relative to
         the box centre (the point x lies at x + d(z, x) in conformation z), on ``z``'s device."""
         d_g = self.displacements(z.to(self.rel0_A.device).float())                # (B, N, 3)
-        pts = x_A.detach().cpu().double().numpy().reshape(-1, 3)
-        out = torch.empty((len(z), len(pts), 3), dtype=d_g.dtype, device=d_g.device)
-        for s in range(0, len(pts), chunk_points):
-            dist, idx = self.field_neighbours(pts[s:s + chunk_points])
-            w = torch.as_tensor(self.field_weights(dist), dtype=d_g.dtype, device=d_g.device)
-            i = torch.as_tensor(idx[:, :-1], device=d_g.device)
-            out[:, s:s + len(idx)] = (d_g[:, i] * w[None, :, :, None]).sum(2)
+        out = torch.empty((len(z), len(x_A), 3), dtype=d_g.dtype, device=d_g.device)
+        s = 0
+        for w, i in self.interpolation(x_A, d_g.device, chunk_points):
+            out[:, s:s + len(i)] = (d_g[:, i] * w[None, :, :, None]).sum(2)
+            s += len(i)
         return out.to(z.device)
 
 
