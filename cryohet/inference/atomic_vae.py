@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +44,41 @@ TERMS = ("data", "elastic", "clash")
 
 
 class RestrainedAmortised(AmortisedInference):
-    """Encoder + atomic decoder trained on the ELBO plus the restraints; ``weights`` (λ_en, λ_clash) absolute."""
+    """Encoder + atomic decoder trained on the ELBO plus the restraints; ``weights`` (λ_en, λ_clash) absolute.
+
+    With ``warmup_steps`` the KL term and the restraints are ramped linearly from 0 over the first training steps
+    (counted in a buffer, so a resumed run and every rank continue the same ramp): the encoder first makes z
+    informative, before the prior and the restraints pull on it (without it, the pseudo-atoms of a map at low SNR
+    fall into posterior collapse)."""
 
     kind = "amortised-atomic"
 
     def __init__(self, decoder: MLPDisplacedAtoms, restraints: Restraints, weights: tuple[float, float],
-                 points: Any, settings: dict[str, Any], beta: float):
+                 points: Any, settings: dict[str, Any], beta: float, warmup_steps: int = 0):
         super().__init__(None, points, settings, beta, decoder=decoder)
         self.restraints = restraints
         self.register_buffer("restraint_weight", torch.tensor(weights, dtype=torch.float32))
+        self.warmup_steps = int(warmup_steps)
+        if self.warmup_steps:
+            self.register_buffer("step", torch.zeros((), dtype=torch.float64))
         self.tally = torch.zeros(len(TERMS) + 1, dtype=torch.float64)  # sums per image of each term, images
 
+    @property
+    def ramp(self) -> float:
+        """The warm-up's factor of the KL and restraint weights now (1 without warm-up)."""
+        return min(1.0, float(self.step) / self.warmup_steps) if self.warmup_steps else 1.0
+
+    @property
+    def kl_weight(self) -> float:
+        return self._kl_full * self.ramp
+
+    @kl_weight.setter
+    def kl_weight(self, value: float) -> None:
+        self._kl_full = float(value)
+
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and self.warmup_steps:
+            self.step += 1
         mu, logvar = self.encoder(d["enc"])
         data, kld = gaussian_elbo(self.decoder, self.kxy, d["rot"], d["y"], d["ctf"], mu, logvar, eps)
         z = mu.float() + eps * torch.exp(0.5 * logvar.float())  # the z gaussian_elbo decoded
@@ -62,7 +86,7 @@ class RestrainedAmortised(AmortisedInference):
         if self.training:
             vals = torch.stack([data.detach(), elastic.detach(), clash.detach()]).double().cpu()
             self.tally += torch.cat([vals * len(z), torch.tensor([float(len(z))], dtype=torch.float64)])
-        w = self.restraint_weight
+        w = self.restraint_weight * self.ramp
         return data + w[0] * elastic + w[1] * clash, kld
 
     def epoch_terms(self) -> dict[str, float]:
@@ -97,11 +121,12 @@ def calibrate_weights(decoder: MLPDisplacedAtoms, restraints: Restraints, reader
 
 def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
                prep: ImagePreparer, opts: TrainOptions, enc_layers: int, enc_dim: int, beta: float,
-               out_dir: str | Path, device: torch.device, hooks: Hooks, resume: bool = False
-               ) -> tuple[RestrainedAmortised, TrainResult, list[dict[str, float]]]:
+               out_dir: str | Path, device: torch.device, hooks: Hooks, resume: bool = False,
+               warmup_epochs: float = 0.0) -> tuple[RestrainedAmortised, TrainResult, list[dict[str, float]]]:
     """Train an encoder and ``decoder`` (its intensity scale estimated) on the images prepared by ``prep``, with
-    the restraints weighted by ``factors`` (elastic, clash) × the calibration; returns the objective, the
-    trainer's result (``z_mu`` rows in particle-file order) and the per-epoch terms."""
+    the restraints weighted by ``factors`` (elastic, clash) × the calibration, they and the KL term ramped up over
+    the first ``warmup_epochs``; returns the objective, the trainer's result (``z_mu`` rows in particle-file
+    order) and the per-epoch terms."""
     out_dir = Path(out_dir)
     settings = {"enc_layers": enc_layers, "enc_dim": enc_dim, "seed": opts.seed}
     restraint_cfg = {"cutoff_A": restraints.cutoff_A, "bond_weight": restraints.bond_weight,
@@ -109,6 +134,8 @@ def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tupl
     meta = {"inference": json.dumps(settings, sort_keys=True), "beta": repr(beta),
             "decoder": json.dumps(decoder.architecture(), sort_keys=True),
             "restraints": json.dumps(restraint_cfg, sort_keys=True), "points": str(len(prep.points))}
+    if warmup_epochs:
+        meta["warmup_epochs"] = repr(float(warmup_epochs))
     ckpt = resume_point(out_dir, meta, len(reader), hooks) if resume else None
     calib = 1.0
     if ckpt is None:
@@ -116,7 +143,8 @@ def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tupl
         hooks.log.info("restraint calibration: |grad data| / |grad elastic| = %.4g at %.3g Å RMS", calib,
                        CALIBRATION_RMS_A)
     weights = (factors[0] * calib, factors[1] * calib)
-    objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta)
+    steps = int(round(warmup_epochs * math.ceil(len(reader) / opts.batch_size)))
+    objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta, steps)
 
     def write_terms(epoch: int, history: list[dict[str, float]]) -> None:
         with atomic_path(out_dir / HISTORY_NAME) as tmp:

@@ -34,7 +34,10 @@ PARAMS = (
     Param("zdim", int, 8, "Latent dimension.", min=1, max=256),
     Param("epochs", int, 30, "Training epochs of each model (passes over its particles).", min=1),
     Param("batch_size", int, 32, "Particles per optimisation step.", min=1),
-    Param("lr", float, 1e-3, "Adam learning rate.", min=0.0),
+    Param("lr", float, 3e-3, "Adam learning rate.", min=0.0),
+    Param("warmup_epochs", float, 3.0, "Epochs over which the KL term and the restraints are ramped up from 0 "
+          "(linearly, per step): z becomes informative before the prior and the restraints pull on it.", min=0.0,
+          expert=True),
     Param("halfsets", bool, True, "Also train one model on each half of the particles (rlnRandomSubset, else a "
           "seeded random split) and give each particle its deformation error: the RMS over the Gaussians of the "
           "difference of the displacements the two half models give it (Å)."),
@@ -230,7 +233,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     def train(model: GaussianMixture, sub_reader: Any, sub_prep: Any, folder: Path) -> tuple[Any, Any, Any]:
         folder.mkdir(exist_ok=True)
         return fit_atomic(model, restraints, factors, sub_reader, sub_prep, opts, params["enc_layers"],
-                          params["enc_dim"], params["beta"], folder, ctx.device, hooks, params["resume"])
+                          params["enc_dim"], params["beta"], folder, ctx.device, hooks, params["resume"],
+                          params["warmup_epochs"])
 
     ctx.log.info("training the model of all %d particles", len(pset))
     model = make_model(params["seed"], reader, prep)
