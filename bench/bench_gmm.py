@@ -120,7 +120,8 @@ def main() -> None:
         print(f"{motion}: {len(model.atoms)} Gaussians, consensus fit correlation "
               f"{report['consensus_fit']['correlation']:.4f}; half-set error per Gaussian, median: static core "
               f"{np.median(g_err[motion_A < 1]):.2f} Å, moving (> 5 Å) {np.median(g_err[motion_A > 5]):.2f} Å; "
-              f"per particle median {report['halfsets']['error_A']['median']:.2f} Å", flush=True)
+              f"per particle median {report['halfsets']['error_A']['median']:.2f} Å; KL at the last epoch "
+              f"{report.get('latent_kl')}", flush=True)
     print(f"\n{a.n} particles, SNR {a.snr:g}, box {BOX}, {a.epochs} epochs, zdim {a.zdim}, device {a.device}, "
           f"{a.threads} thread(s)\n")
     print("| motion | method | Spearman ρ (abs) PC1 vs τ₁ | kNN R² | per-image FSC AUC | s / epoch | "

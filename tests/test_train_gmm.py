@@ -141,6 +141,7 @@ def test_latent_maps_and_halfset_error_on_the_hinge(data: dict, tmp_path: Path) 
     assert np.mean(ours) > np.mean(base) + 0.03
     assert moving > 3 * static and static < 1.0
     assert report["consensus_fit"]["correlation"] > 0.99
+    assert report["collapsed"] == [] and set(report["latent_kl"]) == {"all", "half1", "half2"}
     # outputs: per-particle error in the STAR, maps and models along PCs, the record's kinds
     err = np.load(out / "deformation_error.npy")
     star = load_particles(out / "particles.star", require_poses=False).table

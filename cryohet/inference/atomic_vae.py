@@ -122,11 +122,12 @@ def calibrate_weights(decoder: MLPDisplacedAtoms, restraints: Restraints, reader
 def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
                prep: ImagePreparer, opts: TrainOptions, enc_layers: int, enc_dim: int, beta: float,
                out_dir: str | Path, device: torch.device, hooks: Hooks, resume: bool = False,
-               warmup_epochs: float = 0.0) -> tuple[RestrainedAmortised, TrainResult, list[dict[str, float]]]:
+               warmup_epochs: float = 0.0, encoder: dict[str, torch.Tensor] | None = None
+               ) -> tuple[RestrainedAmortised, TrainResult, list[dict[str, float]]]:
     """Train an encoder and ``decoder`` (its intensity scale estimated) on the images prepared by ``prep``, with
     the restraints weighted by ``factors`` (elastic, clash) × the calibration, they and the KL term ramped up over
-    the first ``warmup_epochs``; returns the objective, the trainer's result (``z_mu`` rows in particle-file
-    order) and the per-epoch terms."""
+    the first ``warmup_epochs``; the encoder starts from the state ``encoder`` when given (another model's).
+    Returns the objective, the trainer's result (``z_mu`` rows in particle-file order) and the per-epoch terms."""
     out_dir = Path(out_dir)
     settings = {"enc_layers": enc_layers, "enc_dim": enc_dim, "seed": opts.seed}
     restraint_cfg = {"cutoff_A": restraints.cutoff_A, "bond_weight": restraints.bond_weight,
@@ -136,6 +137,8 @@ def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tupl
             "restraints": json.dumps(restraint_cfg, sort_keys=True), "points": str(len(prep.points))}
     if warmup_epochs:
         meta["warmup_epochs"] = repr(float(warmup_epochs))
+    if encoder is not None:
+        meta["encoder_start"] = "given"
     ckpt = resume_point(out_dir, meta, len(reader), hooks) if resume else None
     calib = 1.0
     if ckpt is None:
@@ -145,6 +148,8 @@ def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tupl
     weights = (factors[0] * calib, factors[1] * calib)
     steps = int(round(warmup_epochs * math.ceil(len(reader) / opts.batch_size)))
     objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta, steps)
+    if encoder is not None and ckpt is None:
+        objective.encoder.load_state_dict(encoder)
 
     def write_terms(epoch: int, history: list[dict[str, float]]) -> None:
         with atomic_path(out_dir / HISTORY_NAME) as tmp:

@@ -67,6 +67,8 @@ PARAMS = (
 FIT_NAME = "gmm_fit.json"
 #: A mask must hold at least this fraction of the consensus map's density above its automatic threshold.
 MIN_MASK_FRACTION = 0.2
+#: KL (nats per particle) at the last epoch below which a model is taken as not using its latent space.
+COLLAPSED_KL = 0.05
 #: Fraction of the device's free memory a training step may plan to use.
 MEMORY_FRACTION = 0.8
 
@@ -221,6 +223,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                         chunk_images=params["chunk_images"], seed=params["seed"])
     hooks = Hooks.of(ctx)
     factors = (params["elastic_weight"], params["clash_weight"])
+    latent_kl: dict[str, float] = {}
 
     def make_model(seed: int, sub_reader: Any, sub_prep: Any) -> GaussianMixture:
         model = GaussianMixture(atoms, pset.box, pset.apix, res_A, params["zdim"], params["dec_layers"],
@@ -230,18 +233,27 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                                                seed=params["seed"]))))
         return model
 
-    def train(model: GaussianMixture, sub_reader: Any, sub_prep: Any, folder: Path) -> tuple[Any, Any, Any]:
+    def train(model: GaussianMixture, sub_reader: Any, sub_prep: Any, folder: Path,
+              encoder: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
         folder.mkdir(exist_ok=True)
-        return fit_atomic(model, restraints, factors, sub_reader, sub_prep, opts, params["enc_layers"],
-                          params["enc_dim"], params["beta"], folder, ctx.device, hooks, params["resume"],
-                          params["warmup_epochs"])
+        fitted = fit_atomic(model, restraints, factors, sub_reader, sub_prep, opts, params["enc_layers"],
+                            params["enc_dim"], params["beta"], folder, ctx.device, hooks, params["resume"],
+                            params["warmup_epochs"], encoder)
+        kl = fitted[1].history[-1]["kld"]
+        latent_kl[folder.name if folder != out else "all"] = kl
+        if kl < COLLAPSED_KL:
+            ctx.log.warning("the model in %s does not use its latent space (KL %.2g nats at the last epoch: "
+                            "posterior collapse); its displacements say nothing of the particles: train longer "
+                            "(--epochs), with more particles or a smaller --beta", folder, kl)
+        return fitted
 
     ctx.log.info("training the model of all %d particles", len(pset))
     model = make_model(params["seed"], reader, prep)
     objective, res, terms = train(model, reader, prep, out)
     halves = None
     if params["halfsets"]:
-        halves = _train_halves(params, ctx, pset, lattice, points, make_model, train, opts, hooks)
+        encoder = {k: v.detach().clone() for k, v in objective.encoder.state_dict().items()}
+        halves = _train_halves(params, ctx, pset, prep, make_model, train, encoder, opts, hooks)
     model.cpu()
     weights = objective.restraint_weight.tolist()
     model.save(out / "model.safetensors", {"particles": str(Path(params["particles"]).resolve()),
@@ -262,6 +274,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                     "restraints": {"springs": int(len(restraints.edges)), "cutoff_A": restraints.cutoff_A,
                                    "clash_distance_A": restraints.min_distance_A, "elastic_weight": weights[0],
                                    "clash_weight": weights[1], "factors": list(factors)},
+                    "latent_kl": latent_kl, "collapsed": sorted(k for k, v in latent_kl.items() if v < COLLAPSED_KL),
                     "history": res.history, "terms": terms, "epoch_seconds": res.epoch_seconds})
     if halves is not None:
         summary["halfsets"] = halves["summary"]
@@ -271,27 +284,30 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             "deformation errors")
 
 
-def _train_halves(params: dict[str, Any], ctx: Any, pset: Any, lattice: Any, points: Any, make_model: Any,
-                  train: Any, opts: Any, hooks: Any) -> dict[str, Any]:
-    """Train one model per half-set (folders half1, half2; each resumable), encode every particle with both and
-    return the per-particle and per-Gaussian deformation errors with their summary."""
+def _train_halves(params: dict[str, Any], ctx: Any, pset: Any, prep: Any, make_model: Any, train: Any,
+                  encoder: dict[str, Any], opts: Any, hooks: Any) -> dict[str, Any]:
+    """Train one model per half-set (folders half1, half2; each resumable), encode every particle (prepared by
+    ``prep``) with both and return the per-particle and per-Gaussian deformation errors with their summary.
+
+    Each half's decoder starts from scratch (its own seed) and its encoder from the all-particle model's
+    ``encoder`` state: a fresh encoder on half the particles often falls into posterior collapse at low SNR (both
+    halves then predict no motion and the error reads 0); the displacements, whose disagreement is the error,
+    are still learned from each half alone."""
     from cryohet.data.prepare import ImagePreparer
     from cryohet.inference.deformation_halves import deformation_errors, encode_all
     from cryohet.reconstruct.homogeneous import particle_halves
 
     out = Path(ctx.out_dir)
     half = particle_halves(pset, ctx.seed)
-    full_prep = ImagePreparer(pset, lattice, points)
     models, zs = [], []
     for h in (1, 2):
         rows = np.flatnonzero(half == h)
         sub = pset.subset(rows)
-        sub_prep = ImagePreparer(sub, lattice, points)
+        sub_prep = ImagePreparer(sub, prep.lattice, prep.points)
         ctx.log.info("training the model of half-set %d (%d particles)", h, len(rows))
         model = make_model(params["seed"] + h, sub.reader(), sub_prep)
-        objective, _, _ = train(model, sub.reader(), sub_prep, out / f"half{h}")
-        full_prep.scale = sub_prep.scale
-        zs.append(encode_all(objective, pset.reader(), full_prep, opts, ctx.device, hooks))
+        objective, _, _ = train(model, sub.reader(), sub_prep, out / f"half{h}", encoder)
+        zs.append(encode_all(objective, pset.reader(), prep, opts, ctx.device, hooks))
         model.cpu().save(out / f"half{h}" / "model.safetensors", {"half": str(h)})
         models.append(model)
     err, per_gaussian = deformation_errors(models[0], zs[0], models[1], zs[1], ctx.device)
