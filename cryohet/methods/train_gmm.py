@@ -59,7 +59,8 @@ PARAMS = (
     Param("amp", str, "no", "Mixed precision for the encoder and the decoder's MLP (bfloat16; the Gaussian slices "
           "stay float32): auto, yes, no.", choices=("auto", "yes", "no"), expert=True),
     Param("resume", bool, False, "Continue the run in this output folder from its checkpoints (one per model, "
-          "written after every epoch); --epochs is the new total."),
+          "written after every epoch); --epochs is the new total. The half-set models start from the encoder of "
+          "the model of all particles as it was when they began."),
     Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
           min=1, expert=True),
 )
