@@ -46,24 +46,33 @@ def _lowpass_weights(d: int, apix: float, resolution_A: float, edge_width_A_inv:
     return 0.5 - 0.5 * torch.cos(math.pi * w)
 
 
+def render_gaussians(rel_A: torch.Tensor, weights: torch.Tensor, box: int, apix: float, resolution_A: float,
+                     chunk_atoms: int = 4096) -> torch.Tensor:
+    """Map (box, box, box) float32, (z, y, x), of points ``rel_A`` (N, 3) Å (x, y, z) relative to the voxel
+    ``box // 2`` with ``weights`` (N,), on their device; differentiable in both (the amplitudes of Gaussian
+    pseudo-atoms are fitted to a map through it). Units: weight per Å³ (before the low-pass)."""
+    if len(weights) != len(rel_A):
+        raise ValueError(f"{len(weights)} weights for {len(rel_A)} atoms")
+    if box < 2 or box % 2:
+        raise ValueError(f"box must be even, got {box}")
+    sigma_A = SIGMA_PER_RESOLUTION * resolution_A
+    vol = torch.zeros(box, box, box, dtype=torch.float32, device=rel_A.device)
+    for s in range(0, len(rel_A), chunk_atoms):
+        p, ww = rel_A[s:s + chunk_atoms], weights[s:s + chunk_atoms]
+        gx, gy, gz = (_axis_profiles(p[:, i], box, apix, sigma_A).float() for i in range(3))
+        zy = (gz * ww[:, None].float())[:, :, None] * gy[:, None, :]                # (n, z, y)
+        vol = vol + (zy.reshape(len(p), box * box).T @ gx).reshape(box, box, box)  # (z, y, x)
+    return lowpass_map(vol, apix, resolution_A) / apix**3
+
+
 def gaussian_map(xyz_A: np.ndarray, weights: np.ndarray, box: int, apix: float, resolution_A: float,
                  centre_A: np.ndarray, device: torch.device | str = "cpu", chunk_atoms: int = 4096) -> np.ndarray:
     """Map (box, box, box) float32, (z, y, x), of points ``xyz_A`` (N, 3) Å (x, y, z) with ``weights`` (N,),
     the point ``centre_A`` at voxel ``box // 2``. Units: weight per Å³ (before the low-pass)."""
     xyz = np.asarray(xyz_A, dtype=np.float64).reshape(-1, 3)
     w = np.asarray(weights, dtype=np.float64)
-    if len(w) != len(xyz):
-        raise ValueError(f"{len(w)} weights for {len(xyz)} atoms")
-    if box < 2 or box % 2:
-        raise ValueError(f"box must be even, got {box}")
-    sigma_A = SIGMA_PER_RESOLUTION * resolution_A
     rel = torch.as_tensor(xyz - np.asarray(centre_A, dtype=np.float64), dtype=torch.float64, device=device)
-    wt = torch.as_tensor(w, dtype=torch.float64, device=device)
-    vol = torch.zeros(box, box, box, dtype=torch.float32, device=device)
-    for s in range(0, len(rel), chunk_atoms):
-        p, ww = rel[s:s + chunk_atoms], wt[s:s + chunk_atoms]
-        gx, gy, gz = (_axis_profiles(p[:, i], box, apix, sigma_A).float() for i in range(3))
-        zy = (gz * ww[:, None].float())[:, :, None] * gy[:, None, :]                # (n, z, y)
-        vol += (zy.reshape(len(p), box * box).T @ gx).reshape(box, box, box)       # (z, y, x)
-    vol = lowpass_map(vol, apix, resolution_A) / apix**3
+    with torch.no_grad():
+        vol = render_gaussians(rel, torch.as_tensor(w, dtype=torch.float64, device=device), box, apix,
+                               resolution_A, chunk_atoms)
     return vol.cpu().numpy()

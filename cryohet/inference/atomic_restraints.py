@@ -38,14 +38,15 @@ def bonded_pairs(atoms: Atoms, ca_only: bool = False) -> np.ndarray:
 
 
 class Restraints(nn.Module):
-    """Elastic-network and clash terms of positions (B, N, 3) Å of ``atoms``' residues."""
+    """Elastic-network and clash terms of positions (B, N, 3) Å of ``atoms``' residues; ``bonds`` (P, 2) the
+    bonded pairs (None: the chain's, ``bonded_pairs``; an empty array for pseudo-atoms, which have no chain)."""
 
     def __init__(self, atoms: Atoms, cutoff_A: float = EN_CUTOFF_A, bond_weight: float = 30.0,
-                 min_distance_A: float = 4.0):
+                 min_distance_A: float = 4.0, bonds: np.ndarray | None = None):
         super().__init__()
         xyz = np.asarray(atoms.xyz_A, np.float64)
         pairs = cKDTree(xyz).query_pairs(cutoff_A, output_type="ndarray").astype(np.int64)
-        bonds = bonded_pairs(atoms)
+        bonds = bonded_pairs(atoms) if bonds is None else np.asarray(bonds, np.int64).reshape(-1, 2)
         self._bond_keys = bonds[:, 0] * len(xyz) + bonds[:, 1]
         w = np.where(np.isin(pairs[:, 0] * len(xyz) + pairs[:, 1], self._bond_keys), bond_weight, 1.0)
         self.cutoff_A, self.bond_weight = float(cutoff_A), float(bond_weight)

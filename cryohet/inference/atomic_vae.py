@@ -1,7 +1,8 @@
 """Training an atomic decoder on the images (CryoSTAR's first stage): the ELBO plus structural restraints.
 
-The encoder of ``amortised.AmortisedInference`` gives q(z | image); the decoder is ``models.atomic_decoder``'s
-(residues displaced by an MLP of z, rendered as Gaussians). The loss per batch is
+The encoder of ``amortised.AmortisedInference`` gives q(z | image); the decoder is any
+``models.atomic_decoder.MLPDisplacedAtoms`` (residues, or the Gaussians of a consensus map in
+``models.gaussian_mixture``, displaced by an MLP of z and rendered as Gaussians). The loss per batch is
 
     data + λ_en · elastic + λ_clash · clash + kl_weight · KL
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from cryohet.inference.atomic_restraints import Restraints
 from cryohet.inference.elbo import gaussian_elbo
 from cryohet.inference.trainer import Hooks, Trainer, TrainOptions, TrainResult, resume_point
 from cryohet.io.reader import ImageReader
-from cryohet.models.atomic_decoder import AtomicDecoder
+from cryohet.models.atomic_decoder import MLPDisplacedAtoms
 
 #: RMS (Å) of the random displacements of the reference at which the restraint weights are calibrated.
 CALIBRATION_RMS_A = 1.0
@@ -46,23 +48,46 @@ class RestrainedAmortised(AmortisedInference):
     """Encoder + atomic decoder trained on the ELBO plus the restraints; ``weights`` (λ_en, λ_clash) absolute.
 
     Subclasses with other penalties set ``TERMS`` (``"data"`` then one name per penalty, ``weights`` in that
-    order) and override ``penalties``."""
+    order) and override ``penalties``.
+
+    With ``warmup_steps`` the KL term and the penalties are ramped linearly from 0 over the first training steps
+    (counted in a buffer, so a resumed run and every rank continue the same ramp): the encoder first makes z
+    informative, before the prior and the restraints pull on it (without it, the pseudo-atoms of a map at low SNR
+    fall into posterior collapse)."""
 
     kind = "amortised-atomic"
     TERMS: tuple[str, ...] = TERMS
 
     def __init__(self, decoder: Any, restraints: Any, weights: tuple[float, ...], points: Any,
-                 settings: dict[str, Any], beta: float):
+                 settings: dict[str, Any], beta: float, warmup_steps: int = 0):
         super().__init__(None, points, settings, beta, decoder=decoder)
         self.restraints = restraints
         self.register_buffer("restraint_weight", torch.tensor(weights, dtype=torch.float32))
+        self.warmup_steps = int(warmup_steps)
+        if self.warmup_steps:
+            self.register_buffer("step", torch.zeros((), dtype=torch.float64))
         self.tally = torch.zeros(len(self.TERMS) + 1, dtype=torch.float64)  # sums per image of each term, images
 
     def penalties(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The penalties (elastic, clash) of the models decoded at latents ``z``."""
         return tuple(self.restraints(self.decoder.positions(z)))
 
+    @property
+    def ramp(self) -> float:
+        """The warm-up's factor of the KL and penalty weights now (1 without warm-up)."""
+        return min(1.0, float(self.step) / self.warmup_steps) if self.warmup_steps else 1.0
+
+    @property
+    def kl_weight(self) -> float:
+        return self._kl_full * self.ramp
+
+    @kl_weight.setter
+    def kl_weight(self, value: float) -> None:
+        self._kl_full = float(value)
+
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and self.warmup_steps:
+            self.step += 1
         mu, logvar = self.encoder(d["enc"])
         data, kld = gaussian_elbo(self.decoder, self.kxy, d["rot"], d["y"], d["ctf"], mu, logvar, eps)
         z = mu.float() + eps * torch.exp(0.5 * logvar.float())  # the z gaussian_elbo decoded
@@ -70,7 +95,8 @@ class RestrainedAmortised(AmortisedInference):
         if self.training:
             vals = torch.stack([data.detach(), *(t.detach() for t in terms)]).double().cpu()
             self.tally += torch.cat([vals * len(z), torch.tensor([float(len(z))], dtype=torch.float64)])
-        return data + sum(w * t for w, t in zip(self.restraint_weight, terms, strict=True)), kld
+        ramp = self.ramp
+        return data + sum(ramp * w * t for w, t in zip(self.restraint_weight, terms, strict=True)), kld
 
     def epoch_terms(self) -> dict[str, float]:
         """The mean of each term over the images since the last call (data: MSE; restraints: Å²), for the
@@ -102,7 +128,7 @@ def gradient_norms(decoder: Any, reader: ImageReader, prep: ImagePreparer, devic
     return num, den, total / max(batches, 1)
 
 
-def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: ImageReader, prep: ImagePreparer,
+def calibrate_weights(decoder: MLPDisplacedAtoms, restraints: Restraints, reader: ImageReader, prep: ImagePreparer,
                       device: torch.device, n_sample: int = 256, seed: int = 0) -> float:
     """‖∇data‖ / ‖∇elastic‖ with respect to the residue positions (DynaMight's calibration), at the reference
     displaced at random by ``CALIBRATION_RMS_A`` Å RMS, summed over a fixed sample of prepared images."""
@@ -120,13 +146,15 @@ def calibrate_weights(decoder: AtomicDecoder, restraints: Restraints, reader: Im
     return num / den
 
 
-def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
+def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
                prep: ImagePreparer, opts: TrainOptions, enc_layers: int, enc_dim: int, beta: float,
-               out_dir: str | Path, device: torch.device, hooks: Hooks, resume: bool = False
+               out_dir: str | Path, device: torch.device, hooks: Hooks, resume: bool = False,
+               warmup_epochs: float = 0.0, encoder: dict[str, torch.Tensor] | None = None
                ) -> tuple[RestrainedAmortised, TrainResult, list[dict[str, float]]]:
     """Train an encoder and ``decoder`` (its intensity scale estimated) on the images prepared by ``prep``, with
-    the restraints weighted by ``factors`` (elastic, clash) × the calibration; returns the objective, the
-    trainer's result (``z_mu`` rows in particle-file order) and the per-epoch terms."""
+    the restraints weighted by ``factors`` (elastic, clash) × the calibration, they and the KL term ramped up over
+    the first ``warmup_epochs``; the encoder starts from the state ``encoder`` when given (another model's).
+    Returns the objective, the trainer's result (``z_mu`` rows in particle-file order) and the per-epoch terms."""
     out_dir = Path(out_dir)
     settings = {"enc_layers": enc_layers, "enc_dim": enc_dim, "seed": opts.seed}
     restraint_cfg = {"cutoff_A": restraints.cutoff_A, "bond_weight": restraints.bond_weight,
@@ -134,6 +162,10 @@ def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[fl
     meta = {"inference": json.dumps(settings, sort_keys=True), "beta": repr(beta),
             "decoder": json.dumps(decoder.architecture(), sort_keys=True),
             "restraints": json.dumps(restraint_cfg, sort_keys=True), "points": str(len(prep.points))}
+    if warmup_epochs:
+        meta["warmup_epochs"] = repr(float(warmup_epochs))
+    if encoder is not None:
+        meta["encoder_start"] = "given"
     ckpt = resume_point(out_dir, meta, len(reader), hooks) if resume else None
     calib = 1.0
     if ckpt is None:
@@ -141,7 +173,10 @@ def fit_atomic(decoder: AtomicDecoder, restraints: Restraints, factors: tuple[fl
         hooks.log.info("restraint calibration: |grad data| / |grad elastic| = %.4g at %.3g Å RMS", calib,
                        CALIBRATION_RMS_A)
     weights = (factors[0] * calib, factors[1] * calib)
-    objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta)
+    steps = int(round(warmup_epochs * math.ceil(len(reader) / opts.batch_size)))
+    objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta, steps)
+    if encoder is not None and ckpt is None:
+        objective.encoder.load_state_dict(encoder)
     result, terms = train_restrained(objective, reader, prep, opts, out_dir, device, hooks, meta, ckpt)
     hooks.log.info("restraint weights: elastic %.4g, clash %.4g", *objective.restraint_weight.tolist())
     return objective, result, terms

@@ -10,6 +10,16 @@ import numpy as np
 
 from cryohet.methods.base import Method, Param
 
+#: The encoder's and the MLP decoder's settings (shared with train-gmm).
+NETWORK_PARAMS = (
+    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).", min=0.0,
+          expert=True),
+    Param("enc_layers", int, 3, "Encoder hidden layers.", min=1, max=32, expert=True),
+    Param("enc_dim", int, 256, "Encoder layer width.", min=8, max=8192, expert=True),
+    Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32, expert=True),
+    Param("dec_dim", int, 256, "Decoder layer width.", min=8, max=8192, expert=True),
+)
+
 PARAMS = (
     Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
           required=True, input_role="particles"),
@@ -37,12 +47,7 @@ PARAMS = (
     Param("cutoff_A", float, 15.0, "Elastic-network cutoff, Å (cryohet nma's default).", min=0.0, expert=True),
     Param("clash_distance_A", float, 4.0, "Cα–Cα distance below which non-bonded residues clash, Å.", min=0.0,
           expert=True),
-    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).", min=0.0,
-          expert=True),
-    Param("enc_layers", int, 3, "Encoder hidden layers.", min=1, max=32, expert=True),
-    Param("enc_dim", int, 256, "Encoder layer width.", min=8, max=8192, expert=True),
-    Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32, expert=True),
-    Param("dec_dim", int, 256, "Decoder layer width.", min=8, max=8192, expert=True),
+    *NETWORK_PARAMS,
     Param("n_models", int, 10, "Atomic models written along the first principal component of z, from its 5th to "
           "its 95th percentile.", min=2),
     Param("n_clusters", int, 10, "k-means clusters of z: one atomic model at each cluster centre (0: none).",

@@ -26,15 +26,16 @@ MODEL_TYPE = "atomic_decoder"  # the run record's model_type that load_run_model
 MODEL_FORMAT = "cryohet-atomic-decoder-1"
 
 
-class AtomicDecoder(DisplacedAtoms):
+class MLPDisplacedAtoms(DisplacedAtoms):
     """Reference ``atoms`` (map frame, Å) displaced by an MLP of z (``zdim``) with ``layers`` hidden layers of
-    width ``dim``; weights drawn from ``seed``, the last layer zero."""
-
-    MODEL_FORMAT, WHAT, WEIGHT_KEY = MODEL_FORMAT, "atomic-decoder", "atom_weight"
+    width ``dim``; weights drawn from ``seed``, the last layer zero (training starts at the reference). The base of
+    the atomic decoder and of the Gaussian mixture of a map (``models.gaussian_mixture``); ``architecture`` holds
+    the constructor's arguments (and ``n_atoms``), so subclasses that add arguments add them there."""
 
     def __init__(self, atoms: Atoms, box: int, apix: float, resolution_A: float, zdim: int, layers: int = 3,
-                 dim: int = 256, seed: int = 0, scale: float = 1.0, data_scale: float = 1.0):
-        super().__init__(atoms, box, apix, resolution_A, scale, data_scale)
+                 dim: int = 256, seed: int = 0, scale: float = 1.0, data_scale: float = 1.0,
+                 learn_weights: bool = False):
+        super().__init__(atoms, box, apix, resolution_A, scale, data_scale, learn_weights)
         self.zdim, self.layers, self.dim, self.seed = int(zdim), int(layers), int(dim), int(seed)
         self.mlp = ResidMLP(self.zdim, self.layers, self.dim, 3 * len(atoms))
         init_linear(self.mlp, torch.Generator().manual_seed(self.seed))
@@ -47,7 +48,7 @@ class AtomicDecoder(DisplacedAtoms):
         return self.zdim
 
     def displacements(self, z: torch.Tensor) -> torch.Tensor:
-        """Displacements (B, N, 3) Å of the residues at latents ``z`` (B, zdim), float32."""
+        """Displacements (B, N, 3) Å of the atoms at latents ``z`` (B, zdim), float32."""
         return self.mlp(z).float().reshape(len(z), -1, 3)
 
     def architecture(self) -> dict[str, Any]:
@@ -64,12 +65,17 @@ class AtomicDecoder(DisplacedAtoms):
         return {"architecture": json.dumps(self.architecture())}
 
     @classmethod
-    def _from_file(cls, atoms: Atoms, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> AtomicDecoder:
-        arch = json.loads(meta["architecture"])
-        model = cls(atoms, arch["box"], arch["apix"], arch["resolution_A"], arch["zdim"], arch["layers"],
-                    arch["dim"], arch["seed"], data_scale=float(meta.get("data_scale", 1.0)))
+    def _from_file(cls, atoms: Atoms, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> MLPDisplacedAtoms:
+        arch = {k: v for k, v in json.loads(meta["architecture"]).items() if k != "n_atoms"}
+        model = cls(atoms, **arch, data_scale=float(meta.get("data_scale", 1.0)))
         model.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
         return model
+
+
+class AtomicDecoder(MLPDisplacedAtoms):
+    """Reference residues (Cα nodes, fixed weights) displaced by an MLP of z."""
+
+    MODEL_FORMAT, WHAT, WEIGHT_KEY = MODEL_FORMAT, "atomic-decoder", "atom_weight"
 
 
 def load_run_model(run_dir: str | Path, model_path: str | Path) -> AtomicDecoder:
