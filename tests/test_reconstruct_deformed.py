@@ -169,7 +169,10 @@ def test_corrected_map_beats_homogeneous(hinge, tmp_path):
     assert apix == pytest.approx(APIX) and corrected.shape == (BOX,) * 3
     canonical = truth.conf.maps[0]
     assert fsc_auc(fsc(corrected, canonical)) > fsc_auc(fsc(homogeneous, canonical)) + 0.04   # 0.61 and 0.56
-    assert len(rec.of_kind("half_map")) == 2 and len(rec.of_kind("volume")) == 2 and rec.of_kind("plot")
+    assert len(rec.of_kind("volume")) == 2 and rec.of_kind("plot")
+    halves = {h.path: h.meta["of"] for h in rec.of_kind("half_map")}  # each volume's halves named
+    assert halves == {"half1.mrc": "map.mrc", "half2.mrc": "map.mrc", "homogeneous_half1.mrc": "homogeneous.mrc",
+                      "homogeneous_half2.mrc": "homogeneous.mrc"}
 
 
 def test_bad_inputs(hinge, tmp_path):
