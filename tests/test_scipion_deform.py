@@ -55,3 +55,30 @@ def test_train_deform_then_reconstruct_deformed(project, particles_and_map):
     for path, _ in vols.values():
         with mrcfile.open(path, permissive=True) as m:
             assert m.data.shape == (32, 32, 32) and np.isfinite(m.data).all() and m.data.std() > 0
+
+
+def test_train_gmm_gives_flex_particles_models_and_a_run_for_reconstruct_deformed(project, particles_and_map):
+    """train-gmm with its half-set models: the latents as a SetOfParticlesFlex, the pseudo-atom models along the
+    principal components as AtomStructs; reconstruct-deformed then takes the protocol as its run."""
+    from cryohet_plugin.protocols import CryohetProtReconstructDeformed, CryohetProtTrainGmm
+
+    parts, consensus = particles_and_map
+    gmm = launch(project, project.newProtocol(CryohetProtTrainGmm, particles=parts, consensus_map=consensus,
+                                              zdim=2, epochs=2, warmup_epochs=1, n_maps=3, n_clusters=0,
+                                              useGpu=False, numberOfThreads=1))
+    engine = Path(gmm._getExtraPath("cryohet"))
+    z = np.load(engine / "z.npy")
+    flex = {p.getObjId(): np.asarray(p.getZFlex(), np.float64) for p in gmm.outputParticlesFlex}
+    assert len(flex) == parts.getSize() == len(z)
+    assert sorted(v[1] for v in flex.values()) == pytest.approx(sorted(z[:, 1]), rel=1e-5, abs=1e-6)
+    error = np.load(engine / "deformation_error.npy")
+    assert error.shape == (len(z),) and np.isfinite(error).all() and (error >= 0).all()
+    models = sorted(Path(s.getFileName()).name for s in gmm.outputAtomStructs)
+    assert "gaussian_error.pdb" in models and len(models) >= 3
+    assert gmm.outputVolumeSeries.getSize() == 3
+
+    rd = project.newProtocol(CryohetProtReconstructDeformed, useGpu=False, numberOfThreads=1)
+    getattr(rd, CryohetProtReconstructDeformed._paramAttrs["run"]).set(gmm)
+    rd = launch(project, rd)
+    names = sorted(Path(v.getFileName()).name for v in rd.outputVolumes)
+    assert names == ["homogeneous.mrc", "map.mrc"]
