@@ -9,6 +9,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+import starfile
 from scipion_tools import launch, new_project, simulate
 
 
@@ -82,3 +83,10 @@ def test_train_gmm_gives_flex_particles_models_and_a_run_for_reconstruct_deforme
     rd = launch(project, rd)
     names = sorted(Path(v.getFileName()).name for v in rd.outputVolumes)
     assert names == ["homogeneous.mrc", "map.mrc"]
+    # each half-map was made with its own half-set model, on the half-sets the models were trained on
+    from cryohet.record import read_record
+
+    corrected = read_record(Path(rd._getExtraPath("cryohet"))).of_kind("volume")[0]
+    assert corrected.path == "map.mrc" and corrected.meta["half_set_models"] is True
+    subset = starfile.read(engine / "particles.star")["particles"]["rlnRandomSubset"].to_numpy()
+    assert sorted(set(subset)) == [1, 2] and abs(int((subset == 1).sum()) - len(subset) / 2) <= 1

@@ -15,7 +15,7 @@ import torch
 from cryohet.device import free_memory_bytes
 from cryohet.errors import InputError
 from cryohet.io.particles import ParticleSet, load_particles
-from cryohet.models.base import load_volume_model
+from cryohet.models.base import load_volume_model, model_modules
 from cryohet.reconstruct.deformed import memory_bytes
 from cryohet.record import read_record
 
@@ -32,6 +32,25 @@ class DeformationRun:
     star: Path
     latents: np.ndarray        # (N, latent_dim) float32, rows = the STAR's
     latents_path: Path
+    half_models: tuple[Any, Any] | None = None          # a model per half-set (train-gmm --halfsets), or None
+    half_latents: tuple[np.ndarray, np.ndarray] | None = None  # every particle's latent under each half model
+
+
+def _read_latents(path: Path, n: int, dim: int, star: Path) -> np.ndarray:
+    """(n, dim) float32 latents of ``path``; InputError naming it when they are unreadable, of another shape
+    than ``n`` particles (of ``star``) by ``dim`` coordinates, or not finite."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read the latents ({exc})") from None
+    z = np.asarray(z, dtype=np.float32).reshape(len(z), -1) if np.ndim(z) else z
+    if np.ndim(z) != 2 or len(z) != n:
+        raise InputError(path, f"latents of shape {np.shape(z)} do not match the {n} particles of {star}")
+    if z.shape[1] != dim:
+        raise InputError(path, f"latents have {z.shape[1]} coordinates, the model {dim}")
+    if not np.isfinite(z).all():
+        raise InputError(path, "the latents hold NaN or infinite values")
+    return z
 
 
 def read_deformation_run(run_dir: Path, datadir: Path | None) -> DeformationRun:
@@ -48,17 +67,7 @@ def read_deformation_run(run_dir: Path, datadir: Path | None) -> DeformationRun:
     star = run_dir / record.require("particles_star", run_dir, "particles STAR").path
     lat_path = run_dir / record.require("latents", run_dir, "latents").path
     pset = load_particles(star, datadir=datadir)
-    try:
-        z = np.load(lat_path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(lat_path, f"cannot read the latents ({exc})") from None
-    z = np.asarray(z, dtype=np.float32).reshape(len(z), -1) if np.ndim(z) else z
-    if np.ndim(z) != 2 or len(z) != len(pset):
-        raise InputError(lat_path, f"latents of shape {np.shape(z)} do not match the {len(pset)} particles of {star}")
-    if z.shape[1] != model.latent_dim:
-        raise InputError(lat_path, f"latents have {z.shape[1]} coordinates, the model {model.latent_dim}")
-    if not np.isfinite(z).all():
-        raise InputError(lat_path, "the latents hold NaN or infinite values")
+    z = _read_latents(lat_path, len(pset), model.latent_dim, star)
     cols = [f"cryohetZ{i + 1}" for i in range(z.shape[1])]
     if all(c in pset.table for c in cols):
         star_z = pset.table[cols].to_numpy(dtype=np.float64)
@@ -69,7 +78,16 @@ def read_deformation_run(run_dir: Path, datadir: Path | None) -> DeformationRun:
     if abs(view_A - model_view_A) > 0.01 * view_A:
         raise InputError(run_dir / model_out.path, f"the model's box spans {model_view_A:.1f} Å, the particles' "
                                                    f"{view_A:.1f} Å ({star}): not the same frame")
-    return DeformationRun(run_dir, model, model_type, pset, star, z, lat_path)
+    run = DeformationRun(run_dir, model, model_type, pset, star, z, lat_path)
+    halves, half_z = model_out.meta.get("half_models"), model_out.meta.get("half_latents")
+    if halves and half_z:  # each half-set is reconstructed with the model trained on it alone
+        if "rlnRandomSubset" not in pset.table:
+            raise InputError(star, "the run has half-set models but its particles carry no rlnRandomSubset: the "
+                                   "half-set of each particle is unknown")
+        load = model_modules()[model_type].load_run_model
+        run.half_models = tuple(load(run_dir, run_dir / p) for p in halves)
+        run.half_latents = tuple(_read_latents(run_dir / p, len(pset), model.latent_dim, star) for p in half_z)
+    return run
 
 
 def check_memory(box: int, batch_size: int, voxel_chunk: int, device: torch.device, source: Path) -> None:

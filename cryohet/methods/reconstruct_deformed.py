@@ -42,10 +42,18 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     ctx.log.info("%d particles, box %d at %.3f Å/px -> box %d; half-sets of %d and %d; %s model, latent "
                  "dimension %d", len(pset), pset.box, pset.apix, box, (half == 1).sum(), (half == 2).sum(),
                  inputs.model_type, inputs.latents.shape[1])
-    if hasattr(model, "to"):
-        model.to(ctx.device)
+    if inputs.half_models is not None:  # half-set models: each half-map from its own half's model and latents
+        models, latents = inputs.half_models, inputs.half_latents
+        ctx.log.info("each half-set is reconstructed with its own half-set model (the run's rlnRandomSubset)")
+    else:
+        models, latents = (model,), inputs.latents
+    for m in models:
+        if hasattr(m, "to"):
+            m.to(ctx.device)
+    fields = tuple(m.displacement_field for m in models)
     with torch.no_grad():
-        rec = reconstruct_deformed(pset, inputs.latents, half, model.displacement_field, params["batch_size"],
+        rec = reconstruct_deformed(pset, latents, half,
+                                   fields if len(fields) == 2 else fields[0], params["batch_size"],
                                    ctx.device, box=box, wiener=wiener, mask=mask,
                                    voxel_chunk=params["voxel_chunk"], progress=ctx.progress)
     out = ctx.out_dir
@@ -65,7 +73,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                  "masked" if mask is not None else "unmasked", res["corrected"], res["homogeneous"])
     src = str(inputs.run_dir)
     ctx.add("volume", "map.mrc", "deformation-corrected canonical map", apix=apix, resolution_A=res["corrected"],
-            source_run=src)
+            source_run=src, half_set_models=inputs.half_models is not None)
     ctx.add("half_map", "half1.mrc", "deformation-corrected half-map 1", apix=apix, of="map.mrc")
     ctx.add("half_map", "half2.mrc", "deformation-corrected half-map 2", apix=apix, of="map.mrc")
     ctx.add("volume", "homogeneous.mrc", "homogeneous reconstruction of the same particles", apix=apix,
@@ -85,7 +93,9 @@ METHOD = Method(
          "weighted by CTF / (CTF² weights + λ) of the homogeneous reconstruction of the same particles, is "
          "backprojected along rays bent by its displacement field at its latent point (two passes over the "
          "particles), for two half-sets (rlnRandomSubset or a seeded split); λ is the homogeneous "
-         "reconstruction's Wiener regularisation (--wiener), made beside it. Writes map.mrc, half1.mrc, "
+         "reconstruction's Wiener regularisation (--wiener), made beside it. When the run trained a model on "
+         "each half-set (train-gmm --halfsets), each half-map uses its own half's model and latents, so that the "
+         "half-maps share no fitted deformation and their FSC is not inflated. Writes map.mrc, half1.mrc, "
          "half2.mrc, homogeneous.mrc, homogeneous_half1/2.mrc, fsc_corrected.star, fsc_homogeneous.star and "
          "fsc.png (both half-map FSC curves).",
     params=PARAMS,

@@ -261,14 +261,19 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                            "consensus_map": str(Path(cmap_path).resolve()),
                                            "restraint_weights": json.dumps(weights),
                                            "history": json.dumps(res.history)})
+    half_meta = {} if halves is None else {"half_models": halves["summary"]["models"],
+                                            "half_latents": ["half1_z.npy", "half2_z.npy"]}
     ctx.add("model", "model.safetensors", "Gaussian mixture of the consensus map displaced by an MLP of z",
             model_type="gaussian_mixture", latent_dim=params["zdim"], box=pset.box, apix=pset.apix,
-            n_gaussians=len(atoms))
+            n_gaussians=len(atoms), **half_meta)
     z = res.z_mu.astype(np.float64)
-    extra = {"cryohetDeformErrorA": halves["error"]} if halves is not None else None
+    # the half-set of each particle goes with the half models (reconstruct-deformed, RELION read rlnRandomSubset)
+    extra = None if halves is None else {"cryohetDeformErrorA": halves["error"],
+                                         "rlnRandomSubset": halves["halves"].astype(np.int64)}
     write_latents(ctx, pset, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, z,
                   f"latent means (N, {params['zdim']})", f"particles with cryohetZ1..{params['zdim']}"
-                  + (" and cryohetDeformErrorA" if halves is not None else ""), extra, logvar="z_logvar.npy")
+                  + (", cryohetDeformErrorA and the half-sets (rlnRandomSubset)" if halves is not None else ""),
+                  extra, logvar="z_logvar.npy")
     summary = write_gmm_outputs(ctx, model, z, params, halves)
     summary.update({"model": model.describe(), "n_particles": len(pset), "support": plan.describe_dict(),
                     "consensus_fit": fit_report, "spacing_A": spacing,

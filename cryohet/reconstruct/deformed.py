@@ -29,7 +29,7 @@ Nyquist (beyond it they would alias in the 3-D grid).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,18 +202,22 @@ def calibrated_map(raw: torch.Tensor, through: torch.Tensor, reference: torch.Te
     return vol.to(torch.float32)
 
 
-def reconstruct_deformed(pset, latents: np.ndarray, half: np.ndarray, field: DisplacementField, batch_size: int,
+def reconstruct_deformed(pset, latents: np.ndarray | Sequence[np.ndarray], half: np.ndarray,
+                         field: DisplacementField | Sequence[DisplacementField], batch_size: int,
                          device: torch.device, box: int | None = None, wiener: str = "auto",
                          mask: torch.Tensor | None = None, voxel_chunk: int = VOXEL_CHUNK,
                          progress: Callable[[Iterable, str, int], Iterator] | None = None) -> DeformedReconstruction:
     """Corrected and homogeneous reconstructions (half-maps, full map, FSC) of the half-sets ``half`` (1 or 2
     per particle) of ``pset`` with latents ``latents`` (N, zdim) and the displacement ``field``: two passes
-    over the particles in batches of ``batch_size``. ``box``, ``wiener`` and ``mask`` as
+    over the particles in batches of ``batch_size``. ``field`` and ``latents`` may be pairs, one per half-set
+    (half-set models: each half-map then depends on its own half's data alone). ``box``, ``wiener`` and ``mask`` as
     ``homogeneous.reconstruct_halves``; the corrected maps take the homogeneous reconstruction's λ."""
     lattice = Lattice(pset.box, pset.apix).cropped(box or pset.box)
     n, apix = lattice.box, lattice.apix
     prep = ImagePreparer(pset, lattice, device=device)
-    z = torch.as_tensor(np.asarray(latents, dtype=np.float32))
+    pair = isinstance(field, (list, tuple))
+    fields = tuple(field) if pair else (field, field)
+    zs = [torch.as_tensor(np.asarray(lat, dtype=np.float32)) for lat in (latents if pair else (latents, latents))]
     rows = []
     for h in (1, 2):
         idx = np.nonzero(half == h)[0]
@@ -234,9 +238,9 @@ def reconstruct_deformed(pset, latents: np.ndarray, half: np.ndarray, field: Dis
     reference = Projector(full, PAD)
     sums = []
     for h in (0, 1):
-        dbp = DeformedBackProjector(bps, h, [lam[h], lam[2]], reference, apix, field, voxel_chunk=voxel_chunk)
+        dbp = DeformedBackProjector(bps, h, [lam[h], lam[2]], reference, apix, fields[h], voxel_chunk=voxel_chunk)
         for b in stream(h, "deformed backprojection of"):
-            dbp.insert(b.images_ft, b.ctf, b.rotations, z[torch.as_tensor(b.rows)])
+            dbp.insert(b.images_ft, b.ctf, b.rotations, zs[h][torch.as_tensor(b.rows)])
         sums.append(dbp.maps())
     del reference
     weights = [box_weights(bp) for bp in (bps[0], bps[1], both)]
