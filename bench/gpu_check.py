@@ -287,6 +287,23 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
             dict(method="two-bodies", values=bodies, out=str(d / "data"), min_s=5),
             dict(method="multibody", values=mb, out=str(d / "multibody"), min_s=10,
                  label="2 bodies, 2 iterations, Nyquist")]))
+    for box, n in zip(a.boxes, a.n, strict=True):  # deformation models on the first job's simulation and map
+        d = a.work / f"box{box}"
+        apix = round(FIELD_A / box, 4)
+        star, cmap = str(d / "sim" / "particles.star"), str(d / "reconstruct" / "map.mrc")
+        n_def = min(n, 5000)
+        res = max(8.0, 3 * apix)
+        deform = dict(particles=star, consensus_map=cmap, zdim=2, epochs=a.epochs * 3, resolution_A=res, n_maps=3,
+                      n_clusters=0)
+        jobs.append(dict(kind="ours", box=box, n=n_def, steps=[
+            dict(method="train-gmm", values={**deform, "halfsets": False}, out=str(d / "gmm"), min_s=10,
+                 label=f"z 2, {a.epochs * 3} epochs, {res:g} Å, one model (no half-sets)"),
+            dict(method="train-deform", step="train-deform, zernike", values={**deform, "field": "zernike"},
+                 out=str(d / "deform_zernike"), min_s=10, label=f"Zernike3D L1 3 L2 2, z 2, {a.epochs * 3} epochs"),
+            dict(method="train-deform", step="train-deform, flow", values={**deform, "field": "flow"},
+                 out=str(d / "deform_flow"), min_s=10, label=f"flow field, z 2, {a.epochs * 3} epochs"),
+            dict(method="reconstruct-deformed", values=dict(run=str(d / "deform_zernike")),
+                 out=str(d / "reconstruct_deformed"), min_s=10, label="on the Zernike3D run, full box")]))
     for box, n in zip(a.boxes, a.n, strict=True):
         d = a.work / f"box{box}" / "atomic"
         apix = round(FIELD_A / box, 4)
@@ -381,7 +398,8 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
            "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
     for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "kernel-volumes", "manifold-images",
                  "manifold-volumes", "classify", "abinit", "two-bodies", "multibody", "nma, heavy atoms", "nma, Cα",
-                 "mode-data", "fit-modes, direct", "fit-modes, amortised", "train-atomic", "ensemble-data", "reweight"):
+                 "mode-data", "fit-modes, direct", "fit-modes, amortised", "train-atomic", "ensemble-data", "reweight",
+                 "train-gmm", "train-deform, zernike", "train-deform, flow", "reconstruct-deformed"):
         for box, n in zip(a.boxes, a.n, strict=True):
             ours = by.get(("cryohet", step, box))
             if ours is None:
