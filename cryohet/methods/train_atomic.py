@@ -10,21 +10,36 @@ import numpy as np
 
 from cryohet.methods.base import Method, Param
 
-#: The encoder's and the MLP decoder's settings (shared with train-gmm).
-NETWORK_PARAMS = (
-    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).", min=0.0,
-          expert=True),
-    Param("enc_layers", int, 3, "Encoder hidden layers.", min=1, max=32, expert=True),
-    Param("enc_dim", int, 256, "Encoder layer width.", min=8, max=8192, expert=True),
-    Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32, expert=True),
-    Param("dec_dim", int, 256, "Decoder layer width.", min=8, max=8192, expert=True),
-)
-
-PARAMS = (
+#: The particles and where their stacks are (shared with train-deform).
+PARTICLE_PARAMS = (
     Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
           required=True, input_role="particles"),
     Param("datadir", str, "", "Folder to look for the particle stacks in (empty: beside the particle file).",
           expert=True),
+)
+#: The ELBO's KL weight and the encoder's settings (shared with train-deform and train-gmm).
+ENCODER_PARAMS = (
+    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).", min=0.0,
+          expert=True),
+    Param("enc_layers", int, 3, "Encoder hidden layers.", min=1, max=32, expert=True),
+    Param("enc_dim", int, 256, "Encoder layer width.", min=8, max=8192, expert=True),
+)
+#: The encoder's and the MLP decoder's settings (shared with train-gmm).
+NETWORK_PARAMS = (
+    *ENCODER_PARAMS,
+    Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32, expert=True),
+    Param("dec_dim", int, 256, "Decoder layer width.", min=8, max=8192, expert=True),
+)
+#: Checkpoints and streaming (shared with train-deform).
+RUN_PARAMS = (
+    Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (written after every "
+          "epoch); --epochs is the new total."),
+    Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
+          min=1, expert=True),
+)
+
+PARAMS = (
+    *PARTICLE_PARAMS,
     Param("model", str, None, "Reference atomic model (PDB or mmCIF) placed in the particles' map frame (map origin "
           "0, as ChimeraX saves a model fitted in the consensus map): one node per residue (Cα of amino acids, P of "
           "nucleotides), weighted by the residue's heavy atoms.", required=True, input_role="atomic_model"),
@@ -54,10 +69,7 @@ PARAMS = (
           min=0),
     Param("amp", str, "no", "Mixed precision for the encoder and the decoder's MLP (bfloat16; the Gaussian slices "
           "stay float32): auto, yes, no.", choices=("auto", "yes", "no"), expert=True),
-    Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (written after every "
-          "epoch); --epochs is the new total."),
-    Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
-          min=1, expert=True),
+    *RUN_PARAMS,
 )
 
 

@@ -9,12 +9,10 @@ from typing import Any
 import numpy as np
 
 from cryohet.methods.base import Method, Param
+from cryohet.methods.train_atomic import ENCODER_PARAMS, PARTICLE_PARAMS, RUN_PARAMS
 
 PARAMS = (
-    Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
-          required=True, input_role="particles"),
-    Param("datadir", str, "", "Folder to look for the particle stacks in (empty: beside the particle file).",
-          expert=True),
+    *PARTICLE_PARAMS,
     Param("consensus_map", str, None, "Consensus map of the particles (same box and pixel size), e.g. a cryohet "
           "reconstruct output: the canonical map starts as its fit.", required=True, input_role="volume"),
     Param("mask", str, "", "Optional mask of the particle (same box and pixel size; voxels above 0.5 kept). Empty: "
@@ -50,19 +48,13 @@ PARAMS = (
           min=0.0),
     Param("drift_weight", float, 0.1, "Weight of the canonical amplitudes' drift from their fit to the consensus "
           "(‖w − w0‖² / ‖w0‖²), as a multiple of the starting data term; 0: none.", min=0.0),
-    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).", min=0.0,
-          expert=True),
-    Param("enc_layers", int, 3, "Encoder hidden layers.", min=1, max=32, expert=True),
-    Param("enc_dim", int, 256, "Encoder layer width.", min=8, max=8192, expert=True),
+    *ENCODER_PARAMS,
     Param("n_maps", int, 10, "Maps written along the first principal component of z, from its 5th to its 95th "
           "percentile.", min=2),
     Param("n_clusters", int, 10, "k-means clusters of z: one map at each cluster centre (0: none).", min=0),
     Param("amp", str, "no", "Mixed precision for the encoder and the MLPs (bfloat16; the slices stay float32): "
           "auto, yes, no.", choices=("auto", "yes", "no"), expert=True),
-    Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (written after every "
-          "epoch); --epochs is the new total."),
-    Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
-          min=1, expert=True),
+    *RUN_PARAMS,
 )
 
 
