@@ -15,7 +15,7 @@ import numpy as np
 from cryohet.analysis import plots
 from cryohet.analysis.latent import kmeans, pc_traversal, pca
 from cryohet.analysis.normal_modes import write_mode_chimerax
-from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
+from cryohet.analysis.volumes import write_series
 from cryohet.atomic import atomic_path
 from cryohet.io.atomic_model import model_suffix, write_models
 from cryohet.reconstruct.fsc import fsc, resolution_at
@@ -35,18 +35,12 @@ def consensus_fit(fitted: np.ndarray, target: np.ndarray, consensus: np.ndarray,
             "fsc": curve.round(5).tolist()}
 
 
+TITLE = "cryohet train-gmm"  # ChimeraX scripts' titles
+
+
 def _save(path: Path, arr: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, arr)
-
-
-def _series(ctx: Any, model: Any, z: np.ndarray, name: str, label: str, **meta: Any) -> Any:
-    series = write_volume_series(model, z, ctx.out_dir / name, progress=ctx.progress, desc=f"maps {name}")
-    series.register(ctx, name, label, **meta)
-    cxc = write_chimerax_script(ctx.out_dir / name / f"{name}.cxc", series.files, series.level,
-                                title=f"cryohet train-gmm: {label}")
-    ctx.add("chimerax", cxc, f"ChimeraX: {label}", series=name, n_maps=len(series.files))
-    return series
 
 
 def write_gmm_outputs(ctx: Any, model: Any, z: np.ndarray, params: dict[str, Any],
@@ -63,8 +57,8 @@ def write_gmm_outputs(ctx: Any, model: Any, z: np.ndarray, params: dict[str, Any
     for i in range(min(2, z.shape[1])):
         name = f"pc{i + 1}"
         pts, vals = pc_traversal(z, pcs, i, params["n_maps"])
-        series = _series(ctx, model, pts, name, f"map along PC{i + 1} ({100 * ratio[i]:.1f} %)",
-                         per_map={"pc_value": vals.round(6).tolist()}, pc=i + 1)
+        series = write_series(ctx, model, pts, name, f"map along PC{i + 1} ({100 * ratio[i]:.1f} %)",
+                              per_map={"pc_value": vals.round(6).tolist()}, title=TITLE, pc=i + 1)
         frames = model.frames_A(pts)
         with atomic_path(out / name / "z_values.txt") as tmp:
             np.savetxt(tmp, pts, fmt="%.6g", header=f"latent points along PC{i + 1}")
@@ -80,7 +74,7 @@ def write_gmm_outputs(ctx: Any, model: Any, z: np.ndarray, params: dict[str, Any
                                              "max_end_to_end": float(np.linalg.norm(disp[-1] - disp[0], axis=-1)
                                                                      .max())}
         cxc = write_mode_chimerax(out / f"{name}_movie.cxc", movie, series.files, series.level,
-                                  f"cryohet train-gmm: pseudo-atoms and maps along PC{i + 1}")
+                                  f"{TITLE}: pseudo-atoms and maps along PC{i + 1}")
         ctx.add("chimerax", cxc.name, f"ChimeraX: the pseudo-atom models (#1) and maps (#2) along PC{i + 1}, "
                 "played together", series=name, displacements=f"{name}/displacements.npy")
     labels = centres = None
@@ -88,8 +82,9 @@ def write_gmm_outputs(ctx: Any, model: Any, z: np.ndarray, params: dict[str, Any
         km = kmeans(z, min(params["n_clusters"], len(z)), seed=params["seed"])
         labels, centres = km.labels, pcs.transform(km.centers)
         name = f"kmeans{km.k}"
-        _series(ctx, model, km.centers, name, f"map at a k-means centre (K={km.k})",
-                per_map={"cluster": list(range(km.k)), "particle_index": km.center_indices.tolist()}, k=km.k)
+        write_series(ctx, model, km.centers, name, f"map at a k-means centre (K={km.k})",
+                     per_map={"cluster": list(range(km.k)), "particle_index": km.center_indices.tolist()},
+                     title=TITLE, k=km.k)
         write_models(out / name / f"models{suffix}", atoms, model.frames_A(km.centers))
         _save(out / name / "labels.npy", km.labels.astype(np.int64))
         ctx.add("atomic_model", f"{name}/models{suffix}", f"pseudo-atom models at the {km.k} k-means centres of z",

@@ -46,15 +46,13 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         models, latents = inputs.half_models, inputs.half_latents
         ctx.log.info("each half-set is reconstructed with its own half-set model (the run's rlnRandomSubset)")
     else:
-        models, latents = (model,), inputs.latents
+        models, latents = (model, model), (inputs.latents, inputs.latents)
     for m in models:
         if hasattr(m, "to"):
             m.to(ctx.device)
-    fields = tuple(m.displacement_field for m in models)
     with torch.no_grad():
-        rec = reconstruct_deformed(pset, latents, half,
-                                   fields if len(fields) == 2 else fields[0], params["batch_size"],
-                                   ctx.device, box=box, wiener=wiener, mask=mask,
+        rec = reconstruct_deformed(pset, latents, half, tuple(m.displacement_field for m in models),
+                                   params["batch_size"], ctx.device, box=box, wiener=wiener, mask=mask,
                                    voxel_chunk=params["voxel_chunk"], progress=ctx.progress)
     out = ctx.out_dir
     maps = {"map.mrc": rec.corrected.full, "half1.mrc": rec.corrected.half1, "half2.mrc": rec.corrected.half2,

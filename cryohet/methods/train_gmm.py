@@ -110,7 +110,7 @@ def plan_gaussians(consensus: np.ndarray, cmap_path: Path, mask: np.ndarray | No
     largest number that does)."""
     from scipy.ndimage import binary_dilation
 
-    from cryohet.models.elastic_network import free_memory_bytes
+    from cryohet.device import free_memory_bytes
     from cryohet.models.gaussian_mixture import (
         MIN_GAUSSIANS,
         batch_bytes,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cryohet.device import free_memory_bytes
 from cryohet.errors import InputError
 from cryohet.geometry.fourier import fft3c
 from cryohet.geometry.gaussian_slices import raised_cosine_lowpass
@@ -187,8 +188,6 @@ def canonical_model_points(consensus: np.ndarray, apix: float, resolution_A: flo
     """The canonical points of ``consensus`` (see the module doc), after checking before they are made that a
     training step on ``device`` fits in its free memory (``bytes_per_point``): InputError naming the consensus
     map (or the mask) otherwise, with the largest number of points that fits."""
-    from cryohet.models.elastic_network import free_memory_bytes
-
     keep = consensus_mask(consensus, apix, resolution_A, mask, threshold, source, mask_source)
     n_est = grid_count(keep, apix, grid_A)
     per = bytes_per_point(batch, n_freq, field, flow_dim, flow_layers)
