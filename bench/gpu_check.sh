@@ -2,7 +2,8 @@
 # The GPU check, one command on a machine lent a GPU (run from the repository root, within 8 minutes):
 #   1. installs the wheels carried in .whl/ (bench/gpu_wheels.sh makes them here) into /tmp/site and links the
 #      cryoDRGN test data where the tests look for it (../shared/data/thirdparty/cryodrgn-tests);
-#   2. runs the engine's tests on CUDA (device auto = CUDA there), under a time budget, without the tests that need
+#   2. runs the engine's tests (tests/, and tests_gpu/: those that need a GPU, which CI lacks) on CUDA (device
+#      auto = CUDA there), under a time budget, without the tests that need
 #      Scipion or RELION's binaries (neither is on that machine; the lists are below);
 #   3. runs bench/gpu_check.py: speed side by side with cryoDRGN 4.3.1 (train_vae at box 128 and 256, same
 #      architecture and batch), the times of reconstruct and principal-volumes, peak GPU memory; it prints a
@@ -88,7 +89,7 @@ echo "gpu_check: engine tests on CUDA, at most ${PYTEST_S} s (${#NEEDS_RELION[@]
 # SIGINT at the budget (then KILL 20 s later); -v writes each test's result as it ends, so a run stopped at the
 # budget still says what passed and failed
 timeout -s INT -k 20 "$PYTEST_S" "$PY" -m pytest -v -rfE --durations=15 --continue-on-collection-errors \
-  "${XDIST[@]}" "${TIMEOUT[@]}" "${IGNORE[@]}" "${DESELECT[@]}" >"$OUT/pytest.log" 2>&1
+  tests tests_gpu "${XDIST[@]}" "${TIMEOUT[@]}" "${IGNORE[@]}" "${DESELECT[@]}" >"$OUT/pytest.log" 2>&1
 RC=$?
 grep -E "(FAILED|ERROR)" "$OUT/pytest.log" | tail -n 40
 tail -n 25 "$OUT/pytest.log"
