@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
 
+from cryohet.device import free_memory_bytes  # noqa: E402
 from cryohet.io.atomic_model import read_atoms  # noqa: E402
 from cryohet.models.elastic_network import (  # noqa: E402
     anm_modes,
-    free_memory_bytes,
     max_atoms,
     subspace_overlaps,
 )

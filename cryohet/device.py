@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from cryohet.errors import InputError
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -38,3 +42,16 @@ def free_memory_bytes(device: torch.device) -> int:
         return info["MemAvailable"]
     except (OSError, KeyError, ValueError, IndexError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def refuse_unless_fits(need_bytes: float, device: torch.device, fraction: float, source: str | os.PathLike,
+                       what: str, fits: Callable[[float], Any], advice: str) -> None:
+    """Raise an InputError naming ``source`` when ``need_bytes`` exceed ``fraction`` of the device's free
+    memory, before anything is allocated: "``what`` needs N GB; <device> has F GB free, enough for
+    ``fits(usable_bytes)``: ``advice``"."""
+    free = free_memory_bytes(device)
+    if need_bytes <= fraction * free:
+        return
+    where = f"the GPU ({device})" if device.type == "cuda" else "this machine"
+    raise InputError(source, f"{what} needs about {need_bytes / 1e9:.1f} GB; {where} has {free / 1e9:.1f} GB "
+                             f"free, enough for {fits(fraction * free)}: {advice}")

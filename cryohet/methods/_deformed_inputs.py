@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryohet.device import free_memory_bytes
+from cryohet.device import refuse_unless_fits
 from cryohet.errors import InputError
 from cryohet.io.particles import ParticleSet, load_particles
 from cryohet.models.base import load_volume_model, model_modules
@@ -93,13 +93,10 @@ def read_deformation_run(run_dir: Path, datadir: Path | None) -> DeformationRun:
 def check_memory(box: int, batch_size: int, voxel_chunk: int, device: torch.device, source: Path) -> None:
     """InputError naming ``source`` when a reconstruction at ``box`` does not fit in the device's free memory,
     with the largest box that does; checked before anything is allocated."""
-    free = free_memory_bytes(device)
-    need = memory_bytes(box, batch_size, voxel_chunk)
-    if need <= MEMORY_FRACTION * free:
-        return
-    fits = next((b for b in range(box - 2, 0, -2) if memory_bytes(b, batch_size, voxel_chunk)
-                 <= MEMORY_FRACTION * free), 0)
-    where = f"the GPU ({device})" if device.type == "cuda" else "this machine"
-    raise InputError(source, f"a deformation-corrected reconstruction at box {box} needs {need / 1e9:.1f} GB; "
-                             f"{where} has {free / 1e9:.1f} GB free, enough for box {fits}: use --box {fits} "
-                             "(Fourier cropping) or a smaller --batch_size")
+    def largest_box(usable: float) -> str:
+        fits = (b for b in range(box - 2, 0, -2) if memory_bytes(b, batch_size, voxel_chunk) <= usable)
+        return f"box {next(fits, 0)}"
+
+    refuse_unless_fits(memory_bytes(box, batch_size, voxel_chunk), device, MEMORY_FRACTION, source,
+                       f"a deformation-corrected reconstruction at box {box}", largest_box,
+                       "use --box of that size (Fourier cropping) or a smaller --batch_size")

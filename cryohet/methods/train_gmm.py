@@ -110,7 +110,7 @@ def plan_gaussians(consensus: np.ndarray, cmap_path: Path, mask: np.ndarray | No
     largest number that does)."""
     from scipy.ndimage import binary_dilation
 
-    from cryohet.device import free_memory_bytes
+    from cryohet.device import free_memory_bytes, refuse_unless_fits
     from cryohet.models.gaussian_mixture import (
         MIN_GAUSSIANS,
         batch_bytes,
@@ -148,16 +148,13 @@ def plan_gaussians(consensus: np.ndarray, cmap_path: Path, mask: np.ndarray | No
     else:
         n = gaussian_count(int(support.sum()), apix, resolution_A)
         rule = f"one per ({resolution_A / 2:g} Å)³ of the support"
-    free = free_memory_bytes(device)
     need = batch_bytes(n, n_points, batch, cutoff_factor)
-    if need > MEMORY_FRACTION * free:
-        where = f"the GPU ({device})" if device.type == "cuda" else "this machine"
-        fits = max_gaussians(MEMORY_FRACTION * free, n_points, batch, cutoff_factor)
-        raise InputError(cmap_path, f"{n} Gaussians need about {need / 1e9:.1f} GB per training step of "
-                                    f"{batch} particles ({n_points} frequencies); {where} has {free / 1e9:.1f} GB "
-                                    f"free, enough for {fits} Gaussians: ask for fewer (--n_gaussians), a smaller "
-                                    "--batch_size or a coarser --resolution_A")
-    return GaussianPlan(float(thr), support, target.astype(np.float32), n, rule, need, free)
+    refuse_unless_fits(need, device, MEMORY_FRACTION, cmap_path,
+                       f"{n} Gaussians ({rule}) in a training step of {batch} particles ({n_points} frequencies)",
+                       lambda usable: f"{max_gaussians(usable, n_points, batch, cutoff_factor)} Gaussians",
+                       "ask for fewer (--n_gaussians), a smaller --batch_size or a coarser --resolution_A")
+    return GaussianPlan(float(thr), support, target.astype(np.float32), n, rule, need,
+                        free_memory_bytes(device))
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:

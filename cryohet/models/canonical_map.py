@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryohet.device import free_memory_bytes
+from cryohet.device import refuse_unless_fits
 from cryohet.errors import InputError
 from cryohet.geometry.fourier import fft3c
 from cryohet.geometry.gaussian_slices import raised_cosine_lowpass
@@ -191,14 +191,10 @@ def canonical_model_points(consensus: np.ndarray, apix: float, resolution_A: flo
     keep = consensus_mask(consensus, apix, resolution_A, mask, threshold, source, mask_source)
     n_est = grid_count(keep, apix, grid_A)
     per = bytes_per_point(batch, n_freq, field, flow_dim, flow_layers)
-    free = free_memory_bytes(device)
-    if n_est * per > MEMORY_FRACTION * free:
-        fits = int(MEMORY_FRACTION * free // per)
-        where = f"the GPU ({device})" if device.type == "cuda" else "this machine"
-        raise InputError(mask_source or source, f"a {grid_A:g} Å grid puts about {n_est} points in the mask: "
-                                                f"{n_est * per / 1e9:.1f} GB per training step of {batch} images; "
-                                                f"{where} has {free / 1e9:.1f} GB free, enough for {fits} points: "
-                                                "raise --grid_A, lower --batch_size or use a tighter mask")
+    refuse_unless_fits(n_est * per, device, MEMORY_FRACTION, mask_source or source,
+                       f"a {grid_A:g} Å grid puts about {n_est} points in the mask, which in a training step of "
+                       f"{batch} images", lambda usable: f"{int(usable // per)} points",
+                       "raise --grid_A, lower --batch_size or use a tighter mask")
     xyz = grid_points(keep, apix, grid_A)
     if len(xyz) < 4:
         raise InputError(mask_source or source, f"only {len(xyz)} grid points of {grid_A:g} Å fall in the mask: "

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from cryohet.device import free_memory_bytes
+from cryohet.device import refuse_unless_fits
 from cryohet.errors import InputError
 from cryohet.io.atomic_model import Atoms
 from cryohet.io.normal_modes import NormalModes
@@ -47,14 +47,10 @@ def max_atoms(free_bytes: float, solver: str) -> int:
 def plan_memory(n_atoms: int, solver: str, device: torch.device, source: str | os.PathLike) -> None:
     """InputError naming ``source`` when the solve of ``n_atoms`` atoms does not fit in the device's free
     memory, with the largest atom count that does."""
-    free = free_memory_bytes(device)
-    need = MATRICES_HELD[solver] * hessian_bytes(n_atoms)
-    if need > MEMORY_FRACTION * free:
-        where = f"the GPU ({device})" if device.type == "cuda" else "this machine"
-        raise InputError(source, f"{n_atoms} atoms need {need / 1e9:.1f} GB for the {solver} solver's dense "
-                                 f"{3 * n_atoms} x {3 * n_atoms} Hessian and eigenvectors; {where} has "
-                                 f"{free / 1e9:.1f} GB free, enough for {max_atoms(free, solver)} atoms: use "
-                                 "--selection ca (one node per residue) or fewer pseudo-atoms")
+    refuse_unless_fits(MATRICES_HELD[solver] * hessian_bytes(n_atoms), device, MEMORY_FRACTION, source,
+                       f"the {solver} solver's dense {3 * n_atoms} x {3 * n_atoms} Hessian and eigenvectors for "
+                       f"{n_atoms} atoms", lambda usable: f"{max_atoms(usable / MEMORY_FRACTION, solver)} atoms",
+                       "use --selection ca (one node per residue) or fewer pseudo-atoms")
 
 
 def network_pieces(xyz_A: np.ndarray, cutoff_A: float) -> tuple[int, int]:
