@@ -11,6 +11,22 @@ from cryohet.geometry.fourier import centered_coords
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import plane_coords, sinc2_grid
 
+#: bytes per voxel of the padded half grid (P × P × (P/2 + 1)) that each accumulator holds: complex128 data,
+#: float64 weight, its cached int64 shell indices
+ACCUMULATOR_BYTES_PER_VOXEL = 16 + 8 + 8
+#: and that one ``reconstruct`` adds for its temporaries: float64 then float32 denominators, the complex64
+#: transform, the inverse FFT's work and its P³ float32 output (the total fitted to peaks measured on a CPU at
+#: box 48-144: tests/test_reconstruct_memory.py)
+RECONSTRUCT_BYTES_PER_VOXEL = 42
+
+
+def reconstruction_bytes(box: int, pad: int = 2, pairs: int = 1) -> int:
+    """Peak memory, bytes, of accumulating and reconstructing ``pairs`` pairs of half-sets at ``box`` (all
+    accumulators alive at once, one reconstruction's temporaries at a time)."""
+    P = pad * box
+    per_voxel = 2 * pairs * ACCUMULATOR_BYTES_PER_VOXEL + RECONSTRUCT_BYTES_PER_VOXEL
+    return per_voxel * P * P * (P // 2 + 1)
+
 
 class BackProjector:
     """Accumulates Σ CTF·F (data) and Σ CTF² (weight) on the kx >= 0 half of a padded Fourier grid.

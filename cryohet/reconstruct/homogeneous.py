@@ -9,7 +9,8 @@ import torch
 
 from cryohet.data.loader import BatchStream
 from cryohet.data.prepare import ImageBatch, ImagePreparer
-from cryohet.geometry.backproject import BackProjector
+from cryohet.device import refuse_unless_fits
+from cryohet.geometry.backproject import BackProjector, reconstruction_bytes
 from cryohet.geometry.lattice import Lattice
 from cryohet.reconstruct.fsc import fsc, resolution_at
 
@@ -71,6 +72,7 @@ def reconstruct_halves(pset, half: np.ndarray, batch_size: int, device: torch.de
     """
     lattice = Lattice(pset.box, pset.apix).cropped(box or pset.box)
     box, apix = lattice.box, lattice.apix
+    check_reconstruction_fits(box, device, pset.source)
     prep = ImagePreparer(pset, lattice, device=device)
     bps = []
     for h in (1, 2):
@@ -86,6 +88,22 @@ def reconstruct_halves(pset, half: np.ndarray, batch_size: int, device: torch.de
     curve = fsc(*half_maps)
     curve_masked = fsc(half_maps[0] * mask, half_maps[1] * mask) if mask is not None else None
     return Reconstruction(full, half_maps[0], half_maps[1], curve, curve_masked, apix)
+
+
+#: fraction of the device's free memory a reconstruction may plan to use
+MEMORY_FRACTION = 0.8
+
+
+def check_reconstruction_fits(box: int, device: torch.device, source, pairs: int = 1) -> None:
+    """InputError naming ``source`` (the particles) when ``pairs`` half-set reconstructions at ``box`` do not fit
+    in the device's free memory, with the largest box that does; checked before anything is allocated."""
+    def largest_box(usable: float) -> str:
+        fits = (b for b in range(box - 2, 0, -2) if reconstruction_bytes(b, pairs=pairs) <= usable)
+        return f"box {next(fits, 0)}"
+
+    refuse_unless_fits(reconstruction_bytes(box, pairs=pairs), device, MEMORY_FRACTION, source,
+                       f"reconstructing {2 * pairs} half-set(s) at box {box} (padding 2)", largest_box,
+                       "Fourier-crop the images to that box (reconstruct --box, or the method's crop/box option)")
 
 
 def wiener_reconstruct(bps: list[BackProjector], wiener: str = "auto", ssnr_scale: float = 1.0,
