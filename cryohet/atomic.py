@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from cryohet.errors import OutputError
 
 #: errno values that mean the disk (or the quota, or the process's file-size limit) has no room left
@@ -99,3 +101,9 @@ def _fsync(path: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as a .npy file at ``path`` through a temporary name (see ``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)

@@ -38,7 +38,7 @@ def write_outputs(ctx: Any, params: dict[str, Any], pset: Any, decoder: Any, obj
     from cryohet.analysis.latent import kmeans, pc_traversal, pca
     from cryohet.analysis.normal_modes import write_mode_chimerax
     from cryohet.analysis.volumes import write_series
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import atomic_path, save_npy
     from cryohet.geometry.gaussians import gaussian_map, lowpass_map
     from cryohet.io.atomic_model import box_centre_A, write_models
     from cryohet.io.mrc import write_map
@@ -58,8 +58,7 @@ def write_outputs(ctx: Any, params: dict[str, Any], pset: Any, decoder: Any, obj
         write_series(ctx, decoder, km.centers, "clusters", f"map at a k-means centre (K={km.k})",
                      per_map={"cluster": list(range(km.k)), "particle_index": km.center_indices.tolist()},
                      title=title, k=km.k)
-        with atomic_path(out / "cluster_labels.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, km.labels.astype(np.int64))
+        save_npy(out / "cluster_labels.npy", km.labels.astype(np.int64))
     xy = pcs.transform(z)
     ctx.add("plot", plots.scatter_plot(xy, out / "latent_pca.png", xlabel="PC1", ylabel="PC2" if d > 1 else "",
                                        points=pcs.transform(points)[:, :2] if d > 1 else None,
@@ -80,8 +79,7 @@ def write_outputs(ctx: Any, params: dict[str, Any], pset: Any, decoder: Any, obj
         disp = decoder.displacements(torch.as_tensor(points, dtype=torch.float32)).double().numpy()
     for name, arr in (("pc1_displacements.npy", disp.astype(np.float32)),
                       ("canonical_points.npy", canon.atoms.xyz_A.astype(np.float32))):
-        with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, arr)
+        save_npy(out / name, arr)
     write_models(out / "pc1_points.pdb", decoder.atoms, decoder.atoms.xyz_A + disp)
     ctx.add("atomic_model", "pc1_points.pdb", f"the canonical points moved along PC1 ({params['n_maps']} models)",
             pc=1, displacements="pc1_displacements.npy", points="canonical_points.npy")

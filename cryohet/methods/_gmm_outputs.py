@@ -16,7 +16,7 @@ from cryohet.analysis import plots
 from cryohet.analysis.latent import kmeans, pc_traversal, pca
 from cryohet.analysis.normal_modes import write_mode_chimerax
 from cryohet.analysis.volumes import write_series
-from cryohet.atomic import atomic_path
+from cryohet.atomic import atomic_path, save_npy
 from cryohet.io.atomic_model import model_suffix, write_models
 from cryohet.reconstruct.fsc import fsc, resolution_at
 
@@ -36,11 +36,6 @@ def consensus_fit(fitted: np.ndarray, target: np.ndarray, consensus: np.ndarray,
 
 
 TITLE = "cryohet train-gmm"  # ChimeraX scripts' titles
-
-
-def _save(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, arr)
 
 
 def write_gmm_outputs(ctx: Any, model: Any, z: np.ndarray, params: dict[str, Any],
@@ -67,7 +62,7 @@ def write_gmm_outputs(ctx: Any, model: Any, z: np.ndarray, params: dict[str, Any
         ctx.add("atomic_model", str(movie.relative_to(out)), f"{params['n_maps']} pseudo-atom models along PC{i + 1}, "
                 "5th to 95th percentile", pc=i + 1)
         disp = frames - atoms.xyz_A[None]
-        _save(out / name / "displacements.npy", disp.astype(np.float32))
+        save_npy(out / name / "displacements.npy", disp.astype(np.float32))
         summary[f"{name}_values"] = vals.tolist()
         summary[f"{name}_displacement_A"] = {"rms_end_to_end": float(np.sqrt(((disp[-1] - disp[0]) ** 2)
                                                                             .sum(-1).mean())),
@@ -86,7 +81,7 @@ def write_gmm_outputs(ctx: Any, model: Any, z: np.ndarray, params: dict[str, Any
                      per_map={"cluster": list(range(km.k)), "particle_index": km.center_indices.tolist()},
                      title=TITLE, k=km.k)
         write_models(out / name / f"models{suffix}", atoms, model.frames_A(km.centers))
-        _save(out / name / "labels.npy", km.labels.astype(np.int64))
+        save_npy(out / name / "labels.npy", km.labels.astype(np.int64))
         ctx.add("atomic_model", f"{name}/models{suffix}", f"pseudo-atom models at the {km.k} k-means centres of z",
                 clusters=km.k, labels=f"{name}/labels.npy")
         summary["cluster_sizes"] = np.bincount(km.labels, minlength=km.k).tolist()
@@ -98,7 +93,7 @@ def write_gmm_outputs(ctx: Any, model: Any, z: np.ndarray, params: dict[str, Any
                                        title=f"latents ({len(z)} particles)"), "PCA of the latents")
     if halves is not None:
         for fname, arr in halves["arrays"].items():
-            _save(out / fname, arr)
+            save_npy(out / fname, arr)
         ctx.add("latents", "deformation_error.npy", "per-particle deformation error (Å): RMS over the Gaussians "
                 "of the difference of the two half-set models' displacements", content="deformation_error",
                 half_latents=["half1_z.npy", "half2_z.npy"], gaussian_error="gaussian_error.npy")

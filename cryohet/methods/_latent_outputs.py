@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.atomic import atomic_path
+from cryohet.atomic import save_npy
 from cryohet.io.particles import ParticleSet, write_particles_star
 
 
@@ -20,8 +20,7 @@ def write_latents(ctx: Any, pset: ParticleSet, arrays: dict[str, np.ndarray], z:
     as the run's ``latents`` (``dim`` and ``meta``) and the STAR as its ``particles_star``."""
     out = Path(ctx.out_dir)
     for name, arr in arrays.items():
-        with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, arr)
+        save_npy(out / name, arr)
     cols = {f"cryohetZ{i + 1}": z[:, i] for i in range(z.shape[1])}
     write_particles_star(out / "particles.star", pset, extra_columns={**cols, **(extra_columns or {})})
     ctx.add("latents", next(iter(arrays)), latents_label, dim=z.shape[1], **meta)

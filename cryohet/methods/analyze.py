@@ -9,7 +9,7 @@ import numpy as np
 from cryohet.analysis import latent
 from cryohet.analysis.runs import load_latents, particles_star_path
 from cryohet.analysis.volumes import write_series
-from cryohet.atomic import atomic_path
+from cryohet.atomic import atomic_path, save_npy
 from cryohet.errors import InputError
 from cryohet.methods.base import Method, Param
 
@@ -79,8 +79,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     # PCA
     pcs = latent.pca(z)
     coords = pcs.transform(z).astype(np.float32)
-    with atomic_path(ctx.out_dir / "pca.npy") as tmp:
-        np.save(tmp, coords)
+    save_npy(ctx.out_dir / "pca.npy", coords)
     ratio = pcs.explained_variance_ratio
     ctx.log.info("PCA explained variance ratio: %s", ", ".join(f"{r:.3f}" for r in ratio))
     ctx.add("latents", "pca.npy", "PCA coordinates of the latents", content="pca",
@@ -105,8 +104,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     else:
         emb, fit_rows = latent.umap_embedding(z, params["umap_neighbors"], params["umap_min_dist"],
                                               params["umap_max_points"], ctx.seed, log=ctx.log.info)
-        with atomic_path(ctx.out_dir / "umap.npy") as tmp:
-            np.save(tmp, emb)
+        save_npy(ctx.out_dir / "umap.npy", emb)
         ctx.add("latents", "umap.npy", "UMAP of the latents", content="umap", fitted_on=int(len(fit_rows)),
                 n_neighbors=params["umap_neighbors"], min_dist=params["umap_min_dist"], **src)
         ctx.add("plot", plots.scatter_plot(emb, ctx.out_dir / "umap.png", xlabel="UMAP1", ylabel="UMAP2",
@@ -123,8 +121,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         name = f"kmeans{k}"
         folder = ctx.out_dir / name
         folder.mkdir(exist_ok=True)
-        with atomic_path(folder / "labels.npy") as tmp:
-            np.save(tmp, km.labels.astype(np.int32))
+        save_npy(folder / "labels.npy", km.labels.astype(np.int32))
         with atomic_path(folder / "centers.txt") as tmp:
             np.savetxt(tmp, km.centers, fmt="%.6g",
                        header=f"on-data k-means centres (latent coordinates), one per cluster 0..{k - 1}")

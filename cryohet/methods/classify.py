@@ -111,7 +111,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     import torch
 
     from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import save_npy
     from cryohet.errors import InputError
     from cryohet.geometry.fourier import fourier_crop_3d
     from cryohet.geometry.lattice import Lattice, box_for_resolution
@@ -204,8 +204,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             name = f"particles_class{k + 1:03d}.star"
             write_particles_star(out / name, pset, extra_columns=columns, rows=rows)
             ctx.add("particles_star", name, f"particles of class {k + 1}", n=len(rows), class_number=k + 1)
-    with atomic_path(out / "class_probabilities.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, fit.probabilities.astype(np.float32))
+    save_npy(out / "class_probabilities.npy", fit.probabilities.astype(np.float32))
     ctx.add("latents", "class_probabilities.npy", "posterior class probabilities (N × K, STAR row order)",
             content="class_probabilities", dim=K)
     _plot_history(out / "classes_per_iteration.png", fit.history)

@@ -55,7 +55,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.analysis import body_flex, plots
     from cryohet.analysis.runs import load_latents, particles_star_path
     from cryohet.analysis.volumes import contour_level, write_chimerax_script
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import save_npy
     from cryohet.errors import InputError
     from cryohet.io.mrc import write_map
     from cryohet.io.particles import load_particles, write_particles_star
@@ -97,8 +97,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     write_particles_star(out / "particles.star", pset, extra_columns=columns)
     ctx.add("particles_star", "particles.star", "the run's particles with their coordinate on each component "
             "(cryohetFlexComponent<k>)", n=n, **src)
-    with atomic_path(out / "components.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, coords)
+    save_npy(out / "components.npy", coords)
     ctx.add("latents", "components.npy", "coordinates of the particles on the principal components of the body "
             "motions (N × 6 per body, STAR row order)", content="z", analysis="body_flex_pca",
             relative_to=params["relative_to"], explained_variance_ratio=ratio.round(6).tolist(),

@@ -58,7 +58,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.analysis.kernel_plots import plot_kernel_maps
     from cryohet.analysis.runs import latent_inputs
     from cryohet.analysis.volumes import contour_level, register_series
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import atomic_path, save_npy
     from cryohet.io.mrc import write_map
     from cryohet.io.particles import write_particles_star
     from cryohet.models.maps import MODEL_TYPE, MapsModel
@@ -124,8 +124,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     MapsModel(files, points, kr.apix).save(out / "kernel_maps.json")
     ctx.add("model", "kernel_maps.json", "maps at latent points (the nearest point's map for any latent)",
             model_type=MODEL_TYPE, n_maps=len(points))
-    with atomic_path(out / "latents.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, z.astype(np.float32))
+    save_npy(out / "latents.npy", z.astype(np.float32))
     ctx.add("latents", "latents.npy", f"the input latents (N, {z.shape[1]})", dim=int(z.shape[1]),
             source=str(zpath))
     with atomic_path(out / "z_values.txt") as tmp:

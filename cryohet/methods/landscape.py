@@ -80,7 +80,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.analysis import landscape as L
     from cryohet.analysis.landscape_plots import plot_landscape, plot_path_profile
     from cryohet.analysis.runs import latent_inputs
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import atomic_path, save_npy
     from cryohet.io.particles import write_particles_star
 
     inputs = latent_inputs(params, need_particles=False)
@@ -104,12 +104,10 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
             model_type="landscape", axes=names, smoothing=smooth, minima=grid.points()[minima].round(5).tolist(),
             minima_kT=G.ravel()[minima].round(3).tolist(), **pca_meta)
     G_i, G_i_std = grid.sample(G, y), grid.sample(G_std, y)
-    with atomic_path(out / "free_energy.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.stack([G_i, G_i_std], axis=1).astype(np.float32))
+    save_npy(out / "free_energy.npy", np.stack([G_i, G_i_std], axis=1).astype(np.float32))
     ctx.add("latents", "free_energy.npy", "free energy at each particle's latent and its s.d. (N, 2), kT",
             content="free_energy", dim=2)
-    with atomic_path(out / "coordinates.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, y.astype(np.float32))
+    save_npy(out / "coordinates.npy", y.astype(np.float32))
 
     route = points = None
     if ends is not None:

@@ -119,7 +119,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.analysis import volume_manifold as V
     from cryohet.analysis.manifold_plots import plot_volume_manifold
     from cryohet.analysis.runs import latent_inputs
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import atomic_path, save_npy
     from cryohet.io.mrc import write_map
     from cryohet.io.particles import write_particles_star
     from cryohet.reconstruct.homogeneous import particle_halves
@@ -193,8 +193,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
 
     # ---- outputs
     names = [f"{emb.method}{k + 1}" for k in range(params["dims"])]
-    with atomic_path(out / "latents.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, y.astype(np.float32))
+    save_npy(out / "latents.npy", y.astype(np.float32))
     ctx.add("latents", "latents.npy", f"each particle's mean embedding coordinate over its volumes (N, "
             f"{params['dims']})", dim=int(params["dims"]), axes=names)
     with atomic_path(out / "volume_manifold.npz") as tmp, open(tmp, "wb") as fh:

@@ -66,7 +66,7 @@ def _plot_motions(path: Path, motions: np.ndarray, rotation_deg: np.ndarray) -> 
 
 def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import save_npy
     from cryohet.geometry.euler import euler_to_matrix
     from cryohet.inference.bodies import read_bodies
     from cryohet.inference.multibody import absolute_poses, body_motions, refine_bodies
@@ -149,8 +149,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             "cryohetBody<b>Origin*Angst: RELION poses of the consensus map times the body's mask)", n=len(pset),
             bodies=nb)
     motions = body_motions(A, fit.poses, bodies)
-    with atomic_path(out / "body_motions.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, motions)
+    save_npy(out / "body_motions.npy", motions)
     ctx.add("latents", "body_motions.npy", "body motions relative to the consensus (N × 6 per body: rot, tilt, psi "
             "in the body's frame, deg, 0 90 0 = no motion; x, y, z, Å)", content="body_motions", dim=6 * nb,
             bodies=nb, columns=["rot_deg", "tilt_deg", "psi_deg", "x_A", "y_A", "z_A"])

@@ -83,7 +83,7 @@ def _convergence_line(converged: bool, last_change: float, tol: float, iteration
 
 def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import atomic_path, save_npy
     from cryohet.inference.ppca import check_inputs, fit_principal_volumes
     from cryohet.io.mrc import read_mask, write_map
     from cryohet.io.particles import load_particles, write_particles_star
@@ -120,10 +120,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         ctx.add("volume", name, f"principal volume X_{k + 1}", component=k + 1,
                 eigenvalue=float(res.eigenvalues[k]))
 
-    with atomic_path(out / "latents.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, res.latents.astype(np.float32))
-    with atomic_path(out / "latents_std.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, res.latent_std.astype(np.float32))
+    save_npy(out / "latents.npy", res.latents.astype(np.float32))
+    save_npy(out / "latents_std.npy", res.latent_std.astype(np.float32))
     ctx.add("latents", "latents.npy", f"principal-volume coordinates b (N, {K})", dim=K, std="latents_std.npy")
 
     cols = {f"cryohetZ{k + 1}": res.latents[:, k] for k in range(K)}

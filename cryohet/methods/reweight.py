@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.atomic import atomic_path
+from cryohet.atomic import atomic_path, save_npy
 from cryohet.methods.base import DATADIR, Method, Param
 
 #: The choices of --scale and --cv, and the default selection (``cryohet.io.trajectory.HEAVY``). The engine's modules
@@ -171,8 +171,7 @@ def run(params: dict[str, Any], ctx) -> None:
         "cryohetReweightFrame": traj.frames[top] + 1, "cryohetReweightFrameProbability": prob,
         "cryohetReweightCV": expected})
     for name, values in (("latents.npy", expected), ("latents_std.npy", spread)):
-        with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, values[:, None].astype(np.float32))
+        save_npy(out / name, values[:, None].astype(np.float32))
     best = np.argsort(-w)[:params["n_maps"]]
     suffix = model_suffix(traj.source, traj.xyz_A.shape[1])
     if len(best):

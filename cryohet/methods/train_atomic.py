@@ -91,7 +91,7 @@ def _plot_terms(path: Path, terms: list[dict[str, float]], weights: list[float])
 
 def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.analysis.latent import kmeans, pc_traversal, pca
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import atomic_path, save_npy
     from cryohet.data.prepare import ImagePreparer, transform_rms
     from cryohet.geometry.lattice import Lattice
     from cryohet.inference.atomic_restraints import Restraints, chain_geometry
@@ -148,8 +148,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         cl_frames = decoder.frames_A(km.centers)
         write_models(out / f"cluster_models{suffix}", atoms, cl_frames)
         geometry["clusters"] = chain_geometry(atoms, cl_frames)
-        with atomic_path(out / "cluster_labels.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, km.labels.astype(np.int64))
+        save_npy(out / "cluster_labels.npy", km.labels.astype(np.int64))
     _plot_terms(out / "restraints.png", terms, weights)
     summary = {"model": decoder.describe(), "n_particles": len(pset), "restraint_weights": {
         "elastic": weights[0], "clash": weights[1], "factors": [params["elastic_weight"], params["clash_weight"]]},

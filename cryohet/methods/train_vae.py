@@ -103,7 +103,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     import logging
     import os
 
-    from cryohet.atomic import atomic_path
+    from cryohet.atomic import atomic_path, save_npy
     from cryohet.inference.fit_neural import fit_neural
     from cryohet.inference.trainer import TrainOptions
     from cryohet.io.particles import load_particles, write_particles_star
@@ -142,8 +142,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                        "n_particles": len(pset), "image_box": pset.box, "image_apix": pset.apix,
                                        "history": res.history}, indent=1))
         for name, arr in (("z.npy", res.z_mu), ("z_logvar.npy", res.z_logvar)):
-            with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, arr)
+            save_npy(out / name, arr)
         write_particles_star(out / "particles.star", pset,
                              extra_columns={f"cryohetZ{i + 1}": res.z_mu[:, i].astype(np.float64) for i in range(d)})
         _plot_losses(out / "loss.png", res.history)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryohet.atomic import atomic_path
+from cryohet.atomic import save_npy
 from cryohet.errors import InputError
 from cryohet.geometry.gaussians import gaussian_map
 from cryohet.io.atomic_model import box_centre_A
@@ -79,8 +79,7 @@ def write_run(run_dir: Path, model: HingeTruthModel, pset: ParticleSet, tau: np.
     run_dir.mkdir(parents=True, exist_ok=True)
     tau = np.asarray(tau, dtype=np.float32).reshape(len(pset), 1)
     model.save(run_dir / "model.safetensors")
-    with atomic_path(run_dir / "latents.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, tau)
+    save_npy(run_dir / "latents.npy", tau)
     write_particles_star(run_dir / "particles.star", pset, extra_columns={"cryohetZ1": tau[:, 0]})
     rec = RunRecord("simulate", {}, status="finished")
     rec.add("model", "model.safetensors", run_dir, "the true hinge motion", model_type=MODEL_TYPE)
