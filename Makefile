@@ -57,15 +57,19 @@ demo: setup
 	@echo; echo "Simulated particles and ground truth: demo_out/simulate/ (particles.star, maps/)"; \
 	 echo "Reconstruction, half-maps, FSC:       demo_out/reconstruct/ (map.mrc, fsc.png, cryohet_run.json)"
 
-# All but the pipeliner tests in $(VENV), then all but the Scipion tests in $(VENV_CURRENT); both run, and make fails
-# when either does.
+# All but the pipeliner tests in $(VENV) and, at the same time (CI has two cores), all but the Scipion tests in
+# $(VENV_CURRENT): the first prints as it runs, the second into a log printed when both are done; each has its own
+# temporary folder, and make fails when either fails.
 test: setup setup-current
-	@rc=0; \
-	echo "== $(VENV): Scipion-pinned versions, all but $(PIPELINER_TESTS) =="; \
-	CRYOHET_NO_PROGRESS=1 $(VENV)/bin/pytest $(PYTEST_ARGS) --ignore-glob='$(PIPELINER_TESTS)' || rc=$$?; \
+	@tmp=$$(mktemp -d); \
+	CRYOHET_NO_PROGRESS=1 $(VENV_CURRENT)/bin/pytest $(PYTEST_ARGS) --basetemp=$$tmp/current \
+	  --ignore-glob='$(SCIPION_TESTS)' >$$tmp/current.log 2>&1 & current=$$!; \
+	echo "== $(VENV): Scipion-pinned versions, all but $(PIPELINER_TESTS) (with $(VENV_CURRENT)'s suite beside it) =="; \
+	rc=0; CRYOHET_NO_PROGRESS=1 $(VENV)/bin/pytest $(PYTEST_ARGS) --basetemp=$$tmp/pinned \
+	  --ignore-glob='$(PIPELINER_TESTS)' || rc=$$?; \
+	wait $$current || rc=$$?; \
 	echo "== $(VENV_CURRENT): newest versions, all but $(SCIPION_TESTS) =="; \
-	CRYOHET_NO_PROGRESS=1 $(VENV_CURRENT)/bin/pytest $(PYTEST_ARGS) --ignore-glob='$(SCIPION_TESTS)' || rc=$$?; \
-	exit $$rc
+	cat $$tmp/current.log; rm -rf $$tmp; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check cryohet cryohet_plugin tests bench bin/cryohet_external
