@@ -137,8 +137,9 @@ def score_particles(particles, predict: Predictor, reference: Predictor | None =
     against a typical particle's evidence under ``reference`` (None: ``predict`` itself).
 
     ``box``: the working lattice (the images Fourier-cropped to it; the model's box; None: the images' box).
-    The noise model comes from a fixed sample of ``n_sample`` particles (drawn from ``seed``), then every
-    particle is streamed once in file order through the loader, ``batch_size`` at a time.
+    The noise model comes from a fixed sample of ``n_sample`` particles (drawn from ``seed``; their per-shell sums
+    are kept: 4 numbers per shell each), then every particle is streamed once in file order through the loader,
+    ``batch_size`` at a time (a set no larger than the sample is read once).
     """
     lattice = Lattice(int(particles.box), float(particles.apix))
     if box is not None and box != lattice.box:
@@ -156,11 +157,13 @@ def score_particles(particles, predict: Predictor, reference: Predictor | None =
         return progress(out, desc, len(batches)) if progress is not None else out
 
     sample = sample_rows(n, n_sample, seed, 0xF17)
-    noise = fit_noise(torch.cat([s for _, s in _predicted_sums(stream(sample, "goodness of fit: noise model"),
-                                                               predict, reference, points, n_shells)]), counts)
+    scored = list(_predicted_sums(stream(sample, "goodness of fit: noise model"), predict, reference, points,
+                                 n_shells))
+    noise = fit_noise(torch.cat([s for _, s in scored]), counts)
+    if len(sample) < n:  # else the sample's sums are every particle's
+        scored = _predicted_sums(stream(np.arange(n), "goodness of fit"), predict, reference, points, n_shells)
     fit_z, residual_z, signal = (np.zeros(n) for _ in range(3))
-    for rows, sums in _predicted_sums(stream(np.arange(n), "goodness of fit"), predict, reference, points,
-                                      n_shells):
+    for rows, sums in scored:
         f, r, s = scores_from_sums(sums, counts, noise)
         fit_z[rows], residual_z[rows], signal[rows] = f.numpy(), r.numpy(), s.numpy()
     return FitScores(fit_z, residual_z, signal, noise)
@@ -174,7 +177,7 @@ def maps_predictor(maps: torch.Tensor, coefficients: np.ndarray | None = None) -
     (1, z_i) rows with a mean and components: principal volumes). One interpolation pass slices every map.
     """
     stack = ProjectorStack(maps[None] if maps.ndim == 3 else maps)
-    coef = None if coefficients is None else torch.as_tensor(np.asarray(coefficients), dtype=torch.float32)
+    coef = None if coefficients is None else torch.as_tensor(np.array(coefficients, dtype=np.float32))
     if coef is not None and coef.shape[1] != len(stack):
         raise ValueError(f"{coef.shape[1]} coefficients per particle for {len(stack)} maps")
 
@@ -192,7 +195,7 @@ def latent_predictors(model, z: np.ndarray) -> tuple[Predictor, Predictor]:
     """(each particle's image, a typical particle's image) of a ``SliceModel`` (``model.slices``): its slices at
     each particle's latent ``z`` (N, d) (rows in particle-file order), and at the latents' median, a point in the
     bulk of the particles (junk is pushed to the latent space's edges)."""
-    device = next(iter(model.parameters())).device
+    device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
     z = np.asarray(z, dtype=np.float32)
     typical = np.median(z, axis=0)
 
