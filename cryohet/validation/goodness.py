@@ -18,8 +18,7 @@ exponential |n(k)|²/σ² terms), so that it is unbiased for pure noise. Then, s
   CTF gives on average S = Σ |a·CTF·P_ref|²/σ², its reference image's power in noise units (P_ref: the method's
   reference image, e.g. its consensus or mean map; by default the particle's own model image; its power scaled so
   that the sample's median particle gets L = S, as the reference may be weaker, a mean over junk too), with s.d.
-  √(2S).
-  So fit_z = (S − L)/√(2S): N(0, 1) for particles the model explains as well as a typical one, about +√(S/2) or
+  √(2S). So fit_z = (S − L)/√(2S): N(0, 1) for particles the model explains as well as a typical one, about +√(S/2) or
   more for an image without that signal (pure noise, another molecule, a particle off its recorded centre, a
   conformation the model does not hold). Without a reference it is −2 Re⟨R, a·CTF·P⟩_σ/√(2S), the residual along
   the model's image; the reference matters for models that can explain an empty image with an empty prediction
