@@ -16,6 +16,7 @@ import starfile
 from relion_tools import THIRDPARTY, relion
 from sklearn.metrics import adjusted_rand_score
 
+from cryohet.analysis.runs import particles_star_path
 from cryohet.errors import InputError
 from cryohet.io.mrc import read_map
 from cryohet.io.particles import load_particles, write_particles_star
@@ -290,16 +291,25 @@ def test_select_rejects_bad_input(toy_run) -> None:
         run_method(SELECT, {"run": run, "indices": bad}, data / "o1")
     with pytest.raises(ValueError, match="empty selection"):
         run_method(SELECT, {"run": run, "region": "z1:100:200"}, data / "o2")
-    with pytest.raises(ValueError, match="at least one of --clusters, --region and --indices"):
+    with pytest.raises(ValueError, match="at least one of --clusters, --region, --indices, --max_fit_z"):
         run_method(SELECT, {"run": run}, data / "o3")
     with pytest.raises(ValueError, match="--clusters needs --analysis"):
         run_method(SELECT, {"run": run, "clusters": "0"}, data / "o4")
     with pytest.raises(ValueError, match="UMAP coordinates"):
         run_method(SELECT, {"run": run, "region": "umap1:0:1"}, data / "o5")
-    # a run folder without latents
+    # a run folder without particles (indices and fit cuts need only its particles STAR)
     empty = data / "empty_run"
     empty.mkdir()
     RunRecord(method="reconstruct", params={}, status="finished").write(empty)
-    with pytest.raises(InputError, match="no latent coordinates"):
+    with pytest.raises(InputError, match="holds no particles STAR"):
         run_method(SELECT, {"run": empty, "indices": bad}, data / "o6")
     assert read_record(data / "o6").status == "failed"
+    # a run without latents (its particles STAR only): a region needs latents
+    star_only = data / "star_only_run"
+    star_only.mkdir()
+    write_particles_star(star_only / "particles.star", load_particles(particles_star_path(run), require_poses=False))
+    rec = RunRecord(method="reconstruct", params={}, status="finished")
+    rec.add("particles_star", "particles.star", star_only)
+    rec.write(star_only)
+    with pytest.raises(InputError, match="no latent coordinates"):
+        run_method(SELECT, {"run": star_only, "region": "z1:0:1"}, data / "o7")

@@ -49,7 +49,7 @@ def test_reconstruct_matches_relion(relion_data, tmp_path):
     record = json.loads((out / "cryohet_run.json").read_text())
     assert record["status"] == "finished"
     kinds = sorted(o["kind"] for o in record["outputs"])
-    assert kinds == ["fsc", "half_map", "half_map", "particles_star", "plot", "volume"]
+    assert kinds == ["fsc", "half_map", "half_map", "particles_star", "plot", "plot", "volume"]
     h1, _ = read_map(out / "half1.mrc")
     h2, _ = read_map(out / "half2.mrc")
     curve = fsc(h1, h2)

@@ -11,14 +11,23 @@ import numpy as np
 
 from cryohet.atomic import save_npy
 from cryohet.io.particles import ParticleSet, write_particles_star
+from cryohet.methods._fit_outputs import fit_columns
+from cryohet.validation.goodness import latent_predictors
 
 
 def write_latents(ctx: Any, pset: ParticleSet, arrays: dict[str, np.ndarray], z: np.ndarray, latents_label: str,
-                  star_label: str, extra_columns: dict[str, np.ndarray] | None = None, **meta: Any) -> None:
+                  star_label: str, extra_columns: dict[str, np.ndarray] | None = None, *, fit_model: Any = None,
+                  fit_batch: int = 64, **meta: Any) -> None:
     """Write ``arrays`` (file name -> array, rows in particle-file order) as .npy files in ``ctx.out_dir`` and
     ``particles.star``: ``pset`` with cryohetZ1..d from ``z`` (N, d) and ``extra_columns``; record the first array
-    as the run's ``latents`` (``dim`` and ``meta``) and the STAR as its ``particles_star``."""
+    as the run's ``latents`` (``dim`` and ``meta``) and the STAR as its ``particles_star``. With ``fit_model`` (a
+    ``SliceModel`` on the device to score on) the STAR gets each particle's goodness of fit under it at its latent
+    (``cryohetFitZ``, ``cryohetResidualZ``, ``fit_z.png``; ``fit_batch`` particles at a time)."""
     out = Path(ctx.out_dir)
+    if fit_model is not None:
+        fit = fit_columns(ctx, pset, *latent_predictors(fit_model, z), box=fit_model.box, batch_size=fit_batch)
+        extra_columns = {**(extra_columns or {}), **fit}
+        star_label += ", goodness of fit (cryohetFitZ, cryohetResidualZ)"
     for name, arr in arrays.items():
         save_npy(out / name, arr)
     cols = {f"cryohetZ{i + 1}": z[:, i] for i in range(z.shape[1])}

@@ -6,14 +6,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryohet.methods.base import Method, Param
-from cryohet.validation.datasets import DATASETS, DEFAULT_STATES
+from cryohet.validation.datasets import DATASETS, DEFAULT_STATES, MOTION_DATASETS
 
 if TYPE_CHECKING:
     from cryohet.runner import RunContext
 
 PARAMS = (
     Param("dataset", str, "all", "Which dataset: " + "; ".join(f"{k}: {v}" for k, v in DATASETS.items())
-          + "; all: each of them in its own subfolder.", choices=tuple(DATASETS) + ("all",)),
+          + "; all: each motion dataset (" + ", ".join(MOTION_DATASETS) + ") in its own subfolder.",
+          choices=tuple(DATASETS) + ("all",)),
     Param("box", int, 64, "Image and map size, pixels (even).", min=16, max=512),
     Param("apix", float, 0.0, "Pixel size, Å/pixel. 0: 128 Å / box (a 128 Å field of view).", min=0.0, max=50.0),
     Param("n_particles", int, 1000, "Number of particle images per dataset.", min=10),
@@ -38,7 +39,7 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
         raise ValueError(f"--box must be even, got {params['box']}")
     if params["defocus_max_A"] < params["defocus_min_A"]:
         raise ValueError("--defocus_max_A is smaller than --defocus_min_A")
-    names = list(DATASETS) if params["dataset"] == "all" else [params["dataset"]]
+    names = list(MOTION_DATASETS) if params["dataset"] == "all" else [params["dataset"]]
     pops = None
     if (params["populations"] or "").strip():
         if len(names) > 1:
@@ -73,7 +74,8 @@ METHOD = Method(
     title="Benchmark datasets with ground truth",
     help="Simulate CryoBench-style datasets from the bundled adenylate kinase (open 4AKE / closed 1AKE) with "
          "realistic CTF and noise: a 1-D hinge motion, a 1-D interpolation between two atomic models, a 2-D motion "
-         "of two independent domains, and discrete states with uneven populations. Each dataset folder holds "
+         "of two independent domains, discrete states with uneven populations, and (junk) outliers: 10 % junk "
+         "images (pure noise, another molecule, off-centre particles) and a 2 % rare state. Each dataset folder holds "
          "particles.star/.mrcs, ground_truth.npz, maps/state_XXX.mrc and benchmark.json; score a method's result "
          "on it with cryohet benchmark-score.",
     params=PARAMS,

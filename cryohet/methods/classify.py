@@ -119,7 +119,9 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.classify_em import fit_classes, initial_classes_from_pca
     from cryohet.io.mrc import read_mask, write_map
     from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.methods._fit_outputs import fit_columns
     from cryohet.reconstruct.homogeneous import particle_halves
+    from cryohet.validation.goodness import maps_predictor
 
     pset = load_particles(params["particles"], params["datadir"] or None)
     K = params["K"]
@@ -195,8 +197,13 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
     columns = {"rlnClassNumber": classes, "rlnMaxValueProbDistribution": fit.probabilities.max(1),
                "rlnLogLikeliContribution": fit.log_likelihood, "rlnRandomSubset": half}
+    # each particle's image: its posterior mixture of the classes; a typical particle's: the populations' mixture
+    pops = np.broadcast_to(np.asarray(last["populations"], dtype=np.float64), fit.probabilities.shape)
+    columns |= fit_columns(ctx, pset, maps_predictor(fit.maps, fit.probabilities), maps_predictor(fit.maps, pops),
+                           box=n, batch_size=params["batch_size"])
     write_particles_star(out / "particles.star", pset, extra_columns=columns)
-    ctx.add("particles_star", "particles.star", "particles with their class (rlnClassNumber)", n=len(pset),
+    ctx.add("particles_star", "particles.star", "particles with their class (rlnClassNumber) and goodness of fit "
+            "(cryohetFitZ, cryohetResidualZ)", n=len(pset),
             classes=K)
     for k in range(K):
         rows = np.nonzero(classes == k + 1)[0]
@@ -224,7 +231,9 @@ METHOD = Method(
          "populations as priors, class maps from two half-sets with a Wiener filter from their FSC (times T), "
          "images scored up to the resolution every class reaches. Classes that empty are reseeded by splitting the "
          "class that fits its particles worst, and reported when they stay empty. Writes classNNN.mrc with "
-         "half-maps and FSC, particles.star (rlnClassNumber, rlnMaxValueProbDistribution), particles_classNNN.star, "
+         "half-maps and FSC, particles.star (rlnClassNumber, rlnMaxValueProbDistribution, goodness of fit "
+         "cryohetFitZ and cryohetResidualZ under the particle's classes against the populations' mixture), "
+         "particles_classNNN.star, "
          "class_probabilities.npy and plots of populations per iteration.",
     params=PARAMS,
     outputs=("volume_series", "half_map", "fsc", "particles_star", "latents", "plot"),

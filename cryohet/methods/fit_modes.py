@@ -143,7 +143,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             model_type="normal_modes", latent_dim=k, box=pset.box, apix=pset.apix, modes=numbers, fit=params["fit"])
     write_latents(ctx, pset, {"amplitudes.npy": z.astype(np.float32)}, z,
                   f"normal-mode amplitudes (N, {k}), Å of RMS displacement over atoms, modes {numbers}",
-                  f"particles with cryohetZ1..{k} (mode amplitudes, Å)", extra, units="A_rms", modes=numbers)
+                  f"particles with cryohetZ1..{k} (mode amplitudes, Å)", extra, fit_model=model, units="A_rms",
+                  modes=numbers)
     _plot_amplitudes(out / "amplitudes.png", z, numbers)
     lo, hi = np.percentile(z, [5, 95], axis=0)
     suffix = model_suffix(None, len(nm.atoms))

@@ -82,12 +82,16 @@ def _convergence_line(converged: bool, last_change: float, tol: float, iteration
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:
+    import torch
+
     from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
     from cryohet.atomic import atomic_path, save_npy
     from cryohet.inference.ppca import check_inputs, fit_principal_volumes
     from cryohet.io.mrc import read_mask, write_map
     from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.methods._fit_outputs import fit_columns
     from cryohet.models.linear import LinearModel
+    from cryohet.validation.goodness import maps_predictor
 
     pset = load_particles(params["particles"], params["datadir"] or None)
     K = params["n_components"]
@@ -126,8 +130,13 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
     cols = {f"cryohetZ{k + 1}": res.latents[:, k] for k in range(K)}
     cols.update({f"cryohetStdZ{k + 1}": res.latent_std[:, k] for k in range(K)})
+    maps = torch.as_tensor(np.concatenate([res.mean[None], res.components]), device=ctx.device)
+    coef = np.concatenate([np.ones((len(pset), 1)), res.latents], 1)
+    cols.update(fit_columns(ctx, pset, maps_predictor(maps, coef), maps_predictor(maps[:1]),
+                            batch_size=params["batch_size"]))
     write_particles_star(out / "particles.star", pset, extra_columns=cols)
-    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{K} (and their s.d. cryohetStdZ1..{K})",
+    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{K} (and their s.d. cryohetStdZ1..{K}), "
+            "goodness of fit (cryohetFitZ, cryohetResidualZ)",
             columns=[f"cryohetZ{k + 1}" for k in range(K)])
 
     # movies along each component, survey equation 6: X_0 + τ X_k
@@ -177,9 +186,11 @@ METHOD = Method(
          "cryoSPARC's 3D variability analysis (per-particle K×K E-step, per-voxel M-step, per-shell noise and "
          "prior). The analysis is limited to --resolution_A and the variability to --mask. Writes the mean and "
          "the orthonormal principal volumes (MRC), per-particle coordinates b_k with their posterior s.d. "
-         "(latents.npy, latents_std.npy; the particles STAR with cryohetZ1..K), movies X_0 + τ X_k along each "
-         "component (survey equation 6) with ChimeraX scripts, the linear model (for analyze / eval-volume), a "
-         "plot of the coordinates and a short report. A fast, interpretable first look before a neural model. "
+         "(latents.npy, latents_std.npy; the particles STAR with cryohetZ1..K and each particle's goodness of "
+         "fit under its mean + Σ b_k X_k against the mean's, cryohetFitZ and cryohetResidualZ, histogram "
+         "fit_z.png), movies X_0 + τ X_k along each component (survey equation 6) with ChimeraX scripts, the "
+         "linear model (for analyze / eval-volume), a plot of the coordinates and a short report. A fast, "
+         "interpretable first look before a neural model. "
          "A checkpoint is written after every EM iteration: --resume yes continues after a crash or kill. Whether "
          "EM met --tol or stopped at --max_iter is reported in the log, the report and the run record.",
     params=PARAMS,

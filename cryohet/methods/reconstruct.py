@@ -4,14 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
 from cryohet.errors import InputError
 from cryohet.io.mrc import read_map, write_map
 from cryohet.io.particles import load_particles, write_particles_star
+from cryohet.methods._fit_outputs import fit_columns
 from cryohet.methods.base import DATADIR, Method, Param
 from cryohet.reconstruct.homogeneous import particle_halves, reconstruct_halves
+from cryohet.validation.goodness import maps_predictor
 
 PARAMS = (
     Param("particles", Path, None, "Particles with poses and CTF: RELION STAR (3.0/3.1/5) or cryoSPARC .cs.",
@@ -67,7 +70,11 @@ def run(params: dict[str, Any], ctx) -> None:
     star = write_fsc_star(out / "fsc.star", rec.box, rec.apix, rec.fsc, rec.fsc_masked)
     curves = {"unmasked": rec.fsc} | ({"masked": rec.fsc_masked} if rec.fsc_masked is not None else {})
     png = plot_fsc(out / "fsc.png", rec.box, rec.apix, curves)
-    write_particles_star(out / "particles.star", pset, extra_columns={"rlnRandomSubset": half})
+    # each particle against the half-map it is not in (its own noise is not in its model)
+    other_half = np.stack([half == 2, half == 1], 1)
+    fit = fit_columns(ctx, pset, maps_predictor(torch.stack([rec.half1, rec.half2]), other_half), box=box,
+                      batch_size=params["batch_size"])
+    write_particles_star(out / "particles.star", pset, extra_columns={"rlnRandomSubset": half} | fit)
     res = rec.resolution(0.143)
     ctx.log.info("resolution at FSC 0.143: %.2f Å (%s)", res, "masked" if mask is not None else "unmasked")
     ctx.add("volume", "map.mrc", "reconstruction", apix=rec.apix, resolution_A=res)
@@ -75,7 +82,8 @@ def run(params: dict[str, Any], ctx) -> None:
     ctx.add("half_map", "half2.mrc", "half-map 2", apix=rec.apix)
     ctx.add("fsc", star, "half-map FSC", resolution_A=res)
     ctx.add("plot", png, "FSC curve")
-    ctx.add("particles_star", "particles.star", "input particles with their half-set (rlnRandomSubset)",
+    ctx.add("particles_star", "particles.star", "input particles with their half-set (rlnRandomSubset) and "
+            "goodness of fit (cryohetFitZ, cryohetResidualZ)",
             n=len(pset))
 
 
@@ -85,8 +93,9 @@ METHOD = Method(
     title="Homogeneous reconstruction with half-maps and FSC",
     help="CTF-weighted Fourier backprojection (RELION conventions, padding 2, trilinear insertion, gridding "
          "correction) of two random half-sets (rlnRandomSubset when present), a Wiener filter from the half-map "
-         "FSC, the FSC curve and the resolution at FSC 0.143. Writes map.mrc, half1.mrc, half2.mrc, fsc.star, "
-         "fsc.png and particles.star (input rows with rlnRandomSubset).",
+         "FSC, the FSC curve and the resolution at FSC 0.143, and each particle's goodness of fit against the "
+         "half-map it is not in (cryohetFitZ, cryohetResidualZ). Writes map.mrc, half1.mrc, half2.mrc, fsc.star, "
+         "fsc.png, fit_z.png and particles.star (input rows with rlnRandomSubset and the fit columns).",
     params=PARAMS,
     outputs=("volume", "half_map", "fsc", "plot", "particles_star"),
     run=run,

@@ -1,4 +1,5 @@
-"""``cryohet select``: particle subsets by cluster, latent-space region or index list, as RELION STAR files."""
+"""``cryohet select``: particle subsets by cluster, latent-space region, index list or goodness of fit, as RELION
+STAR files."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,9 @@ from cryohet.errors import InputError
 from cryohet.methods.base import Method, Param
 
 PARAMS = (
-    Param("run", Path, None, "Run folder of a heterogeneity method (its particles STAR and latents). May be "
-          "left out with --analysis: the analysed run is used.", input_role="run"),
+    Param("run", Path, None, "Run folder of a heterogeneity method (its particles STAR and latents; for "
+          "--max_fit_z / --max_residual_z alone any run whose particles STAR has those columns, reconstruct's "
+          "too). May be left out with --analysis: the analysed run is used.", input_role="run"),
     Param("analysis", Path, None, "Folder of a 'cryohet analyze' run: its k-means labels (for --clusters), "
           "PCA and UMAP coordinates (for --region)."),
     Param("clusters", str, None, "Keep these k-means clusters (0-based numbers as in labels.npy, e.g. '0,3')."),
@@ -34,9 +36,18 @@ PARAMS = (
           "ellipse(oid) inscribed in that box.", choices=REGION_SHAPES),
     Param("indices", Path, None, "Keep these rows: a text file of 0-based row numbers of the particles STAR "
           "(spaces, commas or new lines) or an .npy of integers (or a boolean mask)."),
+    Param("max_fit_z", float, None, "Keep particles whose goodness of fit cryohetFitZ (noise standard deviations "
+          "short of a typical particle's evidence; N(0, 1) for particles the model explains) is at most this; "
+          "junk scores high. Needs a run that wrote the column (every method with a model of the images)."),
+    Param("max_residual_z", float, None, "Keep particles whose cryohetResidualZ (the residual's χ² as a z-score "
+          "against pure noise, noise standard deviations) is at most this."),
     Param("invert", bool, False, "Keep the particles that do NOT match."),
     Param("write_rest", bool, True, "Also write the other particles as particles_rest.star."),
 )
+
+
+#: goodness-of-fit cuts: parameter -> STAR column (written by ``validation.goodness`` through every method)
+FIT_CUTS = {"max_fit_z": "cryohetFitZ", "max_residual_z": "cryohetResidualZ"}
 
 
 def _run_folder(params: dict[str, Any], analysis: Any) -> Path:
@@ -58,18 +69,20 @@ def _check_length(arr: np.ndarray | None, n: int, what: str, folder: Path) -> No
 def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.io.particles import load_particles, write_particles_star
 
-    if params["clusters"] is None and params["region"] is None and params["indices"] is None:
-        raise ValueError("give at least one of --clusters, --region and --indices")
+    fit_cuts = {col: params[name] for name, col in FIT_CUTS.items() if params[name] is not None}
+    if params["clusters"] is None and params["region"] is None and params["indices"] is None and not fit_cuts:
+        raise ValueError("give at least one of --clusters, --region, --indices, --max_fit_z and --max_residual_z")
     analysis = load_analysis(params["analysis"]) if params["analysis"] is not None else None
     run_dir = _run_folder(params, analysis)
-    z, z_path = load_latents(run_dir)
-    n = len(z)
     star = particles_star_path(run_dir)
     pset = load_particles(star, require_poses=False)  # subsets need rows and images, not poses
-    n_star = len(pset.table)
-    if n_star != n:
-        raise InputError(star, f"{n_star} particles but the latents ({z_path}) have {n} rows")
-    ctx.log.info("run %s: %d particles, latent dimension %d", run_dir, n, z.shape[1])
+    n = len(pset.table)
+    z = None
+    if params["clusters"] is not None or params["region"] is not None:
+        z, z_path = load_latents(run_dir)
+        if len(z) != n:
+            raise InputError(star, f"{n} particles but the latents ({z_path}) have {len(z)} rows")
+        ctx.log.info("run %s: %d particles, latent dimension %d", run_dir, n, z.shape[1])
 
     mask = np.ones(n, dtype=bool)
     criteria: dict[str, Any] = {}
@@ -101,6 +114,13 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         ctx.log.info("indices from %s: %d particles", params["indices"], len(idx))
         mask &= indices_mask(idx, n)
         criteria["indices"] = str(Path(params["indices"]).resolve())
+    for col, limit in fit_cuts.items():
+        if col not in pset.table.columns:
+            raise InputError(star, f"no {col} column: the run did not score its particles' goodness of fit")
+        m = np.asarray(pset.table[col], dtype=np.float64) <= limit
+        ctx.log.info("%s at most %g: %d particles", col, limit, int(m.sum()))
+        mask &= m
+        criteria[f"max_{col}"] = limit
     if params["invert"]:
         mask = ~mask
         criteria["invert"] = True
@@ -130,8 +150,9 @@ METHOD = Method(
     title="Select particle subsets",
     help="Write particle subsets of a heterogeneity run as RELION 3.1 STAR files that point at the original "
          "images: by k-means cluster (of an analyze run), by a region of PC, latent or UMAP coordinates, or by "
-         "a list of row indices; criteria given together must all hold. Output: particles_selected.star, "
-         "particles_rest.star, selected_indices.txt.",
+         "a list of row indices, or by goodness of fit (--max_fit_z, --max_residual_z: cut junk on the "
+         "cryohetFitZ and cryohetResidualZ columns that the methods write); criteria given together must all hold. "
+         "Output: particles_selected.star, particles_rest.star, selected_indices.txt.",
     params=PARAMS,
     outputs=("particles_star",),
     run=run,

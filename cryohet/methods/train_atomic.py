@@ -136,7 +136,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     ctx.add("model", "model.safetensors", "atomic decoder (reference residues displaced by an MLP of z)",
             model_type="atomic_decoder", latent_dim=d, box=pset.box, apix=pset.apix)
     write_latents(ctx, pset, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, z, f"latent means (N, {d})",
-                  f"particles with cryohetZ1..{d}", logvar="z_logvar.npy")
+                  f"particles with cryohetZ1..{d}", fit_model=decoder, logvar="z_logvar.npy")
     suffix = model_suffix(params["model"], len(atoms))
     pcs = pca(z, 1)
     points, pc_values = pc_traversal(z, pcs, 0, params["n_models"])

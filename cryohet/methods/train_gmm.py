@@ -274,7 +274,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     write_latents(ctx, pset, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, z,
                   f"latent means (N, {params['zdim']})", f"particles with cryohetZ1..{params['zdim']}"
                   + (", cryohetDeformErrorA and the half-sets (rlnRandomSubset)" if halves is not None else ""),
-                  extra, logvar="z_logvar.npy")
+                  extra, fit_model=model, logvar="z_logvar.npy")
     summary = write_gmm_outputs(ctx, model, z, params, halves)
     summary.update({"model": model.describe(), "n_particles": len(pset), "support": plan.describe_dict(),
                     "consensus_fit": fit_report, "spacing_A": spacing,

@@ -107,7 +107,9 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.inference.fit_neural import fit_neural
     from cryohet.inference.trainer import TrainOptions
     from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.methods._fit_outputs import fit_columns, register_fit_plot
     from cryohet.models.neural import VolumeConfig, save_model
+    from cryohet.validation.goodness import latent_predictors
 
     pset = load_particles(params["particles"], params["datadir"] or None)
     box = model_box_for(pset.box, params["crop_box"])
@@ -143,17 +145,21 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                        "history": res.history}, indent=1))
         for name, arr in (("z.npy", res.z_mu), ("z_logvar.npy", res.z_logvar)):
             save_npy(out / name, arr)
-        write_particles_star(out / "particles.star", pset,
-                             extra_columns={f"cryohetZ{i + 1}": res.z_mu[:, i].astype(np.float64) for i in range(d)})
+        fit = fit_columns(ctx, pset, *latent_predictors(objective.decoder, res.z_mu), box=cfg.box,
+                          batch_size=params["batch_size"])
+        write_particles_star(out / "particles.star", pset, extra_columns={
+            f"cryohetZ{i + 1}": res.z_mu[:, i].astype(np.float64) for i in range(d)} | fit)
         _plot_losses(out / "loss.png", res.history)
     # every rank registers the same outputs, so whichever writes the run record last lists them all
     ctx.add("model", "model.safetensors", f"neural volume and {objective.kind} inference weights",
             model_type="vae", latent_dim=d, box=cfg.box, apix=cfg.apix, config="config.json",
             inference=objective.kind)
     ctx.add("latents", "z.npy", f"latent means (N, {d})", logvar="z_logvar.npy", dim=d)
-    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{d}", columns=[f"cryohetZ{i + 1}"
-                                                                                           for i in range(d)])
+    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{d} and goodness of fit (cryohetFitZ, "
+            "cryohetResidualZ)", columns=[f"cryohetZ{i + 1}" for i in range(d)])
     ctx.add("plot", "loss.png", "training losses per epoch")
+    if rank > 0:
+        register_fit_plot(ctx)
 
 
 METHOD = Method(
@@ -166,7 +172,8 @@ METHOD = Method(
          "has its own free q(z) instead of an encoder (3DFlex, DRGN-AI). CTF and origins are applied in the model; "
          "only frequencies inside the resolution circle are fitted. Writes the weights (safetensors), per-particle "
          "latent means and log-variances (z.npy, z_logvar.npy, rows in particle-file order), the particles STAR with "
-         "cryohetZ1..d columns, and a loss plot. A checkpoint is written after every epoch: --resume yes continues "
+         "cryohetZ1..d columns and each particle's goodness of fit (cryohetFitZ, cryohetResidualZ, fit_z.png), "
+         "and a loss plot. A checkpoint is written after every epoch: --resume yes continues "
          "after a crash or kill. Several GPUs or nodes: launch with torchrun (each rank reads its own share).",
     params=PARAMS,
     outputs=("model", "latents", "particles_star", "plot"),

@@ -35,10 +35,16 @@ DATASETS: dict[str, str] = {
                      "(1AKE) model",
     "two-part": "continuous 2-D motion: the LID (τ1) and NMP (τ2) domains closing independently",
     "discrete": "discrete states with uneven populations: open, LID closed, NMP closed, both closed",
+    "junk": "outliers: the open model with a 2 % rare state (the closed model, 1AKE) and 10 % junk (pure noise, "
+            "another molecule, off-centre particles; truth in cryohetTrueJunk)",
 }
+#: The datasets of a motion ("benchmark-make --dataset all").
+MOTION_DATASETS = ("hinge", "interpolation", "two-part", "discrete")
+#: The junk dataset's fractions of all particles: junk images (shared equally by the junk kinds), rare state.
+JUNK_FRACTION, RARE_FRACTION = 0.10, 0.02
 
 #: Default number of true maps (K) per dataset; for two-part it is the grid size per axis (K = n²).
-DEFAULT_STATES = {"hinge": 20, "interpolation": 20, "two-part": 5, "discrete": 4}
+DEFAULT_STATES = {"hinge": 20, "interpolation": 20, "two-part": 5, "discrete": 4, "junk": 2}
 
 
 @dataclass
@@ -89,7 +95,10 @@ def default_apix(box: int) -> float:
 
 
 def default_populations(name: str, n_states: int) -> np.ndarray:
-    """Uniform for continuous motions; for discrete states ∝ K, K−1, …, 1 (0.4/0.3/0.2/0.1 for K = 4)."""
+    """Uniform for continuous motions; for discrete states ∝ K, K−1, …, 1 (0.4/0.3/0.2/0.1 for K = 4); for junk
+    the rare state (the last) holds ``RARE_FRACTION``."""
+    if name == "junk":
+        return np.array([1 - RARE_FRACTION, RARE_FRACTION])
     if name == "discrete":
         p = np.arange(n_states, 0, -1, dtype=np.float64)
     else:
@@ -120,6 +129,11 @@ def build_conformations(name: str, box: int, apix: float, n_states: int | None =
         return interpolation_conformations(mol, default_molecule(closed=True), n_states=n, **kw)
     if name == "two-part":
         return two_part_conformations(mol, n_per_axis=n, **kw)
+    if name == "junk":
+        conf = discrete_conformations([mol, default_molecule(closed=True)], apix=apix, box=box, resolution_A=res,
+                                      device=device)
+        conf.meta.update(source="open (common) and closed (rare) models", resolution_A=res)
+        return conf
     if n < 2:
         raise ValueError("a discrete dataset needs at least 2 states")
     per_axis = max(2, math.ceil(math.sqrt(n)))
@@ -161,6 +175,8 @@ def make_dataset(name: str, out_dir: str | Path, *, box: int = 64, apix: float |
     pops = pops / pops.sum()
     simulate_particles(conf, out_dir, n_particles=n_particles, snr=snr, populations=pops,
                        defocus_range_A=tuple(defocus_range_A), seed=seed, device=device, progress=progress)
+    if name == "junk":
+        _junk(out_dir, conf, seed, device)
     doc = {"format": BENCHMARK_FORMAT, "name": name, "description": DATASETS[name], "kind": conf.kind,
            "n_particles": int(n_particles), "n_states": k, "latent_dim": conf.dim, "box": box, "apix": apix,
            "snr": snr, "defocus_range_A": list(defocus_range_A), "seed": seed, "populations": pops.tolist(),
@@ -169,6 +185,18 @@ def make_dataset(name: str, out_dir: str | Path, *, box: int = 64, apix: float |
     with atomic_path(out_dir / BENCHMARK_FILE) as tmp:
         tmp.write_text(json.dumps(doc, indent=1))
     return load_dataset(out_dir)
+
+
+def _junk(out_dir: Path, conf: Conformations, seed: int, device: str) -> None:
+    """Replace ``JUNK_FRACTION`` of the particles (rows of the common state 0) by junk images."""
+    from cryohet.simulate.junk import add_junk, other_molecule_map, pick_junk
+    from cryohet.simulate.molecules import default_molecule
+
+    with np.load(out_dir / "ground_truth.npz") as gt:
+        state = gt["state"]
+    kind = pick_junk(state, 0, JUNK_FRACTION, np.random.default_rng([seed, 0x7A4B]))
+    other = other_molecule_map(default_molecule(), conf.box, conf.apix, conf.meta["resolution_A"], device)
+    add_junk(out_dir, conf.maps[0], other, kind, seed, device=device)
 
 
 def _jsonable(v: Any) -> bool:
