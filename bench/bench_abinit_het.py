@@ -18,8 +18,8 @@ Rows:
 * cryoDRGN 4.3.1 ``cryodrgn abinit --zdim 1`` from ``--cryodrgn`` (its own environment), CTF from
   ``parse_ctf_star --ps 0``, its defaults but ``-n`` (``--cryodrgn_epochs``: its pretraining pass, then hierarchical
   pose-search epochs; on two cores one epoch of a few hundred 32 px images takes tens of minutes), ``--max-threads``,
-  ``--seed`` and ``--no-analysis``. Poses: the last ``pose.<epoch>.pkl`` (A = R, origin = +t px, as bench_abinit.py
-  checks), latents ``z.<epoch>.pkl``.
+  ``--num-workers 0`` (no loader processes), ``--seed`` and ``--no-analysis``. Poses: the last ``pose.<epoch>.pkl``
+  (A = R, origin = +t px, as bench_abinit.py checks), latents ``z.<epoch>.pkl``.
 
 Scores: pose errors after the best global rotation, translation and hand (``validation.poses.pose_errors``); the
 latent's |Spearman| of its PC1 with the true τ; for ours, the per-image FSC AUC: maps at the latents of 2 particles
@@ -130,8 +130,8 @@ def run_cryodrgn(exe: str, d: Path, out: Path, epochs: int, threads: int, seed: 
     cost = timed([exe, "parse_ctf_star", str(d / NOPOSE_STAR), "--ps", "0", "-o", str(ctf)], out,
                  out / "parse_ctf.log")
     cost += timed([exe, "abinit", str(d / NOPOSE_STAR), "--ctf", str(ctf), "--zdim", "1", "-n", str(epochs),
-                   "--datadir", str(d), "--max-threads", str(threads), "--seed", str(seed), "--no-analysis",
-                   "-o", str(out / "run")], out, out / "abinit.log")
+                   "--datadir", str(d), "--max-threads", str(threads), "--num-workers", "0", "--seed", str(seed),
+                   "--no-analysis", "-o", str(out / "run")], out, out / "abinit.log")
     return cost
 
 

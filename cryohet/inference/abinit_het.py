@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +49,7 @@ class HetSettings:
 
     rounds: int = 2                  # pose re-searches
     epochs: int = 10                 # training epochs before each re-search and after the last
-    search: ResearchSettings = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.search is None:
-            self.search = ResearchSettings()
+    search: ResearchSettings = field(default_factory=ResearchSettings)
 
 
 @dataclass

@@ -14,10 +14,12 @@ from cryohet.io.particles import ParticleSet, write_particles_star
 
 
 def write_latents(ctx: Any, pset: ParticleSet, arrays: dict[str, np.ndarray], z: np.ndarray, latents_label: str,
-                  star_label: str, extra_columns: dict[str, np.ndarray] | None = None, **meta: Any) -> None:
+                  star_label: str, extra_columns: dict[str, np.ndarray] | None = None,
+                  star_meta: dict[str, Any] | None = None, **meta: Any) -> None:
     """Write ``arrays`` (file name -> array, rows in particle-file order) as .npy files in ``ctx.out_dir`` and
     ``particles.star``: ``pset`` with cryohetZ1..d from ``z`` (N, d) and ``extra_columns``; record the first array
-    as the run's ``latents`` (``dim`` and ``meta``) and the STAR as its ``particles_star``."""
+    as the run's ``latents`` (``dim`` and ``meta``) and the STAR as its ``particles_star`` (``star_meta`` added to
+    its record entry, e.g. ``poses=True`` when it carries new poses)."""
     out = Path(ctx.out_dir)
     for name, arr in arrays.items():
         with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
@@ -25,4 +27,4 @@ def write_latents(ctx: Any, pset: ParticleSet, arrays: dict[str, np.ndarray], z:
     cols = {f"cryohetZ{i + 1}": z[:, i] for i in range(z.shape[1])}
     write_particles_star(out / "particles.star", pset, extra_columns={**cols, **(extra_columns or {})})
     ctx.add("latents", next(iter(arrays)), latents_label, dim=z.shape[1], **meta)
-    ctx.add("particles_star", "particles.star", star_label, columns=list(cols))
+    ctx.add("particles_star", "particles.star", star_label, columns=list(cols), **(star_meta or {}))

@@ -106,11 +106,12 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     d = cfg.zdim
     write_latents(ctx, posed, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, res.z_mu,
                   f"latent means (N, {d})", f"particles with the poses found (RELION conventions) and "
-                  f"cryohetZ1..{d}", extra_columns=_abinit.pose_columns(posed, half), logvar="z_logvar.npy")
+                  f"cryohetZ1..{d}", extra_columns=_abinit.pose_columns(posed, half),
+                  star_meta={"poses": True, "n": len(pset)}, logvar="z_logvar.npy")
     write_particles_star(out / "particles_consensus.star", _abinit.with_poses(pset, euler0, cons.shifts_A),
                          extra_columns=_abinit.pose_columns(_abinit.with_poses(pset, euler0, cons.shifts_A), half))
-    ctx.add("particles_star", "particles_consensus.star", "particles with the consensus poses", n=len(pset),
-            poses=True)
+    ctx.add("particles_star", "particles_consensus.star", "particles with the consensus poses (before the "
+            "re-searches)", n=len(pset))
     z = res.z_mu.astype(np.float64)
     pcs = pca(z, min(2, d))
     pts, vals = pc_traversal(z, pcs, 0, params["n_maps"])
