@@ -108,19 +108,19 @@ def test_decoder_search_finds_the_poses_of_images_the_decoder_made() -> None:
 def test_abinit_het_recovers_poses_and_conformation(hinge: Path, solved: Path) -> None:
     """From images without poses: the final poses' median error (frame and hand aligned) is under 7° and at least
     0.2° below the consensus' (the re-search against the model at each image's latent corrects part of the
-    consensus' error: measured 6.72° -> 6.30°), and the latent's first PC follows the true hinge angle
-    (|Spearman| above 0.25, measured 0.35; chance ~0.04 for 600 particles); the model is read by the analysis tools as
-    train-vae's, the consensus maps, FSC and STAR files are written and the hand is reported undetermined."""
+    consensus' error: measured 6.72° -> 6.16°), and the latent's first PC follows the true hinge angle
+    (|Spearman| above 0.3, measured 0.52; chance ~0.04 for 600 particles); the model is read by the analysis
+    tools as train-vae's, the consensus maps, FSC and STAR files are written and the hand is reported undetermined."""
     final = _errors(hinge / "particles.star", solved / "particles.star")
     consensus = _errors(hinge / "particles.star", solved / "particles_consensus.star")
     print(f"median pose error: consensus {consensus.median_angle_deg:.2f}°, final {final.median_angle_deg:.2f}°; "
           f"origins {consensus.median_shift_A:.2f} / {final.median_shift_A:.2f} Å")
     assert final.median_angle_deg < 7.0 and final.median_shift_A < 1.2
-    assert final.median_angle_deg < consensus.median_angle_deg - 0.2  # measured 6.72° -> 6.30°
+    assert final.median_angle_deg < consensus.median_angle_deg - 0.2  # measured 6.72° -> 6.16°
     z = np.load(solved / "z.npy")
     rho = spearman_pc1(z, np.load(hinge / "ground_truth.npz")["tau"])
     print(f"|Spearman| of the latent's PC1 with the true hinge angle: {rho:.3f}")
-    assert rho > 0.25
+    assert rho > 0.3
     star = read_star(solved / "particles.star")["particles"]
     assert {"cryohetZ1", "rlnAngleRot", "rlnOriginXAngst", "rlnRandomSubset"} <= set(star.columns)
     np.testing.assert_allclose(star["cryohetZ1"].to_numpy(), z[:, 0], rtol=1e-5, atol=1e-6)
