@@ -11,7 +11,7 @@ origin or truth columns).
 
 Rows:
 
-* ``cryohet abinit-het``: its defaults but ``--local_iterations 2`` (the consensus), ``--zdim 1``, networks of 64
+* ``cryohet abinit-het``: its defaults but ``--local_iterations 2`` (the consensus), ``--zdim 1``, networks of 128
   (encoder and decoder), ``--lr 1e-3``, ``--rounds`` re-searches between ``--epochs`` of training each.
 * ``cryohet abinit`` + ``train-vae``: the same consensus, then the same network trained on its poses, unchanged, for
   as many epochs as abinit-het trains in all ((rounds + 1) × epochs): what the re-search adds.
@@ -54,7 +54,7 @@ from bench_abinit import (  # noqa: E402  (beside this script)
 from command_cost import Cost, timed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-NET = dict(zdim=1, enc_dim=64, dec_dim=64, lr=1e-3)
+NET = dict(zdim=1, enc_dim=128, dec_dim=128, lr=1e-3)
 
 _RUN = textwrap.dedent("""
     import json, sys
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--snr", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--search_high_A", type=float, default=16.0)
+    ap.add_argument("--search_high_A", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cryodrgn", default="")
