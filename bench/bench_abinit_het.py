@@ -48,6 +48,7 @@ from bench_abinit import (  # noqa: E402  (beside this script)
     NOPOSE_STAR,
     cryodrgn_conventions,
     last_pose_pkl,
+    run_cryodrgn,
     star_poses,
     truth,
 )
@@ -123,18 +124,6 @@ def score(d: Path, A: np.ndarray, s: np.ndarray, z: np.ndarray) -> tuple[dict[st
             "median_shift_A": e.median_shift_A, "mirrored": bool(e.mirrored), "spearman_pc1": rho}, e
 
 
-def run_cryodrgn(exe: str, d: Path, out: Path, epochs: int, threads: int, seed: int) -> Cost:
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    ctf = out / "ctf.pkl"
-    cost = timed([exe, "parse_ctf_star", str(d / NOPOSE_STAR), "--ps", "0", "-o", str(ctf)], out,
-                 out / "parse_ctf.log")
-    cost += timed([exe, "abinit", str(d / NOPOSE_STAR), "--ctf", str(ctf), "--zdim", "1", "-n", str(epochs),
-                   "--datadir", str(d), "--max-threads", str(threads), "--num-workers", "0", "--seed", str(seed),
-                   "--no-analysis", "-o", str(out / "run")], out, out / "abinit.log")
-    return cost
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -184,7 +173,8 @@ def main() -> None:
         results["cryohet abinit + train-vae"] = {**r, **asdict(cost), "epochs": (a.rounds + 1) * a.epochs}
     if "drgn" in rows and a.cryodrgn:
         work = a.out / "cryodrgn"
-        cost = run_cryodrgn(a.cryodrgn, d, work, a.cryodrgn_epochs, a.threads, a.seed)
+        cost = run_cryodrgn(a.cryodrgn, d, work, a.cryodrgn_epochs, a.threads, a.seed,
+                            ("--zdim", "1", "--num-workers", "0"))
         pkl = last_pose_pkl(work / "run")
         A, s = cryodrgn_conventions(pkl, a.box, apix)["A = R, origin = +t px"]
         from cryohet.validation.external import load_numpy_pickle
