@@ -81,9 +81,11 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         inference = {"kind": "amortised", "enc_layers": params["enc_layers"], "enc_dim": params["enc_dim"]}
     else:
         inference = {"kind": "autodecoder", "n_particles": len(pset), "latent_lr": params["latent_lr"]}
-    opts = TrainOptions(batch_size=params["train_batch_size"], lr=params["lr"], amp=params["amp"], seed=params["seed"])
+    opts = TrainOptions(epochs=(params["rounds"] + 1) * params["epochs"], batch_size=params["train_batch_size"],
+                        lr=params["lr"], amp=params["amp"], seed=params["seed"])
     search = ResearchSettings(params["search_angle_deg"], params["search_shift_A"],
-                              band_limit_A=params["search_high_A"], batch_size=params["batch_size"])
+                              band_limit_A=params["search_high_A"], amp=params["amp"],
+                              batch_size=params["batch_size"])
     het = HetSettings(params["rounds"], params["epochs"], search)
     out = Path(ctx.out_dir)
     fit = fit_abinit_het(pset, half, settings, het, cfg, inference, opts, out, ctx.device, ctx, beta=params["beta"],
