@@ -225,14 +225,16 @@ def check_drgn_conventions(exe: str, d: Path, work: Path) -> dict[str, float]:
             "translate_ht_minus_origin_error": shifts["minus"]}
 
 
-def run_cryodrgn(exe: str, d: Path, out: Path, epochs: int, threads: int, seed: int) -> Cost:
+def run_cryodrgn(exe: str, d: Path, out: Path, epochs: int, threads: int, seed: int,
+                 options: tuple[str, ...] = ("--zdim", "0")) -> Cost:
+    """``cryodrgn parse_ctf_star`` then ``cryodrgn abinit`` with ``options`` (bench_abinit_het.py: --zdim 1)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     ctf = out / "ctf.pkl"
     # our STAR has no rlnPhaseShift column: without --ps cryoDRGN stores NaN and its CTF is NaN
     cost = timed([exe, "parse_ctf_star", str(d / NOPOSE_STAR), "--ps", "0", "-o", str(ctf)], out,
                  out / "parse_ctf.log")
-    cost += timed([exe, "abinit", str(d / NOPOSE_STAR), "--ctf", str(ctf), "--zdim", "0", "-n", str(epochs),
+    cost += timed([exe, "abinit", str(d / NOPOSE_STAR), "--ctf", str(ctf), *options, "-n", str(epochs),
                    "--datadir", str(d), "--max-threads", str(threads), "--seed", str(seed), "--no-analysis",
                    "-o", str(out / "run")], out, out / "abinit.log")
     return cost

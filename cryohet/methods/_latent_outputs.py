@@ -17,12 +17,13 @@ from cryohet.validation.goodness import latent_predictors
 
 def write_latents(ctx: Any, pset: ParticleSet, arrays: dict[str, np.ndarray], z: np.ndarray, latents_label: str,
                   star_label: str, extra_columns: dict[str, np.ndarray] | None = None, *, fit_model: Any = None,
-                  fit_batch: int = 64, **meta: Any) -> None:
+                  fit_batch: int = 64, star_meta: dict[str, Any] | None = None, **meta: Any) -> None:
     """Write ``arrays`` (file name -> array, rows in particle-file order) as .npy files in ``ctx.out_dir`` and
     ``particles.star``: ``pset`` with cryohetZ1..d from ``z`` (N, d) and ``extra_columns``; record the first array
-    as the run's ``latents`` (``dim`` and ``meta``) and the STAR as its ``particles_star``. With ``fit_model`` (a
-    ``SliceModel`` on the device to score on) the STAR gets each particle's goodness of fit under it at its latent
-    (``cryohetFitZ``, ``cryohetResidualZ``, ``fit_z.png``; ``fit_batch`` particles at a time)."""
+    as the run's ``latents`` (``dim`` and ``meta``) and the STAR as its ``particles_star`` (``star_meta`` added to
+    its record entry, e.g. ``poses=True`` when it carries new poses). With ``fit_model`` (a ``SliceModel`` on the
+    device to score on) the STAR gets each particle's goodness of fit under it at its latent (``cryohetFitZ``,
+    ``cryohetResidualZ``, ``fit_z.png``; ``fit_batch`` particles at a time)."""
     out = Path(ctx.out_dir)
     if fit_model is not None:
         fit = fit_columns(ctx, pset, *latent_predictors(fit_model, z), box=fit_model.box, batch_size=fit_batch)
@@ -33,4 +34,4 @@ def write_latents(ctx: Any, pset: ParticleSet, arrays: dict[str, np.ndarray], z:
     cols = {f"cryohetZ{i + 1}": z[:, i] for i in range(z.shape[1])}
     write_particles_star(out / "particles.star", pset, extra_columns={**cols, **(extra_columns or {})})
     ctx.add("latents", next(iter(arrays)), latents_label, dim=z.shape[1], **meta)
-    ctx.add("particles_star", "particles.star", star_label, columns=list(cols))
+    ctx.add("particles_star", "particles.star", star_label, columns=list(cols), **(star_meta or {}))

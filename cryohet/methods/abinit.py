@@ -81,15 +81,15 @@ def _plot_orientations(path: Path, euler_deg: np.ndarray) -> Path:
                         title="projection directions found")
 
 
-def run(params: dict[str, Any], ctx: Any) -> None:
+def prepare(params: dict[str, Any], ctx: Any) -> tuple[Any, Any, Any, np.ndarray]:
+    """(particles, AbinitSettings, starting map or None, half-set of each particle) from the parameters shared
+    with abinit-het; InputError for particles without CTF, a box too small, limits beyond Nyquist."""
     import torch
 
-    from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
     from cryohet.errors import InputError
-    from cryohet.geometry.euler import matrix_to_euler
-    from cryohet.inference.abinit import AbinitSettings, fit_abinit
-    from cryohet.io.mrc import read_map, write_map
-    from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.inference.abinit import AbinitSettings
+    from cryohet.io.mrc import read_map
+    from cryohet.io.particles import load_particles
     from cryohet.reconstruct.homogeneous import particle_halves
 
     pset = load_particles(params["particles"], params["datadir"] or None, require_poses=False)
@@ -127,31 +127,63 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     ctx.log.info("%d particles, box %d at %.3f Å/px; %d global iterations (%g -> %g Å), then %d local; half-sets "
                  "of %d and %d", len(pset), pset.box, pset.apix, settings.n_global, settings.ini_high_A,
                  settings.global_high_A, settings.n_local, (half == 1).sum(), (half == 2).sum())
+    return pset, settings, reference, half
+
+
+def write_maps(ctx: Any, fit: Any, label: str) -> float:
+    """map.mrc, half1/2.mrc, fsc.star and fsc.png of an AbinitFit, registered; returns the FSC 0.143 resolution."""
+    from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
+    from cryohet.io.mrc import write_map
+
     out = Path(ctx.out_dir)
-    fit = fit_abinit(pset, half, settings, ctx.device, reference=reference, seed=ctx.seed, log=ctx.log,
-                     progress=ctx.progress, checkpoint=out / "checkpoint.safetensors", resume=params["resume"])
-    box, apix = pset.box, fit.apix
-    shells = [box * apix / h["resolution_A"] for h in fit.history]
-    change = abs(shells[-1] - shells[-2]) if len(shells) > 1 else shells[-1]
-    ctx.report_convergence("ab initio refinement (change of the half-map resolution in the last iteration, Fourier "
-                           "shells)", change <= CONVERGED_SHELLS, change, CONVERGED_SHELLS, len(fit.history))
+    box, apix = fit.map.shape[-1], fit.apix
     res = fit.resolution_A()
     write_map(out / "map.mrc", fit.map.cpu().numpy(), apix)
     for j in (0, 1):
         write_map(out / f"half{j + 1}.mrc", fit.half_maps[j].cpu().numpy(), apix)
     write_fsc_star(out / "fsc.star", box, apix, fit.fsc)
     plot_fsc(out / "fsc.png", box, apix, {"ab initio": fit.fsc})
-    hand = "undetermined: the map and its mirror image explain the images equally well"
-    ctx.add("volume", "map.mrc", "ab initio map (hand undetermined)", apix=apix, resolution_A=res, hand=hand)
+    ctx.add("volume", "map.mrc", label, apix=apix, resolution_A=res, hand=HAND)
     for j in (0, 1):
         ctx.add("half_map", f"half{j + 1}.mrc", f"half-map {j + 1}", apix=apix)
     ctx.add("fsc", "fsc.star", "half-map FSC", resolution_A=res)
     ctx.add("plot", "fsc.png", "half-map FSC")
+    return res
+
+
+def with_poses(pset: Any, euler_deg: np.ndarray, shift_A: np.ndarray) -> Any:
+    """``pset`` with the poses found (copies)."""
+    return replace(pset, euler_deg=np.array(euler_deg, dtype=np.float64), shift_A=np.array(shift_A, dtype=np.float64))
+
+
+def pose_columns(posed: Any, half: np.ndarray) -> dict[str, np.ndarray]:
+    """The STAR columns of the poses of ``posed`` (RELION's names and conventions) and the half-sets."""
+    e, s = posed.euler_deg, posed.shift_A
+    return {"rlnAngleRot": e[:, 0], "rlnAngleTilt": e[:, 1], "rlnAnglePsi": e[:, 2], "rlnOriginXAngst": s[:, 0],
+            "rlnOriginYAngst": s[:, 1], "rlnRandomSubset": half}
+
+
+#: the note on the hand every ab initio map carries
+HAND = "undetermined: the map and its mirror image explain the images equally well"
+
+
+def run(params: dict[str, Any], ctx: Any) -> None:
+    from cryohet.geometry.euler import matrix_to_euler
+    from cryohet.inference.abinit import fit_abinit
+    from cryohet.io.particles import write_particles_star
+
+    pset, settings, reference, half = prepare(params, ctx)
+    out = Path(ctx.out_dir)
+    fit = fit_abinit(pset, half, settings, ctx.device, reference=reference, seed=ctx.seed, log=ctx.log,
+                     progress=ctx.progress, checkpoint=out / "checkpoint.safetensors", resume=params["resume"])
+    shells = [pset.box * fit.apix / h["resolution_A"] for h in fit.history]
+    change = abs(shells[-1] - shells[-2]) if len(shells) > 1 else shells[-1]
+    ctx.report_convergence("ab initio refinement (change of the half-map resolution in the last iteration, Fourier "
+                           "shells)", change <= CONVERGED_SHELLS, change, CONVERGED_SHELLS, len(fit.history))
+    res = write_maps(ctx, fit, "ab initio map (hand undetermined)")
     euler = matrix_to_euler(fit.rotations.astype(np.float64))
-    poses = replace(pset, euler_deg=euler, shift_A=fit.shifts_A.copy())
-    columns = {"rlnAngleRot": euler[:, 0], "rlnAngleTilt": euler[:, 1], "rlnAnglePsi": euler[:, 2],
-               "rlnOriginXAngst": fit.shifts_A[:, 0], "rlnOriginYAngst": fit.shifts_A[:, 1],
-               "rlnRandomSubset": half, "rlnMaxValueProbDistribution": fit.max_probability,
+    poses = with_poses(pset, euler, fit.shifts_A)
+    columns = {**pose_columns(poses, half), "rlnMaxValueProbDistribution": fit.max_probability,
                "rlnLogLikeliContribution": fit.log_likelihood}
     write_particles_star(out / "particles.star", poses, extra_columns=columns)
     ctx.add("particles_star", "particles.star", "particles with the poses found (RELION conventions)",
@@ -160,7 +192,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     ctx.add("plot", "iterations.png", "resolution, band limit and best-pose probability per iteration")
     _plot_orientations(out / "orientations.png", euler)
     ctx.add("plot", "orientations.png", "distribution of the projection directions found")
-    ctx.log.info("map at %.2f Å (FSC 0.143 of the half-maps); the hand is %s", res, hand)
+    ctx.log.info("map at %.2f Å (FSC 0.143 of the half-maps); the hand is %s", res, HAND)
 
 
 METHOD = Method(
