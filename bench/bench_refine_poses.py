@@ -58,32 +58,22 @@ def run(args: list[str], log: Path, threads: int) -> dict[str, float]:
 
 def perturbed_star(data: Path, deg: float, shift_A: float, seed: int) -> Path:
     """``data/perturbed.star``: the true poses turned by ``deg`` about random axes and moved by ``shift_A``."""
-    import torch
-
-    from cryohet.geometry.euler import euler_to_matrix, matrix_to_euler
-    from cryohet.inference.pose_search import rotation_from_vector
     from cryohet.io.particles import load_particles, write_particles_star
     from cryohet.methods._pose_outputs import pose_columns
+    from cryohet.validation.poses import perturb_poses
 
     pset = load_particles(data / "particles.star")
-    rng = np.random.default_rng(seed)
-    axis = rng.normal(size=(len(pset), 3))
-    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
-    dR = rotation_from_vector(torch.as_tensor(axis * np.radians(deg))).numpy()
-    phi = rng.uniform(0, 2 * np.pi, len(pset))
-    bad = dataclasses.replace(pset, euler_deg=np.asarray(matrix_to_euler(dR @ euler_to_matrix(pset.euler_deg))),
-                              shift_A=pset.shift_A + shift_A * np.stack([np.cos(phi), np.sin(phi)], 1))
+    euler, shift = perturb_poses(pset.euler_deg, pset.shift_A, deg, shift_A, np.random.default_rng(seed))
+    bad = dataclasses.replace(pset, euler_deg=euler, shift_A=shift)
     write_particles_star(data / "perturbed.star", bad, extra_columns=pose_columns(bad), cs=False)
     return data / "perturbed.star"
 
 
 def pose_error(A: np.ndarray, shift_A: np.ndarray, truth: Any) -> dict[str, float]:
     from cryohet.geometry.euler import euler_to_matrix
+    from cryohet.validation.poses import direct_errors
 
-    A_true = euler_to_matrix(truth.euler_deg)
-    cos = (np.einsum("nij,nij->n", A, A_true) - 1) / 2
-    ang = np.degrees(np.arccos(np.clip(cos, -1, 1)))
-    sh = np.linalg.norm(shift_A - truth.shift_A, axis=1)
+    ang, sh = direct_errors(A, shift_A, euler_to_matrix(truth.euler_deg), truth.shift_A)
     return {"median_angle_deg": float(np.median(ang)), "median_origin_A": float(np.median(sh))}
 
 

@@ -17,8 +17,7 @@ import torch
 from relion_tools import relion
 
 from cryohet.errors import InputError
-from cryohet.geometry.euler import euler_to_matrix, matrix_to_euler
-from cryohet.inference.pose_search import angle_between_deg, rotation_from_vector
+from cryohet.geometry.euler import euler_to_matrix
 from cryohet.io.atomic_model import write_models
 from cryohet.io.mrc import read_map
 from cryohet.io.particles import load_particles, write_particles_star
@@ -31,6 +30,7 @@ from cryohet.runner import run_method
 from cryohet.simulate import simulate_particles
 from cryohet.simulate.atomic_truth import hinge_truth
 from cryohet.validation.metrics import spearman_pc1
+from cryohet.validation.poses import direct_errors, perturb_poses
 
 N, EPOCHS = 600, 14
 PERTURB_DEG, PERTURB_A = 5.0, 1.5
@@ -40,21 +40,16 @@ REFINE = dict(refine_poses=True)
 
 def perturb(pset, rng: np.random.Generator, angle_deg: float, shift_A: float):
     """``pset`` with every pose turned by ``angle_deg`` about a random axis and moved by ``shift_A``."""
-    n = len(pset)
-    axis = rng.normal(size=(n, 3))
-    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
-    dR = rotation_from_vector(torch.as_tensor(axis * np.radians(angle_deg))).numpy()
-    phi = rng.uniform(0, 2 * np.pi, n)
-    return dataclasses.replace(pset, euler_deg=np.asarray(matrix_to_euler(dR @ euler_to_matrix(pset.euler_deg))),
-                               shift_A=pset.shift_A + shift_A * np.stack([np.cos(phi), np.sin(phi)], 1))
+    euler, shift = perturb_poses(pset.euler_deg, pset.shift_A, angle_deg, shift_A, rng)
+    return dataclasses.replace(pset, euler_deg=euler, shift_A=shift)
 
 
 def errors(star: Path, truth: dict) -> tuple[float, float]:
     """Median angle (degrees) and origin (Å) errors of the poses in ``star`` against the truth."""
     p = load_particles(star)
-    ang = angle_between_deg(torch.as_tensor(euler_to_matrix(p.euler_deg)),
-                            torch.as_tensor(euler_to_matrix(truth["euler_deg"])))
-    return float(ang.median()), float(np.median(np.linalg.norm(p.shift_A - truth["shift_A"], axis=1)))
+    ang, sh = direct_errors(euler_to_matrix(p.euler_deg), p.shift_A, euler_to_matrix(truth["euler_deg"]),
+                            truth["shift_A"])
+    return float(np.median(ang)), float(np.median(sh))
 
 
 @pytest.fixture(scope="module")

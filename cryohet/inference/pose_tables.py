@@ -67,17 +67,19 @@ class PoseCorrections(nn.Module):
             self._batch = (rows, delta)
         if not bool(delta.detach().any()) and not delta.requires_grad:
             return rot, y
-        rot = rotation_from_vector(torch.deg2rad(delta[:, :3])) @ rot
-        phase = -2 * math.pi * (delta[:, 3:] / self.apix) @ kxy.T  # undo_origin's ramp, (B, M)
-        c, s = torch.cos(phase), torch.sin(phase)
-        yr, yi = y[..., 0], y[..., 1]
-        return rot, torch.stack([yr * c - yi * s, yr * s + yi * c], -1)
+        with torch.autocast(rot.device.type, enabled=False):  # float32 poses and phases under mixed precision
+            rot = rotation_from_vector(torch.deg2rad(delta[:, :3])) @ rot.float()
+            phase = -2 * math.pi * (delta[:, 3:] / self.apix) @ kxy.float().T  # undo_origin's ramp, (B, M)
+            c, s = torch.cos(phase), torch.sin(phase)
+            yr, yi = y[..., 0].float(), y[..., 1].float()
+            return rot, torch.stack([yr * c - yi * s, yr * s + yi * c], -1)
 
-    def begin_epoch(self, epoch: int) -> None:
-        """Corrections train from epoch ``warmup_epochs + 1``; the table's state at the start is kept for
-        ``end_epoch``."""
+    def begin_epoch(self, epoch: int, distributed: bool = False) -> None:
+        """Corrections train from epoch ``warmup_epochs + 1``; ``distributed``: the table's state at the start is
+        kept for ``end_epoch``."""
         self.active = epoch > self.warmup_epochs
-        self._start = [self.table.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone(), self.steps.clone()]
+        if distributed:
+            self._start = [self.table.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone(), self.steps.clone()]
 
     @torch.no_grad()
     def step(self, grad_scale: float = 1.0) -> None:

@@ -292,7 +292,7 @@ class Trainer:
         for epoch in range(start_epoch, opts.epochs + 1):
             t0, c0 = time.perf_counter(), time.process_time()
             if poses is not None:
-                poses.begin_epoch(epoch)
+                poses.begin_epoch(epoch, ddp.world > 1)
             order = epoch_order(n, epoch, opts.seed, True, file_order, opts.chunk_images, opts.shuffle_window)
             n_steps = len(shard_batches(order, opts.batch_size, 0, 1))
             mine = shard_batches(order, opts.batch_size, ddp.rank, ddp.world)
