@@ -13,7 +13,12 @@ its Hartley domain (``--domain hartley``); its poses (``pose.pkl``) are read wit
 (``validation.external.load_numpy_pickle``) and turned back into RELION matrices and origins by the convention that
 maps its parsed input poses onto ours (checked on the input, reported).
 
-    .venv/bin/python bench/bench_refine_poses.py --out /tmp/bench_refine_poses --cryodrgn /path/to/cryodrgn
+On the CPU cryoDRGN 4.3.1's pose SGD divides its translation table by D at every epoch's save (see
+``bench/cryodrgn_pose_save.py``); ``--cryodrgn_patched`` names an executable that runs cryoDRGN through that file, to
+measure its pose SGD without the bug as well.
+
+    .venv/bin/python bench/bench_refine_poses.py --out /tmp/bench_refine_poses --cryodrgn /path/to/cryodrgn \
+        --cryodrgn_patched /path/to/cryodrgn_patched
 """
 from __future__ import annotations
 
@@ -122,6 +127,10 @@ def main() -> int:
     p.add_argument("--n_per_state", type=int, default=3)
     p.add_argument("--cryodrgn", default="/work/cryodrgn-venv/bin/cryodrgn")
     p.add_argument("--skip_cryodrgn", action="store_true")
+    p.add_argument("--cryodrgn_patched", default="", help="also run cryoDRGN's pose SGD with this executable: "
+                   "cryoDRGN with PoseTracker.save patched to copy its translation table before dividing it by D "
+                   "(on the CPU 4.3.1 divides the live table at every epoch's save, so its origins shrink to 0)")
+    p.add_argument("--reuse", action="store_true", help="keep the runs already in OUT/results.json")
     a = p.parse_args()
     sys.path.insert(0, str(HERE))
     from cryohet.geometry.euler import euler_to_matrix
@@ -132,6 +141,8 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                                "load_average_start": os.getloadavg(), "runs": {}}
+    if a.reuse and (a.out / "results.json").exists():  # the runs measured already are kept
+        results["runs"] = json.loads((a.out / "results.json").read_text()).get("runs", {})
 
     def save() -> None:
         (a.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
@@ -148,6 +159,8 @@ def main() -> int:
 
     for refine in (False, True):
         label = f"cryohet train-vae{' --refine_poses' if refine else ''}"
+        if label in results["runs"]:
+            continue
         out = a.out / f"ours_{int(refine)}"
         values = dict(particles=str(star), zdim=a.zdim, epochs=a.epochs, batch_size=a.batch, lr=a.lr,
                       enc_dim=a.dim, dec_dim=a.dim, threads=a.threads, seed=a.seed, refine_poses=refine)
@@ -169,11 +182,19 @@ def main() -> int:
         run([exe, "parse_ctf_star", str(star), "--ps", "0", "-o", str(ctf)], work / "parse_ctf.log", a.threads)
         conv = drgn_convention(pose, start)
         results["cryodrgn_convention"] = conv
-        for pose_lr in ([None] if a.drgn_plain else []) + a.drgn_pose_lr:
+        variants = [(exe, "", None)] if a.drgn_plain else []
+        for pose_lr in a.drgn_pose_lr:
+            variants.append((exe, "", pose_lr))
+            if a.cryodrgn_patched:
+                variants.append((a.cryodrgn_patched, " (save patched)", pose_lr))
+        for program, tag, pose_lr in variants:
             label = "cryoDRGN 4.3.1 train_vae --domain hartley" + (
-                f" --do-pose-sgd --pose-lr {pose_lr:g}" if pose_lr else "")
-            out = a.out / f"cryodrgn_{pose_lr or 0:g}"
-            args = [exe, "train_vae", str(star), "--poses", str(pose), "--ctf", str(ctf), "--zdim", str(a.zdim),
+                f" --do-pose-sgd --pose-lr {pose_lr:g}" if pose_lr else "") + tag
+            if label in results["runs"]:
+                continue
+            name = "plain" if not pose_lr else f"pose_lr_{pose_lr:g}".replace(".", "p") + ("_patched" if tag else "")
+            out = a.out / f"cryodrgn_{name}"
+            args = [program, "train_vae", str(star), "--poses", str(pose), "--ctf", str(ctf), "--zdim", str(a.zdim),
                     "-n", str(a.epochs), "-b", str(a.batch), "--lr", str(a.lr), "--enc-dim", str(a.dim),
                     "--dec-dim", str(a.dim), "--domain", "hartley", "--seed", str(a.seed), "--max-threads",
                     str(a.threads), "--no-analysis", "-o", str(out)]
