@@ -130,6 +130,8 @@ def main() -> int:
     p.add_argument("--cryodrgn_patched", default="", help="also run cryoDRGN's pose SGD with this executable: "
                    "cryoDRGN with PoseTracker.save patched to copy its translation table before dividing it by D "
                    "(on the CPU 4.3.1 divides the live table at every epoch's save, so its origins shrink to 0)")
+    p.add_argument("--drgn_flip", choices=("auto", "yes", "no"), default="auto",
+                   help="score cryoDRGN's maps mirrored (eval_vol --flip), as written, or both keeping the better")
     p.add_argument("--reuse", action="store_true", help="keep the runs already in OUT/results.json")
     a = p.parse_args()
     sys.path.insert(0, str(HERE))
@@ -210,9 +212,10 @@ def main() -> int:
             else:
                 row.update(results["perturbed"])
             # its maps are scored as written and mirrored (eval_vol --flip), the better kept (as bench_vae.py)
+            flips = {"auto": (False, True), "no": (False,), "yes": (True,)}[a.drgn_flip]
             scores = {flip: score_cryodrgn(out / "z.pkl", data, weights=out / "weights.pkl",
                                            config=out / "config.yaml", flip=flip, **kw)["summary"]
-                      for flip in (False, True)}
+                      for flip in flips}
             best = max(scores, key=lambda f: scores[f].get("fsc_auc", 0.0))
             s = scores[best]
             row["flip"] = best
