@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -104,6 +105,13 @@ def drgn_poses(pkl: Path, conv: dict[str, Any], box: int, apix: float) -> tuple[
     rot, trans = load_numpy_pickle(pkl)
     A = np.transpose(rot, (0, 2, 1)) if conv["transpose"] else np.asarray(rot)
     return A.astype(np.float64), conv["sign"] * np.asarray(trans, dtype=np.float64) * box * apix
+
+
+def trained_before(out: Path) -> dict[str, Any]:
+    """The wall time of a cryoDRGN run already in ``out`` (its log's "Finished in"; CPU time unknown)."""
+    found = re.findall(r"Finished in (\d+):(\d+):([\d.]+) \(", (out / "run.log").read_text())
+    h, m, sec = found[-1] if found else ("nan", "0", "0")
+    return {"wall_s": float(h) * 3600 + float(m) * 60 + float(sec), "cpu_s": float("nan"), "reused": True}
 
 
 def main() -> int:
@@ -203,7 +211,8 @@ def main() -> int:
             if pose_lr:
                 args += ["--do-pose-sgd", "--pose-lr", str(pose_lr)]
             try:
-                row: dict[str, Any] = run(args, out.with_suffix(".log"), a.threads)
+                row: dict[str, Any] = (trained_before(out) if a.reuse and (out / "z.pkl").exists()
+                                       else run(args, out.with_suffix(".log"), a.threads))
             except RuntimeError as exc:
                 results["runs"][label] = {"error": str(exc)}
                 continue
