@@ -11,7 +11,7 @@ take part in a step: the rows are gathered as a leaf tensor in ``correct``, and 
 update to them after the model's optimiser step (each row with its own step count, so a row seen once an epoch
 gets Adam's bias correction of its own few steps; rows not in the batch do not move, unlike dense Adam).
 Corrections stay at zero for the first ``warmup_epochs`` epochs, while the model forms from the consensus poses.
-Each step is bounded: the rotation to ``max_deg`` and the origin correction to ``max_A`` (a local refinement).
+The corrections are bounded (a local refinement): the rotation to ``max_deg`` and the origin change to ``max_A``.
 
 Under DDP the ranks of an epoch train disjoint rows, so each keeps a whole table, updates its own rows, and
 ``end_epoch`` sums every rank's changes of the epoch (an all-reduce): all ranks then hold the same table.
