@@ -14,6 +14,7 @@ from torch import nn
 from cryohet.data.prepare import ImageBatch
 from cryohet.geometry.lattice import Points
 from cryohet.inference.elbo import gaussian_elbo, kl_weight
+from cryohet.inference.pose_tables import PoseCorrections, posed
 from cryohet.models.neural import NeuralVolume, ResidMLP, init_linear
 
 
@@ -34,12 +35,14 @@ class AmortisedInference(nn.Module):
     """Encoder + volume, trained on the ELBO. ``settings``: enc_layers, enc_dim.
 
     The volume is the neural one of ``volume_cfg``, or ``decoder``: any ``SliceModel`` with a ``latent_dim`` (its
-    own parameters kept as they are; ``volume_cfg`` is then None and ``settings`` may hold ``seed``)."""
+    own parameters kept as they are; ``volume_cfg`` is then None and ``settings`` may hold ``seed``). ``poses``:
+    per-particle pose corrections trained with the model (``pose_tables``); the encoder sees the images as
+    given."""
 
     kind = "amortised"
 
     def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0,
-                 decoder: nn.Module | None = None):
+                 decoder: nn.Module | None = None, poses: PoseCorrections | None = None):
         super().__init__()
         seed = int(volume_cfg.seed) if volume_cfg is not None else int(settings.get("seed", 0))
         zdim = volume_cfg.zdim if decoder is None else int(decoder.latent_dim)
@@ -54,6 +57,9 @@ class AmortisedInference(nn.Module):
         else:
             self.decoder = decoder
             init_linear(self.encoder, g)
+        self.poses = poses
+        if poses is not None:
+            self.settings["poses"] = poses.settings
         self.register_buffer("kxy", points.kxy, persistent=False)
         self.noise_dim = zdim
         self.kl_weight = kl_weight(beta, zdim, len(points))
@@ -63,11 +69,12 @@ class AmortisedInference(nn.Module):
         """Loss inputs of a prepared batch (runs in the loader thread)."""
         yr = torch.view_as_real(b.images_ft).contiguous()                       # (B, M, 2)
         enc = (yr * torch.sign(b.ctf)[..., None]).reshape(len(b.rows), -1)      # phase-flipped, as cryoDRGN
-        return {"y": yr, "ctf": b.ctf, "rot": b.rotations, "enc": enc}
+        return {"y": yr, "ctf": b.ctf, "rot": b.rotations, "enc": enc,
+                "rows": torch.as_tensor(b.rows, dtype=torch.long)}
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(d["enc"])
-        return gaussian_elbo(self.decoder, self.kxy, d["rot"], d["y"], d["ctf"], mu, logvar, eps)
+        return gaussian_elbo(self.decoder, self.kxy, *posed(self.poses, d, self.kxy), d["ctf"], mu, logvar, eps)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.parameters()), "lr": lr}]

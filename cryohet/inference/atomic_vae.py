@@ -31,9 +31,11 @@ import torch
 from cryohet.atomic import atomic_path
 from cryohet.data.prepare import ImagePreparer, prepared_sample
 from cryohet.distributed import Dist
+from cryohet.errors import InputError
 from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.atomic_restraints import Restraints
 from cryohet.inference.elbo import gaussian_elbo
+from cryohet.inference.pose_tables import PoseCorrections, posed
 from cryohet.inference.trainer import Hooks, Trainer, TrainOptions, TrainResult, resume_point
 from cryohet.io.reader import ImageReader
 from cryohet.models.atomic_decoder import MLPDisplacedAtoms
@@ -59,8 +61,8 @@ class RestrainedAmortised(AmortisedInference):
     TERMS: tuple[str, ...] = TERMS
 
     def __init__(self, decoder: Any, restraints: Any, weights: tuple[float, ...], points: Any,
-                 settings: dict[str, Any], beta: float, warmup_steps: int = 0):
-        super().__init__(None, points, settings, beta, decoder=decoder)
+                 settings: dict[str, Any], beta: float, warmup_steps: int = 0, poses: PoseCorrections | None = None):
+        super().__init__(None, points, settings, beta, decoder=decoder, poses=poses)
         self.restraints = restraints
         self.register_buffer("restraint_weight", torch.tensor(weights, dtype=torch.float32))
         self.warmup_steps = int(warmup_steps)
@@ -89,7 +91,7 @@ class RestrainedAmortised(AmortisedInference):
         if self.training and self.warmup_steps:
             self.step += 1
         mu, logvar = self.encoder(d["enc"])
-        data, kld = gaussian_elbo(self.decoder, self.kxy, d["rot"], d["y"], d["ctf"], mu, logvar, eps)
+        data, kld = gaussian_elbo(self.decoder, self.kxy, *posed(self.poses, d, self.kxy), d["ctf"], mu, logvar, eps)
         z = mu.float() + eps * torch.exp(0.5 * logvar.float())  # the z gaussian_elbo decoded
         terms = self.penalties(z)
         if self.training:
@@ -149,11 +151,12 @@ def calibrate_weights(decoder: MLPDisplacedAtoms, restraints: Restraints, reader
 def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tuple[float, float], reader: ImageReader,
                prep: ImagePreparer, opts: TrainOptions, enc_layers: int, enc_dim: int, beta: float,
                out_dir: str | Path, device: torch.device, hooks: Hooks, resume: bool = False,
-               warmup_epochs: float = 0.0, encoder: dict[str, torch.Tensor] | None = None
-               ) -> tuple[RestrainedAmortised, TrainResult, list[dict[str, float]]]:
+               warmup_epochs: float = 0.0, encoder: dict[str, torch.Tensor] | None = None,
+               poses: dict[str, Any] | None = None) -> tuple[RestrainedAmortised, TrainResult, list[dict[str, float]]]:
     """Train an encoder and ``decoder`` (its intensity scale estimated) on the images prepared by ``prep``, with
     the restraints weighted by ``factors`` (elastic, clash) × the calibration, they and the KL term ramped up over
-    the first ``warmup_epochs``; the encoder starts from the state ``encoder`` when given (another model's).
+    the first ``warmup_epochs``; the encoder starts from the state ``encoder`` when given (another model's);
+    ``poses``: refine the poses with the model (``pose_corrections``).
     Returns the objective, the trainer's result (``z_mu`` rows in particle-file order) and the per-epoch terms."""
     out_dir = Path(out_dir)
     settings = {"enc_layers": enc_layers, "enc_dim": enc_dim, "seed": opts.seed}
@@ -166,7 +169,8 @@ def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tupl
         meta["warmup_epochs"] = repr(float(warmup_epochs))
     if encoder is not None:
         meta["encoder_start"] = "given"
-    ckpt = resume_point(out_dir, meta, len(reader), hooks) if resume else None
+    corrections = pose_corrections(poses, len(reader), prep, meta)
+    ckpt = resume_point(out_dir, meta, len(reader), hooks, check=pose_check(meta)) if resume else None
     calib = 1.0
     if ckpt is None:
         calib = calibrate_weights(decoder, restraints, reader, prep, device, seed=opts.seed)
@@ -174,12 +178,32 @@ def fit_atomic(decoder: MLPDisplacedAtoms, restraints: Restraints, factors: tupl
                        CALIBRATION_RMS_A)
     weights = (factors[0] * calib, factors[1] * calib)
     steps = int(round(warmup_epochs * math.ceil(len(reader) / opts.batch_size)))
-    objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta, steps)
+    objective = RestrainedAmortised(decoder, restraints, weights, prep.points, settings, beta, steps, corrections)
     if encoder is not None and ckpt is None:
         objective.encoder.load_state_dict(encoder)
     result, terms = train_restrained(objective, reader, prep, opts, out_dir, device, hooks, meta, ckpt)
     hooks.log.info("restraint weights: elastic %.4g, clash %.4g", *objective.restraint_weight.tolist())
     return objective, result, terms
+
+
+def pose_corrections(poses: dict[str, Any] | None, n: int, prep: ImagePreparer, meta: dict[str, str]
+                     ) -> PoseCorrections | None:
+    """The pose corrections of ``n`` particles on ``prep``'s lattice (None without ``poses``); their settings go
+    into the checkpoints' ``meta`` (``pose_check``: a resumed run must agree on them, or on having none)."""
+    if poses is None:
+        return None
+    corrections = PoseCorrections(n, prep.lattice.apix, **poses)
+    meta["poses"] = json.dumps(corrections.settings, sort_keys=True)
+    return corrections
+
+
+def pose_check(meta: dict[str, str]) -> Callable[[Path, Any], None]:
+    """``resume_point``'s check that a checkpoint was trained with the pose refinement of ``meta`` (or none)."""
+    def check(path: Path, ckpt: Any) -> None:
+        if ckpt.meta.get("poses") != meta.get("poses"):
+            raise InputError(path, f"the checkpoint was trained with pose refinement {ckpt.meta.get('poses')} "
+                                   f"but {meta.get('poses')} is asked (--refine_poses and its settings must agree)")
+    return check
 
 
 def train_restrained(objective: RestrainedAmortised, reader: ImageReader, prep: ImagePreparer, opts: TrainOptions,

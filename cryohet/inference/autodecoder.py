@@ -16,6 +16,7 @@ from torch import nn
 from cryohet.data.prepare import ImageBatch
 from cryohet.geometry.lattice import Points
 from cryohet.inference.elbo import gaussian_elbo, kl_weight
+from cryohet.inference.pose_tables import PoseCorrections, posed
 from cryohet.models.neural import NeuralVolume, init_linear
 
 #: Standard deviation of the latents' initial means and of q(z) at the start.
@@ -27,7 +28,8 @@ class AutoDecoderInference(nn.Module):
 
     kind = "autodecoder"
 
-    def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0):
+    def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0,
+                 poses: PoseCorrections | None = None):
         super().__init__()
         g = torch.Generator().manual_seed(int(volume_cfg.seed))
         n, d = int(settings["n_particles"]), volume_cfg.zdim
@@ -37,6 +39,9 @@ class AutoDecoderInference(nn.Module):
         self.table = nn.ParameterDict({
             "mu": nn.Parameter(torch.randn((n, d), generator=g) * INIT_STD),
             "logvar": nn.Parameter(torch.full((n, d), 2 * math.log(INIT_STD)))})
+        self.poses = poses
+        if poses is not None:
+            self.settings["poses"] = poses.settings
         self.register_buffer("kxy", points.kxy, persistent=False)
         self.noise_dim = d
         self.kl_weight = kl_weight(beta, d, len(points))
@@ -48,8 +53,8 @@ class AutoDecoderInference(nn.Module):
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = d["rows"]
-        return gaussian_elbo(self.decoder, self.kxy, d["rot"], d["y"], d["ctf"], self.table["mu"][rows],
-                             self.table["logvar"][rows], eps)
+        return gaussian_elbo(self.decoder, self.kxy, *posed(self.poses, d, self.kxy), d["ctf"],
+                             self.table["mu"][rows], self.table["logvar"][rows], eps)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.decoder.parameters()), "lr": lr},

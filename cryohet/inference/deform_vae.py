@@ -31,7 +31,14 @@ import torch
 
 from cryohet.data.prepare import ImagePreparer
 from cryohet.geometry.zernike3d import basis_degrees, zernike3d_basis
-from cryohet.inference.atomic_vae import RestrainedAmortised, gradient_norms, train_restrained
+from cryohet.inference.atomic_vae import (
+    RestrainedAmortised,
+    gradient_norms,
+    pose_check,
+    pose_corrections,
+    train_restrained,
+)
+from cryohet.inference.pose_tables import PoseCorrections
 from cryohet.inference.trainer import Hooks, TrainOptions, TrainResult, resume_point
 from cryohet.io.reader import ImageReader
 from cryohet.models.deformed_map import DeformedMap
@@ -71,8 +78,8 @@ class DeformAmortised(RestrainedAmortised):
     TERMS = ("data", "rigidity", "drift")
 
     def __init__(self, decoder: DeformedMap, weights: tuple[float, float], points: Any, settings: dict[str, Any],
-                 beta: float):
-        super().__init__(decoder, None, weights, points, settings, beta)
+                 beta: float, poses: PoseCorrections | None = None):
+        super().__init__(decoder, None, weights, points, settings, beta, poses=poses)
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the trainer draws eps from (seed, epoch, step): the points of the rigidity term follow it
@@ -117,25 +124,26 @@ def calibrate_deform(decoder: DeformedMap, reader: ImageReader, prep: ImagePrepa
 
 def fit_deform(decoder: DeformedMap, factors: tuple[float, float], reader: ImageReader, prep: ImagePreparer,
                opts: TrainOptions, enc_layers: int, enc_dim: int, beta: float, out_dir: str | Path,
-               device: torch.device, hooks: Hooks, resume: bool = False
+               device: torch.device, hooks: Hooks, resume: bool = False, poses: dict[str, Any] | None = None
                ) -> tuple[DeformAmortised, TrainResult, list[dict[str, float]]]:
     """Train an encoder and ``decoder`` on the images prepared by ``prep`` with the rigidity and drift weighted
-    by ``factors`` × their calibration; returns the objective, the trainer's result (``z_mu`` rows in
-    particle-file order) and the per-epoch terms."""
+    by ``factors`` × their calibration (``poses``: refine the poses with the model); returns the objective, the
+    trainer's result (``z_mu`` rows in particle-file order) and the per-epoch terms."""
     out_dir = Path(out_dir)
     settings = {"enc_layers": enc_layers, "enc_dim": enc_dim, "seed": opts.seed}
     meta = {"inference": json.dumps(settings, sort_keys=True), "beta": repr(beta),
             "decoder": json.dumps(decoder.architecture(), sort_keys=True),
             "regularisers": json.dumps({"factors": list(factors), "reg_points": REG_POINTS}),
             "points": str(len(prep.points))}
-    ckpt = resume_point(out_dir, meta, len(reader), hooks) if resume else None
+    corrections = pose_corrections(poses, len(reader), prep, meta)
+    ckpt = resume_point(out_dir, meta, len(reader), hooks, check=pose_check(meta)) if resume else None
     calib = (1.0, 1.0)
     if ckpt is None:
         calib = calibrate_deform(decoder, reader, prep, device, seed=opts.seed)
         hooks.log.info("calibration: |grad data| / |grad rigidity| = %.4g at %.3g Å RMS; data term %.4g at the "
                        "canonical map", calib[0], CALIBRATION_RMS_A, calib[1])
     objective = DeformAmortised(decoder, (factors[0] * calib[0], factors[1] * calib[1]), prep.points, settings,
-                                beta)
+                                beta, corrections)
     result, terms = train_restrained(objective, reader, prep, opts, out_dir, device, hooks, meta, ckpt)
     hooks.log.info("regulariser weights: rigidity %.4g, amplitude drift %.4g", *objective.restraint_weight.tolist())
     return objective, result, terms

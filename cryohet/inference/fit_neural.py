@@ -19,6 +19,7 @@ from cryohet.errors import InputError
 from cryohet.geometry.lattice import Lattice
 from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.autodecoder import AutoDecoderInference
+from cryohet.inference.pose_tables import PoseCorrections
 from cryohet.inference.trainer import (
     Checkpoint,
     Hooks,
@@ -47,8 +48,9 @@ def check_compatible(cfg: VolumeConfig, other: VolumeConfig, source: Path) -> No
 
 
 def _check_settings(asked: dict[str, Any], saved: dict[str, Any], source: Path, what: str) -> None:
-    keys = [k for k in asked if k != "latent_lr"]  # learning rates may change on resuming
-    diff = [f"{k}: {saved.get(k)!r} ({what}) vs {asked[k]!r} (asked)" for k in keys if saved.get(k) != asked[k]]
+    keys = [k for k in {**saved, **asked} if k != "latent_lr"]  # learning rates may change on resuming
+    diff = [f"{k}: {saved.get(k)!r} ({what}) vs {asked.get(k)!r} (asked)" for k in keys
+            if saved.get(k) != asked.get(k)]
     if diff:
         raise InputError(source, f"the {what}'s inference differs from the one asked for: " + "; ".join(diff))
 
@@ -56,9 +58,12 @@ def _check_settings(asked: dict[str, Any], saved: dict[str, Any], source: Path, 
 def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: TrainOptions, out_dir: str | Path,
                device: torch.device | str = "cpu", ctx: Any | None = None, *, beta: float = 0.0,
                window_radius: float = 0.85, norm_sample: int = 1000, resume: bool = False,
-               init_model: str | Path | None = None) -> tuple[nn.Module, TrainResult]:
+               init_model: str | Path | None = None, poses: dict[str, Any] | None = None
+               ) -> tuple[nn.Module, TrainResult]:
     """Train the volume ``cfg`` (its box and pixel size those of the cropped images) with the inference strategy
     ``inference`` (``kind`` and its settings) on ``pset``; returns the trained objective and the result.
+    ``poses``: refine the poses with the model (the keyword arguments of ``PoseCorrections``; the objective's
+    ``poses`` then holds the corrections).
 
     Writes ``out_dir/checkpoint.safetensors`` after every epoch (rank 0), keeping the one before as
     ``checkpoint.prev.safetensors``; ``resume`` continues from the newest usable of the two.
@@ -71,13 +76,16 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         reader = pset.reader()
         lattice = Lattice(pset.box, pset.apix).cropped(cfg.box)
         points = lattice.half_plane(cfg.max_freq * cfg.box)
+        corrections = None if poses is None else PoseCorrections(len(reader), lattice.apix, **poses)
+        if corrections is not None:
+            inference = {**inference, "poses": corrections.settings}
         ckpt = _resume_point(Path(out_dir), cfg, inference, opts, len(reader), hooks, ddp.main) if resume else None
         prep = ImagePreparer(pset, lattice, points, window_radius)
         if ckpt is None:
             cfg.data_scale = transform_rms(reader, prep, norm_sample, opts.seed)
             hooks.log.info("data scale (RMS of the transforms in the resolution circle): %.6g", cfg.data_scale)
         prep.scale = cfg.data_scale
-        objective = INFERENCES[inference["kind"]](cfg, points, inference, beta)
+        objective = INFERENCES[inference["kind"]](cfg, points, inference, beta, poses=corrections)
         if init_model is not None and ckpt is None:
             _load_initial(objective, cfg, Path(init_model), hooks)
         hooks.log.info("volume: box %d px at %.4g Å/px, %d frequencies in the half-plane, zdim %d, beta %s",
@@ -115,8 +123,9 @@ def _load_initial(objective: nn.Module, cfg: VolumeConfig, path: Path, hooks: Ho
     saved_cfg, saved_inf, tensors, _ = read_model(path)
     check_compatible(cfg, saved_cfg, path)
     state = objective.state_dict()
+    own = [k for k in state if not k.startswith("poses.")]  # pose corrections belong to the particles of a run
     same = saved_inf.get("kind") == objective.kind and all(
-        k in tensors and tensors[k].shape == v.shape for k, v in state.items())
-    keep = state.keys() if same else [k for k in state if k.startswith("decoder.")]
+        k in tensors and tensors[k].shape == state[k].shape for k in own)
+    keep = own if same else [k for k in state if k.startswith("decoder.")]
     objective.load_state_dict({**state, **{k: tensors[k] for k in keep}})
     hooks.log.info("initial weights from %s (%s)", path, "all" if same else "the volume's only")

@@ -5,7 +5,9 @@ An *objective* is an ``nn.Module`` holding a volume model and an inference strat
 ``forward(inputs, eps) -> (reconstruction error, regulariser)``, ``kl_weight``, ``noise_dim`` (latent noise
 drawn per particle, 0 for none), ``param_groups(lr)``, ``settings`` and
 ``latents(batches, device) -> (rows, mu, logvar)``; optionally ``epoch_terms() -> dict[str, float]``: the means of
-its own loss terms over the images since the last call, added to each epoch's history (averaged over ranks).
+its own loss terms over the images since the last call, added to each epoch's history (averaged over ranks);
+optionally ``poses``: per-particle pose corrections (``pose_tables.PoseCorrections``, or None), which the trainer
+steps after each optimiser step and makes agree over the ranks after each epoch.
 
 The trainer owns what they share: chunk-shuffled streaming epochs, mixed precision, the NaN guard, abort
 requests, a checkpoint after every epoch and resuming from it, and DistributedDataParallel under torchrun.
@@ -286,8 +288,11 @@ class Trainer:
         file_order = self.reader.file_order()
         per_rank = opts.batch_size // ddp.world
         epoch_seconds: list[float] = []
+        poses = getattr(obj, "poses", None)
         for epoch in range(start_epoch, opts.epochs + 1):
             t0, c0 = time.perf_counter(), time.process_time()
+            if poses is not None:
+                poses.begin_epoch(epoch, ddp.world > 1)
             order = epoch_order(n, epoch, opts.seed, True, file_order, opts.chunk_images, opts.shuffle_window)
             n_steps = len(shard_batches(order, opts.batch_size, 0, 1))
             mine = shard_batches(order, opts.batch_size, ddp.rank, ddp.world)
@@ -323,12 +328,16 @@ class Trainer:
                         f"{step + 1}/{n_steps}; training stopped. The last good checkpoint "
                         f"({'epoch ' + str(epoch - 1) if epoch > 1 else 'none yet'}) is kept in {ckpt_path}. "
                         "Lower --lr, or check the particles' poses and CTF, then continue with --resume yes.")
+                if poses is not None:
+                    poses.step(float(scaler.get_scale()) if scaler is not None else 1.0)
                 if scaler is not None:
                     scaler.step(optim)
                     scaler.update()
                 else:
                     optim.step()
                 sums += torch.tensor([float(vals[1]) * b, float(vals[2]) * b, b], dtype=torch.float64)
+            if poses is not None:
+                poses.end_epoch(dist.all_reduce if ddp.world > 1 else None)
             if ddp.world > 1:
                 sums_dev = sums.to(device)
                 dist.all_reduce(sums_dev)

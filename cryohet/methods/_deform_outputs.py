@@ -47,7 +47,8 @@ def write_outputs(ctx: Any, params: dict[str, Any], pset: Any, decoder: Any, obj
     out = Path(ctx.out_dir)
     z, d = res.z_mu.astype(np.float64), params["zdim"]
     write_latents(ctx, pset, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, z, f"latent means (N, {d})",
-                  f"particles with cryohetZ1..{d}", fit_model=decoder, logvar="z_logvar.npy")
+                  f"particles with cryohetZ1..{d}", poses=objective.poses, fit_model=decoder,
+                  logvar="z_logvar.npy")
     pcs = pca(z, min(2, d))
     points, pc_values = pc_traversal(z, pcs, 0, params["n_maps"])
     title = f"cryohet train-deform ({params['field']})"

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from cryohet.methods._pose_outputs import POSE_PARAMS, pose_options
 from cryohet.methods.base import Method, Param
 
 #: The particles and where their stacks are (shared with train-deform).
@@ -36,6 +37,7 @@ RUN_PARAMS = (
           "epoch); --epochs is the new total."),
     Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
           min=1, expert=True),
+    *POSE_PARAMS,
 )
 
 PARAMS = (
@@ -126,7 +128,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                         chunk_images=params["chunk_images"], seed=params["seed"])
     objective, res, terms = fit_atomic(decoder, restraints, (params["elastic_weight"], params["clash_weight"]),
                                        reader, prep, opts, params["enc_layers"], params["enc_dim"], params["beta"],
-                                       out, ctx.device, Hooks.of(ctx), params["resume"])
+                                       out, ctx.device, Hooks.of(ctx), params["resume"],
+                                       poses=pose_options(params))
     z, d = res.z_mu.astype(np.float64), params["zdim"]
     weights = objective.restraint_weight.tolist()
     decoder.cpu().save(out / "model.safetensors", {"particles": str(Path(params["particles"]).resolve()),
@@ -136,7 +139,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     ctx.add("model", "model.safetensors", "atomic decoder (reference residues displaced by an MLP of z)",
             model_type="atomic_decoder", latent_dim=d, box=pset.box, apix=pset.apix)
     write_latents(ctx, pset, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, z, f"latent means (N, {d})",
-                  f"particles with cryohetZ1..{d}", fit_model=decoder, logvar="z_logvar.npy")
+                  f"particles with cryohetZ1..{d}", poses=objective.poses, fit_model=decoder,
+                  logvar="z_logvar.npy")
     suffix = model_suffix(params["model"], len(atoms))
     pcs = pca(z, 1)
     points, pc_values = pc_traversal(z, pcs, 0, params["n_models"])

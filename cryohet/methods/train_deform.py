@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from cryohet.methods._pose_outputs import pose_options
 from cryohet.methods.base import Method, Param
 from cryohet.methods.train_atomic import ENCODER_PARAMS, PARTICLE_PARAMS, RUN_PARAMS
 
@@ -108,7 +109,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                         chunk_images=params["chunk_images"], seed=params["seed"])
     objective, res, terms = fit_deform(decoder, (params["rigidity_weight"], params["drift_weight"]), reader, prep,
                                        opts, params["enc_layers"], params["enc_dim"], params["beta"], out, ctx.device,
-                                       Hooks.of(ctx), params["resume"])
+                                       Hooks.of(ctx), params["resume"], poses=pose_options(params))
     decoder.cpu().save(out / "model.safetensors", {"particles": str(Path(params["particles"]).resolve()),
                                                    "consensus_map": str(Path(params["consensus_map"]).resolve()),
                                                    "history": json.dumps(res.history)})

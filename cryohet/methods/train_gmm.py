@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from cryohet.errors import InputError
+from cryohet.methods._pose_outputs import POSE_PARAMS, pose_options
 from cryohet.methods.base import DATADIR, Method, Param
 from cryohet.methods.train_atomic import NETWORK_PARAMS
 
@@ -67,6 +68,7 @@ PARAMS = (
           "the model of all particles as it was when they began."),
     Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
           min=1, expert=True),
+    *POSE_PARAMS,
 )
 
 FIT_NAME = "gmm_fit.json"
@@ -240,7 +242,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         folder.mkdir(exist_ok=True)
         fitted = fit_atomic(model, restraints, factors, sub_reader, sub_prep, opts, params["enc_layers"],
                             params["enc_dim"], params["beta"], folder, ctx.device, hooks, params["resume"],
-                            params["warmup_epochs"], encoder)
+                            params["warmup_epochs"], encoder, pose_options(params))
         kl = fitted[1].history[-1]["kld"]
         latent_kl[folder.name if folder != out else "all"] = kl
         if kl < COLLAPSED_KL:
@@ -274,7 +276,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     write_latents(ctx, pset, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, z,
                   f"latent means (N, {params['zdim']})", f"particles with cryohetZ1..{params['zdim']}"
                   + (", cryohetDeformErrorA and the half-sets (rlnRandomSubset)" if halves is not None else ""),
-                  extra, fit_model=model, logvar="z_logvar.npy")
+                  extra, poses=objective.poses, fit_model=model, logvar="z_logvar.npy")
     summary = write_gmm_outputs(ctx, model, z, params, halves)
     summary.update({"model": model.describe(), "n_particles": len(pset), "support": plan.describe_dict(),
                     "consensus_fit": fit_report, "spacing_A": spacing,

@@ -9,6 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from cryohet.methods._pose_outputs import (
+    POSE_PARAMS,
+    pose_columns,
+    pose_options,
+    refined_particles,
+    write_pose_changes,
+)
 from cryohet.methods.base import Method, Param
 
 PARAMS = (
@@ -59,6 +66,7 @@ PARAMS = (
     Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
           min=1, expert=True),
     Param("prefetch", int, 4, "Prepared batches kept ready by the background reader.", min=1, expert=True),
+    *POSE_PARAMS,
 )
 
 
@@ -131,7 +139,9 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         ctx.log.setLevel(logging.WARNING)
     init = _model_file(params["init_model"]) if params["init_model"] else None
     objective, res = fit_neural(pset, cfg, inference, opts, ctx.out_dir, ctx.device, ctx, beta=params["beta"],
-                                window_radius=params["window_radius"], resume=params["resume"], init_model=init)
+                                window_radius=params["window_radius"], resume=params["resume"], init_model=init,
+                                poses=pose_options(params))
+    poses = getattr(objective, "poses", None)
     out = Path(ctx.out_dir)
     d = cfg.zdim
     if rank == 0:
@@ -145,18 +155,23 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                        "history": res.history}, indent=1))
         for name, arr in (("z.npy", res.z_mu), ("z_logvar.npy", res.z_logvar)):
             save_npy(out / name, arr)
-        fit = fit_columns(ctx, pset, *latent_predictors(objective.decoder, res.z_mu), box=cfg.box,
+        refined = refined_particles(pset, poses)
+        fit = fit_columns(ctx, refined, *latent_predictors(objective.decoder, res.z_mu), box=cfg.box,
                           batch_size=params["batch_size"])
-        write_particles_star(out / "particles.star", pset, extra_columns={
-            f"cryohetZ{i + 1}": res.z_mu[:, i].astype(np.float64) for i in range(d)} | fit)
+        write_particles_star(out / "particles.star", refined,
+                             extra_columns={**{f"cryohetZ{i + 1}": res.z_mu[:, i].astype(np.float64)
+                                               for i in range(d)}, **(pose_columns(refined) if poses else {}), **fit})
         _plot_losses(out / "loss.png", res.history)
+        if poses is not None:
+            write_pose_changes(ctx, poses)
     # every rank registers the same outputs, so whichever writes the run record last lists them all
     ctx.add("model", "model.safetensors", f"neural volume and {objective.kind} inference weights",
             model_type="vae", latent_dim=d, box=cfg.box, apix=cfg.apix, config="config.json",
             inference=objective.kind)
     ctx.add("latents", "z.npy", f"latent means (N, {d})", logvar="z_logvar.npy", dim=d)
-    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{d} and goodness of fit (cryohetFitZ, "
-            "cryohetResidualZ)", columns=[f"cryohetZ{i + 1}" for i in range(d)])
+    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{d}, goodness of fit (cryohetFitZ, "
+            "cryohetResidualZ)" + (" and the refined poses" if poses is not None else ""),
+            columns=[f"cryohetZ{i + 1}" for i in range(d)], refined_poses=poses is not None)
     ctx.add("plot", "loss.png", "training losses per epoch")
     if rank > 0:
         register_fit_plot(ctx)
@@ -173,7 +188,9 @@ METHOD = Method(
          "only frequencies inside the resolution circle are fitted. Writes the weights (safetensors), per-particle "
          "latent means and log-variances (z.npy, z_logvar.npy, rows in particle-file order), the particles STAR with "
          "cryohetZ1..d columns and each particle's goodness of fit (cryohetFitZ, cryohetResidualZ, fit_z.png), "
-         "and a loss plot. A checkpoint is written after every epoch: --resume yes continues "
+         "and a loss plot. With --refine_poses each particle's rotation and origin are "
+         "refined with the model (SGD on per-particle corrections after a warm-up) and written into the STAR. "
+         "A checkpoint is written after every epoch: --resume yes continues "
          "after a crash or kill. Several GPUs or nodes: launch with torchrun (each rank reads its own share).",
     params=PARAMS,
     outputs=("model", "latents", "particles_star", "plot"),

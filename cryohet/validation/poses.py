@@ -91,3 +91,29 @@ def map_in_true_frame(volume: np.ndarray, errors: PoseErrors, apix: float) -> np
         u = u @ MIRROR.T
     coords = (u[:, ::-1] + n // 2).T  # (z, y, x) indices
     return map_coordinates(np.asarray(volume, dtype=np.float64), coords, order=1, cval=0.0).reshape(volume.shape)
+
+
+def perturb_poses(euler_deg: np.ndarray, shift_A: np.ndarray, angle_deg: float, shift_by_A: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Poses (RELION Euler angles (N, 3) degrees, origins (N, 2) Å) each turned by ``angle_deg`` about a random
+    axis (A' = ΔR · A) and moved by ``shift_by_A`` in a random direction: a start for pose refinement tests."""
+    import torch
+
+    from cryohet.geometry.euler import euler_to_matrix, matrix_to_euler
+    from cryohet.inference.pose_search import rotation_from_vector
+
+    n = len(euler_deg)
+    axis = rng.normal(size=(n, 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    dR = rotation_from_vector(torch.as_tensor(axis * np.radians(angle_deg))).numpy()
+    phi = rng.uniform(0, 2 * np.pi, n)
+    return (np.asarray(matrix_to_euler(dR @ euler_to_matrix(np.asarray(euler_deg, dtype=np.float64)))),
+            np.asarray(shift_A, dtype=np.float64) + shift_by_A * np.stack([np.cos(phi), np.sin(phi)], 1))
+
+
+def direct_errors(A_est: np.ndarray, shifts_est_A: np.ndarray, A_true: np.ndarray, shifts_true_A: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per particle, the angle (degrees) and origin (Å) errors with no global alignment (poses refined from a
+    start in the true frame)."""
+    return (_angles_deg(np.asarray(A_est, dtype=np.float64), np.asarray(A_true, dtype=np.float64)),
+            np.linalg.norm(np.asarray(shifts_est_A) - np.asarray(shifts_true_A), axis=1))
