@@ -5,7 +5,8 @@ An *objective* is an ``nn.Module`` holding a volume model and an inference strat
 ``forward(inputs, eps) -> (reconstruction error, regulariser)``, ``kl_weight``, ``noise_dim`` (latent noise
 drawn per particle, 0 for none), ``param_groups(lr)``, ``settings`` and
 ``latents(batches, device) -> (rows, mu, logvar)``; optionally ``epoch_terms() -> dict[str, float]``: the means of
-its own loss terms over the images since the last call, added to each epoch's history (averaged over ranks).
+its own loss terms over the images since the last call, added to each epoch's history (averaged over ranks), and
+``start_epoch(epoch, epochs)``, called before each epoch (a schedule of its own, such as frequency marching).
 
 The trainer owns what they share: chunk-shuffled streaming epochs, mixed precision, the NaN guard, abort
 requests, a checkpoint after every epoch and resuming from it, and DistributedDataParallel under torchrun.
@@ -288,6 +289,8 @@ class Trainer:
         epoch_seconds: list[float] = []
         for epoch in range(start_epoch, opts.epochs + 1):
             t0, c0 = time.perf_counter(), time.process_time()
+            if hasattr(obj, "start_epoch"):  # an objective's schedule (e.g. frequency marching)
+                obj.start_epoch(epoch, opts.epochs)
             order = epoch_order(n, epoch, opts.seed, True, file_order, opts.chunk_images, opts.shuffle_window)
             n_steps = len(shard_batches(order, opts.batch_size, 0, 1))
             mine = shard_batches(order, opts.batch_size, ddp.rank, ddp.world)
