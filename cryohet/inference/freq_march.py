@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from cryohet.inference.elbo import kl_weight
+
 #: Radius of the fitted circle at the first epoch, as a fraction of the full circle's.
 START = 0.25
 
@@ -58,7 +60,7 @@ def restrict(active: torch.Tensor | None, kxy: torch.Tensor, y: torch.Tensor,
 class MarchingObjective:
     """Mixin of an ELBO objective with ``kxy`` (its pixels), ``noise_dim`` (zdim), ``beta`` and ``march`` (a
     :class:`FrequencyMarch`): the trainer's ``start_epoch`` picks the epoch's pixels (``active``) and weighs the KL
-    term per fitted pixel, as the ELBO of the data inside the circle."""
+    term per fitted pixel, as the ELBO of the data inside the circle; without marching it changes nothing."""
 
     kxy: torch.Tensor
     noise_dim: int
@@ -69,13 +71,13 @@ class MarchingObjective:
     kl_weight: float
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        from cryohet.inference.elbo import kl_weight
-
+        if self.march.fraction <= 0:
+            return
         active, self.fit_radius = self.march.select(epoch, epochs)
         self.active = None if active is None else active.to(self.kxy.device)
         self.kl_weight = kl_weight(self.beta, self.noise_dim, len(self.kxy) if self.active is None
                                    else len(self.active))
 
     def epoch_terms(self) -> dict[str, float]:
-        """The radius of the circle fitted in the epoch, cycles/pixel."""
-        return {"fit_radius_cpp": self.fit_radius}
+        """The radius of the circle fitted in the epoch, cycles/pixel (nothing without marching)."""
+        return {"fit_radius_cpp": self.fit_radius} if self.march.fraction > 0 else {}
