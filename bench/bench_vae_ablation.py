@@ -35,10 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "freq_march 0.5": {"freq_march": 0.5},
+    "freq_march 0.8": {"freq_march": 0.8},
     "lr 3e-4": {"lr": 3e-4},
-    "batch 8": {"batch_size": 8},
-    "freq_march 0.5, lr 3e-4": {"freq_march": 0.5, "lr": 3e-4},
 }
+
+#: how the volumes are scored (set from the command line)
+SCORE: dict[str, int] = {"n_per_state": 4, "max_states": 20}
 
 _OURS = textwrap.dedent("""
     import json, sys
@@ -77,7 +79,7 @@ def ours(name: str, over: dict[str, Any], data: Path, out: Path) -> dict[str, An
     params = {"particles": str(data / "particles.star"), "threads": 1, "seed": 0, **over}
     wall, cpu = _run([sys.executable, "-c", _OURS, json.dumps(params), str(run)], run.with_suffix(".log"))
     hist = json.loads((run / "config.json").read_text())["history"]
-    res = score_run(run, data, n_per_state=4)
+    res = score_run(run, data, **SCORE)
     return _row(name, res["summary"], res["latent"], params=over, wall_s=wall, cpu_s=cpu,
                 train_cpu_s=sum(h["cpu_seconds"] for h in hist))
 
@@ -98,7 +100,7 @@ def cryodrgn(exe: str, dim: int, data: Path, out: Path) -> dict[str, Any]:
     os.environ["PATH"] = str(Path(exe).parent) + os.pathsep + os.environ["PATH"]
     z = sorted((work / "run").glob("z.*.pkl"), key=lambda p: int(p.stem.split(".")[1]))[-1]
     w = z.with_name("weights." + z.name.split(".", 1)[1])
-    sc = {f: score_cryodrgn(z, data, weights=w, config=work / "run" / "config.yaml", flip=f, n_per_state=4)
+    sc = {f: score_cryodrgn(z, data, weights=w, config=work / "run" / "config.yaml", flip=f, **SCORE)
           for f in (False, True)}
     best = max(sc, key=lambda f: sc[f]["summary"]["fsc_auc"])
     return _row(f"cryoDRGN 4.3.1 (width {dim or 1024})", sc[best]["summary"], sc[best]["latent"], wall_s=wall,
@@ -118,7 +120,7 @@ def homogeneous(data: Path, out: Path) -> dict[str, Any]:
     (run / "maps" / "map.mrc").write_bytes((run / "map.mrc").read_bytes())
     n = len(np.load(data / "ground_truth.npz")["tau"])
     res = score_arrays(np.zeros((n, 1), np.float32), data, volumes_dir=run / "maps", volume_labels=np.zeros(n, int),
-                       n_per_state=4)
+                       **SCORE)
     return _row("homogeneous map (reconstruct)", res["summary"], None, wall_s=wall)
 
 
@@ -146,6 +148,9 @@ def main() -> int:
     p.add_argument("--box", type=int, default=32)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--data_seed", type=int, default=0, help="seed of the simulated dataset")
+    p.add_argument("--n_per_state", type=int, default=4, help="particles per true state in the volume FSC")
+    p.add_argument("--max_states", type=int, default=20, help="true states in the volume FSC")
     p.add_argument("--config", action="append", default=[], metavar="NAME:JSON",
                    help="an extra train-vae row (parameters changed from the defaults)")
     p.add_argument("--only", nargs="*", default=None, help="run only these train-vae rows")
@@ -154,6 +159,7 @@ def main() -> int:
     a = p.parse_args()
     from cryohet.validation.datasets import make_dataset
 
+    SCORE.update(n_per_state=a.n_per_state, max_states=a.max_states)
     configs = dict(CONFIGS)
     for c in a.config:
         name, _, js = c.partition(":")
@@ -163,7 +169,7 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     data = a.out / "data"
     if not (data / "benchmark.json").exists():
-        make_dataset(a.dataset, data, box=a.box, n_particles=a.n, snr=a.snr, seed=0)
+        make_dataset(a.dataset, data, box=a.box, n_particles=a.n, snr=a.snr, seed=a.data_seed)
     log = a.out / "results.jsonl"
     done = {json.loads(line)["name"]: json.loads(line) for line in log.read_text().splitlines()} \
         if log.exists() else {}

@@ -71,6 +71,7 @@ class MarchingObjective:
     kl_weight: float
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Fit the pixels of ``epoch``'s circle (called by the trainer before each epoch)."""
         if self.march.fraction <= 0:
             return
         active, self.fit_radius = self.march.select(epoch, epochs)
