@@ -6,8 +6,8 @@ a row: the JSON holds train-vae parameters), cryoDRGN's ``train_vae`` at its def
 decoder width given by ``--cryodrgn_dim`` (its default 1024 is ~16× the FLOPs of 256 and does not fit a CPU
 session; 0 keeps 1024), and ``cryohet reconstruct``'s map given to every particle. Every result is scored by
 the same ``cryohet.validation.score`` (per-image FSC AUC of the map at each sampled particle's latent against
-its true map; |Spearman| of the latent's PC1 with τ; 5-fold kNN R² of τ). Time: the CPU seconds of the
-training (cryoDRGN: user+system of its process, its start-up included), one thread each. Prints a Markdown table
+its true map; |Spearman| of the latent's PC1 with τ; 5-fold kNN R² of τ). Time: the CPU seconds of each
+program's process (user + system, start-up and final latents included), one thread each. Prints a Markdown table
 with the ratios to cryoDRGN; rows are appended to ``OUT/results.jsonl`` as they finish (a rerun skips the rows
 already there).
 
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 #: name -> train-vae parameters changed from the defaults (one change at a time, then the chosen combination)
 CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "epochs 8": {"epochs": 8},
     "freq_march 0.5": {"freq_march": 0.5},
     "freq_march 0.8": {"freq_march": 0.8},
     "lr 3e-4": {"lr": 3e-4},
@@ -126,16 +127,16 @@ def homogeneous(data: Path, out: Path) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     drgn = next((r for r in rows if r["name"].startswith("cryoDRGN")), None)
-    lines = ["| run | training CPU s | CPU / cryoDRGN | per-image FSC AUC | AUC − cryoDRGN's | FSC 0.5 (Å) | "
+    lines = ["| run | CPU s | CPU / cryoDRGN | per-image FSC AUC | AUC − cryoDRGN's | FSC 0.5 (Å) | "
              "\\|Spearman\\| PC1 | kNN R² |", "|---|---|---|---|---|---|---|---|"]
 
     def f(v: Any, fmt: str) -> str:
         return "–" if v is None else format(v, fmt)
 
     for r in rows:
-        ratio = r["train_cpu_s"] / drgn["train_cpu_s"] if drgn and r.get("train_cpu_s") else None
+        ratio = r["cpu_s"] / drgn["cpu_s"] if drgn and r.get("cpu_s") else None
         diff = r["fsc_auc"] - drgn["fsc_auc"] if drgn and r.get("fsc_auc") is not None else None
-        lines.append(f"| {r['name']} | {f(r.get('train_cpu_s'), '.0f')} | {f(ratio, '.2f')} | "
+        lines.append(f"| {r['name']} | {f(r.get('cpu_s'), '.0f')} | {f(ratio, '.2f')} | "
                      f"{f(r.get('fsc_auc'), '.3f')} | {f(diff, '+.3f')} | {f(r.get('res_0.5_A'), '.1f')} | "
                      f"{f(r.get('spearman_pc1'), '.3f')} | {f(r.get('knn_r2'), '.3f')} |")
     return "\n".join(lines)
