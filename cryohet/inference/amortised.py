@@ -14,6 +14,7 @@ from torch import nn
 from cryohet.data.prepare import ImageBatch
 from cryohet.geometry.lattice import Points
 from cryohet.inference.elbo import gaussian_elbo, kl_weight
+from cryohet.inference.freq_march import FrequencyMarch, MarchingObjective, restrict
 from cryohet.inference.pose_tables import PoseCorrections, posed
 from cryohet.models.neural import NeuralVolume, ResidMLP, init_linear
 
@@ -31,18 +32,19 @@ class Encoder(nn.Module):
         return out[:, :self.zdim], out[:, self.zdim:]
 
 
-class AmortisedInference(nn.Module):
+class AmortisedInference(MarchingObjective, nn.Module):
     """Encoder + volume, trained on the ELBO. ``settings``: enc_layers, enc_dim.
 
     The volume is the neural one of ``volume_cfg``, or ``decoder``: any ``SliceModel`` with a ``latent_dim`` (its
     own parameters kept as they are; ``volume_cfg`` is then None and ``settings`` may hold ``seed``). ``poses``:
     per-particle pose corrections trained with the model (``pose_tables``); the encoder sees the images as
-    given."""
+    given. ``march``: the share of the epochs spent widening the fitted circle (frequency marching,
+    ``freq_march.py``)."""
 
     kind = "amortised"
 
     def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0,
-                 decoder: nn.Module | None = None, poses: PoseCorrections | None = None):
+                 decoder: nn.Module | None = None, poses: PoseCorrections | None = None, march: float = 0.0):
         super().__init__()
         seed = int(volume_cfg.seed) if volume_cfg is not None else int(settings.get("seed", 0))
         zdim = volume_cfg.zdim if decoder is None else int(decoder.latent_dim)
@@ -61,8 +63,10 @@ class AmortisedInference(nn.Module):
         if poses is not None:
             self.settings["poses"] = poses.settings
         self.register_buffer("kxy", points.kxy, persistent=False)
-        self.noise_dim = zdim
+        self.noise_dim, self.beta = zdim, beta
         self.kl_weight = kl_weight(beta, zdim, len(points))
+        max_freq = volume_cfg.max_freq if volume_cfg is not None else float(points.kxy.norm(dim=-1).max())
+        self.march, self.fit_radius = FrequencyMarch(points.kxy, max_freq, march), max_freq
 
     @staticmethod
     def inputs(b: ImageBatch) -> dict[str, torch.Tensor]:
@@ -74,7 +78,9 @@ class AmortisedInference(nn.Module):
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(d["enc"])
-        return gaussian_elbo(self.decoder, self.kxy, *posed(self.poses, d, self.kxy), d["ctf"], mu, logvar, eps)
+        rot, y = posed(self.poses, d, self.kxy)
+        kxy, y, ctf = restrict(self.active, self.kxy, y, d["ctf"])
+        return gaussian_elbo(self.decoder, kxy, rot, y, ctf, mu, logvar, eps)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.parameters()), "lr": lr}]

@@ -16,6 +16,7 @@ from torch import nn
 from cryohet.data.prepare import ImageBatch
 from cryohet.geometry.lattice import Points
 from cryohet.inference.elbo import gaussian_elbo, kl_weight
+from cryohet.inference.freq_march import FrequencyMarch, MarchingObjective, restrict
 from cryohet.inference.pose_tables import PoseCorrections, posed
 from cryohet.models.neural import NeuralVolume, init_linear
 
@@ -23,13 +24,14 @@ from cryohet.models.neural import NeuralVolume, init_linear
 INIT_STD = 0.1
 
 
-class AutoDecoderInference(nn.Module):
-    """Latent table + volume, trained on the ELBO. ``settings``: n_particles, latent_lr."""
+class AutoDecoderInference(MarchingObjective, nn.Module):
+    """Latent table + volume, trained on the ELBO. ``settings``: n_particles, latent_lr; ``march``: the share of
+    the epochs spent widening the fitted circle (frequency marching, ``freq_march.py``)."""
 
     kind = "autodecoder"
 
     def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0,
-                 poses: PoseCorrections | None = None):
+                 poses: PoseCorrections | None = None, march: float = 0.0):
         super().__init__()
         g = torch.Generator().manual_seed(int(volume_cfg.seed))
         n, d = int(settings["n_particles"]), volume_cfg.zdim
@@ -43,8 +45,9 @@ class AutoDecoderInference(nn.Module):
         if poses is not None:
             self.settings["poses"] = poses.settings
         self.register_buffer("kxy", points.kxy, persistent=False)
-        self.noise_dim = d
+        self.noise_dim, self.beta = d, beta
         self.kl_weight = kl_weight(beta, d, len(points))
+        self.march, self.fit_radius = FrequencyMarch(points.kxy, volume_cfg.max_freq, march), volume_cfg.max_freq
 
     @staticmethod
     def inputs(b: ImageBatch) -> dict[str, torch.Tensor]:
@@ -53,8 +56,10 @@ class AutoDecoderInference(nn.Module):
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = d["rows"]
-        return gaussian_elbo(self.decoder, self.kxy, *posed(self.poses, d, self.kxy), d["ctf"],
-                             self.table["mu"][rows], self.table["logvar"][rows], eps)
+        rot, y = posed(self.poses, d, self.kxy)
+        kxy, y, ctf = restrict(self.active, self.kxy, y, d["ctf"])
+        return gaussian_elbo(self.decoder, kxy, rot, y, ctf, self.table["mu"][rows], self.table["logvar"][rows],
+                             eps)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.decoder.parameters()), "lr": lr},

@@ -5,7 +5,8 @@ An *objective* is an ``nn.Module`` holding a volume model and an inference strat
 ``forward(inputs, eps) -> (reconstruction error, regulariser)``, ``kl_weight``, ``noise_dim`` (latent noise
 drawn per particle, 0 for none), ``param_groups(lr)``, ``settings`` and
 ``latents(batches, device) -> (rows, mu, logvar)``; optionally ``epoch_terms() -> dict[str, float]``: the means of
-its own loss terms over the images since the last call, added to each epoch's history (averaged over ranks);
+its own loss terms over the images since the last call, added to each epoch's history (averaged over ranks), and
+``start_epoch(epoch, epochs)``, called before each epoch (a schedule of its own, such as frequency marching);
 optionally ``poses``: per-particle pose corrections (``pose_tables.PoseCorrections``, or None), which the trainer
 steps after each optimiser step and makes agree over the ranks after each epoch.
 
@@ -293,6 +294,8 @@ class Trainer:
             t0, c0 = time.perf_counter(), time.process_time()
             if poses is not None:
                 poses.begin_epoch(epoch, ddp.world > 1)
+            if hasattr(obj, "start_epoch"):  # an objective's schedule (e.g. frequency marching)
+                obj.start_epoch(epoch, opts.epochs)
             order = epoch_order(n, epoch, opts.seed, True, file_order, opts.chunk_images, opts.shuffle_window)
             n_steps = len(shard_batches(order, opts.batch_size, 0, 1))
             mine = shard_batches(order, opts.batch_size, ddp.rank, ddp.world)

@@ -43,6 +43,10 @@ PARAMS = (
           "The pixel size grows by box/crop_box; 64-128 px is usual for training.", min=0),
     Param("res_limit_A", float, 0.0, "Fit only frequencies finer than this resolution, Å (the resolution circle); "
           "0: up to Nyquist of the (cropped) box.", min=0.0),
+    Param("freq_march", float, 0.0, "Frequency marching: share of the epochs over which the fitted circle widens "
+          "linearly from a quarter of the resolution circle's radius to all of it (the low frequencies are fitted "
+          "first, those epochs evaluate the decoder on fewer pixels); 0: the whole circle from the start.", min=0.0,
+          max=0.9),
     Param("domain", str, "fourier", "Decoder output: fourier (real and imaginary parts on a half-space, Hermitian "
           "symmetry exact, half the evaluations) or hartley (one value per frequency, cryoDRGN's --domain hartley).",
           choices=("fourier", "hartley"), expert=True),
@@ -140,7 +144,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     init = _model_file(params["init_model"]) if params["init_model"] else None
     objective, res = fit_neural(pset, cfg, inference, opts, ctx.out_dir, ctx.device, ctx, beta=params["beta"],
                                 window_radius=params["window_radius"], resume=params["resume"], init_model=init,
-                                poses=pose_options(params))
+                                poses=pose_options(params), march=params["freq_march"])
     poses = getattr(objective, "poses", None)
     out = Path(ctx.out_dir)
     d = cfg.zdim
@@ -150,6 +154,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps({"model": asdict(cfg), "inference": objective.settings,
                                        "training": asdict(opts), "beta": params["beta"],
+                                       "freq_march": params["freq_march"],
                                        "particles": str(Path(params["particles"]).resolve()),
                                        "n_particles": len(pset), "image_box": pset.box, "image_apix": pset.apix,
                                        "history": res.history}, indent=1))
