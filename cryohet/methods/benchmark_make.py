@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 
 PARAMS = (
     Param("dataset", str, "all", "Which dataset: " + "; ".join(f"{k}: {v}" for k, v in DATASETS.items())
-          + "; all: each of them in its own subfolder; cryobench: the five CryoBench analogues, each in its own "
-          "subfolder.", choices=tuple(DATASETS) + ("all", "cryobench")),
+          + "; all: the four AdK motions (hinge … discrete), cryobench: the five CryoBench analogues, each in its "
+          "own subfolder.", choices=tuple(DATASETS) + ("all", "cryobench")),
     Param("size", str, "custom", "Image settings: custom (--box, --apix, --snr, --defocus_*), or CryoBench's: full "
           "(box {f.box} at {f.apix:g} Å/px, SNR {f.snr:g}, origins uniform in ±{f.shift_max_px:g} px, defocus "
           "log-normal in {f.defocus_range_A[0]:.0f}-{f.defocus_range_A[1]:.0f} Å, {f.n_particles} particles) or cpu "
@@ -45,7 +45,8 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
         raise ValueError(f"--box must be even, got {params['box']}")
     if params["defocus_max_A"] < params["defocus_min_A"]:
         raise ValueError("--defocus_max_A is smaller than --defocus_min_A")
-    names = {"all": list(DATASETS), "cryobench": list(CRYOBENCH)}.get(params["dataset"], [params["dataset"]])
+    groups = {"all": [n for n in DATASETS if n not in CRYOBENCH], "cryobench": list(CRYOBENCH)}
+    names = groups.get(params["dataset"], [params["dataset"]])
     preset = SIZES.get(params["size"])
     if preset is None:
         img = dict(box=params["box"], apix=params["apix"] or None, snr=params["snr"],
