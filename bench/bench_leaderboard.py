@@ -7,7 +7,9 @@ on the same images, scored as CryoBench scores (cryohet.validation.cryobench_sco
 Datasets: ``cryohet benchmark-make --dataset <set> --size cpu --n_particles <n>`` into ``--data/<set>`` (made here
 when missing; ``--size full`` for the GPU-sized sets). Rows per set: the truth (ceiling) and the shuffled truth
 (chance), one homogeneous map (``reconstruct``: every image gets the same map), then each method at its defaults
-except ``--epochs`` for the trained ones. cryoDRGN runs ``train_vae`` (zdim 8) from its own environment
+except ``--epochs`` for the trained ones and ``--resolution_A`` (the true maps' resolution, 2.5 × the pixel size)
+for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å). cryoDRGN runs ``train_vae`` (zdim 8)
+from its own environment
 (``--cryodrgn``; ``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
 ``cryodrgn eval_vol`` in both hands, the better kept (CryoBench aligns and flips them too). RECOVAR runs
 ``recovar pipeline --mask sphere --zdim 4`` and ``recovar compute_state`` at the latents of the scored images, from
@@ -72,12 +74,14 @@ def thread_env(threads: int) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------- cryohet
 
 def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> dict[str, Any]:
+    """Defaults except the epochs and, for the methods with a resolution limit, the true maps' resolution."""
     star = str(ds / "particles.star")
     consensus = str(out / "reconstruct" / "map.mrc")
+    res = load_dataset(ds).meta["motion"]["resolution_A"]
     return {"train-vae": {"particles": star, "epochs": a.epochs},
-            "principal-volumes": {"particles": star},
-            "train-gmm": {"particles": star, "consensus_map": consensus, "epochs": a.epochs},
-            "train-deform": {"particles": star, "consensus_map": consensus, "epochs": a.epochs},
+            "principal-volumes": {"particles": star, "resolution_A": res},
+            "train-gmm": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
+            "train-deform": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
             "kernel-volumes": {"run": str(out / "train-vae")},
             "manifold-images": {"particles": star},
             "manifold-volumes": {"particles": star}}[method]

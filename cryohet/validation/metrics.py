@@ -266,10 +266,7 @@ def _neighbour_table(x: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
     for s in range(0, n, chunk):
         d = sq[s:s + chunk, None] + sq[None, :] - 2.0 * x[s:s + chunk] @ x.T
         d[np.arange(len(d)), np.arange(s, s + len(d))] = np.inf     # not its own neighbour
-        part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < n - 1 else np.tile(np.arange(n), (len(d), 1))
-        order = np.take_along_axis(d, part, axis=1)
-        idx = np.lexsort((part, order), axis=1)
-        out[s:s + chunk] = np.take_along_axis(part, idx, axis=1)[:, :k]
+        out[s:s + chunk] = np.argsort(d, axis=1, kind="stable")[:, :k]
     return out
 
 
