@@ -35,7 +35,7 @@ from cryohet.simulate.motions import Conformations, _maps_of_models, rotate_abou
 #: Centres (Å) of the IgG-like Y's parts about the hinge point (the origin): Fc below, the two Fabs above.
 IGG_CENTRES_A = {"fc": np.array([0.0, -48.0, 0.0]), "fab1": np.array([-36.0, 30.0, 0.0]),
                  "fab2": np.array([36.0, 30.0, 0.0])}
-#: Axis of IgG-1D's dihedral (through the hinge), 38° from the hinge -> Fab2 line: the Fab sweeps a cone.
+#: Axis of IgG-1D's dihedral (through the hinge), about 40° from the hinge -> Fab2 line: the Fab sweeps a cone.
 IGG_1D_AXIS = np.array([1.0, 0.0, 0.0])
 SUBUNIT_SPACING_A = 46.0
 
