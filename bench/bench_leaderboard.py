@@ -116,6 +116,8 @@ def run_cryodrgn(exe: str, ds: Path, out: Path, epochs: int, threads: int, n_ima
     run_logged([exe, "train_vae", star, "--poses", str(pose), "--ctf", str(ctf), "--zdim", "8", "-n", str(epochs),
                 "--max-threads", str(threads), "--no-analysis", "-o", str(train)], out / "train_vae.log", env)
     seconds = time.perf_counter() - t0
+    if not n_images:                        # latents only (eval_vol takes minutes per 64³ map on a shared CPU core)
+        return score_cryodrgn(train / "z.pkl", ds, **SCORE_KW)["summary"], seconds
     os.environ["PATH"] = str(Path(exe).parent) + os.pathsep + os.environ["PATH"]
     scores = {flip: score_cryodrgn(train / "z.pkl", ds, weights=train / "weights.pkl", config=train / "config.yaml",
                                    flip=flip, n_images=n_images, **SCORE_KW)["summary"] for flip in (False, True)}
@@ -187,7 +189,8 @@ def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[di
     if method == "reconstruct":
         return homogeneous(ds, out, a.threads, a.n_images)
     if method == "cryodrgn":
-        return run_cryodrgn(a.cryodrgn, ds, out / "cryodrgn", a.epochs, a.threads, a.n_images)
+        return run_cryodrgn(a.cryodrgn, ds, out / "cryodrgn", a.epochs, a.threads,
+                            a.n_images if a.cryodrgn_maps else 0)
     if method == "recovar":
         return run_recovar(a.recovar, ds, out / "recovar", a.threads, a.recovar_images)
     from cryohet.record import read_record
@@ -234,6 +237,8 @@ def main() -> int:
     ap.add_argument("--recovar", default="/work/peers/recovar-venv/bin/recovar")
     ap.add_argument("--n_images", type=int, default=100, help="images of the per-image FSC (CryoBench: 100)")
     ap.add_argument("--recovar_images", type=int, default=100, help="images whose RECOVAR maps are scored")
+    ap.add_argument("--no_cryodrgn_maps", dest="cryodrgn_maps", action="store_false",
+                    help="score cryoDRGN's latents only (no eval_vol)")
     a = ap.parse_args()
     lines: list[str] = []
     for name in a.sets:
