@@ -193,6 +193,7 @@ def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[di
                             a.n_images if a.cryodrgn_maps else 0)
     if method == "recovar":
         return run_recovar(a.recovar, ds, out / "recovar", a.threads, a.recovar_images)
+    from cryohet.errors import InputError
     from cryohet.record import read_record
 
     run_dir = out / method
@@ -201,7 +202,7 @@ def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[di
         if rec.status != "finished" or rec.finished is None:
             raise ValueError(rec.status)
         seconds = rec.finished - rec.started
-    except (OSError, ValueError):
+    except (InputError, ValueError):
         t0 = time.perf_counter()
         run_method(get_method(method), {**cryohet_params(method, a, ds, out), "threads": a.threads,
                                         "overwrite": True}, run_dir)
