@@ -6,20 +6,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryohet.methods.base import Method, Param
-from cryohet.validation.datasets import DATASETS, DEFAULT_STATES, MOTION_DATASETS
+from cryohet.validation.datasets import CRYOBENCH, DATASETS, DEFAULT_STATES, MOTION_DATASETS, SIZES
 
 if TYPE_CHECKING:
     from cryohet.runner import RunContext
 
 PARAMS = (
     Param("dataset", str, "all", "Which dataset: " + "; ".join(f"{k}: {v}" for k, v in DATASETS.items())
-          + "; all: each motion dataset (" + ", ".join(MOTION_DATASETS) + ") in its own subfolder.",
-          choices=tuple(DATASETS) + ("all",)),
-    Param("box", int, 64, "Image and map size, pixels (even).", min=16, max=512),
-    Param("apix", float, 0.0, "Pixel size, Å/pixel. 0: 128 Å / box (a 128 Å field of view).", min=0.0, max=50.0),
-    Param("n_particles", int, 1000, "Number of particle images per dataset.", min=10),
-    Param("snr", float, 0.1, "Signal-to-noise ratio: variance of the noise-free images inside the particle's circle "
-          "over the noise variance.", min=1e-6),
+          + "; all: each motion dataset (" + ", ".join(MOTION_DATASETS) + "), cryobench: the five CryoBench "
+          "analogues, each in its own subfolder.", choices=tuple(DATASETS) + ("all", "cryobench")),
+    Param("size", str, "custom", "Image settings: custom (--box, --apix, --snr, --defocus_*), or CryoBench's: full "
+          "(box {f.box} at {f.apix:g} Å/px, SNR {f.snr:g}, origins uniform in ±{f.shift_max_px:g} px, defocus "
+          "log-normal in {f.defocus_range_A[0]:.0f}-{f.defocus_range_A[1]:.0f} Å, {f.n_particles} particles) or cpu "
+          "(the same field of view and shifts in Å at box {c.box}, {c.apix:g} Å/px, {c.n_particles} particles)."
+          .format(f=SIZES["full"], c=SIZES["cpu"]), choices=("custom",) + tuple(SIZES)),
+    Param("box", int, 64, "Image and map size, pixels (even; --size custom).", min=16, max=512),
+    Param("apix", float, 0.0, "Pixel size, Å/pixel (--size custom). 0: 128 Å / box (a 128 Å field of view), "
+          "384 Å / box for the CryoBench analogues.", min=0.0, max=50.0),
+    Param("n_particles", int, 0, "Number of particle images per dataset. 0: 1000, or the --size preset's.", min=0),
+    Param("snr", float, 0.1, "(--size custom) Signal-to-noise ratio: variance of the noise-free images inside the "
+          "particle's circle over the noise variance.", min=1e-6),
     Param("n_states", int, 0, "Number of true maps: points along a 1-D motion, grid points per axis for "
           "two-part (n² maps), states for discrete (0: defaults "
           + ", ".join(f"{k} {v}" for k, v in DEFAULT_STATES.items()) + ").", min=0, max=1000),
@@ -35,11 +41,21 @@ PARAMS = (
 def run(params: dict[str, Any], ctx: RunContext) -> None:
     from cryohet.validation.datasets import make_dataset
 
-    if params["box"] % 2:
+    if params["box"] % 2 and params["size"] == "custom":
         raise ValueError(f"--box must be even, got {params['box']}")
     if params["defocus_max_A"] < params["defocus_min_A"]:
         raise ValueError("--defocus_max_A is smaller than --defocus_min_A")
-    names = list(MOTION_DATASETS) if params["dataset"] == "all" else [params["dataset"]]
+    groups = {"all": list(MOTION_DATASETS), "cryobench": list(CRYOBENCH)}
+    names = groups.get(params["dataset"], [params["dataset"]])
+    preset = SIZES.get(params["size"])
+    if preset is None:
+        img = dict(box=params["box"], apix=params["apix"] or None, snr=params["snr"],
+                   defocus_range_A=(params["defocus_min_A"], params["defocus_max_A"]))
+        n_particles = params["n_particles"] or 1000
+    else:
+        img = dict(box=preset.box, apix=preset.apix, snr=preset.snr, defocus_range_A=preset.defocus_range_A,
+                   shift_max_px=preset.shift_max_px, defocus_lognormal=True, astigmatism_A=preset.astigmatism_A)
+        n_particles = params["n_particles"] or preset.n_particles
     pops = None
     if (params["populations"] or "").strip():
         if len(names) > 1:
@@ -51,15 +67,16 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
                              ) from None
     for name in names:
         folder = ctx.out_dir if len(names) == 1 else ctx.out_dir / name
-        ds = make_dataset(name, folder, box=params["box"], apix=params["apix"] or None,
-                          n_particles=params["n_particles"], snr=params["snr"], n_states=params["n_states"] or None,
-                          populations=pops, resolution_A=params["resolution_A"] or None,
-                          defocus_range_A=(params["defocus_min_A"], params["defocus_max_A"]), seed=ctx.seed,
-                          device=str(ctx.device), log=ctx.log, progress=ctx.progress)
+        ds = make_dataset(name, folder, n_particles=n_particles, n_states=params["n_states"] or None,
+                          populations=pops, resolution_A=params["resolution_A"] or None, seed=ctx.seed,
+                          device=str(ctx.device), log=ctx.log, progress=ctx.progress, **img)
         ctx.log.info("%s: %d particles, %d true maps (%s, τ dimension %d), box %d, %.3g Å/px, SNR %g", name,
-                     ds.n_particles, ds.n_states, ds.kind, ds.latent_dim, ds.box, ds.apix, params["snr"])
+                     ds.n_particles, ds.n_states, ds.kind, ds.latent_dim, ds.box, ds.apix, img["snr"])
         ctx.add("particles_star", ds.particles_star, f"benchmark {name}: particles (truth in cryohetTrue* columns)",
-                dataset=name, n_particles=ds.n_particles, apix=ds.apix, box=ds.box, snr=params["snr"])
+                dataset=name, n_particles=ds.n_particles, apix=ds.apix, box=ds.box, snr=img["snr"])
+        if (folder / "trajectory" / "topology.pdb").is_file():
+            ctx.add("atomic_model", folder / "trajectory" / "topology.pdb", f"benchmark {name}: first frame of the "
+                    "trajectory of its true maps (all frames: trajectory/frames.dcd)")
         for k, path in enumerate(ds.map_paths):
             ctx.add("volume_series", path, f"benchmark {name}: true map {k}", series=f"{name}_true", index=k,
                     tau=np.round(ds.state_tau[k], 6).tolist())
@@ -74,12 +91,14 @@ METHOD = Method(
     title="Benchmark datasets with ground truth",
     help="Simulate CryoBench-style datasets from the bundled adenylate kinase (open 4AKE / closed 1AKE) with "
          "realistic CTF and noise: a 1-D hinge motion, a 1-D interpolation between two atomic models, a 2-D motion "
-         "of two independent domains, discrete states with uneven populations, and (junk) outliers: 10 % junk "
-         "images (pure noise, another molecule, off-centre particles) and a 2 % rare state. Each dataset folder holds "
+         "of two independent domains, discrete states with uneven populations, (junk) outliers: 10 % junk "
+         "images (pure noise, another molecule, off-centre particles) and a 2 % rare state, and analogues of "
+         "CryoBench's five sets (IgG-1D, IgG-RL, Ribosembly, Tomotwin-100, Spike-MD) built from AdK copies, at "
+         "CryoBench's image settings (--size full) or a CPU-sized variant (--size cpu). Each dataset folder holds "
          "particles.star/.mrcs, ground_truth.npz, maps/state_XXX.mrc and benchmark.json; score a method's result "
          "on it with cryohet benchmark-score.",
     params=PARAMS,
-    outputs=("particles_star", "volume_series", "ground_truth"),
+    outputs=("particles_star", "volume_series", "ground_truth", "atomic_model"),
     run=run,
     citations=("Jeon et al. (2024) CryoBench: diverse and challenging datasets for the heterogeneity problem in "
                "cryo-EM. NeurIPS Datasets and Benchmarks.",),

@@ -36,6 +36,8 @@ PARAMS = (
           expert=True),
     Param("mask_radius_px", float, 0.0, "Soft spherical mask radius for the FSC, pixels of the compared box (0: "
           "no mask).", min=0.0, expert=True),
+    Param("n_images", int, 100, "CryoBench's per-image FSC on this many evenly spaced images (0, N/n, 2N/n, …).",
+          min=1),
     Param("volumes_off", bool, False, "Score the latents only (skip the volume FSC).", expert=True),
 )
 
@@ -49,7 +51,8 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
 
     ds = load_dataset(params["dataset"])
     opts = dict(k=params["k"], n_per_state=params["n_per_state"], max_states=params["max_states"],
-                max_points=params["max_points"], seed=ctx.seed, mask_radius_px=params["mask_radius_px"] or None,
+                max_points=params["max_points"], seed=ctx.seed, n_images=params["n_images"],
+                mask_radius_px=params["mask_radius_px"] or None,
                 log=ctx.log)
     if params["label"]:
         opts["label"] = params["label"]
@@ -93,7 +96,9 @@ METHOD = Method(
     name="benchmark-score",
     order=90,
     title="Score a result against ground truth",
-    help="Compare a heterogeneity result with a benchmark dataset's ground truth: per-image volume FSC against "
+    help="Compare a heterogeneity result with a benchmark dataset's ground truth: CryoBench's scores (per-image "
+         "FSC AUC on 100 evenly spaced images against their true maps with a mask of the true maps, the per-state "
+         "score, neighbourhood similarity, information imbalance), per-image volume FSC against "
          "the true map (area under the curve, resolution at 0.5 and 0.143, averaged per true state) and latent "
          "versus truth agreement (|Spearman| for 1-D motions, k-NN overlap, CCA, k-means adjusted Rand index for "
          "discrete states), with chance levels. Reads a cryohet run folder, plain latent arrays with a folder of "

@@ -68,8 +68,11 @@ class ParticleDraws:
 
 def draw_particles(n: int, n_states: int, rng: np.random.Generator, populations: np.ndarray | None = None,
                    defocus_range_A: tuple[float, float] = (10000.0, 25000.0), astigmatism_A: float = 500.0,
-                   shift_sigma_A: float = 2.0) -> ParticleDraws:
-    """Draw states, uniform poses, Gaussian origins, defocus (uniform mean, uniform astigmatism and angle)."""
+                   shift_sigma_A: float = 2.0, shift_max_A: float | None = None,
+                   defocus_lognormal: bool = False) -> ParticleDraws:
+    """Draw states, uniform poses, origins (Gaussian of ``shift_sigma_A``, or with ``shift_max_A`` uniform in
+    ±shift_max_A on each axis), defocus (mean uniform in the range, or with ``defocus_lognormal`` log-normal with
+    the range as its ±2σ, clipped to it, as experimental defocus spreads; uniform astigmatism and angle)."""
     p = None
     if populations is not None:
         p = np.asarray(populations, dtype=np.float64)
@@ -78,9 +81,16 @@ def draw_particles(n: int, n_states: int, rng: np.random.Generator, populations:
         p = p / p.sum()
     state = rng.choice(n_states, size=n, p=p).astype(np.int64)
     euler = random_euler(n, rng)
-    shift = rng.normal(0.0, shift_sigma_A, size=(n, 2)) if shift_sigma_A > 0 else np.zeros((n, 2))
+    if shift_max_A is not None:
+        shift = rng.uniform(-shift_max_A, shift_max_A, size=(n, 2))
+    else:
+        shift = rng.normal(0.0, shift_sigma_A, size=(n, 2)) if shift_sigma_A > 0 else np.zeros((n, 2))
     lo, hi = sorted(defocus_range_A)
-    mean = rng.uniform(lo, hi, n)
+    if defocus_lognormal and lo > 0:
+        log_mid, log_sd = (np.log(lo) + np.log(hi)) / 2, (np.log(hi) - np.log(lo)) / 4
+        mean = np.clip(np.exp(rng.normal(log_mid, log_sd, n)), lo, hi)
+    else:
+        mean = rng.uniform(lo, hi, n)
     astig = rng.uniform(0.0, astigmatism_A, n)
     angle = rng.uniform(0.0, 180.0, n)
     subset = np.where(rng.permutation(n) % 2 == 0, 1, 2).astype(np.int64)
@@ -114,7 +124,8 @@ def simulate_particles(conf: Conformations, out_dir: str | os.PathLike, n_partic
                        voltage_kV: float = 300.0, cs_mm: float = 2.7, amp_contrast: float = 0.1, seed: int = 0,
                        device: torch.device | str = "cpu", progress: ProgressFn | None = None, *,
                        astigmatism_A: float = 500.0, normalise: bool = True, chunk_size: int = 256,
-                       image_paths: str = "star", write_maps: bool = True) -> SimulationOutput:
+                       image_paths: str = "star", write_maps: bool = True, shift_max_A: float | None = None,
+                       defocus_lognormal: bool = False) -> SimulationOutput:
     """Simulate ``n_particles`` images of ``conf`` into ``out_dir`` with their ground truth.
 
     ``snr``: signal variance inside the particle / noise variance; None (or inf) for noise-free images.
@@ -122,7 +133,8 @@ def simulate_particles(conf: Conformations, out_dir: str | os.PathLike, n_partic
     ``particles.mrcs``, ``ground_truth.npz`` (rows = STAR rows) and, with ``write_maps``, ``maps/state_XXX.mrc``
     and ``maps/mean.mrc`` (population-weighted mean of the states actually drawn). ``image_paths``: how
     rlnImageName names the stack: relative to the STAR file's folder (``star``), to the current folder (``cwd``,
-    RELION's project-folder convention) or ``absolute``. Same seed => same draws and noise whatever ``snr``.
+    RELION's project-folder convention) or ``absolute``. ``shift_max_A``, ``defocus_lognormal``: see
+    ``draw_particles``. Same seed => same draws and noise whatever ``snr``.
     """
     if n_particles < 1:
         raise ValueError("n_particles must be at least 1")
@@ -135,7 +147,8 @@ def simulate_particles(conf: Conformations, out_dir: str | os.PathLike, n_partic
     progress = progress or _plain_progress
     box, apix, k_states = conf.box, float(conf.apix), conf.n_states
     rng = np.random.default_rng([seed, 7001])
-    d = draw_particles(n_particles, k_states, rng, populations, defocus_range_A, astigmatism_A, shift_sigma_A)
+    d = draw_particles(n_particles, k_states, rng, populations, defocus_range_A, astigmatism_A, shift_sigma_A,
+                       shift_max_A, defocus_lognormal)
     ctf_all = CTFParams.broadcast(n_particles, defocus_u_A=d.defocus_u_A, defocus_v_A=d.defocus_v_A,
                                   defocus_angle_deg=d.defocus_angle_deg, voltage_kV=voltage_kV, cs_mm=cs_mm,
                                   amp_contrast=amp_contrast)

@@ -43,8 +43,43 @@ MOTION_DATASETS = ("hinge", "interpolation", "two-part", "discrete")
 #: The junk dataset's fractions of all particles: junk images (shared equally by the junk kinds), rare state.
 JUNK_FRACTION, RARE_FRACTION = 0.10, 0.02
 
+#: CryoBench's five datasets, as analogues built from AdK copies (cryohet.simulate.cryobench).
+CRYOBENCH: dict[str, str] = {
+    "igg-1d": "IgG-1D analogue: a Y of three AdK copies, one arm turning about a dihedral axis over 360° "
+              "(τ = cos, sin of the angle)",
+    "igg-rl": "IgG-RL analogue: the same Y, the arm in random orientations about a flexible linker (τ = rotation "
+              "vector, rad)",
+    "ribosembly": "Ribosembly analogue: assembly intermediates of ten packed AdK copies (a core of four plus "
+                  "subunits added along three orders), uneven populations",
+    "tomotwin": "Tomotwin-100 analogue: different complexes of 1-4 subunits (AdK or pseudo-atomic globules)",
+    "spike-md": "Spike-MD analogue: frames of an MD-like trajectory of an AdK trimer (each protomer closing on its "
+                "own clock, plus thermal motion; τ = the three closing fractions; frames in trajectory/)",
+}
+DATASETS.update(CRYOBENCH)
+
 #: Default number of true maps (K) per dataset; for two-part it is the grid size per axis (K = n²).
-DEFAULT_STATES = {"hinge": 20, "interpolation": 20, "two-part": 5, "discrete": 4, "junk": 2}
+DEFAULT_STATES = {"hinge": 20, "interpolation": 20, "two-part": 5, "discrete": 4, "junk": 2, "igg-1d": 100,
+                  "igg-rl": 100, "ribosembly": 16, "tomotwin": 100, "spike-md": 100}
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Image settings of a size preset: box, Å/pixel, particles, SNR, origins uniform in ±shift_max_px, defocus
+    log-normal in the range (Å) with astigmatism up to ``astigmatism_A``."""
+
+    box: int
+    apix: float
+    n_particles: int
+    snr: float
+    shift_max_px: float
+    defocus_range_A: tuple[float, float] = (5000.0, 30000.0)
+    astigmatism_A: float = 1000.0
+
+
+#: CryoBench's image settings (full: box 128 at 3 Å/px, SNR 0.01, ±20 px shifts) and a CPU-sized variant with the
+#: same field of view and shifts in Å (box 64 at 6 Å/px, ±10 px).
+SIZES = {"full": ImageSettings(128, 3.0, 100_000, 0.01, 20.0),
+         "cpu": ImageSettings(64, 6.0, 3000, 0.01, 10.0)}
 
 
 @dataclass
@@ -89,9 +124,10 @@ class BenchmarkDataset:
         return self.tau.copy()
 
 
-def default_apix(box: int) -> float:
-    """Å/pixel that keeps a 128 Å field of view (the molecule is about 60 Å across)."""
-    return 128.0 / box
+def default_apix(box: int, name: str = "hinge") -> float:
+    """Å/pixel that keeps a 128 Å field of view for one AdK (about 60 Å across), CryoBench's 384 Å for its
+    analogues (assemblies up to about 160 Å across, shifted by up to 60 Å)."""
+    return (384.0 if name in CRYOBENCH else 128.0) / box
 
 
 def default_populations(name: str, n_states: int) -> np.ndarray:
@@ -101,14 +137,19 @@ def default_populations(name: str, n_states: int) -> np.ndarray:
         return np.array([1 - RARE_FRACTION, RARE_FRACTION])
     if name == "discrete":
         p = np.arange(n_states, 0, -1, dtype=np.float64)
+    elif name == "ribosembly":
+        from cryohet.simulate.cryobench import ribosembly_populations
+
+        p = ribosembly_populations(n_states)
     else:
         p = np.ones(n_states)
     return p / p.sum()
 
 
 def build_conformations(name: str, box: int, apix: float, n_states: int | None = None,
-                        resolution_A: float | None = None, device: str = "cpu") -> Conformations:
-    """The true maps of a benchmark dataset (a cryohet.simulate Conformations)."""
+                        resolution_A: float | None = None, device: str = "cpu", seed: int = 0) -> Conformations:
+    """The true maps of a benchmark dataset (a cryohet.simulate Conformations); ``seed`` fixes the random
+    geometry of the CryoBench analogues."""
     from cryohet.simulate.molecules import default_molecule
     from cryohet.simulate.motions import (
         discrete_conformations,
@@ -122,6 +163,10 @@ def build_conformations(name: str, box: int, apix: float, n_states: int | None =
     n = int(n_states or DEFAULT_STATES[name])
     res = float(resolution_A or max(6.0, 2.5 * apix))
     kw = dict(box=box, apix=apix, resolution_A=res, device=device)
+    if name in CRYOBENCH:
+        from cryohet.simulate.cryobench import BUILDERS
+
+        return BUILDERS[name](n, seed=seed, **kw)
     mol = default_molecule()
     if name == "hinge":
         return hinge_conformations(mol, n_states=n, **kw)
@@ -153,33 +198,40 @@ def make_dataset(name: str, out_dir: str | Path, *, box: int = 64, apix: float |
                  populations: np.ndarray | None = None, resolution_A: float | None = None,
                  defocus_range_A: tuple[float, float] = (10000.0, 25000.0), seed: int = 0,
                  device: str = "cpu", log: logging.Logger | None = None,
-                 progress: Callable | None = None) -> BenchmarkDataset:
+                 progress: Callable | None = None, shift_max_px: float | None = None,
+                 defocus_lognormal: bool = False, astigmatism_A: float = 500.0) -> BenchmarkDataset:
     """Simulate benchmark ``name`` into ``out_dir`` and return it.
 
     ``snr``: signal-to-noise ratio of the images (signal variance / noise variance); ``defocus_range_A``:
     defocus drawn uniformly in this range (Å, with RELION's default 300 kV, Cs 2.7 mm, 10% amplitude
-    contrast); ``populations`` (K,): fraction of particles per true map (default ``default_populations``);
-    ``progress``: a RunContext.progress-like wrapper for the simulator's loops.
+    contrast; ``defocus_lognormal``: log-normal within it); ``shift_max_px``: origins uniform in ±this many
+    pixels (default: Gaussian of 2 Å); ``populations`` (K,): fraction of particles per true map (default
+    ``default_populations``); ``progress``: a RunContext.progress-like wrapper for the simulator's loops.
     """
+    from cryohet.simulate.cryobench import write_frames
     from cryohet.simulate.simulate import simulate_particles
 
     out_dir = Path(out_dir)
-    apix = float(apix or default_apix(box))
+    apix = float(apix or default_apix(box, name))
     if log is not None:
         log.info("benchmark %s: building the true maps (box %d, %.3g Å/px)", name, box, apix)
-    conf = build_conformations(name, box, apix, n_states, resolution_A, device)
+    conf = build_conformations(name, box, apix, n_states, resolution_A, device, seed)
     k = conf.n_states
     pops = default_populations(name, k) if populations is None else np.asarray(populations, dtype=np.float64)
     if pops.shape != (k,) or np.any(pops < 0) or pops.sum() <= 0:
         raise ValueError(f"populations must be {k} non-negative numbers (one per state), got {pops.tolist()}")
     pops = pops / pops.sum()
     simulate_particles(conf, out_dir, n_particles=n_particles, snr=snr, populations=pops,
-                       defocus_range_A=tuple(defocus_range_A), seed=seed, device=device, progress=progress)
+                       defocus_range_A=tuple(defocus_range_A), seed=seed, device=device, progress=progress,
+                       shift_max_A=None if shift_max_px is None else shift_max_px * apix,
+                       defocus_lognormal=defocus_lognormal, astigmatism_A=astigmatism_A)
+    write_frames(out_dir / "trajectory", conf)
     if name == "junk":
         _junk(out_dir, conf, seed, device)
     doc = {"format": BENCHMARK_FORMAT, "name": name, "description": DATASETS[name], "kind": conf.kind,
            "n_particles": int(n_particles), "n_states": k, "latent_dim": conf.dim, "box": box, "apix": apix,
-           "snr": snr, "defocus_range_A": list(defocus_range_A), "seed": seed, "populations": pops.tolist(),
+           "snr": snr, "defocus_range_A": list(defocus_range_A), "defocus_lognormal": defocus_lognormal,
+           "astigmatism_A": astigmatism_A, "shift_max_px": shift_max_px, "seed": seed, "populations": pops.tolist(),
            "state_tau": conf.tau.tolist(), "maps": [f"maps/state_{i:03d}.mrc" for i in range(k)],
            "motion": {k_: v for k_, v in conf.meta.items() if _jsonable(v)}}
     with atomic_path(out_dir / BENCHMARK_FILE) as tmp:

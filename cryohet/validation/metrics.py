@@ -219,3 +219,96 @@ def subsample(n: int, max_points: int, seed: int = 0) -> np.ndarray:
     if n <= max_points:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CryoBench's metrics (Jeon et al. 2024: ml-struct-bio/CryoBench metrics/)
+
+
+def cryobench_fsc(v: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """FSC as CryoBench computes it (box D): value 1 at shell 0, then shell i = 1 … D/2−1 holds the Fourier
+    voxels at distance r from the centre with i−1 ≤ r < i; ``mask`` multiplies both maps first. (D/2,)."""
+    a = torch.as_tensor(np.asarray(v, dtype=np.float64))
+    b = torch.as_tensor(np.asarray(ref, dtype=np.float64))
+    if mask is not None:
+        m = torch.as_tensor(np.asarray(mask, dtype=np.float64))
+        a, b = a * m, b * m
+    box = a.shape[-1]
+    fa, fb = torch.fft.fftn(a), torch.fft.fftn(b)
+    f = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
+    r = torch.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2)
+    shell = torch.floor(r).long() + 1                       # r in [i-1, i) -> shell i
+    keep = shell < box // 2
+    idx = shell[keep]
+    n = box // 2
+    num = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, (fa[keep] * fb[keep].conj()).real)
+    pa = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, fa[keep].abs() ** 2)
+    pb = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, fb[keep].abs() ** 2)
+    den = torch.sqrt(pa * pb)
+    curve = torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num)).numpy()
+    curve[0] = 1.0
+    return curve
+
+
+def cryobench_auc(curve: np.ndarray) -> float:
+    """CryoBench's FSC AUC: area under |FSC| against frequency k/D, k = 0 … D/2−1 (trapezoids; at most
+    (D/2−1)/D: 0.492 at D = 128, 0.484 at D = 64)."""
+    curve = np.abs(np.asarray(curve, dtype=np.float64))
+    box = 2 * len(curve)
+    return float(np.sum((curve[1:] + curve[:-1]) / 2) / box)
+
+
+def _neighbour_table(x: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
+    """(N, k) indices of each point's k nearest other points, nearest first (Euclidean; ties in index order)."""
+    n = len(x)
+    out = np.empty((n, k), dtype=np.int64)
+    sq = (x * x).sum(axis=1)
+    for s in range(0, n, chunk):
+        d = sq[s:s + chunk, None] + sq[None, :] - 2.0 * x[s:s + chunk] @ x.T
+        d[np.arange(len(d)), np.arange(s, s + len(d))] = np.inf     # not its own neighbour
+        out[s:s + chunk] = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return out
+
+
+def _shared_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row, how many indices the rows of (N, k) ``a`` and ``b`` share (each row's indices distinct)."""
+    both = np.sort(np.concatenate([a, b], axis=1), axis=1)
+    return (both[:, 1:] == both[:, :-1]).sum(axis=1)
+
+
+def neighbourhood_similarity(truth: np.ndarray, latents: np.ndarray, ks: np.ndarray | list[int]) -> np.ndarray:
+    """CryoBench's neighbourhood similarity at each k of ``ks``: the mean fraction of each point's k nearest
+    true neighbours that are also among its k nearest latent neighbours (self excluded; 1 perfect, k/(N−1) at
+    chance). Invariant to rotations, translations and uniform scaling of the latent space (not to curving it:
+    a non-linear monotone map of a 1-D latent changes which side the nearest neighbours lie on)."""
+    t, z = _as2d(truth, "truth"), _as2d(latents, "latents")
+    if len(t) != len(z):
+        raise ValueError(f"latents ({len(z)}) and truth ({len(t)}) differ in length")
+    ks = np.asarray(ks, dtype=np.int64)
+    if len(t) < 3 or ks.min() < 1 or ks.max() > len(t) - 1:
+        raise ValueError(f"k must be within 1 … N−1 = {len(t) - 1}, got {ks.tolist()}")
+    kmax = int(ks.max())
+    nt, nz = _neighbour_table(t, kmax), _neighbour_table(z, kmax)
+    return np.array([_shared_counts(nt[:, :k], nz[:, :k]).mean() / k for k in ks])
+
+
+def information_imbalance(a: np.ndarray, b: np.ndarray, k: int = 1) -> float:
+    """Information imbalance Δ(A → B) (Glielmo et al. 2022, dadapy's definition, as CryoBench uses it):
+    2/N × the mean rank in B of each point's k nearest neighbours in A (ranks from 1, self excluded). About 0
+    when A's neighbours are B's (A predicts B), about 1 when A says nothing about B."""
+    x, y = _as2d(a, "A"), _as2d(b, "B")
+    n = len(x)
+    if len(y) != n:
+        raise ValueError(f"A ({n}) and B ({len(y)}) differ in length")
+    if not 1 <= k < n - 1:
+        raise ValueError(f"k must be within 1 … N−2 = {n - 2}, got {k}")
+    nb = _neighbour_table(x, k)
+    sq = (y * y).sum(axis=1)
+    ranks = np.empty((n, k))
+    for s in range(0, n, 512):
+        d = sq[s:s + 512, None] + sq[None, :] - 2.0 * y[s:s + 512] @ y.T
+        rows = np.arange(len(d))
+        d[rows, np.arange(s, s + len(d))] = -np.inf                   # self first: rank 0
+        target = np.take_along_axis(d, nb[s:s + 512], axis=1)
+        ranks[s:s + 512] = (d[:, :, None] < target[:, None, :]).sum(axis=1)  # points strictly closer (self too)
+    return float(2.0 * ranks.mean() / n)

@@ -94,6 +94,25 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cryobench_lines(cb: dict[str, Any]) -> list[str]:
+    """The CryoBench section of a score page (cryohet.validation.cryobench_score)."""
+    if not cb:
+        return []
+    lines = ["## CryoBench's scores", ""]
+    if "fsc" in cb:
+        f = cb["fsc"]
+        lines += [f"Per-image FSC AUC (masked, {len(f['images'])} images, box {f['box']}, at most "
+                  f"{f['max_auc']:.3f}): **{f['per_image_fsc_auc']:.3f}** ± {f['per_image_fsc_auc_std']:.3f}; "
+                  f"per-state: **{f['per_state_fsc_auc']:.3f}** ({len(f['per_state'])} states).", ""]
+    if "neighbourhood_similarity" in cb:
+        ns, ii = cb["neighbourhood_similarity"], cb["information_imbalance"]
+        lines += [f"Neighbourhood similarity (mean over k = {ns['k'][0]} … {ns['k'][-1]} of {ns['subset_size']}): "
+                  f"**{ns['value']:.3f}** (chance {ns['chance']:.3f}, perfect 1). Information imbalance "
+                  f"(k = {ii['k']}, {ii['n_points']} particles; 0 perfect, 1 none): latent → truth "
+                  f"**{ii['latent_to_truth']:.3f}**, truth → latent **{ii['truth_to_latent']:.3f}**.", ""]
+    return lines
+
+
 def score_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
     """The Markdown page of one score (``cryohet.validation.score.score`` output)."""
     d = result["dataset"]
@@ -129,6 +148,7 @@ def score_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
         lines.append("")
         if "fsc" in figures:
             lines += [f"![FSC curves]({figures['fsc']})", ""]
+    lines += _cryobench_lines(result.get("cryobench", {}))
     lines += ["## Summary", "", "| " + " | ".join(result["summary"]) + " |",
               "|" + "---|" * len(result["summary"]),
               "| " + " | ".join(_fmt(v) for v in result["summary"].values()) + " |", ""]

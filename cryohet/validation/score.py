@@ -146,12 +146,15 @@ def volume_metrics(volumes: ParticleVolumes, ds: BenchmarkDataset, n_per_state: 
 def score(ds: BenchmarkDataset | str | Path, latents: np.ndarray | None = None,
           volumes: ParticleVolumes | None = None, *, label: str = "result", k: int = 10, n_per_state: int = 4,
           max_states: int = 20, max_points: int = 20000, seed: int = 0, mask_radius_px: float | None = None,
-          log: logging.Logger | None = None) -> dict[str, Any]:
+          n_images: int = 100, log: logging.Logger | None = None) -> dict[str, Any]:
     """Score per-particle ``latents`` (N, d) and/or per-particle maps against benchmark ``ds``.
 
     Returns a JSON-able dict: ``summary`` (the numbers for a methods × datasets table), ``latent`` and
-    ``volume`` (details, per state, chance levels), ``dataset``.
+    ``volume`` (details, per state, chance levels), ``cryobench`` (CryoBench's scores on ``n_images`` images:
+    cryohet.validation.cryobench_score), ``dataset``.
     """
+    from cryohet.validation.cryobench_score import cryobench_metrics, summary_of
+
     if not isinstance(ds, BenchmarkDataset):
         ds = load_dataset(ds)
     if latents is None and volumes is None:
@@ -174,6 +177,8 @@ def score(ds: BenchmarkDataset | str | Path, latents: np.ndarray | None = None,
         out["volume"] = vol
         summary.update({k_: vol[k_] for k_ in ("fsc_auc", "res_0.5_A", "res_0.143_A", "chance_fsc_auc",
                                                "mean_map_fsc_auc")})
+    out["cryobench"] = cryobench_metrics(ds, latents, volumes, n_images=n_images, seed=seed, log=log)
+    summary.update(summary_of(out["cryobench"]))
     out["summary"] = summary
     return out
 

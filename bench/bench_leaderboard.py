@@ -1,0 +1,278 @@
+"""Leaderboard on the CryoBench analogues: every cryohet heterogeneity method, cryoDRGN 4.3.1 and RECOVAR 1.0.5
+on the same images, scored as CryoBench scores (cryohet.validation.cryobench_score).
+
+    .venv/bin/python bench/bench_leaderboard.py --data /work/peers/cryobench --out /work/peers/cryobench/lb \\
+        --sets igg-1d ribosembly --n 1000 --epochs 10 --threads 1
+
+Datasets: ``cryohet benchmark-make --dataset <set> --size cpu --n_particles <n>`` into ``--data/<set>`` (made here
+when missing; ``--size full`` for the GPU-sized sets). Rows per set: the truth (ceiling) and the shuffled truth
+(chance), one homogeneous map (``reconstruct``: every image gets the same map), then each method at its defaults
+except ``--epochs`` for the trained ones and ``--resolution_A`` (the true maps' resolution, 2.5 × the pixel size)
+for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å). cryoDRGN runs ``train_vae`` (zdim 8)
+from its own environment
+(``--cryodrgn``; ``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
+``cryodrgn eval_vol`` in both hands, the better kept (CryoBench aligns and flips them too). RECOVAR runs
+``recovar pipeline --mask sphere --zdim 4`` and ``recovar compute_state`` at the latents of the scored images, from
+its own environment (``--recovar``; ``pip install recovar==1.0.5``). Every run's summary is kept in
+``<out>/<set>/<method>.score.json`` and reused, so an interrupted leaderboard resumes (failed runs are
+retried); the Markdown table is
+printed and written to ``<out>/leaderboard.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
+
+from cryohet.methods import get_method  # noqa: E402
+from cryohet.runner import run_method  # noqa: E402
+from cryohet.validation.cryobench_score import image_indices  # noqa: E402
+from cryohet.validation.datasets import CRYOBENCH, SIZES, load_dataset, make_dataset  # noqa: E402
+from cryohet.validation.score import score, score_arrays, score_cryodrgn, score_run, score_true_answer  # noqa: E402
+from cryohet.validation.sources import MapsModel, ParticleVolumes  # noqa: E402
+
+METHODS = ("train-vae", "principal-volumes", "train-gmm", "train-deform", "kernel-volumes", "manifold-images",
+           "manifold-volumes", "cryodrgn", "recovar")
+LABELS = {"reconstruct": "reconstruct (one map)", "cryodrgn": "cryoDRGN 4.3.1", "recovar": "RECOVAR 1.0.5"}
+#: The table's scores are CryoBench's; the older per-state FSC of ``score`` (not in the table) is kept cheap.
+SCORE_KW = {"n_per_state": 1, "max_states": 4}
+COLUMNS = ("per_image_fsc_auc", "per_state_fsc_auc", "neighbourhood_similarity", "ii_latent_to_truth",
+           "ii_truth_to_latent")
+
+
+def ensure_dataset(root: Path, name: str, size: str, n: int) -> Path:
+    d = root / name
+    if not (d / "benchmark.json").is_file():
+        p = SIZES[size]
+        make_dataset(name, d, box=p.box, apix=p.apix, n_particles=n or p.n_particles, snr=p.snr,
+                     defocus_range_A=p.defocus_range_A, shift_max_px=p.shift_max_px, defocus_lognormal=True,
+                     astigmatism_A=p.astigmatism_A)
+    return d
+
+
+def run_logged(args: list[str], log: Path, env: dict[str, str]) -> None:
+    with open(log, "w") as fh:
+        proc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} failed (exit {proc.returncode}); see {log}")
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CRYOHET_NO_PROGRESS="1",
+                XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}")
+
+
+# ------------------------------------------------------------------------------------------------- cryohet
+
+def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> dict[str, Any]:
+    """Defaults except the epochs and, for the methods with a resolution limit, the true maps' resolution."""
+    star = str(ds / "particles.star")
+    consensus = str(out / "reconstruct" / "map.mrc")
+    res = load_dataset(ds).meta["motion"]["resolution_A"]
+    return {"train-vae": {"particles": star, "epochs": a.epochs},
+            "principal-volumes": {"particles": star, "resolution_A": res},
+            "train-gmm": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
+            "train-deform": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
+            "kernel-volumes": {"run": str(out / "train-vae")},
+            "manifold-images": {"particles": star},
+            "manifold-volumes": {"particles": star}}[method]
+
+
+def homogeneous(ds: Path, out: Path, threads: int, n_images: int) -> tuple[dict[str, Any], float]:
+    """``reconstruct`` of all the particles; every image gets that one map (volume scores only)."""
+    run_dir = out / "reconstruct"
+    t0 = time.perf_counter()
+    run_method(get_method("reconstruct"), {"particles": str(ds / "particles.star"), "threads": threads,
+                                           "overwrite": True}, run_dir)
+    seconds = time.perf_counter() - t0
+    model = MapsModel([run_dir / "map.mrc"], np.zeros((1, 1)))
+    n = load_dataset(ds).n_particles
+    pv = ParticleVolumes.from_model(model, np.zeros((n, 1), np.float32), "one homogeneous map")
+    return score(ds, None, pv, label="reconstruct (one map)", n_images=n_images, **SCORE_KW)["summary"], seconds
+
+
+# ------------------------------------------------------------------------------------------------- peers
+
+def run_cryodrgn(exe: str, ds: Path, out: Path, epochs: int, threads: int, n_images: int
+                 ) -> tuple[dict[str, Any], float]:
+    out.mkdir(parents=True, exist_ok=True)
+    env, star = thread_env(threads), str(ds / "particles.star")
+    pose, ctf = out / "pose.pkl", out / "ctf.pkl"
+    t0 = time.perf_counter()
+    run_logged([exe, "parse_pose_star", star, "-o", str(pose)], out / "parse_pose.log", env)
+    run_logged([exe, "parse_ctf_star", star, "--ps", "0", "-o", str(ctf)], out / "parse_ctf.log", env)
+    train = out / "train_vae"
+    run_logged([exe, "train_vae", star, "--poses", str(pose), "--ctf", str(ctf), "--zdim", "8", "-n", str(epochs),
+                "--max-threads", str(threads), "--no-analysis", "-o", str(train)], out / "train_vae.log", env)
+    seconds = time.perf_counter() - t0
+    if not n_images:                        # latents only (eval_vol takes minutes per 64³ map on a shared CPU core)
+        return score_cryodrgn(train / "z.pkl", ds, **SCORE_KW)["summary"], seconds
+    os.environ["PATH"] = str(Path(exe).parent) + os.pathsep + os.environ["PATH"]
+    scores = {flip: score_cryodrgn(train / "z.pkl", ds, weights=train / "weights.pkl", config=train / "config.yaml",
+                                   flip=flip, n_images=n_images, **SCORE_KW)["summary"] for flip in (False, True)}
+    best = max(scores, key=lambda f: scores[f]["per_image_fsc_auc"])
+    return dict(scores[best], flip=best, per_image_fsc_auc_other_hand=scores[not best]["per_image_fsc_auc"]), seconds
+
+
+def _recovar_latents(pipeline: Path, zdim: int) -> np.ndarray:
+    """RECOVAR's regularised per-image latents (dataset order): model/zdim_K/latent_coords.npy, or the older
+    model/embeddings.pkl."""
+    npy = pipeline / "model" / f"zdim_{zdim}" / "latent_coords.npy"
+    if npy.is_file():
+        return np.load(npy)
+    with open(pipeline / "model" / "embeddings.pkl", "rb") as fh:
+        emb = pickle.load(fh)  # noqa: S301  (RECOVAR's own output, written by this script's run)
+    return np.asarray(emb["latent_coords"][zdim])
+
+
+def _log_span_s(log: Path) -> float:
+    """Seconds between the first and last time stamps (YYYY-MM-DD HH:MM:SS) of a log."""
+    import re
+    from datetime import datetime
+
+    stamps = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", log.read_text())
+    if len(stamps) < 2:
+        raise KeyError(f"no time stamps in {log}")
+    first, last = (datetime.strptime(t, "%Y-%m-%d %H:%M:%S") for t in (stamps[0], stamps[-1]))
+    return (last - first).total_seconds()
+
+
+def run_recovar(exe: str, ds: Path, out: Path, threads: int, n_images: int, zdim: int = 4
+                ) -> tuple[dict[str, Any], float]:
+    """RECOVAR's pipeline, then its kernel-regression maps (``compute_state``) at the latents of ``n_images``
+    evenly spaced images (fewer than CryoBench's 100 on a CPU: each map is a local-resolution kernel estimate)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = thread_env(threads)
+    pipeline = out / "pipeline"
+    try:                                    # a finished pipeline is reused (its time read from its log)
+        z, seconds = _recovar_latents(pipeline, zdim), _log_span_s(out / "pipeline.log")
+    except (OSError, KeyError):
+        t0 = time.perf_counter()
+        run_logged([exe, "pipeline", str(ds / "particles.star"), "--mask", "sphere", "--zdim", str(zdim),
+                    "--accept-cpu", "-o", str(pipeline)], out / "pipeline.log", env)
+        z, seconds = _recovar_latents(pipeline, zdim), time.perf_counter() - t0
+    dset = load_dataset(ds)
+    idx = image_indices(dset.n_particles, n_images)
+    points = out / "latent_points.txt"
+    np.savetxt(points, z[idx])
+    states = out / "states"
+    t1 = time.perf_counter()
+    run_logged([exe, "compute_state", str(pipeline), "--latent-points", str(points), "-o", str(states)],
+               out / "compute_state.log", env)
+    seconds += time.perf_counter() - t1
+    maps = [states / f"state{k:03d}.mrc" for k in range(len(idx))]
+    missing = [p for p in maps if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"RECOVAR compute_state did not write {missing[0]} ({len(missing)} maps missing)")
+    labels = np.zeros(dset.n_particles, np.int64)
+    labels[idx] = np.arange(len(idx))
+    res = score_arrays(z, ds, volumes_dir=None, label="RECOVAR 1.0.5", **SCORE_KW)["summary"]
+    pv = ParticleVolumes.from_labels(maps, labels, describe="RECOVAR compute_state maps")
+    vol = score(ds, None, pv, label="RECOVAR 1.0.5", n_images=n_images, **SCORE_KW)["summary"]
+    res.update({k: v for k, v in vol.items() if k not in res}, n_images=len(idx))
+    return res, seconds
+
+
+def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[dict[str, Any], float]:
+    """Run one leaderboard entry on dataset ``ds``; (score summary, wall seconds of the run)."""
+    if method == "reconstruct":
+        return homogeneous(ds, out, a.threads, a.n_images)
+    if method == "cryodrgn":
+        return run_cryodrgn(a.cryodrgn, ds, out / "cryodrgn", a.epochs, a.threads,
+                            a.n_images if a.cryodrgn_maps else 0)
+    if method == "recovar":
+        return run_recovar(a.recovar, ds, out / "recovar", a.threads, a.recovar_images)
+    from cryohet.errors import InputError
+    from cryohet.record import read_record
+
+    run_dir = out / method
+    try:                                    # a finished run is scored again, not rerun (its time from its record)
+        rec = read_record(run_dir)
+        if rec.status != "finished" or rec.finished is None:
+            raise ValueError(rec.status)
+        seconds = rec.finished - rec.started
+    except (InputError, ValueError):
+        t0 = time.perf_counter()
+        run_method(get_method(method), {**cryohet_params(method, a, ds, out), "threads": a.threads,
+                                        "overwrite": True}, run_dir)
+        seconds = time.perf_counter() - t0
+    return score_run(run_dir, ds, n_images=a.n_images, **SCORE_KW)["summary"], seconds
+
+
+# ------------------------------------------------------------------------------------------------- table
+
+def row(name: str, method: str, s: dict[str, Any], seconds: float | None, peer: dict[str, Any] | None = None
+        ) -> str:
+    """A table row; with ``peer`` (cryoDRGN's record on the set) the per-image FSC AUC and wall-time ratios."""
+    cells = [f"{s[c]:.3f}" if isinstance(s.get(c), float) else "–" for c in COLUMNS]
+    cells.append("–" if seconds is None else f"{seconds:.0f}")
+    ratio = "–"
+    if peer and peer.get("seconds") and seconds and "per_image_fsc_auc" in s:
+        ratio = (f"{s['per_image_fsc_auc'] / peer['summary']['per_image_fsc_auc']:.2f} / "
+                 f"{seconds / peer['seconds']:.2f}")
+    return f"| {name} | {method} | " + " | ".join(cells) + f" | {ratio} |"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("/work/peers/cryobench"))
+    ap.add_argument("--out", type=Path, default=Path("/work/peers/cryobench/lb"))
+    ap.add_argument("--sets", nargs="+", default=list(CRYOBENCH), choices=list(CRYOBENCH))
+    ap.add_argument("--size", default="cpu", choices=list(SIZES))
+    ap.add_argument("--n", type=int, default=0, help="particles per set (0: the size preset's)")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs of the trained methods and of cryoDRGN")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--cryodrgn", default="/work/peers/cryodrgn-venv/bin/cryodrgn")
+    ap.add_argument("--recovar", default="/work/peers/recovar-venv/bin/recovar")
+    ap.add_argument("--n_images", type=int, default=100, help="images of the per-image FSC (CryoBench: 100)")
+    ap.add_argument("--recovar_images", type=int, default=100, help="images whose RECOVAR maps are scored")
+    ap.add_argument("--no_cryodrgn_maps", dest="cryodrgn_maps", action="store_false",
+                    help="score cryoDRGN's latents only (no eval_vol)")
+    a = ap.parse_args()
+    lines: list[str] = []
+    for name in a.sets:
+        ds = ensure_dataset(a.data, name, a.size, a.n)
+        out = a.out / name
+        out.mkdir(parents=True, exist_ok=True)
+        kw = dict(n_images=a.n_images, **SCORE_KW)
+        lines.append(row(name, "truth (ceiling)", score_true_answer(ds, **kw)["summary"], None))
+        lines.append(row(name, "shuffled truth (chance)", score_true_answer(ds, shuffle=True, **kw)["summary"], None))
+        records: dict[str, dict[str, Any]] = {}
+        for m in ["reconstruct"] + a.methods:
+            cache = out / f"{m}.score.json"
+            if cache.is_file():
+                records[m] = json.loads(cache.read_text())
+                continue
+            try:
+                s, secs = run_job(m, a, ds, out)
+                records[m] = {"summary": s, "seconds": secs}
+                cache.write_text(json.dumps(records[m], indent=1, default=float))
+            except Exception as exc:  # noqa: BLE001  (a failed peer is a row of the table, not the end)
+                records[m] = {"summary": {}, "seconds": None, "error": f"{type(exc).__name__}: {exc}"}
+            print(m, json.dumps(records[m], default=float)[:400], flush=True)
+        peer = records.get("cryodrgn") if not records.get("cryodrgn", {}).get("error") else None
+        for m, rec in records.items():
+            label = LABELS.get(m, m) + (f" (failed: {rec['error'][:100]})" if rec.get("error") else "")
+            lines.append(row(name, label, rec["summary"], rec["seconds"], peer))
+    head = ("| set | method | per-image FSC AUC | per-state FSC AUC | neighbourhood similarity | II latent→truth | "
+            "II truth→latent | wall (s) | vs cryoDRGN: FSC AUC / time |\n|---|---|---|---|---|---|---|---|---|")
+    table = head + "\n" + "\n".join(lines)
+    (a.out / "leaderboard.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
