@@ -1,6 +1,7 @@
 """The principal-volumes mean against homogeneous reconstructions of the same particles, shell by shell.
 
-    python bench/bench_ppca_mean.py --data /tmp/ppm/data --out /tmp/ppm/bench [--K 3] [--resolutions 0 10]
+    python bench/bench_ppca_mean.py --data /tmp/ppm/data --out /tmp/ppm/bench [--K 3] [--resolutions 10 0]
+        [--max_iter 30 5]
 
 ``--data``: a ``cryohet benchmark-make`` dataset (e.g. ``--dataset interpolation --box 64 --n_particles 2000
 --snr 0.1``). On the same particles: ``cryohet reconstruct`` (Wiener filter from the half-map FSC),
@@ -36,10 +37,16 @@ def true_mean(ds) -> np.ndarray:
     return sum(float(w[s]) * read_map(p)[0].astype(np.float64) for s, p in enumerate(ds.map_paths) if w[s] > 0)
 
 
-def run_method(name: str, params: dict, out: Path) -> float:
+def run_method(name: str, params: dict, out: Path, reuse: bool = False) -> float:
+    """Run ``name`` into ``out``; wall seconds. ``reuse``: a finished run already there is kept (its own times)."""
     from cryohet.methods import get_method
     from cryohet.runner import run_method as run
 
+    record = out / "cryohet_run.json"
+    if reuse and record.is_file():
+        rec = json.loads(record.read_text())
+        if rec.get("status") == "finished" and rec.get("method") == name:
+            return float(rec["finished"] - rec["started"])
     t = time.time()
     run(get_method(name), {"overwrite": True, "threads": 1, "device": "cpu", **params}, out)
     return time.time() - t
@@ -64,8 +71,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--K", type=int, default=3)
-    ap.add_argument("--resolutions", type=float, nargs="+", default=[0.0, 10.0])
-    ap.add_argument("--max_iter", type=int, default=30)
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs already in --out (their own times)")
+    ap.add_argument("--resolutions", type=float, nargs="+", default=[10.0, 0.0])
+    ap.add_argument("--max_iter", type=int, nargs="+", default=[30],
+                    help="EM iterations at each --resolutions limit (one value: the same for all)")
     a = ap.parse_args()
     import torch
 
@@ -82,19 +91,21 @@ def main() -> None:
     star = ds.particles_star
     maps: dict[str, Path] = {}
     secs: dict[str, float] = {}
-    secs["cryohet reconstruct"] = run_method("reconstruct", {"particles": str(star)}, a.out / "reconstruct")
+    secs["cryohet reconstruct"] = run_method("reconstruct", {"particles": str(star)}, a.out / "reconstruct",
+                                             a.reuse)
     maps["cryohet reconstruct"] = a.out / "reconstruct" / "map.mrc"
     if shutil.which("relion_reconstruct"):
         secs["relion_reconstruct"] = relion(star, a.out / "relion", ds.apix)
         maps["relion_reconstruct"] = a.out / "relion" / "relion.mrc"
     latents: dict[str, dict] = {}
     per_image: dict[str, float] = {}
-    for res in a.resolutions:
+    iters = a.max_iter * len(a.resolutions) if len(a.max_iter) == 1 else a.max_iter
+    for res, max_iter in zip(a.resolutions, iters, strict=True):
         label = f"principal-volumes {res:g} Å" if res else "principal-volumes Nyquist"
         d = a.out / f"pv_{res:g}"
         secs[label] = run_method("principal-volumes", {"particles": str(star), "n_components": a.K,
-                                                       "resolution_A": res, "max_iter": a.max_iter,
-                                                       "movie_frames": 2}, d)
+                                                       "resolution_A": res, "max_iter": max_iter,
+                                                       "movie_frames": 2}, d, a.reuse)
         maps[label + " (mean)"] = d / "mean.mrc"
         sc = score_run(d, ds.root)
         latents[label] = {"spearman_pc1": sc["latent"]["metrics"].get("spearman_pc1"),

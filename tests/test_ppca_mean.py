@@ -66,8 +66,8 @@ def test_latents_follow_the_true_progress(data):
 
 
 def test_weighting_by_halves_removes_what_they_disagree_on():
-    """Two half-set estimates = a smooth true component + independent noise white in Fourier space: the weighted
-    component keeps the shells the halves agree on (FSC to the truth as the plain average's), is zero beyond
+    """Two half-set estimates = a smooth true component + independent noise white in Fourier space, and their
+    average as the estimate from all particles: the weighted component keeps the shells the halves agree on (FSC to the truth as the plain average's), is zero beyond
     and far closer to the truth; where the halves share no signal (a pure-noise component) little is left."""
     n, gen = 24, torch.Generator().manual_seed(0)
     r = torch.linalg.vector_norm(torch.stack(torch.meshgrid(*[torch.arange(n) - n / 2] * 3, indexing="ij")), dim=0)
@@ -76,8 +76,8 @@ def test_weighting_by_halves_removes_what_they_disagree_on():
     noise = [0.02 * torch.randn((2, n, n, n), generator=gen).double() for _ in (1, 2)]
     W1 = torch.stack([signal + noise[0][0], noise[0][1]]).reshape(2, -1)
     W2 = torch.stack([signal + noise[1][0], noise[1][1]]).reshape(2, -1)
-    Wt, curves = weight_by_halves(W1, W2, n)
-    avg = 0.5 * (W1 + W2)
+    avg = 0.5 * (W1 + W2)                                                   # the fit to all particles
+    Wt, curves = weight_by_halves(avg, W1, W2, n)
     c_w = fsc(Wt[0].double(), signal)
     c_avg = fsc(avg[0].reshape(n, n, n), signal)
     supported = int(np.nonzero(curves[0][1:] < 0.143)[0][0])       # the last shell at or above 0.143

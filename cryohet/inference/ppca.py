@@ -19,12 +19,12 @@ with P_m the Fourier slice at the particle's pose and c_m its CTF.
 * σ²(shell) from the expected residuals; the components are masked in real space after each M-step.
 
 Images stream in batches (optionally cached in memory once Fourier-cropped), so memory does not grow
-with the number of particles beyond the (N, K) coordinates. The two half-sets are fitted apart (as RELION's
-gold standard); at the end the halves' components are turned onto each other (orthogonal Procrustes), each
-principal direction is averaged over them with weights per shell from its half-set FSC (so a component holds no
-detail the halves do not agree on), every particle's coordinates come from a last E-step with these components,
-which are rotated to orthonormal principal volumes X_k sorted by variance, with coordinates b_k = S Vᵀ ẑ and
-their posterior standard deviations.
+with the number of particles beyond the (N, K) coordinates. Three fits run side by side: all particles, and each
+half-set alone (as RELION's gold standard). At the end every particle's coordinates come from a last E-step with
+the components of all particles; those are weighted along each principal direction per shell by the FSC between
+the half-sets' fits (turned onto them by orthogonal Procrustes) and low-passed where that FSC falls below 0.143,
+so a component holds no detail the halves do not agree on, then rotated to orthonormal principal volumes X_k
+sorted by variance, with coordinates b_k = S Vᵀ ẑ and their posterior standard deviations.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from cryohet.geometry.lattice import Lattice, box_for_resolution
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import Projector, sinc2_grid, slice_coords
 from cryohet.inference.em_state import EMState, load_state, mask_digest, save_state
-from cryohet.reconstruct.fsc import fsc_weighted_average, resolution_at
+from cryohet.reconstruct.fsc import fsc, fsc_shell_weights, resolution_at, weight_shells
 from cryohet.reconstruct.homogeneous import fsc_weighted_reconstruction, particle_halves
 
 #: Fewest particles the estimator accepts, and particles needed per unknown map (mean + K components).
@@ -57,7 +57,7 @@ PARTICLES_PER_MAP = 20
 MIN_WEIGHT_FRACTION = 1e-3
 #: The components' prior power per shell is at least this fraction of the mean's (keeps W from exactly 0).
 MIN_COMPONENT_POWER = 1e-6
-#: Each principal volume is low-passed where the FSC between its half-set estimates first falls below this.
+#: Each principal volume is low-passed where the FSC between its half-sets' estimates first falls below this.
 COMPONENT_FSC = 0.143
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]
@@ -495,32 +495,44 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     ckpt = Path(checkpoint) if checkpoint is not None else None
     found = load_state(ckpt, settings, log) if resume and ckpt is not None else None
     noise: list[torch.Tensor | None]
+    # three fits side by side: all particles (its components and coordinates are the result), and each half-set
+    # alone (their agreement says to which resolution each component is supported)
+    fits = (("all particles", (0, 1)), ("half-set 1", (0,)), ("half-set 2", (1,)))
     if found is not None:
         used, state = found
-        # the checkpoint holds the two halves' maps one after the other (2 J maps) and their noise spectra
-        vols, history = state.vols.to(device).reshape(2, J, n, n, n), state.history
-        noise = list(state.noise.to(device).reshape(2, -1))
+        # the checkpoint holds the three fits' maps one after the other (3 J maps) and their noise spectra
+        vols, history = state.vols.to(device).reshape(3, J, n, n, n), state.history
+        noise = list(state.noise.to(device).reshape(3, -1))
         log.info("resuming from %s after EM iteration %d", used, state.iteration)
     else:
         if resume:
             log.info("--resume: no checkpoint at %s, starting from scratch", ckpt)
-        # initial components (both halves): smooth random maps inside the mask, at a tenth of the mean's spread
+        # initial components (every fit): smooth random maps inside the mask, at a tenth of the mean's spread
         m0 = max(4, (n // 8) * 2)
         rnd = torch.stack([fourier_pad_3d(torch.randn((m0,) * 3, generator=gen), n) for _ in range(K)]).to(device)
         rnd = rnd * mask_n
         rnd = rnd / rnd.reshape(K, -1).norm(dim=1)[:, None, None, None] * 0.1 * mean_n.norm()
-        vols = torch.cat([mean_n[None], rnd], 0)[None].repeat(2, 1, 1, 1, 1)     # (half, J, n, n, n)
-        noise = [None, None]
+        vols = torch.cat([mean_n[None], rnd], 0)[None].repeat(3, 1, 1, 1, 1)     # (fit, J, n, n, n)
+        noise = [None, None, None]
         history = []
+
+    def e_step(f: int, vol: torch.Tensor, acc: MapEquations | None, desc: str
+               ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """E-step (and M-step statistics into ``acc``) of fit ``f`` over its half-sets: noise spectrum,
+        coordinates and their covariances (rows: its half-sets' particles one after the other)."""
+        parts = [run_pass(srcs[h], vol, noise[f], True, acc, f"{desc}, {fits[f][0]}") for h in fits[f][1]]
+        counts = [srcs[h].n_particles for h in fits[f][1]]
+        new_noise = sum(p[1] * c for p, c in zip(parts, counts, strict=True)) / sum(counts)
+        return new_noise, np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+
     prev_basis = [_orthonormal(v[1:].reshape(K, -1)) for v in vols]
     last = len(history) if _met_tolerance(history, warmup_iter, tol) else max_iter  # a converged fit stays so
     for it in range(len(history) + 1, last + 1):
         ti = time.time()
-        changes, variance = [], 0.0
-        for h, src in enumerate(srcs):
-            acc, new_noise, z_it, cov_it = run_pass(src, vols[h], noise[h], True,
-                                                    MapEquations(n, pad, radius_px, K, device),
-                                                    f"principal volumes: EM {it}/{max_iter}, half-set {h + 1}")
+        changes = []
+        for f in range(3):
+            acc = MapEquations(n, pad, radius_px, K, device)
+            new_noise, z_it, cov_it = e_step(f, vols[f], acc, f"principal volumes: EM {it}/{max_iter}")
             W = m_step(acc, it > warmup_iter).reshape(K, -1).double()
             del acc
             # parameter expansion (PX-EM, Liu, Rubin & Wu 1998): the latents' second moment is absorbed into the
@@ -529,20 +541,21 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
             L = torch.as_tensor(np.linalg.cholesky(psi + 1e-9 * np.eye(K)), dtype=torch.float64, device=device)
             # rotate the components to orthogonal directions (an invariance of PPCA with z ~ N(0, I))
             _, s, vt = torch.linalg.svd(L.T @ W, full_matrices=False)
-            vols[h, 1:] = (torch.diag(s) @ vt).reshape(K, n, n, n).to(torch.float32)
-            noise[h] = new_noise.clamp_min(1e-30)
-            basis = _orthonormal(vols[h, 1:].reshape(K, -1))
-            cos_min = float(torch.linalg.svdvals(prev_basis[h] @ basis.T).clamp(0, 1).min())
+            vols[f, 1:] = (torch.diag(s) @ vt).reshape(K, n, n, n).to(torch.float32)
+            noise[f] = new_noise.clamp_min(1e-30)
+            basis = _orthonormal(vols[f, 1:].reshape(K, -1))
+            cos_min = float(torch.linalg.svdvals(prev_basis[f] @ basis.T).clamp(0, 1).min())
             changes.append(math.sqrt(max(0.0, 1 - cos_min ** 2)))
-            prev_basis[h] = basis
-            variance += 0.5 * float((s ** 2).sum())
+            prev_basis[f] = basis
+            if f == 0:
+                variance = float((s ** 2).sum())
         change = max(changes)
         history.append({"iteration": it, "subspace_change_sine": change, "seconds": time.time() - ti,
                         "variance": variance})
-        log.info("EM %d: subspace change sin %.2e (half-sets %.2e, %.2e), total variance %.4g, %.1f s", it,
-                 change, *changes, variance, time.time() - ti)
+        log.info("EM %d: subspace change sin %.2e (all %.2e, half-sets %.2e, %.2e), total variance %.4g, %.1f s",
+                 it, change, *changes, variance, time.time() - ti)
         if ckpt is not None:
-            save_state(ckpt, EMState(vols.reshape(2 * J, n, n, n), torch.cat(noise), it, history), settings)
+            save_state(ckpt, EMState(vols.reshape(3 * J, n, n, n), torch.cat(noise), it, history), settings)
         if _met_tolerance(history, warmup_iter, tol):
             break
     converged = _met_tolerance(history, warmup_iter, tol)
@@ -550,21 +563,16 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     log.info("principal volumes: EM %s after %d iterations: last subspace change %.2e, tolerance %.2e",
              "converged" if converged else "stopped at the iteration limit without converging", len(history),
              last_change, tol)
-    # the halves' components turned onto each other (PPCA determines them up to a rotation), averaged with
-    # weights per shell from their FSC; the coordinates of every particle from a last E-step with them
-    W1, W2 = (v[1:].reshape(K, -1).double() for v in vols)
-    u, _, vt = torch.linalg.svd(W1 @ W2.T)
-    W_n, comp_fsc = weight_by_halves(W1, (u @ vt) @ W2, n)
+    # coordinates of every particle from a last E-step with the components of all particles; those weighted per
+    # principal direction and shell by the FSC between the half-sets' fits (turned onto them: PPCA determines
+    # components up to a rotation)
+    noise_final, z_fit, cov_fit = e_step(0, vols[0], None, "principal volumes: coordinates")
+    order = np.concatenate(rows)
+    z, cov = np.zeros((n_part, K)), np.zeros((n_part, K, K))
+    z[order], cov[order] = z_fit, cov_fit
+    W_n, comp_fsc = weight_by_halves(*(v[1:].reshape(K, -1).double() for v in vols), n)
     log.info("principal volumes: FSC 0.143 of the principal volumes between half-sets at %s Å",
              ", ".join(f"{resolution_at(c, n, apix_n, 0.143):.2f}" for c in comp_fsc))
-    final = torch.cat([mean_n[None], W_n], 0)
-    z = np.zeros((n_part, K))
-    cov = np.zeros((n_part, K, K))
-    noise_final = torch.zeros(n_shells, dtype=torch.float64, device=device)
-    for h, src in enumerate(srcs):
-        _, nf, z[rows[h]], cov[rows[h]] = run_pass(src, final, noise[h], True, None,
-                                                   f"principal volumes: coordinates, half-set {h + 1}")
-        noise_final += nf * len(rows[h]) / n_part
 
     # orthonormal principal volumes at the particles' box
     W_full = torch.stack([fourier_pad_3d(w, N_box).cpu() for w in W_n]).reshape(K, -1).double()
@@ -590,21 +598,27 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         mean_fsc=mean_fsc)
 
 
-def weight_by_halves(W1: torch.Tensor, W2: torch.Tensor, n: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Components (K, n³) from the two half-sets' components ``W1``, ``W2`` (K, n³, turned onto each other):
-    both are turned to the principal directions of their average (X = R W, orthonormal), each principal
-    direction is averaged over the halves with weights per shell from its half-set FSC and low-passed where that
-    FSC first falls below ``COMPONENT_FSC`` (``fsc_weighted_average``), and the result is turned back (R⁻¹ X̃),
-    so that the coordinates apply to both. Returns the maps (K, n, n, n) and the FSC of each principal direction
-    (K, n // 2 + 1)."""
-    K = len(W1)
-    u, s, _ = torch.linalg.svd(0.5 * (W1 + W2), full_matrices=False)      # W̄ = U S Vᵀ, X = Vᵀ = S⁻¹ Uᵀ W̄
+def weight_by_halves(W: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, n: int
+                     ) -> tuple[torch.Tensor, np.ndarray]:
+    """Components ``W`` (K, n³, fitted to all particles) weighted by the agreement of the half-sets' fits ``W1``,
+    ``W2`` (K, n³): each half's components are turned onto W (orthogonal Procrustes: PPCA determines them up to
+    a rotation); along each principal direction of W (X = R W, orthonormal) the FSC between the halves' X gives
+    per-shell weights √(2 FSC / (1 + FSC)), zero from where it first falls below ``COMPONENT_FSC``
+    (``reconstruct.fsc.fsc_shell_weights``); the weighted X̃ is turned back (R⁻¹ X̃), so that the coordinates of
+    W still apply. Returns the maps (K, n, n, n) and the FSC of each principal direction (K, n // 2 + 1)."""
+    K = len(W)
+    u, s, _ = torch.linalg.svd(W, full_matrices=False)                    # W = U S Vᵀ, X = Vᵀ = S⁻¹ Uᵀ W
     R = torch.diag(1.0 / s.clamp_min(1e-30)) @ u.T
-    X1, X2 = (R @ w for w in (W1, W2))
+    X = R @ W
+    halves = []
+    for Wh in (W1, W2):
+        a, _, bt = torch.linalg.svd(W @ Wh.T)
+        halves.append(R @ ((a @ bt) @ Wh))
     out, curves = [], []
     for k in range(K):
-        avg, curve = fsc_weighted_average(X1[k].reshape(n, n, n), X2[k].reshape(n, n, n), COMPONENT_FSC)
-        out.append(avg.reshape(-1))
+        h1, h2 = (h[k].reshape(n, n, n) for h in halves)
+        curve = fsc(h1, h2)
+        out.append(weight_shells(X[k].reshape(n, n, n), fsc_shell_weights(curve, COMPONENT_FSC)).reshape(-1))
         curves.append(curve)
     Wt = (u @ torch.diag(s)) @ torch.stack(out)
     return Wt.reshape(K, n, n, n).float(), np.stack(curves)

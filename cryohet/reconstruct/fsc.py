@@ -67,16 +67,21 @@ def weight_shells(vol: torch.Tensor, weight: np.ndarray) -> torch.Tensor:
     return ifft3c(fft3c(vol.double()) * w[shell]).real.to(vol.dtype)
 
 
-def fsc_weighted_average(h1: torch.Tensor, h2: torch.Tensor, threshold: float | None = None
-                         ) -> tuple[torch.Tensor, np.ndarray]:
-    """The average of two half-maps (box, box, box) weighted per shell by :func:`fsc_weight` of their FSC, so
-    that shells the halves do not agree on fade out instead of adding noise; with ``threshold`` also low-passed
-    there (every shell from the first one past the DC whose FSC is below it set to zero). Returns the map and the
-    FSC (shells 0 .. box // 2)."""
-    curve = fsc(h1, h2)
+def fsc_shell_weights(curve: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Per-shell weights :func:`fsc_weight` of a half-map FSC; with ``threshold`` also a low-pass: zero from the
+    first shell past the DC whose FSC is below it."""
     weight = fsc_weight(curve)
     if threshold is not None:
-        below = np.nonzero(curve[1:] < threshold)[0]
+        below = np.nonzero(np.asarray(curve)[1:] < threshold)[0]
         if len(below):
             weight[below[0] + 1:] = 0.0
-    return weight_shells(0.5 * (h1 + h2.to(h1.device)), weight), curve
+    return weight
+
+
+def fsc_weighted_average(h1: torch.Tensor, h2: torch.Tensor, threshold: float | None = None
+                         ) -> tuple[torch.Tensor, np.ndarray]:
+    """The average of two half-maps (box, box, box) weighted per shell by :func:`fsc_shell_weights` of their FSC
+    (``threshold``: also low-passed there), so that shells the halves do not agree on fade out instead of adding
+    noise; and that FSC (shells 0 .. box // 2)."""
+    curve = fsc(h1, h2)
+    return weight_shells(0.5 * (h1 + h2.to(h1.device)), fsc_shell_weights(curve, threshold)), curve
