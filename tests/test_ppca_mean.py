@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from relion_tools import relion
 
 from cryohet.errors import InputError
 from cryohet.geometry.fourier import fft3c, radius_grid
@@ -18,7 +19,6 @@ from cryohet.runner import run_method
 from cryohet.validation.datasets import make_dataset
 from cryohet.validation.score import score
 from cryohet.validation.sources import ParticleVolumes
-from tests.relion_tools import relion
 
 BOX, APIX, N = 40, 3.0, 1200
 
@@ -67,8 +67,9 @@ def test_latents_follow_the_true_progress(data):
 
 def test_weighting_by_halves_removes_what_they_disagree_on():
     """Two half-set estimates = a smooth true component + independent noise white in Fourier space, and their
-    average as the estimate from all particles: the weighted component keeps the shells the halves agree on (FSC to the truth as the plain average's), is zero beyond
-    and far closer to the truth; where the halves share no signal (a pure-noise component) little is left."""
+    average as the estimate from all particles: the weighted component keeps the shells the halves agree on (FSC
+    to the truth as the plain average's), is zero beyond and far closer to the truth; where the halves share no
+    signal (a pure-noise component) little is left."""
     n, gen = 24, torch.Generator().manual_seed(0)
     r = torch.linalg.vector_norm(torch.stack(torch.meshgrid(*[torch.arange(n) - n / 2] * 3, indexing="ij")), dim=0)
     signal = torch.exp(-(r / 4.0) ** 2).double()                           # smooth: power at low shells only
