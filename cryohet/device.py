@@ -32,8 +32,10 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory of ``device``: the GPU's (``cudaMemGetInfo``) or the machine's available RAM."""
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Free memory of ``device`` (a torch.device or its name): the GPU's (``cudaMemGetInfo``) or the machine's
+    available RAM."""
+    device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:
@@ -44,11 +46,12 @@ def free_memory_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def refuse_unless_fits(need_bytes: float, device: torch.device, fraction: float, source: str | os.PathLike,
+def refuse_unless_fits(need_bytes: float, device: torch.device | str, fraction: float, source: str | os.PathLike,
                        what: str, fits: Callable[[float], Any], advice: str) -> None:
     """Raise an InputError naming ``source`` when ``need_bytes`` exceed ``fraction`` of the device's free
     memory, before anything is allocated: "``what`` needs N GB; <device> has F GB free, enough for
     ``fits(usable_bytes)``: ``advice``"."""
+    device = torch.device(device)
     free = free_memory_bytes(device)
     if need_bytes <= fraction * free:
         return
