@@ -16,7 +16,7 @@ from cryohet.geometry.project import plane_coords, sinc2_grid
 ACCUMULATOR_BYTES_PER_VOXEL = 16 + 8 + 8
 #: and that one ``reconstruct`` adds for its temporaries: float64 then float32 denominators, the complex64
 #: transform, the inverse FFT's work and its P³ float32 output (the total fitted to peaks measured on a CPU at
-#: box 48-144: tests/test_reconstruct_memory.py)
+#: box 48-144, by the difference of two runs' peak resident memory)
 RECONSTRUCT_BYTES_PER_VOXEL = 42
 
 
