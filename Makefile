@@ -14,8 +14,8 @@ TORCH ?= torch==2.13.0
 SCIPION_TESTS := tests/test_scipion_*.py
 # The tests that drive RELION 5's pipeliner (ccpem-pipeliner needs numpy 2): only in $(VENV_CURRENT).
 PIPELINER_TESTS := tests/test_pipeliner.py
-# One line per test as it runs, the reasons of failures/errors/skips and the 15 slowest tests at the end.
-PYTEST_ARGS ?= -v -rfEs --durations=15
+# One line per test as it runs, the reasons of failures/errors/skips and the 25 slowest tests at the end.
+PYTEST_ARGS ?= -v -rfEs --durations=25
 export CRYOHET_NO_PROGRESS ?= 0
 
 .PHONY: setup setup-current relion xvfb demo test lint
@@ -59,13 +59,14 @@ demo: setup
 
 # All but the pipeliner tests in $(VENV) and, at the same time (CI has two cores), all but the Scipion tests in
 # $(VENV_CURRENT): the first prints as it runs, the second into a log printed when both are done; each has its own
-# temporary folder, and make fails when either fails.
+# temporary folder, and make fails when either fails. The long accuracy tests marked one_stack run in the
+# environment they name only (tests/conftest.py); the light tests of the same code run in both.
 test: setup setup-current
 	@tmp=$$(mktemp -d); \
-	CRYOHET_NO_PROGRESS=1 $(VENV_CURRENT)/bin/pytest $(PYTEST_ARGS) --basetemp=$$tmp/current \
+	CRYOHET_NO_PROGRESS=1 CRYOHET_TEST_STACK=current $(VENV_CURRENT)/bin/pytest $(PYTEST_ARGS) --basetemp=$$tmp/current \
 	  --ignore-glob='$(SCIPION_TESTS)' >$$tmp/current.log 2>&1 & current=$$!; \
 	echo "== $(VENV): Scipion-pinned versions, all but $(PIPELINER_TESTS) (with $(VENV_CURRENT)'s suite beside it) =="; \
-	rc=0; CRYOHET_NO_PROGRESS=1 $(VENV)/bin/pytest $(PYTEST_ARGS) --basetemp=$$tmp/pinned \
+	rc=0; CRYOHET_NO_PROGRESS=1 CRYOHET_TEST_STACK=pinned $(VENV)/bin/pytest $(PYTEST_ARGS) --basetemp=$$tmp/pinned \
 	  --ignore-glob='$(PIPELINER_TESTS)' || rc=$$?; \
 	wait $$current || rc=$$?; \
 	echo "== $(VENV_CURRENT): newest versions, all but $(SCIPION_TESTS) =="; \

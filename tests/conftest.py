@@ -56,3 +56,34 @@ def pytest_report_header(config):
         except PackageNotFoundError:
             found.append(f"{name} absent")
     return "cryohet environment: " + ", ".join(found)
+
+
+#: ``make test`` runs the suite in two environments at once (Scipion's pins and the newest releases) and names
+#: each in this variable; without it (pytest run by hand) every test runs.
+STACK_VARIABLE = "CRYOHET_TEST_STACK"
+STACKS = ("pinned", "current")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "one_stack(name): a long accuracy test that make test runs in one of its two environments "
+        f"({', '.join(STACKS)}) only; the light tests of the same code run in both")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``make test``, leave out the ``one_stack`` tests that belong to the other environment (pytest's
+    summary counts them as deselected; the other environment's run runs them)."""
+    stack = os.environ.get(STACK_VARIABLE)
+    if not stack:
+        return
+    if stack not in STACKS:
+        raise ValueError(f"{STACK_VARIABLE}={stack!r}: expected one of {STACKS}")
+    keep, other = [], []
+    for item in items:
+        marker = item.get_closest_marker("one_stack")
+        if marker is not None and marker.args[0] not in STACKS:
+            raise ValueError(f"{item.nodeid}: one_stack({marker.args[0]!r}) names no environment of {STACKS}")
+        (other if marker is not None and marker.args[0] != stack else keep).append(item)
+    if other:
+        config.hook.pytest_deselected(items=other)
+        items[:] = keep
