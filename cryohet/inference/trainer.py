@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -237,6 +236,47 @@ def _gather_rows(ddp: Dist, device: torch.device, rows: np.ndarray, values: np.n
     return allv[:, 0].astype(np.int64), allv[:, 1:]
 
 
+#: steps between two reads of the step guard (each read waits for the device's queued work)
+CHECK_EVERY = 16
+
+
+class _StepGuard:
+    """An epoch's loss sums and its first non-finite step, kept on the device: the host reads them (one
+    synchronisation) only in :meth:`check`, every ``CHECK_EVERY`` steps and before the epoch's checkpoint.
+
+    A step is bad when its loss or its gradients are not finite (``nan_only``: when its loss is NaN, as under a
+    float16 gradient scaler, which skips steps of infinite gradients itself)."""
+
+    def __init__(self, device: torch.device, nan_only: bool):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # Σ gen·b, Σ reg·b, Σ b
+        self.first_bad = torch.zeros(3, dtype=torch.float64, device=device)  # step (1-based, 0: none), loss, grads ok
+        self.device, self.nan_only, self.steps = device, nan_only, 0
+
+    def record(self, loss: torch.Tensor, gen: torch.Tensor, reg: torch.Tensor, b: int,
+               grads: list[torch.Tensor]) -> None:
+        """Add a step of ``b`` particles (its loss terms and its parameters' gradients), without a host sync."""
+        self.steps += 1
+        vals = torch.stack([loss.detach(), gen.detach(), reg.detach()]).to(torch.float64)
+        grad_ok = (torch.isfinite(torch.stack(torch._foreach_norm(grads, 1)).sum()) if grads
+                   else torch.ones((), dtype=torch.bool, device=self.device))
+        bad = torch.isnan(vals[0]) if self.nan_only else ~(torch.isfinite(vals[0]) & grad_ok)
+        step = torch.full((), float(self.steps), dtype=torch.float64, device=self.device)
+        here = torch.stack([step, vals[0], grad_ok.to(torch.float64)])
+        self.first_bad = torch.where(bad & (self.first_bad[0] == 0), here, self.first_bad)
+        self.sums[:2] += vals[1:] * b
+        self.sums[2] += b
+
+    def check(self, epoch: int, n_steps: int, ckpt_path: Path) -> None:
+        """Raise TrainingDiverged naming the first bad step recorded (one host sync)."""
+        step, loss_v, grad_ok = self.first_bad.tolist()
+        if step > 0:
+            raise TrainingDiverged(
+                f"the loss became {loss_v} (gradients finite: {bool(grad_ok)}) at epoch {epoch}, batch "
+                f"{int(step)}/{n_steps}; training stopped. The last good checkpoint "
+                f"({'epoch ' + str(epoch - 1) if epoch > 1 else 'none yet'}) is kept in {ckpt_path}. "
+                "Lower --lr, or check the particles' poses and CTF, then continue with --resume yes.")
+
+
 class Trainer:
     """Fits ``objective`` to the particles read by ``reader`` and prepared by ``prep``.
 
@@ -303,7 +343,7 @@ class Trainer:
             # one rank checks for an abort at every batch; several agree on it at the end of the epoch
             items = (self.hooks.progress(stream, f"epoch {epoch}/{opts.epochs}", len(mine)) if ddp.world == 1
                      else iter(stream))
-            sums = torch.zeros(3, dtype=torch.float64)
+            guard = _StepGuard(device, nan_only=scaler is not None)
             obj.train()
             for step, batch in enumerate(items):
                 d = {k: v.to(device, non_blocking=True) for k, v in batch.data.items()}
@@ -312,7 +352,7 @@ class Trainer:
                 lo = ddp.rank * per_rank
                 if g_total != opts.batch_size:  # an incomplete last batch, cut as np.array_split does
                     lo = int(sum(len(a) for a in np.array_split(np.arange(g_total), ddp.world)[:ddp.rank]))
-                eps = _noise(opts.seed, epoch, step, g_total, obj.noise_dim, lo, lo + b).to(device)
+                eps = _noise(opts.seed, epoch, step, g_total, obj.noise_dim, lo, lo + b).to(device, non_blocking=True)
                 with amp_ctx():
                     gen, reg = loss_mod(d, eps)
                 loss = gen + obj.kl_weight * reg
@@ -322,15 +362,9 @@ class Trainer:
                     scaler.unscale_(optim)
                 else:
                     loss.backward()
-                gsum = torch.stack([p.grad.float().sum() for p in obj.parameters() if p.grad is not None]).sum()
-                vals = torch.stack([loss.detach().float(), gen.detach().float(), reg.detach().float(), gsum]).cpu()
-                loss_v, grad_ok = float(vals[0]), math.isfinite(float(vals[3]))
-                if (math.isnan(loss_v) if scaler is not None else not (math.isfinite(loss_v) and grad_ok)):
-                    raise TrainingDiverged(
-                        f"the loss became {loss_v} (gradients finite: {grad_ok}) at epoch {epoch}, batch "
-                        f"{step + 1}/{n_steps}; training stopped. The last good checkpoint "
-                        f"({'epoch ' + str(epoch - 1) if epoch > 1 else 'none yet'}) is kept in {ckpt_path}. "
-                        "Lower --lr, or check the particles' poses and CTF, then continue with --resume yes.")
+                guard.record(loss, gen, reg, b, [p.grad for p in obj.parameters() if p.grad is not None])
+                if (step + 1) % CHECK_EVERY == 0:
+                    guard.check(epoch, n_steps, ckpt_path)
                 if poses is not None:
                     poses.step(float(scaler.get_scale()) if scaler is not None else 1.0)
                 if scaler is not None:
@@ -338,7 +372,8 @@ class Trainer:
                     scaler.update()
                 else:
                     optim.step()
-                sums += torch.tensor([float(vals[1]) * b, float(vals[2]) * b, b], dtype=torch.float64)
+            guard.check(epoch, n_steps, ckpt_path)  # before the epoch's checkpoint: a bad step is never saved
+            sums = guard.sums.cpu()
             if poses is not None:
                 poses.end_epoch(dist.all_reduce if ddp.world > 1 else None)
             if ddp.world > 1:
