@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -241,40 +242,46 @@ CHECK_EVERY = 16
 
 
 class _StepGuard:
-    """An epoch's loss sums and its first non-finite step, kept on the device: the host reads them (one
-    synchronisation) only in :meth:`check`, every ``CHECK_EVERY`` steps and before the epoch's checkpoint.
+    """An epoch's per-step loss terms and gradient sums, written into a window on the device and read by the host
+    (one synchronisation) only in :meth:`check`: every ``CHECK_EVERY`` steps and before the epoch's checkpoint.
 
-    A step is bad when its loss or its gradients are not finite (``nan_only``: when its loss is NaN, as under a
-    float16 gradient scaler, which skips steps of infinite gradients itself)."""
+    ``check`` raises TrainingDiverged at the first step whose loss or gradients are not finite (``nan_only``: whose
+    loss is NaN, as under a float16 gradient scaler, which skips steps of infinite gradients itself) and adds the
+    good steps' terms, times their images, to ``sums`` (Σ gen·b, Σ reg·b, Σ b; float64 on the host)."""
 
     def __init__(self, device: torch.device, nan_only: bool):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # Σ gen·b, Σ reg·b, Σ b
-        self.first_bad = torch.zeros(3, dtype=torch.float64, device=device)  # step (1-based, 0: none), loss, grads ok
-        self.device, self.nan_only, self.steps = device, nan_only, 0
+        self.window = torch.zeros((CHECK_EVERY, 4), dtype=torch.float32, device=device)
+        self.sizes: list[int] = []  # images of the steps in the window
+        self.sums = [0.0, 0.0, 0.0]
+        self.nan_only, self.done, self.fused = nan_only, 0, device.type == "cuda"
 
     def record(self, loss: torch.Tensor, gen: torch.Tensor, reg: torch.Tensor, b: int,
                grads: list[torch.Tensor]) -> None:
-        """Add a step of ``b`` particles (its loss terms and its parameters' gradients), without a host sync."""
-        self.steps += 1
-        vals = torch.stack([loss.detach(), gen.detach(), reg.detach()]).to(torch.float64)
-        grad_ok = (torch.isfinite(torch.stack(torch._foreach_norm(grads, 1)).sum()) if grads
-                   else torch.ones((), dtype=torch.bool, device=self.device))
-        bad = torch.isnan(vals[0]) if self.nan_only else ~(torch.isfinite(vals[0]) & grad_ok)
-        step = torch.full((), float(self.steps), dtype=torch.float64, device=self.device)
-        here = torch.stack([step, vals[0], grad_ok.to(torch.float64)])
-        self.first_bad = torch.where(bad & (self.first_bad[0] == 0), here, self.first_bad)
-        self.sums[:2] += vals[1:] * b
-        self.sums[2] += b
+        """A step of ``b`` images: its loss terms and its parameters' gradients (device work only)."""
+        if not grads:
+            gsum = torch.zeros((), device=self.window.device)
+        elif self.fused:  # one multi-tensor kernel on a GPU; on a CPU the plain sums are faster
+            gsum = torch.stack(torch._foreach_norm(grads, 1)).sum()
+        else:
+            gsum = torch.stack([g.float().sum() for g in grads]).sum()
+        self.window[len(self.sizes)] = torch.stack([loss.detach().float(), gen.detach().float(),
+                                                    reg.detach().float(), gsum.float()])
+        self.sizes.append(b)
 
     def check(self, epoch: int, n_steps: int, ckpt_path: Path) -> None:
-        """Raise TrainingDiverged naming the first bad step recorded (one host sync)."""
-        step, loss_v, grad_ok = self.first_bad.tolist()
-        if step > 0:
-            raise TrainingDiverged(
-                f"the loss became {loss_v} (gradients finite: {bool(grad_ok)}) at epoch {epoch}, batch "
-                f"{int(step)}/{n_steps}; training stopped. The last good checkpoint "
-                f"({'epoch ' + str(epoch - 1) if epoch > 1 else 'none yet'}) is kept in {ckpt_path}. "
-                "Lower --lr, or check the particles' poses and CTF, then continue with --resume yes.")
+        """Read the window; TrainingDiverged naming the first bad step, else its steps added to ``sums``."""
+        rows = self.window[:len(self.sizes)].tolist() if self.sizes else []
+        for i, ((loss_v, gen_v, reg_v, gsum), b) in enumerate(zip(rows, self.sizes, strict=True)):
+            grad_ok = math.isfinite(gsum)
+            if math.isnan(loss_v) if self.nan_only else not (math.isfinite(loss_v) and grad_ok):
+                raise TrainingDiverged(
+                    f"the loss became {loss_v} (gradients finite: {grad_ok}) at epoch {epoch}, batch "
+                    f"{self.done + i + 1}/{n_steps}; training stopped. The last good checkpoint "
+                    f"({'epoch ' + str(epoch - 1) if epoch > 1 else 'none yet'}) is kept in {ckpt_path}. "
+                    "Lower --lr, or check the particles' poses and CTF, then continue with --resume yes.")
+            self.sums = [self.sums[0] + gen_v * b, self.sums[1] + reg_v * b, self.sums[2] + b]
+        self.done += len(self.sizes)
+        self.sizes = []
 
 
 class Trainer:
@@ -363,7 +370,7 @@ class Trainer:
                 else:
                     loss.backward()
                 guard.record(loss, gen, reg, b, [p.grad for p in obj.parameters() if p.grad is not None])
-                if (step + 1) % CHECK_EVERY == 0:
+                if len(guard.sizes) == CHECK_EVERY:
                     guard.check(epoch, n_steps, ckpt_path)
                 if poses is not None:
                     poses.step(float(scaler.get_scale()) if scaler is not None else 1.0)
@@ -373,7 +380,7 @@ class Trainer:
                 else:
                     optim.step()
             guard.check(epoch, n_steps, ckpt_path)  # before the epoch's checkpoint: a bad step is never saved
-            sums = guard.sums.cpu()
+            sums = torch.tensor(guard.sums, dtype=torch.float64)
             if poses is not None:
                 poses.end_epoch(dist.all_reduce if ddp.world > 1 else None)
             if ddp.world > 1:
