@@ -70,10 +70,11 @@ def ranks() -> int:
 
 
 def check_vae_fits(shape: VaeShape, batch_size: int, n_particles: int, device: torch.device | str,
-                   source: str | os.PathLike, host_bytes: int = 0) -> None:
+                   source: str | os.PathLike, host_bytes: int = 0) -> int:
     """Refuse a train-vae run whose step at global batch ``batch_size`` does not fit on ``device`` (``host_bytes``:
     the loader's memory, counted when the device is the CPU), naming the largest batch size that fits, or, when
-    not even one image does, the networks to narrow. A batch holds at most the run's ``n_particles`` images."""
+    not even one image does, the networks to narrow. A batch holds at most the run's ``n_particles`` images.
+    Returns the planned bytes."""
     per_rank = max(1, min(batch_size, n_particles) // ranks())
     extra = host_bytes if torch.device(device).type == "cpu" else 0
 
@@ -83,11 +84,13 @@ def check_vae_fits(shape: VaeShape, batch_size: int, n_particles: int, device: t
             return f"--batch_size {b * ranks()}"
         return "no batch at this box and network width"
 
-    refuse_unless_fits(shape.step_bytes(per_rank) + extra, device, MEMORY_FRACTION, source,
+    need = shape.step_bytes(per_rank) + extra
+    refuse_unless_fits(need, device, MEMORY_FRACTION, source,
                        f"a training step of {per_rank} images of {shape.n_points} fitted pixels with a "
                        f"{shape.dec_layers} × {shape.dec_dim} decoder", fits,
                        "lower --batch_size to it, or Fourier-crop the images (--crop_box), limit the resolution "
                        "(--res_limit_A) or narrow the networks (--dec_dim, --enc_dim)")
+    return need
 
 
 @dataclass(frozen=True)
@@ -121,10 +124,10 @@ class PvShape:
         return int(total + (cache if cache <= self.cache_mb * 2**20 else 0))
 
 
-def check_pv_fits(shape: PvShape, device: torch.device | str, source: str | os.PathLike, apix: float) -> None:
+def check_pv_fits(shape: PvShape, device: torch.device | str, source: str | os.PathLike, apix: float) -> int:
     """Refuse principal volumes whose plan does not fit on ``device``, naming the most components that fit at this
     resolution, or, when not even one does, the largest batch at which the asked components fit, or the finest
-    resolution (Å; ``apix``: of the working box) at which they fit."""
+    resolution (Å; ``apix``: of the working box) at which they fit. Returns the planned bytes."""
     def fits(usable: float) -> str:
         k = next((k for k in range(shape.n_components - 1, 0, -1)
                   if replace(shape, n_components=k).bytes() <= usable), 0)
@@ -145,6 +148,7 @@ def check_pv_fits(shape: PvShape, device: torch.device | str, source: str | os.P
                        f"(padding {shape.pad})", fits,
                        "use that setting, or fewer components, a smaller --batch_size, a coarser --resolution_A or "
                        "--pad 1")
+    return shape.bytes()
 
 
 def _halvings(n: int) -> list[int]:

@@ -358,8 +358,9 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     res_used = n * apix_n / radius_px
     log.info("principal volumes: %d particles, box %d -> working box %d (%.2f Å/px), limit %.2f Å, K=%d",
              n_part, N_box, n, apix_n, res_used, K)
-    check_pv_fits(PvShape(n, pad, K, radius_px, batch_size, n_part, cache_mb), device,
-                  getattr(particles, "source", "the particles"), apix_n)
+    need = check_pv_fits(PvShape(n, pad, K, radius_px, batch_size, n_part, cache_mb), device,
+                         getattr(particles, "source", "the particles"), apix_n)
+    log.info("memory plan: %.3f GB on %s", need / 1e9, device)
     src = ImageSource(particles, lattice, radius_px, batch_size, device, cache_mb)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
