@@ -6,33 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mrcfile
 import pytest
 import torch
-from relion_tools import pose_ctf_star
+from relion_tools import noise_stack_star
 
 from cryohet.cli import main
 from cryohet.device import free_memory_bytes
 from cryohet.geometry.lattice import Lattice
 from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.memory_plans import MEMORY_FRACTION, PvShape, VaeShape
-from cryohet.io.star import read_star, write_star
 from cryohet.models.neural import VolumeConfig
 
 APIX = 2.0
-
-
-def _sparse_particles(d: Path, n: int, box: int) -> Path:
-    """A STAR of ``n`` random poses and CTFs pointing at an unwritten (sparse) stack of box ``box``."""
-    d.mkdir(exist_ok=True)
-    star = d / "p.star"
-    pose_ctf_star(star, n, box, APIX, seed=3)
-    blocks = read_star(star)
-    blocks["particles"]["rlnImageName"] = [f"{i + 1:06d}@stack.mrcs" for i in range(n)]
-    write_star(star, blocks)
-    with mrcfile.new_mmap(d / "stack.mrcs", (n, box, box), mrc_mode=2) as m:
-        m.voxel_size = APIX
-    return star
 
 
 @pytest.mark.parametrize("box,dim,layers,batch,domain", [(32, 64, 2, 16, "fourier"), (48, 128, 3, 8, "hartley")])
@@ -65,7 +50,7 @@ def test_train_vae_refuses_a_batch_that_cannot_fit(tmp_path: Path, capsys: pytes
     """A batch of 64 images of box 128 with 4096-wide networks (about 45 GB) is refused before anything is
     allocated: exit 2, the STAR named, the largest batch size that fits named (it fits, one more does not), no
     checkpoint or model written."""
-    star = _sparse_particles(tmp_path, 64, 128)
+    star = noise_stack_star(tmp_path, 64, 128, APIX, sparse=True)
     out = tmp_path / "out"
     assert main(["train-vae", "--particles", str(star), "--o", str(out), "--batch_size", "64",
                  "--enc_dim", "4096", "--dec_dim", "4096", "--threads", "1"]) == 2
@@ -85,7 +70,7 @@ def test_principal_volumes_refuses_components_that_cannot_fit(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     """50 components at a working box of 128 (hundreds of GB) are refused before anything is allocated, with the
     most components that fit at that box."""
-    star = _sparse_particles(tmp_path, 20 * 51, 128)
+    star = noise_stack_star(tmp_path, 20 * 51, 128, APIX, sparse=True)
     out = tmp_path / "out"
     assert main(["principal-volumes", "--particles", str(star), "--o", str(out), "--n_components", "50",
                  "--resolution_A", "0", "--threads", "1"]) == 2
