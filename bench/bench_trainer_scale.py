@@ -7,8 +7,9 @@ from its own folder with the same interpreter, data and settings; each row print
 * per epoch: ``cryohet train-vae`` on one simulated set (box 32), the median over epochs 2..E of the CPU and wall
   seconds the trainer records per epoch (``config.json``'s history), at batch 8 (many small steps, where the work
   around each step shows) and batch 64;
-* fixed costs: wall seconds of ``cryohet --help``, and of a whole ``train-vae`` run less its epochs (imports, set-up,
-  the final latents and the outputs: the wall of a 1-epoch run less the per-epoch wall of a 3-epoch one).
+* fixed costs: wall and CPU seconds of ``cryohet --help``, and of a whole ``train-vae`` run less its epochs
+  (imports, set-up, the final latents and the outputs: a 1-epoch run less the median epoch of a 3-epoch one); CPU
+  seconds (user + system, ``os.wait4``) are robust to other load on the machine, wall seconds are not.
 
     .venv/bin/python bench/bench_trainer_scale.py --before c11f23e --after gpuscale --out /tmp/bench_trainer_scale
 """
@@ -20,10 +21,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from command_cost import Cost, timed  # noqa: E402
 
 
 def export(rev: str, dest: Path) -> Path:
@@ -35,24 +37,19 @@ def export(rev: str, dest: Path) -> Path:
     return dest
 
 
-def cryohet(tree: Path, args: list[str], out: Path, log: Path) -> float:
-    """Wall seconds of ``cryohet <args>`` run from ``tree``."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "CRYOHET_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+def cryohet(tree: Path, args: list[str], out: Path, log: Path) -> Cost:
+    """Wall and CPU seconds of ``cryohet <args>`` run from ``tree``."""
+    os.environ.update(PYTHONPATH=str(tree), CRYOHET_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-c", "import sys; from cryohet.cli import main; sys.exit(main())", *args]
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, cwd=out, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if code not in (0, 2) or (code == 2 and "--help" not in args):
-        raise SystemExit(f"{' '.join(args)} failed:\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - t0
+    return timed(cmd, out, log)
 
 
-def train(tree: Path, star: Path, out: Path, batch: int, epochs: int, dim: int) -> tuple[float, list[dict]]:
-    """(wall seconds, history) of one train-vae run."""
-    wall = cryohet(tree, ["train-vae", "--particles", str(star), "--o", str(out), "--overwrite", "yes",
+def train(tree: Path, star: Path, out: Path, batch: int, epochs: int, dim: int) -> tuple[Cost, list[dict]]:
+    """(cost, history) of one train-vae run."""
+    cost = cryohet(tree, ["train-vae", "--particles", str(star), "--o", str(out), "--overwrite", "yes",
                           "--epochs", str(epochs), "--batch_size", str(batch), "--enc_dim", str(dim), "--dec_dim",
                           str(dim), "--lr", "1e-3", "--threads", "1"], out.parent, out.parent / f"{out.name}.log")
-    return wall, json.loads((out / "config.json").read_text())["history"]
+    return cost, json.loads((out / "config.json").read_text())["history"]
 
 
 def main() -> None:
@@ -64,6 +61,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--dim", type=int, default=256, help="encoder and decoder width")
     ap.add_argument("--help_repeat", type=int, default=5)
+    ap.add_argument("--parts", nargs="+", default=["epochs", "fixed"], choices=("epochs", "fixed"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     trees = {"before": export(a.before, a.out / "before"),
@@ -74,21 +72,24 @@ def main() -> None:
                        "--n_particles", str(a.n), "--snr", "1", "--n_states", "20", "--threads", "1", "--seed", "3"],
                 a.out, a.out / "simulate.log")
     rows: list[tuple[str, float, float]] = []
-    for batch in (8, 64):
+    for batch in (8, 64) if "epochs" in a.parts else ():
         res = {}
         for name, tree in trees.items():
             _, hist = train(tree, sim / "particles.star", a.out / f"{name}_b{batch}", batch, a.epochs, a.dim)
             res[name] = [statistics.median(h[k] for h in hist[1:]) for k in ("cpu_seconds", "seconds")]
         rows += [(f"epoch CPU s, batch {batch}", res["before"][0], res["now"][0]),
                  (f"epoch wall s, batch {batch}", res["before"][1], res["now"][1])]
-    res = {}
-    for name, tree in trees.items():
+    fixed = {}
+    for name, tree in trees.items() if "fixed" in a.parts else ():
         helps = [cryohet(tree, ["--help"], a.out, a.out / f"{name}_help.log") for _ in range(a.help_repeat)]
-        w1, _ = train(tree, sim / "particles.star", a.out / f"{name}_e1", 64, 1, a.dim)
+        c1, _ = train(tree, sim / "particles.star", a.out / f"{name}_e1", 64, 1, a.dim)
         _, hist = train(tree, sim / "particles.star", a.out / f"{name}_e3", 64, 3, a.dim)
-        res[name] = (statistics.median(helps), w1 - statistics.median(h["seconds"] for h in hist))
-    rows += [("cryohet --help wall s", res["before"][0], res["now"][0]),
-             ("train-vae fixed wall s (1-epoch run less an epoch)", res["before"][1], res["now"][1])]
+        fixed[name] = (statistics.median(h.wall_s for h in helps), statistics.median(h.cpu_s for h in helps),
+                       c1.wall_s - statistics.median(h["seconds"] for h in hist),
+                       c1.cpu_s - statistics.median(h["cpu_seconds"] for h in hist))
+    labels = ("cryohet --help wall s", "cryohet --help CPU s", "train-vae fixed wall s (1-epoch run less an epoch)",
+              "train-vae fixed CPU s (1-epoch run less an epoch)")
+    rows += [(label, fixed["before"][i], fixed["now"][i]) for i, label in enumerate(labels) if fixed]
     print(f"{a.n} particles, box 32, {a.dim}-wide encoder and decoder, {a.epochs} epochs; before = {a.before}, "
           f"now = {a.after or 'this tree'}")
     print("| measure | before | now | now / before |\n|---|---|---|---|")
