@@ -47,13 +47,13 @@ def test_vae_plan_bounds_what_a_step_keeps(box: int, dim: int, layers: int, batc
 
 
 def test_train_vae_refuses_a_batch_that_cannot_fit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A batch of 64 images of box 128 with 4096-wide networks (about 45 GB) is refused before anything is
+    """A batch of 1024 images of box 128 with 4096-wide networks (about 660 GB) is refused before anything is
     allocated: exit 2, the STAR named, the largest batch size that fits named (it fits, one more does not), no
     checkpoint or model written."""
-    star = noise_stack_star(tmp_path, 64, 128, APIX, sparse=True)
+    star = noise_stack_star(tmp_path, 1024, 128, APIX, sparse=True)
     out = tmp_path / "out"
-    assert main(["train-vae", "--particles", str(star), "--o", str(out), "--batch_size", "64",
-                 "--enc_dim", "4096", "--dec_dim", "4096", "--threads", "1"]) == 2
+    assert main(["train-vae", "--particles", str(star), "--o", str(out), "--batch_size", "1024",
+                 "--enc_dim", "4096", "--dec_dim", "4096", "--device", "cpu", "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert str(star) in err and "GB free" in err and "--batch_size" in err
     assert not any(out.glob("*.safetensors")) and json.loads((out / "cryohet_run.json").read_text())["status"] == \
@@ -61,8 +61,8 @@ def test_train_vae_refuses_a_batch_that_cannot_fit(tmp_path: Path, capsys: pytes
     named = int(err.split("enough for --batch_size ")[1].split(":")[0])
     points = len(Lattice(128, APIX).half_plane(64))
     shape = VaeShape(points, 6 * 64, 4096, 3, 8, 4096, 3)
-    usable = MEMORY_FRACTION * free_memory_bytes("cpu") - 2 * 64 * 128 ** 2 * 4
-    assert 0 < named < 64
+    usable = MEMORY_FRACTION * free_memory_bytes("cpu") - 2 * 1024 * 128 ** 2 * 4
+    assert 0 < named < 1024
     assert shape.step_bytes(named) <= 1.05 * usable and 0.95 * usable < shape.step_bytes(named + 1)
 
 
@@ -73,7 +73,7 @@ def test_principal_volumes_refuses_components_that_cannot_fit(tmp_path: Path,
     star = noise_stack_star(tmp_path, 20 * 51, 128, APIX, sparse=True)
     out = tmp_path / "out"
     assert main(["principal-volumes", "--particles", str(star), "--o", str(out), "--n_components", "50",
-                 "--resolution_A", "0", "--threads", "1"]) == 2
+                 "--resolution_A", "0", "--device", "cpu", "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert str(star) in err and "50 components at a working box of 128" in err
     assert not any(out.glob("*.mrc")) and json.loads((out / "cryohet_run.json").read_text())["status"] == "failed"
