@@ -118,6 +118,10 @@ def child_ours(spec: dict[str, Any]) -> None:
         if name == "train-vae":
             hist = json.loads((out / "config.json").read_text())["history"]
             row["epoch_s"] = [h["seconds"] for h in hist]
+        plan_line = re.search(r"memory plan: ([0-9.]+) GB", (out / "run.log").read_text()) \
+            if (out / "run.log").exists() else None
+        if plan_line:  # train-vae's and principal-volumes' plan, beside the measured peak
+            row["plan_gb"] = float(plan_line.group(1))
         _emit(res, row)
 
 
@@ -419,14 +423,32 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
                          if r and r["status"] == "ok"]
                 if walls:
                     note += "; whole run: " + ", ".join(walls)
+                if ours["status"] == "ok" and ours.get("epoch_s"):
+                    note += f"; cryohet outside its epochs {ours['wall_s'] - sum(ours['epoch_s']):.1f} s"
+                if ours.get("plan_gb") is not None:
+                    note += f"; memory plan {ours['plan_gb']:.2f} GB"
                 peak_d = _fmt(theirs.get("peak_gpu_gb")) if theirs and theirs["status"] == "ok" else "-"
                 out.append(f"| train-vae, s per epoch (last) | {box} | {n} | {_fmt(t_o)} | {_fmt(t_d)} | {ratio} | "
                            f"{_fmt(ours.get('peak_gpu_gb'))} / {peak_d} | {note} |")
             else:
                 wall = ours.get("wall_s") if ours["status"] == "ok" else None
+                if ours.get("plan_gb") is not None:
+                    note += f"; memory plan {ours['plan_gb']:.2f} GB"
                 out.append(f"| {step} | {box} | {n} | {_fmt(wall, 1)} | - | - | {_fmt(ours.get('peak_gpu_gb'))} / - "
                            f"| {note} |")
     return "\n".join(out)
+
+
+def help_seconds() -> float:
+    """Wall seconds of ``cryohet --help`` (the median of three), a fixed cost of every command."""
+    cmd = [sys.executable, "-c", "import sys; from cryohet.cli import main; sys.exit(main())", "--help"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[1]
 
 
 def header(a: argparse.Namespace, elapsed: float) -> str:
@@ -436,6 +458,7 @@ def header(a: argparse.Namespace, elapsed: float) -> str:
     lines = [f"GPU check, {time.strftime('%Y-%m-%d')}: {gpu}; torch {torch.__version__} "
              f"(CUDA {torch.version.cuda}); cryohet device {a.device}; cryoDRGN {a.drgn_version or '-'}; "
              f"{a.threads} CPU thread(s) per program; {elapsed:.0f} s for the speed part."]
+    lines.append(f"`cryohet --help`: {help_seconds():.2f} s (imports and parsers; the engine is imported only to run).")
     if a.tests_summary and Path(a.tests_summary).exists():
         lines.append(f"Engine tests on this machine: {Path(a.tests_summary).read_text().strip()}")
     return "\n\n".join(lines)

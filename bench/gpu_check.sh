@@ -7,7 +7,9 @@
 #      Scipion or RELION's binaries (neither is on that machine; the lists are below);
 #   3. runs bench/gpu_check.py: speed side by side with cryoDRGN 4.3.1 (train_vae at box 128 and 256, same
 #      architecture and batch), the times of reconstruct and principal-volumes, peak GPU memory; it prints a
-#      Markdown table for docs/benchmarks.md.
+#      Markdown table for docs/benchmarks.md. For #17: train-vae's and principal-volumes' memory plans beside
+#      their measured peaks, train-vae's time outside its epochs (start-up and outputs) and `cryohet --help`'s
+#      time; the epoch times at batch 8 show what the trainer's per-step host syncs cost before.
 # Outputs in $OUT (the device tool brings them back): gpu_check.md, gpu_check.json, gpu_check_logs.tar.gz,
 # pytest.log, tests_summary.txt.
 #

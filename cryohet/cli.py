@@ -58,8 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else list(argv)
     if args_in[:1] == ["describe"]:  # before the method parsers: --key imports no method
         return describe.main(args_in[1:])
-    from cryohet.runner import run_method
-
     parser = build_parser()
     args = parser.parse_args(argv)
     method: Method | None = getattr(args, "_method", None)
@@ -68,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     values = {p.name: getattr(args, p.name) for p in method.all_params()}
     values = {k: v for k, v in values.items() if v is not None}
+    from cryohet.runner import run_method  # torch: not for --help
+
     try:
         run_method(method, values, args.o, command=sys.argv if argv is None else ["cryohet", *argv])
     except (InputError, ValueError) as exc:

@@ -5,11 +5,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pandas as pd
 
 from cryohet.geometry.euler import random_euler
-from cryohet.io.star import write_star
+from cryohet.io.star import read_star, write_star
 
 THIRDPARTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "thirdparty" / "cryodrgn-tests"
 
@@ -44,3 +45,19 @@ def pose_ctf_star(path: Path, n: int, box: int, apix: float, seed: int = 0, shif
         parts["rlnCtfScalefactor"] = rng.uniform(0.5, 1.0, n)
     write_star(path, {"optics": optics, "particles": parts})
     return parts
+
+
+def noise_stack_star(d: Path, n: int, box: int, apix: float, sparse: bool = False) -> Path:
+    """``d/p.star``: ``n`` random poses and CTFs (``pose_ctf_star``, seed 3) pointing at ``d/stack.mrcs``, a stack
+    of Gaussian noise (``sparse``: an unwritten, all-zero sparse file, for runs refused before reading images)."""
+    d.mkdir(exist_ok=True)
+    star = d / "p.star"
+    pose_ctf_star(star, n, box, apix, seed=3)
+    blocks = read_star(star)
+    blocks["particles"]["rlnImageName"] = [f"{i + 1:06d}@stack.mrcs" for i in range(n)]
+    write_star(star, blocks)
+    with mrcfile.new_mmap(d / "stack.mrcs", (n, box, box), mrc_mode=2) as m:
+        if not sparse:
+            m.data[:] = np.random.default_rng(0).normal(size=(n, box, box)).astype(np.float32)
+        m.voxel_size = apix
+    return star

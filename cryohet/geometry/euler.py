@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.spatial.transform import Rotation
 
 
 def euler_to_matrix(euler_deg: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
@@ -44,4 +43,6 @@ def matrix_to_euler(A: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
 
 def random_euler(n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` rotations drawn uniformly on SO(3), as RELION Euler angles (n, 3) in degrees."""
+    from scipy.spatial.transform import Rotation  # scipy.spatial: 0.2 s of every command's start otherwise
+
     return matrix_to_euler(Rotation.random(n, random_state=rng).as_matrix())

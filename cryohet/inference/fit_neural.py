@@ -19,6 +19,7 @@ from cryohet.errors import InputError
 from cryohet.geometry.lattice import Lattice
 from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.autodecoder import AutoDecoderInference
+from cryohet.inference.memory_plans import VaeShape, check_vae_fits
 from cryohet.inference.pose_tables import PoseCorrections
 from cryohet.inference.trainer import (
     Checkpoint,
@@ -77,6 +78,13 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         reader = pset.reader()
         lattice = Lattice(pset.box, pset.apix).cropped(cfg.box)
         points = lattice.half_plane(cfg.max_freq * cfg.box)
+        encoder = inference["kind"] == "amortised"
+        shape = VaeShape(len(points), 6 * cfg.pe_dim, cfg.dec_dim, cfg.dec_layers, cfg.zdim,
+                         int(inference.get("enc_dim", 0)) if encoder else 0, int(inference.get("enc_layers", 0)),
+                         cfg.domain == "hartley", 0 if encoder else len(reader))
+        host = 2 * min(opts.chunk_images, len(reader)) * pset.box ** 2 * 4  # the loader: a chunk and the next
+        need = check_vae_fits(shape, opts.batch_size, len(reader), device, pset.source, host_bytes=host)
+        hooks.log.info("memory plan: %.3f GB on %s", need / 1e9, device)
         corrections = None if poses is None else PoseCorrections(len(reader), lattice.apix, **poses)
         if corrections is not None:
             inference = {**inference, "poses": corrections.settings}

@@ -40,6 +40,7 @@ from cryohet.geometry.lattice import Lattice, box_for_resolution
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import Projector, sinc2_grid, slice_coords
 from cryohet.inference.em_state import EMState, load_state, mask_digest, save_state
+from cryohet.inference.memory_plans import PvShape, check_pv_fits
 
 #: Fewest particles the estimator accepts, and particles needed per unknown map (mean + K components).
 MIN_PARTICLES = 50
@@ -357,6 +358,9 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     res_used = n * apix_n / radius_px
     log.info("principal volumes: %d particles, box %d -> working box %d (%.2f Å/px), limit %.2f Å, K=%d",
              n_part, N_box, n, apix_n, res_used, K)
+    need = check_pv_fits(PvShape(n, pad, K, radius_px, batch_size, n_part, cache_mb), device,
+                         getattr(particles, "source", "the particles"), apix_n)
+    log.info("memory plan: %.3f GB on %s", need / 1e9, device)
     src = ImageSource(particles, lattice, radius_px, batch_size, device, cache_mb)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 

@@ -237,6 +237,53 @@ def _gather_rows(ddp: Dist, device: torch.device, rows: np.ndarray, values: np.n
     return allv[:, 0].astype(np.int64), allv[:, 1:]
 
 
+#: steps between two reads of the step guard (each read waits for the device's queued work)
+CHECK_EVERY = 16
+
+
+class _StepGuard:
+    """An epoch's per-step loss terms and gradient sums, written into a window on the device and read by the host
+    (one synchronisation) only in :meth:`check`: every ``CHECK_EVERY`` steps and before the epoch's checkpoint.
+
+    ``check`` raises TrainingDiverged at the first step whose loss or gradients are not finite (``nan_only``: whose
+    loss is NaN, as under a float16 gradient scaler, which skips steps of infinite gradients itself) and adds the
+    good steps' terms, times their images, to ``sums`` (Σ gen·b, Σ reg·b, Σ b; float64 on the host)."""
+
+    def __init__(self, device: torch.device, nan_only: bool):
+        self.window = torch.zeros((CHECK_EVERY, 4), dtype=torch.float32, device=device)
+        self.sizes: list[int] = []  # images of the steps in the window
+        self.sums = [0.0, 0.0, 0.0]
+        self.nan_only, self.done, self.fused = nan_only, 0, device.type == "cuda"
+
+    def record(self, loss: torch.Tensor, gen: torch.Tensor, reg: torch.Tensor, b: int,
+               grads: list[torch.Tensor]) -> None:
+        """A step of ``b`` images: its loss terms and its parameters' gradients (device work only)."""
+        if not grads:
+            gsum = torch.zeros((), device=self.window.device)
+        elif self.fused:  # one multi-tensor kernel on a GPU; on a CPU the plain sums are faster
+            gsum = torch.stack(torch._foreach_norm(grads, 1)).sum()
+        else:
+            gsum = torch.stack([g.float().sum() for g in grads]).sum()
+        self.window[len(self.sizes)] = torch.stack([loss.detach().float(), gen.detach().float(),
+                                                    reg.detach().float(), gsum.float()])
+        self.sizes.append(b)
+
+    def check(self, epoch: int, n_steps: int, ckpt_path: Path) -> None:
+        """Read the window; TrainingDiverged naming the first bad step, else its steps added to ``sums``."""
+        rows = self.window[:len(self.sizes)].tolist() if self.sizes else []
+        for i, ((loss_v, gen_v, reg_v, gsum), b) in enumerate(zip(rows, self.sizes, strict=True)):
+            grad_ok = math.isfinite(gsum)
+            if math.isnan(loss_v) if self.nan_only else not (math.isfinite(loss_v) and grad_ok):
+                raise TrainingDiverged(
+                    f"the loss became {loss_v} (gradients finite: {grad_ok}) at epoch {epoch}, batch "
+                    f"{self.done + i + 1}/{n_steps}; training stopped. The last good checkpoint "
+                    f"({'epoch ' + str(epoch - 1) if epoch > 1 else 'none yet'}) is kept in {ckpt_path}. "
+                    "Lower --lr, or check the particles' poses and CTF, then continue with --resume yes.")
+            self.sums = [self.sums[0] + gen_v * b, self.sums[1] + reg_v * b, self.sums[2] + b]
+        self.done += len(self.sizes)
+        self.sizes = []
+
+
 class Trainer:
     """Fits ``objective`` to the particles read by ``reader`` and prepared by ``prep``.
 
@@ -303,7 +350,7 @@ class Trainer:
             # one rank checks for an abort at every batch; several agree on it at the end of the epoch
             items = (self.hooks.progress(stream, f"epoch {epoch}/{opts.epochs}", len(mine)) if ddp.world == 1
                      else iter(stream))
-            sums = torch.zeros(3, dtype=torch.float64)
+            guard = _StepGuard(device, nan_only=scaler is not None)
             obj.train()
             for step, batch in enumerate(items):
                 d = {k: v.to(device, non_blocking=True) for k, v in batch.data.items()}
@@ -312,7 +359,7 @@ class Trainer:
                 lo = ddp.rank * per_rank
                 if g_total != opts.batch_size:  # an incomplete last batch, cut as np.array_split does
                     lo = int(sum(len(a) for a in np.array_split(np.arange(g_total), ddp.world)[:ddp.rank]))
-                eps = _noise(opts.seed, epoch, step, g_total, obj.noise_dim, lo, lo + b).to(device)
+                eps = _noise(opts.seed, epoch, step, g_total, obj.noise_dim, lo, lo + b).to(device, non_blocking=True)
                 with amp_ctx():
                     gen, reg = loss_mod(d, eps)
                 loss = gen + obj.kl_weight * reg
@@ -322,15 +369,9 @@ class Trainer:
                     scaler.unscale_(optim)
                 else:
                     loss.backward()
-                gsum = torch.stack([p.grad.float().sum() for p in obj.parameters() if p.grad is not None]).sum()
-                vals = torch.stack([loss.detach().float(), gen.detach().float(), reg.detach().float(), gsum]).cpu()
-                loss_v, grad_ok = float(vals[0]), math.isfinite(float(vals[3]))
-                if (math.isnan(loss_v) if scaler is not None else not (math.isfinite(loss_v) and grad_ok)):
-                    raise TrainingDiverged(
-                        f"the loss became {loss_v} (gradients finite: {grad_ok}) at epoch {epoch}, batch "
-                        f"{step + 1}/{n_steps}; training stopped. The last good checkpoint "
-                        f"({'epoch ' + str(epoch - 1) if epoch > 1 else 'none yet'}) is kept in {ckpt_path}. "
-                        "Lower --lr, or check the particles' poses and CTF, then continue with --resume yes.")
+                guard.record(loss, gen, reg, b, [p.grad for p in obj.parameters() if p.grad is not None])
+                if len(guard.sizes) == CHECK_EVERY:
+                    guard.check(epoch, n_steps, ckpt_path)
                 if poses is not None:
                     poses.step(float(scaler.get_scale()) if scaler is not None else 1.0)
                 if scaler is not None:
@@ -338,7 +379,8 @@ class Trainer:
                     scaler.update()
                 else:
                     optim.step()
-                sums += torch.tensor([float(vals[1]) * b, float(vals[2]) * b, b], dtype=torch.float64)
+            guard.check(epoch, n_steps, ckpt_path)  # before the epoch's checkpoint: a bad step is never saved
+            sums = torch.tensor(guard.sums, dtype=torch.float64)
             if poses is not None:
                 poses.end_epoch(dist.all_reduce if ddp.world > 1 else None)
             if ddp.world > 1:

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.spatial.transform import Rotation
 
 from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
@@ -48,6 +47,8 @@ BLOB_FIELDS = ("blob/path", "blob/idx", "blob/shape", "blob/psize_A")
 
 def cs_pose_to_relion(pose_rotvec: np.ndarray) -> np.ndarray:
     """cryoSPARC ``alignments3D/pose`` (N, 3) rotation vectors -> RELION (rot, tilt, psi) degrees (N, 3)."""
+    from scipy.spatial.transform import Rotation  # scipy.spatial: 0.2 s, for .cs files only
+
     R = Rotation.from_rotvec(np.asarray(pose_rotvec, dtype=np.float64).reshape(-1, 3)).as_matrix()
     return matrix_to_euler(np.transpose(R, (0, 2, 1)))
 
@@ -55,6 +56,8 @@ def cs_pose_to_relion(pose_rotvec: np.ndarray) -> np.ndarray:
 def relion_to_cs_pose(euler_deg: np.ndarray) -> np.ndarray:
     """RELION (rot, tilt, psi) degrees (N, 3) -> cryoSPARC ``alignments3D/pose`` rotation vectors (N, 3): the
     inverse of :func:`cs_pose_to_relion` (R = Aᵀ)."""
+    from scipy.spatial.transform import Rotation
+
     A = euler_to_matrix(np.asarray(euler_deg, dtype=np.float64).reshape(-1, 3))
     return Rotation.from_matrix(np.transpose(A, (0, 2, 1))).as_rotvec()
 

@@ -5,7 +5,6 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.analysis.plots import histogram_plot
 from cryohet.validation.goodness import FIT_Z, RESIDUAL_Z, Predictor, score_particles
 
 #: Particles with ``cryohetFitZ`` above this are counted in the log as poorly explained (about 1 in 740 of
@@ -26,6 +25,8 @@ def fit_columns(ctx: Any, particles: Any, predict: Predictor, reference: Predict
     """Score every particle under ``predict`` against a typical particle under ``reference`` (see
     ``validation.goodness``), write ``fit_z.png`` and return the STAR columns ``cryohetFitZ`` and
     ``cryohetResidualZ`` for the method's particles STAR."""
+    from cryohet.analysis.plots import histogram_plot
+
     scores = score_particles(particles, predict, reference, box=box, device=ctx.device, batch_size=batch_size,
                              seed=ctx.seed, progress=ctx.progress)
     poor = int((scores.fit_z > POOR_FIT_Z).sum())

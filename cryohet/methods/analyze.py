@@ -6,9 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.analysis import latent
-from cryohet.analysis.runs import load_latents, particles_star_path
-from cryohet.analysis.volumes import write_series
 from cryohet.atomic import atomic_path, save_npy
 from cryohet.errors import InputError
 from cryohet.methods.base import Method, Param
@@ -41,6 +38,7 @@ PARAMS = (
 
 def _write_classes(ctx: Any, run_dir: Path, labels: np.ndarray, k: int, name: str) -> None:
     """The run's particles STAR with ``rlnClassNumber`` = k-means cluster + 1, in ``<out>/<name>/``."""
+    from cryohet.analysis.runs import particles_star_path
     from cryohet.io.particles import load_particles, write_particles_star
 
     try:
@@ -57,7 +55,9 @@ def _write_classes(ctx: Any, run_dir: Path, labels: np.ndarray, k: int, name: st
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:
-    from cryohet.analysis import plots  # matplotlib: loaded only when plotting
+    from cryohet.analysis import latent, plots
+    from cryohet.analysis.runs import load_latents
+    from cryohet.analysis.volumes import write_series
     from cryohet.models.base import load_volume_model
 
     run_dir = Path(params["run"]).resolve()

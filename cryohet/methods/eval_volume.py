@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from cryohet.analysis.volumes import points_from_params, write_chimerax_script, write_volume_series
 from cryohet.atomic import atomic_path
 from cryohet.methods.base import LATENT_POINT_PARAMS, Method, Param
 
@@ -19,6 +18,7 @@ PARAMS = (
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:
+    from cryohet.analysis.volumes import points_from_params, write_chimerax_script, write_volume_series
     from cryohet.models.base import load_volume_model
 
     if (params["z"] is None) == (params["z_file"] is None):

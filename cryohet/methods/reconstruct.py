@@ -2,19 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
-from cryohet.errors import InputError
-from cryohet.io.mrc import read_map, write_map
-from cryohet.io.particles import load_particles, write_particles_star
-from cryohet.methods._fit_outputs import fit_columns
 from cryohet.methods.base import DATADIR, Method, Param
-from cryohet.reconstruct.homogeneous import particle_halves, reconstruct_halves
-from cryohet.validation.goodness import maps_predictor
+
+if TYPE_CHECKING:
+    import torch
 
 PARAMS = (
     Param("particles", Path, None, "Particles with poses and CTF: RELION STAR (3.0/3.1/5) or cryoSPARC .cs.",
@@ -45,6 +38,11 @@ def read_mask(path: Path | None, box: int, device: torch.device) -> torch.Tensor
     """The mask of ``--mask`` on ``device`` (None without one); InputError naming it when its box is not ``box``."""
     if path is None:
         return None
+    import torch
+
+    from cryohet.errors import InputError
+    from cryohet.io.mrc import read_map
+
     mask_arr, _ = read_map(path)
     if mask_arr.shape[0] != box:
         raise InputError(path, f"mask box {mask_arr.shape[0]} does not match the output box {box}")
@@ -52,6 +50,16 @@ def read_mask(path: Path | None, box: int, device: torch.device) -> torch.Tensor
 
 
 def run(params: dict[str, Any], ctx) -> None:
+    import numpy as np
+    import torch
+
+    from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
+    from cryohet.io.mrc import write_map
+    from cryohet.io.particles import load_particles, write_particles_star
+    from cryohet.methods._fit_outputs import fit_columns
+    from cryohet.reconstruct.homogeneous import particle_halves, reconstruct_halves
+    from cryohet.validation.goodness import maps_predictor
+
     wiener = _check_wiener(params["wiener"])
     pset = load_particles(params["particles"], datadir=params["datadir"])
     box = params["box"] or pset.box

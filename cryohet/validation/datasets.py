@@ -20,7 +20,7 @@ import numpy as np
 
 from cryohet.atomic import atomic_path
 from cryohet.errors import InputError
-from cryohet.validation.sources import MapsModel
+from cryohet.models.maps import MapsModel
 
 if TYPE_CHECKING:
     from cryohet.simulate.motions import Conformations
