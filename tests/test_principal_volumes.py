@@ -204,14 +204,17 @@ def test_linear_model_file(tmp_path):
         LinearModel.load(tmp_path / "bad.npz")
 
 
-def test_insertion_inverts_projector_slices():
-    """The M-step's trilinear insertion (half plane + Friedel mates) and solve invert ``Projector.slice``."""
+@pytest.mark.parametrize("pad, min_corr, max_scale_error", [(2, 0.99, 0.05), (1, 0.97, 0.1)])
+def test_insertion_inverts_projector_slices(pad, min_corr, max_scale_error):
+    """The M-step's trilinear insertion (half plane + Friedel mates) and solve invert ``Projector.slice``, also
+    unpadded up to Nyquist's last shell (the corners of the outermost pixels' cells lie beyond 1.5 voxels; trilinear
+    interpolation without padding is the coarser: measured corr 0.975, scale 1.07)."""
     from cryohet.geometry.euler import euler_to_matrix, random_euler
     from cryohet.geometry.fourier import centered_coords
     from cryohet.geometry.project import Projector, slice_coords
     from cryohet.inference.ppca import MapEquations, to_real_space
 
-    n, pad, radius = 16, 2, 7
+    n, radius = 16, 7
     vol = torch.as_tensor(band_limit(read_map_default(n), 1.0, n / radius)).float()
     A = torch.as_tensor(euler_to_matrix(random_euler(600, np.random.default_rng(0))), dtype=torch.float32)
     r = centered_coords(n)
@@ -231,7 +234,7 @@ def test_insertion_inverts_projector_slices():
     rec = to_real_space(acc.to_grid(acc.solve(lam)[0]), n, pad, limit)[0]
     corr = np.corrcoef(rec.numpy().ravel(), vol.numpy().ravel())[0, 1]
     scale = float((rec * vol).sum() / (vol * vol).sum())
-    assert corr > 0.99 and abs(scale - 1) < 0.05, (corr, scale)
+    assert corr > min_corr and abs(scale - 1) < max_scale_error, (corr, scale)
 
 
 def read_map_default(n: int) -> np.ndarray:

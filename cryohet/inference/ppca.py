@@ -172,7 +172,8 @@ class MapEquations:
         P = self.P
         c = centered_coords(P, device, torch.float64) / pad
         r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2).flatten()
-        keep = r <= radius_px + 1.5
+        # every corner of a pixel's trilinear cell lies within √3 padded voxels of it (pad 1: beyond 1.5)
+        keep = r <= radius_px + max(1.5, math.sqrt(3) / pad + 0.01)
         self.lut = torch.full((P ** 3,), -1, dtype=torch.long, device=device)
         self.flat = torch.nonzero(keep).squeeze(1)
         self.lut[self.flat] = torch.arange(len(self.flat), device=device)
