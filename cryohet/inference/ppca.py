@@ -266,7 +266,8 @@ def _shell_mean(values: torch.Tensor, shell: torch.Tensor, n_sh: int) -> torch.T
 
 
 def solve_maps(acc: MapEquations, radius_px: float, limit: torch.Tensor, regularisation: float | None,
-               prior: str = "mean", mask: torch.Tensor | None = None) -> torch.Tensor:
+               prior: str = "mean", mask: torch.Tensor | None = None,
+               prior_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Solve the per-voxel systems of ``acc`` and return maps (J, n, n, n); maps 1.. multiplied by ``mask``.
 
     λ per voxel and map: a floor for voxels with little data; with a ``regularisation`` T also the per-shell
@@ -274,7 +275,7 @@ def solve_maps(acc: MapEquations, radius_px: float, limit: torch.Tensor, regular
     mean |X̂|² − noise variance of X̂ (empirical Bayes as RELION's τ², without the feedback that drives a
     weakly supported estimate to zero); for maps 1.. τ² is pooled over them ("moments": their own excess power,
     zero where the data show no variability above the noise; "mean": up to the first map's power per shell).
-    ``limit``: the padded grid's resolution sphere.
+    ``limit``: the padded grid's resolution sphere; ``prior_scale`` (J,): each map's λ multiplied by it.
     """
     wdiag = acc.weight_diag()                                   # (V, J)
     inside = acc.shell <= radius_px
@@ -294,6 +295,8 @@ def solve_maps(acc: MapEquations, radius_px: float, limit: torch.Tensor, regular
                 tau_w = tau0
             lam[:, 1:] = torch.maximum(lam[:, 1:], (1.0 / (regularisation * tau_w[acc.shell])
                                                     .clamp_min(1e-300))[:, None])
+        if prior_scale is not None:
+            lam = lam * prior_scale.to(lam)[None, :]
         X, _ = acc.solve(lam)
     vols = to_real_space(acc.to_grid(X), acc.n, acc.pad, limit)
     if vols.shape[0] > 1 and mask is not None:
