@@ -43,7 +43,7 @@ from cryohet.geometry.lattice import Lattice, box_for_resolution
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import ProjectorStack, slice_coords
 from cryohet.inference.em_state import EMState, load_state, save_state
-from cryohet.inference.ppca import ImageSource, MapEquations, ProgressFn, solve_maps
+from cryohet.inference.ppca import ImageSource, MapEquations, ProgressFn, fit_principal_volumes, solve_maps
 from cryohet.models.hypermolecule import affine_legendre_transform, legendre_basis
 
 HYPERMOL_FORMAT = "cryohet-hypermolecule-checkpoint-1"
@@ -52,6 +52,10 @@ MIN_PARTICLES = 50
 BYTES_PER_CHANNEL = 20
 #: posterior columns written per particle: mean, s.d., 5 % and 95 % quantiles
 POSTERIOR_COLUMNS = ("mean", "sd", "q05", "q95")
+#: the learned prior of τ: histogram bins on [−1, 1] and the weight of the uniform density mixed in
+PRIOR_BINS, PRIOR_FLOOR = 20, 0.2
+#: EM iterations of the one-component principal volumes that start the fit
+PCA_ITERATIONS = 8
 
 
 @dataclass
@@ -137,19 +141,40 @@ def reflect(tau: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 2, 4 - x, x) - 1
 
 
+def tau_prior(states: np.ndarray, n_bins: int = PRIOR_BINS, floor: float = PRIOR_FLOOR) -> torch.Tensor:
+    """Log-density table (n_bins,) of τ on [−1, 1]: the histogram of the chains' ``states`` smoothed by [¼, ½, ¼]
+    and mixed with the uniform density (weight ``floor``) so that no region is ever closed to the chains."""
+    counts = np.histogram(np.asarray(states, dtype=np.float64), bins=n_bins, range=(-1, 1))[0].astype(np.float64)
+    counts = np.convolve(np.pad(counts, 1, mode="edge"), [0.25, 0.5, 0.25], "valid")
+    p = (1 - floor) * counts / max(counts.sum(), 1.0) + floor / n_bins
+    return torch.log(torch.as_tensor(p * n_bins / 2))
+
+
+def log_prior_at(tau: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor | float:
+    """The log-density ``table`` (``tau_prior``; None: uniform) at ``tau``."""
+    if table is None:
+        return 0.0
+    idx = ((tau + 1) / 2 * len(table)).long().clamp(0, len(table) - 1)
+    return table.to(tau.device)[idx]
+
+
 def metropolis(tau: torch.Tensor, step: torch.Tensor, H: torch.Tensor, h: torch.Tensor, n_steps: int,
-               jump_prob: float, gen: torch.Generator, record_from: int = 0) -> tuple[torch.Tensor, float]:
+               jump_prob: float, gen: torch.Generator, record_from: int = 0, prior: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, float]:
     """Run ``n_steps`` Metropolis steps of chains ``tau`` (B, C) (random walk of width ``step`` (B, 1), reflected
-    at ±1, or with probability ``jump_prob`` a uniform draw; the prior is uniform) -> the states from step
-    ``record_from`` on (B, C, n_steps − record_from) and the acceptance rate."""
-    ll = log_likelihood(tau, H, h)
+    at ±1, or with probability ``jump_prob`` a uniform draw) under the log-density table ``prior`` (None: uniform)
+    -> the states from step ``record_from`` on (B, C, n_steps − record_from) and the acceptance rate."""
+    def target(t: torch.Tensor) -> torch.Tensor:
+        return log_likelihood(t, H, h) + log_prior_at(t, prior)
+
+    ll = target(tau)
     kept, accepted = [], 0.0
     dev = tau.device
     for s in range(n_steps):
         noise = torch.randn(tau.shape, generator=gen, dtype=tau.dtype).to(dev)
         u = torch.rand((3,) + tau.shape, generator=gen, dtype=tau.dtype).to(dev)
         prop = torch.where(u[0] < jump_prob, 2 * u[1] - 1, reflect(tau + step * noise))
-        ll_p = log_likelihood(prop, H, h)
+        ll_p = target(prop)
         take = torch.log(u[2].double()) < ll_p - ll
         tau = torch.where(take, prop, tau)
         ll = torch.where(take, ll_p, ll)
@@ -166,9 +191,10 @@ def sample_moments(samples: torch.Tensor, degree: int) -> tuple[torch.Tensor, to
 
 
 class ChainState:
-    """Every particle's chain state (τ, random-walk width) in a memory-mapped file (created uniform at random)."""
+    """Every particle's chain state (τ, random-walk width) in a memory-mapped file (created from ``start``, else
+    uniform at random)."""
 
-    def __init__(self, path: Path, n_particles: int, seed: int, log: logging.Logger):
+    def __init__(self, path: Path, n_particles: int, seed: int, log: logging.Logger, start: np.ndarray | None = None):
         shape = (n_particles, 2)
         arr = None
         if path.is_file():
@@ -184,7 +210,7 @@ class ChainState:
             rng = np.random.default_rng(seed)
             with atomic_path(path) as tmp:
                 new = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-                new[:, 0] = rng.uniform(-1, 1, n_particles)
+                new[:, 0] = rng.uniform(-1, 1, n_particles) if start is None else start
                 new[:, 1] = 0.5
                 new.flush()
                 del new
@@ -256,27 +282,8 @@ class _Fitter:
         return torch.zeros(self.src.n_shells, dtype=torch.float64, device=self.device).index_add_(
             0, self.src.shell, values.double())
 
-    def mean_map(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CTF-weighted reconstruction of all particles (the τ-average) and σ² per shell of the residuals."""
-        acc = MapEquations(self.n, self.pad, self.radius, 1, self.device)
-        w = self.src.weight
-        ones = torch.ones(1, 1, dtype=torch.float64, device=self.device)
-        for b in self.progress(self.src.batches(), "hyper-molecule: mean map", self.src.n_batches()):
-            pos = slice_coords(b.rotations, self.n, self.pad).reshape(len(b.rows), -1, 3)[:, self.src.flat]
-            acc.insert(pos, 0.5 * w, b.images_ft, b.ctf, torch.ones_like(w), ones.expand(len(b.rows), 1),
-                       ones.expand(len(b.rows), 1, 1))
-        mean = solve_maps(acc, self.radius, self.limit, None)[0]
-        res = torch.zeros(self.src.n_shells, dtype=torch.float64, device=self.device)
-        cnt = torch.zeros_like(res)
-        stack = ProjectorStack(mean[None], self.pad)
-        for b in self.src.batches():
-            r = b.images_ft - b.ctf * stack.slice_points(b.rotations, self.src.points.kxy)[0]
-            res += self.shell_sum((r.abs() ** 2 * w).sum(0))
-            cnt += self.shell_sum(w.double() * len(b.rows))
-        return mean, (res / cnt.clamp_min(1)).clamp_min(1e-30)
-
     def visit(self, maps: torch.Tensor, noise: torch.Tensor, chains: ChainState, opts: MCMCOptions,
-              gen: torch.Generator, desc: str, final: PosteriorWriter | None = None
+              gen: torch.Generator, desc: str, prior: torch.Tensor | None, final: PosteriorWriter | None = None
               ) -> tuple[MapEquations | None, torch.Tensor, dict[str, float]]:
         """One pass: every particle's chain advanced (or, ``final``, its posterior sampled and written), the
         M-step's equations (None when ``final``), σ² per shell of the expected residuals and pass statistics."""
@@ -294,12 +301,12 @@ class _Fitter:
             H, h = quadratic_terms(G, b.images_ft, omega_w)
             tau, step = chains.get(b.rows, self.device)
             if final is None:
-                samples, rate = metropolis(tau, step, H, h, opts.n_steps, 0.0, gen)
+                samples, rate = metropolis(tau, step, H, h, opts.n_steps, 0.0, gen, prior=prior)
             else:
                 starts = torch.cat([tau, 2 * torch.rand((B, opts.n_chains - 1), generator=gen,
                                                         dtype=torch.float64).to(self.device) - 1], 1)
                 samples, rate = metropolis(starts, step, H, h, opts.burn_in + opts.final_steps, opts.jump_prob, gen,
-                                           record_from=opts.burn_in)
+                                           record_from=opts.burn_in, prior=prior)
                 final.put(b.rows, samples)
             sd = samples.reshape(B, -1).std(1)
             chains.put(b.rows, samples[:, 0, -1], (2.4 * sd).clamp(1e-3, 1.0))
@@ -333,15 +340,22 @@ def smoothness_scale(degree: int, smoothness: float) -> torch.Tensor:
     return torch.where(deg >= 1, 1 + smoothness * ((deg * (deg + 1) / 2) ** 2 - 1), torch.ones_like(deg))
 
 
-def _initial_maps(mean: torch.Tensor, degree: int, gen: torch.Generator, mask: torch.Tensor) -> torch.Tensor:
-    """The mean, a smooth random map inside the mask at a tenth of the mean's norm (degree 1) and zeros."""
-    n = mean.shape[-1]
-    m0 = max(4, (n // 8) * 2)
-    rnd = fourier_resize_3d(torch.randn((m0,) * 3, generator=gen), n).to(mean.device) * mask
-    rnd = rnd / rnd.norm() * 0.1 * mean.norm()
-    maps = torch.zeros((degree + 1, n, n, n), dtype=torch.float32, device=mean.device)
-    maps[0], maps[1] = mean, rnd
-    return maps
+def _pca_start(particles: Any, fit: _Fitter, degree: int, resolution_A: float, batch_size: int, seed: int,
+               cache_mb: float, progress: ProgressFn, log: logging.Logger
+               ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The starting point from principal volumes with one component (``ppca``): maps (the mean, the component
+    scaled so that τ in [−1, 1] spans the coordinates' 1st-99th percentiles, zeros for l ≥ 2), σ² per shell and
+    each particle's τ, its coordinate's rank mapped to [−1, 1] (so that the chains start uniform and ordered)."""
+    pv = fit_principal_volumes(particles, 1, resolution_A=resolution_A, max_iter=PCA_ITERATIONS, batch_size=batch_size,
+                               device=fit.device, seed=seed, cache_mb=cache_mb, progress=progress, log=log)
+    b = pv.latents[:, 0]
+    lo, hi = np.percentile(b, [1, 99])
+    maps = torch.zeros((degree + 1,) + (fit.n,) * 3, dtype=torch.float32, device=fit.device)
+    maps[0] = fourier_resize_3d(torch.as_tensor(pv.mean), fit.n).to(fit.device)
+    maps[1] = fourier_resize_3d(torch.as_tensor(pv.components[0]), fit.n).to(fit.device) * (hi - lo) / 2 / math.sqrt(3)
+    tau = (2 * (np.argsort(np.argsort(b)) + 0.5) / len(b) - 1).astype(np.float32)
+    noise = torch.as_tensor(pv.noise_var, dtype=torch.float64, device=fit.device).clamp_min(1e-30)
+    return maps, noise, tau
 
 
 def _rescale(maps: torch.Tensor, chains: ChainState, log: logging.Logger) -> None:
@@ -397,25 +411,25 @@ def fit_hypermolecule(particles: Any, degree: int, *, resolution_A: float, itera
         maps, noise, history = state.vols.to(device), state.noise.to(device), state.history
         log.info("resuming from %s after EM iteration %d", used, state.iteration)
     else:
+        maps, noise, tau0 = _pca_start(particles, fit, degree, resolution_A, batch_size, seed, cache_mb, progress, log)
         (out / "mcmc_state.npy").unlink(missing_ok=True)
-        chains = ChainState(out / "mcmc_state.npy", n_part, seed, log)
-        mean, noise = fit.mean_map()
-        maps, history = _initial_maps(mean, degree, gen, fit.mask), []
+        chains, history = ChainState(out / "mcmc_state.npy", n_part, seed, log, tau0), []
     done = len(history)
     if done and history[-1].get("converged"):
         done = iterations
     for it in range(done + 1, iterations + 1):
         ti = time.time()
         L = 1 + degree_at(it, warmup, degree)
-        acc, new_noise, stats = fit.visit(maps[:L], noise, chains, mcmc, gen, f"hyper-molecule: EM {it}/{iterations}")
+        prior = None if it <= warmup else tau_prior(chains.arr[:, 0])
+        acc, new_noise, stats = fit.visit(maps[:L], noise, chains, mcmc, gen, f"hyper-molecule: EM {it}/{iterations}",
+                                          prior)
         new = torch.zeros_like(maps)
         new[:L] = solve_maps(acc, fit.radius, fit.limit, regularisation if it > 1 else None, "mean", fit.mask,
                              smoothness_scale(L - 1, smoothness))
         del acc
         change = float((new - maps).norm() / new.norm().clamp_min(1e-30))
         maps, noise = new, new_noise
-        if it <= warmup:
-            _rescale(maps, chains, log)
+        _rescale(maps[:L], chains, log)
         converged = it > warmup + 1 and change < tol
         history.append({"iteration": it, "map_change": change, "seconds": time.time() - ti, "degree": L - 1,
                         "converged": converged, **stats})
@@ -426,7 +440,8 @@ def fit_hypermolecule(particles: Any, degree: int, *, resolution_A: float, itera
             break
     with ExitStack() as stack:
         writer = PosteriorWriter(stack, out / "tau_posterior.npy", out / "tau_samples.npy", n_part, mcmc.n_keep)
-        _, noise_final, stats = fit.visit(maps, noise, chains, mcmc, gen, "hyper-molecule: posterior", writer)
+        prior = tau_prior(chains.arr[:, 0]) if len(history) > warmup else None
+        _, noise_final, stats = fit.visit(maps, noise, chains, mcmc, gen, "hyper-molecule: posterior", prior, writer)
         writer.close()
     last = history[-1] if history else {}
     return HyperFit(maps=maps.cpu().numpy(), noise_var=noise_final.cpu().numpy(), work_box=fit.n, work_apix=fit.apix,
