@@ -11,16 +11,20 @@ orthonormal Legendre polynomials. With G = c S, the log-likelihood of τ is a qu
     log p(y | τ) = p(τ)ᵀ h − ½ p(τ)ᵀ H p(τ) + const,   H = Re Gᴴ Ω G,   h = Re Gᴴ Ω y   (Ω = 1/σ², both mates)
 
 so once a batch's L slices are made a Metropolis step costs O(L²) per particle and many steps per visit are cheap.
-Each visit (Metropolis-within-Gibbs: τ given the coefficients) runs ``n_steps`` steps of a random walk reflected
-at ±1 (its width the last visit's posterior s.d. × 2.4, per particle) mixed with independent uniform proposals
-(``jump_prob``, which cross between modes); the chain state (τ, step) of every particle lives in a memory-mapped
-file, so memory does not grow with the number of particles. The M-step solves the L×L normal equations per Fourier
-voxel with E[p], E[p pᵀ] over the samples (``ppca.MapEquations``, the per-shell prior of principal volumes); σ² per
-shell comes from the expected residuals. The first ``warmup`` iterations fit degree 1 only and rescale τ exactly
-after each M-step (an affine map taking the chains' 1st-99th percentile range to ±0.98, the maps re-expanded in
-the new τ's Legendre basis), as parameter expansion does for PPCA. The final pass runs ``n_chains`` chains per
-particle (the stored state and uniform random starts) and writes the posterior mean, s.d., 5 % and 95 % quantiles
-and ``n_keep`` thinned samples of every particle to memory-mapped files.
+The fit starts from principal volumes with one component (``ppca``): the mean, the component scaled to τ's range,
+and chains ordered by the rank of each particle's coordinate (a random start falls into folded paths). Each visit
+(Metropolis-within-Gibbs: τ given the coefficients) runs ``n_steps`` steps of a random walk reflected at ±1 (its
+width the last visit's posterior s.d. × 2.4, per particle); the chain state (τ, step) of every particle lives in a
+memory-mapped file, so memory does not grow with the number of particles. The prior of τ is uniform through the
+``warmup`` iterations (degree 1), then a histogram of the chains' states mixed with the uniform density (empirical
+Bayes). The M-step solves the L×L normal equations per Fourier voxel with E[p], E[p pᵀ] over the samples
+(``ppca.MapEquations``, the per-shell prior of principal volumes, stronger for higher degrees: ``smoothness_scale``);
+σ² per shell comes from the expected residuals. The degree grows by one every two iterations after the warm-up, and
+after each M-step τ is re-scaled exactly when the chains no longer fill [−1, 1] (an affine map taking their
+1st-99th percentile range to ±0.98, the maps re-expanded in the new τ's Legendre basis). The final pass runs
+``n_chains`` chains per particle (the stored state and uniform random starts, with independent uniform proposals,
+``jump_prob``, that cross between modes) and writes the posterior mean, s.d., 5 % and 95 % quantiles and ``n_keep``
+thinned samples of every particle to memory-mapped files.
 """
 from __future__ import annotations
 

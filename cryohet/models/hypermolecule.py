@@ -65,13 +65,14 @@ class HyperMolecule:
 
     def volumes(self, z: np.ndarray) -> np.ndarray:
         """Maps V(τ) at τ = ``z`` (M, 1) in [-1, 1] -> float32 (M, box, box, box), RELION orientation."""
-        tau = torch.as_tensor(np.asarray(z, dtype=np.float64).reshape(-1, 1))
-        if tau.shape[0] and not bool(((tau >= -1 - 1e-6) & (tau <= 1 + 1e-6)).all()):
-            raise ValueError("the hyper-molecule's τ lies in [-1, 1]")
-        coef = legendre_basis(tau[:, 0], self.degree).float()          # (M, L)
-        small = torch.einsum("ml,lxyz->mxyz", coef, self.maps)
-        return np.stack([fourier_resize_3d(v, self.box).numpy() for v in small]).astype(np.float32) \
-            if len(small) else np.zeros((0,) + (self.box,) * 3, np.float32)
+        tau = torch.as_tensor(np.asarray(z, dtype=np.float64).reshape(-1))
+        if bool((tau.abs() > 1 + 1e-6).any()):
+            raise ValueError(f"the hyper-molecule's τ lies in [-1, 1], got values up to {float(tau.abs().max()):g}")
+        coef = legendre_basis(tau, self.degree).float()                 # (M, L)
+        out = np.zeros((len(tau),) + (self.box,) * 3, np.float32)
+        for i, v in enumerate(torch.einsum("ml,lxyz->mxyz", coef, self.maps)):
+            out[i] = fourier_resize_3d(v, self.box).numpy()
+        return out
 
     def save(self, path: str | Path) -> Path:
         """Write the model (atomic) as safetensors."""
