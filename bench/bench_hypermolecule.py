@@ -1,14 +1,14 @@
 """Benchmark of ``cryohet hypermolecule`` against ``cryohet train-vae`` on the simulated hinge (docs/benchmarks.md).
 
-For each SNR one benchmark dataset (``cryohet.validation.datasets``, hinge, box 32) is made and both methods run on
-its particles in this one process, one after the other, with one thread: the hyper-molecule (defaults: degree 3,
-10 Å, 20 Monte Carlo EM iterations) and the VAE (1-D latent, so that both give one coordinate; encoder and decoder
-3 × 256, ``--vae_epochs``). Reported per method: |Spearman| of the latent with the true τ and CryoBench's per-image
-FSC AUC of the model's map at each particle's latent against its true map (both from
-``cryohet.validation.score.score_run``, the same code for both), wall time, and the empirical coverage of the 90 %
-intervals of τ after the cross-fitted monotone calibration (``cryohet.validation.coverage``): the hyper-molecule's
-posterior 5-95 % quantiles, the VAE's q(z | x) mean ± 1.645 s.d. Prints a Markdown table with the ratios
-(hyper-molecule / VAE) and writes ``<out>/hypermolecule.json``.
+For each SNR one benchmark dataset (``cryohet.validation.datasets``, hinge, box 32) is made and both methods run
+on its particles in this one process, one after the other, with one thread: the hyper-molecule (degree 3, band
+limit at Nyquist as the VAE's maps, 20 Monte Carlo EM iterations) and the VAE (1-D latent, so that both give one
+coordinate; encoder and decoder 3 × 256, ``--vae_epochs``). Reported per method: |Spearman| of the latent with the
+true τ and CryoBench's per-image FSC AUC of the model's map at each particle's latent against its true map (both
+from ``cryohet.validation.score.score_run``, the same code for both), wall time, and the empirical coverage of the
+90 % intervals of τ after the cross-fitted monotone calibration (``cryohet.validation.coverage``): the
+hyper-molecule's posterior 5-95 % quantiles, the VAE's q(z | x) mean ± 1.645 s.d. Prints a Markdown table with
+the ratios (hyper-molecule / VAE) and writes ``<out>/hypermolecule.json``.
 
     .venv/bin/python bench/bench_hypermolecule.py --out /tmp/bench-hm [--n 800] [--snrs 1 0.1] [--vae_epochs 20]
 """
@@ -62,7 +62,7 @@ def main() -> None:
     from cryohet.validation.datasets import load_dataset, make_dataset
     from cryohet.validation.score import score_run
 
-    methods = {"hypermolecule": {"iterations": a.iterations},
+    methods = {"hypermolecule": {"iterations": a.iterations, "resolution_A": 0.0},
                "train-vae": {"zdim": 1, "epochs": a.vae_epochs}}
     rows = []
     for snr in a.snrs:

@@ -18,7 +18,8 @@ width the last visit's posterior s.d. × 2.4, per particle); the chain state (τ
 memory-mapped file, so memory does not grow with the number of particles. The prior of τ is uniform through the
 ``warmup`` iterations (degree 1), then a histogram of the chains' states mixed with the uniform density (empirical
 Bayes). The M-step solves the L×L normal equations per Fourier voxel with E[p], E[p pᵀ] over the samples
-(``ppca.MapEquations``, the per-shell prior of principal volumes, stronger for higher degrees: ``smoothness_scale``);
+(``ppca.MapEquations``, the per-shell prior of principal volumes with the mean's signal power fixed from the first
+pass, stronger for higher degrees: ``smoothness_scale``);
 σ² per shell comes from the expected residuals. The degree grows by one every two iterations after the warm-up, and
 after each M-step τ is re-scaled exactly when the chains no longer fill [−1, 1] (an affine map taking their
 1st-99th percentile range to ±0.98, the maps re-expanded in the new τ's Legendre basis). The final pass runs
@@ -47,7 +48,14 @@ from cryohet.geometry.lattice import Lattice, box_for_resolution
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import ProjectorStack, slice_coords
 from cryohet.inference.em_state import EMState, load_state, save_state
-from cryohet.inference.ppca import ImageSource, MapEquations, ProgressFn, fit_principal_volumes, solve_maps
+from cryohet.inference.ppca import (
+    ImageSource,
+    MapEquations,
+    ProgressFn,
+    fit_principal_volumes,
+    shell_power,
+    solve_maps,
+)
 from cryohet.models.hypermolecule import affine_legendre_transform, legendre_basis
 
 HYPERMOL_FORMAT = "cryohet-hypermolecule-checkpoint-1"
@@ -413,11 +421,12 @@ def fit_hypermolecule(particles: Any, degree: int, *, resolution_A: float, itera
         chains = ChainState(out / "mcmc_state.npy", n_part, seed, log)  # the stored chains when usable
         used, state = found
         maps, noise, history = state.vols.to(device), state.noise.to(device), state.history
+        power = state.extra["power"].to(device) if "power" in state.extra else None
         log.info("resuming from %s after EM iteration %d", used, state.iteration)
     else:
         maps, noise, tau0 = _pca_start(particles, fit, degree, resolution_A, batch_size, seed, cache_mb, progress, log)
         (out / "mcmc_state.npy").unlink(missing_ok=True)
-        chains, history = ChainState(out / "mcmc_state.npy", n_part, seed, log, tau0), []
+        chains, history, power = ChainState(out / "mcmc_state.npy", n_part, seed, log, tau0), [], None
     done = len(history)
     if done and history[-1].get("converged"):
         done = iterations
@@ -428,18 +437,21 @@ def fit_hypermolecule(particles: Any, degree: int, *, resolution_A: float, itera
         acc, new_noise, stats = fit.visit(maps[:L], noise, chains, mcmc, gen, f"hyper-molecule: EM {it}/{iterations}",
                                           prior)
         new = torch.zeros_like(maps)
-        new[:L] = solve_maps(acc, fit.radius, fit.limit, regularisation if it > 1 else None, "mean", fit.mask,
-                             smoothness_scale(L - 1, smoothness))
+        if power is None:  # the mean's signal power per shell, fixed from the first pass (no feedback through τ²)
+            power = shell_power(acc, fit.radius)
+        new[:L] = solve_maps(acc, fit.radius, fit.limit, regularisation, "mean", fit.mask,
+                             smoothness_scale(L - 1, smoothness), power)
         del acc
         change = float((new - maps).norm() / new.norm().clamp_min(1e-30))
         maps, noise = new, new_noise
-        _rescale(maps[:L], chains, log)
+        if it <= warmup:
+            _rescale(maps[:L], chains, log)
         converged = it > warmup + 1 and change < tol
         history.append({"iteration": it, "map_change": change, "seconds": time.time() - ti, "degree": L - 1,
                         "converged": converged, **stats})
         log.info("EM %d (degree %d): map change %.2e, acceptance %.2f, mean log-likelihood %.4g, %.1f s", it, L - 1,
                  change, stats["acceptance"], stats["mean_log_likelihood"], time.time() - ti)
-        save_state(ckpt, EMState(maps, noise, it, history), settings, HYPERMOL_FORMAT)
+        save_state(ckpt, EMState(maps, noise, it, history, {"power": power}), settings, HYPERMOL_FORMAT)
         if converged:
             break
     with ExitStack() as stack:
