@@ -79,12 +79,13 @@ def main() -> None:
                          "coverage90": cov["coverage"], "interval_width": cov["mean_width"]})
             print(json.dumps(rows[-1]), flush=True)
     (a.out / "hypermolecule.json").write_text(json.dumps(rows, indent=1))
-    print("\n| SNR | method | |Spearman| vs τ | per-image FSC AUC | coverage of 90 % intervals (width in τ) | "
+    print("\n| SNR | method | Spearman (abs) vs τ | per-image FSC AUC | coverage of 90 % intervals (width in τ) | "
           "wall s |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['snr']:g} | {r['method']} | {r['spearman']:.3f} | {r['per_image_fsc_auc']:.3f} | "
               f"{r['coverage90']:.3f} ({r['interval_width']:.3f}) | {r['seconds']:.0f} |")
-    print("\n| SNR | ratio hyper-molecule / train-vae: |Spearman| | per-image FSC AUC | wall time |\n|---|---|---|---|")
+    print("\n| SNR | ratio hyper-molecule / train-vae: Spearman (abs) | per-image FSC AUC | wall time |\n"
+          "|---|---|---|---|")
     for snr in a.snrs:
         h, v = (next(r for r in rows if r["snr"] == snr and r["method"] == m) for m in methods)
         print(f"| {snr:g} | {h['spearman'] / v['spearman']:.2f} | "
