@@ -446,7 +446,7 @@ def fit_hypermolecule(particles: Any, degree: int, *, resolution_A: float, itera
         maps, noise = new, new_noise
         if it <= warmup:
             _rescale(maps[:L], chains, log)
-        converged = it > warmup + 1 and change < tol
+        converged = L - 1 == degree and it > warmup + 1 and change < tol
         history.append({"iteration": it, "map_change": change, "seconds": time.time() - ti, "degree": L - 1,
                         "converged": converged, **stats})
         log.info("EM %d (degree %d): map change %.2e, acceptance %.2f, mean log-likelihood %.4g, %.1f s", it, L - 1,
