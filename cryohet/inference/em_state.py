@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ class EMState:
     noise: torch.Tensor                 # (shells,) noise variance per shell
     iteration: int                      # EM iterations done
     history: list[dict[str, float]]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # a model's own further tensors
 
 
 def mask_digest(mask: torch.Tensor) -> str:
@@ -41,7 +42,8 @@ def mask_digest(mask: torch.Tensor) -> str:
 
 def save_state(path: Path, state: EMState, settings: dict[str, Any], fmt: str = PPCA_FORMAT) -> None:
     """Write the EM state atomically, keeping the checkpoint it replaces as the previous one."""
-    tensors = {"vols": state.vols.detach().cpu().contiguous(), "noise": state.noise.detach().cpu().contiguous()}
+    tensors = {**{k: v.detach().cpu().contiguous() for k, v in state.extra.items()},
+               "vols": state.vols.detach().cpu().contiguous(), "noise": state.noise.detach().cpu().contiguous()}
     meta = {"format": fmt, "iteration": str(state.iteration), "history": json.dumps(state.history),
             "settings": json.dumps(settings, sort_keys=True)}
     write_weights(path, tensors, meta, checkpoint=True)
@@ -54,7 +56,8 @@ def read_state(path: Path, fmt: str = PPCA_FORMAT) -> tuple[EMState, dict[str, A
     if meta.get("format") != fmt or not {"vols", "noise"} <= tensors.keys():
         raise InputError(path, f"not a {fmt} file (format {meta.get('format')!r})")
     try:
-        state = EMState(tensors["vols"], tensors["noise"], int(meta["iteration"]), json.loads(meta["history"]))
+        state = EMState(tensors["vols"], tensors["noise"], int(meta["iteration"]), json.loads(meta["history"]),
+                        {k: v for k, v in tensors.items() if k not in ("vols", "noise")})
         settings = json.loads(meta["settings"])
     except (KeyError, ValueError) as exc:
         raise InputError(path, f"the checkpoint's metadata is incomplete ({exc})") from None

@@ -267,8 +267,23 @@ def _shell_mean(values: torch.Tensor, shell: torch.Tensor, n_sh: int) -> torch.T
     return tot / cnt.clamp_min(1)
 
 
+def _floor_lambda(acc: MapEquations, radius_px: float) -> torch.Tensor:
+    """λ (V, J): a small fraction of each map's mean data weight inside the resolution sphere."""
+    inside = acc.shell <= radius_px
+    floor = MIN_WEIGHT_FRACTION * acc.weight_diag()[inside].mean(0).clamp_min(1e-30)   # (J,)
+    return floor[None, :].expand(len(acc.flat), -1).clone()
+
+
+def shell_power(acc: MapEquations, radius_px: float) -> torch.Tensor:
+    """τ² per shell of the first map of ``acc`` (the signal power ``solve_maps`` estimates: mean |X̂|² − noise variance
+    of X̂ over the shell, from the weakly regularised solution; 0 where the data show none)."""
+    X, var = acc.solve(_floor_lambda(acc, radius_px))
+    return _shell_mean(X[0].abs() ** 2 - var[0], acc.shell, int(acc.shell.max()) + 1).clamp_min(0)
+
+
 def solve_maps(acc: MapEquations, radius_px: float, limit: torch.Tensor, regularisation: float | None,
-               prior: str = "mean", mask: torch.Tensor | None = None) -> torch.Tensor:
+               prior: str = "mean", mask: torch.Tensor | None = None,
+               prior_scale: torch.Tensor | None = None, power: torch.Tensor | None = None) -> torch.Tensor:
     """Solve the per-voxel systems of ``acc`` and return maps (J, n, n, n); maps 1.. multiplied by ``mask``.
 
     λ per voxel and map: a floor for voxels with little data; with a ``regularisation`` T also the per-shell
@@ -276,17 +291,15 @@ def solve_maps(acc: MapEquations, radius_px: float, limit: torch.Tensor, regular
     mean |X̂|² − noise variance of X̂ (empirical Bayes as RELION's τ², without the feedback that drives a
     weakly supported estimate to zero); for maps 1.. τ² is pooled over them ("moments": their own excess power,
     zero where the data show no variability above the noise; "mean": up to the first map's power per shell).
-    ``limit``: the padded grid's resolution sphere.
+    ``limit``: the padded grid's resolution sphere; ``prior_scale`` (J,): each map's λ multiplied by it; ``power``
+    (shells,): τ² of every map given (e.g. ``shell_power`` of an earlier solution) instead of estimated.
     """
-    wdiag = acc.weight_diag()                                   # (V, J)
-    inside = acc.shell <= radius_px
-    floor = MIN_WEIGHT_FRACTION * wdiag[inside].mean(0).clamp_min(1e-30)   # (J,)
-    lam = floor[None, :].expand(len(acc.flat), -1).clone()
+    lam = _floor_lambda(acc, radius_px)
     X, var = acc.solve(lam)
     if regularisation is not None:
         n_sh = int(acc.shell.max()) + 1
         excess = X.abs() ** 2 - var                             # (J, V)
-        tau0 = _shell_mean(excess[0], acc.shell, n_sh).clamp_min(0)
+        tau0 = _shell_mean(excess[0], acc.shell, n_sh).clamp_min(0) if power is None else power.to(lam)
         lam[:, 0] = torch.maximum(lam[:, 0], 1.0 / (regularisation * tau0[acc.shell]).clamp_min(1e-300))
         if acc.J > 1:
             if prior == "moments":
@@ -296,6 +309,8 @@ def solve_maps(acc: MapEquations, radius_px: float, limit: torch.Tensor, regular
                 tau_w = tau0
             lam[:, 1:] = torch.maximum(lam[:, 1:], (1.0 / (regularisation * tau_w[acc.shell])
                                                     .clamp_min(1e-300))[:, None])
+        if prior_scale is not None:
+            lam = lam * prior_scale.to(lam)[None, :]
         X, _ = acc.solve(lam)
     vols = to_real_space(acc.to_grid(X), acc.n, acc.pad, limit)
     if vols.shape[0] > 1 and mask is not None:
