@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import textwrap
@@ -137,6 +138,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cryodrgn", default="")
     ap.add_argument("--cryodrgn_epochs", type=int, default=2)
+    ap.add_argument("--cryodrgn_options", default="",
+                    help="further `cryodrgn abinit` options, one string (e.g. the CPU settings of the module's "
+                         "docstring: --dim 64 --pe-dim 32 --base-healpy 1 --nkeptposes 4)")
     ap.add_argument("--only", default="", help="comma-separated rows to run: het, hom, drgn (default: all)")
     a = ap.parse_args()
     d = a.out / f"data_n{a.n}_b{a.box}_snr{a.snr:g}"
@@ -174,7 +178,7 @@ def main() -> None:
     if "drgn" in rows and a.cryodrgn:
         work = a.out / "cryodrgn"
         cost = run_cryodrgn(a.cryodrgn, d, work, a.cryodrgn_epochs, a.threads, a.seed,
-                            ("--zdim", "1", "--num-workers", "0"))
+                            ("--zdim", "1", "--num-workers", "0", *shlex.split(a.cryodrgn_options)))
         pkl = last_pose_pkl(work / "run")
         A, s = cryodrgn_conventions(pkl, a.box, apix)["A = R, origin = +t px"]
         from cryohet.validation.external import load_numpy_pickle
@@ -182,8 +186,8 @@ def main() -> None:
         zpkl = pkl.with_name(pkl.name.replace("pose.", "z."))
         z = np.asarray(load_numpy_pickle(zpkl), dtype=np.float64).reshape(len(A), -1)
         r, _ = score(d, A, s, z)
-        results[f"cryoDRGN 4.3.1 abinit --zdim 1 (-n {a.cryodrgn_epochs})"] = {**r, **asdict(cost),
-                                                                                "pose_file": str(pkl)}
+        name = f"cryoDRGN 4.3.1 abinit --zdim 1 -n {a.cryodrgn_epochs} {a.cryodrgn_options}".strip()
+        results[name] = {**r, **asdict(cost), "pose_file": str(pkl)}
     results_path.write_text(json.dumps(results, indent=1))
     print("| program | median angle error (°) | within 10° | median origin error (Å) | latent |Spearman| PC1 | "
           "per-image FSC AUC | wall (s) | CPU (s) | peak RSS (MB) |")
