@@ -220,8 +220,10 @@ def test_resume_continues_as_an_uninterrupted_run(sim, tmp_path):
     """A run stopped after its global iterations and resumed ends as one that ran through (same poses and maps);
     a resume with other settings is refused naming the checkpoint and the setting."""
     d, _, _ = sim
-    values = {"particles": str(d / "particles.star"), "global_iterations": 3, "local_iterations": 1,
-              "global_subset": 100, "threads": 2}
+    tables = read_star(d / "particles.star")
+    write_star(d / "particles_120.star", {"optics": tables["optics"], "particles": tables["particles"].iloc[:120]})
+    values = {"particles": str(d / "particles_120.star"), "global_iterations": 3, "local_iterations": 1,
+              "global_subset": 60, "threads": 2}
     run_method(ABINIT, values, tmp_path / "whole")
     run_method(ABINIT, {**values, "local_iterations": 0}, tmp_path / "resumed")
     run_method(ABINIT, {**values, "resume": True}, tmp_path / "resumed")

@@ -32,7 +32,7 @@ from cryohet.simulate.atomic_truth import hinge_truth
 from cryohet.validation.metrics import spearman_pc1
 from cryohet.validation.poses import direct_errors, perturb_poses
 
-N, EPOCHS = 600, 14
+N, EPOCHS = 400, 10
 PERTURB_DEG, PERTURB_A = 5.0, 1.5
 TINY = dict(enc_dim=64, dec_dim=64, batch_size=32, lr=1e-3, threads=1, epochs=EPOCHS)
 REFINE = dict(refine_poses=True)
@@ -54,14 +54,14 @@ def errors(star: Path, truth: dict) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """600 particles of the hinge (box 32, 4 Å/px, SNR 1) and ``perturbed.star``: their poses perturbed."""
+    """400 particles of the hinge (box 32, 4 Å/px, SNR 1) and ``perturbed.star``: their poses perturbed."""
     out = tmp_path_factory.mktemp("hinge")
     run_method(SIMULATE, dict(box=32, apix=4.0, resolution_A=10.0, n_particles=N, snr=1.0, n_states=20, threads=1,
                               seed=3), out / "sim")
     truth = dict(np.load(out / "sim" / "ground_truth.npz"))
     bad = perturb(load_particles(out / "sim" / "particles.star"), np.random.default_rng(7), PERTURB_DEG, PERTURB_A)
     write_particles_star(out / "perturbed.star", bad, extra_columns=pose_columns(bad), cs=False)
-    write_particles_star(out / "perturbed_300.star", bad, extra_columns=pose_columns(bad), rows=np.arange(300),
+    write_particles_star(out / "perturbed_150.star", bad, extra_columns=pose_columns(bad), rows=np.arange(150),
                          cs=False)
     return out, truth
 
@@ -117,26 +117,26 @@ def test_relion_reconstruct_of_the_refined_star_is_closer_to_the_true_map(data, 
 
 
 def test_a_resumed_run_retraces_an_uninterrupted_one(data, tmp_path) -> None:
-    """Stopped after an epoch of pose updates and resumed for two more: the same poses and latents as a run of
-    four epochs; resuming it without --refine_poses is refused."""
+    """Stopped after an epoch of pose updates and resumed for one more: the same poses and latents as a run of
+    three epochs; resuming it without --refine_poses is refused."""
     folder, _ = data
-    vals = dict(particles=str(folder / "perturbed_300.star"), **{**TINY, "epochs": 4}, **REFINE)
+    vals = dict(particles=str(folder / "perturbed_150.star"), **{**TINY, "epochs": 3}, **REFINE, pose_warmup_epochs=1)
     run_method(TRAIN_VAE, vals, tmp_path / "whole")
-    run_method(TRAIN_VAE, {**vals, "epochs": 3}, tmp_path / "parts")
+    run_method(TRAIN_VAE, {**vals, "epochs": 2}, tmp_path / "parts")
     run_method(TRAIN_VAE, {**vals, "resume": True}, tmp_path / "parts")
     a, b = (load_particles(tmp_path / d / "particles.star") for d in ("parts", "whole"))
     assert np.median(np.loadtxt(tmp_path / "whole" / "pose_changes.csv", delimiter=",", skiprows=1)[:, 1]) > 0.2
     np.testing.assert_allclose(a.euler_deg, b.euler_deg, atol=1e-4)
     np.testing.assert_allclose(a.shift_A, b.shift_A, atol=1e-5)
     np.testing.assert_array_equal(np.load(tmp_path / "parts" / "z.npy"), np.load(tmp_path / "whole" / "z.npy"))
-    no_refine = {**vals, "refine_poses": False, "epochs": 5, "resume": True}
+    no_refine = {**vals, "refine_poses": False, "epochs": 4, "resume": True}
     with pytest.raises(InputError, match="poses"):
         run_method(TRAIN_VAE, no_refine, tmp_path / "parts")
 
 
 def test_two_ddp_ranks_give_the_one_rank_corrections(data, tmp_path) -> None:
     folder, _ = data
-    vals = dict(particles=str(folder / "perturbed_300.star"), **{**TINY, "epochs": 1}, refine_poses=True,
+    vals = dict(particles=str(folder / "perturbed_150.star"), **{**TINY, "epochs": 1}, refine_poses=True,
                 pose_warmup_epochs=0, amp="no", device="cpu")
     one, two = tmp_path / "one", tmp_path / "two"
     run_method(TRAIN_VAE, vals, one)
@@ -158,7 +158,7 @@ def test_train_atomic_refines_the_poses_too(tmp_path) -> None:
     perturbed as above, the atomic decoder's run ends closer to the true poses; resuming it without
     --refine_poses is refused by name."""
     truth = hinge_truth(20, 50.0, 32, 4.0, 10.0)
-    sim = simulate_particles(truth.conf, tmp_path / "sim", 300, 1.0, seed=0)
+    sim = simulate_particles(truth.conf, tmp_path / "sim", 200, 1.0, seed=0)
     write_models(tmp_path / "ref.pdb", truth.heavy, truth.heavy.xyz_A[None])
     gt = dict(np.load(sim.ground_truth))
     bad = perturb(load_particles(sim.particles_star), np.random.default_rng(5), PERTURB_DEG, PERTURB_A)

@@ -93,7 +93,9 @@ def fit_abinit_het(pset, half: np.ndarray, abinit: AbinitSettings, het: HetSetti
                  stage.epochs, "consensus" if state.round == 0 else f"re-searched ({state.round})")
         objective, result = fit_neural(posed, cfg, inference, stage, vae_dir, device, ctx, beta=beta,
                                        window_radius=window_radius,
-                                       resume=(vae_dir / CHECKPOINT_NAME).exists())
+                                       # a fresh run's later stages continue its own training; a stale
+                                       # checkpoint of an earlier run in the folder is only resumed on --resume
+                                       resume=(resume or state.round > 0) and (vae_dir / CHECKPOINT_NAME).exists())
         if state.round >= het.rounds:
             return HetFit(consensus, objective, result, state.euler_deg, state.shift_A, state.history)
         moved = research_poses(posed, objective.decoder, result.z_mu, lattice, cfg.data_scale, het.search,
