@@ -86,7 +86,8 @@ def test_refined_poses_are_closer_to_the_truth_and_the_latents_no_worse(data, ru
           f"{plain[0]:.2f}° {plain[1]:.2f} Å, refined {refined[0]:.2f}° {refined[1]:.2f} Å; latent |Spearman| "
           f"{rho[False]:.3f} without, {rho[True]:.3f} with")
     assert plain == pytest.approx(before, abs=1e-4)  # the poses are written as they came
-    # measured: 5.00° -> 4.3°, 1.50 -> 0.8 Å (local search against the true maps reaches 3.3°, 0.47 Å)
+    # measured (400 particles, 10 epochs): 5.00° -> 4.39°, 1.50 -> 0.73 Å, |Spearman| 0.478 without, 0.491 with
+    # (local search against the true maps reaches 3.3°, 0.47 Å)
     assert refined[0] < before[0] - 0.4 and refined[1] < 0.7 * before[1], refined
     assert rho[True] > rho[False] - 0.05, rho
     rec = json.loads((runs[True] / "cryohet_run.json").read_text())
@@ -101,8 +102,8 @@ def test_refined_poses_are_closer_to_the_truth_and_the_latents_no_worse(data, ru
 
 def test_relion_reconstruct_of_the_refined_star_is_closer_to_the_true_map(data, runs, tmp_path) -> None:
     """The STAR holds the refined poses in RELION's conventions: relion_reconstruct of it agrees better with the
-    true mean map than relion_reconstruct of the perturbed poses (mean FSC from 21 to 10.7 Å; a wrong convention
-    would make it worse)."""
+    true mean map than relion_reconstruct of the perturbed poses (mean FSC from 21 to 10.7 Å, measured 0.746 ->
+    0.774; a wrong convention would make it worse)."""
     folder, _ = data
     true_map, _ = read_map(folder / "sim" / "maps" / "mean.mrc")
     agree = {}
@@ -112,7 +113,7 @@ def test_relion_reconstruct_of_the_refined_star_is_closer_to_the_true_map(data, 
         m, _ = read_map(tmp_path / f"{name}.mrc")
         agree[name] = float(fsc(torch.as_tensor(m), torch.as_tensor(true_map))[6:13].mean())
     print(f"mean FSC (shells 6-12) of relion_reconstruct with the true mean map: {agree}")
-    # measured: 0.79 perturbed, 0.83 refined
+    # measured: 0.746 perturbed, 0.774 refined
     assert agree["refined"] > agree["perturbed"] + 0.02, agree
 
 
