@@ -41,7 +41,7 @@ from cryohet.validation.poses import MIRROR, map_in_true_frame, pose_errors
 
 BOX, APIX = 32, 4.0
 #: the settings the end-to-end runs use (the defaults but the local iterations, fewer to save time)
-FAST = {"global_iterations": 15, "local_iterations": 2, "threads": 2}
+FAST = {"global_iterations": 10, "global_subset": 200, "local_iterations": 2, "threads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +167,13 @@ def test_abinit_recovers_poses_and_map(sim, solved):
     hand's note are in the record."""
     d, _, _ = sim
     e = _truth_and_estimate(d / "particles.star", solved / "particles.star")
+    print(f"median pose error {e.median_angle_deg:.2f}°, {100 * (e.angle_deg < 10).mean():.0f} % within 10°, "
+          f"origins {e.median_shift_A:.2f} Å")
     assert e.median_angle_deg < 6.0 and (e.angle_deg < 10).mean() > 0.9 and e.median_shift_A < 1.2
     ours = map_in_true_frame(read_map(solved / "map.mrc")[0], e, APIX)
     truth = read_map(d / "maps" / "state_000.mrc")[0]
     curve = fsc(torch.as_tensor(ours, dtype=torch.float32), torch.as_tensor(truth))
+    print(f"FSC with the true map to 16 Å: min {float(curve[1:int(BOX * APIX / 16.0) + 1].min()):.3f}")
     assert curve[1:int(BOX * APIX / 16.0) + 1].min() > 0.75
     record = (solved / "cryohet_run.json").read_text()
     assert "hand undetermined" in record and "\"poses\": true" in record
