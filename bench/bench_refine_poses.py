@@ -173,14 +173,9 @@ def main() -> int:
     results["perturbed"] = pose_error(euler_to_matrix(start.euler_deg), start.shift_A, truth)
     kw = dict(n_per_state=a.n_per_state)
 
-    for refine in (False, True):
-        label = f"cryohet train-vae{' --refine_poses' if refine else ''}"
-        if label in results["runs"]:
-            continue
-        out = a.out / f"ours_{int(refine)}"
-        values = dict(particles=str(star), zdim=a.zdim, epochs=a.epochs, batch_size=a.batch, lr=a.lr,
-                      enc_dim=a.dim, dec_dim=a.dim, threads=a.threads, seed=a.seed, refine_poses=refine)
-        cost = run([sys.executable, "-c", _OURS.format(module="train_vae"), json.dumps(values), str(out)],
+    def ours(label: str, module: str, values: dict[str, Any], out: Path) -> None:
+        """Run a cryohet method on the perturbed STAR, score its poses, latents and maps, record the row."""
+        cost = run([sys.executable, "-c", _OURS.format(module=module), json.dumps(values), str(out)],
                    out.with_suffix(".log"), a.threads)
         got = load_particles(out / "particles.star")
         s = score_run(out, data, **kw)["summary"]
@@ -189,21 +184,21 @@ def main() -> int:
         print(label, results["runs"][label], flush=True)
         save()
 
+    for refine in (False, True):
+        label = f"cryohet train-vae{' --refine_poses' if refine else ''}"
+        if label in results["runs"]:
+            continue
+        values = dict(particles=str(star), zdim=a.zdim, epochs=a.epochs, batch_size=a.batch, lr=a.lr,
+                      enc_dim=a.dim, dec_dim=a.dim, threads=a.threads, seed=a.seed, refine_poses=refine)
+        ours(label, "train_vae", values, a.out / f"ours_{int(refine)}")
+
     for rounds in (0, *a.pv_rounds):
         label = "cryohet principal-volumes" + (f" --refine_poses --pose_rounds {rounds}" if rounds else "")
         if label in results["runs"]:
             continue
-        out = a.out / f"pv_{rounds}"
         values = dict(particles=str(star), n_components=a.pv_components, resolution_A=10.0, threads=a.threads,
                       seed=a.seed, movie_frames=2, refine_poses=rounds > 0, pose_rounds=max(1, rounds))
-        cost = run([sys.executable, "-c", _OURS.format(module="principal_volumes"), json.dumps(values), str(out)],
-                   out.with_suffix(".log"), a.threads)
-        got = load_particles(out / "particles.star")
-        s = score_run(out, data, **kw)["summary"]
-        results["runs"][label] = {**cost, **pose_error(euler_to_matrix(got.euler_deg), got.shift_A, truth),
-                                  **{k: s[k] for k in s if k in SCORES}}
-        print(label, results["runs"][label], flush=True)
-        save()
+        ours(label, "principal_volumes", values, a.out / f"pv_{rounds}")
 
     if not a.skip_cryodrgn:
         exe = a.cryodrgn

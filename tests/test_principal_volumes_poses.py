@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from relion_tools import relion
+from relion_tools import relion_agreement
 
 from cryohet.errors import InputError
 from cryohet.geometry.euler import euler_to_matrix
@@ -22,7 +21,6 @@ from cryohet.io.particles import load_particles, write_particles_star
 from cryohet.methods._pose_outputs import pose_columns
 from cryohet.methods.principal_volumes import METHOD as PV
 from cryohet.methods.simulate import METHOD as SIMULATE
-from cryohet.reconstruct.fsc import fsc
 from cryohet.runner import run_method
 from cryohet.validation.poses import direct_errors, perturb_poses
 
@@ -64,12 +62,8 @@ def test_refined_poses_are_closer_to_the_truth_and_relion_agrees(refined, tmp_pa
           f"{after[1]:.2f} Å")
     assert after[0] < before[0] - 0.05 and after[1] < 0.7 * before[1], after
     true_map, _ = read_map(folder / "sim" / "maps" / "mean.mrc")
-    agree = {}
-    for name, star in (("perturbed", folder / "perturbed.star"), ("refined", run / "particles.star")):
-        relion("relion_reconstruct", "--i", str(star), "--o", str(tmp_path / f"{name}.mrc"), "--ctf", "--angpix",
-               "4.0", "--maxres", "10", cwd=star.parent)
-        m, _ = read_map(tmp_path / f"{name}.mrc")
-        agree[name] = float(fsc(torch.as_tensor(m), torch.as_tensor(true_map))[6:13].mean())
+    agree = {name: relion_agreement(star, true_map, tmp_path / f"{name}.mrc", 4.0)
+             for name, star in (("perturbed", folder / "perturbed.star"), ("refined", run / "particles.star"))}
     print(f"mean FSC (shells 6-12) of relion_reconstruct with the true mean map: {agree}")
     assert agree["refined"] > agree["perturbed"] + 0.01, agree
     rec = json.loads((run / "cryohet_run.json").read_text())
