@@ -17,6 +17,9 @@ On the CPU cryoDRGN 4.3.1's pose SGD divides its translation table by D at every
 ``bench/cryodrgn_pose_save.py``); ``--cryodrgn_patched`` names an executable that runs cryoDRGN through that file, to
 measure its pose SGD without the bug as well.
 
+``cryohet principal-volumes`` (K ``--pv_components``, 10 Å) runs on the same perturbed STAR without and with
+``--refine_poses`` (one row per ``--pv_rounds``): its poses are refined by local search between PPCA fits.
+
     .venv/bin/python bench/bench_refine_poses.py --out /tmp/bench_refine_poses --cryodrgn /path/to/cryodrgn \
         --cryodrgn_patched /path/to/cryodrgn_patched
 """
@@ -44,8 +47,8 @@ SCORES = ("latent_metric", "latent_score", "fsc_auc", "mean_map_fsc_auc")
 _OURS = textwrap.dedent("""
     import json, sys
     from cryohet.runner import run_method
-    from cryohet.methods.train_vae import METHOD
-    run_method(METHOD, {"overwrite": True, **json.loads(sys.argv[1])}, sys.argv[2])
+    from cryohet.methods.{module} import METHOD
+    run_method(METHOD, {{"overwrite": True, **json.loads(sys.argv[1])}}, sys.argv[2])
 """)
 
 
@@ -140,6 +143,9 @@ def main() -> int:
                    "(on the CPU 4.3.1 divides the live table at every epoch's save, so its origins shrink to 0)")
     p.add_argument("--drgn_flip", choices=("auto", "yes", "no"), default="auto",
                    help="score cryoDRGN's maps mirrored (eval_vol --flip), as written, or both keeping the better")
+    p.add_argument("--pv_components", type=int, default=2, help="principal-volumes rows: K")
+    p.add_argument("--pv_rounds", type=int, nargs="*", default=[1, 2],
+                   help="principal-volumes --refine_poses rows: their --pose_rounds (a row without refinement too)")
     p.add_argument("--reuse", action="store_true", help="keep the runs already in OUT/results.json")
     a = p.parse_args()
     sys.path.insert(0, str(HERE))
@@ -167,20 +173,32 @@ def main() -> int:
     results["perturbed"] = pose_error(euler_to_matrix(start.euler_deg), start.shift_A, truth)
     kw = dict(n_per_state=a.n_per_state)
 
-    for refine in (False, True):
-        label = f"cryohet train-vae{' --refine_poses' if refine else ''}"
-        if label in results["runs"]:
-            continue
-        out = a.out / f"ours_{int(refine)}"
-        values = dict(particles=str(star), zdim=a.zdim, epochs=a.epochs, batch_size=a.batch, lr=a.lr,
-                      enc_dim=a.dim, dec_dim=a.dim, threads=a.threads, seed=a.seed, refine_poses=refine)
-        cost = run([sys.executable, "-c", _OURS, json.dumps(values), str(out)], out.with_suffix(".log"), a.threads)
+    def ours(label: str, module: str, values: dict[str, Any], out: Path) -> None:
+        """Run a cryohet method on the perturbed STAR, score its poses, latents and maps, record the row."""
+        cost = run([sys.executable, "-c", _OURS.format(module=module), json.dumps(values), str(out)],
+                   out.with_suffix(".log"), a.threads)
         got = load_particles(out / "particles.star")
         s = score_run(out, data, **kw)["summary"]
         results["runs"][label] = {**cost, **pose_error(euler_to_matrix(got.euler_deg), got.shift_A, truth),
                                   **{k: s[k] for k in s if k in SCORES}}
         print(label, results["runs"][label], flush=True)
         save()
+
+    for refine in (False, True):
+        label = f"cryohet train-vae{' --refine_poses' if refine else ''}"
+        if label in results["runs"]:
+            continue
+        values = dict(particles=str(star), zdim=a.zdim, epochs=a.epochs, batch_size=a.batch, lr=a.lr,
+                      enc_dim=a.dim, dec_dim=a.dim, threads=a.threads, seed=a.seed, refine_poses=refine)
+        ours(label, "train_vae", values, a.out / f"ours_{int(refine)}")
+
+    for rounds in (0, *a.pv_rounds):
+        label = "cryohet principal-volumes" + (f" --refine_poses --pose_rounds {rounds}" if rounds else "")
+        if label in results["runs"]:
+            continue
+        values = dict(particles=str(star), n_components=a.pv_components, resolution_A=10.0, threads=a.threads,
+                      seed=a.seed, movie_frames=2, refine_poses=rounds > 0, pose_rounds=max(1, rounds))
+        ours(label, "principal_volumes", values, a.out / f"pv_{rounds}")
 
     if not a.skip_cryodrgn:
         exe = a.cryodrgn

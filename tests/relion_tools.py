@@ -23,6 +23,21 @@ def relion(*args: str, cwd: Path) -> None:
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}"
 
 
+def relion_agreement(star: Path, true_map: np.ndarray, out: Path, apix: float, shells: slice = slice(6, 13)
+                     ) -> float:
+    """relion_reconstruct of ``star`` (``--ctf``, to 10 Å) into ``out`` and the mean FSC over ``shells`` of it with
+    ``true_map``: how well the STAR's poses, read in RELION's conventions, reproduce the true map."""
+    import torch
+
+    from cryohet.io.mrc import read_map
+    from cryohet.reconstruct.fsc import fsc
+
+    relion("relion_reconstruct", "--i", str(star), "--o", str(out), "--ctf", "--angpix", f"{apix:g}", "--maxres",
+           "10", cwd=star.parent)
+    m, _ = read_map(out)
+    return float(fsc(torch.as_tensor(m), torch.as_tensor(true_map))[shells].mean())
+
+
 def pose_ctf_star(path: Path, n: int, box: int, apix: float, seed: int = 0, shift_sigma_A: float = 4.0,
                   extra_ctf: bool = False) -> pd.DataFrame:
     """Write a RELION 3.1 STAR of random poses, origins and CTFs (for relion_project --ang)."""

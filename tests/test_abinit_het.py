@@ -30,19 +30,20 @@ from cryohet.simulate.simulate import simulate_particles
 from cryohet.validation.metrics import spearman_pc1
 from cryohet.validation.poses import pose_errors
 
-#: a small run: the consensus' defaults but fewer local iterations, a small network, one re-search
-FAST = dict(local_iterations=2, zdim=1, enc_dim=128, dec_dim=128, lr=1e-3, epochs=20, rounds=1,
-            threads=1)
+#: a small run: the consensus started from the true mean map (low-passed to 30 Å by the method; ab initio from a
+#: random start is test_abinit.py's) with 4 global iterations and 2 local, networks of 128, one re-search
+FAST = dict(global_iterations=4, global_subset=200, local_iterations=2, zdim=1, enc_dim=128, dec_dim=128, lr=1e-3,
+            epochs=12, rounds=1, n_maps=2, threads=1)
 #: a tiny one for the resume test
-TINY = dict(global_iterations=4, local_iterations=0, global_subset=100, zdim=1, enc_dim=32, dec_dim=32, epochs=3,
+TINY = dict(global_iterations=4, local_iterations=0, global_subset=60, zdim=1, enc_dim=32, dec_dim=32, epochs=3,
             rounds=1, search_high_A=20.0, n_maps=2, threads=1)
 
 
 @pytest.fixture(scope="module")
 def hinge(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """600 particles of the bundled molecule's hinge (20 states), box 32 at 4 Å/px, SNR 1."""
+    """400 particles of the bundled molecule's hinge (20 states), box 32 at 4 Å/px, SNR 1."""
     out = tmp_path_factory.mktemp("hinge")
-    run_method(SIMULATE, dict(box=32, apix=4.0, resolution_A=10.0, n_particles=600, snr=1.0, n_states=20,
+    run_method(SIMULATE, dict(box=32, apix=4.0, resolution_A=10.0, n_particles=400, snr=1.0, n_states=20,
                               threads=1, seed=3), out)
     return out
 
@@ -50,7 +51,8 @@ def hinge(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def solved(hinge: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("abinit_het")
-    run_method(ABINIT_HET, {"particles": str(hinge / "particles.star"), **FAST}, out)
+    run_method(ABINIT_HET, {"particles": str(hinge / "particles.star"), "reference": str(hinge / "maps" / "mean.mrc"),
+                            **FAST}, out)
     return out
 
 
@@ -108,15 +110,15 @@ def test_decoder_search_finds_the_poses_of_images_the_decoder_made() -> None:
 def test_abinit_het_recovers_poses_and_conformation(hinge: Path, solved: Path) -> None:
     """From images without poses: the final poses' median error (frame and hand aligned) is under 7° and at least
     0.2° below the consensus' (the re-search against the model at each image's latent corrects part of the
-    consensus' error: measured 6.72° -> 6.16°), and the latent's first PC follows the true hinge angle
-    (|Spearman| above 0.3, measured 0.52; chance ~0.04 for 600 particles); the model is read by the analysis
+    consensus' error: measured 7.11° -> 6.58°, origins 0.80 -> 0.69 Å), and the latent's first PC follows the true
+    hinge angle (|Spearman| above 0.3, measured 0.50; chance ~0.05 for 400 particles); the model is read by the analysis
     tools as train-vae's, the consensus maps, FSC and STAR files are written and the hand is reported undetermined."""
     final = _errors(hinge / "particles.star", solved / "particles.star")
     consensus = _errors(hinge / "particles.star", solved / "particles_consensus.star")
     print(f"median pose error: consensus {consensus.median_angle_deg:.2f}°, final {final.median_angle_deg:.2f}°; "
           f"origins {consensus.median_shift_A:.2f} / {final.median_shift_A:.2f} Å")
     assert final.median_angle_deg < 7.0 and final.median_shift_A < 1.2
-    assert final.median_angle_deg < consensus.median_angle_deg - 0.2  # measured 6.72° -> 6.16°
+    assert final.median_angle_deg < consensus.median_angle_deg - 0.2  # measured 7.11° -> 6.58°
     z = np.load(solved / "z.npy")
     rho = spearman_pc1(z, np.load(hinge / "ground_truth.npz")["tau"])
     print(f"|Spearman| of the latent's PC1 with the true hinge angle: {rho:.3f}")
@@ -128,14 +130,16 @@ def test_abinit_het_recovers_poses_and_conformation(hinge: Path, solved: Path) -
     assert vm.volumes(z[:2]).shape == (2, 32, 32, 32)
     for name in ("map.mrc", "half1.mrc", "half2.mrc", "fsc.star", "history.png", "model.safetensors"):
         assert (solved / name).stat().st_size > 0
-    assert len(list((solved / "pc1").glob("*.mrc"))) == 10
+    assert len(list((solved / "pc1").glob("*.mrc"))) == 2
     assert "hand undetermined" in (solved / "cryohet_run.json").read_text()
 
 
 def test_a_killed_run_resumes_to_the_same_result(hinge: Path, tmp_path: Path) -> None:
     """Killed during the training after the pose re-search and continued with --resume yes: the same poses and
     latents as an uninterrupted run; a resume with another setting is refused naming the state file."""
-    values = {"particles": str(hinge / "particles.star"), **TINY}
+    tables = read_star(hinge / "particles.star")
+    write_star(hinge / "particles_150.star", {"optics": tables["optics"], "particles": tables["particles"].iloc[:150]})
+    values = {"particles": str(hinge / "particles_150.star"), **TINY}
     run_method(ABINIT_HET, values, tmp_path / "whole")
     out = tmp_path / "killed"
     code = ("from cryohet.runner import run_method\nfrom cryohet.methods.abinit_het import METHOD\n"

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from relion_tools import relion
+from relion_tools import relion_agreement
 
 from cryohet.errors import InputError
 from cryohet.geometry.euler import euler_to_matrix
@@ -25,14 +24,13 @@ from cryohet.methods._pose_outputs import pose_columns
 from cryohet.methods.simulate import METHOD as SIMULATE
 from cryohet.methods.train_atomic import METHOD as TRAIN_ATOMIC
 from cryohet.methods.train_vae import METHOD as TRAIN_VAE
-from cryohet.reconstruct.fsc import fsc
 from cryohet.runner import run_method
 from cryohet.simulate import simulate_particles
 from cryohet.simulate.atomic_truth import hinge_truth
 from cryohet.validation.metrics import spearman_pc1
 from cryohet.validation.poses import direct_errors, perturb_poses
 
-N, EPOCHS = 600, 14
+N, EPOCHS = 400, 10
 PERTURB_DEG, PERTURB_A = 5.0, 1.5
 TINY = dict(enc_dim=64, dec_dim=64, batch_size=32, lr=1e-3, threads=1, epochs=EPOCHS)
 REFINE = dict(refine_poses=True)
@@ -54,14 +52,14 @@ def errors(star: Path, truth: dict) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """600 particles of the hinge (box 32, 4 Å/px, SNR 1) and ``perturbed.star``: their poses perturbed."""
+    """400 particles of the hinge (box 32, 4 Å/px, SNR 1) and ``perturbed.star``: their poses perturbed."""
     out = tmp_path_factory.mktemp("hinge")
     run_method(SIMULATE, dict(box=32, apix=4.0, resolution_A=10.0, n_particles=N, snr=1.0, n_states=20, threads=1,
                               seed=3), out / "sim")
     truth = dict(np.load(out / "sim" / "ground_truth.npz"))
     bad = perturb(load_particles(out / "sim" / "particles.star"), np.random.default_rng(7), PERTURB_DEG, PERTURB_A)
     write_particles_star(out / "perturbed.star", bad, extra_columns=pose_columns(bad), cs=False)
-    write_particles_star(out / "perturbed_300.star", bad, extra_columns=pose_columns(bad), rows=np.arange(300),
+    write_particles_star(out / "perturbed_150.star", bad, extra_columns=pose_columns(bad), rows=np.arange(150),
                          cs=False)
     return out, truth
 
@@ -86,7 +84,8 @@ def test_refined_poses_are_closer_to_the_truth_and_the_latents_no_worse(data, ru
           f"{plain[0]:.2f}° {plain[1]:.2f} Å, refined {refined[0]:.2f}° {refined[1]:.2f} Å; latent |Spearman| "
           f"{rho[False]:.3f} without, {rho[True]:.3f} with")
     assert plain == pytest.approx(before, abs=1e-4)  # the poses are written as they came
-    # measured: 5.00° -> 4.3°, 1.50 -> 0.8 Å (local search against the true maps reaches 3.3°, 0.47 Å)
+    # measured (400 particles, 10 epochs): 5.00° -> 4.39°, 1.50 -> 0.73 Å, |Spearman| 0.478 without, 0.491 with
+    # (local search against the true maps reaches 3.3°, 0.47 Å)
     assert refined[0] < before[0] - 0.4 and refined[1] < 0.7 * before[1], refined
     assert rho[True] > rho[False] - 0.05, rho
     rec = json.loads((runs[True] / "cryohet_run.json").read_text())
@@ -101,42 +100,38 @@ def test_refined_poses_are_closer_to_the_truth_and_the_latents_no_worse(data, ru
 
 def test_relion_reconstruct_of_the_refined_star_is_closer_to_the_true_map(data, runs, tmp_path) -> None:
     """The STAR holds the refined poses in RELION's conventions: relion_reconstruct of it agrees better with the
-    true mean map than relion_reconstruct of the perturbed poses (mean FSC from 21 to 10.7 Å; a wrong convention
-    would make it worse)."""
+    true mean map than relion_reconstruct of the perturbed poses (mean FSC from 21 to 10.7 Å, measured 0.746 ->
+    0.774; a wrong convention would make it worse)."""
     folder, _ = data
     true_map, _ = read_map(folder / "sim" / "maps" / "mean.mrc")
-    agree = {}
-    for name, star in (("perturbed", folder / "perturbed.star"), ("refined", runs[True] / "particles.star")):
-        relion("relion_reconstruct", "--i", str(star), "--o", str(tmp_path / f"{name}.mrc"), "--ctf", "--angpix",
-               "4.0", "--maxres", "10", cwd=star.parent)
-        m, _ = read_map(tmp_path / f"{name}.mrc")
-        agree[name] = float(fsc(torch.as_tensor(m), torch.as_tensor(true_map))[6:13].mean())
+    agree = {name: relion_agreement(star, true_map, tmp_path / f"{name}.mrc", 4.0)
+             for name, star in (("perturbed", folder / "perturbed.star"), ("refined", runs[True] / "particles.star"))}
     print(f"mean FSC (shells 6-12) of relion_reconstruct with the true mean map: {agree}")
-    # measured: 0.79 perturbed, 0.83 refined
+    # measured: 0.746 perturbed, 0.774 refined
     assert agree["refined"] > agree["perturbed"] + 0.02, agree
 
 
 def test_a_resumed_run_retraces_an_uninterrupted_one(data, tmp_path) -> None:
-    """Stopped after an epoch of pose updates and resumed for two more: the same poses and latents as a run of
-    four epochs; resuming it without --refine_poses is refused."""
+    """Stopped after an epoch of pose updates and resumed for one more: the same poses and latents as a run of
+    three epochs; resuming it without --refine_poses is refused."""
     folder, _ = data
-    vals = dict(particles=str(folder / "perturbed_300.star"), **{**TINY, "epochs": 4}, **REFINE)
+    vals = dict(particles=str(folder / "perturbed_150.star"), **{**TINY, "epochs": 3}, **REFINE, pose_warmup_epochs=1)
     run_method(TRAIN_VAE, vals, tmp_path / "whole")
-    run_method(TRAIN_VAE, {**vals, "epochs": 3}, tmp_path / "parts")
+    run_method(TRAIN_VAE, {**vals, "epochs": 2}, tmp_path / "parts")
     run_method(TRAIN_VAE, {**vals, "resume": True}, tmp_path / "parts")
     a, b = (load_particles(tmp_path / d / "particles.star") for d in ("parts", "whole"))
     assert np.median(np.loadtxt(tmp_path / "whole" / "pose_changes.csv", delimiter=",", skiprows=1)[:, 1]) > 0.2
     np.testing.assert_allclose(a.euler_deg, b.euler_deg, atol=1e-4)
     np.testing.assert_allclose(a.shift_A, b.shift_A, atol=1e-5)
     np.testing.assert_array_equal(np.load(tmp_path / "parts" / "z.npy"), np.load(tmp_path / "whole" / "z.npy"))
-    no_refine = {**vals, "refine_poses": False, "epochs": 5, "resume": True}
+    no_refine = {**vals, "refine_poses": False, "epochs": 4, "resume": True}
     with pytest.raises(InputError, match="poses"):
         run_method(TRAIN_VAE, no_refine, tmp_path / "parts")
 
 
 def test_two_ddp_ranks_give_the_one_rank_corrections(data, tmp_path) -> None:
     folder, _ = data
-    vals = dict(particles=str(folder / "perturbed_300.star"), **{**TINY, "epochs": 1}, refine_poses=True,
+    vals = dict(particles=str(folder / "perturbed_150.star"), **{**TINY, "epochs": 1}, refine_poses=True,
                 pose_warmup_epochs=0, amp="no", device="cpu")
     one, two = tmp_path / "one", tmp_path / "two"
     run_method(TRAIN_VAE, vals, one)
@@ -158,7 +153,7 @@ def test_train_atomic_refines_the_poses_too(tmp_path) -> None:
     perturbed as above, the atomic decoder's run ends closer to the true poses; resuming it without
     --refine_poses is refused by name."""
     truth = hinge_truth(20, 50.0, 32, 4.0, 10.0)
-    sim = simulate_particles(truth.conf, tmp_path / "sim", 300, 1.0, seed=0)
+    sim = simulate_particles(truth.conf, tmp_path / "sim", 200, 1.0, seed=0)
     write_models(tmp_path / "ref.pdb", truth.heavy, truth.heavy.xyz_A[None])
     gt = dict(np.load(sim.ground_truth))
     bad = perturb(load_particles(sim.particles_star), np.random.default_rng(5), PERTURB_DEG, PERTURB_A)

@@ -16,9 +16,9 @@ consensus' and the trainer's own checkpoints a stopped run resumes where it was.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from cryohet.errors import InputError
 from cryohet.geometry.euler import matrix_to_euler
 from cryohet.geometry.lattice import Lattice
 from cryohet.inference.abinit import AbinitFit, AbinitSettings, fit_abinit
 from cryohet.inference.decoder_poses import ResearchSettings, research_poses
 from cryohet.inference.em_state import load_checkpoint
 from cryohet.inference.fit_neural import fit_neural
+from cryohet.inference.pose_state import PoseRoundState, read_pose_state, save_pose_state
 from cryohet.inference.trainer import CHECKPOINT_NAME, TrainOptions, TrainResult
-from cryohet.io.weights import read_weights, write_weights
 from cryohet.models.neural import VolumeConfig
 
 FORMAT = "cryohet-abinit-het-state-1"
@@ -53,14 +52,6 @@ class HetSettings:
 
 
 @dataclass
-class HetState:
-    round: int                       # re-searches done
-    euler_deg: np.ndarray            # (N, 3) current poses
-    shift_A: np.ndarray              # (N, 2)
-    history: list[dict[str, Any]]
-
-
-@dataclass
 class HetFit:
     consensus: AbinitFit             # the homogeneous phase (map, half-maps, FSC, its poses)
     objective: nn.Module             # the trained decoder and its inference
@@ -68,26 +59,6 @@ class HetFit:
     euler_deg: np.ndarray            # (N, 3) final poses
     shift_A: np.ndarray              # (N, 2)
     history: list[dict[str, Any]]    # one entry per re-search
-
-
-def _save_state(path: Path, state: HetState, settings: dict[str, Any]) -> None:
-    tensors = {"euler_deg": torch.from_numpy(np.ascontiguousarray(state.euler_deg, dtype=np.float64)),
-               "shift_A": torch.from_numpy(np.ascontiguousarray(state.shift_A, dtype=np.float64))}
-    meta = {"format": FORMAT, "round": str(state.round), "history": json.dumps(state.history),
-            "settings": json.dumps(settings, sort_keys=True)}
-    write_weights(path, tensors, meta, checkpoint=True)
-
-
-def _read_state(path: Path) -> tuple[HetState, dict[str, Any]]:
-    tensors, meta = read_weights(path)
-    if meta.get("format") != FORMAT or not {"euler_deg", "shift_A"} <= tensors.keys():
-        raise InputError(path, f"not a {FORMAT} file (format {meta.get('format')!r})")
-    try:
-        state = HetState(int(meta["round"]), tensors["euler_deg"].numpy(), tensors["shift_A"].numpy(),
-                         json.loads(meta["history"]))
-        return state, json.loads(meta["settings"])
-    except (KeyError, ValueError) as exc:
-        raise InputError(path, f"the state's metadata is incomplete ({exc})") from None
 
 
 def fit_abinit_het(pset, half: np.ndarray, abinit: AbinitSettings, het: HetSettings, cfg: VolumeConfig,
@@ -105,12 +76,13 @@ def fit_abinit_het(pset, half: np.ndarray, abinit: AbinitSettings, het: HetSetti
                            resume=resume)
     settings = {"n_particles": len(pset), "rounds": het.rounds, "epochs": het.epochs,
                 "search": asdict(het.search), "model": cfg.architecture(), "inference": inference}
-    found = load_checkpoint(out / STATE_NAME, _read_state, settings, log) if resume else None
+    found = load_checkpoint(out / STATE_NAME, partial(read_pose_state, fmt=FORMAT), settings, log) if resume else None
     if found is not None:
         state = found[1]
         log.info("resuming after pose re-search %d of %d", state.round, het.rounds)
     else:
-        state = HetState(0, matrix_to_euler(consensus.rotations.astype(np.float64)), consensus.shifts_A.copy(), [])
+        state = PoseRoundState(0, matrix_to_euler(consensus.rotations.astype(np.float64)),
+                               consensus.shifts_A.copy(), [])
     lattice = Lattice(int(pset.box), float(pset.apix)).cropped(cfg.box)
     vae_dir = out / VAE_DIR
     vae_dir.mkdir(exist_ok=True)
@@ -121,6 +93,8 @@ def fit_abinit_het(pset, half: np.ndarray, abinit: AbinitSettings, het: HetSetti
                  stage.epochs, "consensus" if state.round == 0 else f"re-searched ({state.round})")
         objective, result = fit_neural(posed, cfg, inference, stage, vae_dir, device, ctx, beta=beta,
                                        window_radius=window_radius,
+                                       # a fresh run's later stages continue its own training; a stale
+                                       # checkpoint of an earlier run in the folder is only resumed on --resume
                                        resume=(resume or state.round > 0) and (vae_dir / CHECKPOINT_NAME).exists())
         if state.round >= het.rounds:
             return HetFit(consensus, objective, result, state.euler_deg, state.shift_A, state.history)
@@ -130,5 +104,5 @@ def fit_abinit_het(pset, half: np.ndarray, abinit: AbinitSettings, het: HetSetti
                  "mean_gain": float(moved.gain.mean()), "epoch": stage.epochs}
         log.info("pose re-search %d of %d: rotations moved by %.2f° (median), log-likelihood gained %.4g per image "
                  "(mean)", state.round + 1, het.rounds, entry["median_moved_deg"], entry["mean_gain"])
-        state = HetState(state.round + 1, moved.euler_deg, moved.shift_A, state.history + [entry])
-        _save_state(out / STATE_NAME, state, settings)
+        state = PoseRoundState(state.round + 1, moved.euler_deg, moved.shift_A, state.history + [entry])
+        save_pose_state(out / STATE_NAME, state, settings, FORMAT)

@@ -108,8 +108,26 @@ def research_poses(pset, decoder: nn.Module, z: np.ndarray, lattice: Lattice, da
                                                                  lattice.box * lattice.apix / s.band_limit_A)
     radius_px = min(radius_px, decoder.cfg.max_freq * lattice.box) if hasattr(decoder, "cfg") else radius_px
     points = lattice.half_plane(radius_px)
-    prep = ImagePreparer(pset, lattice, points, window_radius, data_scale, device)
     kxy = points.kxy.to(device)
+    zt = torch.as_tensor(np.asarray(z, dtype=np.float32))
+    was = decoder.training
+    decoder.eval()
+    amp_ctx, _ = autocast_for(device, s.amp)
+    try:
+        return research_with(pset, lambda rows: DecoderScorer(decoder, zt[rows], kxy, amp_ctx), lattice, s,
+                             device, ImagePreparer(pset, lattice, points, window_radius, data_scale, device),
+                             track)
+    finally:
+        decoder.train(was)
+
+
+def research_with(pset, scorer_for: Callable[[np.ndarray], DecoderScorer], lattice: Lattice,
+                  settings: ResearchSettings, device: torch.device, prep: ImagePreparer,
+                  track: Callable[[Iterable, str, int], Iterable] | None = None) -> ResearchResult:
+    """``local_search`` of every particle's pose in batches streamed through ``prep`` (images on ``lattice``),
+    each batch scored by ``scorer_for(rows)`` (anything with ``DecoderScorer.score``'s signature): the loop
+    shared by the decoder's re-search and the principal volumes'."""
+    s = settings
     N = len(pset)
     euler, shift = np.array(pset.euler_deg, dtype=np.float64), np.array(pset.shift_A, dtype=np.float64)
     moved, gain = np.zeros(N), np.zeros(N)
@@ -117,12 +135,8 @@ def research_poses(pset, decoder: nn.Module, z: np.ndarray, lattice: Lattice, da
     stream: Iterable[ImageBatch] = BatchStream(pset.reader(), rows, prep, prefetch=2)
     if track is not None:
         stream = track(stream, "pose re-search", len(rows))
-    zt = torch.as_tensor(np.asarray(z, dtype=np.float32))
-    was = decoder.training
-    decoder.eval()
-    amp_ctx, _ = autocast_for(device, s.amp)
     for b in stream:
-        scorer = DecoderScorer(decoder, zt[b.rows], kxy, amp_ctx)
+        scorer = scorer_for(b.rows)
         A0 = b.rotations.to(device)
         zero = torch.zeros(len(b.rows), 2, device=device)
         before = scorer.score(b.images_ft, b.ctf, A0[:, None], zero[:, None])[:, 0, 0]
@@ -133,6 +147,4 @@ def research_poses(pset, decoder: nn.Module, z: np.ndarray, lattice: Lattice, da
         shift[b.rows] += found.shifts_px.double().cpu().numpy() * lattice.apix
         moved[b.rows] = angle_between_deg(A0, found.rotations).cpu().numpy()
         gain[b.rows] = (found.score - before).cpu().numpy()
-    decoder.train(was)
     return ResearchResult(euler, shift, moved, gain)
-

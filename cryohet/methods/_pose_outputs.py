@@ -29,7 +29,46 @@ POSE_PARAMS = (
           min=0.0, expert=True),
 )
 
+#: ``--refine_poses`` of the methods fitted by EM (principal volumes): rounds of a local search against the model
+SEARCH_PARAMS = (
+    Param("refine_poses", bool, False, "Refine each particle's pose (rotation and origin) by a local search "
+          "against the model's slice at the particle's coordinates, alternated with the fit (--pose_rounds "
+          "times): the particles STAR then holds the refined rlnAngleRot/Tilt/Psi and rlnOriginX/YAngst."),
+    Param("pose_rounds", int, 1, "Pose re-searches, each followed by a new fit (--refine_poses). More than one can "
+          "drift: the model is refitted to the images on the poses it gave them (measured in docs/benchmarks.md).",
+          min=1, max=20),
+    Param("pose_max_deg", float, 8.0, "Largest rotation away from a particle's pose in one re-search, degrees "
+          "(--refine_poses).", min=0.0, expert=True),
+    Param("pose_max_A", float, 4.0, "Largest origin change in one re-search, Å (--refine_poses).", min=0.0,
+          expert=True),
+)
+
 CHANGES_NAME, PLOT_NAME = "pose_changes.csv", "pose_changes.png"
+
+
+@dataclasses.dataclass
+class SearchedPoses:
+    """Poses changed by a search (rather than a trainer's ``PoseCorrections``): each particle's rotation from its
+    input pose (degrees) and origin change (Å), as ``write_pose_changes`` reads them."""
+
+    angle_deg: np.ndarray
+    shift_A: np.ndarray
+
+    @classmethod
+    def between(cls, before: Any, after: Any) -> SearchedPoses:
+        """The changes from the poses of particle set ``before`` to those of ``after``."""
+        import torch
+
+        from cryohet.geometry.euler import euler_to_matrix
+        from cryohet.inference.pose_search import angle_between_deg
+
+        angle = angle_between_deg(torch.as_tensor(euler_to_matrix(before.euler_deg)),
+                                  torch.as_tensor(euler_to_matrix(after.euler_deg))).numpy()
+        return cls(np.asarray(angle, dtype=np.float64),
+                   np.linalg.norm(np.asarray(after.shift_A) - np.asarray(before.shift_A), axis=1))
+
+    def changes(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.angle_deg, self.shift_A
 
 
 def pose_options(params: dict[str, Any]) -> dict[str, Any] | None:

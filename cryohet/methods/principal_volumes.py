@@ -1,11 +1,13 @@
 """``cryohet principal-volumes``: mean and K principal volumes from the images, poses and CTF known (survey §5)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cryohet.methods._pose_outputs import SEARCH_PARAMS
 from cryohet.methods.base import Method, Param
 
 PARAMS = (
@@ -38,7 +40,10 @@ PARAMS = (
           "(else they are read again at each iteration).", min=0.0, expert=True),
     Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (checkpoint.safetensors, "
           "written after every EM iteration; the one before is kept as checkpoint.prev.safetensors and used when "
-          "the newest is damaged); --max_iter is the new total. The other settings must be the same."),
+          "the newest is damaged; with --refine_poses also the poses after each re-search, pose_state.safetensors, and "
+          "each later fit's checkpoint_poses<r>.safetensors); --max_iter is the new total. The other settings must "
+          "be the same."),
+    *SEARCH_PARAMS,
 )
 
 
@@ -86,10 +91,13 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
     from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
     from cryohet.atomic import atomic_path, save_npy
+    from cryohet.inference.decoder_poses import ResearchSettings
     from cryohet.inference.ppca import check_inputs, fit_principal_volumes
+    from cryohet.inference.ppca_poses import fit_principal_volumes_posed
     from cryohet.io.mrc import read_mask, write_map
     from cryohet.io.particles import load_particles, write_particles_star
     from cryohet.methods._fit_outputs import fit_columns
+    from cryohet.methods._pose_outputs import SearchedPoses, pose_columns, write_pose_changes
     from cryohet.models.linear import LinearModel
     from cryohet.validation.goodness import maps_predictor
 
@@ -98,12 +106,21 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     mask = read_mask(params["mask"], pset.box, pset.apix) if params["mask"] else None
     check_inputs(len(pset), pset.box, pset.apix, K, params["resolution_A"], mask, params["particles"],
                  params["mask"] or None)
-    res = fit_principal_volumes(
-        pset, K, resolution_A=params["resolution_A"], mask=mask, max_iter=params["max_iter"], tol=params["tol"],
-        batch_size=params["batch_size"], pad=params["pad"], regularisation=params["regularisation"],
-        prior=params["prior"], device=ctx.device, seed=params["seed"],
-        cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log,
-        checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", resume=params["resume"])
+    options = dict(n_components=K, resolution_A=params["resolution_A"], mask=mask, max_iter=params["max_iter"],
+                   tol=params["tol"], batch_size=params["batch_size"], pad=params["pad"],
+                   regularisation=params["regularisation"], prior=params["prior"], seed=params["seed"],
+                   cache_mb=params["cache_mb"], progress=ctx.progress)
+    poses = None
+    if params["refine_poses"]:
+        search = ResearchSettings(max_angle_deg=params["pose_max_deg"], max_shift_A=params["pose_max_A"])
+        res, state = fit_principal_volumes_posed(pset, params["pose_rounds"], search, ctx.out_dir, options,
+                                                 ctx.device, resume=params["resume"], log=ctx.log,
+                                                 track=ctx.progress)
+        refined = dataclasses.replace(pset, euler_deg=state.euler_deg, shift_A=state.shift_A)
+        poses, pset = SearchedPoses.between(pset, refined), refined
+    else:
+        res = fit_principal_volumes(pset, log=ctx.log, device=ctx.device, resume=params["resume"],
+                                    checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", **options)
     ctx.report_convergence("principal-volumes EM (subspace change, sine)", res.converged, res.last_change, res.tol,
                            res.iterations)
     out = Path(ctx.out_dir)
@@ -134,10 +151,14 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     coef = np.concatenate([np.ones((len(pset), 1)), res.latents], 1)
     cols.update(fit_columns(ctx, pset, maps_predictor(maps, coef), maps_predictor(maps[:1]),
                             batch_size=params["batch_size"]))
+    if poses is not None:
+        cols.update(pose_columns(pset))
     write_particles_star(out / "particles.star", pset, extra_columns=cols)
     ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{K} (and their s.d. cryohetStdZ1..{K}), "
-            "goodness of fit (cryohetFitZ, cryohetResidualZ)",
-            columns=[f"cryohetZ{k + 1}" for k in range(K)])
+            "goodness of fit (cryohetFitZ, cryohetResidualZ)" + (", the refined poses" if poses else ""),
+            columns=[f"cryohetZ{k + 1}" for k in range(K)], refined_poses=poses is not None)
+    if poses is not None:
+        write_pose_changes(ctx, poses)
 
     # movies along each component, survey equation 6: X_0 + τ X_k
     n_frames = params["movie_frames"]
