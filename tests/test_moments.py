@@ -12,19 +12,9 @@ from cryohet.io.mrc import read_map
 from cryohet.simulate.molecules import default_molecule
 from cryohet.simulate.motions import hinge_conformations
 from cryohet.simulate.simulate import simulate_particles
+from cryohet.validation.true_covariance import true_covariance
 
 BOX, APIX, N, SNR, RES_A = 32, 3.0, 500, 1.0, 24.0
-
-
-def true_covariance(maps: np.ndarray, state: np.ndarray, apix: float, resolution_A: float
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, principal directions (rows) and eigenvalues of the band-limited true maps, weighted by the
-    particles' states (the covariance the images were drawn from)."""
-    w = np.bincount(state, minlength=len(maps)) / len(state)
-    maps = band_limit(maps, apix, resolution_A).astype(np.float64)
-    mean = np.tensordot(w, maps, 1)
-    _, s, vt = np.linalg.svd((maps - mean).reshape(len(maps), -1) * np.sqrt(w)[:, None], full_matrices=False)
-    return mean, vt, s ** 2
 
 
 @pytest.fixture(scope="module")
