@@ -70,7 +70,7 @@ def test_bad_input(hinge, tmp_path):
 
     _, out, _, _ = hinge
     # a basis too large for the covariance (Nyquist at box 32): refused naming the particles, nothing written
-    with pytest.raises(InputError, match="particles.star.*basis has .* functions") as err:
+    with pytest.raises(InputError, match="particles.star.*basis would be made from .* voxels") as err:
         run_method(METHOD, {"particles": str(out.particles_star), "resolution_A": 6.0}, tmp_path / "big")
     assert "--resolution_A" in str(err.value)
     assert not (tmp_path / "big" / "mean.mrc").exists()

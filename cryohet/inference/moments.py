@@ -155,11 +155,12 @@ def corner_noise_variance(particles: Any, n_work: int, seed: int) -> float:
 
 def plan(n_particles: int, box: int, apix: float, resolution_A: float, diameter_A: float, n_components: int,
          batch_size: int, device: torch.device, source: Any) -> tuple[Lattice, float, float, int]:
-    """Working lattice, resolution radius (px), ball radius (px) and basis size; InputError naming the particles
-    when the data are too few or the basis or its memory do not fit."""
+    """Working lattice, resolution radius (px), ball radius (px) and the ball's voxel count; InputError naming the
+    particles when the data are too few or the basis or its memory do not fit (``resolution_A`` 0: Nyquist)."""
     if n_particles < MIN_PARTICLES:
         raise InputError(source, f"only {n_particles} particles: the method of moments needs at least "
                                  f"{MIN_PARTICLES}")
+    resolution_A = resolution_A if resolution_A > 0 else 2 * apix          # 0: Nyquist
     if resolution_A < 2 * apix * (1 - 1e-6):
         raise ValueError(f"--resolution_A {resolution_A} Å is beyond Nyquist ({2 * apix:.3f} Å at {apix:.3f} Å/px)")
     lattice = Lattice(box, apix).cropped(box_for_resolution(box, apix, resolution_A))
@@ -167,11 +168,9 @@ def plan(n_particles: int, box: int, apix: float, resolution_A: float, diameter_
     radius_px = min(n // 2 - 1, n * lattice.apix / resolution_A)
     ball_px = min(n / 2, (diameter_A if diameter_A > 0 else 0.9 * box * apix) / 2 / lattice.apix)
     d = int(ball_mask(n, ball_px, torch.device("cpu"))[0].sum())
-    if n_components > d:
-        raise ValueError(f"--n_components {n_components} is more than the basis's {d} functions")
     if d > MAX_BASIS:
-        raise InputError(source, f"the basis has {d} functions (voxels of the {n}³ working box within "
-                                 f"{ball_px * lattice.apix:.1f} Å of the centre at a {resolution_A:g} Å limit); "
+        raise InputError(source, f"the basis would be made from {d} voxels (those of the {n}³ working box of a "
+                                 f"{resolution_A:g} Å limit within {ball_px * lattice.apix:.1f} Å of the centre); "
                                  f"at most {MAX_BASIS} are supported (the covariance has d² entries): use a larger "
                                  "--resolution_A or a smaller --diameter_A")
     p = len(lattice.half_plane(radius_px, dc=True, strict=False))
@@ -211,15 +210,17 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
     t0 = time.time()
     basis = BallBasis(n, ball_px, radius_px, device)
     d = len(basis)
+    if n_components > d:
+        raise ValueError(f"--n_components {n_components} is more than the {d} band-limited functions of the basis: "
+                         "use fewer, a finer --resolution_A or a larger --diameter_A")
     src = ImageSource(particles, lattice, radius_px, batch_size, device, cache_mb)
     sigma2 = corner_noise_variance(particles, n, seed)
     sw = torch.sqrt(src.weight / sigma2)                                         # (p,) whitening
     sw2 = torch.cat([sw, sw])
     kxy = src.points.kxy.to(device)
-    log.info("moments: %d particles, box %d -> working box %d (%.2f Å/px), limit %.2f Å, ball of %d voxels "
-             "(ball %.1f Å): %d band-limited functions, noise σ² %.4g (corners)", n_part, N_box, n, apix_n, res_used,
-             basis.voxels,
-             2 * ball_px * apix_n, d, sigma2)
+    log.info("moments: %d particles, box %d -> working box %d (%.2f Å/px), limit %.2f Å, %d voxels in a ball of "
+             "%.1f Å -> %d band-limited functions, noise σ² %.4g (corners)", n_part, N_box, n, apix_n, res_used,
+             basis.voxels, 2 * ball_px * apix_n, d, sigma2)
 
     def whitened(batch: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:
         Q = basis.forward(batch.rotations.to(device), kxy, batch.ctf.to(device)) * sw2[:, None]

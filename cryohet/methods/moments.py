@@ -14,7 +14,7 @@ PARAMS = (
           "per-particle coordinates b_1..b_K.", min=1, max=50),
     Param("resolution_A", float, 20.0, "Resolution limit of the covariance, Å: images are Fourier-cropped to it "
           "and the covariance lives in the band-limited basis there (its size grows as (box·apix / "
-          "resolution)³ and each CG step's time as its square: 15-30 Å is usual).", min=0.0),
+          "resolution)³ and each CG step's time as its square: 15-30 Å is usual; 0: Nyquist).", min=0.0),
     Param("diameter_A", float, 0.0, "Diameter of the ball, Å, that holds the variability (the basis functions "
           "are concentrated in it); 0: 0.9 of the box.", min=0.0),
     Param("max_iter", int, 30, "Most conjugate-gradient steps on the covariance's normal equations (each is one "
