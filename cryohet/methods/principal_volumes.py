@@ -5,8 +5,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cryohet.methods._pose_outputs import SEARCH_PARAMS
 from cryohet.methods.base import Method, Param
 
@@ -47,35 +45,6 @@ PARAMS = (
 )
 
 
-def _plot(path: Path, b: np.ndarray, eigenvalues: np.ndarray) -> None:
-    from matplotlib.figure import Figure
-
-    from cryohet.analysis.plots import save_png
-
-    K = b.shape[1]
-    show = min(K, 4)
-    fig = Figure(figsize=(2.6 * (show + 1), 2.4 * show), layout="constrained")
-    axes = fig.subplots(show, show + 1, squeeze=False)
-    for i in range(show):
-        for j in range(show):
-            ax = axes[i, j]
-            if i == j:
-                ax.hist(b[:, i], bins=60, color="C0")
-                ax.set(xlabel=f"b{i + 1}")
-            elif i > j:
-                ax.hexbin(b[:, j], b[:, i], gridsize=40, bins="log", cmap="viridis", mincnt=1)
-                ax.set(xlabel=f"b{j + 1}", ylabel=f"b{i + 1}")
-            else:
-                ax.axis("off")
-    ax = axes[0, show]
-    ax.bar(np.arange(1, K + 1), eigenvalues, color="C1")
-    ax.set(xlabel="component k", ylabel="variance of b_k", title="eigenvalues")
-    for i in range(1, show):
-        axes[i, show].axis("off")
-    fig.suptitle("principal-volume coordinates")
-    save_png(fig, path, dpi=90)
-
-
 def _convergence_line(converged: bool, last_change: float, tol: float, iterations: int) -> str:
     """The report's line on whether EM met --tol (changes: sines of the largest principal angle between
     successive component subspaces)."""
@@ -87,19 +56,14 @@ def _convergence_line(converged: bool, last_change: float, tol: float, iteration
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:
-    import torch
-
-    from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
-    from cryohet.atomic import atomic_path, save_npy
+    from cryohet.atomic import atomic_path
     from cryohet.inference.decoder_poses import ResearchSettings
     from cryohet.inference.ppca import check_inputs, fit_principal_volumes
     from cryohet.inference.ppca_poses import fit_principal_volumes_posed
-    from cryohet.io.mrc import read_mask, write_map
-    from cryohet.io.particles import load_particles, write_particles_star
-    from cryohet.methods._fit_outputs import fit_columns
+    from cryohet.io.mrc import read_mask
+    from cryohet.io.particles import load_particles
+    from cryohet.methods._linear_outputs import eigenvalue_table, write_linear_outputs
     from cryohet.methods._pose_outputs import SearchedPoses, pose_columns, write_pose_changes
-    from cryohet.models.linear import LinearModel
-    from cryohet.validation.goodness import maps_predictor
 
     pset = load_particles(params["particles"], params["datadir"] or None)
     K = params["n_components"]
@@ -123,76 +87,25 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                     checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", **options)
     ctx.report_convergence("principal-volumes EM (subspace change, sine)", res.converged, res.last_change, res.tol,
                            res.iterations)
+    write_linear_outputs(ctx, pset, res.mean, res.components, res.eigenvalues, res.latents, res.latent_std,
+                         resolution_A=res.resolution_A, movie_frames=params["movie_frames"],
+                         batch_size=params["batch_size"],
+                         info={"work_box": res.work_box, "resolution_A": res.resolution_A,
+                               "n_particles": len(pset), "iterations": len(res.history)},
+                         refined_pose_columns=pose_columns(pset) if poses is not None else None)
     out = Path(ctx.out_dir)
-    apix = pset.apix
-
-    model = LinearModel(res.mean, res.components, res.eigenvalues, apix,
-                        info={"work_box": res.work_box, "resolution_A": res.resolution_A,
-                              "n_particles": len(pset), "iterations": len(res.history)})
-    model.save(out / "linear_model.npz")
-    ctx.add("model", "linear_model.npz", f"linear model: mean + {K} principal volumes", model_type="linear",
-            latent_dim=K, box=pset.box, apix=apix)
-
-    write_map(out / "mean.mrc", res.mean, apix)
-    ctx.add("volume", "mean.mrc", "mean map X_0", resolution_A=res.resolution_A)
-    for k in range(K):
-        name = f"component_{k + 1:02d}.mrc"
-        write_map(out / name, res.components[k], apix)
-        ctx.add("volume", name, f"principal volume X_{k + 1}", component=k + 1,
-                eigenvalue=float(res.eigenvalues[k]))
-
-    save_npy(out / "latents.npy", res.latents.astype(np.float32))
-    save_npy(out / "latents_std.npy", res.latent_std.astype(np.float32))
-    ctx.add("latents", "latents.npy", f"principal-volume coordinates b (N, {K})", dim=K, std="latents_std.npy")
-
-    cols = {f"cryohetZ{k + 1}": res.latents[:, k] for k in range(K)}
-    cols.update({f"cryohetStdZ{k + 1}": res.latent_std[:, k] for k in range(K)})
-    maps = torch.as_tensor(np.concatenate([res.mean[None], res.components]), device=ctx.device)
-    coef = np.concatenate([np.ones((len(pset), 1)), res.latents], 1)
-    cols.update(fit_columns(ctx, pset, maps_predictor(maps, coef), maps_predictor(maps[:1]),
-                            batch_size=params["batch_size"]))
-    if poses is not None:
-        cols.update(pose_columns(pset))
-    write_particles_star(out / "particles.star", pset, extra_columns=cols)
-    ctx.add("particles_star", "particles.star", f"particles with cryohetZ1..{K} (and their s.d. cryohetStdZ1..{K}), "
-            "goodness of fit (cryohetFitZ, cryohetResidualZ)" + (", the refined poses" if poses else ""),
-            columns=[f"cryohetZ{k + 1}" for k in range(K)], refined_poses=poses is not None)
     if poses is not None:
         write_pose_changes(ctx, poses)
-
-    # movies along each component, survey equation 6: X_0 + τ X_k
-    n_frames = params["movie_frames"]
-    for k in range(K):
-        lo, hi = np.percentile(res.latents[:, k], [2, 98])
-        taus = np.linspace(lo, hi, n_frames)
-        z = np.zeros((n_frames, K), dtype=np.float32)
-        z[:, k] = taus
-        folder = out / "movies" / f"component_{k + 1:02d}"
-        series = write_volume_series(model, z, folder, prefix="frame", progress=ctx.progress,
-                                     desc=f"movie {k + 1}")
-        series.register(ctx, f"component_{k + 1}", f"movie along X_{k + 1}", component=k + 1,
-                        per_map={"tau": [float(t) for t in taus]})
-        cxc = out / "movies" / f"component_{k + 1:02d}.cxc"
-        write_chimerax_script(cxc, series.files, series.level, title=f"X_0 + tau X_{k + 1}")
-        ctx.add("chimerax", cxc, f"ChimeraX: movie along X_{k + 1}", component=k + 1)
-
-    _plot(out / "latents.png", res.latents, res.eigenvalues)
-    ctx.add("plot", "latents.png", "distribution of the coordinates b_k and the eigenvalues")
 
     lines = [f"# principal volumes: {len(pset)} particles, K = {K}", "",
              f"- working box {res.work_box} px, resolution limit {res.resolution_A:.2f} Å, "
              f"{res.iterations} EM iterations",
              _convergence_line(res.converged, res.last_change, res.tol, res.iterations),
-             "", "| k | eigenvalue (variance of b_k) | fraction | s.d. of b_k | mean posterior s.d. |",
-             "|---|---|---|---|---|"]
-    total = float(res.eigenvalues.sum()) or 1.0
-    for k in range(K):
-        lines.append(f"| {k + 1} | {res.eigenvalues[k]:.4g} | {res.eigenvalues[k] / total:.3f} | "
-                     f"{res.latents[:, k].std():.4g} | {res.latent_std[:, k].mean():.4g} |")
-    lines += ["", "Every run returns K components, a homogeneous set too (they then fit noise). Whether they are real: "
-              "`cryohet validate-halfsets --method principal-volumes --particles <the same particles> "
-              f"--method_params \"n_components={K} resolution_A={params['resolution_A']:g}\"` "
-              "(flagged when the halves disagree)."]
+             "", *eigenvalue_table(res.eigenvalues, res.latents, res.latent_std),
+             "", "Every run returns K components, a homogeneous set too (they then fit noise). Whether they are real: "
+             "`cryohet validate-halfsets --method principal-volumes --particles <the same particles> "
+             f"--method_params \"n_components={K} resolution_A={params['resolution_A']:g}\"` "
+             "(flagged when the halves disagree)."]
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     ctx.add("report", "report.md", "principal volumes: eigenvalues and settings")

@@ -1,0 +1,331 @@
+"""Method of moments, poses known (survey section 8; Katsevich, Kogan & Singer 2015, Andén & Singer 2018): the mean
+and the covariance of the 3-D volumes from the first and second moments of the images, then principal volumes.
+
+Basis: the volumes band-limited to the resolution limit, given by their voxel values x ∈ R^d on the box n they are
+Fourier-cropped to, inside a ball (a Fourier basis: the values of a trigonometric polynomial of degree n / 2). The
+transform of particle m's image at its half-plane pixels k_p (cycles/pixel) inside the resolution circle is then,
+exactly (no interpolation), with A_m its RELION rotation and c_m its CTF,
+
+    y_m(k_p) = c_m(k_p) Σ_j x_m,j exp(−2πi (A_mᵀ k_p) · r_j) + n_m(k_p).
+
+Real and imaginary parts stacked and whitened (pixel weights w_p / σ², w_p = 2 for a pixel standing for its Friedel
+mate and 1 for the zero frequency, σ² the white noise variance of the transforms from the images' corners), this is
+y_m = Q_m x_m + n_m with n_m ~ N(0, I). With M_m = Q_mᵀ Q_m and b_m = Q_mᵀ (y_m − Q_m μ), E[b_m b_mᵀ] = M_m Σ M_m +
+M_m, so the least-squares mean and Andén & Singer's normal equations of the covariance are
+
+    (Σ_m M_m + λ_μ I) μ = Σ_m Q_mᵀ y_m,
+    (1/N) Σ_m M_m Σ M_m + λ Σ = (1/N) Σ_m (b_m b_mᵀ − M_m),
+
+the second solved by conjugate gradient on symmetric d × d matrices, preconditioned by the exact inverse of
+X ↦ M̄ X M̄ + λ X (M̄ the mean of the M_m). Each application of the operator is one pass over the particles in
+batches (cost ~4 r d² per particle, r the number of real measurements per image), so memory does not grow with
+N. The top eigenvectors of Σ, taken to maps at the particles' box, are the principal volumes; each particle's
+coordinates are their Wiener (posterior-mean) estimates from its image.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryohet.data.prepare import ImageBatch, sample_rows
+from cryohet.device import refuse_unless_fits
+from cryohet.errors import InputError
+from cryohet.geometry.fourier import centered_coords, fft3c, ifft3c
+from cryohet.geometry.lattice import Lattice, box_for_resolution
+from cryohet.inference.ppca import ImageSource, band_limit, fourier_pad_3d
+
+#: Largest basis (voxels in the ball) accepted: Σ has d² entries and each CG step costs ~4 r d² per particle.
+MAX_BASIS = 6000
+#: Fewest particles accepted.
+MIN_PARTICLES = 50
+#: Fraction of the device's free memory the estimator may plan to use.
+MEMORY_FRACTION = 0.8
+#: Particles whose corners give the noise variance.
+NOISE_SAMPLE = 2000
+
+ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]
+
+
+@dataclass
+class MomentsResult:
+    """Result of ``fit_moments``; maps at the particles' box and pixel size."""
+
+    mean_basis: np.ndarray         # (box,)*3 float32: the least-squares mean in the basis, band-limited
+    components: np.ndarray         # (K, box, box, box) float32, orthonormal principal volumes
+    eigenvalues: np.ndarray        # (K,) variance along each (map units² · voxels, as ||X_k|| = 1)
+    spectrum: np.ndarray           # (d,) eigenvalues of the estimated Σ in the basis, descending
+    latents: np.ndarray            # (N, K) Wiener coordinates b_k, particle order
+    latent_std: np.ndarray         # (N, K) their posterior s.d.
+    noise_var: float               # σ² of the working-box transforms (white, from the corners)
+    work_box: int
+    basis_size: int                # d
+    resolution_A: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    converged: bool = False
+    last_change: float = math.nan  # relative CG residual at the end
+    tol: float = 0.0
+    iterations: int = 0
+
+
+def ball_mask(n: int, radius_px: float, device: torch.device
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Voxels of the (n, n, n) grid within ``radius_px`` of its centre (flat, bool) and the coordinates x, y, z."""
+    c = centered_coords(n, device, torch.float32)
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    return (x ** 2 + y ** 2 + z ** 2 <= radius_px ** 2).flatten(), (x, y, z)
+
+
+class BallBasis:
+    """Band-limited functions concentrated in a ball (discrete prolate spheroidal functions): the eigenvectors Φ
+    (d, d') of the Gram matrix of the ball's voxels low-passed to the resolution sphere, with eigenvalue (the
+    fraction of the function's norm inside the band) above ``concentration``. Coefficients c ∈ R^d' stand for the
+    voxel values Φ c of the working box; ``norms`` (d',) are those eigenvalues, the squared norm of each
+    band-limited basis function (working-box voxels), so ||map(c)||² = (N / n)³ Σ norms c²."""
+
+    def __init__(self, n: int, ball_px: float, band_px: float, device: torch.device, concentration: float = 0.5,
+                 chunk: int = 256):
+        inside, (x, y, z) = ball_mask(n, ball_px, device)
+        self.n = n
+        self.flat = torch.nonzero(inside).squeeze(1)
+        self.xyz = torch.stack([x.flatten(), y.flatten(), z.flatten()], 1)[self.flat]   # (d, 3) voxels from centre
+        d = len(self.flat)
+        band = (x ** 2 + y ** 2 + z ** 2 <= band_px ** 2).to(torch.complex128)
+        gram = torch.zeros((d, d), dtype=torch.float64, device=device)
+        for s in range(0, d, chunk):
+            cols = torch.arange(s, min(d, s + chunk), device=device)
+            grid = torch.zeros((len(cols), n ** 3), dtype=torch.float64, device=device)
+            grid[torch.arange(len(cols), device=device), self.flat[cols]] = 1.0
+            low = ifft3c(fft3c(grid.reshape(-1, n, n, n)) * band).real.reshape(len(cols), -1)
+            gram[:, cols] = low[:, self.flat].T
+        evals, evecs = torch.linalg.eigh(0.5 * (gram + gram.T))
+        keep = torch.nonzero(evals > concentration).squeeze(1).flip(0)
+        self.phi = evecs[:, keep].to(torch.float32)                      # (d, d')
+        self.norms = evals[keep]                                         # (d',)
+
+    @property
+    def voxels(self) -> int:
+        return len(self.flat)
+
+    def __len__(self) -> int:
+        return self.phi.shape[1]
+
+    def forward(self, A: torch.Tensor, kxy: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+        """Q (B, 2p, d'): real then imaginary parts of the images' transforms c(k_p) Σ_j (Φ)_j exp(−2πi (Aᵀ k_p)·r_j)
+        for rotations A (B, 3, 3), half-plane frequencies ``kxy`` (p, 2) in cycles/pixel and CTFs (B, p)."""
+        q = torch.einsum("pi,bij->bpj", kxy.to(A.dtype), A[:, :2, :])          # (B, p, 3) cycles/voxel
+        phase = (2 * math.pi) * (q @ self.xyz.T)                                 # (B, p, d)
+        ctf = ctf[..., None]
+        return torch.cat([(torch.cos(phase) * ctf) @ self.phi, -(torch.sin(phase) * ctf) @ self.phi], 1)
+
+    def to_maps(self, C: torch.Tensor, box: int, apix_n: float, resolution_A: float) -> np.ndarray:
+        """Coefficients (K, d') -> maps (K, box, box, box) at the particles' box, band-limited to
+        ``resolution_A`` (voxel values kept, as ``ppca.fourier_pad_3d``)."""
+        grid = torch.zeros((len(C), self.n ** 3), dtype=torch.float32)
+        grid[:, self.flat.cpu()] = C.detach().cpu().float() @ self.phi.cpu().T
+        grid = band_limit(grid.reshape(-1, self.n, self.n, self.n).numpy(), apix_n, resolution_A)
+        return np.stack([fourier_pad_3d(torch.from_numpy(g), box).numpy() for g in grid])
+
+
+def corner_noise_variance(particles: Any, n_work: int, seed: int) -> float:
+    """White noise variance of the working-box transforms (Fourier-cropped, ``geometry.lattice`` scale) from the
+    pixels outside the circle of radius box / 2 of a sample of images (ASPIRE's WhiteNoiseEstimator's pixels)."""
+    N = int(particles.box)
+    rows = sample_rows(len(particles.euler_deg), NOISE_SAMPLE, seed, 0xC0)
+    c = np.arange(N) - N // 2
+    corner = (c[:, None] ** 2 + c[None, :] ** 2) > (N / 2) ** 2
+    reader = particles.reader()
+    total, total2, count = 0.0, 0.0, 0
+    for s in range(0, len(rows), 256):
+        px = reader.read(rows[s:s + 256])[:, corner].astype(np.float64)
+        total, total2, count = total + px.sum(), total2 + (px ** 2).sum(), count + px.size
+    var = total2 / count - (total / count) ** 2
+    if not var > 0:
+        raise InputError(particles.source, "the images' corners (outside the circle of radius box / 2) have no "
+                                           "noise: the method of moments needs noisy images to estimate its variance")
+    # unnormalised centred DFT of N² pixels: E|F|² = N² var; cropping scales transforms by (n / N)³
+    return float(var * N ** 2 * (n_work / N) ** 6)
+
+
+def plan(n_particles: int, box: int, apix: float, resolution_A: float, diameter_A: float, n_components: int,
+         batch_size: int, device: torch.device, source: Any) -> tuple[Lattice, float, float, int]:
+    """Working lattice, resolution radius (px), ball radius (px) and the ball's voxel count; InputError naming the
+    particles when the data are too few or the basis or its memory do not fit (``resolution_A`` 0: Nyquist)."""
+    if n_particles < MIN_PARTICLES:
+        raise InputError(source, f"only {n_particles} particles: the method of moments needs at least "
+                                 f"{MIN_PARTICLES}")
+    resolution_A = resolution_A if resolution_A > 0 else 2 * apix          # 0: Nyquist
+    if resolution_A < 2 * apix * (1 - 1e-6):
+        raise ValueError(f"--resolution_A {resolution_A} Å is beyond Nyquist ({2 * apix:.3f} Å at {apix:.3f} Å/px)")
+    lattice = Lattice(box, apix).cropped(box_for_resolution(box, apix, resolution_A))
+    n = lattice.box
+    radius_px = min(n // 2 - 1, n * lattice.apix / resolution_A)
+    ball_px = min(n / 2, (diameter_A if diameter_A > 0 else 0.9 * box * apix) / 2 / lattice.apix)
+    d = int(ball_mask(n, ball_px, torch.device("cpu"))[0].sum())
+    if d > MAX_BASIS:
+        raise InputError(source, f"the basis would be made from {d} voxels (those of the {n}³ working box of a "
+                                 f"{resolution_A:g} Å limit within {ball_px * lattice.apix:.1f} Å of the centre); "
+                                 f"at most {MAX_BASIS} are supported (the covariance has d² entries): use a larger "
+                                 "--resolution_A or a smaller --diameter_A")
+    p = len(lattice.half_plane(radius_px, dc=True, strict=False))
+    need = 8 * 8 * d * d + 4 * 6 * batch_size * 2 * p * d
+
+    def fits(usable: float) -> str:
+        return f"a basis of about {int(math.sqrt(max(usable, 0) / 64))} functions"
+
+    refuse_unless_fits(need, device, MEMORY_FRACTION, source,
+                       f"the covariance of {d} basis functions with batches of {batch_size}", fits,
+                       "use a larger --resolution_A, a smaller --diameter_A or a smaller --batch_size")
+    return lattice, radius_px, ball_px, d
+
+
+def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0, diameter_A: float = 0.0,
+                max_iter: int = 30, tol: float = 1e-3, regularisation: float = 1e-3, batch_size: int = 256,
+                device: torch.device | str = "cpu", seed: int = 0, cache_mb: float = 1024.0,
+                progress: ProgressFn | None = None, log: logging.Logger | None = None) -> MomentsResult:
+    """Mean (least squares in the basis), covariance (CG on the normal equations), ``n_components`` principal
+    volumes, their variances and the particles' Wiener coordinates.
+
+    ``resolution_A``: band limit of the basis and of the images used; ``diameter_A``: the ball holding the basis
+    voxels (0: 0.9 of the box); ``regularisation``: λ of the covariance (and λ_μ of the mean) as a fraction of
+    the mean squared (resp. mean) diagonal of M̄; ``max_iter``/``tol``: CG stops when the residual of the normal
+    equations relative to their right-hand side is below ``tol``, else after ``max_iter`` steps.
+    """
+    log = log or logging.getLogger("cryohet.moments")
+    progress = progress or (lambda items, desc, total: items)
+    device = torch.device(device)
+    N_box, apix = int(particles.box), float(particles.apix)
+    n_part = len(particles.euler_deg)
+    source = getattr(particles, "source", None)
+    lattice, radius_px, ball_px, d = plan(n_part, N_box, apix, resolution_A, diameter_A, n_components, batch_size,
+                                          device, source)
+    n, apix_n = lattice.box, lattice.apix
+    res_used = n * apix_n / radius_px
+    t0 = time.time()
+    basis = BallBasis(n, ball_px, radius_px, device)
+    d = len(basis)
+    if n_components > d:
+        raise ValueError(f"--n_components {n_components} is more than the {d} band-limited functions of the basis: "
+                         "use fewer, a finer --resolution_A or a larger --diameter_A")
+    src = ImageSource(particles, lattice, radius_px, batch_size, device, cache_mb)
+    sigma2 = corner_noise_variance(particles, n, seed)
+    sw = torch.sqrt(src.weight / sigma2)                                         # (p,) whitening
+    sw2 = torch.cat([sw, sw])
+    kxy = src.points.kxy.to(device)
+    log.info("moments: %d particles, box %d -> working box %d (%.2f Å/px), limit %.2f Å, %d voxels in a ball of "
+             "%.1f Å -> %d band-limited functions, noise σ² %.4g (corners)", n_part, N_box, n, apix_n, res_used,
+             basis.voxels, 2 * ball_px * apix_n, d, sigma2)
+
+    def whitened(batch: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        Q = basis.forward(batch.rotations.to(device), kxy, batch.ctf.to(device)) * sw2[:, None]
+        y = batch.images_ft.to(device)
+        return Q, torch.cat([y.real, y.imag], 1) * sw2
+
+    def passes(desc: str) -> Iterable[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        for batch in progress(src.batches(), desc, src.n_batches()):
+            Q, y = whitened(batch)
+            yield Q, y, batch.rows
+
+    # pass 1: Σ M_m and Σ Q_mᵀ y_m -> the least-squares mean in the basis and M̄
+    Msum = torch.zeros((d, d), dtype=torch.float64, device=device)
+    rhs_mu = torch.zeros(d, dtype=torch.float64, device=device)
+    for Q, y, _ in passes("moments: mean"):
+        Qf = Q.reshape(-1, d)
+        Msum += (Qf.T @ Qf).double()
+        rhs_mu += torch.einsum("brd,br->d", Q, y).double()
+    Mbar = Msum / n_part
+    scale = float(torch.diagonal(Mbar).mean())
+    mu = torch.linalg.solve(Msum + regularisation * scale * n_part * torch.eye(d, dtype=torch.float64,
+                                                                                   device=device), rhs_mu)
+    mu32 = mu.float()
+
+    # pass 2: right-hand side of the covariance equations
+    rhs = torch.zeros((d, d), dtype=torch.float64, device=device)
+    for Q, y, _ in passes("moments: second moments"):
+        b = torch.einsum("brd,br->bd", Q, y - Q @ mu32)
+        Qf = Q.reshape(-1, d)
+        rhs += (b.T @ b - Qf.T @ Qf).double()
+    rhs /= n_part
+    lam = regularisation * scale ** 2
+    evals, evecs = torch.linalg.eigh(Mbar)
+    denom = evals.clamp_min(0)[:, None] * evals.clamp_min(0)[None, :] + lam
+
+    def precondition(X: torch.Tensor) -> torch.Tensor:
+        return evecs @ ((evecs.T @ X @ evecs) / denom) @ evecs.T
+
+    def operator(S: torch.Tensor, it: int) -> torch.Tensor:
+        out = torch.zeros((d, d), dtype=torch.float64, device=device)
+        S32 = S.float()
+        for Q, _, _ in passes(f"moments: CG {it}/{max_iter}"):
+            QS = Q @ S32                                                          # (B, r, d)
+            U = (QS @ Q.transpose(1, 2)) @ Q                                      # (B, r, d): (Q S Qᵀ) Q
+            out += (Q.reshape(-1, d).T @ U.reshape(-1, d)).double()
+        return out / n_part + lam * S
+
+    # preconditioned conjugate gradient on symmetric matrices (Frobenius inner product)
+    S = torch.zeros((d, d), dtype=torch.float64, device=device)
+    R = rhs.clone()
+    Z = precondition(R)
+    P = Z.clone()
+    rz = float((R * Z).sum())
+    norm_rhs = float(rhs.norm()) or 1.0
+    history: list[dict[str, float]] = []
+    rel = 1.0
+    for it in range(1, max_iter + 1):
+        ti = time.time()
+        AP = operator(P, it)
+        alpha = rz / float((P * AP).sum())
+        S += alpha * P
+        R -= alpha * AP
+        rel = float(R.norm()) / norm_rhs
+        history.append({"iteration": it, "relative_residual": rel, "seconds": time.time() - ti})
+        log.info("moments CG %d: relative residual %.2e, %.1f s", it, rel, time.time() - ti)
+        if rel < tol:
+            break
+        Z = precondition(R)
+        rz_new = float((R * Z).sum())
+        P = Z + (rz_new / rz) * P
+        rz = rz_new
+    S = 0.5 * (S + S.T)
+    converged = rel < tol
+
+    # principal volumes: the top eigenvectors of the maps' covariance T Σ Tᵀ (T: coefficients -> maps at the
+    # particles' box, TᵀT = (N / n)³ diag(norms)), i.e. of H = (N / n)³ D^½ Σ D^½
+    K = n_components
+    vox = (N_box / n) ** 3
+    Dh = torch.sqrt(basis.norms)
+    spec, E = torch.linalg.eigh(vox * Dh[:, None] * S * Dh[None, :])
+    spec, E = spec.flip(0), E.flip(1)
+    coef = (E[:, :K] / Dh[:, None] / math.sqrt(vox)).cpu().numpy()                # (d', K): unit-norm maps
+    comps = basis.to_maps(torch.as_tensor(coef.T), N_box, apix_n, res_used).reshape(K, -1).astype(np.float64)
+    mean_map = basis.to_maps(mu[None], N_box, apix_n, res_used)[0]
+    signs = np.sign(comps @ mean_map.reshape(-1).astype(np.float64))
+    signs[signs == 0] = 1
+    comps, coef = comps * signs[:, None], coef * signs[None, :]
+    eig = spec[:K].clamp_min(0).cpu().numpy()
+
+    # Wiener coordinates: b_m = (Λ⁻¹ + G_mᵀ G_m)⁻¹ G_mᵀ (y_m − Q_m μ), G_m = Q_m U_K
+    Uk = torch.as_tensor(coef, dtype=torch.float32, device=device)
+    prior = torch.diag(torch.as_tensor(1.0 / np.maximum(eig, 1e-30), dtype=torch.float64, device=device))
+    latents = np.zeros((n_part, K))
+    latent_std = np.zeros((n_part, K))
+    for Q, y, rows in passes("moments: coordinates"):
+        Gm = Q @ Uk                                                              # (B, r, K)
+        cov = torch.linalg.inv(prior + (Gm.transpose(1, 2) @ Gm).double())
+        h = torch.einsum("brk,br->bk", Gm, y - Q @ mu32).double()
+        latents[rows] = torch.einsum("bkl,bl->bk", cov, h).cpu().numpy()
+        latent_std[rows] = torch.sqrt(torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0)).cpu().numpy()
+    log.info("moments: eigenvalues %s (CG %s after %d steps, relative residual %.2e), %.1f s",
+             np.array2string(eig, precision=4), "converged" if converged else "stopped", len(history), rel,
+             time.time() - t0)
+    return MomentsResult(
+        mean_basis=mean_map.astype(np.float32), components=comps.reshape((K,) + (N_box,) * 3).astype(np.float32),
+        eigenvalues=eig, spectrum=spec.cpu().numpy(), latents=latents, latent_std=latent_std, noise_var=sigma2,
+        work_box=n, basis_size=d, resolution_A=float(res_used), history=history, converged=converged,
+        last_change=rel, tol=tol, iterations=len(history))

@@ -1,0 +1,112 @@
+"""``cryohet moments``: mean map and covariance of the volumes from the images' moments, poses known (survey §8)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cryohet.methods.base import DATADIR, Method, Param
+
+PARAMS = (
+    Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
+          required=True, input_role="particles"),
+    DATADIR,
+    Param("n_components", int, 3, "Number K of principal volumes (top eigenvectors of the covariance) and "
+          "per-particle coordinates b_1..b_K.", min=1, max=50),
+    Param("resolution_A", float, 20.0, "Resolution limit of the covariance, Å: images are Fourier-cropped to it "
+          "and the covariance lives in the band-limited basis there (its size grows as (box·apix / "
+          "resolution)³ and each CG step's time as its square: 15-30 Å is usual; 0: Nyquist).", min=0.0),
+    Param("diameter_A", float, 0.0, "Diameter of the ball, Å, that holds the variability (the basis functions "
+          "are concentrated in it); 0: 0.9 of the box.", min=0.0),
+    Param("max_iter", int, 30, "Most conjugate-gradient steps on the covariance's normal equations (each is one "
+          "pass over the particles).", min=1),
+    Param("tol", float, 1e-3, "Stop CG when the residual of the normal equations relative to their right-hand "
+          "side is below this.", min=0.0, expert=True),
+    Param("regularisation", float, 1e-3, "Tikhonov weight of the covariance (and of the mean in the basis), as a "
+          "fraction of the data term's mean diagonal (squared for the covariance).", min=0.0, expert=True),
+    Param("movie_frames", int, 11, "Maps per component movie X_0 + τ X_k, τ from the 2nd to the 98th percentile "
+          "of b_k.", min=2, max=200),
+    Param("batch_size", int, 256, "Particles per batch (memory ~ batch_size × 4 × pixels inside the limit × "
+          "basis size × 4 bytes).", min=1, expert=True),
+    Param("cache_mb", float, 1024.0, "Keep the Fourier-cropped images in memory when they fit in this many MiB "
+          "(else they are read again at each pass).", min=0.0, expert=True),
+)
+
+
+def run(params: dict[str, Any], ctx: Any) -> None:
+    import numpy as np
+
+    from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
+    from cryohet.atomic import atomic_path
+    from cryohet.inference.moments import fit_moments
+    from cryohet.io.mrc import write_map
+    from cryohet.io.particles import load_particles
+    from cryohet.methods._linear_outputs import eigenvalue_table, write_linear_outputs
+    from cryohet.reconstruct.homogeneous import particle_halves, reconstruct_halves
+
+    pset = load_particles(params["particles"], params["datadir"] or None)
+    K = params["n_components"]
+    res = fit_moments(pset, K, resolution_A=params["resolution_A"], diameter_A=params["diameter_A"],
+                      max_iter=params["max_iter"], tol=params["tol"], regularisation=params["regularisation"],
+                      batch_size=params["batch_size"], device=ctx.device, seed=params["seed"],
+                      cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log)
+    ctx.report_convergence("moments CG (relative residual of the normal equations)", res.converged,
+                           res.last_change, res.tol, res.iterations)
+    # the mean map X_0: CTF-weighted backprojection of half-sets at the full box, Wiener-filtered from their FSC
+    half = particle_halves(pset, params["seed"])
+    rec = reconstruct_halves(pset, half, params["batch_size"], ctx.device, progress=ctx.progress)
+    mean_res = rec.resolution(0.143)
+    ctx.log.info("mean map: resolution at FSC 0.143 %.2f Å", mean_res)
+    out = Path(ctx.out_dir)
+    write_linear_outputs(ctx, pset, rec.full.cpu().numpy(), res.components, res.eigenvalues, res.latents,
+                         res.latent_std, resolution_A=mean_res, movie_frames=params["movie_frames"],
+                         batch_size=params["batch_size"],
+                         mean_label="mean map X_0 (half-set backprojection, Wiener-filtered from its FSC)",
+                         info={"work_box": res.work_box, "resolution_A": res.resolution_A, "basis": res.basis_size,
+                               "n_particles": len(pset), "cg_steps": res.iterations})
+    star = write_fsc_star(out / "mean_fsc.star", rec.box, rec.apix, rec.fsc, rec.fsc_masked)
+    ctx.add("fsc", star, "half-map FSC of the mean map", resolution_A=mean_res)
+    ctx.add("plot", plot_fsc(out / "mean_fsc.png", rec.box, rec.apix, {"unmasked": rec.fsc}), "mean map FSC")
+    write_map(out / "mean_basis.mrc", res.mean_basis, pset.apix)
+    ctx.add("volume", "mean_basis.mrc", "least-squares mean in the covariance's basis (band-limited)",
+            resolution_A=res.resolution_A)
+
+    lines = [f"# method of moments: {len(pset)} particles, K = {K}", "",
+             f"- working box {res.work_box} px, resolution limit {res.resolution_A:.2f} Å, {res.basis_size} basis "
+             f"functions, white noise variance {res.noise_var:.4g} (transforms of the working box, from the corners)",
+             f"- conjugate gradient: {res.iterations} steps, relative residual {res.last_change:.2e} "
+             f"({'below' if res.converged else '**not below**'} --tol {res.tol:.1e})",
+             f"- mean map: resolution at half-map FSC 0.143 {mean_res:.2f} Å",
+             f"- top eigenvalues of the covariance: {np.array2string(res.spectrum[:2 * K + 2], precision=4)} "
+             "(those of noise form a flat floor)",
+             "", *eigenvalue_table(res.eigenvalues, res.latents, res.latent_std)]
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    ctx.add("report", "report.md", "method of moments: eigenvalues and settings")
+
+
+METHOD = Method(
+    name="moments",
+    order=31,
+    title="Mean and covariance of the volumes from the images' moments (poses known)",
+    help="The method of moments of Katsevich-Singer and Andén-Singer (survey section 8): no latent is inferred "
+         "while the model is fitted. The mean is a CTF-corrected least-squares reconstruction and the covariance "
+         "of the 3-D volumes solves the normal equations of the images' second moments (CTF included, white "
+         "noise variance from the images' corners) by preconditioned conjugate gradient, in a basis of "
+         "band-limited functions concentrated in a ball (--resolution_A, --diameter_A); particles are streamed "
+         "in batches at every pass. Its top eigenvectors are the principal volumes, its eigenvalues their "
+         "variances; each particle's coordinates are their Wiener estimates from its image. Writes the mean map "
+         "(half-set backprojection with FSC), the principal volumes, latents.npy and latents_std.npy, the "
+         "particles STAR with cryohetZ1..K and goodness of fit, movies X_0 + τ X_k with ChimeraX scripts, the "
+         "linear model (for analyze, eval-volume, benchmark-score), the covariance's spectrum, a plot and a report.",
+    params=PARAMS,
+    outputs=("model", "volume", "latents", "particles_star", "volume_series", "chimerax", "plot", "report", "fsc"),
+    run=run,
+    citations=(
+        "Katsevich, Katsevich & Singer (2015) Covariance matrix estimation for the cryo-EM heterogeneity problem. "
+        "SIAM J. Imaging Sci. 8, 126-185.",
+        "Andén, Katsevich & Singer (2015) Covariance estimation using conjugate gradient for 3D classification in "
+        "cryo-EM. Proc. IEEE ISBI, 200-204.",
+        "Andén & Singer (2018) Structural variability from noisy tomographic projections. SIAM J. Imaging "
+        "Sci. 11, 1441-1492.",
+    ),
+)

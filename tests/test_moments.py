@@ -1,0 +1,85 @@
+"""moments: the principal subspace, eigenvalue, coordinates and mean of simulated hinge data against the truth
+(the population covariance of the simulator's true maps), the run's outputs, and bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from cryohet.errors import InputError
+from cryohet.inference.ppca import band_limit, subspace_sines
+from cryohet.io.mrc import read_map
+from cryohet.simulate.molecules import default_molecule
+from cryohet.simulate.motions import hinge_conformations
+from cryohet.simulate.simulate import simulate_particles
+from cryohet.validation.true_covariance import true_covariance
+
+BOX, APIX, N, SNR, RES_A = 32, 3.0, 500, 1.0, 24.0
+
+
+@pytest.fixture(scope="module")
+def hinge(tmp_path_factory):
+    from cryohet.methods.moments import METHOD
+    from cryohet.runner import run_method
+
+    conf = hinge_conformations(default_molecule(), n_states=20, max_angle_deg=50.0, box=BOX, apix=APIX,
+                               resolution_A=8.0)
+    out = simulate_particles(conf, tmp_path_factory.mktemp("hinge"), N, SNR, seed=3)
+    run_dir = tmp_path_factory.mktemp("moments")
+    run_method(METHOD, {"particles": str(out.particles_star), "n_components": 2, "resolution_A": RES_A,
+                        "diameter_A": 80.0, "movie_frames": 3, "batch_size": 128}, run_dir)
+    return conf, out, np.load(out.ground_truth), run_dir
+
+
+def test_principal_subspace_eigenvalue_and_coordinates(hinge):
+    from cryohet.models.base import load_volume_model
+    from cryohet.record import read_record
+
+    conf, out, truth, run_dir = hinge
+    rec = read_record(run_dir)
+    assert rec.status == "finished"
+    (conv,) = rec.convergence
+    assert conv["converged"], conv
+    lim = read_record(run_dir).of_kind("model")[0]
+    model = load_volume_model(run_dir)
+    assert model.latent_dim == 2 and lim.meta["model_type"] == "linear"
+    comps = np.stack([read_map(run_dir / f"component_{k:02d}.mrc")[0] for k in (1, 2)])
+    mean_true, vt, lam = true_covariance(conf.maps, truth["state"], APIX, float(model.info["resolution_A"]))
+    sine = subspace_sines(comps[:1], vt[:1])[0]
+    assert sine < 0.5, f"first principal volume {np.degrees(np.arcsin(sine)):.1f}° from the truth"
+    rnd = np.random.default_rng(0).standard_normal((1, BOX ** 3))
+    assert subspace_sines(rnd, vt[:1])[0] > 0.99                     # chance: almost orthogonal
+    flat = comps.reshape(2, -1).astype(np.float64)
+    assert np.allclose(flat @ flat.T, np.eye(2), atol=1e-3)
+    # the first eigenvalue in the images' units (image_scale² × the maps' variance), within 30 %
+    true_top = lam[0] * out.image_scale ** 2
+    assert 0.7 * true_top < model.eigenvalues[0] < 1.4 * true_top, (model.eigenvalues, true_top)
+    # Wiener coordinates along X_1 follow the true hinge angle
+    z = np.load(run_dir / "latents.npy")
+    assert z.shape == (N, 2)
+    assert abs(spearmanr(z[:, 0], truth["tau"][:, 0]).correlation) > 0.8
+    # the mean map (half-set backprojection) against the true mean at the analysis' limit
+    mean = read_map(run_dir / "mean.mrc")[0]
+    mean_bl = band_limit(mean[None], APIX, float(model.info["resolution_A"]))[0].ravel()
+    assert np.corrcoef(mean_bl, mean_true.ravel())[0, 1] > 0.99
+
+
+def test_bad_input(hinge, tmp_path):
+    from cryohet.methods.moments import METHOD
+    from cryohet.runner import run_method
+
+    _, out, _, _ = hinge
+    # a basis too large for the covariance (Nyquist at box 32): refused naming the particles, nothing written
+    with pytest.raises(InputError, match="particles.star.*basis would be made from .* voxels") as err:
+        run_method(METHOD, {"particles": str(out.particles_star), "resolution_A": 6.0}, tmp_path / "big")
+    assert "--resolution_A" in str(err.value)
+    assert not (tmp_path / "big" / "mean.mrc").exists()
+    # too few particles
+    few = tmp_path / "few.star"
+    lines = (out.particles_star).read_text().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.strip().startswith("data_particles"))
+    body = next(i for i in range(head, len(lines)) if lines[i].strip() and not lines[i].startswith(("_", "loop_",
+                                                                                                 "data_")))
+    few.write_text("\n".join(lines[:body + 20]) + "\n")
+    with pytest.raises(InputError, match="few.star.*needs at least 50"):
+        run_method(METHOD, {"particles": str(few), "datadir": str(out.particles_star.parent)}, tmp_path / "few")
