@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from cryohet.data.prepare import ImageBatch, ImagePreparer
 from cryohet.device import refuse_unless_fits
 from cryohet.geometry.backproject import BackProjector, reconstruction_bytes
 from cryohet.geometry.lattice import Lattice
-from cryohet.reconstruct.fsc import fsc, resolution_at
+from cryohet.reconstruct.fsc import fsc, fsc_weight, resolution_at, weight_shells
 
 
 @dataclass
@@ -104,6 +104,19 @@ def check_reconstruction_fits(box: int, device: torch.device, source, pairs: int
     refuse_unless_fits(reconstruction_bytes(box, pairs=pairs), device, MEMORY_FRACTION, source,
                        f"reconstructing {2 * pairs} half-set(s) at box {box} (padding 2)", largest_box,
                        "Fourier-crop the images to that box (reconstruct --box, or the method's crop/box option)")
+
+
+def fsc_weighted_reconstruction(pset, half: np.ndarray, batch_size: int, device: torch.device,
+                                progress: Callable[[Iterable, str, int], Iterator] | None = None) -> Reconstruction:
+    """As :func:`reconstruct_halves` with plain division (as relion_reconstruct), the full map then weighted per
+    shell by √(2 FSC / (1 + FSC)) of the half-maps' FSC (RELION post-processing's FSC weighting).
+
+    A per-shell weight on the final grid leaves the map's FSC to any reference unchanged shell by shell, where
+    the Wiener λ of "auto", falling steeply between shells, lets the real-space crop and edge mask leak strong
+    low-resolution shells into weak high ones (AdK, 1200 × 40², SNR 0.1: FSC to the true map 0.20 instead of
+    relion_reconstruct's 0.35 at 9.2 Å). The half-maps stay unweighted."""
+    rec = reconstruct_halves(pset, half, batch_size, device, wiener="none", progress=progress)
+    return replace(rec, full=weight_shells(rec.full, fsc_weight(rec.fsc)))
 
 
 def wiener_reconstruct(bps: list[BackProjector], wiener: str = "auto", ssnr_scale: float = 1.0,
