@@ -355,8 +355,9 @@ def _progress_default(items: Iterable[Any], desc: str, total: int) -> Iterable[A
 def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: float = 0.0,
                           mask: np.ndarray | None = None, max_iter: int = 30, tol: float = 1e-3,
                           batch_size: int = 256, pad: int = 2, regularisation: float = 1.0,
-                          warmup_iter: int = 3, prior: str = "mean", device: torch.device | str = "cpu", seed: int = 0,
-                          cache_mb: float = 1024.0, progress: ProgressFn | None = None,
+                          warmup_iter: int = 3, prior: str = "mean", mean: str = "homogeneous",
+                          device: torch.device | str = "cpu", seed: int = 0, cache_mb: float = 1024.0,
+                          progress: ProgressFn | None = None,
                           log: logging.Logger | None = None, checkpoint: str | Path | None = None,
                           resume: bool = False) -> PrincipalVolumes:
     """Mean and ``n_components`` principal volumes of ``particles`` (a ``ParticleSet``: box, apix, euler_deg,
@@ -365,6 +366,12 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     ``resolution_A``: limit of the analysis (0 = Nyquist); images are Fourier-cropped to it.
     ``mask``: (box,)*3 map in [0, 1] restricting the components (default: a soft sphere).
     ``regularisation``: T of the per-shell prior 1/(T τ²); larger trusts the data more.
+    ``mean``: "homogeneous" (the homogeneous reconstruction at the particles' full box, held fixed; the components
+    fitted to all particles and to each half-set apart, and weighted per shell by the half-sets' FSC) or "joint"
+    (as cryoSPARC's 3DVA: the mean fitted with the components at the working box, one fit of all particles, no
+    half-set weighting; ``mean_fsc`` and the components' FSC are then None). "joint" is what classification's
+    starting classes and splits use: only its coordinates matter there, it costs a third, and on a class with a
+    rare state it separates what the fixed-mean fit does not (``tests/test_classify.py``).
     ``max_iter``/``tol``: EM stops when the largest principal-angle sine between successive
     component subspaces falls below ``tol`` (after ``warmup_iter``), else after ``max_iter`` iterations; the
     result says which (``converged``, ``last_change``, ``tol``, ``iterations``).
@@ -381,6 +388,9 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                  getattr(particles, "source", None), None)
     if prior not in ("mean", "moments"):
         raise ValueError(f"--prior must be mean or moments, got {prior!r}")
+    if mean not in ("homogeneous", "joint"):
+        raise ValueError(f"mean must be homogeneous or joint, got {mean!r}")
+    joint = mean == "joint"
     if pad not in (1, 2, 3):
         raise ValueError(f"--pad must be 1, 2 or 3, got {pad}")
     K, J = n_components, n_components + 1
@@ -391,10 +401,11 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     log.info("principal volumes: %d particles, box %d -> working box %d (%.2f Å/px), limit %.2f Å, K=%d",
              n_part, N_box, n, apix_n, res_used, K)
     # the two half-sets (rlnRandomSubset, else random) are fitted apart, so that the components' FSC between
-    # them is honest; each half's images are cached (cache_mb for both)
+    # them is honest; each half's images are cached (cache_mb for both). A joint mean: one fit of all particles.
     halves = particle_halves(particles, seed)
-    rows = [np.flatnonzero(halves == h) for h in (1, 2)]
-    srcs = [ImageSource(particles.subset(r), lattice, radius_px, batch_size, device, cache_mb / 2) for r in rows]
+    rows = [np.arange(n_part)] if joint else [np.flatnonzero(halves == h) for h in (1, 2)]
+    srcs = [ImageSource(particles.subset(r) if len(rows) > 1 else particles, lattice, radius_px, batch_size,
+                        device, cache_mb / len(rows)) for r in rows]
     n_shells, shell_of = srcs[0].n_shells, srcs[0].shell
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -452,7 +463,12 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                 resid = r - torch.einsum("bk,bkp->bp", zh.to(torch.complex64), Gw)
                 var_term = torch.einsum("bkp,blp,bkl->bp", Gw.conj(), Gw, cov.to(torch.complex64)).real
                 e2 = resid.abs() ** 2 + var_term
-                data, zt, Ezz = r, zh, zh[:, :, None] * zh[:, None, :] + cov
+                if joint:       # the mean is fitted too: z̃ = (1, z)
+                    data, zt = y, torch.cat([torch.ones(B, 1, dtype=torch.float64, device=device), zh], 1)
+                    Ezz = zt[:, :, None] * zt[:, None, :]
+                    Ezz[:, 1:, 1:] += cov
+                else:
+                    data, zt, Ezz = r, zh, zh[:, :, None] * zh[:, None, :] + cov
                 z_all[idx] = zh.cpu().numpy()
                 cov_all[idx] = cov.cpu().numpy()
             else:
@@ -471,22 +487,30 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     settings = {"n_particles": n_part, "box": N_box, "apix": round(apix, 6), "n_components": K, "work_box": n,
                 "radius_px": round(float(radius_px), 6), "pad": pad, "regularisation": regularisation,
                 "prior": prior, "warmup_iter": warmup_iter, "seed": seed, "mask": mask_digest(mask_n),
-                "mean": "homogeneous reconstruction", "halves": [len(r) for r in rows]}
-    # the mean: the homogeneous reconstruction of the particles at their full box (FSC-weighted), held fixed;
-    # the components are fitted to the residuals of the images to its projections
-    rec = fsc_weighted_reconstruction(particles, halves, batch_size, device, progress=progress)
-    mean_full = rec.full.to(torch.float32).cpu()
-    mean_n = rec.full.to(device=device, dtype=torch.float32)
-    mean_n = fourier_crop_3d(mean_n, n) if n != N_box else mean_n
-    mean_fsc = rec.fsc
-    log.info("principal volumes: mean = homogeneous reconstruction, half-map FSC 0.143 at %.2f Å",
-             rec.resolution(0.143))
-    del rec
-    # the mean's signal power per shell, for the components' prior (one pass, in the M-step's units)
-    acc0 = MapEquations(n, pad, radius_px, 1, device)
-    for h, src in enumerate(srcs):
-        run_pass(src, mean_n[None], None, False, acc0, f"principal volumes: mean's power, half-set {h + 1}")
-    tau_mean = signal_power(acc0, radius_px)
+                "mean": mean, "halves": [len(r) for r in rows]}
+    mean_fsc: np.ndarray | None = None
+    tau_mean: torch.Tensor | None = None
+    if joint:
+        # the starting mean: the CTF-weighted backprojection at the working box, refitted in every M-step
+        acc0 = MapEquations(n, pad, radius_px, 1, device)
+        run_pass(srcs[0], torch.zeros((1, n, n, n), device=device), None, False, acc0, "principal volumes: mean")
+        mean_n = solve_maps(acc0, radius_px, limit, None, prior, mask_n)[0]
+    else:
+        # the mean: the homogeneous reconstruction of the particles at their full box (FSC-weighted), held fixed;
+        # the components are fitted to the residuals of the images to its projections
+        rec = fsc_weighted_reconstruction(particles, halves, batch_size, device, progress=progress)
+        mean_full = rec.full.to(torch.float32).cpu()
+        mean_n = rec.full.to(device=device, dtype=torch.float32)
+        mean_n = fourier_crop_3d(mean_n, n) if n != N_box else mean_n
+        mean_fsc = rec.fsc
+        log.info("principal volumes: mean = homogeneous reconstruction, half-map FSC 0.143 at %.2f Å",
+                 rec.resolution(0.143))
+        del rec
+        # the mean's signal power per shell, for the components' prior (one pass, in the M-step's units)
+        acc0 = MapEquations(n, pad, radius_px, 1, device)
+        for h, src in enumerate(srcs):
+            run_pass(src, mean_n[None], None, False, acc0, f"principal volumes: mean's power, half-set {h + 1}")
+        tau_mean = signal_power(acc0, radius_px)
     del acc0
 
     def m_step(acc: MapEquations, use_prior: bool) -> torch.Tensor:
@@ -496,13 +520,15 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     found = load_state(ckpt, settings, log) if resume and ckpt is not None else None
     noise: list[torch.Tensor | None]
     # three fits side by side: all particles (its components and coordinates are the result), and each half-set
-    # alone (their agreement says to which resolution each component is supported)
-    fits = (("all particles", (0, 1)), ("half-set 1", (0,)), ("half-set 2", (1,)))
+    # alone (their agreement says to which resolution each component is supported); a joint mean: the first only
+    fits = ((("all particles", (0,)),) if joint else
+            (("all particles", (0, 1)), ("half-set 1", (0,)), ("half-set 2", (1,))))
+    n_fits = len(fits)
     if found is not None:
         used, state = found
-        # the checkpoint holds the three fits' maps one after the other (3 J maps) and their noise spectra
-        vols, history = state.vols.to(device).reshape(3, J, n, n, n), state.history
-        noise = list(state.noise.to(device).reshape(3, -1))
+        # the checkpoint holds the fits' maps one after the other (n_fits J maps) and their noise spectra
+        vols, history = state.vols.to(device).reshape(n_fits, J, n, n, n), state.history
+        noise = list(state.noise.to(device).reshape(n_fits, -1))
         log.info("resuming from %s after EM iteration %d", used, state.iteration)
     else:
         if resume:
@@ -512,8 +538,8 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         rnd = torch.stack([fourier_pad_3d(torch.randn((m0,) * 3, generator=gen), n) for _ in range(K)]).to(device)
         rnd = rnd * mask_n
         rnd = rnd / rnd.reshape(K, -1).norm(dim=1)[:, None, None, None] * 0.1 * mean_n.norm()
-        vols = torch.cat([mean_n[None], rnd], 0)[None].repeat(3, 1, 1, 1, 1)     # (fit, J, n, n, n)
-        noise = [None, None, None]
+        vols = torch.cat([mean_n[None], rnd], 0)[None].repeat(n_fits, 1, 1, 1, 1)     # (fit, J, n, n, n)
+        noise = [None] * n_fits
         history = []
 
     def e_step(f: int, vol: torch.Tensor, acc: MapEquations | None, desc: str
@@ -530,14 +556,23 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     for it in range(len(history) + 1, last + 1):
         ti = time.time()
         changes = []
-        for f in range(3):
-            acc = MapEquations(n, pad, radius_px, K, device)
+        for f in range(n_fits):
+            acc = MapEquations(n, pad, radius_px, J if joint else K, device)
             new_noise, z_it, cov_it = e_step(f, vols[f], acc, f"principal volumes: EM {it}/{max_iter}")
-            W = m_step(acc, it > warmup_iter).reshape(K, -1).double()
+            maps = m_step(acc, it > warmup_iter).double()
             del acc
-            # parameter expansion (PX-EM, Liu, Rubin & Wu 1998): the latents' second moment is absorbed into the
-            # components (the mean is held fixed), which speeds up EM for factor models
+            # parameter expansion (PX-EM, Liu, Rubin & Wu 1998): the latents' second moment (with a joint mean their
+            # covariance, their mean going into the mean) is absorbed into the components, which speeds up EM for
+            # factor models
             psi = (z_it.T @ z_it + cov_it.sum(0)) / len(z_it)
+            if joint:
+                alpha = z_it.mean(0)
+                psi = psi - np.outer(alpha, alpha)
+                W = maps[1:].reshape(K, -1)
+                vols[f, 0] = (maps[0].reshape(-1) + torch.as_tensor(alpha, device=device) @ W
+                              ).reshape(n, n, n).to(torch.float32)
+            else:
+                W = maps.reshape(K, -1)
             L = torch.as_tensor(np.linalg.cholesky(psi + 1e-9 * np.eye(K)), dtype=torch.float64, device=device)
             # rotate the components to orthogonal directions (an invariance of PPCA with z ~ N(0, I))
             _, s, vt = torch.linalg.svd(L.T @ W, full_matrices=False)
@@ -555,7 +590,7 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         log.info("EM %d: subspace change sin %.2e (all %.2e, half-sets %.2e, %.2e), total variance %.4g, %.1f s",
                  it, change, *changes, variance, time.time() - ti)
         if ckpt is not None:
-            save_state(ckpt, EMState(vols.reshape(3 * J, n, n, n), torch.cat(noise), it, history), settings)
+            save_state(ckpt, EMState(vols.reshape(n_fits * J, n, n, n), torch.cat(noise), it, history), settings)
         if _met_tolerance(history, warmup_iter, tol):
             break
     converged = _met_tolerance(history, warmup_iter, tol)
@@ -570,9 +605,16 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     order = np.concatenate(rows)
     z, cov = np.zeros((n_part, K)), np.zeros((n_part, K, K))
     z[order], cov[order] = z_fit, cov_fit
-    W_n, comp_fsc = weight_by_halves(*(v[1:].reshape(K, -1).double() for v in vols), n)
-    log.info("principal volumes: FSC 0.143 of the principal volumes between half-sets at %s Å",
-             ", ".join(f"{resolution_at(c, n, apix_n, 0.143):.2f}" for c in comp_fsc))
+    comp_fsc: np.ndarray | None = None
+    comp_res: np.ndarray | None = None
+    if joint:
+        mean_full = fourier_pad_3d(vols[0, 0], N_box).cpu()
+        W_n = vols[0, 1:]
+    else:
+        W_n, comp_fsc = weight_by_halves(*(v[1:].reshape(K, -1).double() for v in vols), n)
+        comp_res = np.array([resolution_at(c, n, apix_n, 0.143) for c in comp_fsc])
+        log.info("principal volumes: FSC 0.143 of the principal volumes between half-sets at %s Å",
+                 ", ".join(f"{r:.2f}" for r in comp_res))
 
     # orthonormal principal volumes at the particles' box
     W_full = torch.stack([fourier_pad_3d(w, N_box).cpu() for w in W_n]).reshape(K, -1).double()
@@ -593,9 +635,7 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         eigenvalues=(s ** 2).numpy(), latents=b, latent_std=std_b,
         noise_var=noise_final.cpu().numpy(), apix=apix, work_box=n, resolution_A=float(res_used),
         history=history, converged=converged, last_change=last_change, tol=tol, iterations=len(history),
-        component_fsc=comp_fsc, component_resolution_A=np.array([resolution_at(c, n, apix_n, 0.143)
-                                                                 for c in comp_fsc]),
-        mean_fsc=mean_fsc)
+        component_fsc=comp_fsc, component_resolution_A=comp_res, mean_fsc=mean_fsc)
 
 
 def weight_by_halves(W: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, n: int
