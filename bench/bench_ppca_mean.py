@@ -2,12 +2,15 @@
 
     python bench/bench_ppca_mean.py --data /tmp/ppm/data --out /tmp/ppm/bench [--K 3] [--resolutions 10 0]
         [--max_iter 30 5]
+    python bench/bench_ppca_mean.py --data /tmp/ppm/data --out /tmp/ppm/rec --resolutions   # the reconstructions only
 
 ``--data``: a ``cryohet benchmark-make`` dataset (e.g. ``--dataset interpolation --box 64 --n_particles 2000
---snr 0.1``). On the same particles: ``cryohet reconstruct`` (Wiener filter from the half-map FSC),
-``relion_reconstruct --ctf`` (on PATH) and ``principal-volumes`` at each ``--resolutions`` limit. Each map's FSC
+--snr 0.1``). On the same particles: ``cryohet reconstruct`` (Wiener filter from the half-map FSC, and
+``--wiener none``), ``relion_reconstruct --ctf`` (on PATH) and ``principal-volumes`` at each ``--resolutions``
+limit (none: the reconstructions only). Each map's FSC
 to the true mean map (the true maps weighted by their particle counts) at chosen shells, the resolution where
-that FSC falls to 0.5, the per-image FSC AUC of each map used for every particle (and of principal-volumes' own
+that FSC falls to 0.5, its least difference to relion_reconstruct's over the shells where that is above
+0.143, the per-image FSC AUC of each map used for every particle (and of principal-volumes' own
 per-particle maps), principal-volumes' latents (|Spearman| of PC1, 5-fold k-NN R² of the true τ) and the wall
 times; ratios against ``cryohet reconstruct``. Writes ``<out>/ppca_mean.json`` and prints Markdown tables.
 """
@@ -72,7 +75,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--K", type=int, default=3)
     ap.add_argument("--reuse", action="store_true", help="keep finished runs already in --out (their own times)")
-    ap.add_argument("--resolutions", type=float, nargs="+", default=[10.0, 0.0])
+    ap.add_argument("--resolutions", type=float, nargs="*", default=[10.0, 0.0])
     ap.add_argument("--max_iter", type=int, nargs="+", default=[30],
                     help="EM iterations at each --resolutions limit (one value: the same for all)")
     a = ap.parse_args()
@@ -94,6 +97,9 @@ def main() -> None:
     secs["cryohet reconstruct"] = run_method("reconstruct", {"particles": str(star)}, a.out / "reconstruct",
                                              a.reuse)
     maps["cryohet reconstruct"] = a.out / "reconstruct" / "map.mrc"
+    secs["cryohet reconstruct --wiener none"] = run_method("reconstruct", {"particles": str(star), "wiener": "none"},
+                                                           a.out / "reconstruct_none", a.reuse)
+    maps["cryohet reconstruct --wiener none"] = a.out / "reconstruct_none" / "map.mrc"
     if shutil.which("relion_reconstruct"):
         secs["relion_reconstruct"] = relion(star, a.out / "relion", ds.apix)
         maps["relion_reconstruct"] = a.out / "relion" / "relion.mrc"
@@ -125,19 +131,28 @@ def main() -> None:
     result = {"dataset": str(ds.root), "n": ds.n_particles, "box": ds.box, "apix": ds.apix, "K": a.K,
               "freq_per_A": freq.tolist(), "maps": rows, "latents": latents, "per_image_fsc_auc": per_image,
               "seconds": secs}
-    (a.out / "ppca_mean.json").write_text(json.dumps(result, indent=1))
-    shells = [s for s in (4, 8, 12, 16, 20, 24, 28, 31) if s <= ds.box // 2]
+    shells = [s for s in (4, 8, 12, 16, 18, 19, 20, 21, 24, 28) if s <= ds.box // 2]
     ref = next(r for r in rows if r["map"] == "cryohet reconstruct")
+    rel = next((np.array(r["fsc_to_true_mean"]) for r in rows if r["map"] == "relion_reconstruct"), None)
+    for r in rows:
+        if rel is not None:
+            d = np.array(r["fsc_to_true_mean"]) - rel
+            ok = np.flatnonzero(rel > 0.143)
+            r["min_minus_relion"], r["at_shell"] = float(d[ok].min()), int(ok[d[ok].argmin()])
+    (a.out / "ppca_mean.json").write_text(json.dumps(result, indent=1))
     print(f"\nFSC to the true mean map ({ds.n_particles} particles, box {ds.box}, {ds.apix:.3g} Å/px); "
           "per-image FSC AUC of the map used for every particle; time")
-    print("| map | " + " | ".join(f"{1 / freq[s]:.1f} Å" for s in shells) + " | FSC 0.5 | per-image AUC | "
-          "AUC / reconstruct's | s |")
-    print("|---|" + "---|" * (len(shells) + 4))
+    print("| map | " + " | ".join(f"{1 / freq[s]:.1f} Å" for s in shells) + " | FSC 0.5 | least FSC − RELION's "
+          "(shell) | per-image AUC | AUC / reconstruct's | s |")
+    print("|---|" + "---|" * (len(shells) + 5))
     for r in rows:
         c = r["fsc_to_true_mean"]
+        least = f"{r['min_minus_relion']:+.3f} ({1 / freq[r['at_shell']]:.1f} Å)" if "at_shell" in r else "-"
         print(f"| {r['map']} | " + " | ".join(f"{c[s]:.3f}" for s in shells)
-              + f" | {r['res_0.5_A']:.2f} Å | {r['per_image_fsc_auc']:.3f} | "
+              + f" | {r['res_0.5_A']:.2f} Å | {least} | {r['per_image_fsc_auc']:.3f} | "
               f"{r['per_image_fsc_auc'] / ref['per_image_fsc_auc']:.3f} | {r['seconds'] or 0:.0f} |")
+    if not latents:
+        return
     print("\n| principal-volumes | |Spearman| PC1 | k-NN R² | per-image FSC AUC (its maps) | s |")
     print("|---|---|---|---|---|")
     for label, lat in latents.items():

@@ -25,6 +25,9 @@ the components of all particles; those are weighted along each principal directi
 the half-sets' fits (turned onto them by orthogonal Procrustes) and low-passed where that FSC falls below 0.143,
 so a component holds no detail the halves do not agree on, then rotated to orthonormal principal volumes X_k
 sorted by variance, with coordinates b_k = S Vᵀ ẑ and their posterior standard deviations.
+
+``mean="joint"`` keeps the estimator as cryoSPARC's 3DVA (μ solved with the components per voxel, a
+(K+1)×(K+1) M-step with z̃ = (1, z), one fit of all particles): the coordinates classification starts from.
 """
 from __future__ import annotations
 
