@@ -166,22 +166,43 @@ class BackProjector:
             self._shells = torch.round(r).long().flatten()
         return self._shells
 
-    def reconstruct(self, regularisation: torch.Tensor | float = 0.0, min_weight_fraction: float = 1e-3,
-                    soft_edge_px: float = 3.0) -> torch.Tensor:
-        """Map (box, box, box): data / (weight + λ), with λ a constant or per shell (indexed by ``shell_index``).
-
-        ``min_weight_fraction`` guards voxels with (almost) no data: λ is at least that fraction of the mean
-        weight inside Nyquist. As relion_reconstruct, the map is zeroed outside a sphere of radius box / 2 with
-        a cosine edge of ``soft_edge_px`` (0 disables the mask).
-        """
+    def _denominator(self, regularisation: torch.Tensor | float, min_weight_fraction: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight + λ per half-grid voxel (float64, λ at least the floor) and the voxels inside Nyquist."""
         shells = self.shell_index()
         inside = shells <= self.box // 2
         weight = self.weight
         floor = min_weight_fraction * weight[inside].mean().clamp_min(1e-30)
         lam = torch.as_tensor(regularisation, dtype=torch.float64, device=self.device)
         denom = lam[shells.clamp_max(len(lam) - 1)] if lam.ndim else torch.full_like(weight, float(lam))
-        del shells
-        denom = denom.clamp_(min=floor).add_(weight).to(torch.float32)
+        return denom.clamp_(min=floor).add_(weight), inside
+
+    def wiener_gain(self, regularisation: torch.Tensor | float, min_weight_fraction: float = 1e-3) -> torch.Tensor:
+        """Mean of weight / (weight + λ) per shell 0 .. box // 2 (float64): the average transfer of the
+        regularised division (λ and its floor as ``reconstruct``)."""
+        denom, inside = self._denominator(regularisation, min_weight_fraction)
+        shells = self.shell_index()[inside]
+        n = self.box // 2 + 1
+        sums = torch.zeros(n, dtype=torch.float64, device=self.device).index_add_(0, shells,
+                                                                                 self.weight[inside] / denom[inside])
+        counts = torch.bincount(shells, minlength=n).to(torch.float64)
+        return sums / counts.clamp_min(1)
+
+    def reconstruct(self, regularisation: torch.Tensor | float = 0.0, min_weight_fraction: float = 1e-3,
+                    soft_edge_px: float = 3.0, shell_gain: torch.Tensor | None = None) -> torch.Tensor:
+        """Map (box, box, box): data / (weight + λ), with λ a constant or per shell (indexed by ``shell_index``).
+
+        ``min_weight_fraction`` guards voxels with (almost) no data: λ is at least that fraction of the mean
+        weight inside Nyquist. As relion_reconstruct, the map is zeroed outside a sphere of radius box / 2 with
+        a cosine edge of ``soft_edge_px`` (0 disables the mask). ``shell_gain`` (per shell, e.g.
+        :meth:`wiener_gain`): each shell is also divided by it, so that λ reweights voxels within a shell but
+        leaves the shells' levels to the caller.
+        """
+        denom, inside = self._denominator(regularisation, min_weight_fraction)
+        if shell_gain is not None:
+            g = torch.as_tensor(shell_gain, dtype=torch.float64, device=self.device).clamp_min(1e-12)
+            denom.mul_(g[self.shell_index().clamp_max(len(g) - 1)])
+        denom = denom.to(torch.float32)
         # single precision from here (the map is float32); temporaries stay a few bytes per voxel
         ft = self._data.to(torch.complex64).div_(denom).masked_fill_(~inside, 0)
         del denom, inside

@@ -299,7 +299,8 @@ def initial_classes_from_pca(particles: Any, n_classes: int, *, resolution_A: fl
                              seed: int = 0, log: logging.Logger | None = None, progress: Progress | None = None
                              ) -> np.ndarray:
     """A starting class (0..K-1) per particle: the clusters of a Gaussian mixture of K components over the
-    particles' coordinates on K − 1 principal volumes (at most 8), fitted at ``resolution_A`` inside ``mask``.
+    particles' coordinates on K − 1 principal volumes (at most 8), fitted at ``resolution_A`` inside ``mask``
+    with the mean fitted jointly (``fit_principal_volumes(mean="joint")``: only the coordinates are used).
 
     Discrete states separate along the principal volumes, so EM starts near their partition instead of from K
     random subsets that differ only by noise (on simulated 60/30/10 % states this lifts the adjusted Rand index
@@ -310,7 +311,7 @@ def initial_classes_from_pca(particles: Any, n_classes: int, *, resolution_A: fl
     from cryohet.inference.ppca import fit_principal_volumes
 
     pv = fit_principal_volumes(particles, max(1, min(n_classes - 1, 8)), resolution_A=resolution_A, mask=mask,
-                               max_iter=15, batch_size=batch_size, device=device, seed=seed, log=log,
+                               max_iter=15, mean="joint", batch_size=batch_size, device=device, seed=seed, log=log,
                                progress=progress)
     labels = GaussianMixture(n_classes, n_init=5, random_state=seed).fit_predict(pv.latents.astype(np.float64))
     smallest = np.bincount(labels, minlength=n_classes).min()

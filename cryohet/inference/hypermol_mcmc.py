@@ -53,7 +53,7 @@ from cryohet.inference.ppca import (
     MapEquations,
     ProgressFn,
     fit_principal_volumes,
-    shell_power,
+    signal_power,
     solve_maps,
 )
 from cryohet.models.hypermolecule import affine_legendre_transform, legendre_basis
@@ -359,7 +359,8 @@ def _pca_start(particles: Any, fit: _Fitter, degree: int, resolution_A: float, b
     scaled so that τ in [−1, 1] spans the coordinates' 1st-99th percentiles, zeros for l ≥ 2), σ² per shell and
     each particle's τ, its coordinate's rank mapped to [−1, 1] (so that the chains start uniform and ordered)."""
     pv = fit_principal_volumes(particles, 1, resolution_A=resolution_A, max_iter=PCA_ITERATIONS, batch_size=batch_size,
-                               device=fit.device, seed=seed, cache_mb=cache_mb, progress=progress, log=log)
+                               mean="joint", device=fit.device, seed=seed, cache_mb=cache_mb, progress=progress,
+                               log=log)  # only the coordinates are used: the one-fit estimator
     b = pv.latents[:, 0]
     lo, hi = np.percentile(b, [1, 99])
     maps = torch.zeros((degree + 1,) + (fit.n,) * 3, dtype=torch.float32, device=fit.device)
@@ -438,9 +439,9 @@ def fit_hypermolecule(particles: Any, degree: int, *, resolution_A: float, itera
                                           prior)
         new = torch.zeros_like(maps)
         if power is None:  # the mean's signal power per shell, fixed from the first pass (no feedback through τ²)
-            power = shell_power(acc, fit.radius)
+            power = signal_power(acc, fit.radius)
         new[:L] = solve_maps(acc, fit.radius, fit.limit, regularisation, "mean", fit.mask,
-                             smoothness_scale(L - 1, smoothness), power)
+                             prior_scale=smoothness_scale(L - 1, smoothness), power=power)
         del acc
         change = float((new - maps).norm() / new.norm().clamp_min(1e-30))
         maps, noise = new, new_noise

@@ -5,19 +5,29 @@ Image model for particle m (centred transform y_m, origin undone, Fourier-croppe
 
     y_m = c_m · P_m (μ + W z_m) + n_m,      z_m ~ N(0, I_K),   n_m ~ N(0, σ²(shell)) per pixel,
 
-with P_m the Fourier slice at the particle's pose and c_m its CTF. EM:
+with P_m the Fourier slice at the particle's pose and c_m its CTF.
 
+* μ is the homogeneous reconstruction of the particles at their full box
+  (``reconstruct.homogeneous.fsc_weighted_reconstruction``: half-sets, plain division, FSC-weighted per shell),
+  held fixed: a mean fitted jointly with the components at the working box lost its high frequencies, and the
+  mean of a linear model is the least-squares single map.
 * E-step (per particle, a K×K system): Σ_m = (I + Re G_mᴴ Ω G_m)⁻¹, ẑ_m = Σ_m Re G_mᴴ Ω (y_m − c_m P_m μ),
   with G_m = c_m P_m W (slices of each component) and Ω = diag(1/σ²).
-* M-step (per Fourier voxel, a (K+1)×(K+1) system, as cryoSPARC 3DVA): mean and components together,
-  Σ_m Pᵀ Ω c² E[z̃ z̃ᵀ] X = Σ_m Pᵀ Ω c y ẑ̃ᵀ with z̃ = (1, z), accumulated by trilinear insertion (the
-  K-channel generalisation of ``BackProjector``), plus a Wiener-like per-shell prior 1/(T τ²(shell)).
+* M-step (per Fourier voxel, a K×K system): Σ_m Pᵀ Ω c² E[z zᵀ] W = Σ_m Pᵀ Ω c (y − c P μ) ẑᵀ, accumulated by
+  trilinear insertion (the K-channel generalisation of ``BackProjector``), plus a Wiener-like per-shell prior
+  1/(T τ²(shell)), τ² the mean's signal power or the components' own.
 * σ²(shell) from the expected residuals; the components are masked in real space after each M-step.
 
 Images stream in batches (optionally cached in memory once Fourier-cropped), so memory does not grow
-with the number of particles beyond the (N, K) coordinates. At the end the components are rotated to
-orthonormal principal volumes X_k sorted by variance, and coordinates b_k = S Vᵀ ẑ with their posterior
-standard deviations.
+with the number of particles beyond the (N, K) coordinates. Three fits run side by side: all particles, and each
+half-set alone (as RELION's gold standard). At the end every particle's coordinates come from a last E-step with
+the components of all particles; those are weighted along each principal direction per shell by the FSC between
+the half-sets' fits (turned onto them by orthogonal Procrustes) and low-passed where that FSC falls below 0.143,
+so a component holds no detail the halves do not agree on, then rotated to orthonormal principal volumes X_k
+sorted by variance, with coordinates b_k = S Vᵀ ẑ and their posterior standard deviations.
+
+``mean="joint"`` keeps the estimator as cryoSPARC's 3DVA (μ solved with the components per voxel, a
+(K+1)×(K+1) M-step with z̃ = (1, z), one fit of all particles): the coordinates classification starts from.
 """
 from __future__ import annotations
 
@@ -41,6 +51,8 @@ from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import Projector, sinc2_grid, slice_coords
 from cryohet.inference.em_state import EMState, load_state, mask_digest, save_state
 from cryohet.inference.memory_plans import PvShape, check_pv_fits
+from cryohet.reconstruct.fsc import fsc, fsc_shell_weights, resolution_at, weight_shells
+from cryohet.reconstruct.homogeneous import fsc_weighted_reconstruction, particle_halves
 
 #: Fewest particles the estimator accepts, and particles needed per unknown map (mean + K components).
 MIN_PARTICLES = 50
@@ -49,6 +61,8 @@ PARTICLES_PER_MAP = 20
 MIN_WEIGHT_FRACTION = 1e-3
 #: The components' prior power per shell is at least this fraction of the mean's (keeps W from exactly 0).
 MIN_COMPONENT_POWER = 1e-6
+#: Each principal volume is low-passed where the FSC between its half-sets' estimates first falls below this.
+COMPONENT_FSC = 0.143
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]
 
@@ -71,6 +85,9 @@ class PrincipalVolumes:
     last_change: float = math.nan  # sine of the largest principal angle between the last two component subspaces
     tol: float = 0.0               # the stopping tolerance on that sine
     iterations: int = 0            # EM iterations done (a resumed fit counts those before the stop)
+    component_fsc: np.ndarray | None = None          # (K, work_box // 2 + 1) FSC of each X_k between half-sets
+    component_resolution_A: np.ndarray | None = None  # (K,) where that FSC falls below 0.143, Å
+    mean_fsc: np.ndarray | None = None               # (box // 2 + 1,) half-map FSC of the mean (homogeneous map)
 
 
 def check_inputs(n_particles: int, box: int, apix: float, n_components: int, resolution_A: float,
@@ -267,54 +284,68 @@ def _shell_mean(values: torch.Tensor, shell: torch.Tensor, n_sh: int) -> torch.T
     return tot / cnt.clamp_min(1)
 
 
-def _floor_lambda(acc: MapEquations, radius_px: float) -> torch.Tensor:
-    """λ (V, J): a small fraction of each map's mean data weight inside the resolution sphere."""
+def _floor_solve(acc: MapEquations, radius_px: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """λ (V, J) holding only the floor for voxels with little data, and the solution (J, V) and its noise
+    variance (J, V) under it."""
+    wdiag = acc.weight_diag()                                   # (V, J)
     inside = acc.shell <= radius_px
-    floor = MIN_WEIGHT_FRACTION * acc.weight_diag()[inside].mean(0).clamp_min(1e-30)   # (J,)
-    return floor[None, :].expand(len(acc.flat), -1).clone()
+    floor = MIN_WEIGHT_FRACTION * wdiag[inside].mean(0).clamp_min(1e-30)   # (J,)
+    lam = floor[None, :].expand(len(acc.flat), -1).clone()
+    X, var = acc.solve(lam)
+    return lam, X, var
 
 
-def shell_power(acc: MapEquations, radius_px: float) -> torch.Tensor:
-    """τ² per shell of the first map of ``acc`` (the signal power ``solve_maps`` estimates: mean |X̂|² − noise variance
-    of X̂ over the shell, from the weakly regularised solution; 0 where the data show none)."""
-    X, var = acc.solve(_floor_lambda(acc, radius_px))
+def signal_power(acc: MapEquations, radius_px: float) -> torch.Tensor:
+    """τ² per shell of ``acc``'s first map by moments: mean |X̂|² − noise variance of X̂, at least 0 (the prior's
+    signal power; units of the padded grid's Fourier coefficients)."""
+    _, X, var = _floor_solve(acc, radius_px)
     return _shell_mean(X[0].abs() ** 2 - var[0], acc.shell, int(acc.shell.max()) + 1).clamp_min(0)
 
 
 def solve_maps(acc: MapEquations, radius_px: float, limit: torch.Tensor, regularisation: float | None,
                prior: str = "mean", mask: torch.Tensor | None = None,
-               prior_scale: torch.Tensor | None = None, power: torch.Tensor | None = None) -> torch.Tensor:
-    """Solve the per-voxel systems of ``acc`` and return maps (J, n, n, n); maps 1.. multiplied by ``mask``.
+               tau_mean: torch.Tensor | None = None, prior_scale: torch.Tensor | None = None,
+               power: torch.Tensor | None = None) -> torch.Tensor:
+    """Solve the per-voxel systems of ``acc`` and return maps (J, n, n, n); the components multiplied by ``mask``.
 
+    Without ``tau_mean`` map 0 is the mean and maps 1.. components; with it (the mean's τ² per shell, as
+    :func:`signal_power`) every map is a component, fitted to data from which a fixed mean was subtracted.
     λ per voxel and map: a floor for voxels with little data; with a ``regularisation`` T also the per-shell
     prior 1/(T τ²) with τ² the signal power per shell estimated by moments from a weakly regularised solution,
     mean |X̂|² − noise variance of X̂ (empirical Bayes as RELION's τ², without the feedback that drives a
-    weakly supported estimate to zero); for maps 1.. τ² is pooled over them ("moments": their own excess power,
-    zero where the data show no variability above the noise; "mean": up to the first map's power per shell).
-    ``limit``: the padded grid's resolution sphere; ``prior_scale`` (J,): each map's λ multiplied by it; ``power``
-    (shells,): τ² of every map given (e.g. ``shell_power`` of an earlier solution) instead of estimated.
+    weakly supported estimate to zero); for the components τ² is pooled over them ("moments": their own excess
+    power, zero where the data show no variability above the noise; "mean": up to the mean map's power per
+    shell). ``limit``: the padded grid's resolution sphere; ``prior_scale`` (J,): each map's λ multiplied by it;
+    ``power`` (shells,): τ² of every map given (e.g. :func:`signal_power` of an earlier solution) instead of
+    estimated, map 0 still the mean.
     """
-    lam = _floor_lambda(acc, radius_px)
-    X, var = acc.solve(lam)
+    lam, X, var = _floor_solve(acc, radius_px)
+    first = 0 if tau_mean is not None else 1                    # index of the first component
     if regularisation is not None:
         n_sh = int(acc.shell.max()) + 1
         excess = X.abs() ** 2 - var                             # (J, V)
-        tau0 = _shell_mean(excess[0], acc.shell, n_sh).clamp_min(0) if power is None else power.to(lam)
-        lam[:, 0] = torch.maximum(lam[:, 0], 1.0 / (regularisation * tau0[acc.shell]).clamp_min(1e-300))
-        if acc.J > 1:
+        if tau_mean is not None:
+            tau0 = tau_mean
+        elif power is not None:
+            tau0 = power.to(lam)
+        else:
+            tau0 = _shell_mean(excess[0], acc.shell, n_sh).clamp_min(0)
+        if first:
+            lam[:, 0] = torch.maximum(lam[:, 0], 1.0 / (regularisation * tau0[acc.shell]).clamp_min(1e-300))
+        if acc.J > first:
             if prior == "moments":
-                tau_w = _shell_mean(excess[1:].mean(0), acc.shell, n_sh)
+                tau_w = _shell_mean(excess[first:].mean(0), acc.shell, n_sh)
                 tau_w = torch.maximum(tau_w, MIN_COMPONENT_POWER * tau0)
             else:
                 tau_w = tau0
-            lam[:, 1:] = torch.maximum(lam[:, 1:], (1.0 / (regularisation * tau_w[acc.shell])
-                                                    .clamp_min(1e-300))[:, None])
+            lam[:, first:] = torch.maximum(lam[:, first:], (1.0 / (regularisation * tau_w[acc.shell])
+                                                            .clamp_min(1e-300))[:, None])
         if prior_scale is not None:
             lam = lam * prior_scale.to(lam)[None, :]
         X, _ = acc.solve(lam)
     vols = to_real_space(acc.to_grid(X), acc.n, acc.pad, limit)
-    if vols.shape[0] > 1 and mask is not None:
-        vols[1:] = vols[1:] * mask
+    if mask is not None:
+        vols[first:] = vols[first:] * mask
     return vols
 
 
@@ -339,8 +370,9 @@ def _progress_default(items: Iterable[Any], desc: str, total: int) -> Iterable[A
 def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: float = 0.0,
                           mask: np.ndarray | None = None, max_iter: int = 30, tol: float = 1e-3,
                           batch_size: int = 256, pad: int = 2, regularisation: float = 1.0,
-                          warmup_iter: int = 3, prior: str = "mean", device: torch.device | str = "cpu", seed: int = 0,
-                          cache_mb: float = 1024.0, progress: ProgressFn | None = None,
+                          warmup_iter: int = 3, prior: str = "mean", mean: str = "homogeneous",
+                          device: torch.device | str = "cpu", seed: int = 0, cache_mb: float = 1024.0,
+                          progress: ProgressFn | None = None,
                           log: logging.Logger | None = None, checkpoint: str | Path | None = None,
                           resume: bool = False) -> PrincipalVolumes:
     """Mean and ``n_components`` principal volumes of ``particles`` (a ``ParticleSet``: box, apix, euler_deg,
@@ -349,6 +381,12 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     ``resolution_A``: limit of the analysis (0 = Nyquist); images are Fourier-cropped to it.
     ``mask``: (box,)*3 map in [0, 1] restricting the components (default: a soft sphere).
     ``regularisation``: T of the per-shell prior 1/(T τ²); larger trusts the data more.
+    ``mean``: "homogeneous" (the homogeneous reconstruction at the particles' full box, held fixed; the components
+    fitted to all particles and to each half-set apart, and weighted per shell by the half-sets' FSC) or "joint"
+    (as cryoSPARC's 3DVA: the mean fitted with the components at the working box, one fit of all particles, no
+    half-set weighting; ``mean_fsc`` and the components' FSC are then None). "joint" is what classification's
+    starting classes and splits use: only its coordinates matter there, it costs a third, and on a class with a
+    rare state it separates what the fixed-mean fit does not (``tests/test_classify.py``).
     ``max_iter``/``tol``: EM stops when the largest principal-angle sine between successive
     component subspaces falls below ``tol`` (after ``warmup_iter``), else after ``max_iter`` iterations; the
     result says which (``converged``, ``last_change``, ``tol``, ``iterations``).
@@ -365,6 +403,9 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                  getattr(particles, "source", None), None)
     if prior not in ("mean", "moments"):
         raise ValueError(f"--prior must be mean or moments, got {prior!r}")
+    if mean not in ("homogeneous", "joint"):
+        raise ValueError(f"mean must be homogeneous or joint, got {mean!r}")
+    joint = mean == "joint"
     if pad not in (1, 2, 3):
         raise ValueError(f"--pad must be 1, 2 or 3, got {pad}")
     K, J = n_components, n_components + 1
@@ -377,7 +418,13 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     need = check_pv_fits(PvShape(n, pad, K, radius_px, batch_size, n_part, cache_mb), device,
                          getattr(particles, "source", "the particles"), apix_n)
     log.info("memory plan: %.3f GB on %s", need / 1e9, device)
-    src = ImageSource(particles, lattice, radius_px, batch_size, device, cache_mb)
+    # the two half-sets (rlnRandomSubset, else random) are fitted apart, so that the components' FSC between
+    # them is honest; each half's images are cached (cache_mb for both). A joint mean: one fit of all particles.
+    halves = particle_halves(particles, seed)
+    rows = [np.arange(n_part)] if joint else [np.flatnonzero(halves == h) for h in (1, 2)]
+    srcs = [ImageSource(particles.subset(r) if len(rows) > 1 else particles, lattice, radius_px, batch_size,
+                        device, cache_mb / len(rows)) for r in rows]
+    n_shells, shell_of = srcs[0].n_shells, srcs[0].shell
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     # mask for the components at the working box
@@ -391,22 +438,24 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     limit = ((c3[:, None, None] ** 2 + c3[None, :, None] ** 2 + c3[None, None, :] ** 2) <= radius_px ** 2).double()
 
     def shell_sum(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(src.n_shells, dtype=torch.float64, device=device).index_add_(0, src.shell, values.double())
+        return torch.zeros(n_shells, dtype=torch.float64, device=device).index_add_(0, shell_of, values.double())
 
-    def run_pass(vols: torch.Tensor, noise: torch.Tensor | None, with_w: bool, accumulate: bool, desc: str
+    def run_pass(src: ImageSource, vols: torch.Tensor, noise: torch.Tensor | None, with_w: bool,
+                 acc: MapEquations | None, desc: str
                  ) -> tuple[MapEquations | None, torch.Tensor, np.ndarray, np.ndarray]:
-        """One pass over the data: E-step with ``vols`` (J, n, n, n) and noise σ² per shell (None: estimate it
-        from the first batch's residuals to the mean, or 1 without components); M-step statistics, expected
-        residual power per shell, posterior means and covariances of z."""
+        """One pass over ``src``: E-step with ``vols`` (J, n, n, n: the fixed mean, then the components) and
+        noise σ² per shell (None: estimate it from the first batch's residuals to the mean, or 1 without
+        components); M-step statistics added to ``acc`` when given (without components: of the mean; with them:
+        of the components, from the residuals to the mean); expected residual power per shell, posterior means
+        and covariances of z (rows of ``src``)."""
         Jp = J if with_w else 1
-        acc = MapEquations(n, pad, radius_px, Jp, device) if accumulate else None
         projs = [Projector(v, pad) for v in vols[:Jp]]
-        res_sum = torch.zeros(src.n_shells, dtype=torch.float64, device=device)
-        count = torch.zeros(src.n_shells, dtype=torch.float64, device=device)
+        res_sum = torch.zeros(n_shells, dtype=torch.float64, device=device)
+        count = torch.zeros(n_shells, dtype=torch.float64, device=device)
         w = src.weight
         ones = w.double()
-        z_all = np.zeros((n_part, K), dtype=np.float64)
-        cov_all = np.zeros((n_part, K, K), dtype=np.float64)
+        z_all = np.zeros((src.n_particles, K), dtype=np.float64)
+        cov_all = np.zeros((src.n_particles, K, K), dtype=np.float64)
         omega = None if noise is None else (1.0 / noise[src.shell]).to(torch.float32)
         for batch in progress(src.batches(), desc, src.n_batches()):
             idx, y, c, A = batch.rows, batch.images_ft, batch.ctf, batch.rotations
@@ -432,80 +481,134 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                 resid = r - torch.einsum("bk,bkp->bp", zh.to(torch.complex64), Gw)
                 var_term = torch.einsum("bkp,blp,bkl->bp", Gw.conj(), Gw, cov.to(torch.complex64)).real
                 e2 = resid.abs() ** 2 + var_term
-                zt = torch.cat([torch.ones(B, 1, dtype=torch.float64, device=device), zh], 1)
-                Ezz = zt[:, :, None] * zt[:, None, :]
-                Ezz[:, 1:, 1:] += cov
+                if joint:       # the mean is fitted too: z̃ = (1, z)
+                    data, zt = y, torch.cat([torch.ones(B, 1, dtype=torch.float64, device=device), zh], 1)
+                    Ezz = zt[:, :, None] * zt[:, None, :]
+                    Ezz[:, 1:, 1:] += cov
+                else:
+                    data, zt, Ezz = r, zh, zh[:, :, None] * zh[:, None, :] + cov
                 z_all[idx] = zh.cpu().numpy()
                 cov_all[idx] = cov.cpu().numpy()
             else:
                 e2 = r.abs() ** 2
+                data = y
                 zt = torch.ones(B, 1, dtype=torch.float64, device=device)
                 Ezz = torch.ones(B, 1, 1, dtype=torch.float64, device=device)
             res_sum += shell_sum(e2.sum(0) * w)
             count += shell_sum(ones * B)
             if acc is not None:
                 pos = slice_coords(A, n, pad).reshape(B, -1, 3)[:, src.flat]
-                acc.insert(pos, 0.5 * w, y, c, omega, zt, Ezz)
+                acc.insert(pos, 0.5 * w, data, c, omega, zt, Ezz)
         return acc, res_sum / count.clamp_min(1), z_all, cov_all
-
-    def m_step(acc: MapEquations, use_prior: bool) -> torch.Tensor:
-        return solve_maps(acc, radius_px, limit, regularisation if use_prior else None, prior, mask_n)
 
     t0 = time.time()
     settings = {"n_particles": n_part, "box": N_box, "apix": round(apix, 6), "n_components": K, "work_box": n,
                 "radius_px": round(float(radius_px), 6), "pad": pad, "regularisation": regularisation,
-                "prior": prior, "warmup_iter": warmup_iter, "seed": seed, "mask": mask_digest(mask_n)}
+                "prior": prior, "warmup_iter": warmup_iter, "seed": seed, "mask": mask_digest(mask_n),
+                "mean": mean, "halves": [len(r) for r in rows]}
+    mean_fsc: np.ndarray | None = None
+    tau_mean: torch.Tensor | None = None
+    if joint:
+        # the starting mean: the CTF-weighted backprojection at the working box, refitted in every M-step
+        acc0 = MapEquations(n, pad, radius_px, 1, device)
+        run_pass(srcs[0], torch.zeros((1, n, n, n), device=device), None, False, acc0, "principal volumes: mean")
+        mean_n = solve_maps(acc0, radius_px, limit, None, prior, mask_n)[0]
+    else:
+        # the mean: the homogeneous reconstruction of the particles at their full box (FSC-weighted), held fixed;
+        # the components are fitted to the residuals of the images to its projections
+        rec = fsc_weighted_reconstruction(particles, halves, batch_size, device, progress=progress)
+        mean_full = rec.full.to(torch.float32).cpu()
+        mean_n = rec.full.to(device=device, dtype=torch.float32)
+        mean_n = fourier_crop_3d(mean_n, n) if n != N_box else mean_n
+        mean_fsc = rec.fsc
+        log.info("principal volumes: mean = homogeneous reconstruction, half-map FSC 0.143 at %.2f Å",
+                 rec.resolution(0.143))
+        del rec
+        # the mean's signal power per shell, for the components' prior (one pass, in the M-step's units)
+        acc0 = MapEquations(n, pad, radius_px, 1, device)
+        for h, src in enumerate(srcs):
+            run_pass(src, mean_n[None], None, False, acc0, f"principal volumes: mean's power, half-set {h + 1}")
+        tau_mean = signal_power(acc0, radius_px)
+    del acc0
+
+    def m_step(acc: MapEquations, use_prior: bool) -> torch.Tensor:
+        return solve_maps(acc, radius_px, limit, regularisation if use_prior else None, prior, mask_n, tau_mean)
+
     ckpt = Path(checkpoint) if checkpoint is not None else None
     found = load_state(ckpt, settings, log) if resume and ckpt is not None else None
+    noise: list[torch.Tensor | None]
+    # three fits side by side: all particles (its components and coordinates are the result), and each half-set
+    # alone (their agreement says to which resolution each component is supported); a joint mean: the first only
+    fits = ((("all particles", (0,)),) if joint else
+            (("all particles", (0, 1)), ("half-set 1", (0,)), ("half-set 2", (1,))))
+    n_fits = len(fits)
     if found is not None:
         used, state = found
-        vols, noise, history = state.vols.to(device), state.noise.to(device), state.history
+        # the checkpoint holds the fits' maps one after the other (n_fits J maps) and their noise spectra
+        vols, history = state.vols.to(device).reshape(n_fits, J, n, n, n), state.history
+        noise = list(state.noise.to(device).reshape(n_fits, -1))
         log.info("resuming from %s after EM iteration %d", used, state.iteration)
     else:
         if resume:
             log.info("--resume: no checkpoint at %s, starting from scratch", ckpt)
-        # pass 0: the mean alone (CTF-weighted backprojection)
-        acc, _, _, _ = run_pass(torch.zeros((1, n, n, n), device=device), None, False, True,
-                                "principal volumes: mean")
-        mean = m_step(acc, False)[0]
-        del acc
-        # initial components: smooth random maps inside the mask, at a tenth of the mean's spread
+        # initial components (every fit): smooth random maps inside the mask, at a tenth of the mean's spread
         m0 = max(4, (n // 8) * 2)
         rnd = torch.stack([fourier_pad_3d(torch.randn((m0,) * 3, generator=gen), n) for _ in range(K)]).to(device)
         rnd = rnd * mask_n
-        rnd = rnd / rnd.reshape(K, -1).norm(dim=1)[:, None, None, None] * 0.1 * mean.norm()
-        vols = torch.cat([mean[None], rnd], 0)
-        noise = None
+        rnd = rnd / rnd.reshape(K, -1).norm(dim=1)[:, None, None, None] * 0.1 * mean_n.norm()
+        vols = torch.cat([mean_n[None], rnd], 0)[None].repeat(n_fits, 1, 1, 1, 1)     # (fit, J, n, n, n)
+        noise = [None] * n_fits
         history = []
-    prev_basis = _orthonormal(vols[1:].reshape(K, -1))
+
+    def e_step(f: int, vol: torch.Tensor, acc: MapEquations | None, desc: str
+               ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """E-step (and M-step statistics into ``acc``) of fit ``f`` over its half-sets: noise spectrum,
+        coordinates and their covariances (rows: its half-sets' particles one after the other)."""
+        parts = [run_pass(srcs[h], vol, noise[f], True, acc, f"{desc}, {fits[f][0]}") for h in fits[f][1]]
+        counts = [srcs[h].n_particles for h in fits[f][1]]
+        new_noise = sum(p[1] * c for p, c in zip(parts, counts, strict=True)) / sum(counts)
+        return new_noise, np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+
+    prev_basis = [_orthonormal(v[1:].reshape(K, -1)) for v in vols]
     last = len(history) if _met_tolerance(history, warmup_iter, tol) else max_iter  # a converged fit stays so
     for it in range(len(history) + 1, last + 1):
         ti = time.time()
-        acc, new_noise, z_it, cov_it = run_pass(vols, noise, True, True, f"principal volumes: EM {it}/{max_iter}")
-        vols = m_step(acc, it > warmup_iter)
-        # parameter expansion (PX-EM, Liu, Rubin & Wu 1998): the latents' sample mean and covariance are
-        # absorbed into the mean and the components, which speeds up EM for factor models
-        alpha = z_it.mean(0)
-        psi = (z_it.T @ z_it + cov_it.sum(0)) / n_part - np.outer(alpha, alpha)
-        L = torch.as_tensor(np.linalg.cholesky(psi + 1e-9 * np.eye(K)), dtype=torch.float64, device=device)
-        Wd = vols[1:].reshape(K, -1).double()
-        vols[0] = vols[0] + (torch.as_tensor(alpha, device=device) @ Wd).reshape(n, n, n).float()
-        vols[1:] = (L.T @ Wd).reshape(K, n, n, n).float()
-        del acc
-        noise = new_noise.clamp_min(1e-30)
-        # rotate the components to orthogonal directions (an invariance of PPCA with z ~ N(0, I))
-        _, s, vt = torch.linalg.svd(vols[1:].reshape(K, -1).double(), full_matrices=False)
-        vols[1:] = (torch.diag(s) @ vt).reshape(K, n, n, n).to(torch.float32)
-        basis = _orthonormal(vols[1:].reshape(K, -1))
-        cos_min = float(torch.linalg.svdvals(prev_basis @ basis.T).clamp(0, 1).min())
-        change = math.sqrt(max(0.0, 1 - cos_min ** 2))
-        prev_basis = basis
+        changes = []
+        for f in range(n_fits):
+            acc = MapEquations(n, pad, radius_px, J if joint else K, device)
+            new_noise, z_it, cov_it = e_step(f, vols[f], acc, f"principal volumes: EM {it}/{max_iter}")
+            maps = m_step(acc, it > warmup_iter).double()
+            del acc
+            # parameter expansion (PX-EM, Liu, Rubin & Wu 1998): the latents' second moment (with a joint mean their
+            # covariance, their mean going into the mean) is absorbed into the components, which speeds up EM for
+            # factor models
+            psi = (z_it.T @ z_it + cov_it.sum(0)) / len(z_it)
+            if joint:
+                alpha = z_it.mean(0)
+                psi = psi - np.outer(alpha, alpha)
+                W = maps[1:].reshape(K, -1)
+                vols[f, 0] = (maps[0].reshape(-1) + torch.as_tensor(alpha, device=device) @ W
+                              ).reshape(n, n, n).to(torch.float32)
+            else:
+                W = maps.reshape(K, -1)
+            L = torch.as_tensor(np.linalg.cholesky(psi + 1e-9 * np.eye(K)), dtype=torch.float64, device=device)
+            # rotate the components to orthogonal directions (an invariance of PPCA with z ~ N(0, I))
+            _, s, vt = torch.linalg.svd(L.T @ W, full_matrices=False)
+            vols[f, 1:] = (torch.diag(s) @ vt).reshape(K, n, n, n).to(torch.float32)
+            noise[f] = new_noise.clamp_min(1e-30)
+            basis = _orthonormal(vols[f, 1:].reshape(K, -1))
+            cos_min = float(torch.linalg.svdvals(prev_basis[f] @ basis.T).clamp(0, 1).min())
+            changes.append(math.sqrt(max(0.0, 1 - cos_min ** 2)))
+            prev_basis[f] = basis
+            if f == 0:
+                variance = float((s ** 2).sum())
+        change = max(changes)
         history.append({"iteration": it, "subspace_change_sine": change, "seconds": time.time() - ti,
-                        "variance": float((s ** 2).sum())})
-        log.info("EM %d: subspace change sin %.2e, total variance %.4g, %.1f s", it, change,
-                 float((s ** 2).sum()), time.time() - ti)
+                        "variance": variance})
+        log.info("EM %d: subspace change sin %.2e (all %.2e, half-sets %.2e, %.2e), total variance %.4g, %.1f s",
+                 it, change, *changes, variance, time.time() - ti)
         if ckpt is not None:
-            save_state(ckpt, EMState(vols, noise, it, history), settings)
+            save_state(ckpt, EMState(vols.reshape(n_fits * J, n, n, n), torch.cat(noise), it, history), settings)
         if _met_tolerance(history, warmup_iter, tol):
             break
     converged = _met_tolerance(history, warmup_iter, tol)
@@ -513,12 +616,26 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
     log.info("principal volumes: EM %s after %d iterations: last subspace change %.2e, tolerance %.2e",
              "converged" if converged else "stopped at the iteration limit without converging", len(history),
              last_change, tol)
-    # final E-step with the fitted model
-    _, noise_final, z, cov = run_pass(vols, noise, True, False, "principal volumes: coordinates")
+    # coordinates of every particle from a last E-step with the components of all particles; those weighted per
+    # principal direction and shell by the FSC between the half-sets' fits (turned onto them: PPCA determines
+    # components up to a rotation)
+    noise_final, z_fit, cov_fit = e_step(0, vols[0], None, "principal volumes: coordinates")
+    order = np.concatenate(rows)
+    z, cov = np.zeros((n_part, K)), np.zeros((n_part, K, K))
+    z[order], cov[order] = z_fit, cov_fit
+    comp_fsc: np.ndarray | None = None
+    comp_res: np.ndarray | None = None
+    if joint:
+        mean_full = fourier_pad_3d(vols[0, 0], N_box).cpu()
+        W_n = vols[0, 1:]
+    else:
+        W_n, comp_fsc = weight_by_halves(*(v[1:].reshape(K, -1).double() for v in vols), n)
+        comp_res = np.array([resolution_at(c, n, apix_n, 0.143) for c in comp_fsc])
+        log.info("principal volumes: FSC 0.143 of the principal volumes between half-sets at %s Å",
+                 ", ".join(f"{r:.2f}" for r in comp_res))
 
     # orthonormal principal volumes at the particles' box
-    mean_full = fourier_pad_3d(vols[0], N_box).cpu()
-    W_full = torch.stack([fourier_pad_3d(w, N_box).cpu() for w in vols[1:]]).reshape(K, -1).double()
+    W_full = torch.stack([fourier_pad_3d(w, N_box).cpu() for w in W_n]).reshape(K, -1).double()
     u, s, vt = torch.linalg.svd(W_full.T, full_matrices=False)    # W_fullᵀ = U S Vᵀ
     X = u.T                                                        # (K, V)
     signs = torch.sign(X @ mean_full.reshape(-1).double())
@@ -535,7 +652,34 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         components=X.reshape((K,) + (N_box,) * 3).numpy().astype(np.float32),
         eigenvalues=(s ** 2).numpy(), latents=b, latent_std=std_b,
         noise_var=noise_final.cpu().numpy(), apix=apix, work_box=n, resolution_A=float(res_used),
-        history=history, converged=converged, last_change=last_change, tol=tol, iterations=len(history))
+        history=history, converged=converged, last_change=last_change, tol=tol, iterations=len(history),
+        component_fsc=comp_fsc, component_resolution_A=comp_res, mean_fsc=mean_fsc)
+
+
+def weight_by_halves(W: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, n: int
+                     ) -> tuple[torch.Tensor, np.ndarray]:
+    """Components ``W`` (K, n³, fitted to all particles) weighted by the agreement of the half-sets' fits ``W1``,
+    ``W2`` (K, n³): each half's components are turned onto W (orthogonal Procrustes: PPCA determines them up to
+    a rotation); along each principal direction of W (X = R W, orthonormal) the FSC between the halves' X gives
+    per-shell weights √(2 FSC / (1 + FSC)), zero from where it first falls below ``COMPONENT_FSC``
+    (``reconstruct.fsc.fsc_shell_weights``); the weighted X̃ is turned back (R⁻¹ X̃), so that the coordinates of
+    W still apply. Returns the maps (K, n, n, n) and the FSC of each principal direction (K, n // 2 + 1)."""
+    K = len(W)
+    u, s, _ = torch.linalg.svd(W, full_matrices=False)                    # W = U S Vᵀ, X = Vᵀ = S⁻¹ Uᵀ W
+    R = torch.diag(1.0 / s.clamp_min(1e-30)) @ u.T
+    X = R @ W
+    halves = []
+    for Wh in (W1, W2):
+        a, _, bt = torch.linalg.svd(W @ Wh.T)
+        halves.append(R @ ((a @ bt) @ Wh))
+    out, curves = [], []
+    for k in range(K):
+        h1, h2 = (h[k].reshape(n, n, n) for h in halves)
+        curve = fsc(h1, h2)
+        out.append(weight_shells(X[k].reshape(n, n, n), fsc_shell_weights(curve, COMPONENT_FSC)).reshape(-1))
+        curves.append(curve)
+    Wt = (u @ torch.diag(s)) @ torch.stack(out)
+    return Wt.reshape(K, n, n, n).float(), np.stack(curves)
 
 
 def _met_tolerance(history: list[dict[str, float]], warmup_iter: int, tol: float) -> bool:

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryohet.geometry.fourier import centered_coords, fft3c, ifft3c, radius_grid
+from cryohet.geometry.fourier import centered_coords
 from cryohet.geometry.lattice import Lattice, box_for_resolution
 from cryohet.geometry.masks import sphere_mask
 from cryohet.geometry.project import slice_coords
 from cryohet.inference.diffusion import DiffusionMap, diffusion_map, nystrom
 from cryohet.inference.ppca import ImageSource, MapEquations, fourier_pad_3d, solve_maps
-from cryohet.reconstruct.fsc import fsc
+from cryohet.reconstruct.fsc import fsc_weighted_average
 
 Progress = Callable[[Iterable, str, int], Iterable]
 
@@ -83,13 +83,6 @@ class SpectralVolumes:
         return np.einsum("mk,kxyz->mxyz", self.basis(z), self.maps).astype(np.float32)
 
 
-def fsc_weight(curve: np.ndarray) -> np.ndarray:
-    """Per-shell weight of a map averaged from two half-maps with this FSC: sqrt(2 FSC / (1 + FSC)) (RELION's
-    FSC weighting; 0 where the FSC is not positive)."""
-    c = np.clip(curve, 0, 1)
-    return np.sqrt(2 * c / (1 + c))
-
-
 def fit_spectral_volumes(pset, z: np.ndarray, n_functions: int, half: np.ndarray, *, resolution_A: float = 0.0,
                          k_neighbours: int = 10, pad: int = 2, batch_size: int = 256,
                          device: torch.device | str = "cpu", seed: int = 0,
@@ -97,8 +90,8 @@ def fit_spectral_volumes(pset, z: np.ndarray, n_functions: int, half: np.ndarray
     """Spectral volumes of ``pset`` (particles with poses and CTF) on the graph of their latents ``z`` (N, d).
 
     The least-squares coefficient maps of the two half-sets (``half``: 1 or 2 per particle) are solved apart, each
-    coefficient map is their mean weighted per shell by their FSC (:func:`fsc_weight`), so a function the data do
-    not support fades out instead of adding noise."""
+    coefficient map is their mean weighted per shell by their FSC (``reconstruct.fsc.fsc_weighted_average``), so a
+    function the data do not support fades out instead of adding noise."""
     device = torch.device(device)
     track = progress or (lambda items, desc, total: items)
     basis = laplacian_basis(z, n_functions, k_neighbours, seed=seed)
@@ -128,11 +121,7 @@ def fit_spectral_volumes(pset, z: np.ndarray, n_functions: int, half: np.ndarray
     del accs
     maps, curves = [], []
     for k in range(J):
-        h1, h2 = (fourier_pad_3d(h[k], N_box).cpu() for h in halves)
-        curve = fsc(h1, h2)
-        weight = torch.as_tensor(fsc_weight(curve), dtype=torch.float32)
-        shell = radius_grid(N_box, 3).round().long().clamp_max(len(curve) - 1)
-        F = fft3c(0.5 * (h1 + h2)) * weight[shell]
-        maps.append(ifft3c(F).real.numpy().astype(np.float32))
+        avg, curve = fsc_weighted_average(*(fourier_pad_3d(h[k], N_box).cpu() for h in halves))
+        maps.append(avg.numpy().astype(np.float32))
         curves.append(curve)
     return SpectralVolumes(np.stack(maps), np.stack(curves), apix, basis, float(n * lattice.apix / radius_px))

@@ -41,27 +41,33 @@ def _plot(path: Path, b: np.ndarray, eigenvalues: np.ndarray) -> None:
     save_png(fig, path, dpi=90)
 
 
-def eigenvalue_table(eigenvalues: np.ndarray, latents: np.ndarray, latent_std: np.ndarray) -> list[str]:
+def eigenvalue_table(eigenvalues: np.ndarray, latents: np.ndarray, latent_std: np.ndarray,
+                     component_resolution_A: np.ndarray | None = None) -> list[str]:
     """Markdown rows of a report: each component's eigenvalue, its fraction, the s.d. of b_k and the mean
-    posterior s.d."""
-    lines = ["| k | eigenvalue (variance of b_k) | fraction | s.d. of b_k | mean posterior s.d. |",
-             "|---|---|---|---|---|"]
+    posterior s.d. (and its half-set FSC 0.143 resolution when given)."""
+    res = component_resolution_A
+    lines = ["| k | eigenvalue (mean of b_k²) | fraction | s.d. of b_k | mean posterior s.d. |"
+             + (" half-set FSC 0.143 (Å) |" if res is not None else ""),
+             "|---|---|---|---|---|" + ("---|" if res is not None else "")]
     total = float(eigenvalues.sum()) or 1.0
     for k in range(len(eigenvalues)):
         lines.append(f"| {k + 1} | {eigenvalues[k]:.4g} | {eigenvalues[k] / total:.3f} | "
-                     f"{latents[:, k].std():.4g} | {latent_std[:, k].mean():.4g} |")
+                     f"{latents[:, k].std():.4g} | {latent_std[:, k].mean():.4g} |"
+                     + (f" {res[k]:.2f} |" if res is not None else ""))
     return lines
 
 
 def write_linear_outputs(ctx: Any, pset: Any, mean: np.ndarray, components: np.ndarray, eigenvalues: np.ndarray,
                          latents: np.ndarray, latent_std: np.ndarray, *, resolution_A: float, info: dict[str, Any],
                          movie_frames: int, batch_size: int, mean_label: str = "mean map X_0",
-                         refined_pose_columns: dict[str, np.ndarray] | None = None) -> None:
+                         refined_pose_columns: dict[str, np.ndarray] | None = None,
+                         component_resolution_A: np.ndarray | None = None) -> None:
     """Write and record the linear model (``linear_model.npz``, model_type ``linear`` for analyze / eval-volume /
     benchmark-score), ``mean.mrc``, ``component_NN.mrc``, ``latents.npy`` and ``latents_std.npy`` (N, K), the
     particles STAR with cryohetZ/cryohetStdZ and goodness of fit, movies X_0 + τ X_k (τ from the 2nd to the 98th
     percentile of b_k, ``movie_frames`` maps) with ChimeraX scripts, and ``latents.png``. ``refined_pose_columns``:
-    RELION's pose columns of refined poses, which replace the input's in the STAR."""
+    RELION's pose columns of refined poses, which replace the input's in the STAR; ``resolution_A``: the mean's;
+    ``component_resolution_A`` (K,): each principal volume's, when known."""
     import torch
 
     from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
@@ -85,8 +91,9 @@ def write_linear_outputs(ctx: Any, pset: Any, mean: np.ndarray, components: np.n
     for k in range(K):
         name = f"component_{k + 1:02d}.mrc"
         write_map(out / name, components[k], apix)
+        extra = {} if component_resolution_A is None else {"resolution_A": float(component_resolution_A[k])}
         ctx.add("volume", name, f"principal volume X_{k + 1}", component=k + 1,
-                eigenvalue=float(eigenvalues[k]))
+                eigenvalue=float(eigenvalues[k]), **extra)
 
     save_npy(out / "latents.npy", latents.astype(np.float32))
     save_npy(out / "latents_std.npy", latent_std.astype(np.float32))

@@ -39,7 +39,22 @@ PARAMS = (
     Param("n_images", int, 100, "CryoBench's per-image FSC on this many evenly spaced images (0, N/n, 2N/n, …).",
           min=1),
     Param("volumes_off", bool, False, "Score the latents only (skip the volume FSC).", expert=True),
+    Param("homogeneous_map", Path, None, "Homogeneous reconstruction of the dataset's particles (MRC, e.g. cryohet "
+          "reconstruct's map.mrc) used for every particle as the reference the maps are compared with; empty: "
+          "reconstructed here (half-sets, plain division as relion_reconstruct, weighted per shell by their FSC).",
+          expert=True),
 )
+
+
+def _homogeneous(path: Path | None, ds: Any, ctx: RunContext) -> Any:
+    """The map of ``--homogeneous_map`` (the dataset's box and pixel size), else the particles reconstructed here."""
+    from cryohet.io.mrc import read_map_like
+    from cryohet.validation.score import homogeneous_map
+
+    if path is None:
+        ctx.log.info("reconstructing the dataset's particles for the homogeneous-map reference")
+        return homogeneous_map(ds, device=str(ctx.device), seed=ctx.seed)
+    return read_map_like(path, ds.box, ds.apix, "--homogeneous_map")
 
 
 def run(params: dict[str, Any], ctx: RunContext) -> None:
@@ -54,6 +69,8 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
                 max_points=params["max_points"], seed=ctx.seed, n_images=params["n_images"],
                 mask_radius_px=params["mask_radius_px"] or None,
                 log=ctx.log)
+    if not params["volumes_off"]:
+        opts["homogeneous"] = _homogeneous(params["homogeneous_map"], ds, ctx)
     if params["label"]:
         opts["label"] = params["label"]
     given = [n for n in ("run", "latents") if params[n] is not None]
@@ -101,8 +118,10 @@ METHOD = Method(
          "score, neighbourhood similarity, information imbalance), per-image volume FSC against "
          "the true map (area under the curve, resolution at 0.5 and 0.143, averaged per true state) and latent "
          "versus truth agreement (|Spearman| for 1-D motions, k-NN overlap, CCA, k-means adjusted Rand index for "
-         "discrete states), with chance levels. Reads a cryohet run folder, plain latent arrays with a folder of "
-         "maps, or cryoDRGN's z.N.pkl (and its decoder through cryodrgn eval_vol). Writes report.md, metrics.json "
+         "discrete states), with chance levels and, for the maps, the homogeneous reconstruction of the same "
+         "particles as the reference (does the method add information over one map?). Reads a cryohet run "
+         "folder, plain latent arrays with a folder of maps, or cryoDRGN's z.N.pkl "
+         "(and its decoder through cryodrgn eval_vol). Writes report.md, metrics.json "
          "and PNG plots. Definitions: docs/benchmarks/validation.md.",
     params=PARAMS,
     outputs=("report", "plot"),

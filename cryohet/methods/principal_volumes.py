@@ -17,8 +17,9 @@ PARAMS = (
           "where the principal volumes may vary; empty: a soft sphere.", input_role="mask"),
     Param("n_components", int, 3, "Number K of principal volumes (per-particle coordinates b_1..b_K).",
           min=1, max=50),
-    Param("resolution_A", float, 10.0, "Resolution limit of the analysis, Å: images are Fourier-cropped to it "
-          "and the maps are band-limited there (0: Nyquist). 6-12 Å is usual for a first look.", min=0.0),
+    Param("resolution_A", float, 10.0, "Resolution limit of the principal volumes, Å: images are Fourier-cropped "
+          "to it for the fit and the principal volumes are band-limited there (0: Nyquist); the mean is the "
+          "homogeneous reconstruction at the images' full resolution. 6-12 Å is usual for a first look.", min=0.0),
     Param("max_iter", int, 30, "Most EM iterations (passes over the particles).", min=1),
     Param("tol", float, 1e-3, "Stop when the sine of the largest principal angle between successive component "
           "subspaces is below this.", min=0.0, expert=True),
@@ -64,6 +65,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.io.particles import load_particles
     from cryohet.methods._linear_outputs import eigenvalue_table, write_linear_outputs
     from cryohet.methods._pose_outputs import SearchedPoses, pose_columns, write_pose_changes
+    from cryohet.reconstruct.fsc import resolution_at
 
     pset = load_particles(params["particles"], params["datadir"] or None)
     K = params["n_components"]
@@ -87,8 +89,10 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                     checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", **options)
     ctx.report_convergence("principal-volumes EM (subspace change, sine)", res.converged, res.last_change, res.tol,
                            res.iterations)
+    mean_res = resolution_at(res.mean_fsc, pset.box, pset.apix, 0.143)
     write_linear_outputs(ctx, pset, res.mean, res.components, res.eigenvalues, res.latents, res.latent_std,
-                         resolution_A=res.resolution_A, movie_frames=params["movie_frames"],
+                         resolution_A=mean_res, mean_label="mean map X_0 (homogeneous reconstruction)",
+                         component_resolution_A=res.component_resolution_A, movie_frames=params["movie_frames"],
                          batch_size=params["batch_size"],
                          info={"work_box": res.work_box, "resolution_A": res.resolution_A,
                                "n_particles": len(pset), "iterations": len(res.history)},
@@ -101,7 +105,11 @@ def run(params: dict[str, Any], ctx: Any) -> None:
              f"- working box {res.work_box} px, resolution limit {res.resolution_A:.2f} Å, "
              f"{res.iterations} EM iterations",
              _convergence_line(res.converged, res.last_change, res.tol, res.iterations),
-             "", *eigenvalue_table(res.eigenvalues, res.latents, res.latent_std),
+             f"- mean X_0: the homogeneous reconstruction of the particles (half-sets, plain division, weighted per "
+             f"shell by their FSC), half-map FSC 0.143 at {mean_res:.2f} Å",
+             "- each principal volume is fitted in the two half-sets with the same coordinates and weighted per "
+             "shell by their FSC (√(2 FSC / (1 + FSC))): it holds no detail beyond what both halves agree on",
+             "", *eigenvalue_table(res.eigenvalues, res.latents, res.latent_std, res.component_resolution_A),
              "", "Every run returns K components, a homogeneous set too (they then fit noise). Whether they are real: "
              "`cryohet validate-halfsets --method principal-volumes --particles <the same particles> "
              f"--method_params \"n_components={K} resolution_A={params['resolution_A']:g}\"` "
@@ -116,9 +124,13 @@ METHOD = Method(
     order=30,
     title="Mean and principal volumes from the images (3-D PCA, poses known)",
     help="Estimates the mean map X_0 and K principal volumes X_k directly from the particle images with their "
-         "poses and CTF (survey section 5: V ≈ X_0 + Σ b_k X_k), by probabilistic PCA with EM in Fourier space as "
-         "cryoSPARC's 3D variability analysis (per-particle K×K E-step, per-voxel M-step, per-shell noise and "
-         "prior). The analysis is limited to --resolution_A and the variability to --mask. Writes the mean and "
+         "poses and CTF (survey section 5: V ≈ X_0 + Σ b_k X_k). The mean is the homogeneous reconstruction of "
+         "the particles at full resolution (half-sets, plain division, weighted per shell by their FSC); the "
+         "principal volumes are fitted to the images' residuals by probabilistic PCA with EM in Fourier space "
+         "as cryoSPARC's 3D variability analysis (per-particle K×K E-step, per-voxel M-step, per-shell noise "
+         "and prior), then refitted in each half-set with the same coordinates and weighted per shell by their "
+         "half-set FSC. "
+         "The principal volumes are limited to --resolution_A and to --mask. Writes the mean and "
          "the orthonormal principal volumes (MRC), per-particle coordinates b_k with their posterior s.d. "
          "(latents.npy, latents_std.npy; the particles STAR with cryohetZ1..K and each particle's goodness of "
          "fit under its mean + Σ b_k X_k against the mean's, cryohetFitZ and cryohetResidualZ, histogram "

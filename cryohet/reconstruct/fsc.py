@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryohet.geometry.fourier import fft3c, radius_grid
+from cryohet.geometry.fourier import fft3c, ifft3c, radius_grid
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy >= 2.0 renamed trapz (removed in 2.4)
 
@@ -50,3 +50,38 @@ def resolution_at(curve: np.ndarray, box: int, apix: float, threshold: float = 0
 def fsc_auc(curve: np.ndarray) -> float:
     """Area under the FSC curve over shells 1 .. Nyquist, normalised to [0, 1] (CryoBench's AUC)."""
     return float(_trapezoid(curve[1:], dx=1.0 / (len(curve) - 2)))
+
+
+def fsc_weight(curve: np.ndarray) -> np.ndarray:
+    """Per-shell weight of a map averaged from two half-maps with this FSC: sqrt(2 FSC / (1 + FSC)) (RELION's
+    FSC weighting; 0 where the FSC is not positive)."""
+    c = np.clip(curve, 0, 1)
+    return np.sqrt(2 * c / (1 + c))
+
+
+def weight_shells(vol: torch.Tensor, weight: np.ndarray) -> torch.Tensor:
+    """A map (box, box, box) with its Fourier shell i (rounded radius, as :func:`fsc`) multiplied by
+    ``weight[i]`` (shells beyond the last weight take the last); a diagonal operation in FSC shells."""
+    w = torch.as_tensor(weight, dtype=torch.float64, device=vol.device)
+    shell = torch.round(radius_grid(vol.shape[-1], 3, vol.device)).long().clamp_max(len(w) - 1)
+    return ifft3c(fft3c(vol.double()) * w[shell]).real.to(vol.dtype)
+
+
+def fsc_shell_weights(curve: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Per-shell weights :func:`fsc_weight` of a half-map FSC; with ``threshold`` also a low-pass: zero from the
+    first shell past the DC whose FSC is below it."""
+    weight = fsc_weight(curve)
+    if threshold is not None:
+        below = np.nonzero(np.asarray(curve)[1:] < threshold)[0]
+        if len(below):
+            weight[below[0] + 1:] = 0.0
+    return weight
+
+
+def fsc_weighted_average(h1: torch.Tensor, h2: torch.Tensor, threshold: float | None = None
+                         ) -> tuple[torch.Tensor, np.ndarray]:
+    """The average of two half-maps (box, box, box) weighted per shell by :func:`fsc_shell_weights` of their FSC
+    (``threshold``: also low-passed there), so that shells the halves do not agree on fade out instead of adding
+    noise; and that FSC (shells 0 .. box // 2)."""
+    curve = fsc(h1, h2)
+    return weight_shells(0.5 * (h1 + h2.to(h1.device)), fsc_shell_weights(curve, threshold)), curve

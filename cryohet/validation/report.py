@@ -138,13 +138,22 @@ def score_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
                   f"{v['apix']:.3g} Å/px (Nyquist {v['nyquist_A']:.3g} Å); maps from: {v['source']}.", "",
                   f"**FSC AUC {v['fsc_auc']:.3f}**, resolution at 0.5: **{v['res_0.5_A']:.2f} Å**, at 0.143: "
                   f"**{v['res_0.143_A']:.2f} Å**. References: chance (true map of a random particle) "
-                  f"{v['chance_fsc_auc']:.3f}, mean map (no heterogeneity) {v['mean_map_fsc_auc']:.3f}, perfect 1.", "",
-                  "| state | τ | n | FSC AUC | res 0.5 (Å) | res 0.143 (Å) | chance AUC | mean-map AUC |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"{v['chance_fsc_auc']:.3f}, true mean map (no heterogeneity) {v['mean_map_fsc_auc']:.3f}, "
+                  "perfect 1.", ""]
+        homog = "homogeneous_fsc_auc" in v
+        if homog:
+            gain = v["fsc_auc"] - v["homogeneous_fsc_auc"]
+            lines += [f"Against the homogeneous reconstruction of the same particles (one map for every particle): "
+                      f"**{v['homogeneous_fsc_auc']:.3f}**; this result is **{gain:+.3f}** "
+                      f"({'adds information' if gain > 0 else 'no better than one homogeneous map'}).", ""]
+        lines += ["| state | τ | n | FSC AUC | res 0.5 (Å) | res 0.143 (Å) | chance AUC | mean-map AUC |"
+                  + (" homogeneous-map AUC |" if homog else ""), "|---|---|---|---|---|---|---|---|"
+                  + ("---|" if homog else "")]
         for r in v["per_state"]:
             tau = ", ".join(f"{t:.2f}" for t in r["tau"])
             lines.append(f"| {r['state']} | {tau} | {r['n']} | {r['fsc_auc']:.3f} | {r['res_0.5_A']:.2f} | "
-                         f"{r['res_0.143_A']:.2f} | {r['chance_fsc_auc']:.3f} | {r['mean_map_fsc_auc']:.3f} |")
+                         f"{r['res_0.143_A']:.2f} | {r['chance_fsc_auc']:.3f} | {r['mean_map_fsc_auc']:.3f} |"
+                         + (f" {r['homogeneous_fsc_auc']:.3f} |" if homog else ""))
         lines.append("")
         if "fsc" in figures:
             lines += [f"![FSC curves]({figures['fsc']})", ""]

@@ -78,16 +78,33 @@ def choose_states(ds: BenchmarkDataset, max_states: int) -> np.ndarray:
     return present[np.unique(np.round(np.linspace(0, len(present) - 1, max_states)).astype(int))]
 
 
+def homogeneous_map(ds: BenchmarkDataset, batch_size: int = 256, device: str = "cpu", seed: int = 0) -> np.ndarray:
+    """The homogeneous reconstruction of the dataset's particles (random half-sets, plain division, FSC-weighted
+    per shell: ``reconstruct.homogeneous.fsc_weighted_reconstruction``, at every shell at least as close to the
+    truth as ``cryohet reconstruct``'s and relion_reconstruct's maps): the one map a heterogeneity method has
+    to beat."""
+    import torch
+
+    from cryohet.io.particles import load_particles
+    from cryohet.reconstruct.homogeneous import fsc_weighted_reconstruction, particle_halves
+
+    pset = load_particles(ds.particles_star)
+    rec = fsc_weighted_reconstruction(pset, particle_halves(pset, seed), batch_size, torch.device(device))
+    return rec.full.cpu().numpy().astype(np.float32)
+
+
 def volume_metrics(volumes: ParticleVolumes, ds: BenchmarkDataset, n_per_state: int = 4, max_states: int = 20,
                    seed: int = 0, mask_radius_px: float | None = None, chunk: int = 16,
-                   log: logging.Logger | None = None) -> dict[str, Any]:
+                   log: logging.Logger | None = None, homogeneous: np.ndarray | None = None) -> dict[str, Any]:
     """Per-image volume FSC against the true maps (see module doc).
 
     When the result's box differs from the dataset's, the larger maps are Fourier-cropped to the smaller
     box (same field of view). ``mask_radius_px`` (in the compared box) applies a soft sphere to both maps.
     Also reports two references: ``chance`` (each state's true map against the true maps of randomly drawn
     particles: what shuffled latents would score) and ``mean_map`` (against the population-weighted mean of
-    the true maps: a result without heterogeneity).
+    the true maps: a result without heterogeneity); with ``homogeneous`` (a homogeneous reconstruction of the
+    same particles, :func:`homogeneous_map`) a third, ``homogeneous``: that map used for every particle, scored
+    the same way (what a user gets without a heterogeneity method).
     """
     log = log or _LOG
     rng = np.random.default_rng(seed)
@@ -127,12 +144,17 @@ def volume_metrics(volumes: ParticleVolumes, ds: BenchmarkDataset, n_per_state: 
         if ds.populations[t] > 0:
             mean_map += ds.populations[t] * M.match_box(true_model.map(t, keep=False), box)
     chance_auc, mean_auc = [], []
+    homog = None if homogeneous is None else M.match_box(np.asarray(homogeneous, np.float32), box)
     for s in states:
         aucs = [1.0 if s == t else M.volume_fsc(truth[int(t)], truth[int(s)], apix, mask)["auc"] for t in states]
         chance_auc.append(float(np.dot(w, aucs)))
         mean_auc.append(M.volume_fsc(mean_map.astype(np.float32), truth[int(s)], apix, mask)["auc"])
     for row, ca, ma in zip(rows, chance_auc, mean_auc, strict=True):
         row["chance_fsc_auc"], row["mean_map_fsc_auc"] = ca, ma
+        if homog is not None:
+            row["homogeneous_fsc_auc"] = M.volume_fsc(homog, truth[row["state"]], apix, mask)["auc"]
+    extra = {} if homog is None else {
+        "homogeneous_fsc_auc": float(np.mean([r["homogeneous_fsc_auc"] for r in rows]))}
     return {"fsc_auc": float(np.mean([r["fsc_auc"] for r in rows])),
             "res_0.5_A": float(np.mean([r["res_0.5_A"] for r in rows])),
             "res_0.143_A": float(np.mean([r["res_0.143_A"] for r in rows])),
@@ -140,14 +162,16 @@ def volume_metrics(volumes: ParticleVolumes, ds: BenchmarkDataset, n_per_state: 
             "box": int(box), "apix": float(apix), "nyquist_A": float(2 * apix),
             "freq_per_A": (np.arange(box // 2 + 1) / (box * apix)).tolist(),
             "n_per_state": int(n_per_state), "n_states_evaluated": len(rows), "per_state": rows,
-            "source": volumes.describe}
+            "source": volumes.describe, **extra}
 
 
 def score(ds: BenchmarkDataset | str | Path, latents: np.ndarray | None = None,
           volumes: ParticleVolumes | None = None, *, label: str = "result", k: int = 10, n_per_state: int = 4,
           max_states: int = 20, max_points: int = 20000, seed: int = 0, mask_radius_px: float | None = None,
-          n_images: int = 100, log: logging.Logger | None = None) -> dict[str, Any]:
-    """Score per-particle ``latents`` (N, d) and/or per-particle maps against benchmark ``ds``.
+          n_images: int = 100, log: logging.Logger | None = None, homogeneous: np.ndarray | None = None
+          ) -> dict[str, Any]:
+    """Score per-particle ``latents`` (N, d) and/or per-particle maps against benchmark ``ds``; ``homogeneous``:
+    a homogeneous reconstruction of the same particles, scored as the maps' reference (``volume_metrics``).
 
     Returns a JSON-able dict: ``summary`` (the numbers for a methods × datasets table), ``latent`` and
     ``volume`` (details, per state, chance levels), ``cryobench`` (CryoBench's scores on ``n_images`` images:
@@ -173,10 +197,10 @@ def score(ds: BenchmarkDataset | str | Path, latents: np.ndarray | None = None,
                         "knn_overlap": lat["metrics"]["knn_overlap"]})
     if volumes is not None:
         vol = volume_metrics(volumes, ds, n_per_state=n_per_state, max_states=max_states, seed=seed,
-                             mask_radius_px=mask_radius_px, log=log)
+                             mask_radius_px=mask_radius_px, log=log, homogeneous=homogeneous)
         out["volume"] = vol
         summary.update({k_: vol[k_] for k_ in ("fsc_auc", "res_0.5_A", "res_0.143_A", "chance_fsc_auc",
-                                               "mean_map_fsc_auc")})
+                                               "mean_map_fsc_auc", "homogeneous_fsc_auc") if k_ in vol})
     out["cryobench"] = cryobench_metrics(ds, latents, volumes, n_images=n_images, seed=seed, log=log)
     summary.update(summary_of(out["cryobench"]))
     out["summary"] = summary
