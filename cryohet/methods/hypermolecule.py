@@ -145,7 +145,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
 
 METHOD = Method(
     name="hypermolecule",
-    order=42,
+    order=41,
     title="Basis-function hyper-molecule with τ sampled by MCMC (poses known)",
     help="Fits the hyper-molecule of survey section 7.1, V(τ, k) = Σ_jl a_jl B_j(k) P_l(τ): a band-limited 3-D "
          "Fourier basis on the grid cropped to --resolution_A (slices are one interpolation pass per coefficient "
