@@ -39,6 +39,9 @@ from cryohet.simulate.motions import discrete_conformations
 from cryohet.simulate.simulate import simulate_particles
 from cryohet.validation.poses import MIRROR, map_in_true_frame, pose_errors
 
+# long: make test runs this module in the current environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("current")
+
 BOX, APIX = 32, 4.0
 #: the settings the end-to-end runs use (the defaults but fewer global iterations on fewer particles and fewer
 #: local ones, to save time)

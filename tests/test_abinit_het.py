@@ -30,6 +30,9 @@ from cryohet.simulate.simulate import simulate_particles
 from cryohet.validation.metrics import spearman_pc1
 from cryohet.validation.poses import pose_errors
 
+# long: make test runs this module in the pinned environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("pinned")
+
 #: a small run: the consensus started from the true mean map (low-passed to 30 Å by the method; ab initio from a
 #: random start is test_abinit.py's) with 4 global iterations and 2 local, networks of 128, one re-search
 FAST = dict(global_iterations=4, global_subset=200, local_iterations=2, zdim=1, enc_dim=128, dec_dim=128, lr=1e-3,

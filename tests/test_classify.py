@@ -27,6 +27,9 @@ from cryohet.reconstruct.homogeneous import random_halves
 from cryohet.runner import run_method
 from cryohet.validation.datasets import make_dataset
 
+# long: make test runs this module in the pinned environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("pinned")
+
 BOX, N, SNR, POPS = 32, 600, 0.5, np.array([0.6, 0.3, 0.1])
 FAST = {"iterations": 6, "threads": 2}
 

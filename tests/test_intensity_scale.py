@@ -23,6 +23,9 @@ from cryohet.methods.train_vae import METHOD as TRAIN_VAE
 from cryohet.models.base import load_volume_model
 from cryohet.runner import run_method
 
+# long: make test runs this module in the pinned environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("pinned")
+
 BOX, CROP, APIX = 32, 16, 4.0
 COMPARE_A = 20.0   # compare the maps below this resolution (inside every method's band)
 

@@ -13,6 +13,9 @@ from cryohet.record import read_record
 from cryohet.runner import run_method
 from cryohet.validation.datasets import make_dataset
 
+# long: make test runs this module in the current environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("current")
+
 TAU = np.linspace(0, 1, 20)
 POP = np.exp(-((TAU - 0.2) / 0.12) ** 2) + 0.6 * np.exp(-((TAU - 0.75) / 0.1) ** 2) + 0.04
 POP = POP / POP.sum()

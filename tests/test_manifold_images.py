@@ -32,6 +32,9 @@ from cryohet.record import read_record
 from cryohet.runner import run_method
 from cryohet.validation.datasets import make_dataset
 
+# long: make test runs this module in the current environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("current")
+
 
 def _blobs(n: int) -> torch.Tensor:
     c = torch.arange(n, dtype=torch.float32) - n // 2

@@ -39,6 +39,9 @@ from cryohet.record import read_record
 from cryohet.runner import run_method
 from cryohet.simulate.bodies import simulate_two_bodies, write_bodies_star
 
+# long: make test runs this module in the current environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("current")
+
 BOX, APIX, N, SNR = 32, 3.0, 400, 5.0
 FAST = {"iterations": 2, "resolution_A": 9.0, "max_angle_deg": 12.0, "max_shift_A": 3.0, "search_rounds": 3,
         "threads": 2}

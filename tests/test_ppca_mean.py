@@ -20,6 +20,9 @@ from cryohet.validation.datasets import make_dataset
 from cryohet.validation.score import score
 from cryohet.validation.sources import ParticleVolumes
 
+# long: make test runs this module in the current environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("current")
+
 BOX, APIX, N = 40, 3.0, 1200
 
 

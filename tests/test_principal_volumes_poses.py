@@ -24,6 +24,9 @@ from cryohet.methods.simulate import METHOD as SIMULATE
 from cryohet.runner import run_method
 from cryohet.validation.poses import direct_errors, perturb_poses
 
+# long: make test runs this module in the pinned environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("pinned")
+
 N = 400
 VALUES = dict(n_components=2, resolution_A=10.0, max_iter=6, movie_frames=2, threads=1, refine_poses=True)
 

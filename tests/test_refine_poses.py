@@ -30,6 +30,9 @@ from cryohet.simulate.atomic_truth import hinge_truth
 from cryohet.validation.metrics import spearman_pc1
 from cryohet.validation.poses import direct_errors, perturb_poses
 
+# long: make test runs this module in the current environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("current")
+
 N, EPOCHS = 400, 10
 PERTURB_DEG, PERTURB_A = 5.0, 1.5
 TINY = dict(enc_dim=64, dec_dim=64, batch_size=32, lr=1e-3, threads=1, epochs=EPOCHS)

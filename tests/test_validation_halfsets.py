@@ -16,6 +16,9 @@ from cryohet.validation.datasets import load_dataset, make_dataset
 from cryohet.validation.halfsets import halfsets_markdown, parse_method_params, plot_halfsets, split_indices
 from cryohet.validation.sources import MAPS_MODEL_TYPE, MapsModel
 
+# long: make test runs this module in the current environment only (tests/conftest.py, one_stack)
+pytestmark = pytest.mark.one_stack("current")
+
 os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
 
 
