@@ -233,7 +233,8 @@ def run_child(kind: str, spec: dict[str, Any], log: Path, timeout: float) -> str
 
 def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The jobs in order of importance: per box, simulate + reconstruct + train-vae, then cryoDRGN; then
-    principal-volumes, kernel-volumes, manifold-images, manifold-volumes, classify and abinit for every box (the
+    principal-volumes, kernel-volumes, manifold-images, manifold-volumes, classify, abinit, abinit-het,
+    hypermolecule and moments for every box (the
     steps whose GPU time is least known); then multibody on two-body data (``simulate_two_bodies``, at most 1000
     particles) for every box."""
     jobs: list[dict[str, Any]] = []
@@ -279,7 +280,20 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
                                               local_iterations=n_local),
                  out=str(d / "abinit"), min_s=10,
                  label=f"poses hidden; {n_global} global iterations (300 particles each, all in the last), "
-                       f"{n_local} local")]))
+                       f"{n_local} local"),
+            dict(method="abinit-het", values=dict(particles=str(d / "sim" / "particles.star"),
+                                                  global_iterations=n_global, local_iterations=n_local, rounds=1,
+                                                  epochs=a.epochs, zdim=a.zdim),
+                 out=str(d / "abinit_het"), min_s=10,
+                 label=f"poses hidden; consensus as abinit's, then {a.epochs} epoch(s), one re-search against the "
+                       f"decoder at each latent, {a.epochs} more"),
+            dict(method="hypermolecule", values=dict(particles=str(d / "sim" / "particles.star"),
+                                                     resolution_A=4 * apix, iterations=a.pv_iter),
+                 out=str(d / "hypermolecule"), min_s=10,
+                 label=f"Legendre degree 3, {a.pv_iter} Monte Carlo EM iterations, limit 4 px"),
+            dict(method="moments", values=dict(particles=str(d / "sim" / "particles.star"), n_components=3,
+                                               resolution_A=8 * apix),
+                 out=str(d / "moments"), min_s=10, label="K 3, covariance limited to 8 px (mean at full box)")]))
     for box, n in zip(a.boxes, a.n, strict=True):
         d = a.work / f"box{box}" / "bodies"
         bodies = dict(n_particles=min(n, 1000), box=box, apix=round(FIELD_A / box, 4), snr=2.0)
@@ -401,7 +415,8 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
            "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
     for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "kernel-volumes", "manifold-images",
-                 "manifold-volumes", "classify", "abinit", "two-bodies", "multibody", "nma, heavy atoms", "nma, Cα",
+                 "manifold-volumes", "classify", "abinit", "abinit-het", "hypermolecule", "moments", "two-bodies",
+                 "multibody", "nma, heavy atoms", "nma, Cα",
                  "mode-data", "fit-modes, direct", "fit-modes, amortised", "train-atomic", "ensemble-data", "reweight",
                  "train-gmm", "train-deform, zernike", "train-deform, flow", "reconstruct-deformed"):
         for box, n in zip(a.boxes, a.n, strict=True):
