@@ -74,7 +74,8 @@ def test_refined_poses_are_closer_to_the_truth_and_relion_agrees(refined, tmp_pa
     assert kinds[("particles_star", "particles.star")]["meta"]["refined_poses"] is True
     table = np.loadtxt(run / "pose_changes.csv", delimiter=",", skiprows=1)
     assert table.shape == (N, 3) and (table[:, 1] <= 8.0 + 1e-3).all() and (table[:, 2] <= 4.0 + 1e-3).all()
-    assert np.median(table[:, 1]) == pytest.approx(kinds[("plot", "pose_changes.png")]["meta"]["median_rotation_deg"])
+    median = kinds[("plot", "pose_changes.png")]["meta"]["median_rotation_deg"]
+    assert np.median(table[:, 1]) == pytest.approx(median, abs=1e-4)  # the table holds 5 decimals
     assert "pose re-search 1 of 1" in (run / "run.log").read_text()
 
 

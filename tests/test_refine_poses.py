@@ -96,7 +96,8 @@ def test_refined_poses_are_closer_to_the_truth_and_the_latents_no_worse(data, ru
     assert kinds[("particles_star", "particles.star")]["meta"]["refined_poses"] is True
     plot = kinds[("plot", "pose_changes.png")]
     table = np.loadtxt(runs[True] / plot["meta"]["table"], delimiter=",", skiprows=1)
-    assert table.shape == (N, 3) and np.median(table[:, 1]) == pytest.approx(plot["meta"]["median_rotation_deg"])
+    assert table.shape == (N, 3)  # the table holds 5 decimals
+    assert np.median(table[:, 1]) == pytest.approx(plot["meta"]["median_rotation_deg"], abs=1e-4)
     assert 1.0 < np.median(table[:, 1]) < 10.0 and (table[:, 2] <= 5.0 + 1e-4).all()
     assert "pose refinement: rotation" in (runs[True] / "run.log").read_text()
 
