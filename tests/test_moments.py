@@ -83,3 +83,37 @@ def test_bad_input(hinge, tmp_path):
     few.write_text("\n".join(lines[:body + 20]) + "\n")
     with pytest.raises(InputError, match="few.star.*needs at least 50"):
         run_method(METHOD, {"particles": str(few), "datadir": str(out.particles_star.parent)}, tmp_path / "few")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_an_interrupted_cg_resumed_ends_as_an_uninterrupted_one(hinge, tmp_path):
+    """Stopped in the middle of CG step 3 (its pass over the particles), resumed from the checkpoint of step 2:
+    every output equals the uninterrupted run's exactly; other settings are refused naming the checkpoint."""
+    from cryohet.inference.moments import fit_moments
+    from cryohet.inference.moments_state import read_cg_state
+    from cryohet.io.particles import load_particles
+
+    pset = load_particles(hinge[1].particles_star)
+    opts = dict(resolution_A=RES_A, diameter_A=80.0, max_iter=4, tol=0.0, batch_size=128)
+    whole = fit_moments(pset, 2, checkpoint=tmp_path / "whole.safetensors", **opts)
+
+    def stop_in_step_3(items, desc, total):
+        for i, item in enumerate(items):
+            if desc.startswith("moments: CG 3/") and i == 2:
+                raise _Stop(desc)
+            yield item
+
+    ckpt = tmp_path / "cut.safetensors"
+    with pytest.raises(_Stop):
+        fit_moments(pset, 2, checkpoint=ckpt, progress=stop_in_step_3, **opts)
+    assert read_cg_state(ckpt)[0].iteration == 2
+    resumed = fit_moments(pset, 2, checkpoint=ckpt, resume=True, **opts)
+    assert resumed.iterations == whole.iterations == 4
+    for name in ("spectrum", "eigenvalues", "components", "latents", "latent_std", "mean_basis"):
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name), err_msg=name)
+    assert [h["relative_residual"] for h in resumed.history] == [h["relative_residual"] for h in whole.history]
+    with pytest.raises(InputError, match=r"cut.safetensors.*regularisation: 0.001 \(checkpoint\) vs 0.01"):
+        fit_moments(pset, 2, checkpoint=ckpt, resume=True, **{**opts, "regularisation": 1e-2})

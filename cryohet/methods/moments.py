@@ -29,6 +29,10 @@ PARAMS = (
           "basis size × 4 bytes).", min=1, expert=True),
     Param("cache_mb", float, 1024.0, "Keep the Fourier-cropped images in memory when they fit in this many MiB "
           "(else they are read again at each pass).", min=0.0, expert=True),
+    Param("resume", bool, False, "Continue the run in this output folder from its CG checkpoint "
+          "(checkpoint.safetensors, written after every CG step; the one before is kept as "
+          "checkpoint.prev.safetensors and used when the newest is damaged); --max_iter is the new total and --tol "
+          "may change. The other settings must be the same."),
 )
 
 
@@ -48,7 +52,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     res = fit_moments(pset, K, resolution_A=params["resolution_A"], diameter_A=params["diameter_A"],
                       max_iter=params["max_iter"], tol=params["tol"], regularisation=params["regularisation"],
                       batch_size=params["batch_size"], device=ctx.device, seed=params["seed"],
-                      cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log)
+                      cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log,
+                      checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", resume=params["resume"])
     ctx.report_convergence("moments CG (relative residual of the normal equations)", res.converged,
                            res.last_change, res.tol, res.iterations)
     # the mean map X_0: CTF-weighted backprojection of half-sets at the full box, Wiener-filtered from their FSC
@@ -97,7 +102,8 @@ METHOD = Method(
          "variances; each particle's coordinates are their Wiener estimates from its image. Writes the mean map "
          "(half-set backprojection with FSC), the principal volumes, latents.npy and latents_std.npy, the "
          "particles STAR with cryohetZ1..K and goodness of fit, movies X_0 + τ X_k with ChimeraX scripts, the "
-         "linear model (for analyze, eval-volume, benchmark-score), the covariance's spectrum, a plot and a report.",
+         "linear model (for analyze, eval-volume, benchmark-score), the covariance's spectrum, a plot and a report. "
+         "The CG state is checkpointed after every step: --resume yes continues after a crash or kill.",
     params=PARAMS,
     outputs=("model", "volume", "latents", "particles_star", "volume_series", "chimerax", "plot", "report", "fsc"),
     run=run,
