@@ -53,6 +53,8 @@ MIN_PARTICLES = 50
 MEMORY_FRACTION = 0.8
 #: Particles whose corners give the noise variance.
 NOISE_SAMPLE = 2000
+#: Eigenvalue shrinkers of the whitened second moment (``shrink_rhs``).
+SHRINKERS = ("none", "operator", "frobenius")
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]
 
@@ -193,7 +195,8 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
                 max_iter: int = 30, tol: float = 1e-3, regularisation: float = 1e-3, batch_size: int = 256,
                 device: torch.device | str = "cpu", seed: int = 0, cache_mb: float = 1024.0,
                 progress: ProgressFn | None = None, log: logging.Logger | None = None,
-                checkpoint: str | Path | None = None, resume: bool = False) -> MomentsResult:
+                checkpoint: str | Path | None = None, resume: bool = False, shrinkage: str = "none"
+                ) -> MomentsResult:
     """Mean (least squares in the basis), covariance (CG on the normal equations), ``n_components`` principal
     volumes, their variances and the particles' Wiener coordinates.
 
@@ -201,6 +204,9 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
     voxels (0: 0.9 of the box); ``regularisation``: λ of the covariance (and λ_μ of the mean) as a fraction of
     the mean squared (resp. mean) diagonal of M̄; ``max_iter``/``tol``: CG stops when the residual of the normal
     equations relative to their right-hand side is below ``tol``, else after ``max_iter`` steps.
+
+    ``shrinkage``: shrink the eigenvalues of the whitened second moment before CG (``shrink_rhs``; "none",
+    "operator" or "frobenius" norm loss).
 
     ``checkpoint``: the CG state is written there after every step (``moments_state``; the one before kept as
     ``<stem>.prev<suffix>``); with ``resume`` CG continues from the newest usable of the two (``max_iter`` the
@@ -244,11 +250,11 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     settings = {"n_particles": n_part, "poses": _poses_digest(particles), "box": N_box, "apix": apix,
                 "work_box": n, "basis": d, "resolution_A": res_used, "ball_px": ball_px,
-                "regularisation": regularisation, "noise_var": sigma2}
+                "regularisation": regularisation, "noise_var": sigma2, "shrinkage": shrinkage}
     found = load_checkpoint(ckpt, read_cg_state, settings, log) if resume and ckpt is not None else None
     if resume and ckpt is not None and found is None:
         log.info("--resume: no checkpoint at %s, starting from scratch", ckpt)
-    state = _first_passes(passes, d, n_part, regularisation, device) if found is None else found[1]
+    state = _first_passes(passes, d, n_part, regularisation, device, shrinkage) if found is None else found[1]
     if found is not None:
         log.info("moments: resuming from %s after CG step %d", found[0], state.iteration)
     mu, Mbar = state.mean.to(device), state.Mbar.to(device)
@@ -342,10 +348,10 @@ def _poses_digest(particles: Any) -> str:
 
 
 def _first_passes(passes: Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor, np.ndarray]]], d: int,
-                  n_part: int, regularisation: float, device: torch.device) -> CGState:
+                  n_part: int, regularisation: float, device: torch.device, shrinkage: str = "none") -> CGState:
     """The two passes before CG: Σ M_m and Σ Q_mᵀ y_m (the least-squares mean in the basis and M̄), then the
-    right-hand side of the covariance equations; CG's state at step 0 (S = 0, R = the right-hand side; P and
-    ⟨R, Z⟩ left for the preconditioner)."""
+    right-hand side of the covariance equations (its spectrum shrunk by ``shrinkage``); CG's state at step 0
+    (S = 0, R = the right-hand side; P and ⟨R, Z⟩ left for the preconditioner)."""
     Msum = torch.zeros((d, d), dtype=torch.float64, device=device)
     rhs_mu = torch.zeros(d, dtype=torch.float64, device=device)
     for Q, y, _ in passes("moments: mean"):
@@ -363,4 +369,36 @@ def _first_passes(passes: Callable[[str], Iterable[tuple[torch.Tensor, torch.Ten
         Qf = Q.reshape(-1, d)
         rhs += (b.T @ b - Qf.T @ Qf).double()
     rhs /= n_part
+    if shrinkage != "none":
+        rhs = shrink_rhs(rhs, Mbar, d / n_part, shrinkage)
     return CGState(mu, Mbar, torch.zeros_like(rhs), rhs, rhs, 0.0, float(rhs.norm()) or 1.0, 0, [])
+
+
+def spike_shrinker(lam: torch.Tensor, gamma: float, loss: str) -> torch.Tensor:
+    """Signal eigenvalues from eigenvalues ``lam`` of a sample covariance whose noise is white with variance 1
+    (spiked model, aspect ratio ``gamma`` = dimension / samples; Donoho, Gavish & Johnstone 2018): 0 inside the
+    Marchenko-Pastur bulk (λ ≤ (1 + √γ)²); above it the spike ℓ(λ) less the noise, ℓ − 1, for the operator norm
+    loss, times the squared cosine c² = (1 − γ/(ℓ−1)²) / (1 + γ/(ℓ−1)) for the Frobenius loss (ASPIRE's
+    ``shrink_covar``)."""
+    if loss not in SHRINKERS[1:]:
+        raise ValueError(f"unknown shrinkage {loss!r}; known: {', '.join(SHRINKERS)}")
+    above = lam > (1 + math.sqrt(gamma)) ** 2
+    lam_a = torch.where(above, lam, torch.full_like(lam, 4.0 * (1 + gamma)))  # placeholder inside the bulk
+    t = lam_a + 1 - gamma
+    signal = (t + torch.sqrt((t * t - 4 * lam_a).clamp_min(0))) / 2 - 1
+    if loss == "frobenius":
+        signal = signal * ((1 - gamma / signal ** 2) / (1 + gamma / signal)).clamp_min(0)
+    return torch.where(above, signal, torch.zeros_like(lam))
+
+
+def shrink_rhs(rhs: torch.Tensor, Mbar: torch.Tensor, gamma: float, loss: str) -> torch.Tensor:
+    """Andén & Singer's (2018) eigenvalue shrinkage of the covariance's right-hand side (1/N) Σ (b_m b_mᵀ − M_m):
+    whitened by M̄^(-1/2), the second moment B = M̄^(-1/2) rhs M̄^(-1/2) + I of the back-projected images has
+    white noise of variance 1 (M_m ≈ M̄), so its eigenvalues are shrunk by ``spike_shrinker`` (``gamma``: basis
+    size / particles) and the result coloured back: M̄^(1/2) V η(Λ) Vᵀ M̄^(1/2)."""
+    ev, U = torch.linalg.eigh(Mbar)
+    ev = ev.clamp_min(float(ev.max()) * 1e-12)
+    half, inv_half = (U * ev.sqrt()) @ U.T, (U / ev.sqrt()) @ U.T
+    B = inv_half @ rhs @ inv_half
+    lam, V = torch.linalg.eigh(0.5 * (B + B.T) + torch.eye(len(B), dtype=B.dtype, device=B.device))
+    return half @ ((V * spike_shrinker(lam, gamma, loss)) @ V.T) @ half

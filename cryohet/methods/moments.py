@@ -29,6 +29,11 @@ PARAMS = (
           "basis size × 4 bytes).", min=1, expert=True),
     Param("cache_mb", float, 1024.0, "Keep the Fourier-cropped images in memory when they fit in this many MiB "
           "(else they are read again at each pass).", min=0.0, expert=True),
+    Param("shrinkage", str, "none", "Eigenvalue shrinkage of the covariance's right-hand side before CG (Andén & "
+          "Singer 2018): its second moment whitened by the mean projection-backprojection operator, the eigenvalues "
+          "inside the noise's Marchenko-Pastur bulk set to 0 and those above it debiased (operator: the spike's "
+          "value; frobenius: also times its squared cosine, Donoho-Gavish-Johnstone; none: as estimated).",
+          choices=("none", "operator", "frobenius")),
     Param("resume", bool, False, "Continue the run in this output folder from its CG checkpoint "
           "(checkpoint.safetensors, written after every CG step; the one before is kept as "
           "checkpoint.prev.safetensors and used when the newest is damaged); --max_iter is the new total and --tol "
@@ -53,7 +58,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                       max_iter=params["max_iter"], tol=params["tol"], regularisation=params["regularisation"],
                       batch_size=params["batch_size"], device=ctx.device, seed=params["seed"],
                       cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log,
-                      checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", resume=params["resume"])
+                      checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", resume=params["resume"],
+                      shrinkage=params["shrinkage"])
     ctx.report_convergence("moments CG (relative residual of the normal equations)", res.converged,
                            res.last_change, res.tol, res.iterations)
     # the mean map X_0: CTF-weighted backprojection of half-sets at the full box, Wiener-filtered from their FSC
@@ -81,6 +87,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
              f"- conjugate gradient: {res.iterations} steps, relative residual {res.last_change:.2e} "
              f"({'below' if res.converged else '**not below**'} --tol {res.tol:.1e})",
              f"- mean map: resolution at half-map FSC 0.143 {mean_res:.2f} Å",
+             f"- eigenvalue shrinkage of the right-hand side: {params['shrinkage']}",
              f"- top eigenvalues of the covariance: {np.array2string(res.spectrum[:2 * K + 2], precision=4)} "
              "(those of noise form a flat floor)",
              "", *eigenvalue_table(res.eigenvalues, res.latents, res.latent_std)]
