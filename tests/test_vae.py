@@ -335,6 +335,16 @@ def test_hartley_domain_with_cropping_and_a_resolution_limit(hinge: Path, tmp_pa
     assert np.load(tmp_path / "z.npy").shape == (1000, 2)
     vol = load_volume_model(tmp_path).volumes(np.zeros((1, 2)))
     assert vol.shape == (1, 24, 24, 24) and np.isfinite(vol).all()
+    # the goodness of fit is scored inside the fitted circle only (the model is not fitted beyond it)
+    from cryohet.io.particles import load_particles
+    from cryohet.validation.goodness import latent_predictors, score_particles
+
+    star = starfile.read(tmp_path / "particles.star")["particles"]
+    pset, preds = load_particles(tmp_path / "particles.star"), latent_predictors(model, np.load(tmp_path / "z.npy"))
+    fit = {f: score_particles(pset, *preds, box=24, batch_size=32, amp="auto", max_freq=f).fit_z
+           for f in (model.cfg.max_freq, 0.5)}
+    np.testing.assert_allclose(star["cryohetFitZ"], fit[model.cfg.max_freq], atol=1e-5)
+    assert np.abs(star["cryohetFitZ"] - fit[0.5]).max() > 0.1
 
 
 def test_the_autodecoder_trains_the_same_decoder_through_the_same_trainer(hinge: Path, tmp_path: Path) -> None:

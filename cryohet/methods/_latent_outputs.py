@@ -27,12 +27,12 @@ def write_latents(ctx: Any, pset: ParticleSet, arrays: dict[str, np.ndarray], z:
     added to its record entry, e.g. ``poses=True`` when it carries new poses). With ``fit_model`` (a
     ``SliceModel`` on the device to score on) the STAR gets each particle's goodness of fit under it at its
     latent and (refined) pose (``cryohetFitZ``, ``cryohetResidualZ``, ``fit_z.png``; ``fit_batch`` particles at a
-    time, under the mixed precision ``fit_amp``)."""
+    time, under the mixed precision ``fit_amp``, inside the model's fitted circle ``cfg.max_freq`` when it has one)."""
     out = Path(ctx.out_dir)
     refined = refined_particles(pset, poses)
     if fit_model is not None:
         fit = fit_columns(ctx, refined, *latent_predictors(fit_model, z), box=fit_model.box, batch_size=fit_batch,
-                          amp=fit_amp)
+                          amp=fit_amp, max_freq=getattr(getattr(fit_model, "cfg", None), "max_freq", 0.5))
         extra_columns = {**(extra_columns or {}), **fit}
         star_label += ", goodness of fit (cryohetFitZ, cryohetResidualZ)"
     for name, arr in arrays.items():

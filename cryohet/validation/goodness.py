@@ -140,11 +140,12 @@ def _predicted_sums(stream: Iterable[ImageBatch], predict: Predictor, reference:
 
 def score_particles(particles, predict: Predictor, reference: Predictor | None = None, box: int | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 256, n_sample: int = 2000, seed: int = 0,
-                    progress: Callable | None = None, amp: str = "no") -> FitScores:
+                    progress: Callable | None = None, amp: str = "no", max_freq: float = 0.5) -> FitScores:
     """Goodness of fit of every particle of ``particles`` (a ParticleSet with poses and CTF) under ``predict``,
     against a typical particle's evidence under ``reference`` (None: ``predict`` itself).
 
-    ``box``: the working lattice (the images Fourier-cropped to it; the model's box; None: the images' box).
+    ``box``: the working lattice (the images Fourier-cropped to it; the model's box; None: the images' box);
+    ``max_freq``: the scored circle's radius, cycles/pixel of that lattice (the model's fitted circle; 0.5: Nyquist).
     The noise model comes from a fixed sample of ``n_sample`` particles (drawn from ``seed``; their per-shell sums
     are kept: 4 numbers per shell each), then every other particle is streamed once in file order through the
     loader, ``batch_size`` at a time; the scores stay on the device until the end. ``amp``: the predictors run
@@ -154,7 +155,7 @@ def score_particles(particles, predict: Predictor, reference: Predictor | None =
     lattice = Lattice(int(particles.box), float(particles.apix))
     if box is not None and box != lattice.box:
         lattice = lattice.cropped(int(box))
-    points = lattice.half_plane()
+    points = lattice.half_plane(max_freq * lattice.box)
     n_shells = lattice.box // 2 + 1
     counts = torch.bincount(points.shell, minlength=n_shells).to(torch.float64)
     prep = ImagePreparer(particles, lattice, points=points, device=device)
