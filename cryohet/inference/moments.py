@@ -195,7 +195,7 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
                 max_iter: int = 30, tol: float = 1e-3, regularisation: float = 1e-3, batch_size: int = 256,
                 device: torch.device | str = "cpu", seed: int = 0, cache_mb: float = 1024.0,
                 progress: ProgressFn | None = None, log: logging.Logger | None = None,
-                checkpoint: str | Path | None = None, resume: bool = False, shrinkage: str = "none"
+                checkpoint: str | Path | None = None, resume: bool = False, shrinkage: str = "frobenius"
                 ) -> MomentsResult:
     """Mean (least squares in the basis), covariance (CG on the normal equations), ``n_components`` principal
     volumes, their variances and the particles' Wiener coordinates.

@@ -29,7 +29,7 @@ PARAMS = (
           "basis size × 4 bytes).", min=1, expert=True),
     Param("cache_mb", float, 1024.0, "Keep the Fourier-cropped images in memory when they fit in this many MiB "
           "(else they are read again at each pass).", min=0.0, expert=True),
-    Param("shrinkage", str, "none", "Eigenvalue shrinkage of the covariance's right-hand side before CG (Andén & "
+    Param("shrinkage", str, "frobenius", "Eigenvalue shrinkage of the covariance's right-hand side before CG (Andén & "
           "Singer 2018): its second moment whitened by the mean projection-backprojection operator, the eigenvalues "
           "inside the noise's Marchenko-Pastur bulk set to 0 and those above it debiased (operator: the spike's "
           "value; frobenius: also times its squared cosine, Donoho-Gavish-Johnstone; none: as estimated).",
@@ -103,7 +103,8 @@ METHOD = Method(
     help="The method of moments of Katsevich-Singer and Andén-Singer (survey section 8): no latent is inferred "
          "while the model is fitted. The mean is a CTF-corrected least-squares reconstruction and the covariance "
          "of the 3-D volumes solves the normal equations of the images' second moments (CTF included, white "
-         "noise variance from the images' corners) by preconditioned conjugate gradient, in a basis of "
+         "noise variance from the images' corners; the spectrum of their right-hand side shrunk, --shrinkage) by "
+         "preconditioned conjugate gradient, in a basis of "
          "band-limited functions concentrated in a ball (--resolution_A, --diameter_A); particles are streamed "
          "in batches at every pass. Its top eigenvectors are the principal volumes, its eigenvalues their "
          "variances; each particle's coordinates are their Wiener estimates from its image. Writes the mean map "
@@ -121,5 +122,7 @@ METHOD = Method(
         "cryo-EM. Proc. IEEE ISBI, 200-204.",
         "Andén & Singer (2018) Structural variability from noisy tomographic projections. SIAM J. Imaging "
         "Sci. 11, 1441-1492.",
+        "Donoho, Gavish & Johnstone (2018) Optimal shrinkage of eigenvalues in the spiked covariance model. Ann. "
+        "Statist. 46, 1742-1778.",
     ),
 )
