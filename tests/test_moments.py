@@ -157,3 +157,5 @@ def test_shrinkage_recovers_the_spikes_of_a_spiked_covariance():
     lam = ell * (1 + gamma / (ell - 1))
     np.testing.assert_allclose(spike_shrinker(lam, gamma, "operator"), ell - 1, rtol=1e-12)
     assert (spike_shrinker(torch.tensor([0.5, 1.0, 2.2]), gamma, "operator") == 0).all()  # inside (1 + √γ)² = 2.25
+    noise = rng.standard_normal((n, d)) @ half  # no signal: everything inside the bulk, shrunk to 0
+    assert not shrink_rhs(torch.as_tensor(noise.T @ noise / n - mbar), t["mbar"], d / n, "frobenius").any()

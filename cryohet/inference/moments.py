@@ -282,7 +282,10 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
         state.rz = float((state.R * state.P).sum())
     S, R, P = (getattr(state, k).to(device) for k in ("S", "R", "P"))
     rz, norm_rhs, history = state.rz, state.norm_rhs, state.history
-    rel = history[-1]["relative_residual"] if history else 1.0
+    rel = history[-1]["relative_residual"] if history else float(R.norm()) / norm_rhs  # 0: nothing to fit
+    if rel == 0:
+        log.warning("moments: no eigenvalue of the whitened second moment is above the noise's bulk (--shrinkage "
+                    "%s): the covariance estimate is 0", shrinkage)
     for it in range(state.iteration + 1, max_iter + 1):
         if rel < tol:
             break
