@@ -1,6 +1,8 @@
 """Benchmark of ``cryohet moments`` beside ``cryohet principal-volumes`` and ASPIRE's covariance estimator.
 
     python bench/bench_moments.py accuracy --out /tmp/bench-moments [--n 500 3000] [--snr 1 0.1 0.01]
+    python bench/bench_moments.py accuracy --out /tmp/bench-shrink --snr 0.1 0.01 --shrinkage none operator \
+        frobenius --no-pv
     python bench/bench_moments.py aspire   --out /tmp/bench-moments [--aspire-python /tmp/aspire-venv/bin/python]
 
 accuracy: hinge (box 32, 3 Å/px, CTF) at each SNR and particle count; both methods at the same resolution limit
@@ -8,8 +10,10 @@ accuracy: hinge (box 32, 3 Å/px, CTF) at each SNR and particle count; both meth
 between the estimated components and the top eigenvectors of the true maps' covariance (band-limited as the
 estimate; weighted by the particles' states), the first eigenvalue over the true one (in the images' units),
 |Spearman| of b_1 with the hinge angle, and the mean map's FSC to the true mean (resolution at FSC 0.5).
-aspire: the small-box data of bench_principal_volumes (box 10) through the three estimators. Each writes
-``<out>/<name>.json`` and prints a Markdown table with the ratios moments / principal-volumes (and / ASPIRE).
+--shrinkage: one moments run per eigenvalue shrinkage (``moments_<shrinker>`` columns; ``none`` is ``moments``);
+--no-pv: moments only. aspire: the small-box data of bench_principal_volumes (box 10) through the three
+estimators. Each writes ``<out>/<name>.json`` and prints a Markdown table with the ratios moments /
+principal-volumes (and / ASPIRE).
 """
 from __future__ import annotations
 
@@ -87,14 +91,16 @@ def score(run_dir: Path, conf, truth, K: int) -> dict:
             "mean_fsc05_A": float(resolution_at(np.asarray(curve), model.box, conf.apix, 0.5))}
 
 
-def accuracy(out: Path, ns: list[int], snrs: list[float], K: int, res: float, threads: int) -> list[dict]:
+def accuracy(out: Path, ns: list[int], snrs: list[float], K: int, res: float, threads: int,
+             shrinkers: tuple[str, ...] = ("none",), pv: bool = True) -> list[dict]:
     rows = []
+    runs = [("moments" if s == "none" else f"moments_{s}", "moments", {"diameter_A": 80.0, "shrinkage": s})
+            for s in shrinkers] + ([("pv", "principal_volumes", {})] if pv else [])
     for n in ns:
         for snr in snrs:
             conf, sim, truth = simulate(out / f"hinge_n{n}_snr{snr:g}", 32, 3.0, n, snr, seed=7)
             row: dict = {"n": n, "snr": snr, "K": K}
-            for name, module, extra in (("moments", "moments", {"diameter_A": 80.0}),
-                                        ("pv", "principal_volumes", {})):
+            for name, module, extra in runs:
                 run_dir = out / f"{name}_n{n}_snr{snr:g}"
                 params = {"particles": str(sim.particles_star), "n_components": K, "resolution_A": res,
                           "movie_frames": 2, **extra}
@@ -161,16 +167,19 @@ def main() -> None:
     ap.add_argument("--res", type=float, default=20.0, help="resolution limit of both methods, Å (accuracy)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--aspire-python", default="/tmp/aspire-venv/bin/python")
+    ap.add_argument("--shrinkage", nargs="+", default=["none"], choices=("none", "operator", "frobenius"),
+                    help="moments runs, one per eigenvalue shrinkage (accuracy)")
+    ap.add_argument("--no-pv", action="store_true", help="leave out principal-volumes (accuracy)")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO / "bench"))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.what == "accuracy":
-        rows = accuracy(out, a.n, a.snr, a.K, a.res, a.threads)
-        keys = ("n", "snr", "moments_sine_top1", "pv_sine_top1", "ratio_sine_top1", "moments_sine_topK_max",
-                "pv_sine_topK_max", "moments_eig1_over_true", "pv_eig1_over_true", "moments_spearman_b1",
-                "pv_spearman_b1", "moments_mean_fsc05_A", "pv_mean_fsc05_A", "moments_seconds", "pv_seconds",
-                "ratio_time", "moments_peak_rss_mb", "pv_peak_rss_mb")
+        rows = accuracy(out, a.n, a.snr, a.K, a.res, a.threads, tuple(a.shrinkage), not a.no_pv)
+        names = [*("moments" if s == "none" else f"moments_{s}" for s in a.shrinkage), *([] if a.no_pv else ["pv"])]
+        keys = ("n", "snr", *(f"{m}_{k}" for k in ("sine_top1", "sine_topK_max", "eig1_over_true", "spearman_b1",
+                                                   "mean_fsc05_A", "seconds", "peak_rss_mb") for m in names),
+                *(() if a.no_pv else ("ratio_sine_top1", "ratio_time")))
     else:
         rows = [aspire(out, a.n[0], a.snr[0], a.K, a.threads, a.aspire_python)]
         keys = tuple(k for k in rows[0] if not k.endswith("error"))

@@ -86,6 +86,27 @@ def test_vae_learns_the_conformation_and_writes_its_outputs(hinge: Path, trained
     assert (vm.box, vm.latent_dim) == (32, 8)
 
 
+def test_goodness_of_fit_under_mixed_precision_matches_float32(trained: Path) -> None:
+    """The run's cryohetFitZ / cryohetResidualZ (scored under the trainer's mixed precision, the noise sample kept
+    and not scored twice) are the float32 scores within 0.04 noise s.d. (RMS; at most 0.1), at any batch size."""
+    from cryohet.io.particles import load_particles
+    from cryohet.validation.goodness import latent_predictors, score_particles
+
+    star = starfile.read(trained / "particles.star")["particles"]
+    decoder = load_volume(trained / "model.safetensors").eval()
+    predictors = latent_predictors(decoder, np.load(trained / "z.npy"))
+    pset = load_particles(trained / "particles.star")
+    exact = score_particles(pset, *predictors, batch_size=50, n_sample=300, amp="no")
+    again = score_particles(pset, *predictors, batch_size=64, n_sample=300, amp="no")
+    np.testing.assert_allclose(exact.fit_z, again.fit_z, atol=1e-6)  # nor do the batches
+    whole = score_particles(pset, *predictors, batch_size=64, amp="no")  # the default sample: every particle
+    diff = star["cryohetFitZ"].to_numpy() - whole.fit_z
+    print(f"cryohetFitZ, mixed precision - float32: RMS {np.sqrt(np.mean(diff**2)):.4f}, max {np.abs(diff).max():.4f}")
+    assert np.sqrt(np.mean(diff**2)) < 0.04 and np.abs(diff).max() < 0.1
+    np.testing.assert_allclose(star["cryohetResidualZ"], whole.residual_z, atol=0.02)
+    assert 0.7 < np.std(whole.fit_z) < 2.0 and abs(np.median(whole.fit_z)) < 0.2
+
+
 @pytest.mark.parametrize("domain,pe_type", [("fourier", "gaussian"), ("hartley", "geom")])
 def test_decoder_slices_are_the_projections_of_its_volumes(tmp_path: Path, domain: str, pe_type: str) -> None:
     """Conventions: the model's image of pose A is the Fourier slice Aᵀ(kx, ky, 0) of the map it returns."""
@@ -314,6 +335,16 @@ def test_hartley_domain_with_cropping_and_a_resolution_limit(hinge: Path, tmp_pa
     assert np.load(tmp_path / "z.npy").shape == (1000, 2)
     vol = load_volume_model(tmp_path).volumes(np.zeros((1, 2)))
     assert vol.shape == (1, 24, 24, 24) and np.isfinite(vol).all()
+    # the goodness of fit is scored inside the fitted circle only (the model is not fitted beyond it)
+    from cryohet.io.particles import load_particles
+    from cryohet.validation.goodness import latent_predictors, score_particles
+
+    star = starfile.read(tmp_path / "particles.star")["particles"]
+    pset, preds = load_particles(tmp_path / "particles.star"), latent_predictors(model, np.load(tmp_path / "z.npy"))
+    fit = {f: score_particles(pset, *preds, box=24, batch_size=32, amp="auto", max_freq=f).fit_z
+           for f in (model.cfg.max_freq, 0.5)}
+    np.testing.assert_allclose(star["cryohetFitZ"], fit[model.cfg.max_freq], atol=1e-5)
+    assert np.abs(star["cryohetFitZ"] - fit[0.5]).max() > 0.1
 
 
 def test_the_autodecoder_trains_the_same_decoder_through_the_same_trainer(hinge: Path, tmp_path: Path) -> None:

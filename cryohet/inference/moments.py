@@ -24,11 +24,13 @@ coordinates are their Wiener (posterior-mean) estimates from its image.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,8 @@ from cryohet.device import refuse_unless_fits
 from cryohet.errors import InputError
 from cryohet.geometry.fourier import centered_coords, fft3c, ifft3c
 from cryohet.geometry.lattice import Lattice, box_for_resolution
+from cryohet.inference.em_state import load_checkpoint
+from cryohet.inference.moments_state import CGState, read_cg_state, save_cg_state
 from cryohet.inference.ppca import ImageSource, band_limit, fourier_pad_3d
 
 #: Largest basis (voxels in the ball) accepted: Σ has d² entries and each CG step costs ~4 r d² per particle.
@@ -49,6 +53,8 @@ MIN_PARTICLES = 50
 MEMORY_FRACTION = 0.8
 #: Particles whose corners give the noise variance.
 NOISE_SAMPLE = 2000
+#: Eigenvalue shrinkers of the whitened second moment (``shrink_rhs``).
+SHRINKERS = ("none", "operator", "frobenius")
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]
 
@@ -188,7 +194,9 @@ def plan(n_particles: int, box: int, apix: float, resolution_A: float, diameter_
 def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0, diameter_A: float = 0.0,
                 max_iter: int = 30, tol: float = 1e-3, regularisation: float = 1e-3, batch_size: int = 256,
                 device: torch.device | str = "cpu", seed: int = 0, cache_mb: float = 1024.0,
-                progress: ProgressFn | None = None, log: logging.Logger | None = None) -> MomentsResult:
+                progress: ProgressFn | None = None, log: logging.Logger | None = None,
+                checkpoint: str | Path | None = None, resume: bool = False, shrinkage: str = "frobenius"
+                ) -> MomentsResult:
     """Mean (least squares in the basis), covariance (CG on the normal equations), ``n_components`` principal
     volumes, their variances and the particles' Wiener coordinates.
 
@@ -196,6 +204,13 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
     voxels (0: 0.9 of the box); ``regularisation``: λ of the covariance (and λ_μ of the mean) as a fraction of
     the mean squared (resp. mean) diagonal of M̄; ``max_iter``/``tol``: CG stops when the residual of the normal
     equations relative to their right-hand side is below ``tol``, else after ``max_iter`` steps.
+
+    ``shrinkage``: shrink the eigenvalues of the whitened second moment before CG (``shrink_rhs``; "none",
+    "operator" or "frobenius" norm loss).
+
+    ``checkpoint``: the CG state is written there after every step (``moments_state``; the one before kept as
+    ``<stem>.prev<suffix>``); with ``resume`` CG continues from the newest usable of the two (``max_iter`` the
+    new total), InputError naming it when it was written with other settings.
     """
     log = log or logging.getLogger("cryohet.moments")
     progress = progress or (lambda items, desc, total: items)
@@ -232,26 +247,19 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
             Q, y = whitened(batch)
             yield Q, y, batch.rows
 
-    # pass 1: Σ M_m and Σ Q_mᵀ y_m -> the least-squares mean in the basis and M̄
-    Msum = torch.zeros((d, d), dtype=torch.float64, device=device)
-    rhs_mu = torch.zeros(d, dtype=torch.float64, device=device)
-    for Q, y, _ in passes("moments: mean"):
-        Qf = Q.reshape(-1, d)
-        Msum += (Qf.T @ Qf).double()
-        rhs_mu += torch.einsum("brd,br->d", Q, y).double()
-    Mbar = Msum / n_part
-    scale = float(torch.diagonal(Mbar).mean())
-    mu = torch.linalg.solve(Msum + regularisation * scale * n_part * torch.eye(d, dtype=torch.float64,
-                                                                                   device=device), rhs_mu)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    settings = {"n_particles": n_part, "poses": _poses_digest(particles), "box": N_box, "apix": apix,
+                "work_box": n, "basis": d, "resolution_A": res_used, "ball_px": ball_px,
+                "regularisation": regularisation, "noise_var": sigma2, "shrinkage": shrinkage}
+    found = load_checkpoint(ckpt, read_cg_state, settings, log) if resume and ckpt is not None else None
+    if resume and ckpt is not None and found is None:
+        log.info("--resume: no checkpoint at %s, starting from scratch", ckpt)
+    state = _first_passes(passes, d, n_part, regularisation, device, shrinkage) if found is None else found[1]
+    if found is not None:
+        log.info("moments: resuming from %s after CG step %d", found[0], state.iteration)
+    mu, Mbar = state.mean.to(device), state.Mbar.to(device)
     mu32 = mu.float()
-
-    # pass 2: right-hand side of the covariance equations
-    rhs = torch.zeros((d, d), dtype=torch.float64, device=device)
-    for Q, y, _ in passes("moments: second moments"):
-        b = torch.einsum("brd,br->bd", Q, y - Q @ mu32)
-        Qf = Q.reshape(-1, d)
-        rhs += (b.T @ b - Qf.T @ Qf).double()
-    rhs /= n_part
+    scale = float(torch.diagonal(Mbar).mean())
     lam = regularisation * scale ** 2
     evals, evecs = torch.linalg.eigh(Mbar)
     denom = evals.clamp_min(0)[:, None] * evals.clamp_min(0)[None, :] + lam
@@ -269,29 +277,32 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
         return out / n_part + lam * S
 
     # preconditioned conjugate gradient on symmetric matrices (Frobenius inner product)
-    S = torch.zeros((d, d), dtype=torch.float64, device=device)
-    R = rhs.clone()
-    Z = precondition(R)
-    P = Z.clone()
-    rz = float((R * Z).sum())
-    norm_rhs = float(rhs.norm()) or 1.0
-    history: list[dict[str, float]] = []
-    rel = 1.0
-    for it in range(1, max_iter + 1):
+    if found is None:  # S = 0, R = the right-hand side (held in state.R), P = precondition(R)
+        state.P = precondition(state.R)
+        state.rz = float((state.R * state.P).sum())
+    S, R, P = (getattr(state, k).to(device) for k in ("S", "R", "P"))
+    rz, norm_rhs, history = state.rz, state.norm_rhs, state.history
+    rel = history[-1]["relative_residual"] if history else float(R.norm()) / norm_rhs  # 0: nothing to fit
+    if rel == 0:
+        log.warning("moments: no eigenvalue of the whitened second moment is above the noise's bulk (--shrinkage "
+                    "%s): the covariance estimate is 0", shrinkage)
+    for it in range(state.iteration + 1, max_iter + 1):
+        if rel < tol:
+            break
         ti = time.time()
         AP = operator(P, it)
         alpha = rz / float((P * AP).sum())
         S += alpha * P
         R -= alpha * AP
         rel = float(R.norm()) / norm_rhs
-        history.append({"iteration": it, "relative_residual": rel, "seconds": time.time() - ti})
-        log.info("moments CG %d: relative residual %.2e, %.1f s", it, rel, time.time() - ti)
-        if rel < tol:
-            break
         Z = precondition(R)
         rz_new = float((R * Z).sum())
         P = Z + (rz_new / rz) * P
         rz = rz_new
+        history.append({"iteration": it, "relative_residual": rel, "seconds": time.time() - ti})
+        log.info("moments CG %d: relative residual %.2e, %.1f s", it, rel, time.time() - ti)
+        if ckpt is not None:
+            save_cg_state(ckpt, CGState(mu, Mbar, S, R, P, rz, norm_rhs, it, history), settings)
     S = 0.5 * (S + S.T)
     converged = rel < tol
 
@@ -329,3 +340,68 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
         eigenvalues=eig, spectrum=spec.cpu().numpy(), latents=latents, latent_std=latent_std, noise_var=sigma2,
         work_box=n, basis_size=d, resolution_A=float(res_used), history=history, converged=converged,
         last_change=rel, tol=tol, iterations=len(history))
+
+
+def _poses_digest(particles: Any) -> str:
+    """Short fingerprint of the particles' poses (other poses must not be resumed)."""
+    h = hashlib.sha256()
+    for arr in (particles.euler_deg, particles.shift_A):
+        h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _first_passes(passes: Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor, np.ndarray]]], d: int,
+                  n_part: int, regularisation: float, device: torch.device, shrinkage: str = "none") -> CGState:
+    """The two passes before CG: Σ M_m and Σ Q_mᵀ y_m (the least-squares mean in the basis and M̄), then the
+    right-hand side of the covariance equations (its spectrum shrunk by ``shrinkage``); CG's state at step 0
+    (S = 0, R = the right-hand side; P and ⟨R, Z⟩ left for the preconditioner)."""
+    Msum = torch.zeros((d, d), dtype=torch.float64, device=device)
+    rhs_mu = torch.zeros(d, dtype=torch.float64, device=device)
+    for Q, y, _ in passes("moments: mean"):
+        Qf = Q.reshape(-1, d)
+        Msum += (Qf.T @ Qf).double()
+        rhs_mu += torch.einsum("brd,br->d", Q, y).double()
+    Mbar = Msum / n_part
+    scale = float(torch.diagonal(Mbar).mean())
+    mu = torch.linalg.solve(Msum + regularisation * scale * n_part * torch.eye(d, dtype=torch.float64,
+                                                                                   device=device), rhs_mu)
+    mu32 = mu.float()
+    rhs = torch.zeros((d, d), dtype=torch.float64, device=device)
+    for Q, y, _ in passes("moments: second moments"):
+        b = torch.einsum("brd,br->bd", Q, y - Q @ mu32)
+        Qf = Q.reshape(-1, d)
+        rhs += (b.T @ b - Qf.T @ Qf).double()
+    rhs /= n_part
+    if shrinkage != "none":
+        rhs = shrink_rhs(rhs, Mbar, d / n_part, shrinkage)
+    return CGState(mu, Mbar, torch.zeros_like(rhs), rhs, rhs, 0.0, float(rhs.norm()) or 1.0, 0, [])
+
+
+def spike_shrinker(lam: torch.Tensor, gamma: float, loss: str) -> torch.Tensor:
+    """Signal eigenvalues from eigenvalues ``lam`` of a sample covariance whose noise is white with variance 1
+    (spiked model, aspect ratio ``gamma`` = dimension / samples; Donoho, Gavish & Johnstone 2018): 0 inside the
+    Marchenko-Pastur bulk (λ ≤ (1 + √γ)²); above it the spike ℓ(λ) less the noise, ℓ − 1, for the operator norm
+    loss, times the squared cosine c² = (1 − γ/(ℓ−1)²) / (1 + γ/(ℓ−1)) for the Frobenius loss (ASPIRE's
+    ``shrink_covar``)."""
+    if loss not in SHRINKERS[1:]:
+        raise ValueError(f"unknown shrinkage {loss!r}; known: {', '.join(SHRINKERS)}")
+    above = lam > (1 + math.sqrt(gamma)) ** 2
+    lam_a = torch.where(above, lam, torch.full_like(lam, 4.0 * (1 + gamma)))  # placeholder inside the bulk
+    t = lam_a + 1 - gamma
+    signal = (t + torch.sqrt((t * t - 4 * lam_a).clamp_min(0))) / 2 - 1
+    if loss == "frobenius":
+        signal = signal * ((1 - gamma / signal ** 2) / (1 + gamma / signal)).clamp_min(0)
+    return torch.where(above, signal, torch.zeros_like(lam))
+
+
+def shrink_rhs(rhs: torch.Tensor, Mbar: torch.Tensor, gamma: float, loss: str) -> torch.Tensor:
+    """Andén & Singer's (2018) eigenvalue shrinkage of the covariance's right-hand side (1/N) Σ (b_m b_mᵀ − M_m):
+    whitened by M̄^(-1/2), the second moment B = M̄^(-1/2) rhs M̄^(-1/2) + I of the back-projected images has
+    white noise of variance 1 (M_m ≈ M̄), so its eigenvalues are shrunk by ``spike_shrinker`` (``gamma``: basis
+    size / particles) and the result coloured back: M̄^(1/2) V η(Λ) Vᵀ M̄^(1/2)."""
+    ev, U = torch.linalg.eigh(Mbar)
+    ev = ev.clamp_min(float(ev.max()) * 1e-12)
+    half, inv_half = (U * ev.sqrt()) @ U.T, (U / ev.sqrt()) @ U.T
+    B = inv_half @ rhs @ inv_half
+    lam, V = torch.linalg.eigh(0.5 * (B + B.T) + torch.eye(len(B), dtype=B.dtype, device=B.device))
+    return half @ ((V * spike_shrinker(lam, gamma, loss)) @ V.T) @ half

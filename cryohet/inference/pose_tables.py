@@ -42,13 +42,15 @@ class PoseCorrections(nn.Module):
                  max_deg: float = 10.0, max_A: float = 5.0):
         super().__init__()
         self.apix, self.warmup_epochs = float(apix), int(warmup_epochs)
-        self.lr = torch.tensor([lr_deg] * 3 + [lr_A] * 2, dtype=torch.float32)
+        # on the table's device (not saved): no host-to-device copy per step
+        self.register_buffer("lr", torch.tensor([lr_deg] * 3 + [lr_A] * 2, dtype=torch.float32), persistent=False)
         self.max_deg, self.max_A = float(max_deg), float(max_A)
         self.register_buffer("table", torch.zeros(n, 5))     # δ (deg, 3), t (Å, 2)
         self.register_buffer("exp_avg", torch.zeros(n, 5))
         self.register_buffer("exp_avg_sq", torch.zeros(n, 5))
         self.register_buffer("steps", torch.zeros(n, dtype=torch.int32))
         self.active = False
+        self.in_use: bool | None = None  # corrections may be non-zero (set per epoch; None: look at the table)
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._start: list[torch.Tensor] | None = None
 
@@ -61,12 +63,14 @@ class PoseCorrections(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', y'): the rotations (B, 3, 3) and the data (B, M, 2: real, imaginary at frequencies ``kxy``
         (M, 2) cycles/px) of particles ``rows`` with their corrections; differentiable in them while training."""
+        if not (self.training and self.active):
+            in_use = self.in_use if self.in_use is not None else bool(self.table.any())  # known without a sync
+            if not in_use:
+                return rot, y
         delta = self.table[rows.to(self.table.device)].to(rot.device)
         if self.training and self.active:
             delta = delta.clone().requires_grad_(True)
             self._batch = (rows, delta)
-        if not bool(delta.detach().any()) and not delta.requires_grad:
-            return rot, y
         with torch.autocast(rot.device.type, enabled=False):  # float32 poses and phases under mixed precision
             rot = rotation_from_vector(torch.deg2rad(delta[:, :3])) @ rot.float()
             phase = -2 * math.pi * (delta[:, 3:] / self.apix) @ kxy.float().T  # undo_origin's ramp, (B, M)
@@ -77,13 +81,14 @@ class PoseCorrections(nn.Module):
     def begin_epoch(self, epoch: int, distributed: bool = False) -> None:
         """Corrections train from epoch ``warmup_epochs + 1``; ``distributed``: the table's state at the start is
         kept for ``end_epoch``."""
-        self.active = epoch > self.warmup_epochs
+        self.active = self.in_use = epoch > self.warmup_epochs  # corrections change only after the warm-up
         if distributed:
             self._start = [self.table.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone(), self.steps.clone()]
 
     @torch.no_grad()
-    def step(self, grad_scale: float = 1.0) -> None:
-        """Row-wise Adam on the rows of the last batch (``grad_scale``: the loss scale to divide out)."""
+    def step(self, grad_scale: float | torch.Tensor = 1.0) -> None:
+        """Row-wise Adam on the rows of the last batch (``grad_scale``: the loss scale to divide out, a number or
+        a tensor on the device); rows with a non-finite gradient keep their state. No host synchronisation."""
         if self._batch is None:
             return
         rows, delta = self._batch
@@ -93,16 +98,20 @@ class PoseCorrections(nn.Module):
         rows = rows.to(self.table.device)
         g = delta.grad.to(self.table.device, torch.float32) / grad_scale
         ok = torch.isfinite(g).all(1)
-        rows, g = rows[ok], g[ok]
+        g = torch.where(ok[:, None], g, 0.0)
         t = self.steps[rows] + 1
         m = BETAS[0] * self.exp_avg[rows] + (1 - BETAS[0]) * g
         v = BETAS[1] * self.exp_avg_sq[rows] + (1 - BETAS[1]) * g * g
         tf = t.to(torch.float32)[:, None]
-        upd = self.lr.to(g.device) * (m / (1 - BETAS[0] ** tf)) / ((v / (1 - BETAS[1] ** tf)).sqrt() + EPS)
+        upd = self.lr * (m / (1 - BETAS[0] ** tf)) / ((v / (1 - BETAS[1] ** tf)).sqrt() + EPS)
         new = self.table[rows] - upd
         new[:, :3] *= (self.max_deg / new[:, :3].norm(dim=1).clamp_min(self.max_deg))[:, None]
         new[:, 3:] *= (self.max_A / new[:, 3:].norm(dim=1).clamp_min(self.max_A))[:, None]
-        self.table[rows], self.exp_avg[rows], self.exp_avg_sq[rows], self.steps[rows] = new, m, v, t
+        keep = ok[:, None]
+        self.table[rows] = torch.where(keep, new, self.table[rows])
+        self.exp_avg[rows] = torch.where(keep, m, self.exp_avg[rows])
+        self.exp_avg_sq[rows] = torch.where(keep, v, self.exp_avg_sq[rows])
+        self.steps[rows] = torch.where(ok, t, self.steps[rows])
 
     def end_epoch(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """Under DDP (``all_reduce`` sums a tensor over the ranks in place): every rank adds the others' changes

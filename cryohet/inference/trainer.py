@@ -373,7 +373,7 @@ class Trainer:
                 if len(guard.sizes) == CHECK_EVERY:
                     guard.check(epoch, n_steps, ckpt_path)
                 if poses is not None:
-                    poses.step(float(scaler.get_scale()) if scaler is not None else 1.0)
+                    poses.step(scaler._get_scale_async() if scaler is not None else 1.0)  # a tensor: no sync
                 if scaler is not None:
                     scaler.step(optim)
                     scaler.update()

@@ -21,14 +21,17 @@ def register_fit_plot(ctx: Any) -> None:
 
 
 def fit_columns(ctx: Any, particles: Any, predict: Predictor, reference: Predictor | None = None,
-                box: int | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
+                box: int | None = None, batch_size: int = 256, amp: str = "no", max_freq: float = 0.5
+                ) -> dict[str, np.ndarray]:
     """Score every particle under ``predict`` against a typical particle under ``reference`` (see
-    ``validation.goodness``), write ``fit_z.png`` and return the STAR columns ``cryohetFitZ`` and
-    ``cryohetResidualZ`` for the method's particles STAR."""
+    ``validation.goodness``; ``amp``: the predictors under the trainer's mixed precision; ``max_freq``: the
+    model's fitted circle, cycles/pixel of ``box``), write ``fit_z.png``
+    and return the STAR columns ``cryohetFitZ`` and ``cryohetResidualZ`` for the method's particles STAR."""
     from cryohet.analysis.plots import histogram_plot
 
     scores = score_particles(particles, predict, reference, box=box, device=ctx.device, batch_size=batch_size,
-                             seed=ctx.seed, progress=ctx.progress)
+                             seed=ctx.seed, progress=ctx.progress, amp=amp,
+                             max_freq=max_freq)
     poor = int((scores.fit_z > POOR_FIT_Z).sum())
     ctx.log.info("goodness of fit: cryohetFitZ median %.2f, %d of %d particles above %g (model scale %.4g, noise "
                  "from %d particles)", float(np.median(scores.fit_z)), poor, len(scores.fit_z), POOR_FIT_Z,

@@ -18,8 +18,8 @@ from cryohet.validation.goodness import latent_predictors
 
 def write_latents(ctx: Any, pset: ParticleSet, arrays: dict[str, np.ndarray], z: np.ndarray, latents_label: str,
                   star_label: str, extra_columns: dict[str, np.ndarray] | None = None, *, poses: Any = None,
-                  fit_model: Any = None, fit_batch: int = 64, star_meta: dict[str, Any] | None = None,
-                  **meta: Any) -> None:
+                  fit_model: Any = None, fit_batch: int = 64, fit_amp: str = "no",
+                  star_meta: dict[str, Any] | None = None, **meta: Any) -> None:
     """Write ``arrays`` (file name -> array, rows in particle-file order) as .npy files in ``ctx.out_dir`` and
     ``particles.star``: ``pset`` with cryohetZ1..d from ``z`` (N, d) and ``extra_columns`` (and, with ``poses``
     (``PoseCorrections``), the refined poses, their changes written by ``write_pose_changes``); record the first
@@ -27,11 +27,12 @@ def write_latents(ctx: Any, pset: ParticleSet, arrays: dict[str, np.ndarray], z:
     added to its record entry, e.g. ``poses=True`` when it carries new poses). With ``fit_model`` (a
     ``SliceModel`` on the device to score on) the STAR gets each particle's goodness of fit under it at its
     latent and (refined) pose (``cryohetFitZ``, ``cryohetResidualZ``, ``fit_z.png``; ``fit_batch`` particles at a
-    time)."""
+    time, under the mixed precision ``fit_amp``, inside the model's fitted circle ``cfg.max_freq`` when it has one)."""
     out = Path(ctx.out_dir)
     refined = refined_particles(pset, poses)
     if fit_model is not None:
-        fit = fit_columns(ctx, refined, *latent_predictors(fit_model, z), box=fit_model.box, batch_size=fit_batch)
+        fit = fit_columns(ctx, refined, *latent_predictors(fit_model, z), box=fit_model.box, batch_size=fit_batch,
+                          amp=fit_amp, max_freq=getattr(getattr(fit_model, "cfg", None), "max_freq", 0.5))
         extra_columns = {**(extra_columns or {}), **fit}
         star_label += ", goodness of fit (cryohetFitZ, cryohetResidualZ)"
     for name, arr in arrays.items():

@@ -109,7 +109,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     write_latents(ctx, posed, {"z.npy": res.z_mu, "z_logvar.npy": res.z_logvar}, res.z_mu,
                   f"latent means (N, {d})", f"particles with the poses found (RELION conventions) and "
                   f"cryohetZ1..{d}", extra_columns=_abinit.pose_columns(posed, half),
-                  star_meta={"poses": True, "n": len(pset)}, fit_model=obj.decoder, logvar="z_logvar.npy")
+                  star_meta={"poses": True, "n": len(pset)}, fit_model=obj.decoder, fit_amp=params["amp"],
+                  logvar="z_logvar.npy")
     write_particles_star(out / "particles_consensus.star", _abinit.with_poses(pset, euler0, cons.shifts_A),
                          extra_columns=_abinit.pose_columns(_abinit.with_poses(pset, euler0, cons.shifts_A), half))
     ctx.add("particles_star", "particles_consensus.star", "particles with the consensus poses (before the "

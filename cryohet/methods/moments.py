@@ -29,6 +29,15 @@ PARAMS = (
           "basis size × 4 bytes).", min=1, expert=True),
     Param("cache_mb", float, 1024.0, "Keep the Fourier-cropped images in memory when they fit in this many MiB "
           "(else they are read again at each pass).", min=0.0, expert=True),
+    Param("shrinkage", str, "frobenius", "Eigenvalue shrinkage of the covariance's right-hand side before CG (Andén & "
+          "Singer 2018): its second moment whitened by the mean projection-backprojection operator, the eigenvalues "
+          "inside the noise's Marchenko-Pastur bulk set to 0 and those above it debiased (operator: the spike's "
+          "value; frobenius: also times its squared cosine, Donoho-Gavish-Johnstone; none: as estimated).",
+          choices=("none", "operator", "frobenius")),
+    Param("resume", bool, False, "Continue the run in this output folder from its CG checkpoint "
+          "(checkpoint.safetensors, written after every CG step; the one before is kept as "
+          "checkpoint.prev.safetensors and used when the newest is damaged); --max_iter is the new total and --tol "
+          "may change. The other settings must be the same."),
 )
 
 
@@ -48,7 +57,9 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     res = fit_moments(pset, K, resolution_A=params["resolution_A"], diameter_A=params["diameter_A"],
                       max_iter=params["max_iter"], tol=params["tol"], regularisation=params["regularisation"],
                       batch_size=params["batch_size"], device=ctx.device, seed=params["seed"],
-                      cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log)
+                      cache_mb=params["cache_mb"], progress=ctx.progress, log=ctx.log,
+                      checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", resume=params["resume"],
+                      shrinkage=params["shrinkage"])
     ctx.report_convergence("moments CG (relative residual of the normal equations)", res.converged,
                            res.last_change, res.tol, res.iterations)
     # the mean map X_0: CTF-weighted backprojection of half-sets at the full box, Wiener-filtered from their FSC
@@ -76,6 +87,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
              f"- conjugate gradient: {res.iterations} steps, relative residual {res.last_change:.2e} "
              f"({'below' if res.converged else '**not below**'} --tol {res.tol:.1e})",
              f"- mean map: resolution at half-map FSC 0.143 {mean_res:.2f} Å",
+             f"- eigenvalue shrinkage of the right-hand side: {params['shrinkage']}",
              f"- top eigenvalues of the covariance: {np.array2string(res.spectrum[:2 * K + 2], precision=4)} "
              "(those of noise form a flat floor)",
              "", *eigenvalue_table(res.eigenvalues, res.latents, res.latent_std)]
@@ -91,13 +103,15 @@ METHOD = Method(
     help="The method of moments of Katsevich-Singer and Andén-Singer (survey section 8): no latent is inferred "
          "while the model is fitted. The mean is a CTF-corrected least-squares reconstruction and the covariance "
          "of the 3-D volumes solves the normal equations of the images' second moments (CTF included, white "
-         "noise variance from the images' corners) by preconditioned conjugate gradient, in a basis of "
+         "noise variance from the images' corners; the spectrum of their right-hand side shrunk, --shrinkage) by "
+         "preconditioned conjugate gradient, in a basis of "
          "band-limited functions concentrated in a ball (--resolution_A, --diameter_A); particles are streamed "
          "in batches at every pass. Its top eigenvectors are the principal volumes, its eigenvalues their "
          "variances; each particle's coordinates are their Wiener estimates from its image. Writes the mean map "
          "(half-set backprojection with FSC), the principal volumes, latents.npy and latents_std.npy, the "
          "particles STAR with cryohetZ1..K and goodness of fit, movies X_0 + τ X_k with ChimeraX scripts, the "
-         "linear model (for analyze, eval-volume, benchmark-score), the covariance's spectrum, a plot and a report.",
+         "linear model (for analyze, eval-volume, benchmark-score), the covariance's spectrum, a plot and a report. "
+         "The CG state is checkpointed after every step: --resume yes continues after a crash or kill.",
     params=PARAMS,
     outputs=("model", "volume", "latents", "particles_star", "volume_series", "chimerax", "plot", "report", "fsc"),
     run=run,
@@ -108,5 +122,7 @@ METHOD = Method(
         "cryo-EM. Proc. IEEE ISBI, 200-204.",
         "Andén & Singer (2018) Structural variability from noisy tomographic projections. SIAM J. Imaging "
         "Sci. 11, 1441-1492.",
+        "Donoho, Gavish & Johnstone (2018) Optimal shrinkage of eigenvalues in the spiked covariance model. Ann. "
+        "Statist. 46, 1742-1778.",
     ),
 )

@@ -162,7 +162,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             save_npy(out / name, arr)
         refined = refined_particles(pset, poses)
         fit = fit_columns(ctx, refined, *latent_predictors(objective.decoder, res.z_mu), box=cfg.box,
-                          batch_size=params["batch_size"])
+                          batch_size=params["batch_size"], amp=params["amp"], max_freq=cfg.max_freq)
         write_particles_star(out / "particles.star", refined,
                              extra_columns={**{f"cryohetZ{i + 1}": res.z_mu[:, i].astype(np.float64)
                                                for i in range(d)}, **(pose_columns(refined) if poses else {}), **fit})

@@ -31,8 +31,10 @@ Both are positive for a poor fit; cut on them with ``cryohet select --max_fit_z`
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +45,7 @@ from cryohet.data.loader import BatchStream
 from cryohet.data.prepare import ImageBatch, ImagePreparer, sample_rows
 from cryohet.geometry.lattice import Lattice, Points
 from cryohet.geometry.project import ProjectorStack
+from cryohet.inference.trainer import autocast_for
 
 #: (prepared batch, (M, 2) pixel frequencies in cycles/pixel of the working lattice) -> (B, M) complex slices of
 #: the model at each particle's pose and latent, without CTF, in the units of the prepared transforms.
@@ -107,9 +110,10 @@ def fit_noise(sums: torch.Tensor, counts: torch.Tensor, n_iter: int = 3) -> Nois
 
 
 def scores_from_sums(sums: torch.Tensor, counts: torch.Tensor, noise: NoiseFit) -> tuple[torch.Tensor, ...]:
-    """(fit_z, residual_z, S) per image from its shell sums (B, S, 4) under ``noise``."""
+    """(fit_z, residual_z, S) per image from its shell sums (B, S, 4) under ``noise`` (``counts`` per shell on the
+    host; the results on the sums' device)."""
     a = noise.scale
-    inv = (counts > 0) / torch.as_tensor(noise.sigma2, dtype=torch.float64, device=sums.device)
+    inv = ((counts > 0) / torch.as_tensor(noise.sigma2, dtype=torch.float64)).to(sums.device, non_blocking=True)
     xx, xp, pp, rr = sums.unbind(-1)
     chi2 = ((xx - 2 * a * xp + a**2 * pp) * inv).sum(1)
     m = float(counts.sum())
@@ -121,50 +125,59 @@ def scores_from_sums(sums: torch.Tensor, counts: torch.Tensor, noise: NoiseFit) 
 
 
 def _predicted_sums(stream: Iterable[ImageBatch], predict: Predictor, reference: Predictor | None, points: Points,
-                    n_shells: int) -> Iterable[tuple[np.ndarray, torch.Tensor]]:
+                    n_shells: int, amp: Callable[[], AbstractContextManager]
+                    ) -> Iterable[tuple[np.ndarray, torch.Tensor]]:
+    """(rows, shell sums (B, S, 4) on the batch's device) per batch: no host synchronisation."""
     with torch.no_grad():
         for b in stream:
-            P = b.ctf * predict(b, points.kxy).to(b.images_ft.device, torch.complex64)
-            R = P if reference is None else b.ctf * reference(b, points.kxy).to(b.images_ft.device, torch.complex64)
-            yield b.rows, shell_sums(b.images_ft, P, R, points.shell, n_shells).cpu()
+            with amp():
+                P = predict(b, points.kxy)
+                R = None if reference is None else reference(b, points.kxy)
+            P = b.ctf * P.to(b.images_ft.device, torch.complex64)
+            R = P if R is None else b.ctf * R.to(b.images_ft.device, torch.complex64)
+            yield b.rows, shell_sums(b.images_ft, P, R, points.shell, n_shells)
 
 
 def score_particles(particles, predict: Predictor, reference: Predictor | None = None, box: int | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 256, n_sample: int = 2000, seed: int = 0,
-                    progress: Callable | None = None) -> FitScores:
+                    progress: Callable | None = None, amp: str = "no", max_freq: float = 0.5) -> FitScores:
     """Goodness of fit of every particle of ``particles`` (a ParticleSet with poses and CTF) under ``predict``,
     against a typical particle's evidence under ``reference`` (None: ``predict`` itself).
 
-    ``box``: the working lattice (the images Fourier-cropped to it; the model's box; None: the images' box).
+    ``box``: the working lattice (the images Fourier-cropped to it; the model's box; None: the images' box);
+    ``max_freq``: the scored circle's radius, cycles/pixel of that lattice (the model's fitted circle; 0.5: Nyquist).
     The noise model comes from a fixed sample of ``n_sample`` particles (drawn from ``seed``; their per-shell sums
-    are kept: 4 numbers per shell each), then every particle is streamed once in file order through the loader,
-    ``batch_size`` at a time (a set no larger than the sample is read once).
+    are kept: 4 numbers per shell each), then every other particle is streamed once in file order through the
+    loader, ``batch_size`` at a time; the scores stay on the device until the end. ``amp``: the predictors run
+    under the trainer's mixed precision (``autocast_for``: auto, yes, no; bfloat16 moves cryohetFitZ by a few
+    hundredths of a noise s.d.).
     """
     lattice = Lattice(int(particles.box), float(particles.apix))
     if box is not None and box != lattice.box:
         lattice = lattice.cropped(int(box))
-    points = lattice.half_plane()
+    points = lattice.half_plane(max_freq * lattice.box)
     n_shells = lattice.box // 2 + 1
     counts = torch.bincount(points.shell, minlength=n_shells).to(torch.float64)
     prep = ImagePreparer(particles, lattice, points=points, device=device)
     reader = particles.reader()
     n = len(particles)
+    amp_ctx, _ = autocast_for(torch.device(device), amp)
 
-    def stream(rows: np.ndarray, desc: str) -> Iterable[ImageBatch]:
+    def sums_of(rows: np.ndarray, desc: str) -> Iterable[tuple[np.ndarray, torch.Tensor]]:
         batches = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
-        out = BatchStream(reader, batches, prep, prefetch=2)
-        return progress(out, desc, len(batches)) if progress is not None else out
+        stream = BatchStream(reader, batches, prep, prefetch=2)
+        stream = progress(stream, desc, len(batches)) if progress is not None else stream
+        return _predicted_sums(stream, predict, reference, points, n_shells, amp_ctx)
 
     sample = sample_rows(n, n_sample, seed, 0xF17)
-    scored = list(_predicted_sums(stream(sample, "goodness of fit: noise model"), predict, reference, points,
-                                 n_shells))
-    noise = fit_noise(torch.cat([s for _, s in scored]), counts)
-    if len(sample) < n:  # else the sample's sums are every particle's
-        scored = _predicted_sums(stream(np.arange(n), "goodness of fit"), predict, reference, points, n_shells)
-    fit_z, residual_z, signal = (np.zeros(n) for _ in range(3))
-    for rows, sums in scored:
-        f, r, s = scores_from_sums(sums, counts, noise)
-        fit_z[rows], residual_z[rows], signal[rows] = f.numpy(), r.numpy(), s.numpy()
+    scored = list(sums_of(sample, "goodness of fit: noise model"))
+    noise = fit_noise(torch.cat([s for _, s in scored]).cpu(), counts)
+    rest = np.setdiff1d(np.arange(n), sample)  # the sample's sums are kept: each particle is scored once
+    out = torch.zeros((3, n), dtype=torch.float64, device=prep.device)
+    for rows, sums in itertools.chain(scored, sums_of(rest, "goodness of fit") if len(rest) else ()):
+        idx = torch.from_numpy(rows).to(prep.device, non_blocking=True)
+        out[:, idx] = torch.stack(scores_from_sums(sums, counts, noise))
+    fit_z, residual_z, signal = out.cpu().numpy()
     return FitScores(fit_z, residual_z, signal, noise)
 
 
@@ -196,13 +209,14 @@ def latent_predictors(model, z: np.ndarray) -> tuple[Predictor, Predictor]:
     bulk of the particles (junk is pushed to the latent space's edges)."""
     device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
     z = np.asarray(z, dtype=np.float32)
-    typical = np.median(z, axis=0)
+    z_dev = torch.as_tensor(z, device=device)  # on the device once: no copy per batch
+    typical = torch.as_tensor(np.median(z, axis=0), device=device)
 
-    def at(latents: Callable[[np.ndarray], np.ndarray]) -> Predictor:
+    def at(latents: Callable[[ImageBatch], torch.Tensor]) -> Predictor:
         def predict(b: ImageBatch, kxy: torch.Tensor) -> torch.Tensor:
-            zz = torch.as_tensor(latents(b.rows), device=device)
-            out = model.slices(b.rotations.to(device), zz, kxy.to(device)).float()
+            out = model.slices(b.rotations.to(device), latents(b), kxy.to(device)).float()
             return torch.complex(out[..., 0], out[..., 1])
         return predict
 
-    return at(lambda rows: z[rows]), at(lambda rows: np.repeat(typical[None], len(rows), 0))
+    return (at(lambda b: z_dev[torch.from_numpy(b.rows).to(device, non_blocking=True)]),
+            at(lambda b: typical.expand(len(b.rows), -1)))
