@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_moments import run_child, simulate  # noqa: E402
+from bench_moments import print_table, run_child, simulate  # noqa: E402
 
 
 def score_maps(mean: np.ndarray, comps: np.ndarray, limit_A: float, conf, truth, align: bool) -> dict:
@@ -102,10 +102,7 @@ def main() -> None:
             "gan_known_sine_top1", "moments_sine_top1", "pv_sine_top1", "gan_unknown_seconds", "gan_known_seconds",
             "moments_seconds", "pv_seconds", "ratio_time_gan_unknown_over_pv", "gan_unknown_peak_rss_mb",
             "moments_peak_rss_mb", "pv_peak_rss_mb")
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(f"{r.get(k, float('nan')):.3g}" if isinstance(r.get(k), float) else str(r.get(k))
-                                for k in keys) + " |")
+    print_table(rows, keys)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,14 @@ def aspire(out: Path, n: int, snr: float, K: int, threads: int, aspire_python: s
     return row
 
 
+def print_table(rows: list[dict], keys: tuple[str, ...]) -> None:
+    """A Markdown table of ``rows``' ``keys`` (floats to 3 significant digits)."""
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r.get(k, float('nan')):.3g}" if isinstance(r.get(k), float) else str(r.get(k))
+                                for k in keys) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("accuracy", "aspire"))
@@ -175,10 +183,7 @@ def main() -> None:
         rows = [aspire(out, a.n[0], a.snr[0], a.K, a.threads, a.aspire_python)]
         keys = tuple(k for k in rows[0] if not k.endswith("error"))
     (out / f"{a.what}.json").write_text(json.dumps(rows, indent=1, default=float))
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(f"{r.get(k, float('nan')):.3g}" if isinstance(r.get(k), float) else str(r.get(k))
-                                for k in keys) + " |")
+    print_table(rows, keys)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """cryogan: with known poses, the generated map against the true mean map of simulated hinge data; the unknown-pose,
-Multi-CryoGAN mode runs, resumes from its checkpoint and writes its outputs; bad input is refused."""
+Multi-CryoGAN mode on two half-sets runs, resumes from its checkpoints and writes its outputs; bad input is
+refused."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,7 +59,7 @@ def test_known_poses_map_against_truth(hinge):
     assert (run_dir / "checkpoint.safetensors").is_file()
 
 
-def test_unknown_poses_multi_runs_and_resumes(hinge, tmp_path):
+def test_unknown_poses_multi_halves_run_and_resume(hinge, tmp_path):
     from cryohet.methods.cryogan import METHOD
     from cryohet.models.base import load_volume_model
     from cryohet.record import read_record
@@ -66,15 +67,17 @@ def test_unknown_poses_multi_runs_and_resumes(hinge, tmp_path):
 
     _, out, _ = hinge
     args = {"particles": str(out.particles_star), "zdim": 2, "steps": 6, "checkpoint_every": 3, "n_critic": 2,
-            "movie_frames": 2, **FAST}
+            "movie_frames": 2, "halves": True, **FAST}
     run_method(METHOD, args, tmp_path)
     first = read_record(tmp_path)
     assert first.status == "finished"
     # go on from the checkpoint to 10 steps
     run_method(METHOD, {**args, "steps": 10, "resume": True, "overwrite": True}, tmp_path)
     rec = read_record(tmp_path)
-    assert rec.status == "finished" and rec.convergence[0]["iterations"] == 10
-    assert "resumed from" in (tmp_path / "run.log").read_text()
+    assert rec.status == "finished" and [c["iterations"] for c in rec.convergence] == [10, 10]
+    assert (tmp_path / "run.log").read_text().count("resumed from") == 2                 # both half-sets
+    assert {o.path for o in rec.outputs if o.kind == "half_map"} == {"half1.mrc", "half2.mrc"}
+    assert (tmp_path / "fsc.star").is_file()
     model = load_volume_model(tmp_path)
     assert model.latent_dim == 2
     comps = np.stack([read_map(tmp_path / f"component_{k:02d}.mrc")[0] for k in (1, 2)]).reshape(2, -1)

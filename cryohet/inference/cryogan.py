@@ -10,7 +10,8 @@ white noise of the variance of the images' corners (``moments.corner_noise_varia
 low-passed alike by a Gaussian whose radius rises from ``lowpass_start_A`` to past Nyquist over the first
 ``lowpass_until`` of the steps (CryoGAN's stabilising trick), taken to real space and divided by the noise s.d.
 Each generator step follows ``n_critic`` critic steps (Adam, β = (0.5, 0.9)); the maps written are an exponential
-moving average of the generator's (decay ``EMA``), as GANs oscillate about their equilibrium.
+moving average of the generator's (decay ``EMA``, divided by its weight), as GANs oscillate about their
+equilibrium.
 """
 from __future__ import annotations
 
@@ -227,11 +228,15 @@ class GanTrainer:
             self.ema.mul_(EMA).add_(self.G.maps(), alpha=1 - EMA)
         self.step += 1
         if self.step == int(0.9 * s.steps):
-            self.snapshot = self.ema[0].clone()
+            self.snapshot = self.average()[0]
         lowpass_A = self.n * self.apix_n / radius if radius else 2 * self.apix_n
         return {"step": self.step, "epoch": epoch, "wasserstein": float(np.mean(w_dist)),
                 "gradient_penalty": float(np.mean(gps)), "generator_loss": float(g_loss.detach()),
                 "lowpass_A": lowpass_A, "seconds": time.time() - t0}
+
+    def average(self) -> torch.Tensor:
+        """The moving average of the maps, divided by its weight (it starts from zero maps)."""
+        return self.ema / (1 - EMA ** max(self.step, 1))
 
     # ---------------------------------------------------------------------------------------- checkpoints
 
@@ -322,8 +327,8 @@ def fit_cryogan(particles: Any, s: GanSettings, device: torch.device | str = "cp
                      trainer.step, s.steps, h["wasserstein"], h["gradient_penalty"], h["lowpass_A"], h["seconds"])
         if checkpoint is not None and (trainer.step % s.checkpoint_every == 0 or trainer.step == s.steps):
             _save(checkpoint, trainer, epoch, history, settings)
-    ema = trainer.ema.cpu()
+    maps = trainer.average().cpu()
     change = math.nan
     if trainer.snapshot is not None:
-        change = float((ema[0] - trainer.snapshot.cpu()).norm() / ema[0].norm().clamp_min(1e-30))
-    return GanFit(ema.numpy(), lattice, noise_var, scale, history, change)
+        change = float((maps[0] - trainer.snapshot.cpu()).norm() / maps[0].norm().clamp_min(1e-30))
+    return GanFit(maps.numpy(), lattice, noise_var, scale, history, change)

@@ -35,6 +35,9 @@ PARAMS = (
           max=1.0, expert=True),
     Param("shift_range_A", float, 0.0, "Simulated images are moved by uniform random shifts within ± this, Å (the "
           "real images' origins in the input are undone first; this covers residual centring errors).", min=0.0),
+    Param("halves", bool, False, "Train two independent GANs on the random half-sets (twice the time): half-maps and "
+          "their FSC (the second superposed on the first by rotation and hand when poses are unknown); the map is "
+          "their average and, with --zdim > 0, the principal volumes those of the two halves' mean covariance."),
     Param("movie_frames", int, 11, "Maps per movie X_0 + τ X_k (τ within ±2 s.d. of b_k), with --zdim > 0.",
           min=2, max=200),
     Param("checkpoint_every", int, 100, "Write the checkpoint every this many generator steps.", min=1,
@@ -73,6 +76,18 @@ def principal_volumes(W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return U.T.reshape(W.shape).astype(np.float32), (S ** 2).astype(np.float64)
 
 
+def _superpose(maps: np.ndarray, reference: np.ndarray, apix: float) -> tuple[np.ndarray, bool]:
+    """``maps`` (X_0, W_1..) turned by the rotation and hand that superpose X_0 on ``reference``; whether mirrored."""
+    import torch
+
+    from cryohet.validation.map_align import align_map, rotate_maps
+
+    a = align_map(maps[0], reference, apix)
+    flipped = maps[:, ::-1] if a.mirrored else maps
+    R = torch.as_tensor(a.rotation)[None]
+    return np.stack([rotate_maps(torch.as_tensor(np.ascontiguousarray(m)), R)[0].numpy() for m in flipped]), a.mirrored
+
+
 def run(params: dict[str, Any], ctx: Any) -> None:
     import torch
 
@@ -92,24 +107,54 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         "zdim", "resolution_A", "diameter_A", "steps", "n_critic", "batch_size", "lr_generator", "lr_critic",
         "gp_weight", "lowpass_start_A", "lowpass_until", "shift_range_A", "checkpoint_every")})
     out = Path(ctx.out_dir)
-    fit = fit_cryogan(pset, s, ctx.device, ctx.seed, ctx.log, checkpoint=out / "checkpoint.safetensors",
-                      resume=params["resume"])
-    ctx.report_convergence("CryoGAN (relative change of the moving-average map over the last tenth of the steps)",
-                           fit.map_change <= CONVERGED_CHANGE, fit.map_change, CONVERGED_CHANGE, len(fit.history))
     box, apix = pset.box, pset.apix
-    maps = np.stack([fourier_pad_3d(torch.from_numpy(m), box).numpy() for m in fit.maps])
+    half = particle_halves(pset, ctx.seed)
+    parts = ([("half 1", pset.subset(np.flatnonzero(half == 1)), "checkpoint_half1.safetensors"),
+              ("half 2", pset.subset(np.flatnonzero(half == 2)), "checkpoint_half2.safetensors")]
+             if params["halves"] else [("all", pset, "checkpoint.safetensors")])
+    fits, full = [], []
+    for name, part, ckpt in parts:
+        ctx.log.info("CryoGAN on %s of the particles (%d)", name, len(part))
+        fit = fit_cryogan(part, s, ctx.device, ctx.seed, ctx.log, checkpoint=out / ckpt, resume=params["resume"])
+        ctx.report_convergence(f"CryoGAN, {name} (relative change of the moving-average map over the last tenth "
+                               "of the steps)", fit.map_change <= CONVERGED_CHANGE, fit.map_change, CONVERGED_CHANGE,
+                               len(fit.history))
+        fits.append(fit)
+        full.append(np.stack([fourier_pad_3d(torch.from_numpy(m), box).numpy() for m in fit.maps]))
+    fit = fits[0]
     limit_A = 2 * fit.lattice.apix
-    info = {"work_box": fit.lattice.box, "resolution_A": limit_A, "steps": len(fit.history), "zdim": s.zdim,
-            "poses": params["poses"], "n_particles": len(pset)}
     lines = [f"# CryoGAN: {len(pset)} particles, {params['poses']} poses, zdim {s.zdim}", "",
              f"- working box {fit.lattice.box} px ({fit.lattice.apix:.2f} Å/px, Nyquist {limit_A:.2f} Å), white "
              f"noise variance {fit.noise_var:.4g} (working-box transforms, from the corners), voxel scale "
-             f"{fit.scale:.3g}",
-             f"- {len(fit.history)} generator steps × {s.n_critic} critic steps, batches of {s.batch_size}; final "
-             f"Wasserstein estimate {fit.history[-1]['wasserstein']:.4g}; relative change of the map over the last "
-             f"tenth of the steps {fit.map_change:.3f}"]
+             f"{fit.scale:.3g}"]
+    for (name, _, _), f in zip(parts, fits):
+        lines.append(f"- {name}: {len(f.history)} generator steps × {s.n_critic} critic steps, batches of "
+                     f"{s.batch_size}; final Wasserstein estimate {f.history[-1]['wasserstein']:.4g}; relative "
+                     f"change of the map over the last tenth of the steps {f.map_change:.3f}")
+    if params["halves"]:
+        if not known:
+            full[1], mirrored = _superpose(full[1], full[0][0], apix)
+            lines.append(f"- half 2 superposed on half 1 by rotation{' and hand' if mirrored else ''}")
+        curve = fsc(full[0][0], full[1][0])
+        res = resolution_at(curve, box, apix, 0.143)
+        for j in (0, 1):
+            write_map(out / f"half{j + 1}.mrc", full[j][0], apix)
+            ctx.add("half_map", f"half{j + 1}.mrc", f"half-map {j + 1} (CryoGAN on half-set {j + 1})", apix=apix)
+        write_fsc_star(out / "fsc.star", box, apix, curve)
+        ctx.add("fsc", "fsc.star", "FSC between the half-maps", resolution_A=res)
+        plot_fsc(out / "fsc.png", box, apix, {"CryoGAN half-maps": curve})
+        ctx.add("plot", "fsc.png", "FSC between the half-maps")
+        lines.append(f"- half-map FSC: {res:.2f} Å at 0.143")
+        maps = (full[0] + full[1]) / 2
+        W = np.concatenate([full[0][1:], full[1][1:]]) / np.sqrt(2)      # the halves' mean covariance
+    else:
+        maps = full[0]
+        W = maps[1:]
+    info = {"work_box": fit.lattice.box, "resolution_A": limit_A, "steps": len(fit.history), "zdim": s.zdim,
+            "poses": params["poses"], "n_particles": len(pset), "halves": params["halves"]}
     if s.zdim:
-        comps, variances = principal_volumes(maps[1:])
+        comps, variances = principal_volumes(W)
+        comps, variances = comps[:s.zdim], variances[:s.zdim]
         model = write_linear_maps(ctx, pset, maps[0], comps, variances, resolution_A=limit_A, info=info,
                                   mean_label="mean X_0 of the generated distribution (moving average)")
         sd = np.sqrt(variances)
@@ -123,7 +168,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         map_name = "map.mrc"
     if known:
         # the generated map against the CTF-corrected backprojection of the same particles at their poses
-        rec = reconstruct_halves(pset, particle_halves(pset, ctx.seed), 256, ctx.device, progress=ctx.progress)
+        rec = reconstruct_halves(pset, half, 256, ctx.device, progress=ctx.progress)
         curve = fsc(maps[0], rec.full.cpu().numpy())
         res = resolution_at(curve, box, apix, 0.5)
         write_fsc_star(out / "fsc_to_backprojection.star", box, apix, curve)
@@ -134,7 +179,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         ctx.add("plot", "fsc_to_backprojection.png", "FSC of the generated map to the backprojection")
         lines.append(f"- FSC of {map_name} to the CTF-corrected backprojection of the particles at their poses: "
                      f"{res:.2f} Å at 0.5")
-    _plot_history(out / "losses.png", fit.history)
+    _plot_history(out / "losses.png", [h for f in fits for h in f.history])
     ctx.add("plot", "losses.png", "critic's Wasserstein estimate, generator loss and low-pass per step")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -153,10 +198,10 @@ METHOD = Method(
          "(streamed), both low-passed to a resolution that rises during training. No pose or latent is inferred "
          "per particle. Writes the map (a moving average of the generator's; the hand is undetermined with "
          "unknown poses) or the mean and principal volumes of the generated distribution with movies along them, "
-         "with known poses the FSC to the particles' backprojection, the loss curves, a report and a checkpoint "
-         "(--resume).",
+         "with --halves two independent half-maps and their FSC, with known poses the FSC to the particles' "
+         "backprojection, the loss curves, a report and a checkpoint (--resume).",
     params=PARAMS,
-    outputs=("volume", "model", "volume_series", "chimerax", "fsc", "plot", "report"),
+    outputs=("volume", "half_map", "model", "volume_series", "chimerax", "fsc", "plot", "report"),
     run=run,
     needs_poses=False,
     citations=(
