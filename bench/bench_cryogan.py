@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -33,19 +32,15 @@ def score_maps(mean: np.ndarray, comps: np.ndarray, limit_A: float, conf, truth,
     """Mean map and principal volumes (K, ...) against the truth; superposed first when ``align``."""
     from cryohet.inference.ppca import subspace_sines
     from cryohet.reconstruct.fsc import fsc, resolution_at
-    from cryohet.validation.map_align import align_map, rotate_maps
+    from cryohet.validation.map_align import superpose
     from cryohet.validation.true_covariance import true_covariance
 
     mean_true = true_covariance(conf.maps, truth["state"], conf.apix, 0.0)[0].astype(np.float32)
     _, vt, _ = true_covariance(conf.maps, truth["state"], conf.apix, limit_A)
     row: dict = {}
     if align:
-        a = align_map(mean, mean_true, conf.apix)
-        mean = a.map
-        flip = comps[:, ::-1] if a.mirrored else comps
-        R = torch.as_tensor(a.rotation)[None]
-        comps = np.stack([rotate_maps(torch.as_tensor(np.ascontiguousarray(c)), R)[0].numpy() for c in flip])
-        row["mirrored"] = a.mirrored
+        turned, row["mirrored"] = superpose(np.concatenate([mean[None], comps]), mean_true, conf.apix)
+        mean, comps = turned[0], turned[1:]
     curve = fsc(mean, mean_true)
     K = len(comps)
     row.update({"mean_fsc05_A": float(resolution_at(np.asarray(curve), mean.shape[-1], conf.apix, 0.5)),

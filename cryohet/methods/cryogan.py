@@ -76,18 +76,6 @@ def principal_volumes(W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return U.T.reshape(W.shape).astype(np.float32), (S ** 2).astype(np.float64)
 
 
-def _superpose(maps: np.ndarray, reference: np.ndarray, apix: float) -> tuple[np.ndarray, bool]:
-    """``maps`` (X_0, W_1..) turned by the rotation and hand that superpose X_0 on ``reference``; whether mirrored."""
-    import torch
-
-    from cryohet.validation.map_align import align_map, rotate_maps
-
-    a = align_map(maps[0], reference, apix)
-    flipped = maps[:, ::-1] if a.mirrored else maps
-    R = torch.as_tensor(a.rotation)[None]
-    return np.stack([rotate_maps(torch.as_tensor(np.ascontiguousarray(m)), R)[0].numpy() for m in flipped]), a.mirrored
-
-
 def run(params: dict[str, Any], ctx: Any) -> None:
     import torch
 
@@ -100,6 +88,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.methods._linear_outputs import write_component_movies, write_linear_maps
     from cryohet.reconstruct.fsc import fsc, resolution_at
     from cryohet.reconstruct.homogeneous import particle_halves, reconstruct_halves
+    from cryohet.validation.map_align import superpose
 
     known = params["poses"] == "known"
     pset = load_particles(params["particles"], params["datadir"] or None, require_poses=known)
@@ -133,7 +122,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                      f"change of the map over the last tenth of the steps {f.map_change:.3f}")
     if params["halves"]:
         if not known:
-            full[1], mirrored = _superpose(full[1], full[0][0], apix)
+            full[1], mirrored = superpose(full[1], full[0][0], apix)
             lines.append(f"- half 2 superposed on half 1 by rotation{' and hand' if mirrored else ''}")
         curve = fsc(full[0][0], full[1][0])
         res = resolution_at(curve, box, apix, 0.143)

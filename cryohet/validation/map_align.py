@@ -76,3 +76,12 @@ def align_map(moving: np.ndarray, reference: np.ndarray, apix: float, resolution
     mov_full = torch.as_tensor(np.ascontiguousarray(moving[::-1] if mirrored else moving), dtype=torch.float32)
     aligned = rotate_maps(mov_full, R[None])[0].numpy()
     return AlignedMap(aligned, R.numpy(), mirrored, score)
+
+
+def superpose(maps: np.ndarray, reference: np.ndarray, apix: float) -> tuple[np.ndarray, bool]:
+    """Maps (K, n, n, n) of one frame (a mean and its principal directions) turned by the rotation and hand that
+    superpose the first on ``reference``; and whether they were mirrored."""
+    a = align_map(maps[0], reference, apix)
+    flipped = maps[:, ::-1] if a.mirrored else maps
+    R = torch.as_tensor(a.rotation)[None]
+    return np.stack([rotate_maps(torch.as_tensor(np.ascontiguousarray(m)), R)[0].numpy() for m in flipped]), a.mirrored
