@@ -37,8 +37,10 @@ from cryohet.runner import run_method
 method = importlib.import_module("cryohet.methods." + {module!r}).METHOD
 t = time.time()
 run_method(method, {params!r}, {out!r})
-print(json.dumps({{"seconds": time.time() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM: the peak of this process's own memory (ru_maxrss keeps the forking parent's peak across exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+peak = float(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"seconds": time.time() - t, "peak_rss_mb": peak}}))
 """
 
 
