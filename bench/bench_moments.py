@@ -41,8 +41,10 @@ from cryohet.runner import run_method
 method = importlib.import_module("cryohet.methods." + {module!r}).METHOD
 t = time.time()
 run_method(method, {params!r}, {out!r})
-print(json.dumps({{"seconds": time.time() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM: the peak of this process's own memory (ru_maxrss keeps the forking parent's peak across exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+peak = float(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"seconds": time.time() - t, "peak_rss_mb": peak}}))
 """
 
 
@@ -157,6 +159,14 @@ def aspire(out: Path, n: int, snr: float, K: int, threads: int, aspire_python: s
     return row
 
 
+def print_table(rows: list[dict], keys: tuple[str, ...]) -> None:
+    """A Markdown table of ``rows``' ``keys`` (floats to 3 significant digits)."""
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r.get(k, float('nan')):.3g}" if isinstance(r.get(k), float) else str(r.get(k))
+                                for k in keys) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("accuracy", "aspire"))
@@ -184,10 +194,7 @@ def main() -> None:
         rows = [aspire(out, a.n[0], a.snr[0], a.K, a.threads, a.aspire_python)]
         keys = tuple(k for k in rows[0] if not k.endswith("error"))
     (out / f"{a.what}.json").write_text(json.dumps(rows, indent=1, default=float))
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(f"{r.get(k, float('nan')):.3g}" if isinstance(r.get(k), float) else str(r.get(k))
-                                for k in keys) + " |")
+    print_table(rows, keys)
 
 
 if __name__ == "__main__":

@@ -57,26 +57,14 @@ def eigenvalue_table(eigenvalues: np.ndarray, latents: np.ndarray, latent_std: n
     return lines
 
 
-def write_linear_outputs(ctx: Any, pset: Any, mean: np.ndarray, components: np.ndarray, eigenvalues: np.ndarray,
-                         latents: np.ndarray, latent_std: np.ndarray, *, resolution_A: float, info: dict[str, Any],
-                         movie_frames: int, batch_size: int, mean_label: str = "mean map X_0",
-                         refined_pose_columns: dict[str, np.ndarray] | None = None,
-                         component_resolution_A: np.ndarray | None = None) -> None:
+def write_linear_maps(ctx: Any, pset: Any, mean: np.ndarray, components: np.ndarray, eigenvalues: np.ndarray, *,
+                      resolution_A: float, info: dict[str, Any], mean_label: str = "mean map X_0",
+                      component_resolution_A: np.ndarray | None = None) -> Any:
     """Write and record the linear model (``linear_model.npz``, model_type ``linear`` for analyze / eval-volume /
-    benchmark-score), ``mean.mrc``, ``component_NN.mrc``, ``latents.npy`` and ``latents_std.npy`` (N, K), the
-    particles STAR with cryohetZ/cryohetStdZ and goodness of fit, movies X_0 + τ X_k (τ from the 2nd to the 98th
-    percentile of b_k, ``movie_frames`` maps) with ChimeraX scripts, and ``latents.png``. ``refined_pose_columns``:
-    RELION's pose columns of refined poses, which replace the input's in the STAR; ``resolution_A``: the mean's;
-    ``component_resolution_A`` (K,): each principal volume's, when known."""
-    import torch
-
-    from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
-    from cryohet.atomic import save_npy
+    benchmark-score), ``mean.mrc`` and ``component_NN.mrc``; returns the ``LinearModel``. ``resolution_A``: the
+    mean's; ``component_resolution_A`` (K,): each principal volume's, when known."""
     from cryohet.io.mrc import write_map
-    from cryohet.io.particles import write_particles_star
-    from cryohet.methods._fit_outputs import fit_columns
     from cryohet.models.linear import LinearModel
-    from cryohet.validation.goodness import maps_predictor
 
     out = Path(ctx.out_dir)
     apix = pset.apix
@@ -94,6 +82,50 @@ def write_linear_outputs(ctx: Any, pset: Any, mean: np.ndarray, components: np.n
         extra = {} if component_resolution_A is None else {"resolution_A": float(component_resolution_A[k])}
         ctx.add("volume", name, f"principal volume X_{k + 1}", component=k + 1,
                 eigenvalue=float(eigenvalues[k]), **extra)
+    return model
+
+
+def write_component_movies(ctx: Any, model: Any, ranges: np.ndarray, movie_frames: int) -> None:
+    """Movies X_0 + τ X_k (survey equation 6), τ over ``ranges[k]`` = (low, high) in ``movie_frames`` maps, with
+    ChimeraX scripts, registered."""
+    from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
+
+    out = Path(ctx.out_dir)
+    K = len(ranges)
+    for k in range(K):
+        taus = np.linspace(ranges[k][0], ranges[k][1], movie_frames)
+        z = np.zeros((movie_frames, K), dtype=np.float32)
+        z[:, k] = taus
+        folder = out / "movies" / f"component_{k + 1:02d}"
+        series = write_volume_series(model, z, folder, prefix="frame", progress=ctx.progress,
+                                     desc=f"movie {k + 1}")
+        series.register(ctx, f"component_{k + 1}", f"movie along X_{k + 1}", component=k + 1,
+                        per_map={"tau": [float(t) for t in taus]})
+        cxc = out / "movies" / f"component_{k + 1:02d}.cxc"
+        write_chimerax_script(cxc, series.files, series.level, title=f"X_0 + tau X_{k + 1}")
+        ctx.add("chimerax", cxc, f"ChimeraX: movie along X_{k + 1}", component=k + 1)
+
+
+def write_linear_outputs(ctx: Any, pset: Any, mean: np.ndarray, components: np.ndarray, eigenvalues: np.ndarray,
+                         latents: np.ndarray, latent_std: np.ndarray, *, resolution_A: float, info: dict[str, Any],
+                         movie_frames: int, batch_size: int, mean_label: str = "mean map X_0",
+                         refined_pose_columns: dict[str, np.ndarray] | None = None,
+                         component_resolution_A: np.ndarray | None = None) -> None:
+    """The linear model and maps (``write_linear_maps``), ``latents.npy`` and ``latents_std.npy`` (N, K), the
+    particles STAR with cryohetZ/cryohetStdZ and goodness of fit, movies X_0 + τ X_k (τ from the 2nd to the 98th
+    percentile of b_k, ``write_component_movies``) and ``latents.png``. ``refined_pose_columns``: RELION's pose
+    columns of refined poses, which replace the input's in the STAR."""
+    import torch
+
+    from cryohet.atomic import save_npy
+    from cryohet.io.particles import write_particles_star
+    from cryohet.methods._fit_outputs import fit_columns
+    from cryohet.validation.goodness import maps_predictor
+
+    out = Path(ctx.out_dir)
+    K = len(components)
+    model = write_linear_maps(ctx, pset, mean, components, eigenvalues, resolution_A=resolution_A, info=info,
+                              mean_label=mean_label, component_resolution_A=component_resolution_A)
 
     save_npy(out / "latents.npy", latents.astype(np.float32))
     save_npy(out / "latents_std.npy", latent_std.astype(np.float32))
@@ -111,20 +143,6 @@ def write_linear_outputs(ctx: Any, pset: Any, mean: np.ndarray, components: np.n
             "goodness of fit (cryohetFitZ, cryohetResidualZ)" + (", the refined poses" if refined else ""),
             columns=[f"cryohetZ{k + 1}" for k in range(K)], refined_poses=refined)
 
-    # movies along each component, survey equation 6: X_0 + τ X_k
-    for k in range(K):
-        lo, hi = np.percentile(latents[:, k], [2, 98])
-        taus = np.linspace(lo, hi, movie_frames)
-        z = np.zeros((movie_frames, K), dtype=np.float32)
-        z[:, k] = taus
-        folder = out / "movies" / f"component_{k + 1:02d}"
-        series = write_volume_series(model, z, folder, prefix="frame", progress=ctx.progress,
-                                     desc=f"movie {k + 1}")
-        series.register(ctx, f"component_{k + 1}", f"movie along X_{k + 1}", component=k + 1,
-                        per_map={"tau": [float(t) for t in taus]})
-        cxc = out / "movies" / f"component_{k + 1:02d}.cxc"
-        write_chimerax_script(cxc, series.files, series.level, title=f"X_0 + tau X_{k + 1}")
-        ctx.add("chimerax", cxc, f"ChimeraX: movie along X_{k + 1}", component=k + 1)
-
+    write_component_movies(ctx, model, np.percentile(latents, [2, 98], axis=0).T, movie_frames)
     _plot(out / "latents.png", latents, eigenvalues)
     ctx.add("plot", "latents.png", "distribution of the coordinates b_k and the eigenvalues")
