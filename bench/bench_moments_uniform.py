@@ -68,30 +68,33 @@ def map_scores(vol: np.ndarray, truth: np.ndarray, res: float) -> dict:
 
 def homogeneous(out: Path, ns: list[int], snrs: list[float], res: float, threads: int, skip_abinit_above: int
                 ) -> list[dict]:
+    """moments --poses uniform on every data set first, then abinit (up to ``skip_abinit_above`` particles)."""
     from cryohet.io.mrc import read_map
 
-    rows = []
+    rows, data = [], []
     for n in ns:
         for snr in snrs:
             conf, sim, _ = simulate(out / f"hom_n{n}_snr{snr:g}", n, snr, 1, seed=11)
-            star = without_poses(sim.particles_star)
-            row: dict = {"n": n, "snr": snr}
-            runs = [("moments", "moments", {"poses": "uniform", "resolution_A": res})]
-            if n <= skip_abinit_above:
-                runs.append(("abinit", "abinit", {}))
-            for name, module, extra in runs:
-                run_dir = out / f"{name}_n{n}_snr{snr:g}"
-                r = run_child(module, {"particles": str(star), "datadir": str(sim.particles_star.parent), **extra},
-                              run_dir, threads)
-                row.update({f"{name}_{k}": v for k, v in r.items()})
-                if "error" not in r:
-                    s = map_scores(read_map(run_dir / "map.mrc")[0], conf.maps[0], res)
-                    row.update({f"{name}_{k}": v for k, v in s.items()})
+            data.append((conf, sim, without_poses(sim.particles_star)))
+            rows.append({"n": n, "snr": snr})
+    for name, module, extra in (("moments", "moments", {"poses": "uniform", "resolution_A": res}),
+                                ("abinit", "abinit", {})):
+        for row, (conf, sim, star) in zip(rows, data, strict=True):
+            n, snr = row["n"], row["snr"]
+            if name == "abinit" and n > skip_abinit_above:
+                continue
+            run_dir = out / f"{name}_n{n}_snr{snr:g}"
+            r = run_child(module, {"particles": str(star), "datadir": str(sim.particles_star.parent), **extra},
+                          run_dir, threads)
+            row.update({f"{name}_{k}": v for k, v in r.items()})
+            if "error" not in r:
+                s = map_scores(read_map(run_dir / "map.mrc")[0], conf.maps[0], res)
+                row.update({f"{name}_{k}": v for k, v in s.items()})
             if "moments_seconds" in row and "abinit_seconds" in row:
                 row["ratio_time"] = row["moments_seconds"] / row["abinit_seconds"]
                 row["ratio_mean_fsc"] = row["moments_mean_fsc"] / row["abinit_mean_fsc"]
-            rows.append(row)
             print(json.dumps(row), flush=True)
+            (out / "homogeneous.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 

@@ -25,6 +25,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -234,13 +235,16 @@ class UniformResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def fit_uniform_poses(particles: object, *, resolution_A: float = 20.0, diameter_A: float = 0.0,
+def fit_uniform_poses(particles: Any, *, resolution_A: float = 20.0, diameter_A: float = 0.0,
                       n_components: int = 0, quadrature_deg: float = 20.0, n_starts: int = 4, iters: int = 50,
                       defocus_groups: int = 4, batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
                       log: logging.Logger | None = None) -> UniformResult:
     """Invariant moments of ``particles`` (one streaming pass), then the map fitted to them and, for
     ``n_components`` > 0, the low-rank model; rotations uniform, their values in the particle file ignored
-    (the origins are undone). ``quadrature_deg``: step of the quadrature's projection directions."""
+    (the origins are undone where given, NaN ones taken as 0). ``quadrature_deg``: step of the quadrature's
+    projection directions."""
+    from dataclasses import replace
+
     from cryohet.inference import invariant_moments
     from cryohet.inference.moments import corner_noise_variance, plan
     from cryohet.inference.pose_grid import sphere_grid
@@ -248,6 +252,8 @@ def fit_uniform_poses(particles: object, *, resolution_A: float = 20.0, diameter
 
     log = log or logging.getLogger("cryohet.moments")
     device = torch.device(device)
+    particles = replace(particles, euler_deg=np.zeros_like(particles.euler_deg),
+                        shift_A=np.nan_to_num(np.asarray(particles.shift_A, dtype=np.float64)))
     N_box, apix = int(particles.box), float(particles.apix)
     source = getattr(particles, "source", None)
     lattice, radius_px, ball_px, _ = plan(len(particles.euler_deg), N_box, apix, resolution_A, diameter_A, 1,

@@ -8,7 +8,8 @@ from typing import Any
 from cryohet.methods.base import DATADIR, Method, Param
 
 PARAMS = (
-    Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
+    Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs (with "
+          "--poses uniform, angles are not needed and origins are undone where present).",
           required=True, input_role="particles"),
     DATADIR,
     Param("poses", str, "known", "known: the particles' poses are used (mean and covariance); uniform: they are "
@@ -60,8 +61,9 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.methods._linear_outputs import eigenvalue_table, write_linear_outputs
     from cryohet.reconstruct.homogeneous import particle_halves, reconstruct_halves
 
-    pset = load_particles(params["particles"], params["datadir"] or None)
-    if params["poses"] == "uniform":
+    uniform = params["poses"] == "uniform"
+    pset = load_particles(params["particles"], params["datadir"] or None, require_poses=not uniform)
+    if uniform:
         return run_uniform(params, pset, ctx)
     K = params["n_components"]
     res = fit_moments(pset, K, resolution_A=params["resolution_A"], diameter_A=params["diameter_A"],

@@ -48,7 +48,7 @@ def _scores(rotated: torch.Tensor, ref_ft: torch.Tensor, ref_norm: float) -> tup
     return best / (rot.reshape(len(rot), -1).norm(dim=1) * ref_norm).clamp_min(1e-30), idx
 
 
-def align_map(moving: np.ndarray, reference: np.ndarray, step_deg: float = 15.0, coarse_box: int = 16,
+def align_map(moving: np.ndarray, reference: np.ndarray, step_deg: float = 20.0, coarse_box: int = 16,
               levels: int = 4, keep: int = 4, batch: int = 512) -> Alignment:
     """Superpose ``moving`` on ``reference`` (same cubic box): rotations every ``step_deg`` at a Fourier crop to
     ``coarse_box`` for both hands, then ``levels`` local grids (27 rotations, half the step each time) at the
