@@ -66,8 +66,8 @@ def map_scores(vol: np.ndarray, truth: np.ndarray, res: float) -> dict:
             "mirrored": al.mirrored, "cc": al.correlation}
 
 
-def homogeneous(out: Path, ns: list[int], snrs: list[float], res: float, threads: int, skip_abinit_above: int
-                ) -> list[dict]:
+def homogeneous(out: Path, ns: list[int], snrs: list[float], res: float, threads: int, skip_abinit_above: int,
+                fit: dict) -> list[dict]:
     """moments --poses uniform on every data set first, then abinit (up to ``skip_abinit_above`` particles)."""
     from cryohet.io.mrc import read_map
 
@@ -77,7 +77,7 @@ def homogeneous(out: Path, ns: list[int], snrs: list[float], res: float, threads
             conf, sim, _ = simulate(out / f"hom_n{n}_snr{snr:g}", n, snr, 1, seed=11)
             data.append((conf, sim, without_poses(sim.particles_star)))
             rows.append({"n": n, "snr": snr})
-    for name, module, extra in (("moments", "moments", {"poses": "uniform", "resolution_A": res}),
+    for name, module, extra in (("moments", "moments", {"poses": "uniform", "resolution_A": res, **fit}),
                                 ("abinit", "abinit", {})):
         for row, (conf, sim, star) in zip(rows, data, strict=True):
             n, snr = row["n"], row["snr"]
@@ -98,7 +98,7 @@ def homogeneous(out: Path, ns: list[int], snrs: list[float], res: float, threads
     return rows
 
 
-def hinge(out: Path, ns: list[int], snrs: list[float], res: float, threads: int) -> list[dict]:
+def hinge(out: Path, ns: list[int], snrs: list[float], res: float, threads: int, fit: dict) -> list[dict]:
     from cryohet.inference.ppca import band_limit, subspace_sines
     from cryohet.io.mrc import read_map
     from cryohet.validation.map_align import align_map, apply_alignment
@@ -113,7 +113,7 @@ def hinge(out: Path, ns: list[int], snrs: list[float], res: float, threads: int)
             run_dir = out / f"uniform_k1_n{n}_snr{snr:g}"
             r = run_child("moments", {"particles": str(without_poses(sim.particles_star)),
                                       "datadir": str(sim.particles_star.parent), "poses": "uniform",
-                                      "uniform_components": 1, "resolution_A": res}, run_dir, threads)
+                                      "uniform_components": 1, "resolution_A": res, **fit}, run_dir, threads)
             row.update({f"uniform_{k}": v for k, v in r.items()})
             if "error" not in r:
                 mean = band_limit(read_map(run_dir / "mean.mrc")[0][None], 3.0, res)[0]
@@ -141,13 +141,16 @@ def main() -> None:
     ap.add_argument("--snr", type=float, nargs="+", default=[1.0, 0.1, 0.01])
     ap.add_argument("--res", type=float, default=20.0, help="resolution limit of moments and of the scores, Å")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--starts", type=int, default=4, help="moments --n_starts")
+    ap.add_argument("--fit_iter", type=int, default=50, help="moments --fit_iter")
     ap.add_argument("--abinit_max_n", type=int, default=2000, help="abinit is not run on more particles than this")
     a = ap.parse_args()
+    fit = {"n_starts": a.starts, "fit_iter": a.fit_iter}
     a.out.mkdir(parents=True, exist_ok=True)
     if a.what == "homogeneous":
-        rows = homogeneous(a.out, a.n, a.snr, a.res, a.threads, a.abinit_max_n)
+        rows = homogeneous(a.out, a.n, a.snr, a.res, a.threads, a.abinit_max_n, fit)
     else:
-        rows = hinge(a.out, a.n, a.snr, a.res, a.threads)
+        rows = hinge(a.out, a.n, a.snr, a.res, a.threads, fit)
     (a.out / f"{a.what}.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -48,13 +48,13 @@ def _scores(rotated: torch.Tensor, ref_ft: torch.Tensor, ref_norm: float) -> tup
     return best / (rot.reshape(len(rot), -1).norm(dim=1) * ref_norm).clamp_min(1e-30), idx
 
 
-def align_map(moving: np.ndarray, reference: np.ndarray, step_deg: float = 20.0, coarse_box: int = 16,
-              levels: int = 4, keep: int = 4, batch: int = 512) -> Alignment:
+def align_map(moving: np.ndarray, reference: np.ndarray, step_deg: float = 20.0, coarse_box: int = 12,
+              levels: int = 4, keep: int = 3, batch: int = 512) -> Alignment:
     """Superpose ``moving`` on ``reference`` (same cubic box): rotations every ``step_deg`` at a Fourier crop to
     ``coarse_box`` for both hands, then ``levels`` local grids (27 rotations, half the step each time) at the
     full box around the ``keep`` best of each hand."""
-    mov = torch.as_tensor(np.asarray(moving, dtype=np.float64))
-    ref = torch.as_tensor(np.asarray(reference, dtype=np.float64))
+    mov = torch.as_tensor(np.asarray(moving, dtype=np.float32))
+    ref = torch.as_tensor(np.asarray(reference, dtype=np.float32))
     if mov.shape != ref.shape or mov.ndim != 3:
         raise ValueError(f"maps of the same cubic box are needed, got {tuple(mov.shape)} and {tuple(ref.shape)}")
     n = ref.shape[-1]
@@ -65,7 +65,7 @@ def align_map(moving: np.ndarray, reference: np.ndarray, step_deg: float = 20.0,
         v0 = v - v.mean()
         return v, torch.fft.fftn(v0), float(v0.norm())
 
-    grid = so3_grid(step_deg).to(torch.float64)
+    grid = so3_grid(step_deg)
     candidates = []
     for mirrored in (False, True):
         m = mov.flip(-1) if mirrored else mov
@@ -82,7 +82,7 @@ def align_map(moving: np.ndarray, reference: np.ndarray, step_deg: float = 20.0,
         score, idx = _scores(rotate_maps(m, R[None]), ref_ft, ref_norm)
         cur = (float(score[0]), R, int(idx[0]))
         for _ in range(levels):
-            dR = rotation_from_vector(_offsets(step, 3, torch.device("cpu")).to(torch.float64))
+            dR = rotation_from_vector(_offsets(step, 3, torch.device("cpu")))
             trial = dR @ cur[1]
             s, ix = _scores(rotate_maps(m, trial), ref_ft, ref_norm)
             k = int(s.argmax())
@@ -102,7 +102,7 @@ def align_map(moving: np.ndarray, reference: np.ndarray, step_deg: float = 20.0,
 
 def apply_alignment(vol: np.ndarray, alignment: Alignment) -> np.ndarray:
     """Another map of the moving map's frame (e.g. a principal volume of the same fit) moved as ``alignment``."""
-    v = torch.as_tensor(np.asarray(vol, dtype=np.float64))
+    v = torch.as_tensor(np.asarray(vol, dtype=np.float32))
     v = v.flip(-1) if alignment.mirrored else v
     out = rotate_maps(v, torch.as_tensor(alignment.rotation)[None])[0]
     return torch.roll(out, shifts=alignment.shift_px, dims=(0, 1, 2)).numpy().astype(np.float32)
