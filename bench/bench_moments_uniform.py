@@ -8,7 +8,8 @@ known-pose estimator (``moments --poses known``).
 homogeneous: adenylate kinase (one state), box 32 at 3 Å/px, CTF, origins σ 2 Å, uniform orientations; both
 programs read the STAR without angle and origin columns. Each map is superposed on the true map (best rotation,
 translation and hand, ``validation.map_align``) and scored by its FSC to the truth band-limited to --res: the
-resolution at FSC 0.5 and the mean FSC over the shells inside the limit. hinge: the low-rank model's principal
+resolution at FSC 0.5 and the mean FSC over the shells inside the limit; the true map's spherical average (all a
+first moment gives) scored the same way is the null. hinge: the low-rank model's principal
 volume (moved by the alignment of its mean) against the top eigenvector of the true maps' covariance (sine of the
 angle; chance ≈ 1), and the same for ``moments --poses known`` with K = 1. Each run in a child process (wall
 seconds, peak RSS). Writes ``<out>/<name>.json`` and prints Markdown rows with the ratios moments / abinit.
@@ -66,6 +67,14 @@ def map_scores(vol: np.ndarray, truth: np.ndarray, res: float) -> dict:
             "mirrored": al.mirrored, "cc": al.correlation}
 
 
+def spherical_average(vol: np.ndarray) -> np.ndarray:
+    """The map averaged over rotations about its centre (what the first moment alone gives): the null score."""
+    from cryohet.geometry.fourier import radius_grid
+
+    r = np.round(radius_grid(vol.shape[-1], 3).numpy()).astype(int)
+    return (np.bincount(r.ravel(), vol.ravel()) / np.bincount(r.ravel()))[r].astype(np.float32)
+
+
 def homogeneous(out: Path, ns: list[int], snrs: list[float], res: float, threads: int, skip_abinit_above: int,
                 fit: dict) -> list[dict]:
     """moments --poses uniform on every data set first, then abinit (up to ``skip_abinit_above`` particles)."""
@@ -76,7 +85,8 @@ def homogeneous(out: Path, ns: list[int], snrs: list[float], res: float, threads
         for snr in snrs:
             conf, sim, _ = simulate(out / f"hom_n{n}_snr{snr:g}", n, snr, 1, seed=11)
             data.append((conf, sim, without_poses(sim.particles_star)))
-            rows.append({"n": n, "snr": snr})
+            null = map_scores(spherical_average(conf.maps[0]), conf.maps[0], res)
+            rows.append({"n": n, "snr": snr, **{f"spherical_{k}": v for k, v in null.items()}})
     for name, module, extra in (("moments", "moments", {"poses": "uniform", "resolution_A": res, **fit}),
                                 ("abinit", "abinit", {})):
         for row, (conf, sim, star) in zip(rows, data, strict=True):

@@ -144,7 +144,7 @@ def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
     ctx.add("report", "moments_fit.json", "moments with uniform poses: settings, residuals, fit history")
     lines = [f"# method of moments, poses uniform: {res.data.n} particles", "",
              f"- working box {res.work_box} px, resolution limit {res.resolution_A:.2f} Å, {res.basis_size} basis "
-             f"functions, {res.n_features} steerable features, {res.n_rotations} quadrature rotations, white noise "
+             f"functions, {res.n_features} steerable features, {res.n_rotations} quadrature directions, white noise "
              f"variance {res.noise_var:.4g} (corners)",
              "- relative residuals of the first, second, third moments: "
              f"{np.array2string(np.array(res.residuals), precision=3)}",
