@@ -39,7 +39,7 @@ def score_maps(mean: np.ndarray, comps: np.ndarray, limit_A: float, conf, truth,
     _, vt, _ = true_covariance(conf.maps, truth["state"], conf.apix, limit_A)
     row: dict = {}
     if align:
-        turned, row["mirrored"] = superpose(np.concatenate([mean[None], comps]), mean_true, conf.apix)
+        turned, row["mirrored"] = superpose(np.concatenate([mean[None], comps]), mean_true)
         mean, comps = turned[0], turned[1:]
     curve = fsc(mean, mean_true)
     K = len(comps)

@@ -36,6 +36,12 @@ def so3_grid(step_deg: float) -> torch.Tensor:
     return euler_to_matrix(euler).to(torch.float32)
 
 
+def sphere_grid(step_deg: float) -> torch.Tensor:
+    """The rotations of :func:`so3_grid` with in-plane angle 0 (H, 3, 3): one per projection direction, every
+    ``step_deg`` on the sphere (a quadrature for functions invariant to in-plane rotations)."""
+    return so3_grid(step_deg)[::max(1, math.ceil(360 / step_deg))]
+
+
 def shift_grid(max_shift_px: float, n_per_axis: int = 7) -> torch.Tensor:
     """Origins (S, 2) in pixels: an ``n_per_axis`` × ``n_per_axis`` grid over [−max, max]² (zero only for 0)."""
     if max_shift_px <= 0 or n_per_axis < 2:

@@ -122,7 +122,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                      f"change of the map over the last tenth of the steps {f.map_change:.3f}")
     if params["halves"]:
         if not known:
-            full[1], mirrored = superpose(full[1], full[0][0], apix)
+            full[1], mirrored = superpose(full[1], full[0][0])
             lines.append(f"- half 2 superposed on half 1 by rotation{' and hand' if mirrored else ''}")
         curve = fsc(full[0][0], full[1][0])
         res = resolution_at(curve, box, apix, 0.143)

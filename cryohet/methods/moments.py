@@ -1,4 +1,5 @@
-"""``cryohet moments``: mean map and covariance of the volumes from the images' moments, poses known (survey §8)."""
+"""``cryohet moments``: mean map and covariance of the volumes from the images' moments, poses known (survey §8);
+with ``--poses uniform`` a map (and a low-rank model) from the first three moments, poses unknown."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +8,14 @@ from typing import Any
 from cryohet.methods.base import DATADIR, Method, Param
 
 PARAMS = (
-    Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
+    Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs (with "
+          "--poses uniform, angles are not needed and origins are undone where present).",
           required=True, input_role="particles"),
     DATADIR,
+    Param("poses", str, "known", "known: the particles' poses are used (mean and covariance); uniform: they are "
+          "unknown and taken as uniform on SO(3): a map (and, with --uniform_components, a low-rank model) fitted "
+          "to the images' rotation-invariant first, second and third moments (orientation and hand arbitrary).",
+          choices=("known", "uniform")),
     Param("n_components", int, 3, "Number K of principal volumes (top eigenvectors of the covariance) and "
           "per-particle coordinates b_1..b_K.", min=1, max=50),
     Param("resolution_A", float, 20.0, "Resolution limit of the covariance, Å: images are Fourier-cropped to it "
@@ -27,6 +33,18 @@ PARAMS = (
           "of b_k.", min=2, max=200),
     Param("batch_size", int, 256, "Particles per batch (memory ~ batch_size × 4 × pixels inside the limit × "
           "basis size × 4 bytes).", min=1, expert=True),
+    Param("uniform_components", int, 0, "With --poses uniform: number K of components W_k of the low-rank model "
+          "V = μ + Σ z_k W_k, z ~ N(0, I), fitted after the map (0: the map only).", min=0, max=4),
+    Param("quadrature_deg", float, 20.0, "With --poses uniform: step, degrees, between the projection directions "
+          "of the quadrature of the model's moments (memory and time grow as its inverse square).", min=3.0,
+          max=45.0, expert=True),
+    Param("defocus_groups", int, 4, "With --poses uniform: particles are split into this many groups by defocus, "
+          "each with its own moments and CTF in the model (memory and time grow with it).", min=1, max=16,
+          expert=True),
+    Param("n_starts", int, 4, "With --poses uniform: random starts of the fit (the best is kept).", min=1,
+          expert=True),
+    Param("fit_iter", int, 50, "With --poses uniform: L-BFGS steps per stage of frequency marching.", min=1,
+          expert=True),
     Param("cache_mb", float, 1024.0, "Keep the Fourier-cropped images in memory when they fit in this many MiB "
           "(else they are read again at each pass).", min=0.0, expert=True),
     Param("shrinkage", str, "frobenius", "Eigenvalue shrinkage of the covariance's right-hand side before CG (Andén & "
@@ -52,7 +70,12 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     from cryohet.methods._linear_outputs import eigenvalue_table, write_linear_outputs
     from cryohet.reconstruct.homogeneous import particle_halves, reconstruct_halves
 
-    pset = load_particles(params["particles"], params["datadir"] or None)
+    uniform = params["poses"] == "uniform"
+    pset = load_particles(params["particles"], params["datadir"] or None, require_poses=not uniform)
+    if uniform:
+        if params["resume"]:
+            ctx.log.warning("--resume applies to --poses known (the CG checkpoint); the uniform fit starts again")
+        return run_uniform(params, pset, ctx)
     K = params["n_components"]
     res = fit_moments(pset, K, resolution_A=params["resolution_A"], diameter_A=params["diameter_A"],
                       max_iter=params["max_iter"], tol=params["tol"], regularisation=params["regularisation"],
@@ -96,10 +119,65 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     ctx.add("report", "report.md", "method of moments: eigenvalues and settings")
 
 
+def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
+    """--poses uniform: the map (and low-rank model) from the three invariant moments."""
+    import json
+
+    import numpy as np
+
+    from cryohet.atomic import atomic_path
+    from cryohet.inference.moments_unknown_poses import fit_uniform_poses
+    from cryohet.io.mrc import write_map
+
+    K = params["uniform_components"]
+    res = fit_uniform_poses(pset, resolution_A=params["resolution_A"], diameter_A=params["diameter_A"],
+                            n_components=K, quadrature_deg=params["quadrature_deg"], n_starts=params["n_starts"],
+                            iters=params["fit_iter"], defocus_groups=params["defocus_groups"],
+                            batch_size=params["batch_size"], device=ctx.device,
+                            seed=params["seed"], log=ctx.log)
+    out = Path(ctx.out_dir)
+    write_map(out / "map.mrc", res.volume, pset.apix)
+    ctx.add("volume", "map.mrc", "map from the first three moments (poses uniform; orientation and hand arbitrary)",
+            resolution_A=res.resolution_A)
+    if K > 0:
+        write_map(out / "mean.mrc", res.low_rank_mean, pset.apix)
+        ctx.add("volume", "mean.mrc", "mean μ of the low-rank model (orientation and hand arbitrary)",
+                resolution_A=res.resolution_A)
+        for k in range(K):
+            write_map(out / f"component_{k + 1:02d}.mrc", res.components[k], pset.apix)
+            ctx.add("volume", f"component_{k + 1:02d}.mrc", f"principal volume {k + 1} of the low-rank model "
+                    f"(unit norm, variance {res.variances[k]:.4g})", resolution_A=res.resolution_A)
+    summary = {"poses": "uniform", "n_particles": res.data.n, "work_box": res.work_box,
+               "resolution_A": res.resolution_A, "basis": res.basis_size, "features": res.n_features,
+               "quadrature_rotations": res.n_rotations, "noise_var": res.noise_var,
+               "relative_residuals": list(res.residuals),
+               "low_rank_relative_residuals": list(res.low_rank_residuals or []),
+               "variances": res.variances.tolist(), "history": res.history}
+    with atomic_path(out / "moments_fit.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    ctx.add("report", "moments_fit.json", "moments with uniform poses: settings, residuals, fit history")
+    lines = [f"# method of moments, poses uniform: {res.data.n} particles", "",
+             f"- working box {res.work_box} px, resolution limit {res.resolution_A:.2f} Å, {res.basis_size} basis "
+             f"functions, {res.n_features} steerable features, {res.n_rotations} quadrature directions, white noise "
+             f"variance {res.noise_var:.4g} (corners)",
+             "- relative residuals of the first, second, third moments: "
+             f"{np.array2string(np.array(res.residuals), precision=3)}",
+             "- the map's orientation and hand are arbitrary: the moments of projections under uniform rotations "
+             "are those of every rotated or mirrored copy"]
+    if K > 0:
+        lines.append(f"- low-rank model, K = {K}: residuals "
+                     f"{np.array2string(np.array(res.low_rank_residuals), precision=3)}, variances "
+                     f"{np.array2string(res.variances, precision=4)}")
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    ctx.add("report", "report.md", "method of moments (uniform poses): residuals and settings")
+
+
 METHOD = Method(
     name="moments",
     order=31,
-    title="Mean and covariance of the volumes from the images' moments (poses known)",
+    title="Mean and covariance of the volumes from the images' moments (poses known), or a map from three "
+          "moments (poses uniform)",
     help="The method of moments of Katsevich-Singer and Andén-Singer (survey section 8): no latent is inferred "
          "while the model is fitted. The mean is a CTF-corrected least-squares reconstruction and the covariance "
          "of the 3-D volumes solves the normal equations of the images' second moments (CTF included, white "
@@ -111,7 +189,14 @@ METHOD = Method(
          "(half-set backprojection with FSC), the principal volumes, latents.npy and latents_std.npy, the "
          "particles STAR with cryohetZ1..K and goodness of fit, movies X_0 + τ X_k with ChimeraX scripts, the "
          "linear model (for analyze, eval-volume, benchmark-score), the covariance's spectrum, a plot and a report. "
-         "The CG state is checkpointed after every step: --resume yes continues after a crash or kill.",
+         "The CG state is checkpointed after every step (poses known): --resume yes continues after a "
+         "crash or kill. "
+         "With --poses uniform (Kam; Sharon et al.) the poses are unknown: the images' in-plane-invariant first, "
+         "second and third moments in a steerable polar Fourier basis (one streaming pass, debiased for white "
+         "noise, images phase-flipped, per defocus group) are fitted by the moments of a band-limited map's "
+         "projections over a quadrature of projection directions (L-BFGS, random starts, frequency marching), and "
+         "optionally a low-rank model μ + Σ z_k W_k; writes map.mrc (orientation and hand arbitrary), the "
+         "low-rank mean and principal volumes, the fit's residuals and a report.",
     params=PARAMS,
     outputs=("model", "volume", "latents", "particles_star", "volume_series", "chimerax", "plot", "report", "fsc"),
     run=run,
@@ -124,5 +209,9 @@ METHOD = Method(
         "Sci. 11, 1441-1492.",
         "Donoho, Gavish & Johnstone (2018) Optimal shrinkage of eigenvalues in the spiked covariance model. Ann. "
         "Statist. 46, 1742-1778.",
+        "Kam (1980) The reconstruction of structure from electron micrographs of randomly oriented particles. "
+        "J. Theor. Biol. 82, 15-39.",
+        "Sharon, Kileel, Khoo, Landa & Singer (2020) Method of moments for 3D single particle ab initio modeling "
+        "with non-uniform distribution of viewpoints. Inverse Problems 36, 044003.",
     ),
 )

@@ -1,87 +1,115 @@
-"""Superpose a map on a reference by rotation and hand (maps reconstructed without poses, e.g. CryoGAN's, are in an
-arbitrary frame and hand): an exhaustive search over an SO(3) grid for each hand on Fourier-cropped maps, then a
-local random search, maximising the real-space correlation. Both maps are taken as centred (no translation)."""
+"""Superposition of a map on a reference when its orientation, position and hand are arbitrary (ab initio maps):
+a global search over a rotation grid for each hand, the best translation of each rotation by FFT
+cross-correlation, then shrinking local grids around the best rotations."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.spatial.transform import Rotation
 
-from cryohet.geometry.fourier import fourier_crop_3d
-from cryohet.geometry.lattice import box_for_resolution
+from cryohet.geometry.fourier import centered_coords, fourier_crop_3d
 from cryohet.inference.pose_grid import so3_grid
+from cryohet.inference.pose_search import _offsets, rotation_from_vector
 
 
 @dataclass
-class AlignedMap:
-    map: np.ndarray          # the moving map (mirrored when ``mirrored``) rotated onto the reference
-    rotation: np.ndarray     # (3, 3): aligned(x) = moving'(R x), x = (x, y, z) voxels from the centre
-    mirrored: bool           # moving' is the moving map mirrored in z
-    correlation: float       # real-space correlation with the reference at the search's resolution
+class Alignment:
+    """``aligned``: the moving map (mirrored first when ``mirrored``, x -> −x) rotated by ``rotation`` and shifted
+    by ``shift_px`` (voxels, z y x) onto the reference; ``correlation``: their normalised cross-correlation."""
+
+    aligned: np.ndarray
+    rotation: np.ndarray
+    mirrored: bool
+    shift_px: tuple[int, int, int]
+    correlation: float
 
 
 def rotate_maps(vol: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """(n, n, n) map and (M, 3, 3) rotations -> (M, n, n, n) maps out(x) = vol(R x) (trilinear, zero outside)."""
+    """vol (n, n, n) -> (B, n, n, n) with out(x) = vol(Rᵀ x) about the centre voxel n // 2 (trilinear; x, y, z
+    the last, middle and first axes; zero outside)."""
     n = vol.shape[-1]
-    c = (torch.arange(n, dtype=torch.float32) - n // 2)
+    c = centered_coords(n, vol.device, vol.dtype)
     z, y, x = torch.meshgrid(c, c, c, indexing="ij")
     xyz = torch.stack([x, y, z], -1).reshape(-1, 3)
-    pos = torch.einsum("mij,pj->mpi", R.to(torch.float32), xyz)               # (M, n³, 3) as (x, y, z)
-    grid = (pos + n // 2) / (n - 1) * 2 - 1
-    out = F.grid_sample(vol[None, None].expand(len(R), 1, n, n, n), grid.reshape(len(R), n, n, n, 3),
-                        mode="bilinear", padding_mode="zeros", align_corners=True)
+    src = xyz @ R.to(vol.dtype)                                                  # (B, n³, 3): Rᵀ x per row
+    grid = ((src + n // 2) / (n - 1) * 2 - 1).reshape(len(R), n, n, n, 3)
+    out = torch.nn.functional.grid_sample(vol[None, None].expand(len(R), 1, n, n, n), grid, mode="bilinear",
+                                          padding_mode="zeros", align_corners=True)
     return out[:, 0]
 
 
-def _scores(moving: torch.Tensor, ref: torch.Tensor, R: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    ref = (ref - ref.mean()) / ref.std()
-    out = []
-    for s in range(0, len(R), chunk):
-        r = rotate_maps(moving, R[s:s + chunk]).flatten(1)
-        r = (r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True).clamp_min(1e-12)
-        out.append((r * ref.flatten()).mean(1))
-    return torch.cat(out)
+def _scores(rotated: torch.Tensor, ref_ft: torch.Tensor, ref_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best normalised cross-correlation over circular shifts (B,) and the flat index of that shift."""
+    rot = rotated - rotated.mean((1, 2, 3), keepdim=True)
+    cc = torch.fft.ifftn(torch.fft.fftn(rot, dim=(1, 2, 3)) * ref_ft.conj(), dim=(1, 2, 3)).real
+    best, idx = cc.reshape(len(rot), -1).max(1)
+    return best / (rot.reshape(len(rot), -1).norm(dim=1) * ref_norm).clamp_min(1e-30), idx
 
 
-def align_map(moving: np.ndarray, reference: np.ndarray, apix: float, resolution_A: float = 20.0,
-              step_deg: float = 12.0, rounds: int = 4, seed: int = 0) -> AlignedMap:
-    """The rotation and hand of ``moving`` that best match ``reference`` (maps of one box and pixel size),
-    searched at ``resolution_A`` on an SO(3) grid of ``step_deg`` then by ``rounds`` of 200 random perturbations
-    of halving size."""
-    n = reference.shape[-1]
-    m = box_for_resolution(n, apix, resolution_A)
-    ref = fourier_crop_3d(torch.as_tensor(reference, dtype=torch.float32), m)
-    rng = np.random.default_rng(seed)
+def align_map(moving: np.ndarray, reference: np.ndarray, step_deg: float = 20.0, coarse_box: int = 12,
+              levels: int = 4, keep: int = 3, batch: int = 512) -> Alignment:
+    """Superpose ``moving`` on ``reference`` (same cubic box): rotations every ``step_deg`` at a Fourier crop to
+    ``coarse_box`` for both hands, then ``levels`` local grids (27 rotations, half the step each time) at the
+    full box around the ``keep`` best of each hand."""
+    mov = torch.as_tensor(np.asarray(moving, dtype=np.float32))
+    ref = torch.as_tensor(np.asarray(reference, dtype=np.float32))
+    if mov.shape != ref.shape or mov.ndim != 3:
+        raise ValueError(f"maps of the same cubic box are needed, got {tuple(mov.shape)} and {tuple(ref.shape)}")
+    n = ref.shape[-1]
+    nc = min(n, coarse_box)
+
+    def prepared(v: torch.Tensor, box: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        v = fourier_crop_3d(v, box) if box < n else v
+        v0 = v - v.mean()
+        return v, torch.fft.fftn(v0), float(v0.norm())
+
     grid = so3_grid(step_deg)
-    best = (-np.inf, None, False)
+    candidates = []
     for mirrored in (False, True):
-        mov_full = torch.as_tensor(np.ascontiguousarray(moving[::-1] if mirrored else moving), dtype=torch.float32)
-        mov = fourier_crop_3d(mov_full, m)
-        sc = _scores(mov, ref, grid)
-        R, score = grid[int(sc.argmax())], float(sc.max())
-        sigma = step_deg / 2
-        for _ in range(rounds):
-            kick = torch.as_tensor(Rotation.from_rotvec(rng.normal(size=(200, 3)) * np.radians(sigma)).as_matrix(),
-                                   dtype=torch.float32)
-            cand = torch.cat([R[None], kick @ R])
-            sc = _scores(mov, ref, cand)
-            R, score = cand[int(sc.argmax())], float(sc.max())
-            sigma /= 2
-        if score > best[0]:
-            best = (score, R, mirrored)
-    score, R, mirrored = best
-    mov_full = torch.as_tensor(np.ascontiguousarray(moving[::-1] if mirrored else moving), dtype=torch.float32)
-    aligned = rotate_maps(mov_full, R[None])[0].numpy()
-    return AlignedMap(aligned, R.numpy(), mirrored, score)
+        m = mov.flip(-1) if mirrored else mov
+        small, (_, ref_ft, ref_norm) = prepared(m, nc)[0], prepared(ref, nc)
+        sc = torch.cat([_scores(rotate_maps(small, grid[s:s + batch]), ref_ft, ref_norm)[0]
+                        for s in range(0, len(grid), batch)])
+        for i in sc.topk(keep).indices:
+            candidates.append((mirrored, grid[i]))
+    _, ref_ft, ref_norm = prepared(ref, n)
+    best: tuple[float, bool, torch.Tensor, int] | None = None
+    for mirrored, R in candidates:
+        m = mov.flip(-1) if mirrored else mov
+        step = math.radians(step_deg) / 2
+        score, idx = _scores(rotate_maps(m, R[None]), ref_ft, ref_norm)
+        cur = (float(score[0]), R, int(idx[0]))
+        for _ in range(levels):
+            dR = rotation_from_vector(_offsets(step, 3, torch.device("cpu")))
+            trial = dR @ cur[1]
+            s, ix = _scores(rotate_maps(m, trial), ref_ft, ref_norm)
+            k = int(s.argmax())
+            if float(s[k]) > cur[0]:
+                cur = (float(s[k]), trial[k], int(ix[k]))
+            step /= 2
+        if best is None or cur[0] > best[0]:
+            best = (cur[0], mirrored, cur[1], cur[2])
+    assert best is not None
+    score, mirrored, R, idx = best
+    m = mov.flip(-1) if mirrored else mov
+    shift = np.unravel_index(idx, (n, n, n))
+    aligned = torch.roll(rotate_maps(m, R[None])[0], shifts=tuple(-int(s) for s in shift), dims=(0, 1, 2))
+    return Alignment(aligned.numpy().astype(np.float32), R.numpy(), mirrored,
+                     tuple(int((-s + n // 2) % n - n // 2) for s in shift), score)
 
 
-def superpose(maps: np.ndarray, reference: np.ndarray, apix: float) -> tuple[np.ndarray, bool]:
-    """Maps (K, n, n, n) of one frame (a mean and its principal directions) turned by the rotation and hand that
-    superpose the first on ``reference``; and whether they were mirrored."""
-    a = align_map(maps[0], reference, apix)
-    flipped = maps[:, ::-1] if a.mirrored else maps
-    R = torch.as_tensor(a.rotation)[None]
-    return np.stack([rotate_maps(torch.as_tensor(np.ascontiguousarray(m)), R)[0].numpy() for m in flipped]), a.mirrored
+def apply_alignment(vol: np.ndarray, alignment: Alignment) -> np.ndarray:
+    """Another map of the moving map's frame (e.g. a principal volume of the same fit) moved as ``alignment``."""
+    v = torch.as_tensor(np.asarray(vol, dtype=np.float32))
+    v = v.flip(-1) if alignment.mirrored else v
+    out = rotate_maps(v, torch.as_tensor(alignment.rotation)[None])[0]
+    return torch.roll(out, shifts=alignment.shift_px, dims=(0, 1, 2)).numpy().astype(np.float32)
+
+
+def superpose(maps: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Maps (K, n, n, n) of one frame (a mean and its principal directions) moved by the superposition of the first
+    on ``reference``; and whether they were mirrored."""
+    al = align_map(maps[0], reference)
+    return np.stack([al.aligned, *(apply_alignment(m, al) for m in maps[1:])]), al.mirrored
