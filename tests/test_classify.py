@@ -97,6 +97,7 @@ def test_class_maps_match_their_true_maps(states, classified):
     for c, s in match.items():
         ours = read_map(out / f"class{c:03d}.mrc")[0]
         auc = [fsc_auc(fsc_curve(ours, t)) for t in true_maps]
+        print(f"class {c}: FSC area to each true map {np.round(auc, 3)}")
         assert int(np.argmax(auc)) == s, auc
         half_auc = fsc_auc(read_fsc(out / f"class{c:03d}_fsc.star"))
         assert half_auc > 0.2
