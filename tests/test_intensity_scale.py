@@ -33,7 +33,7 @@ COMPARE_A = 20.0   # compare the maps below this resolution (inside every method
 @pytest.fixture(scope="module")
 def particles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("scale")
-    run_method(SIMULATE, dict(box=BOX, apix=APIX, resolution_A=10.0, n_particles=1000, snr=5.0, n_states=5,
+    run_method(SIMULATE, dict(box=BOX, apix=APIX, resolution_A=10.0, n_particles=500, snr=5.0, n_states=5,
                               max_angle_deg=5.0, threads=2, seed=11), out)
     return out
 

@@ -163,12 +163,15 @@ def test_corrected_map_beats_homogeneous(hinge, tmp_path):
     fscs = {o.label: o.meta["resolution_A"] for o in rec.of_kind("fsc")}
     res_c = fscs["half-map FSC, deformation-corrected"]
     res_h = fscs["half-map FSC, homogeneous"]
-    assert res_c < res_h - 0.5   # 6.7 Å and 8.4 Å
+    assert res_c < res_h - 0.5   # 6.7 Å and 7.9 Å
     corrected, apix = read_map(out / "map.mrc")
     homogeneous, _ = read_map(out / "homogeneous.mrc")
     assert apix == pytest.approx(APIX) and corrected.shape == (BOX,) * 3
     canonical = truth.conf.maps[0]
-    assert fsc_auc(fsc(corrected, canonical)) > fsc_auc(fsc(homogeneous, canonical)) + 0.04   # 0.61 and 0.56
+    auc_c, auc_h = fsc_auc(fsc(corrected, canonical)), fsc_auc(fsc(homogeneous, canonical))
+    print(f"FSC area to the canonical map: corrected {auc_c:.3f}, homogeneous {auc_h:.3f}; "
+          f"half-map resolution {res_c:.2f}, {res_h:.2f} Å")
+    assert auc_c > auc_h + 0.04   # 0.611 and 0.568
     assert len(rec.of_kind("volume")) == 2 and rec.of_kind("plot")
     halves = {h.path: h.meta["of"] for h in rec.of_kind("half_map")}  # each volume's halves named
     assert halves == {"half1.mrc": "map.mrc", "half2.mrc": "map.mrc", "homogeneous_half1.mrc": "homogeneous.mrc",

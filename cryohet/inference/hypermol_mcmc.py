@@ -441,7 +441,7 @@ def fit_hypermolecule(particles: Any, degree: int, *, resolution_A: float, itera
         if power is None:  # the mean's signal power per shell, fixed from the first pass (no feedback through τ²)
             power = signal_power(acc, fit.radius)
         new[:L] = solve_maps(acc, fit.radius, fit.limit, regularisation, "mean", fit.mask,
-                             prior_scale=smoothness_scale(L - 1, smoothness), power=power)
+                             prior_scale=smoothness_scale(L - 1, smoothness), mean_power=power)
         del acc
         change = float((new - maps).norm() / new.norm().clamp_min(1e-30))
         maps, noise = new, new_noise

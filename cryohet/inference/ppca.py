@@ -303,31 +303,30 @@ def signal_power(acc: MapEquations, radius_px: float) -> torch.Tensor:
 
 
 def solve_maps(acc: MapEquations, radius_px: float, limit: torch.Tensor, regularisation: float | None,
-               prior: str = "mean", mask: torch.Tensor | None = None,
-               tau_mean: torch.Tensor | None = None, prior_scale: torch.Tensor | None = None,
-               power: torch.Tensor | None = None) -> torch.Tensor:
+               prior: str = "mean", mask: torch.Tensor | None = None, *, mean_is_map0: bool = True,
+               mean_power: torch.Tensor | None = None, prior_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Solve the per-voxel systems of ``acc`` and return maps (J, n, n, n); the components multiplied by ``mask``.
 
-    Without ``tau_mean`` map 0 is the mean and maps 1.. components; with it (the mean's τ² per shell, as
-    :func:`signal_power`) every map is a component, fitted to data from which a fixed mean was subtracted.
+    ``mean_is_map0``: map 0 is the mean and maps 1.. components; False: every map is a component, fitted to data
+    from which a fixed mean was subtracted (``mean_power`` is then needed with a ``regularisation``).
     λ per voxel and map: a floor for voxels with little data; with a ``regularisation`` T also the per-shell
     prior 1/(T τ²) with τ² the signal power per shell estimated by moments from a weakly regularised solution,
     mean |X̂|² − noise variance of X̂ (empirical Bayes as RELION's τ², without the feedback that drives a
     weakly supported estimate to zero); for the components τ² is pooled over them ("moments": their own excess
     power, zero where the data show no variability above the noise; "mean": up to the mean map's power per
-    shell). ``limit``: the padded grid's resolution sphere; ``prior_scale`` (J,): each map's λ multiplied by it;
-    ``power`` (shells,): τ² of every map given (e.g. :func:`signal_power` of an earlier solution) instead of
-    estimated, map 0 still the mean.
+    shell). ``mean_power`` (shells,): the mean's τ² given (:func:`signal_power` of an earlier solution, the
+    padded grid's units) instead of estimated from map 0. ``limit``: the padded grid's resolution sphere;
+    ``prior_scale`` (J,): each map's λ multiplied by it.
     """
+    if regularisation is not None and not mean_is_map0 and mean_power is None:
+        raise ValueError("solve_maps: without the mean among the maps its power (mean_power) must be given")
     lam, X, var = _floor_solve(acc, radius_px)
-    first = 0 if tau_mean is not None else 1                    # index of the first component
+    first = 1 if mean_is_map0 else 0                            # index of the first component
     if regularisation is not None:
         n_sh = int(acc.shell.max()) + 1
         excess = X.abs() ** 2 - var                             # (J, V)
-        if tau_mean is not None:
-            tau0 = tau_mean
-        elif power is not None:
-            tau0 = power.to(lam)
+        if mean_power is not None:
+            tau0 = mean_power.to(lam)
         else:
             tau0 = _shell_mean(excess[0], acc.shell, n_sh).clamp_min(0)
         if first:
@@ -507,7 +506,7 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
                 "prior": prior, "warmup_iter": warmup_iter, "seed": seed, "mask": mask_digest(mask_n),
                 "mean": mean, "halves": [len(r) for r in rows]}
     mean_fsc: np.ndarray | None = None
-    tau_mean: torch.Tensor | None = None
+    mean_power: torch.Tensor | None = None
     if joint:
         # the starting mean: the CTF-weighted backprojection at the working box, refitted in every M-step
         acc0 = MapEquations(n, pad, radius_px, 1, device)
@@ -528,11 +527,12 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         acc0 = MapEquations(n, pad, radius_px, 1, device)
         for h, src in enumerate(srcs):
             run_pass(src, mean_n[None], None, False, acc0, f"principal volumes: mean's power, half-set {h + 1}")
-        tau_mean = signal_power(acc0, radius_px)
+        mean_power = signal_power(acc0, radius_px)
     del acc0
 
     def m_step(acc: MapEquations, use_prior: bool) -> torch.Tensor:
-        return solve_maps(acc, radius_px, limit, regularisation if use_prior else None, prior, mask_n, tau_mean)
+        return solve_maps(acc, radius_px, limit, regularisation if use_prior else None, prior, mask_n,
+                          mean_is_map0=joint, mean_power=mean_power)
 
     ckpt = Path(checkpoint) if checkpoint is not None else None
     found = load_state(ckpt, settings, log) if resume and ckpt is not None else None

@@ -84,7 +84,7 @@ def reconstruct_halves(pset, half: np.ndarray, batch_size: int, device: torch.de
         if progress is not None:
             batches = progress(batches, f"backprojecting half-set {h}", -(-len(idx) // batch_size))
         bps.append(backproject_batches(batches, box, device))
-    half_maps, full, _ = wiener_reconstruct(bps, wiener, gain_after_crop=True)
+    half_maps, full, _ = wiener_reconstruct(bps, wiener)
     curve = fsc(*half_maps)
     curve_masked = fsc(half_maps[0] * mask, half_maps[1] * mask) if mask is not None else None
     return Reconstruction(full, half_maps[0], half_maps[1], curve, curve_masked, apix)
@@ -118,25 +118,20 @@ def fsc_weighted_reconstruction(pset, half: np.ndarray, batch_size: int, device:
 
 
 def wiener_reconstruct(bps: list[BackProjector], wiener: str = "auto", ssnr_scale: float = 1.0,
-                       half_maps: bool = True, gain_after_crop: bool = False
-                       ) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
+                       half_maps: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
     """(half-maps, full map, FSC of the unregularised half-maps) from the two half-sets' accumulators.
 
     ``wiener``: "auto" (λ from the half-map FSC, the full map's SSNR twice a half's), "none" (plain division),
     or a number c (constant SSNR 1/c). ``ssnr_scale`` multiplies the SSNR of "auto" (RELION's T: above 1 trusts
     the data more). ``half_maps`` False skips the filtered half-maps (an empty list; two fewer transforms).
-    ``gain_after_crop``: divide as :func:`divide_gain_after_crop` (the maps' FSC to any reference is then as
-    plain division's or better shell by shell); else λ is applied before the crop, as RELION's refinement.
-    ``bps[0]`` ends holding the sum of both half-sets.
+    Each map is divided as :func:`divide_gain_after_crop` (its FSC to any reference is then as plain division's
+    or better, shell by shell). ``bps[0]`` ends holding the sum of both half-sets.
     """
-    def divide(bp: BackProjector, lam: torch.Tensor | float) -> torch.Tensor:
-        return divide_gain_after_crop(bp, lam) if gain_after_crop else bp.reconstruct(lam)
-
     raw_fsc = fsc(*[bp.reconstruct() for bp in bps])
-    halves = [divide(bp, wiener_lambda(bp, wiener, raw_fsc, ssnr_scale=ssnr_scale)) for bp in bps] \
-        if half_maps else []
+    halves = [divide_gain_after_crop(bp, wiener_lambda(bp, wiener, raw_fsc, ssnr_scale=ssnr_scale))
+              for bp in bps] if half_maps else []
     bps[0].add(bps[1])
-    return halves, divide(bps[0], wiener_lambda(bps[0], wiener, raw_fsc, True, ssnr_scale)), raw_fsc
+    return halves, divide_gain_after_crop(bps[0], wiener_lambda(bps[0], wiener, raw_fsc, True, ssnr_scale)), raw_fsc
 
 
 def divide_gain_after_crop(bp: BackProjector, lam: torch.Tensor | float) -> torch.Tensor:

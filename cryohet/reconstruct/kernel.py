@@ -181,7 +181,7 @@ class KernelRegression:
     @staticmethod
     def _maps(bps: list[BackProjector]) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
         """(half-maps, full map, FSC of the unfiltered half-maps) of the accumulators, which are left as they were."""
-        return wiener_reconstruct([bps[0].copy(), bps[1]], gain_after_crop=True)  # as reconstruct's maps
+        return wiener_reconstruct([bps[0].copy(), bps[1]])  # as reconstruct's maps
 
     def all_particles(self) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
         """Half-maps, map and half-map FSC of every particle (computed once)."""
