@@ -605,8 +605,9 @@ def fit_principal_volumes(particles: Any, n_components: int, *, resolution_A: fl
         change = max(changes)
         history.append({"iteration": it, "subspace_change_sine": change, "seconds": time.time() - ti,
                         "variance": variance})
-        log.info("EM %d: subspace change sin %.2e (all %.2e, half-sets %.2e, %.2e), total variance %.4g, %.1f s",
-                 it, change, *changes, variance, time.time() - ti)
+        per_fit = " (all %.2e, half-sets %.2e, %.2e)" if len(changes) == 3 else ""
+        log.info("EM %d: subspace change sin %.2e" + per_fit + ", total variance %.4g, %.1f s",
+                 it, change, *(changes if per_fit else ()), variance, time.time() - ti)
         if ckpt is not None:
             save_state(ckpt, EMState(vols.reshape(n_fits * J, n, n, n), torch.cat(noise), it, history), settings)
         if _met_tolerance(history, warmup_iter, tol):
