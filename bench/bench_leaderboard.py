@@ -1,22 +1,24 @@
 """Leaderboard on the CryoBench analogues: every cryohet heterogeneity method, cryoDRGN 4.3.1 and RECOVAR 1.0.5
 on the same images, scored as CryoBench scores (cryohet.validation.cryobench_score).
 
-    .venv/bin/python bench/bench_leaderboard.py --data /work/peers/cryobench --out /work/peers/cryobench/lb \\
-        --sets igg-1d ribosembly --n 1000 --epochs 10 --threads 1
+    .venv/bin/python bench/bench_leaderboard.py --data /work/peers/cryobench --out /work/peers/cryobench/lb2 \\
+        --sets igg-1d ribosembly --n 1000 --epochs 10 --threads 1 --width 256 [--snr 0.1]
 
 Datasets: ``cryohet benchmark-make --dataset <set> --size cpu --n_particles <n>`` into ``--data/<set>`` (made here
-when missing; ``--size full`` for the GPU-sized sets). Rows per set: the truth (ceiling) and the shuffled truth
-(chance), one homogeneous map (``reconstruct``: every image gets the same map), then each method at its defaults
-except ``--epochs`` for the trained ones and ``--resolution_A`` (the true maps' resolution, 2.5 × the pixel size)
-for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å). cryoDRGN runs ``train_vae`` (zdim 8)
-from its own environment
-(``--cryodrgn``; ``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
+when missing; ``--size full`` for the GPU-sized sets; ``--snr`` makes ``<set>-snr<snr>`` at that SNR instead of
+the preset's). Rows per set: the truth (ceiling) and the shuffled truth (chance), one homogeneous map
+(``reconstruct``: every image gets the same map), then each method at its defaults except ``--epochs`` for the
+trained ones, ``--width`` for train-vae, and ``--resolution_A`` (the true maps' resolution, 2.5 × the pixel size)
+for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å). cryoDRGN runs ``train_vae`` (zdim 8,
+3 × ``--width`` encoder and decoder layers, as train-vae) from its own environment (``--cryodrgn``;
+``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
 ``cryodrgn eval_vol`` in both hands, the better kept (CryoBench aligns and flips them too). RECOVAR runs
 ``recovar pipeline --mask sphere --zdim 4`` and ``recovar compute_state`` at the latents of the scored images, from
-its own environment (``--recovar``; ``pip install recovar==1.0.5``). Every run's summary is kept in
-``<out>/<set>/<method>.score.json`` and reused, so an interrupted leaderboard resumes (failed runs are
-retried); the Markdown table is
-printed and written to ``<out>/leaderboard.md``.
+its own environment (``--recovar``; ``pip install recovar==1.0.5``). Times are CPU seconds (user + system, this
+process's and its children's) of each run, scoring excluded. Every run's summary is kept in
+``<out>/<set>/<method>.score.json`` and its CPU time in ``<method>.cpu_s``, and reused, so an interrupted
+leaderboard resumes (failed runs are retried); the Markdown table is printed and written to
+``<out>/leaderboard.md`` (``--table_only``: from the scored runs only).
 """
 from __future__ import annotations
 
@@ -83,6 +85,18 @@ def thread_env(threads: int) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------- cryohet
 
+def support_diameter_A(ds: Path, rel: float = 0.02, margin_px: int = 1) -> float:
+    """Diameter, Å, of the centred ball holding every voxel above ``rel`` × the maximum of any true map (plus a
+    margin): the ``--diameter_A`` of ``moments``, whose default (the box) is too many voxels for its covariance."""
+    from cryohet.io.mrc import read_map
+
+    dset = load_dataset(ds)
+    peak = np.max([np.abs(read_map(p)[0]) for p in dset.map_paths], axis=0)
+    c = np.indices(peak.shape) - dset.box // 2
+    r_px = np.sqrt((c ** 2).sum(0))[peak > rel * peak.max()].max()
+    return float(2 * (r_px + margin_px) * dset.apix)
+
+
 def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> dict[str, Any]:
     """Defaults except the epochs and, for the methods with a resolution limit, the true maps' resolution."""
     star = str(ds / "particles.star")
@@ -90,7 +104,7 @@ def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> d
     res = load_dataset(ds).meta["motion"]["resolution_A"]
     return {"train-vae": {"particles": star, "epochs": a.epochs, "enc_dim": a.width, "dec_dim": a.width},
             "principal-volumes": {"particles": star, "resolution_A": res},
-            "moments": {"particles": star},
+            "moments": {"particles": star, "diameter_A": support_diameter_A(ds), "batch_size": 32},
             "hypermolecule": {"particles": star, "resolution_A": res},
             "train-gmm": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
             "train-deform": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
