@@ -1,22 +1,24 @@
 """Leaderboard on the CryoBench analogues: every cryohet heterogeneity method, cryoDRGN 4.3.1 and RECOVAR 1.0.5
 on the same images, scored as CryoBench scores (cryohet.validation.cryobench_score).
 
-    .venv/bin/python bench/bench_leaderboard.py --data /work/peers/cryobench --out /work/peers/cryobench/lb \\
-        --sets igg-1d ribosembly --n 1000 --epochs 10 --threads 1
+    .venv/bin/python bench/bench_leaderboard.py --data /work/peers/cryobench --out /work/peers/cryobench/lb2 \\
+        --sets igg-1d ribosembly --n 1000 --epochs 10 --threads 1 --width 256 [--snr 0.1]
 
 Datasets: ``cryohet benchmark-make --dataset <set> --size cpu --n_particles <n>`` into ``--data/<set>`` (made here
-when missing; ``--size full`` for the GPU-sized sets). Rows per set: the truth (ceiling) and the shuffled truth
-(chance), one homogeneous map (``reconstruct``: every image gets the same map), then each method at its defaults
-except ``--epochs`` for the trained ones and ``--resolution_A`` (the true maps' resolution, 2.5 × the pixel size)
-for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å). cryoDRGN runs ``train_vae`` (zdim 8)
-from its own environment
-(``--cryodrgn``; ``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
+when missing; ``--size full`` for the GPU-sized sets; ``--snr`` makes ``<set>-snr<snr>`` at that SNR instead of
+the preset's). Rows per set: the truth (ceiling) and the shuffled truth (chance), one homogeneous map
+(``reconstruct``: every image gets the same map), then each method at its defaults except ``--epochs`` for the
+trained ones, ``--width`` for train-vae, and ``--resolution_A`` (the true maps' resolution, 2.5 × the pixel size)
+for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å). cryoDRGN runs ``train_vae`` (zdim 8,
+3 × ``--width`` encoder and decoder layers, as train-vae) from its own environment (``--cryodrgn``;
+``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
 ``cryodrgn eval_vol`` in both hands, the better kept (CryoBench aligns and flips them too). RECOVAR runs
 ``recovar pipeline --mask sphere --zdim 4`` and ``recovar compute_state`` at the latents of the scored images, from
-its own environment (``--recovar``; ``pip install recovar==1.0.5``). Every run's summary is kept in
-``<out>/<set>/<method>.score.json`` and reused, so an interrupted leaderboard resumes (failed runs are
-retried); the Markdown table is
-printed and written to ``<out>/leaderboard.md``.
+its own environment (``--recovar``; ``pip install recovar==1.0.5``). Times are CPU seconds (user + system, this
+process's and its children's) of each run, scoring excluded. Every run's summary is kept in
+``<out>/<set>/<method>.score.json`` and its CPU time in ``<method>.cpu_s``, and reused, so an interrupted
+leaderboard resumes (failed runs are retried); the Markdown table is printed and written to
+``<out>/leaderboard.md`` (``--table_only``: from the scored runs only).
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import argparse
 import json
 import os
 import pickle
+import resource
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +45,8 @@ from cryohet.validation.datasets import CRYOBENCH, SIZES, load_dataset, make_dat
 from cryohet.validation.score import score, score_arrays, score_cryodrgn, score_run, score_true_answer  # noqa: E402
 from cryohet.validation.sources import MapsModel, ParticleVolumes  # noqa: E402
 
-METHODS = ("train-vae", "principal-volumes", "train-gmm", "train-deform", "kernel-volumes", "manifold-images",
-           "manifold-volumes", "cryodrgn", "recovar")
+METHODS = ("train-vae", "principal-volumes", "moments", "kernel-volumes", "hypermolecule", "train-gmm", "train-deform",
+           "manifold-images", "manifold-volumes", "cryodrgn", "recovar")
 LABELS = {"reconstruct": "reconstruct (one map)", "cryodrgn": "cryoDRGN 4.3.1", "recovar": "RECOVAR 1.0.5"}
 #: The table's scores are CryoBench's; the older per-state FSC of ``score`` (not in the table) is kept cheap.
 SCORE_KW = {"n_per_state": 1, "max_states": 4}
@@ -51,11 +54,12 @@ COLUMNS = ("per_image_fsc_auc", "per_state_fsc_auc", "neighbourhood_similarity",
            "ii_truth_to_latent")
 
 
-def ensure_dataset(root: Path, name: str, size: str, n: int) -> Path:
-    d = root / name
+def ensure_dataset(root: Path, name: str, size: str, n: int, snr: float = 0.0) -> Path:
+    """``root/<name>`` made at the size preset's settings; with ``snr`` that SNR instead, in ``<name>-snr<snr>``."""
+    d = root / (f"{name}-snr{snr:g}" if snr else name)
     if not (d / "benchmark.json").is_file():
         p = SIZES[size]
-        make_dataset(name, d, box=p.box, apix=p.apix, n_particles=n or p.n_particles, snr=p.snr,
+        make_dataset(name, d, box=p.box, apix=p.apix, n_particles=n or p.n_particles, snr=snr or p.snr,
                      defocus_range_A=p.defocus_range_A, shift_max_px=p.shift_max_px, defocus_lognormal=True,
                      astigmatism_A=p.astigmatism_A)
     return d
@@ -68,6 +72,12 @@ def run_logged(args: list[str], log: Path, env: dict[str, str]) -> None:
         raise RuntimeError(f"{' '.join(args[:2])} failed (exit {proc.returncode}); see {log}")
 
 
+def cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its finished children so far (all threads)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def thread_env(threads: int) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CRYOHET_NO_PROGRESS="1",
                 XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}")
@@ -75,13 +85,27 @@ def thread_env(threads: int) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------- cryohet
 
+def support_diameter_A(ds: Path, rel: float = 0.02, margin_px: int = 1) -> float:
+    """Diameter, Å, of the centred ball holding every voxel above ``rel`` × the maximum of any true map (plus a
+    margin): the ``--diameter_A`` of ``moments``, whose default (the box) is too many voxels for its covariance."""
+    from cryohet.io.mrc import read_map
+
+    dset = load_dataset(ds)
+    peak = np.max([np.abs(read_map(p)[0]) for p in dset.map_paths], axis=0)
+    c = np.indices(peak.shape) - dset.box // 2
+    r_px = np.sqrt((c ** 2).sum(0))[peak > rel * peak.max()].max()
+    return float(2 * (r_px + margin_px) * dset.apix)
+
+
 def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> dict[str, Any]:
     """Defaults except the epochs and, for the methods with a resolution limit, the true maps' resolution."""
     star = str(ds / "particles.star")
     consensus = str(out / "reconstruct" / "map.mrc")
     res = load_dataset(ds).meta["motion"]["resolution_A"]
-    return {"train-vae": {"particles": star, "epochs": a.epochs},
+    return {"train-vae": {"particles": star, "epochs": a.epochs, "enc_dim": a.width, "dec_dim": a.width},
             "principal-volumes": {"particles": star, "resolution_A": res},
+            "moments": {"particles": star, "diameter_A": support_diameter_A(ds), "batch_size": 32},
+            "hypermolecule": {"particles": star, "resolution_A": res},
             "train-gmm": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
             "train-deform": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
             "kernel-volumes": {"run": str(out / "train-vae")},
@@ -92,10 +116,10 @@ def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> d
 def homogeneous(ds: Path, out: Path, threads: int, n_images: int) -> tuple[dict[str, Any], float]:
     """``reconstruct`` of all the particles; every image gets that one map (volume scores only)."""
     run_dir = out / "reconstruct"
-    t0 = time.perf_counter()
+    t0 = cpu_s()
     run_method(get_method("reconstruct"), {"particles": str(ds / "particles.star"), "threads": threads,
                                            "overwrite": True}, run_dir)
-    seconds = time.perf_counter() - t0
+    seconds = cpu_s() - t0
     model = MapsModel([run_dir / "map.mrc"], np.zeros((1, 1)))
     n = load_dataset(ds).n_particles
     pv = ParticleVolumes.from_model(model, np.zeros((n, 1), np.float32), "one homogeneous map")
@@ -104,18 +128,23 @@ def homogeneous(ds: Path, out: Path, threads: int, n_images: int) -> tuple[dict[
 
 # ------------------------------------------------------------------------------------------------- peers
 
-def run_cryodrgn(exe: str, ds: Path, out: Path, epochs: int, threads: int, n_images: int
+def run_cryodrgn(exe: str, ds: Path, out: Path, epochs: int, threads: int, n_images: int, width: int
                  ) -> tuple[dict[str, Any], float]:
+    """cryoDRGN ``train_vae`` (zdim 8, 3 layers of ``width`` in encoder and decoder), scored on its latents and,
+    with ``n_images``, on its ``eval_vol`` maps at those images' latents in both hands (the better kept)."""
     out.mkdir(parents=True, exist_ok=True)
     env, star = thread_env(threads), str(ds / "particles.star")
     pose, ctf = out / "pose.pkl", out / "ctf.pkl"
-    t0 = time.perf_counter()
-    run_logged([exe, "parse_pose_star", star, "-o", str(pose)], out / "parse_pose.log", env)
-    run_logged([exe, "parse_ctf_star", star, "--ps", "0", "-o", str(ctf)], out / "parse_ctf.log", env)
     train = out / "train_vae"
-    run_logged([exe, "train_vae", star, "--poses", str(pose), "--ctf", str(ctf), "--zdim", "8", "-n", str(epochs),
-                "--max-threads", str(threads), "--no-analysis", "-o", str(train)], out / "train_vae.log", env)
-    seconds = time.perf_counter() - t0
+
+    def train_vae() -> None:
+        run_logged([exe, "parse_pose_star", star, "-o", str(pose)], out / "parse_pose.log", env)
+        run_logged([exe, "parse_ctf_star", star, "--ps", "0", "-o", str(ctf)], out / "parse_ctf.log", env)
+        run_logged([exe, "train_vae", star, "--poses", str(pose), "--ctf", str(ctf), "--zdim", "8", "-n",
+                    str(epochs), "--enc-dim", str(width), "--dec-dim", str(width), "--max-threads", str(threads),
+                    "--no-analysis", "-o", str(train)], out / "train_vae.log", env)
+
+    seconds = timed_once(out / "train_vae.cpu_s", train_vae)
     if not n_images:                        # latents only (eval_vol takes minutes per 64³ map on a shared CPU core)
         return score_cryodrgn(train / "z.pkl", ds, **SCORE_KW)["summary"], seconds
     os.environ["PATH"] = str(Path(exe).parent) + os.pathsep + os.environ["PATH"]
@@ -136,16 +165,15 @@ def _recovar_latents(pipeline: Path, zdim: int) -> np.ndarray:
     return np.asarray(emb["latent_coords"][zdim])
 
 
-def _log_span_s(log: Path) -> float:
-    """Seconds between the first and last time stamps (YYYY-MM-DD HH:MM:SS) of a log."""
-    import re
-    from datetime import datetime
-
-    stamps = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", log.read_text())
-    if len(stamps) < 2:
-        raise KeyError(f"no time stamps in {log}")
-    first, last = (datetime.strptime(t, "%Y-%m-%d %H:%M:%S") for t in (stamps[0], stamps[-1]))
-    return (last - first).total_seconds()
+def timed_once(stamp: Path, fn: Callable[[], object]) -> float:
+    """CPU seconds of ``fn()``, kept in ``stamp``; a stamp left by a finished earlier call is read instead."""
+    if stamp.is_file():
+        return float(stamp.read_text())
+    t0 = cpu_s()
+    fn()
+    seconds = cpu_s() - t0
+    stamp.write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def run_recovar(exe: str, ds: Path, out: Path, threads: int, n_images: int, zdim: int = 4
@@ -155,22 +183,19 @@ def run_recovar(exe: str, ds: Path, out: Path, threads: int, n_images: int, zdim
     out.mkdir(parents=True, exist_ok=True)
     env = thread_env(threads)
     pipeline = out / "pipeline"
-    try:                                    # a finished pipeline is reused (its time read from its log)
-        z, seconds = _recovar_latents(pipeline, zdim), _log_span_s(out / "pipeline.log")
-    except (OSError, KeyError):
-        t0 = time.perf_counter()
-        run_logged([exe, "pipeline", str(ds / "particles.star"), "--mask", "sphere", "--zdim", str(zdim),
-                    "--accept-cpu", "-o", str(pipeline)], out / "pipeline.log", env)
-        z, seconds = _recovar_latents(pipeline, zdim), time.perf_counter() - t0
+    seconds = timed_once(out / "pipeline.cpu_s", lambda: run_logged(
+        [exe, "pipeline", str(ds / "particles.star"), "--mask", "sphere", "--zdim", str(zdim), "--accept-cpu",
+         "-o", str(pipeline)], out / "pipeline.log", env))
+    z = _recovar_latents(pipeline, zdim)
     dset = load_dataset(ds)
     idx = image_indices(dset.n_particles, n_images)
     points = out / "latent_points.txt"
     np.savetxt(points, z[idx])
     states = out / "states"
-    t1 = time.perf_counter()
+    t1 = cpu_s()
     run_logged([exe, "compute_state", str(pipeline), "--latent-points", str(points), "-o", str(states)],
                out / "compute_state.log", env)
-    seconds += time.perf_counter() - t1
+    seconds += cpu_s() - t1
     maps = [states / f"state{k:03d}.mrc" for k in range(len(idx))]
     missing = [p for p in maps if not p.is_file()]
     if missing:
@@ -185,28 +210,17 @@ def run_recovar(exe: str, ds: Path, out: Path, threads: int, n_images: int, zdim
 
 
 def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[dict[str, Any], float]:
-    """Run one leaderboard entry on dataset ``ds``; (score summary, wall seconds of the run)."""
+    """Run one leaderboard entry on dataset ``ds``; (score summary, CPU seconds of the run, scoring excluded)."""
     if method == "reconstruct":
         return homogeneous(ds, out, a.threads, a.n_images)
     if method == "cryodrgn":
         return run_cryodrgn(a.cryodrgn, ds, out / "cryodrgn", a.epochs, a.threads,
-                            a.n_images if a.cryodrgn_maps else 0)
+                            a.n_images if a.cryodrgn_maps else 0, a.width)
     if method == "recovar":
         return run_recovar(a.recovar, ds, out / "recovar", a.threads, a.recovar_images)
-    from cryohet.errors import InputError
-    from cryohet.record import read_record
-
-    run_dir = out / method
-    try:                                    # a finished run is scored again, not rerun (its time from its record)
-        rec = read_record(run_dir)
-        if rec.status != "finished" or rec.finished is None:
-            raise ValueError(rec.status)
-        seconds = rec.finished - rec.started
-    except (InputError, ValueError):
-        t0 = time.perf_counter()
-        run_method(get_method(method), {**cryohet_params(method, a, ds, out), "threads": a.threads,
-                                        "overwrite": True}, run_dir)
-        seconds = time.perf_counter() - t0
+    run_dir = out / method                  # a finished run is scored again, not rerun
+    seconds = timed_once(out / f"{method}.cpu_s", lambda: run_method(
+        get_method(method), {**cryohet_params(method, a, ds, out), "threads": a.threads, "overwrite": True}, run_dir))
     return score_run(run_dir, ds, n_images=a.n_images, **SCORE_KW)["summary"], seconds
 
 
@@ -214,7 +228,7 @@ def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[di
 
 def row(name: str, method: str, s: dict[str, Any], seconds: float | None, peer: dict[str, Any] | None = None
         ) -> str:
-    """A table row; with ``peer`` (cryoDRGN's record on the set) the per-image FSC AUC and wall-time ratios."""
+    """A table row; with ``peer`` (cryoDRGN's record on the set) the per-image FSC AUC and CPU-time ratios."""
     cells = [f"{s[c]:.3f}" if isinstance(s.get(c), float) else "–" for c in COLUMNS]
     cells.append("–" if seconds is None else f"{seconds:.0f}")
     ratio = "–"
@@ -233,6 +247,10 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=0, help="particles per set (0: the size preset's)")
     ap.add_argument("--epochs", type=int, default=10, help="epochs of the trained methods and of cryoDRGN")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--snr", type=float, default=0.0,
+                    help="SNR of the sets instead of the size preset's (sets in <data>/<set>-snr<snr>)")
+    ap.add_argument("--width", type=int, default=256,
+                    help="hidden-layer width of the encoder and decoder of train-vae and of cryoDRGN (both 3 layers)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--cryodrgn", default="/work/peers/cryodrgn-venv/bin/cryodrgn")
     ap.add_argument("--recovar", default="/work/peers/recovar-venv/bin/recovar")
@@ -240,10 +258,12 @@ def main() -> int:
     ap.add_argument("--recovar_images", type=int, default=100, help="images whose RECOVAR maps are scored")
     ap.add_argument("--no_cryodrgn_maps", dest="cryodrgn_maps", action="store_false",
                     help="score cryoDRGN's latents only (no eval_vol)")
+    ap.add_argument("--table_only", action="store_true", help="only tabulate the runs already scored (no new runs)")
     a = ap.parse_args()
     lines: list[str] = []
     for name in a.sets:
-        ds = ensure_dataset(a.data, name, a.size, a.n)
+        ds = ensure_dataset(a.data, name, a.size, a.n, a.snr)
+        name = ds.name
         out = a.out / name
         out.mkdir(parents=True, exist_ok=True)
         kw = dict(n_images=a.n_images, **SCORE_KW)
@@ -254,6 +274,8 @@ def main() -> int:
             cache = out / f"{m}.score.json"
             if cache.is_file():
                 records[m] = json.loads(cache.read_text())
+                continue
+            if a.table_only:
                 continue
             try:
                 s, secs = run_job(m, a, ds, out)
@@ -267,7 +289,7 @@ def main() -> int:
             label = LABELS.get(m, m) + (f" (failed: {rec['error'][:100]})" if rec.get("error") else "")
             lines.append(row(name, label, rec["summary"], rec["seconds"], peer))
     head = ("| set | method | per-image FSC AUC | per-state FSC AUC | neighbourhood similarity | II latent→truth | "
-            "II truth→latent | wall (s) | vs cryoDRGN: FSC AUC / time |\n|---|---|---|---|---|---|---|---|---|")
+            "II truth→latent | CPU (s) | vs cryoDRGN: FSC AUC / time |\n|---|---|---|---|---|---|---|---|---|")
     table = head + "\n" + "\n".join(lines)
     (a.out / "leaderboard.md").write_text(table + "\n")
     print(table)

@@ -83,3 +83,25 @@ def test_principal_volumes_refuses_components_that_cannot_fit(tmp_path: Path,
     assert 0 < named < 50
     assert shape.bytes() <= 1.05 * usable and 0.95 * usable < PvShape(128, 2, named + 1, 63, 256, 20 * 51,
                                                                        1024.0).bytes()
+
+
+def test_moments_names_the_batch_size_that_fits(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A basis that fits with batches too large for the memory (the batch term, 48 × batch × pixels × basis bytes,
+    dominates) is refused naming the largest --batch_size that fits at that basis (it fits, one more does not),
+    not a basis size that ignores the batch."""
+    from cryohet.inference.moments import moments_bytes, plan
+
+    star = noise_stack_star(tmp_path, 60, 128, APIX, sparse=True)
+    out = tmp_path / "out"
+    args = ["--resolution_A", "12", "--diameter_A", "120"]
+    assert main(["moments", "--particles", str(star), "--o", str(out), *args, "--batch_size", "100000000",
+                 "--device", "cpu", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(star) in err and "GB free" in err
+    assert not any(out.glob("*.mrc")) and json.loads((out / "cryohet_run.json").read_text())["status"] == "failed"
+    named = int(err.split("enough for --batch_size ")[1].split(":")[0])
+    lattice, radius_px, _, d = plan(60, 128, APIX, 12.0, 120.0, 3, 1, torch.device("cpu"), star)
+    p = len(lattice.half_plane(radius_px, dc=True, strict=False))
+    usable = MEMORY_FRACTION * free_memory_bytes("cpu")
+    assert 1 < named < 100000000 and 1000 < d <= 6000
+    assert moments_bytes(d, p, named) <= 1.05 * usable and 0.95 * usable < moments_bytes(d, p, named + 1)

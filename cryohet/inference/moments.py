@@ -159,6 +159,12 @@ def corner_noise_variance(particles: Any, n_work: int, seed: int) -> float:
     return float(var * N ** 2 * (n_work / N) ** 6)
 
 
+def moments_bytes(d: int, p: int, batch_size: int) -> int:
+    """Bytes of the covariance of ``d`` basis functions (float64 d² matrices) and of a batch of ``batch_size``
+    images' ``p`` half-plane frequencies projected from the basis."""
+    return 8 * 8 * d * d + 4 * 6 * batch_size * 2 * p * d
+
+
 def plan(n_particles: int, box: int, apix: float, resolution_A: float, diameter_A: float, n_components: int,
          batch_size: int, device: torch.device, source: Any) -> tuple[Lattice, float, float, int]:
     """Working lattice, resolution radius (px), ball radius (px) and the ball's voxel count; InputError naming the
@@ -180,10 +186,15 @@ def plan(n_particles: int, box: int, apix: float, resolution_A: float, diameter_
                                  f"at most {MAX_BASIS} are supported (the covariance has d² entries): use a larger "
                                  "--resolution_A or a smaller --diameter_A")
     p = len(lattice.half_plane(radius_px, dc=True, strict=False))
-    need = 8 * 8 * d * d + 4 * 6 * batch_size * 2 * p * d
+    need = moments_bytes(d, p, batch_size)
 
     def fits(usable: float) -> str:
-        return f"a basis of about {int(math.sqrt(max(usable, 0) / 64))} functions"
+        batch = int((usable - moments_bytes(d, p, 0)) // (moments_bytes(d, p, 1) - moments_bytes(d, p, 0)))
+        if batch >= 1:
+            return f"--batch_size {batch}"
+        # largest basis x at this batch size: 64 x² + 48 batch p x <= usable
+        lin = moments_bytes(1, p, batch_size) - moments_bytes(1, p, 0)
+        return f"a basis of about {int((math.sqrt(lin ** 2 + 256 * max(usable, 0)) - lin) / 128)} functions"
 
     refuse_unless_fits(need, device, MEMORY_FRACTION, source,
                        f"the covariance of {d} basis functions with batches of {batch_size}", fits,
