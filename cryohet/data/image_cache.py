@@ -30,7 +30,7 @@ import torch
 from cryohet.atomic import remove_temporaries, temporary_beside
 from cryohet.data.loader import Batch
 from cryohet.data.prepare import ImageBatch, ImagePreparer
-from cryohet.device import free_memory_bytes
+from cryohet.device import free_memory_bytes, refuse_unless_fits
 from cryohet.io.reader import ImageReader
 
 CACHE_MODES = ("auto", "memory", "disk", "off")
@@ -132,11 +132,13 @@ class PreparedCache:
 
 
 def open_cache(mode: str, reader: ImageReader, prep: ImagePreparer, run_dir: Path, cache_dir: Path | None,
-               log: logging.Logger) -> PreparedCache | None:
+               log: logging.Logger, ranks: int = 1) -> PreparedCache | None:
     """The cache asked for by ``mode`` (auto, memory, disk, off), or None (logged with the reason).
 
     A complete file of the same fingerprint in the cache folder is reused; in the run folder, caches of other
-    fingerprints (stale) and the temporaries of killed runs are removed."""
+    fingerprints (stale) and the temporaries of killed runs are removed. ``memory`` refuses (InputError) a cache
+    larger than 80 % of the available memory. With several ``ranks`` each keeps its own cache in memory (one file
+    would have several writers), or none when it does not fit a quarter of the available memory."""
     if mode not in CACHE_MODES:
         raise ValueError(f"unknown cache mode {mode!r}; known: {', '.join(CACHE_MODES)}")
     if mode == "off":
@@ -146,9 +148,19 @@ def open_cache(mode: str, reader: ImageReader, prep: ImagePreparer, run_dir: Pat
     folder = Path(cache_dir) if cache_dir else Path(run_dir)
     key = fingerprint(reader, prep)
     path = folder / f"{PREFIX}{key}.f16"
+    fits = need <= MEMORY_SHARE * free_memory_bytes("cpu")
+    if ranks > 1 and mode != "memory":
+        if not fits:
+            log.warning("prepared-image cache off: %d ranks would write one file, and %.3f GB per rank is more than "
+                        "a quarter of the available memory", ranks, need / 1e9)
+            return None
+        mode = "memory"
     if mode == "auto":
-        mode = "disk" if path.exists() or need > MEMORY_SHARE * free_memory_bytes("cpu") else "memory"
+        mode = "disk" if path.exists() or not fits else "memory"
     if mode == "memory":
+        per_row = need / max(n, 1)
+        refuse_unless_fits(need, "cpu", 0.8, reader.layouts[0].path, "the prepared-image cache in memory",
+                           lambda usable: f"{int(usable // per_row)} particles", "use --cache disk (or auto)")
         log.info("prepared-image cache: %.3f GB in memory (float16, %d particles)", need / 1e9, n)
         return PreparedCache(np.empty((n, *shape), np.float16), np.empty(n, np.float32), np.zeros(n, bool),
                              log=log)

@@ -316,7 +316,8 @@ class Trainer:
         With ``opts.cache`` the prepared transforms are cached (``data.image_cache``) while this runs; a cache
         file in the run folder is removed when it ends well."""
         self.cache = open_cache(self.opts.cache, self.reader, self.prep, self.out_dir,
-                                Path(self.opts.cache_dir) if self.opts.cache_dir else None, self.hooks.log)
+                                Path(self.opts.cache_dir) if self.opts.cache_dir else None, self.hooks.log,
+                                self.ddp.world)
         ok = False
         try:
             result = self._fit(ckpt)
