@@ -265,7 +265,7 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     jobs.append(dict(kind="ours", box=a.boxes[0], n=a.n[0], steps=[
         dict(method="train-vae", step=f"train-vae, {tail}", values={**first["values"], **extra},
              out=f"{first['out']}_{i}", min_s=10, label=first["label"]) for i, (tail, extra) in
-        enumerate(LOADER_VARIANTS)]))
+        enumerate(LOADER_VARIANTS[-1:] if a.cpu_smoke else LOADER_VARIANTS)]))  # the smoke: both off, once
     for box, n in zip(a.boxes, a.n, strict=True):
         d = a.work / f"box{box}"
         apix = round(FIELD_A / box, 4)
