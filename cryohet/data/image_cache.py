@@ -135,10 +135,11 @@ def open_cache(mode: str, reader: ImageReader, prep: ImagePreparer, run_dir: Pat
                log: logging.Logger, ranks: int = 1) -> PreparedCache | None:
     """The cache asked for by ``mode`` (auto, memory, disk, off), or None (logged with the reason).
 
-    A complete file of the same fingerprint in the cache folder is reused; in the run folder, caches of other
-    fingerprints (stale) and the temporaries of killed runs are removed. ``memory`` refuses (InputError) a cache
-    larger than 80 % of the available memory. With several ``ranks`` each keeps its own cache in memory (one file
-    would have several writers), or none when it does not fit a quarter of the available memory."""
+    A complete file of the same fingerprint in the cache folder is reused; in the run folder (no ``cache_dir``),
+    caches of other fingerprints (stale) and the temporaries of killed runs are removed. ``memory`` refuses
+    (InputError) a cache larger than 80 % of the available memory. With several ``ranks`` each keeps its own
+    cache in memory (one file would have several writers), or none when it does not fit a quarter of the
+    available memory."""
     if mode not in CACHE_MODES:
         raise ValueError(f"unknown cache mode {mode!r}; known: {', '.join(CACHE_MODES)}")
     if mode == "off":
@@ -165,11 +166,11 @@ def open_cache(mode: str, reader: ImageReader, prep: ImagePreparer, run_dir: Pat
         return PreparedCache(np.empty((n, *shape), np.float16), np.empty(n, np.float32), np.zeros(n, bool),
                              log=log)
     folder.mkdir(parents=True, exist_ok=True)
-    if not cache_dir:
+    if not cache_dir:  # a shared cache folder may hold other runs' caches, and files being filled
         for old in folder.glob(f"{PREFIX}*.f16"):
             if old != path:
                 old.unlink(missing_ok=True)
-    remove_temporaries(path)
+        remove_temporaries(path)
     if path.exists() and path.stat().st_size == need:
         log.info("prepared-image cache: reusing %s", path)
         return PreparedCache(*_mapped(path, n, shape, "r"), np.ones(n, bool), path, log=log)
