@@ -45,6 +45,10 @@ FIELD_A = 192.0  # field of view of the simulated images, Å (box × apix)
 #: Steps that make the data of the steps after them (a failed one ends its group).
 DATA_STEPS = ("simulate", "two-bodies", "mode-data", "ensemble-data")
 RESERVE_S = 20.0  # time kept for each later job of the check when one runs long
+#: train-vae again on the first box's data without the prepared-image cache and/or the background reader (#17
+#: items 4 and 1): (step name's tail, train-vae's values); the plain train-vae row has the cache (auto) and reader on
+LOADER_VARIANTS = (("cache off", {"cache": "off"}), ("reader off", {"prefetch": 0}),
+                   ("cache off, reader off", {"cache": "off", "prefetch": 0}))
 
 
 # --------------------------------------------------------------------------------------------------- children
@@ -233,6 +237,7 @@ def run_child(kind: str, spec: dict[str, Any], log: Path, timeout: float) -> str
 
 def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The jobs in order of importance: per box, simulate + reconstruct + train-vae, then cryoDRGN; then
+    train-vae on the first box without the prepared-image cache and/or the background reader (``LOADER_VARIANTS``);
     principal-volumes, kernel-volumes, manifold-images, manifold-volumes, classify, abinit, abinit-het,
     hypermolecule and moments for every box (the
     steps whose GPU time is least known); then multibody on two-body data (``simulate_two_bodies``, at most 1000
@@ -256,6 +261,11 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
         jobs.append(dict(kind="cryodrgn", box=box, n=n, star=star,
                          work=str(d / "cryodrgn"), arch=arch,
                          label=f"{a.layers}×{a.dim}, z {a.zdim}, batch {a.batch}, {a.epochs} epoch(s)"))
+    first = jobs[0]["steps"][2]  # the first box's train-vae
+    jobs.append(dict(kind="ours", box=a.boxes[0], n=a.n[0], steps=[
+        dict(method="train-vae", step=f"train-vae, {tail}", values={**first["values"], **extra},
+             out=f"{first['out']}_{i}", min_s=10, label=first["label"]) for i, (tail, extra) in
+        enumerate(LOADER_VARIANTS[-1:] if a.cpu_smoke else LOADER_VARIANTS)]))  # the smoke: both off, once
     for box, n in zip(a.boxes, a.n, strict=True):
         d = a.work / f"box{box}"
         apix = round(FIELD_A / box, 4)
@@ -414,7 +424,8 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     by = {(r["tool"], r["step"], r["box"]): r for r in rows}
     out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
            "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
-    for step in ("simulate", "reconstruct", "train-vae", "principal-volumes", "kernel-volumes", "manifold-images",
+    for step in ("simulate", "reconstruct", "train-vae", *(f"train-vae, {t}" for t, _ in LOADER_VARIANTS),
+                 "principal-volumes", "kernel-volumes", "manifold-images",
                  "manifold-volumes", "classify", "abinit", "abinit-het", "hypermolecule", "moments", "two-bodies",
                  "multibody", "nma, heavy atoms", "nma, Cα",
                  "mode-data", "fit-modes, direct", "fit-modes, amortised", "train-atomic", "ensemble-data", "reweight",
@@ -426,7 +437,15 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
             note = ours.get("label", "")
             if ours["status"] != "ok":
                 note = (note + "; " if note else "") + f"cryohet: {ours['status']}"
-            if step == "train-vae":
+            if step.startswith("train-vae, "):  # the loader's variants against the plain row (cache, reader on)
+                t_o, t_plain = _last_epoch(ours), _last_epoch(by.get(("cryohet", "train-vae", box)))
+                if ours["status"] == "ok" and ours.get("epoch_s"):
+                    note += f"; first epoch {ours['epoch_s'][0]:.2f} s"
+                if t_o is not None and t_plain:
+                    note += f"; {t_o / t_plain:.2f} × the plain row's last epoch (cache auto, reader on)"
+                out.append(f"| {step}, s per epoch (last) | {box} | {n} | {_fmt(t_o)} | - | - | "
+                           f"{_fmt(ours.get('peak_gpu_gb'))} / - | {note} |")
+            elif step == "train-vae":
                 theirs = by.get(("cryoDRGN", step, box))
                 t_o, t_d = _last_epoch(ours), _last_epoch(theirs)
                 if theirs is None:

@@ -72,11 +72,14 @@ def shard_batches(order: np.ndarray, global_batch: int, rank: int = 0, world: in
 
 @dataclass
 class Batch:
-    """One batch: particle rows, their float32 images (B, box, box) and whatever a transform adds."""
+    """One batch: particle rows, their float32 images (B, box, box) and whatever a transform adds.
+
+    ``read``: which rows' images were read (a mask: ``images`` holds those rows only), None when all were."""
 
     rows: np.ndarray
     images: torch.Tensor
     data: dict[str, Any] = field(default_factory=dict)
+    read: np.ndarray | None = None
 
 
 class _Stop:
@@ -92,12 +95,15 @@ class BatchStream:
     where a second thread only adds its memory). Reads are grouped into blocks of
     about ``chunk_images`` images so that consecutive batches share mapped windows (None: as many as fit in
     ``BLOCK_BYTES``; a block is held twice, as the reader's scratch and as the block buffer).
+    ``needs_read(rows) -> mask``: only the rows it marks are read (the others are cached by the transform;
+    ``Batch.read`` says which); None: every row.
     """
 
     def __init__(self, reader: ImageReader, batches: Sequence[np.ndarray],
                  transform: Callable[[Batch], Batch] | None = None, prefetch: int = 4,
-                 chunk_images: int | None = None):
+                 chunk_images: int | None = None, needs_read: Callable[[np.ndarray], np.ndarray] | None = None):
         self.reader = reader
+        self.needs_read = needs_read
         self.batches = list(batches)
         self.transform = transform
         self.prefetch = max(0, int(prefetch))
@@ -125,17 +131,23 @@ class BatchStream:
         buf = None
         for block in self._blocks():
             rows = np.concatenate(block)
-            if buf is None or len(buf) < len(rows):
-                buf = np.empty((len(rows), self.reader.box, self.reader.box), dtype=np.float32)
-            images = self.reader.read(rows, out=buf[:len(rows)])  # one reused block buffer
-            start = 0
+            mask = None if self.needs_read is None else np.asarray(self.needs_read(rows), dtype=bool)
+            take = rows if mask is None else rows[mask]
+            if buf is None or len(buf) < len(take):
+                buf = np.empty((len(take), self.reader.box, self.reader.box), dtype=np.float32)
+            # one reused block buffer
+            images = self.reader.read(take, out=buf[:len(take)]) if len(take) else buf[:0]
+            start = pos = 0
             for b in block:
-                img = torch.from_numpy(images[start:start + len(b)])
-                start += len(b)
+                m = None if mask is None else mask[pos:pos + len(b)]
+                pos += len(b)
+                k = len(b) if m is None else int(m.sum())
+                img = torch.from_numpy(images[start:start + k])
+                start += k
                 if self.transform is None:
-                    yield Batch(b, img.clone())  # the block buffer is reused: hand out a copy
+                    yield Batch(b, img.clone(), read=m)  # the block buffer is reused: hand out a copy
                 else:
-                    yield self.transform(Batch(b, img))
+                    yield self.transform(Batch(b, img, read=m))
             del images
 
     def _produce(self, q: queue.Queue, stop: threading.Event) -> None:

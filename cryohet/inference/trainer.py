@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cryohet.data.device_feed import device_feed, pin
+from cryohet.data.image_cache import CachedPreparer, PreparedCache, open_cache
 from cryohet.data.loader import Batch, BatchStream, epoch_order, shard_batches
 from cryohet.data.prepare import ImagePreparer
 from cryohet.distributed import Dist
@@ -59,7 +61,9 @@ class TrainOptions:
     amp: str = "auto"             # auto (CUDA; CPUs with native bfloat16), yes, no
     chunk_images: int = 4096      # images read per block (memory bound: ~ chunk_images * box² * 4 bytes)
     shuffle_window: int = 4       # chunks shuffled together
-    prefetch: int = 4             # prepared batches waiting in the queue
+    prefetch: int = 4             # prepared batches waiting in the queue (0: prepared in the training thread)
+    cache: str = "off"            # prepared-image cache: auto, memory, disk, off (data.image_cache)
+    cache_dir: str = ""           # folder of a disk cache (empty: the run folder)
     encode_batch: int = 256       # particles per batch when computing the final latents
     seed: int = 0
 
@@ -296,12 +300,35 @@ class Trainer:
         self.out_dir, self.device, self.ddp, self.hooks, self.meta = Path(out_dir), device, ddp, hooks, meta
         if opts.batch_size % ddp.world:
             raise ValueError(f"--batch_size {opts.batch_size} must be a multiple of the number of ranks ({ddp.world})")
+        self.cache: PreparedCache | None = None  # open during fit()
 
     def _transform(self, batch: Batch) -> Batch:
-        return Batch(batch.rows, torch.empty(0), self.objective.inputs(self.prep(batch)))
+        prep = self.prep if self.cache is None else CachedPreparer(self.prep, self.cache)
+        return Batch(batch.rows, torch.empty(0), pin(self.objective.inputs(prep(batch)), self.device))
+
+    def _stream(self, batches: list[np.ndarray]) -> BatchStream:
+        return BatchStream(self.reader, batches, self._transform, self.opts.prefetch, self.opts.chunk_images,
+                           None if self.cache is None else self.cache.missing)
 
     def fit(self, ckpt: Checkpoint | None = None) -> TrainResult:
-        """Train for ``opts.epochs`` epochs (from ``ckpt`` when given), then infer every particle's latents."""
+        """Train for ``opts.epochs`` epochs (from ``ckpt`` when given), then infer every particle's latents.
+
+        With ``opts.cache`` the prepared transforms are cached (``data.image_cache``) while this runs; a cache
+        file in the run folder is removed when it ends well."""
+        self.cache = open_cache(self.opts.cache, self.reader, self.prep, self.out_dir,
+                                Path(self.opts.cache_dir) if self.opts.cache_dir else None, self.hooks.log,
+                                self.ddp.world)
+        ok = False
+        try:
+            result = self._fit(ckpt)
+            ok = True
+            return result
+        finally:
+            if self.cache is not None:
+                self.cache.close(remove=ok and not self.opts.cache_dir)
+            self.cache = None
+
+    def _fit(self, ckpt: Checkpoint | None) -> TrainResult:
         obj, opts, ddp, device, log = self.objective, self.opts, self.ddp, self.device, self.hooks.log
         n = len(self.reader)
         ckpt_path = self.out_dir / CHECKPOINT_NAME
@@ -346,39 +373,40 @@ class Trainer:
             order = epoch_order(n, epoch, opts.seed, True, file_order, opts.chunk_images, opts.shuffle_window)
             n_steps = len(shard_batches(order, opts.batch_size, 0, 1))
             mine = shard_batches(order, opts.batch_size, ddp.rank, ddp.world)
-            stream = BatchStream(self.reader, mine, self._transform, opts.prefetch, opts.chunk_images)
+            loaded = iter(self._stream(mine))  # closed below: its thread ends even when a step raises
             # one rank checks for an abort at every batch; several agree on it at the end of the epoch
-            items = (self.hooks.progress(stream, f"epoch {epoch}/{opts.epochs}", len(mine)) if ddp.world == 1
-                     else iter(stream))
+            items = (self.hooks.progress(loaded, f"epoch {epoch}/{opts.epochs}", len(mine)) if ddp.world == 1
+                     else loaded)
             guard = _StepGuard(device, nan_only=scaler is not None)
             obj.train()
-            for step, batch in enumerate(items):
-                d = {k: v.to(device, non_blocking=True) for k, v in batch.data.items()}
-                b = len(batch.rows)
-                g_total = min(opts.batch_size, len(order) - step * opts.batch_size)
-                lo = ddp.rank * per_rank
-                if g_total != opts.batch_size:  # an incomplete last batch, cut as np.array_split does
-                    lo = int(sum(len(a) for a in np.array_split(np.arange(g_total), ddp.world)[:ddp.rank]))
-                eps = _noise(opts.seed, epoch, step, g_total, obj.noise_dim, lo, lo + b).to(device, non_blocking=True)
-                with amp_ctx():
-                    gen, reg = loss_mod(d, eps)
-                loss = gen + obj.kl_weight * reg
-                optim.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optim)
-                else:
-                    loss.backward()
-                guard.record(loss, gen, reg, b, [p.grad for p in obj.parameters() if p.grad is not None])
-                if len(guard.sizes) == CHECK_EVERY:
-                    guard.check(epoch, n_steps, ckpt_path)
-                if poses is not None:
-                    poses.step(scaler._get_scale_async() if scaler is not None else 1.0)  # a tensor: no sync
-                if scaler is not None:
-                    scaler.step(optim)
-                    scaler.update()
-                else:
-                    optim.step()
+            with contextlib.closing(loaded):
+                for step, (batch, d) in enumerate(device_feed(items, device)):
+                    b = len(batch.rows)
+                    g_total = min(opts.batch_size, len(order) - step * opts.batch_size)
+                    lo = ddp.rank * per_rank
+                    if g_total != opts.batch_size:  # an incomplete last batch, cut as np.array_split does
+                        lo = int(sum(len(a) for a in np.array_split(np.arange(g_total), ddp.world)[:ddp.rank]))
+                    eps = _noise(opts.seed, epoch, step, g_total, obj.noise_dim, lo, lo + b)
+                    eps = eps.to(device, non_blocking=True)
+                    with amp_ctx():
+                        gen, reg = loss_mod(d, eps)
+                    loss = gen + obj.kl_weight * reg
+                    optim.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optim)
+                    else:
+                        loss.backward()
+                    guard.record(loss, gen, reg, b, [p.grad for p in obj.parameters() if p.grad is not None])
+                    if len(guard.sizes) == CHECK_EVERY:
+                        guard.check(epoch, n_steps, ckpt_path)
+                    if poses is not None:
+                        poses.step(scaler._get_scale_async() if scaler is not None else 1.0)  # a tensor: no sync
+                    if scaler is not None:
+                        scaler.step(optim)
+                        scaler.update()
+                    else:
+                        optim.step()
             guard.check(epoch, n_steps, ckpt_path)  # before the epoch's checkpoint: a bad step is never saved
             sums = torch.tensor(guard.sums, dtype=torch.float64)
             if poses is not None:
@@ -424,10 +452,9 @@ class Trainer:
         bounds = np.linspace(0, n, ddp.world + 1).astype(np.int64)
         mine = np.arange(bounds[ddp.rank], bounds[ddp.rank + 1])
         batches = [mine[s:s + opts.encode_batch] for s in range(0, len(mine), opts.encode_batch)]
-        stream = BatchStream(self.reader, batches, self._transform, opts.prefetch, opts.chunk_images)
         amp_ctx, _ = autocast_for(self.device, opts.amp)
         with amp_ctx():
-            rows, mu, logvar = self.objective.latents(stream, self.device)
+            rows, mu, logvar = self.objective.latents(self._stream(batches), self.device)
         d = mu.shape[1]
         _, both = _gather_rows(ddp, self.device, rows, np.concatenate([mu, logvar], 1))
         if both is None:

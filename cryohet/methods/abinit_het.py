@@ -17,7 +17,7 @@ from cryohet.methods.base import Method, Param
 _FROM_ABINIT = [p for p in _abinit.PARAMS if p.name not in ("resume", "batch_size")]
 _FROM_VAE = [p for p in _vae.PARAMS if p.name in ("zdim", "lr", "beta", "inference", "latent_lr", "enc_layers",
                                                   "enc_dim", "dec_layers", "dec_dim", "crop_box", "window_radius",
-                                                  "amp")]
+                                                  "amp", "cache", "cache_dir")]
 
 PARAMS = (
     *_FROM_ABINIT,
@@ -82,7 +82,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     else:
         inference = {"kind": "autodecoder", "n_particles": len(pset), "latent_lr": params["latent_lr"]}
     opts = TrainOptions(epochs=(params["rounds"] + 1) * params["epochs"], batch_size=params["train_batch_size"],
-                        lr=params["lr"], amp=params["amp"], seed=params["seed"])
+                        lr=params["lr"], amp=params["amp"], cache=params["cache"], cache_dir=params["cache_dir"],
+                        seed=params["seed"])
     search = ResearchSettings(params["search_angle_deg"], params["search_shift_A"],
                               band_limit_A=params["search_high_A"], amp=params["amp"],
                               batch_size=params["batch_size"])

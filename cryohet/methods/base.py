@@ -82,6 +82,17 @@ LATENT_POINT_PARAMS = (
     Param("n_frames", int, 10, "Maps along the --z to --z_end path.", min=2),
 )
 
+#: The prepared-image cache of the methods that train on ``inference.fit_neural`` (``data.image_cache``).
+CACHE_PARAMS = (
+    Param("cache", str, "auto", "Cache the prepared (windowed, Fourier-cropped, origin-corrected) images in float16 "
+          "as the first epoch reads them, for the later epochs: memory, disk (a file in the run folder or "
+          "--cache_dir, removed when the run ends well), auto (memory when it fits a quarter of the free memory, "
+          "else disk) or off. Size: particles × pixels in the resolution circle × 4 bytes.",
+          choices=("auto", "memory", "disk", "off"), expert=True),
+    Param("cache_dir", str, "", "Folder for the disk cache (kept there after the run, and reused by a run on the "
+          "same particles and preparation); empty: the run folder.", expert=True),
+)
+
 #: Parameters every method takes.
 COMMON_PARAMS = (
     Param("device", str, "auto", "Where to compute: auto (CUDA when present, else CPU), cpu or cuda[:N].",

@@ -16,7 +16,7 @@ from cryohet.methods._pose_outputs import (
     refined_particles,
     write_pose_changes,
 )
-from cryohet.methods.base import Method, Param
+from cryohet.methods.base import CACHE_PARAMS, Method, Param
 
 PARAMS = (
     Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
@@ -69,7 +69,9 @@ PARAMS = (
           "model.safetensors); it must have the same box, pixel size and architecture.", expert=True),
     Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
           min=1, expert=True),
-    Param("prefetch", int, 4, "Prepared batches kept ready by the background reader.", min=1, expert=True),
+    Param("prefetch", int, 4, "Prepared batches kept ready by the background reader (0: no background reader).",
+          min=0, expert=True),
+    *CACHE_PARAMS,
     *POSE_PARAMS,
 )
 
@@ -137,7 +139,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         inference = {"kind": "autodecoder", "n_particles": len(pset), "latent_lr": params["latent_lr"]}
     opts = TrainOptions(epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"],
                         weight_decay=params["weight_decay"], amp=params["amp"], chunk_images=params["chunk_images"],
-                        prefetch=params["prefetch"], seed=params["seed"])
+                        prefetch=params["prefetch"], cache=params["cache"], cache_dir=params["cache_dir"],
+                        seed=params["seed"])
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:
         ctx.log.setLevel(logging.WARNING)
