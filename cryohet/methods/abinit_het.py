@@ -4,7 +4,7 @@ against the model's slice at each image's latent."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ _FROM_VAE = [p for p in _vae.PARAMS if p.name in ("zdim", "lr", "beta", "inferen
 
 PARAMS = (
     *_FROM_ABINIT,
-    *(replace(p, default=0.0) if p.name == "beta" else p for p in _FROM_VAE),  # its decoder has no anchor
+    *_FROM_VAE,
     Param("rounds", int, 2, "Pose re-searches: each follows --epochs of training with the poses fixed; a last "
           "--epochs of training on the final poses follows the last one.", min=0, max=100),
     Param("epochs", int, 10, "Training epochs (passes over the particles) before each pose re-search and after the "
