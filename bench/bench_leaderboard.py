@@ -102,7 +102,8 @@ def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> d
     star = str(ds / "particles.star")
     consensus = str(out / "reconstruct" / "map.mrc")
     res = load_dataset(ds).meta["motion"]["resolution_A"]
-    return {"train-vae": {"particles": star, "epochs": a.epochs, "enc_dim": a.width, "dec_dim": a.width},
+    return {"train-vae": {"particles": star, "epochs": a.epochs, "enc_dim": a.width, "dec_dim": a.width,
+                          **json.loads(a.vae)},
             "principal-volumes": {"particles": star, "resolution_A": res},
             "moments": {"particles": star, "diameter_A": support_diameter_A(ds), "batch_size": 32},
             "hypermolecule": {"particles": star, "resolution_A": res},
@@ -252,6 +253,8 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=256,
                     help="hidden-layer width of the encoder and decoder of train-vae and of cryoDRGN (both 3 layers)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--vae", default="{}", help='further train-vae parameters, JSON (e.g. \'{"anchor": '
+                    '"homogeneous", "beta": 1}\'); the runs are cached under the method\'s name')
     ap.add_argument("--cryodrgn", default="/work/peers/cryodrgn-venv/bin/cryodrgn")
     ap.add_argument("--recovar", default="/work/peers/recovar-venv/bin/recovar")
     ap.add_argument("--n_images", type=int, default=100, help="images of the per-image FSC (CryoBench: 100)")

@@ -30,6 +30,7 @@ from cryohet.inference.trainer import (
     resume_point,
 )
 from cryohet.models.neural import VolumeConfig, read_model, stored_inference
+from cryohet.reconstruct.homogeneous import fsc_weighted_reconstruction, particle_halves
 
 INFERENCES: dict[str, type[nn.Module]] = {c.kind: c for c in (AmortisedInference, AutoDecoderInference)}
 
@@ -97,6 +98,8 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         objective = INFERENCES[inference["kind"]](cfg, points, inference, beta, poses=corrections, march=march)
         if init_model is not None and ckpt is None:
             _load_initial(objective, cfg, Path(init_model), hooks)
+        elif cfg.anchor and ckpt is None:  # resuming or starting from a model restores its base map
+            objective.decoder.set_base(homogeneous_base(pset, cfg.box, opts, device, hooks))
         hooks.log.info("volume: box %d px at %.4g Å/px, %d frequencies in the half-plane, zdim %d, beta %s",
                        cfg.box, cfg.apix, len(points), cfg.zdim, beta or f"1/zdim = {1 / max(cfg.zdim, 1):.4g}")
         meta = {"config": cfg.to_json(), "inference": json.dumps(objective.settings, sort_keys=True)}
@@ -105,6 +108,16 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         return objective, result
     finally:
         ddp.close()
+
+
+def homogeneous_base(pset: Any, box: int, opts: TrainOptions, device: torch.device, hooks: Hooks) -> torch.Tensor:
+    """The anchor of a volume: the homogeneous reconstruction of ``pset`` at ``box`` (plain division, FSC-weighted
+    per shell, ``reconstruct.homogeneous.fsc_weighted_reconstruction``; random half-sets from ``opts.seed``)."""
+    rec = fsc_weighted_reconstruction(pset, particle_halves(pset, opts.seed), max(opts.batch_size, 64), device,
+                                      box=box)
+    hooks.log.info("anchor: homogeneous reconstruction at box %d, half-map FSC 0.143 at %.3g Å", box,
+                   rec.resolution(masked=False))
+    return rec.full
 
 
 def _resume_point(out_dir: Path, cfg: VolumeConfig, inference: dict[str, Any], opts: TrainOptions, n: int,

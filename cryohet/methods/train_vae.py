@@ -28,7 +28,10 @@ PARAMS = (
     Param("batch_size", int, 16, "Particles per optimisation step, all GPUs/ranks together (a multiple of their "
           "number).", min=1),
     Param("lr", float, 1e-4, "Adam learning rate.", min=0.0),
-    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).", min=0.0),
+    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO: the KL of an image counts β / (2 × its fitted "
+          "pixels) against the mean squared error of images normalised to unit RMS (β = 2 is the ELBO itself "
+          "where the images are mostly noise); 0 means 1/zdim (cryoDRGN's default; at low SNR the latents then "
+          "fit noise: 1 with --anchor homogeneous there).", min=0.0),
     Param("inference", str, "amortised", "How each particle's latent z is inferred: amortised (an encoder of the "
           "image, the VAE of cryoDRGN) or autodecoder (a free latent per particle, optimised with the volume, as "
           "3DFlex and DRGN-AI do; no encoder).", choices=("amortised", "autodecoder")),
@@ -47,6 +50,10 @@ PARAMS = (
           "linearly from a quarter of the resolution circle's radius to all of it (the low frequencies are fitted "
           "first, those epochs evaluate the decoder on fewer pixels); 0: the whole circle from the start.", min=0.0,
           max=0.9),
+    Param("anchor", str, "none", "Base of the decoder: none (the network is the whole map, cryoDRGN's decoder) or "
+          "homogeneous (the network learns a residual on the homogeneous reconstruction of the same particles, "
+          "FSC-weighted per shell, and starts at zero: for low-SNR sets whose latents carry little, with --beta 1; "
+          "at high SNR its latents learn the motion more slowly).", choices=("homogeneous", "none")),
     Param("domain", str, "fourier", "Decoder output: fourier (real and imaginary parts on a half-space, Hermitian "
           "symmetry exact, half the evaluations) or hartley (one value per frequency, cryoDRGN's --domain hartley).",
           choices=("fourier", "hartley"), expert=True),
@@ -132,7 +139,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     cfg = VolumeConfig(box=box, apix=apix, zdim=params["zdim"], dec_layers=params["dec_layers"],
                        dec_dim=params["dec_dim"], pe_type=params["pe_type"], pe_dim=params["pe_dim"],
                        feat_sigma=params["feat_sigma"], domain=params["domain"], max_freq=max_freq,
-                       activation=params["activation"], seed=params["seed"])
+                       activation=params["activation"], seed=params["seed"],
+                       anchor=params["anchor"] == "homogeneous")
     if params["inference"] == "amortised":
         inference = {"kind": "amortised", "enc_layers": params["enc_layers"], "enc_dim": params["enc_dim"]}
     else:

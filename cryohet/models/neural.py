@@ -6,8 +6,14 @@ half-space kz < 0 and completed by Hermitian symmetry so that every map is real)
 ``hartley``: one value). The first layer is split into a positional part and a latent part, which is the same
 function as cryoDRGN's concatenated input but computes the latent part once per image instead of once per frequency.
 
+With ``anchor`` the network is a residual on a fixed base map (the homogeneous reconstruction of the same
+particles, set by ``set_base``): V(z, k) = F_base(k) + MLP(z, k), the base sliced exactly as relion_project does
+(``geometry.project.Projector``) and the MLP's output layer starting at zero, so that a network which learns
+nothing gives the base map at every latent point.
+
 How ``z`` is inferred (an encoder, a per-particle table) lives in ``cryohet.inference``. Files: ``model.safetensors``
-holds the weights and, in its metadata, the configuration (JSON) and the data scale; nothing is ever unpickled.
+holds the weights (and the base map, ``decoder.base_map``) and, in its metadata, the configuration (JSON) and the
+data scale; nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from cryohet.errors import InputError
+from cryohet.geometry.fourier import fft3c
+from cryohet.geometry.project import Projector
 from cryohet.io.weights import read_weights, write_weights
 
 MODEL_TYPE = "vae"  # the run record's model_type that load_run_model reads (cryohet.models.base)
@@ -46,6 +54,7 @@ class VolumeConfig:
     activation: str = "relu"
     data_scale: float = 1.0       # images' transforms were divided by this before training
     seed: int = 0
+    anchor: bool = False          # the network is a residual on a fixed base map (``NeuralVolume.set_base``)
 
     def __post_init__(self) -> None:
         if self.pe_dim <= 0:
@@ -161,8 +170,35 @@ class NeuralVolume(nn.Module):
         self.lin_k = nn.Linear(self.pe.out_dim, cfg.dec_dim)
         self.lin_z = nn.Linear(cfg.zdim, cfg.dec_dim, bias=False) if cfg.zdim else None
         self.mlp = ResidMLP(0, cfg.dec_layers, cfg.dec_dim, self.channels, cfg.activation, first=nn.Identity())
+        if cfg.anchor:
+            self.register_buffer("base_map", torch.zeros((cfg.box,) * 3))
+        self._base_proj: tuple[tuple[Any, ...], Projector] | None = None
         if generator is None:
             init_linear(self, g)
+
+    def set_base(self, base_map: torch.Tensor | np.ndarray) -> None:
+        """Anchor on ``base_map`` (box³, real space, the maps' units) and zero the network's output layer: the
+        volume is then the base map at every latent point until the network learns a residual."""
+        if not self.cfg.anchor:
+            raise ValueError("set_base needs a volume configured with anchor=True")
+        base = torch.as_tensor(np.asarray(base_map, dtype=np.float32))
+        if tuple(base.shape) != (self.cfg.box,) * 3:
+            raise ValueError(f"the base map must be {self.cfg.box}³ voxels, got {tuple(base.shape)}")
+        with torch.no_grad():
+            self.base_map.copy_(base)
+            self.mlp.out.weight.zero_()
+            self.mlp.out.bias.zero_()
+
+    def _base_slices(self, k: torch.Tensor) -> torch.Tensor:
+        """The base map's transform at 3-D frequencies k (B, M, 3) cycles/pixel -> (B, M, 2), data-scale units."""
+        b = self.base_map
+        key = (b.device, b.data_ptr(), b._version)
+        if self._base_proj is None or self._base_proj[0] != key:  # built once per base map and device
+            self._base_proj = (key, Projector(b))
+        proj = self._base_proj[1]
+        with torch.autocast(k.device.type, enabled=False):
+            v = proj.sample(k.float() * (self.cfg.box * proj.pad))
+        return torch.stack([v.real, v.imag], -1) / self.cfg.data_scale
 
     @property
     def latent_dim(self) -> int:
@@ -202,12 +238,13 @@ class NeuralVolume(nn.Module):
         k2 = kxy.to(rot.dtype)
         k = k2[None, :, 0:1] * rot[:, None, 0, :] + k2[None, :, 1:2] * rot[:, None, 1, :]
         if self.channels == 2:
-            return self(k, z)
-        # Hartley: H(k) and H(-k) give re = (H(k) + H(-k)) / 2 and im = (H(-k) - H(k)) / 2
-        m = k.shape[1]
-        h = self(torch.cat([k, -k], 1), z)[..., 0]
-        hp, hm = h[:, :m], h[:, m:]
-        return torch.stack([(hp + hm) * 0.5, (hm - hp) * 0.5], -1)
+            out = self(k, z)
+        else:  # Hartley: H(k) and H(-k) give re = (H(k) + H(-k)) / 2 and im = (H(-k) - H(k)) / 2
+            m = k.shape[1]
+            h = self(torch.cat([k, -k], 1), z)[..., 0]
+            hp, hm = h[:, :m], h[:, m:]
+            out = torch.stack([(hp + hm) * 0.5, (hm - hp) * 0.5], -1)
+        return out + self._base_slices(k) if self.cfg.anchor else out
 
     @torch.no_grad()
     def volumes(self, z: np.ndarray | torch.Tensor, points_per_call: int = 1 << 16) -> np.ndarray:
@@ -231,6 +268,8 @@ class NeuralVolume(nn.Module):
         iz, iy, ix = sel // (n * n), (sel // n) % n, sel % n
         mirror = ((n - iz) % n) * n * n + ((n - iy) % n) * n + (n - ix) % n
         kpts = kpts.to(device)
+        base = (fft3c(self.base_map.detach().cpu().double()).reshape(-1)[sel] if self.cfg.anchor
+                else torch.zeros(len(sel), dtype=torch.complex128))
         was_training = self.training
         self.eval()
         out = np.empty((len(z), n, n, n), dtype=np.float32)
@@ -245,7 +284,7 @@ class NeuralVolume(nn.Module):
                     h = self(torch.cat([kk, -kk], 1), z[i:i + 1])[0, :, 0].float()
                     hp, hm = h[:len(h) // 2], h[len(h) // 2:]
                     vals.append(torch.complex((hp + hm) * 0.5, (hm - hp) * 0.5))
-            v = torch.cat(vals).to(torch.complex128).cpu() * cfg.data_scale
+            v = torch.cat(vals).to(torch.complex128).cpu() * cfg.data_scale + base
             F = torch.zeros(n * n * n, dtype=torch.complex128)
             F[sel] = v
             F[mirror] = torch.conj(v)

@@ -107,13 +107,15 @@ def check_reconstruction_fits(box: int, device: torch.device, source, pairs: int
 
 
 def fsc_weighted_reconstruction(pset, half: np.ndarray, batch_size: int, device: torch.device,
-                                progress: Callable[[Iterable, str, int], Iterator] | None = None) -> Reconstruction:
+                                progress: Callable[[Iterable, str, int], Iterator] | None = None,
+                                box: int | None = None) -> Reconstruction:
     """As :func:`reconstruct_halves` with plain division (as relion_reconstruct), the full map then weighted per
     shell by √(2 FSC / (1 + FSC)) of the half-maps' FSC (RELION post-processing's FSC weighting).
 
     A per-shell weight on the final grid leaves the map's FSC to any reference unchanged shell by shell (as
-    :func:`divide_gain_after_crop` does for "auto"). The half-maps stay unweighted."""
-    rec = reconstruct_halves(pset, half, batch_size, device, wiener="none", progress=progress)
+    :func:`divide_gain_after_crop` does for "auto"). The half-maps stay unweighted. ``box``: Fourier-crop the
+    images to this box first."""
+    rec = reconstruct_halves(pset, half, batch_size, device, box=box, wiener="none", progress=progress)
     return replace(rec, full=weight_shells(rec.full, fsc_weight(rec.fsc)))
 
 
