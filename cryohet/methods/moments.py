@@ -63,7 +63,6 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     import numpy as np
 
     from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
-    from cryohet.atomic import atomic_path
     from cryohet.inference.moments import fit_moments
     from cryohet.io.mrc import write_map
     from cryohet.io.particles import load_particles
@@ -114,9 +113,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
              f"- top eigenvalues of the covariance: {np.array2string(res.spectrum[:2 * K + 2], precision=4)} "
              "(those of noise form a flat floor)",
              "", *eigenvalue_table(res.eigenvalues, res.latents, res.latent_std)]
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    ctx.add("report", "report.md", "method of moments: eigenvalues and settings")
+    ctx.write_report(lines, "method of moments: eigenvalues and settings")
 
 
 def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
@@ -125,7 +122,6 @@ def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
 
     import numpy as np
 
-    from cryohet.atomic import atomic_path
     from cryohet.inference.moments_unknown_poses import fit_uniform_poses
     from cryohet.io.mrc import write_map
 
@@ -153,9 +149,8 @@ def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
                "relative_residuals": list(res.residuals),
                "low_rank_relative_residuals": list(res.low_rank_residuals or []),
                "variances": res.variances.tolist(), "history": res.history}
-    with atomic_path(out / "moments_fit.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
-    ctx.add("report", "moments_fit.json", "moments with uniform poses: settings, residuals, fit history")
+    ctx.write_report(json.dumps(summary, indent=1), "moments with uniform poses: settings, residuals, fit history",
+                     name="moments_fit.json")
     lines = [f"# method of moments, poses uniform: {res.data.n} particles", "",
              f"- working box {res.work_box} px, resolution limit {res.resolution_A:.2f} Å, {res.basis_size} basis "
              f"functions, {res.n_features} steerable features, {res.n_rotations} quadrature directions, white noise "
@@ -168,9 +163,7 @@ def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
         lines.append(f"- low-rank model, K = {K}: residuals "
                      f"{np.array2string(np.array(res.low_rank_residuals), precision=3)}, variances "
                      f"{np.array2string(res.variances, precision=4)}")
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    ctx.add("report", "report.md", "method of moments (uniform poses): residuals and settings")
+    ctx.write_report(lines, "method of moments (uniform poses): residuals and settings")
 
 
 METHOD = Method(
