@@ -355,8 +355,13 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
 
 def _poses_digest(particles: Any) -> str:
     """Short fingerprint of the particles' poses (other poses must not be resumed)."""
+    return array_digest(particles.euler_deg, particles.shift_A)
+
+
+def array_digest(*arrays: Any) -> str:
+    """Short fingerprint of arrays' values (as float64), for a checkpoint's settings."""
     h = hashlib.sha256()
-    for arr in (particles.euler_deg, particles.shift_A):
+    for arr in arrays:
         h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
     return h.hexdigest()[:16]
 
