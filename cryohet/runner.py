@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from cryohet import __version__, runlock
-from cryohet.atomic import temporaries_under
+from cryohet.atomic import atomic_path, temporaries_under
 from cryohet.device import pick_device
 from cryohet.errors import FolderInUse, InputError, RunAborted
 from cryohet.methods.base import Method
@@ -55,6 +55,16 @@ class RunContext:
         twin = Path(out.path).with_suffix(".cs")
         if kind == "particles_star" and "cs" not in out.meta and (self.out_dir / twin).is_file():
             out.meta["cs"] = twin.as_posix()
+
+    def write_report(self, text: str | Sequence[str], label: str, name: str = "report.md", **meta: Any) -> Path:
+        """Write the run's report ``name`` in the output folder (atomically: cryohet.atomic) and register it as an
+        output of kind ``report``; returns its path. ``text``: the whole text, or its lines (joined, each ending
+        in a newline)."""
+        path = self.out_dir / name
+        with atomic_path(path) as tmp:
+            tmp.write_text(text if isinstance(text, str) else "".join(f"{line}\n" for line in text))
+        self.add("report", name, label, **meta)
+        return path
 
     def report_convergence(self, what: str, converged: bool, last_change: float, tol: float,
                            iterations: int) -> None:

@@ -148,7 +148,8 @@ def test_an_empty_class_is_reseeded_not_lost(states, tmp_path, caplog):
 
 def test_focus_mask_confines_classification(states, tmp_path):
     """A focus mask on the region where the states differ keeps the classification; one on a region where they
-    do not (a corner of the box) leaves nothing to classify on."""
+    do not (a corner of the box) leaves nothing to classify on. Measured ARI with 2 iterations: 0.95 and 0.0
+    (0.97 and 0.0 with 4)."""
     ds, truth = states
     maps = np.stack([read_map(p)[0] for p in ds.map_paths])
     spread = maps.std(0)
@@ -162,7 +163,7 @@ def test_focus_mask_confines_classification(states, tmp_path):
     for name, m in (("on", on), ("off", off)):
         write_map(tmp_path / f"{name}.mrc", m, ds.apix)
         run_method(METHOD, {"particles": str(ds.particles_star), "K": 3, "mask": str(tmp_path / f"{name}.mrc"),
-                            **FAST, "iterations": 4}, tmp_path / name)
+                            **FAST, "iterations": 2}, tmp_path / name)
         classes = starfile.read(tmp_path / name / "particles.star")["particles"]["rlnClassNumber"].to_numpy()
         scores[name] = adjusted_rand_score(truth["state"], classes)
     print("ARI with the true states, focus on / off where they differ:", scores)
@@ -172,9 +173,9 @@ def test_focus_mask_confines_classification(states, tmp_path):
 def test_resume_continues_as_an_uninterrupted_run(states, tmp_path):
     ds, _ = states
     values = {"particles": str(ds.particles_star), "K": 3, "threads": 2, "init": "random"}
-    run_method(METHOD, {**values, "iterations": 3}, tmp_path / "whole")
+    run_method(METHOD, {**values, "iterations": 2}, tmp_path / "whole")
     run_method(METHOD, {**values, "iterations": 1}, tmp_path / "resumed")
-    run_method(METHOD, {**values, "iterations": 3, "resume": True}, tmp_path / "resumed")
+    run_method(METHOD, {**values, "iterations": 2, "resume": True}, tmp_path / "resumed")
     a = np.load(tmp_path / "whole" / "class_probabilities.npy")
     b = np.load(tmp_path / "resumed" / "class_probabilities.npy")
     assert np.allclose(a, b, atol=1e-4)

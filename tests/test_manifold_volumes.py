@@ -174,15 +174,16 @@ def test_latent_mode_states_coordinates_and_maps(hinge, tmp_path):
 
 
 def test_bootstrap_mode_on_the_hinge(hinge, tmp_path):
-    """Eight resamples of half the particles, four classes each (6 EM iterations). Measured (seeds 0, 1, 3-5):
-    the 32 volumes' coordinate 1 follows their members' mean τ (|Spearman| 0.94-0.97); |Spearman| 0.75-0.79
-    between the particles' coordinate 1 and the true τ (the classes themselves are impure: the limit); state
-    purity 0.51-0.57; the end states' maps correlate 0.98-0.99 with their own particles' true mean map against
-    0.93 with the other end's."""
+    """Eight resamples of half the particles, four classes each (4 EM iterations). Measured (seeds 0, 1): the 32
+    volumes' coordinate 1 follows their members' mean τ (|Spearman| 0.98); |Spearman| 0.75-0.77 between the
+    particles' coordinate 1 and the true τ (the classes themselves are impure: the limit); state purity
+    0.55-0.60; the end states' maps correlate 0.97-0.99 with their own particles' true mean map against 0.92-0.93
+    with the other end's (with 6 iterations, seeds 0, 1, 3-5: 0.94-0.97, 0.75-0.79, 0.51-0.57, 0.98-0.99 against
+    0.93)."""
     ds, _ = hinge
     out = tmp_path / "boot"
     record = run_method(METHOD, {"particles": str(ds.particles_star), "n_bootstrap": 8, "classes": 4,
-                                 "iterations": 6, "write_volumes": True, **SMALL}, out)
+                                 "iterations": 4, "write_volumes": True, **SMALL}, out)
     y = np.load(out / "latents.npy")
     state = starfile.read(out / "particles.star")["particles"]["cryohetState"].to_numpy()
     manifold = np.load(out / "volume_manifold.npz")

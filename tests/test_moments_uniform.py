@@ -99,6 +99,75 @@ def test_run(homogeneous, tmp_path):
     assert "hand are arbitrary" in (run_dir / "report.md").read_text()
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(what: str, index: int):
+    """A ``progress`` that stops the run when the loop whose description contains ``what`` reaches ``index``."""
+    def progress(items, desc, total):
+        for i, item in enumerate(items):
+            if what in desc and i == index:
+                raise _Stop(desc)
+            yield item
+    return progress
+
+
+@pytest.mark.one_stack("current")
+def test_an_interrupted_run_resumed_ends_as_an_uninterrupted_one(homogeneous, tmp_path):
+    """Stopped after 3 of 7 batches of the moments' pass, resumed and stopped at the map's second random start,
+    resumed and stopped at the low-rank model's second start, then resumed to the end: the map, the low-rank
+    model, the residuals and the history equal the uninterrupted run's exactly. The method's --resume goes on
+    from that checkpoint (with 2 threads where the fits had 1: its ball basis, computed again, would differ, so
+    the checkpoint's is used); other settings are refused naming it."""
+    from cryohet.methods.moments import METHOD
+    from cryohet.runner import run_method
+
+    _, out, pset, *_ = homogeneous
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole, ckpt = _interrupted_three_times(pset, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    params = {"particles": str(out.particles_star), "poses": "uniform", "resolution_A": RES_A, "uniform_components": 1,
+              "quadrature_deg": 30.0, "n_starts": 2, "fit_iter": 4, "defocus_groups": 2, "batch_size": 64,
+              "resume": True, "threads": 2}
+    run_method(METHOD, params, ckpt.parent)
+    np.testing.assert_allclose(read_map(ckpt.parent / "map.mrc")[0], whole.volume, rtol=1e-5,
+                               atol=1e-5 * float(np.abs(whole.volume).max()))
+    assert "resuming from" in (ckpt.parent / "run.log").read_text()
+    with pytest.raises(InputError, match=r"checkpoint.safetensors.*n_starts: 2 \(checkpoint\) vs 3"):
+        run_method(METHOD, {**params, "n_starts": 3}, ckpt.parent)
+
+
+def _interrupted_three_times(pset, tmp_path):
+    """(the uninterrupted result, the checkpoint of the run interrupted three times and resumed to the end)."""
+    from cryohet.inference.moments_uniform_state import read_uniform_state
+    from cryohet.inference.moments_unknown_poses import fit_uniform_poses
+
+    opts = dict(resolution_A=RES_A, n_components=1, quadrature_deg=30.0, n_starts=2, iters=4, defocus_groups=2,
+                batch_size=64)
+    whole = fit_uniform_poses(pset, **opts)
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    ckpt.parent.mkdir()
+    stops = [("invariant moments", 3), ("map's random starts", 1), ("low-rank random starts", 1)]
+    for k, (what, index) in enumerate(stops):
+        with pytest.raises(_Stop, match=what):
+            fit_uniform_poses(pset, checkpoint=ckpt, resume=k > 0, checkpoint_s=0.0, progress=_stop_at(what, index),
+                              **opts)
+        state = read_uniform_state(ckpt)[0]
+        assert (state.batches, state.fits["map"].starts, state.fits["low_rank"].starts) == [(3, 0, 0), (7, 1, 0),
+                                                                                            (7, 2, 1)][k]
+    resumed = fit_uniform_poses(pset, checkpoint=ckpt, resume=True, **opts)
+    for name in ("volume", "low_rank_mean", "components", "variances"):
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name), err_msg=name)
+    assert resumed.residuals == whole.residuals and resumed.low_rank_residuals == whole.low_rank_residuals
+    assert resumed.history == whole.history
+    assert torch.equal(resumed.data.m3, whole.data.m3) and torch.equal(resumed.data.counts, whole.data.counts)
+    return whole, ckpt
+
+
 def test_bad_input(homogeneous, tmp_path):
     from cryohet.methods.moments import METHOD
     from cryohet.runner import run_method

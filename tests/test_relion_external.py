@@ -36,6 +36,10 @@ SIMULATE = {"method": "simulate", "n_particles": "200", "box": "32", "apix": "3"
             "resolution_A": "8", "snr": "1"}
 PROC_FINISHED, PROC_FAILED, PROC_ABORTED = 2, 3, 4  # RELION 3.1 process status codes
 
+#: jobs whose method runs long: make test runs them with the newest versions only (tests/conftest.py, one_stack);
+#: the light jobs exercise the same External-job code in both environments
+LONG_JOB = pytest.mark.one_stack("current")
+
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, CRYOHET_NO_PROGRESS="1")
@@ -201,6 +205,7 @@ def test_classify_job_registers_classes_as_nodes(project, simulated_job):
     assert ours == theirs > 0
 
 
+@LONG_JOB
 def test_abinit_job_registers_posed_particles_and_map(project, simulated_job):
     """abinit from RELION's External job: its particles STAR (poses found, RELION's conventions) and map with
     half-maps are nodes of the types RELION's next jobs take, and relion_reconstruct of the particles, run from
@@ -273,6 +278,7 @@ def test_landscape_job_registers_path_subsets(project, simulated_job):
     assert "cryohetFreeEnergy" in ours and set(ours["rlnImageName"]) == set(table["rlnImageName"])
 
 
+@LONG_JOB
 def test_manifold_images_job_registers_coordinate_particles_and_maps(project, simulated_job):
     """manifold-images from RELION's External job: the particles with their coordinate and the maps along it are
     nodes RELION takes; the coordinate separates the two simulated states (|Spearman| 0.84 measured, 0.77 before
@@ -291,6 +297,7 @@ def test_manifold_images_job_registers_coordinate_particles_and_maps(project, si
     assert abs(spearmanr(ours["cryohetManifoldCoordinate"], ours["cryohetTrueState"]).correlation) > 0.6
 
 
+@LONG_JOB
 def test_manifold_volumes_job_registers_states(project, simulated_job):
     """manifold-volumes from RELION's External job on the latents of a principal-volumes job: the particles with
     their state and coordinate, each state's particles and map (with half-maps) are nodes RELION takes; the states
@@ -387,6 +394,7 @@ def test_fit_modes_job_on_an_nma_job(project, simulated_job):
     assert vol.shape == (32, 32, 32) and np.isfinite(vol).all()
 
 
+@LONG_JOB
 def test_train_deform_and_reconstruct_deformed_jobs(project, simulated_job):
     """train-deform takes RELION's own reconstruction of the particles as its consensus (the 3-D reference input);
     reconstruct-deformed takes that job's folder as its run: corrected and homogeneous maps and half-maps are map

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+from faults import file_size_limit, temporaries
 
 from cryohet.cli import main
-from cryohet.errors import FolderInUse, InputError, RunAborted
+from cryohet.errors import FolderInUse, InputError, OutputError, RunAborted
 from cryohet.methods import get_method
 from cryohet.methods.base import Method
 from cryohet.record import read_record, run_state
@@ -258,6 +259,31 @@ def test_convergence_is_recorded_and_warned(tmp_path):
     log = (tmp_path / "run.log").read_text()
     assert "WARNING EM did not converge: last change 0.0123 against tolerance 0.001 after 30 iterations" in log
     assert "refinement" not in log
+
+
+def test_write_report_is_atomic_and_registered(tmp_path):
+    """ctx.write_report: the text (or its lines, each ending in a newline) in the output folder, registered as a
+    report with its label and metadata in the run record; a write that runs out of room (a 100 KB file-size
+    limit) leaves no file, no temporary and no entry."""
+    def report(params, ctx):
+        assert ctx.write_report(["# title", "", "- a line"], "the report", n=3) == ctx.out_dir / "report.md"
+        ctx.write_report('{"a": 1}', "fit (JSON)", name="fit.json")
+
+    out = tmp_path / "ok"
+    run_method(_toy(report), {}, out)
+    assert (out / "report.md").read_text() == "# title\n\n- a line\n" and (out / "fit.json").read_text() == '{"a": 1}'
+    stored = [(o.kind, o.path, o.label, o.meta) for o in read_record(out).outputs]
+    assert stored == [("report", "report.md", "the report", {"n": 3}), ("report", "fit.json", "fit (JSON)", {})]
+
+    def too_big(params, ctx):
+        ctx.write_report("x" * 200_000, "too big")
+
+    out = tmp_path / "full"
+    with file_size_limit(100_000), pytest.raises(OutputError, match="report.md: could not be written"):
+        run_method(_toy(too_big), {}, out)
+    record = read_record(out)
+    assert record.status == "failed" and not record.outputs
+    assert not (out / "report.md").exists() and not temporaries(out)
 
 
 def test_other_ranks_are_not_refused_by_rank_0s_lock(tmp_path, monkeypatch):

@@ -156,6 +156,12 @@ class MomentAccumulator:
         self.ctf = torch.zeros((n_groups, feats.F.shape[1] // 2), dtype=torch.float64, device=dev)
         self.counts = torch.zeros(n_groups, dtype=torch.float64, device=dev)
 
+    def restore(self, sums: list[torch.Tensor], ctf: torch.Tensor, counts: torch.Tensor) -> None:
+        """Go on from the sums of an interrupted pass (a checkpoint's)."""
+        dev = self.counts.device
+        self.s = [s.to(dev) for s in sums]
+        self.ctf, self.counts = ctf.to(dev), counts.to(dev)
+
     def add(self, y: torch.Tensor, ctf: torch.Tensor, group: torch.Tensor) -> None:
         """A batch: half-plane transforms ``y`` (B, p) complex, their CTFs (B, p) and defocus groups (B,)."""
         group = group.to(self.counts.device)

@@ -265,8 +265,11 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
     found = load_checkpoint(ckpt, read_cg_state, settings, log) if resume and ckpt is not None else None
     if resume and ckpt is not None and found is None:
         log.info("--resume: no checkpoint at %s, starting from scratch", ckpt)
-    state = _first_passes(passes, d, n_part, regularisation, device, shrinkage) if found is None else found[1]
-    if found is not None:
+    if found is None:
+        state = _first_passes(passes, basis, n_part, regularisation, device, shrinkage)
+    else:
+        state = found[1]
+        basis.phi, basis.norms = state.phi.to(device), state.norms.to(device)   # the basis of its coefficients
         log.info("moments: resuming from %s after CG step %d", found[0], state.iteration)
     mu, Mbar = state.mean.to(device), state.Mbar.to(device)
     mu32 = mu.float()
@@ -313,7 +316,8 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
         history.append({"iteration": it, "relative_residual": rel, "seconds": time.time() - ti})
         log.info("moments CG %d: relative residual %.2e, %.1f s", it, rel, time.time() - ti)
         if ckpt is not None:
-            save_cg_state(ckpt, CGState(mu, Mbar, S, R, P, rz, norm_rhs, it, history), settings)
+            save_cg_state(ckpt, CGState(mu, Mbar, S, R, P, rz, norm_rhs, it, history, basis.phi, basis.norms),
+                          settings)
     S = 0.5 * (S + S.T)
     converged = rel < tol
 
@@ -355,17 +359,24 @@ def fit_moments(particles: Any, n_components: int, *, resolution_A: float = 20.0
 
 def _poses_digest(particles: Any) -> str:
     """Short fingerprint of the particles' poses (other poses must not be resumed)."""
+    return array_digest(particles.euler_deg, particles.shift_A)
+
+
+def array_digest(*arrays: Any) -> str:
+    """Short fingerprint of arrays' values (as float64), for a checkpoint's settings."""
     h = hashlib.sha256()
-    for arr in (particles.euler_deg, particles.shift_A):
+    for arr in arrays:
         h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
     return h.hexdigest()[:16]
 
 
-def _first_passes(passes: Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor, np.ndarray]]], d: int,
-                  n_part: int, regularisation: float, device: torch.device, shrinkage: str = "none") -> CGState:
+def _first_passes(passes: Callable[[str], Iterable[tuple[torch.Tensor, torch.Tensor, np.ndarray]]],
+                  basis: BallBasis, n_part: int, regularisation: float, device: torch.device,
+                  shrinkage: str = "none") -> CGState:
     """The two passes before CG: Σ M_m and Σ Q_mᵀ y_m (the least-squares mean in the basis and M̄), then the
     right-hand side of the covariance equations (its spectrum shrunk by ``shrinkage``); CG's state at step 0
     (S = 0, R = the right-hand side; P and ⟨R, Z⟩ left for the preconditioner)."""
+    d = len(basis)
     Msum = torch.zeros((d, d), dtype=torch.float64, device=device)
     rhs_mu = torch.zeros(d, dtype=torch.float64, device=device)
     for Q, y, _ in passes("moments: mean"):
@@ -385,7 +396,8 @@ def _first_passes(passes: Callable[[str], Iterable[tuple[torch.Tensor, torch.Ten
     rhs /= n_part
     if shrinkage != "none":
         rhs = shrink_rhs(rhs, Mbar, d / n_part, shrinkage)
-    return CGState(mu, Mbar, torch.zeros_like(rhs), rhs, rhs, 0.0, float(rhs.norm()) or 1.0, 0, [])
+    return CGState(mu, Mbar, torch.zeros_like(rhs), rhs, rhs, 0.0, float(rhs.norm()) or 1.0, 0, [], basis.phi,
+                   basis.norms)
 
 
 def spike_shrinker(lam: torch.Tensor, gamma: float, loss: str) -> torch.Tensor:

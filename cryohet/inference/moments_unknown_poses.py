@@ -23,18 +23,28 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from cryohet.device import refuse_unless_fits
 from cryohet.inference.invariant_moments import InvariantMoments, SteerableFeatures
-from cryohet.inference.moments import MEMORY_FRACTION, BallBasis
+from cryohet.inference.moments import MEMORY_FRACTION, BallBasis, array_digest
+from cryohet.inference.moments_uniform_state import FitProgress, UniformState, read_uniform_state, save_uniform_state
 
 Moments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+T = TypeVar("T")
+#: ``RunContext.progress``: (items, description, total) -> the items (with abort checks)
+Progress = Callable[[Iterable[T], str, int], Iterable[T]]
+
+
+def _no_progress(items: Iterable[T], desc: str, total: int) -> Iterable[T]:
+    return items
 
 
 class ProjectionModel:
@@ -144,66 +154,89 @@ def _stages(feats: SteerableFeatures, first_ring: int = 2) -> list[tuple[int, tu
 
 
 def fit_volume(model: ProjectionModel, data: InvariantMoments, n_starts: int = 6, iters: int = 60, seed: int = 0,
-               log: logging.Logger | None = None) -> FitResult:
+               log: logging.Logger | None = None, done: FitProgress | None = None,
+               save: Callable[[], None] | None = None, progress: Progress = _no_progress) -> FitResult:
     """The map's coefficients: relative least squares on the three moments, ``n_starts`` random starts at the
-    first stage of frequency marching (the best continues), ``iters`` L-BFGS steps per stage."""
+    first stage of frequency marching (the best continues), ``iters`` L-BFGS steps per stage.
+
+    ``done``: the fit's progress, updated after every start and stage (then ``save`` is called, for a checkpoint);
+    a fit given the progress of an interrupted one goes on from there and ends as if it had not stopped."""
     log = log or logging.getLogger("cryohet.moments")
     d = model.G.shape[-1]
+    dev = model.G.device
     gen = torch.Generator().manual_seed(seed)
     stages = _stages(model.feats)
-    history: list[dict[str, float]] = []
+    p = done if done is not None else FitProgress()
     weights = ring_weights(model.feats, data)
 
     def objective(c: torch.Tensor, masks: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return sum(relative_residuals(model.moments(c), data, masks, weights))
 
-    best: tuple[float, torch.Tensor] | None = None
     r0, masks0 = stages[0]
-    for s in range(n_starts):
-        c = torch.randn(d, generator=gen, dtype=torch.float64).to(model.G.device)
+    for s in progress(range(n_starts), "moments (uniform poses): map's random starts", n_starts):
+        c = torch.randn(d, generator=gen, dtype=torch.float64).to(dev)
+        if s < p.starts:
+            continue   # finished before the run stopped: its draw only, so that the generator goes on as then
         with torch.no_grad():   # scale the start so that its second moment has the data's norm
             m2 = model.moments(c)[1]
             c *= math.sqrt(float(data.m2.abs().norm() / m2.abs().norm().clamp_min(1e-300)))
         c.requires_grad_(True)
         loss = _lbfgs([c], lambda c=c: objective(c, masks0), iters)
-        history.append({"stage_ring": r0, "start": s, "loss": loss})
+        p.history.append({"stage_ring": r0, "start": s, "loss": loss})
         log.info("moments (uniform poses): start %d, rings <= %d: loss %.4g", s, r0, loss)
-        if best is None or loss < best[0]:
-            best = (loss, c.detach().clone())
-    assert best is not None
-    c = best[1].requires_grad_(True)
-    for r, masks in stages[1:]:
+        if not p.best or loss < p.loss:
+            p.loss, p.best = loss, {"mean": c.detach().clone()}
+        p.starts = s + 1
+        _call(save)
+    c = p.best["mean"].to(dev).clone().requires_grad_(True)
+    for i, (r, masks) in enumerate(stages[1:], 1):
+        if i <= p.stages:
+            continue
         loss = _lbfgs([c], lambda masks=masks: objective(c, masks), iters)
-        history.append({"stage_ring": r, "start": -1, "loss": loss})
+        p.history.append({"stage_ring": r, "start": -1, "loss": loss})
         log.info("moments (uniform poses): rings <= %d: loss %.4g", r, loss)
+        p.stages, p.best = i, {"mean": c.detach().clone()}
+        _call(save)
     with torch.no_grad():
         res = [float(x) for x in relative_residuals(model.moments(c), data)]
-    return FitResult(c.detach(), torch.zeros((0, d), dtype=torch.float64), tuple(res), sum(res), history)
+    return FitResult(c.detach(), torch.zeros((0, d), dtype=torch.float64), tuple(res), sum(res), list(p.history))
+
+
+def _call(save: Callable[[], None] | None) -> None:
+    if save is not None:
+        save()
 
 
 def fit_low_rank(model: ProjectionModel, data: InvariantMoments, mean: torch.Tensor, n_components: int,
                  n_starts: int = 4, iters: int = 100, seed: int = 0, scale: float = 0.3,
-                 log: logging.Logger | None = None) -> FitResult:
+                 log: logging.Logger | None = None, done: FitProgress | None = None,
+                 save: Callable[[], None] | None = None, progress: Progress = _no_progress) -> FitResult:
     """μ and W (K, d') of V = μ + Σ z_k W_k, z ~ N(0, I), from the start μ = ``mean`` (the homogeneous fit) and
-    ``n_starts`` random W of norm ``scale`` × |μ|, all rings at once; the best fit is kept."""
+    ``n_starts`` random W of norm ``scale`` × |μ|, all rings at once; the best fit is kept. ``done``, ``save``:
+    as for :func:`fit_volume` (after every start)."""
     log = log or logging.getLogger("cryohet.moments")
     d = len(mean)
     gen = torch.Generator().manual_seed(seed + 1)
     weights = ring_weights(model.feats, data)
-    best: FitResult | None = None
-    for s in range(n_starts):
-        mu = mean.clone().requires_grad_(True)
+    p = done if done is not None else FitProgress()
+    for s in progress(range(n_starts), "moments (uniform poses): low-rank random starts", n_starts):
         W = torch.randn((n_components, d), generator=gen, dtype=torch.float64).to(mean.device)
+        if s < p.starts:
+            continue   # finished before the run stopped (as in fit_volume)
+        mu = mean.clone().requires_grad_(True)
         W = (W * (scale * float(mean.norm()) / W.norm(dim=1, keepdim=True))).requires_grad_(True)
         loss = _lbfgs([mu, W], lambda mu=mu, W=W: sum(relative_residuals(model.moments(mu, W), data, None, weights)),
                       iters)
         log.info("moments (uniform poses): low-rank start %d: loss %.4g", s, loss)
-        if best is None or loss < best.loss:
+        if not p.best or loss < p.loss:
             with torch.no_grad():
                 res = [float(x) for x in relative_residuals(model.moments(mu, W), data)]
-            best = FitResult(mu.detach(), W.detach(), tuple(res), loss, [{"start": s, "loss": loss}])
-    assert best is not None
-    return best
+            p.loss, p.best, p.residuals = loss, {"mean": mu.detach().clone(), "comps": W.detach().clone()}, res
+            p.history = [{"start": s, "loss": loss}]
+        p.starts = s + 1
+        _call(save)
+    return FitResult(p.best["mean"].to(mean.device), p.best["comps"].to(mean.device), tuple(p.residuals), p.loss,
+                     list(p.history))
 
 
 def principal_directions(comps: torch.Tensor, basis: BallBasis) -> tuple[np.ndarray, np.ndarray]:
@@ -238,14 +271,22 @@ class UniformResult:
 def fit_uniform_poses(particles: Any, *, resolution_A: float = 20.0, diameter_A: float = 0.0,
                       n_components: int = 0, quadrature_deg: float = 20.0, n_starts: int = 4, iters: int = 50,
                       defocus_groups: int = 4, batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
-                      log: logging.Logger | None = None) -> UniformResult:
+                      log: logging.Logger | None = None, progress: Progress = _no_progress,
+                      checkpoint: str | Path | None = None, resume: bool = False,
+                      checkpoint_s: float = 60.0) -> UniformResult:
     """Invariant moments of ``particles`` (one streaming pass), then the map fitted to them and, for
     ``n_components`` > 0, the low-rank model; rotations uniform, their values in the particle file ignored
     (the origins are undone where given, NaN ones taken as 0). ``quadrature_deg``: step of the quadrature's
-    projection directions."""
+    projection directions.
+
+    ``checkpoint``: the pass's sums are written there every ``checkpoint_s`` seconds and at its end, the fits'
+    progress after every random start and marching stage (``moments_uniform_state``; the one before kept as
+    ``<stem>.prev<suffix>``); with ``resume`` the run goes on from the newest usable of the two and ends as an
+    uninterrupted one; InputError naming it when it was written with other settings."""
     from dataclasses import replace
 
     from cryohet.inference import invariant_moments
+    from cryohet.inference.em_state import load_checkpoint
     from cryohet.inference.moments import corner_noise_variance, plan
     from cryohet.inference.pose_grid import sphere_grid
     from cryohet.inference.ppca import ImageSource
@@ -268,15 +309,40 @@ def fit_uniform_poses(particles: Any, *, resolution_A: float = 20.0, diameter_A:
     group = torch.as_tensor(invariant_moments.defocus_groups(0.5 * (np.asarray(ctf.defocus_u_A)
                                                                       + np.asarray(ctf.defocus_v_A)),
                                                                defocus_groups))
-    data = invariant_moments.accumulate(((b.images_ft, b.ctf, group[b.rows]) for b in src.batches()), feats,
-                                        sigma2, defocus_groups)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    settings = {"n_particles": len(particles.euler_deg), "data": array_digest(particles.shift_A, group.numpy()),
+                "box": N_box, "apix": apix, "work_box": n, "resolution_A": float(res_used), "ball_px": ball_px,
+                "noise_var": sigma2, "defocus_groups": defocus_groups, "batch_size": batch_size,
+                "quadrature_deg": quadrature_deg, "n_starts": n_starts, "iters": iters, "n_components": n_components,
+                "seed": seed}
+    found = load_checkpoint(ckpt, read_uniform_state, settings, log) if resume and ckpt is not None else None
+    if resume and ckpt is not None and found is None:
+        log.info("--resume: no checkpoint at %s, starting from scratch", ckpt)
+    acc = invariant_moments.MomentAccumulator(feats, defocus_groups)
+    if found is not None:
+        state = found[1]
+        acc.restore(state.sums, state.ctf, state.counts)
+        basis.phi, basis.norms = (state.basis[k].to(device) for k in ("phi", "norms"))   # its coefficients' basis
+        log.info("moments (uniform poses): resuming from %s (%d of %d batches of the pass; starts done: map %d, "
+                 "low-rank %d)", found[0], state.batches, src.n_batches(), state.fits["map"].starts,
+                 state.fits["low_rank"].starts)
+    else:
+        state = UniformState(acc.s, acc.ctf, acc.counts, 0, {"phi": basis.phi, "norms": basis.norms})
+
+    def save() -> None:
+        if ckpt is not None:
+            state.sums, state.ctf, state.counts = acc.s, acc.ctf, acc.counts
+            save_uniform_state(ckpt, state, settings)
+
+    _accumulate(acc, src, group, state, progress, save, checkpoint_s)
+    data = acc.result(sigma2)
     rotations = sphere_grid(quadrature_deg)
     model = ProjectionModel(basis, feats, src.points.kxy, rotations, data.ctf, source)
     log.info("moments (uniform poses): %d particles, working box %d (%.2f Å/px), limit %.2f Å, %d band-limited "
              "functions, %d steerable features (%d rings), invariants %s, %d quadrature directions, %d defocus groups, "
              "noise σ² %.4g", data.n, n, apix_n, res_used, len(basis), len(feats), feats.n_rings, feats.sizes(),
              len(rotations), len(data.counts), sigma2)
-    hom = fit_volume(model, data, n_starts, iters, seed, log)
+    hom = fit_volume(model, data, n_starts, iters, seed, log, state.fits["map"], save, progress)
 
     def maps(coef: torch.Tensor) -> np.ndarray:
         return basis.to_maps(coef.reshape(-1, len(basis)), N_box, apix_n, res_used)
@@ -285,7 +351,8 @@ def fit_uniform_poses(particles: Any, *, resolution_A: float = 20.0, diameter_A:
     lr_mean, comps, variances, lr_res = None, np.zeros((0,) + volume.shape, np.float32), np.zeros(0), None
     history = list(hom.history)
     if n_components > 0:
-        lr = fit_low_rank(model, data, hom.mean, n_components, n_starts, 2 * iters, seed, log=log)
+        lr = fit_low_rank(model, data, hom.mean, n_components, n_starts, 2 * iters, seed, log=log,
+                          done=state.fits["low_rank"], save=save, progress=progress)
         lr_mean, lr_res = maps(lr.mean)[0], lr.residuals
         coef, var = principal_directions(lr.comps, basis)
         comps = maps(torch.as_tensor(coef))
@@ -298,3 +365,22 @@ def fit_uniform_poses(particles: Any, *, resolution_A: float = 20.0, diameter_A:
                                                                               precision=3))
     return UniformResult(volume.astype(np.float32), hom.residuals, lr_mean, comps, variances, lr_res, data, sigma2,
                          n, len(basis), len(feats), len(rotations), float(res_used), history)
+
+
+def _accumulate(acc: Any, src: Any, group: torch.Tensor, state: UniformState, progress: Progress,
+                save: Callable[[], None], checkpoint_s: float) -> None:
+    """The pass over the batches ``state`` has not done yet into ``acc`` (``invariant_moments.MomentAccumulator``),
+    counting them in ``state``; ``save`` every ``checkpoint_s`` seconds and at the end."""
+    total = src.n_batches()
+    if state.batches == total:
+        return
+    last = time.monotonic()
+    for b in progress(src.batches(state.batches), "moments (uniform poses): invariant moments",
+                      total - state.batches):
+        acc.add(b.images_ft, b.ctf, group[b.rows])
+        state.batches += 1
+        if state.batches < total and time.monotonic() - last >= checkpoint_s:
+            save()
+            last = time.monotonic()
+    save()
+

@@ -155,17 +155,18 @@ class ImageSource:
         self._cache: list[ImageBatch] | None = None
         self._want_cache = self.n_particles * self.npix * 12 / 2**20 <= cache_mb
 
-    def batches(self) -> Iterator[ImageBatch]:
-        """Prepared batches in particle order (the first pass reads and, if wanted, caches them)."""
+    def batches(self, start: int = 0) -> Iterator[ImageBatch]:
+        """Prepared batches in particle order from batch ``start`` on (a whole pass reads and, if wanted, caches
+        them)."""
         if self._cache is not None:
-            yield from self._cache
+            yield from self._cache[start:]
             return
         cache: list[ImageBatch] = []
-        for b in BatchStream(self.reader, self.rows, self.prep):
-            if self._want_cache:
+        for b in BatchStream(self.reader, self.rows[start:], self.prep):
+            if self._want_cache and start == 0:
                 cache.append(b)
             yield b
-        if self._want_cache:
+        if self._want_cache and start == 0:
             self._cache = cache
 
     def n_batches(self) -> int:

@@ -38,7 +38,7 @@ def write_outputs(ctx: Any, params: dict[str, Any], pset: Any, decoder: Any, obj
     from cryohet.analysis.latent import kmeans, pc_traversal, pca
     from cryohet.analysis.normal_modes import write_mode_chimerax
     from cryohet.analysis.volumes import write_series
-    from cryohet.atomic import atomic_path, save_npy
+    from cryohet.atomic import save_npy
     from cryohet.geometry.gaussians import gaussian_map, lowpass_map
     from cryohet.io.atomic_model import box_centre_A, write_models
     from cryohet.io.mrc import write_map
@@ -99,10 +99,8 @@ def write_outputs(ctx: Any, params: dict[str, Any], pset: Any, decoder: Any, obj
                                        "factors": [params["rigidity_weight"], params["drift_weight"]]},
                "pc1_values": pc_values.tolist(), "pc1_displacement_rms_A": rms.tolist(),
                "history": res.history, "terms": terms, "epoch_seconds": res.epoch_seconds}
-    with atomic_path(out / "deform_fit.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
+    ctx.write_report(json.dumps(summary, indent=1), "fit of the consensus, regulariser weights, terms per epoch, "
+                     "displacements along PC1", name="deform_fit.json", history="restraint_history.json")
     ctx.log.info("canonical map vs the low-passed consensus: correlation %.4f at the start, %.4f refined; RMS "
                  "displacement along PC1 up to %.2f Å", summary["consensus_fit"]["correlation_start"],
                  summary["consensus_fit"]["correlation_refined"], float(rms.max()))
-    ctx.add("report", "deform_fit.json", "fit of the consensus, regulariser weights, terms per epoch, displacements "
-            "along PC1", history="restraint_history.json")

@@ -80,7 +80,6 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     import torch
 
     from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
-    from cryohet.atomic import atomic_path
     from cryohet.inference.cryogan import GanSettings, fit_cryogan
     from cryohet.inference.ppca import fourier_pad_3d
     from cryohet.io.mrc import write_map
@@ -170,9 +169,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                      f"{res:.2f} Å at 0.5")
     _plot_history(out / "losses.png", [h for f in fits for h in f.history])
     ctx.add("plot", "losses.png", "critic's Wasserstein estimate, generator loss and low-pass per step")
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    ctx.add("report", "report.md", "CryoGAN: settings, losses and maps")
+    ctx.write_report(lines, "CryoGAN: settings, losses and maps")
 
 
 METHOD = Method(

@@ -71,7 +71,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     import torch
 
     from cryohet.analysis.volumes import write_chimerax_script, write_volume_series
-    from cryohet.atomic import atomic_path, save_npy
+    from cryohet.atomic import save_npy
     from cryohet.inference.hypermol_mcmc import MCMCOptions, fit_hypermolecule
     from cryohet.io.particles import load_particles, write_particles_star
     from cryohet.methods._fit_outputs import fit_columns
@@ -138,9 +138,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
              f"{params['burn_in']} burn-in, Metropolis acceptance {res.acceptance:.2f}",
              f"- posterior s.d. of τ: median {np.median(sd):.3f}, 90th percentile {np.percentile(sd, 90):.3f}; "
              f"mean 90 % interval width {np.mean(post[:, 3] - post[:, 2]):.3f}"]
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    ctx.add("report", "report.md", "hyper-molecule: settings, convergence, posterior widths")
+    ctx.write_report(lines, "hyper-molecule: settings, convergence, posterior widths")
 
 
 METHOD = Method(

@@ -52,10 +52,11 @@ PARAMS = (
           "inside the noise's Marchenko-Pastur bulk set to 0 and those above it debiased (operator: the spike's "
           "value; frobenius: also times its squared cosine, Donoho-Gavish-Johnstone; none: as estimated).",
           choices=("none", "operator", "frobenius")),
-    Param("resume", bool, False, "Continue the run in this output folder from its CG checkpoint "
-          "(checkpoint.safetensors, written after every CG step; the one before is kept as "
-          "checkpoint.prev.safetensors and used when the newest is damaged); --max_iter is the new total and --tol "
-          "may change. The other settings must be the same."),
+    Param("resume", bool, False, "Continue the run in this output folder from its checkpoint "
+          "(checkpoint.safetensors; the one before is kept as checkpoint.prev.safetensors and used when the newest "
+          "is damaged). Poses known: written after every CG step; --max_iter is the new total and --tol may change. "
+          "Poses uniform: the moments' sums every minute of their pass and at its end, then after every random "
+          "start and marching stage of the fits. The other settings must be the same."),
 )
 
 
@@ -63,7 +64,6 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     import numpy as np
 
     from cryohet.analysis.fsc_files import plot_fsc, write_fsc_star
-    from cryohet.atomic import atomic_path
     from cryohet.inference.moments import fit_moments
     from cryohet.io.mrc import write_map
     from cryohet.io.particles import load_particles
@@ -73,8 +73,6 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     uniform = params["poses"] == "uniform"
     pset = load_particles(params["particles"], params["datadir"] or None, require_poses=not uniform)
     if uniform:
-        if params["resume"]:
-            ctx.log.warning("--resume applies to --poses known (the CG checkpoint); the uniform fit starts again")
         return run_uniform(params, pset, ctx)
     K = params["n_components"]
     res = fit_moments(pset, K, resolution_A=params["resolution_A"], diameter_A=params["diameter_A"],
@@ -114,9 +112,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
              f"- top eigenvalues of the covariance: {np.array2string(res.spectrum[:2 * K + 2], precision=4)} "
              "(those of noise form a flat floor)",
              "", *eigenvalue_table(res.eigenvalues, res.latents, res.latent_std)]
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    ctx.add("report", "report.md", "method of moments: eigenvalues and settings")
+    ctx.write_report(lines, "method of moments: eigenvalues and settings")
 
 
 def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
@@ -125,7 +121,6 @@ def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
 
     import numpy as np
 
-    from cryohet.atomic import atomic_path
     from cryohet.inference.moments_unknown_poses import fit_uniform_poses
     from cryohet.io.mrc import write_map
 
@@ -134,7 +129,8 @@ def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
                             n_components=K, quadrature_deg=params["quadrature_deg"], n_starts=params["n_starts"],
                             iters=params["fit_iter"], defocus_groups=params["defocus_groups"],
                             batch_size=params["batch_size"], device=ctx.device,
-                            seed=params["seed"], log=ctx.log)
+                            seed=params["seed"], log=ctx.log, progress=ctx.progress,
+                            checkpoint=Path(ctx.out_dir) / "checkpoint.safetensors", resume=params["resume"])
     out = Path(ctx.out_dir)
     write_map(out / "map.mrc", res.volume, pset.apix)
     ctx.add("volume", "map.mrc", "map from the first three moments (poses uniform; orientation and hand arbitrary)",
@@ -153,9 +149,8 @@ def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
                "relative_residuals": list(res.residuals),
                "low_rank_relative_residuals": list(res.low_rank_residuals or []),
                "variances": res.variances.tolist(), "history": res.history}
-    with atomic_path(out / "moments_fit.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
-    ctx.add("report", "moments_fit.json", "moments with uniform poses: settings, residuals, fit history")
+    ctx.write_report(json.dumps(summary, indent=1), "moments with uniform poses: settings, residuals, fit history",
+                     name="moments_fit.json")
     lines = [f"# method of moments, poses uniform: {res.data.n} particles", "",
              f"- working box {res.work_box} px, resolution limit {res.resolution_A:.2f} Å, {res.basis_size} basis "
              f"functions, {res.n_features} steerable features, {res.n_rotations} quadrature directions, white noise "
@@ -168,9 +163,7 @@ def run_uniform(params: dict[str, Any], pset: Any, ctx: Any) -> None:
         lines.append(f"- low-rank model, K = {K}: residuals "
                      f"{np.array2string(np.array(res.low_rank_residuals), precision=3)}, variances "
                      f"{np.array2string(res.variances, precision=4)}")
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    ctx.add("report", "report.md", "method of moments (uniform poses): residuals and settings")
+    ctx.write_report(lines, "method of moments (uniform poses): residuals and settings")
 
 
 METHOD = Method(
@@ -189,8 +182,8 @@ METHOD = Method(
          "(half-set backprojection with FSC), the principal volumes, latents.npy and latents_std.npy, the "
          "particles STAR with cryohetZ1..K and goodness of fit, movies X_0 + τ X_k with ChimeraX scripts, the "
          "linear model (for analyze, eval-volume, benchmark-score), the covariance's spectrum, a plot and a report. "
-         "The CG state is checkpointed after every step (poses known): --resume yes continues after a "
-         "crash or kill. "
+         "The CG state (poses known), the moments' sums and the fits' finished starts (poses uniform) are "
+         "checkpointed: --resume yes continues after a crash or kill. "
          "With --poses uniform (Kam; Sharon et al.) the poses are unknown: the images' in-plane-invariant first, "
          "second and third moments in a steerable polar Fourier basis (one streaming pass, debiased for white "
          "noise, images phase-flipped, per defocus group) are fitted by the moments of a band-limited map's "

@@ -57,7 +57,6 @@ def _convergence_line(converged: bool, last_change: float, tol: float, iteration
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:
-    from cryohet.atomic import atomic_path
     from cryohet.inference.decoder_poses import ResearchSettings
     from cryohet.inference.ppca import check_inputs, fit_principal_volumes
     from cryohet.inference.ppca_poses import fit_principal_volumes_posed
@@ -97,7 +96,6 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                          info={"work_box": res.work_box, "resolution_A": res.resolution_A,
                                "n_particles": len(pset), "iterations": len(res.history)},
                          refined_pose_columns=pose_columns(pset) if poses is not None else None)
-    out = Path(ctx.out_dir)
     if poses is not None:
         write_pose_changes(ctx, poses)
 
@@ -114,9 +112,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
              "`cryohet validate-halfsets --method principal-volumes --particles <the same particles> "
              f"--method_params \"n_components={K} resolution_A={params['resolution_A']:g}\"` "
              "(flagged when the halves disagree)."]
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    ctx.add("report", "report.md", "principal volumes: eigenvalues and settings")
+    ctx.write_report(lines, "principal volumes: eigenvalues and settings")
 
 
 METHOD = Method(

@@ -102,7 +102,8 @@ def _write_populations(path: Path, frames: np.ndarray, cv: np.ndarray, samples: 
                           f"{hard[f]:.6g}"])
 
 
-def _report(path: Path, summary: dict[str, Any], frames: np.ndarray, w: np.ndarray, samples: np.ndarray) -> None:
+def _report(summary: dict[str, Any], frames: np.ndarray, w: np.ndarray, samples: np.ndarray) -> str:
+    """The Markdown report: settings, EM and posterior summaries, the 20 most populated frames."""
     lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
     order = np.argsort(-w)
     lines = ["# Ensemble reweighting", "",
@@ -124,8 +125,7 @@ def _report(path: Path, summary: dict[str, Any], frames: np.ndarray, w: np.ndarr
               "free_energy.csv, free_energy.png, particles.star (cryohetReweightFrame, "
               "cryohetReweightFrameProbability, cryohetReweightCV), latents.npy and latents_std.npy (posterior "
               "mean and s.d. of the CV per particle), frame_*.mrc, top_frames.pdb (.cif from mmCIF), summary.json.", ""]
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def run(params: dict[str, Any], ctx) -> None:
@@ -192,11 +192,11 @@ def run(params: dict[str, Any], ctx) -> None:
                "cv_name": cv_name}
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
-    _report(out / "report.md", summary, traj.frames, w, samples)
     ctx.log.info("populations (frame: ML [95 %% CI]): %s", "; ".join(
         f"{traj.frames[f] + 1}: {w[f]:.3f} [{lo[f]:.3f}, {hi[f]:.3f}]" for f in np.argsort(-w)[:10]))
-    ctx.add("report", "report.md", "ensemble reweighting report (populations, credible intervals)",
-            populations="populations.csv", summary="summary.json", loglik="loglik.npy")
+    ctx.write_report(_report(summary, traj.frames, w, samples),
+                     "ensemble reweighting report (populations, credible intervals)",
+                     populations="populations.csv", summary="summary.json", loglik="loglik.npy")
     ctx.add("plot", "free_energy.png", f"populations and free energy along {cv_name}", table="free_energy.csv")
     ctx.add("particles_star", "particles.star", "particles with their most probable frame", n=len(pset))
     ctx.add("latents", "latents.npy", f"expected {cv_name} per particle (posterior mean over the frames)",

@@ -160,7 +160,6 @@ def plan_gaussians(consensus: np.ndarray, cmap_path: Path, mask: np.ndarray | No
 
 
 def run(params: dict[str, Any], ctx: Any) -> None:
-    from cryohet.atomic import atomic_path
     from cryohet.data.prepare import ImagePreparer, transform_rms
     from cryohet.geometry.lattice import Lattice
     from cryohet.inference.atomic_restraints import Restraints, bonded_pairs
@@ -287,10 +286,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                     "history": res.history, "terms": terms, "epoch_seconds": res.epoch_seconds})
     if halves is not None:
         summary["halfsets"] = halves["summary"]
-    with atomic_path(out / FIT_NAME) as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
-    ctx.add("report", FIT_NAME, "fit of the consensus map, restraint weights, losses per epoch, half-set "
-            "deformation errors")
+    ctx.write_report(json.dumps(summary, indent=1), "fit of the consensus map, restraint weights, losses per epoch, "
+                     "half-set deformation errors", name=FIT_NAME)
 
 
 def _train_halves(params: dict[str, Any], ctx: Any, pset: Any, prep: Any, make_model: Any, train: Any,

@@ -91,7 +91,6 @@ def validate_halfsets(method: Method, values: dict[str, Any], particles: str | P
 
 
 def run(params: dict[str, Any], ctx: RunContext) -> None:
-    from cryohet.atomic import atomic_path
     from cryohet.methods import get_method
     from cryohet.validation.halfsets import halfsets_markdown, parse_method_params, plot_halfsets
     from cryohet.validation.report import write_json
@@ -114,9 +113,6 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     out = Path(ctx.out_dir)
     figure = plot_halfsets(result, out / "halfsets_fsc.png") if result["volume"] else None
     metrics = write_json(result, out / "halfsets.json")
-    report = out / "report.md"
-    with atomic_path(report) as tmp:
-        tmp.write_text(halfsets_markdown(result, figure.name if figure else None))
     if result["flagged"]:
         ctx.log.warning("FLAGGED: %s", "; ".join(result["reasons"]))
     else:
@@ -125,7 +121,8 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
     if result["volume"]:
         summary.update(identifiability=result["volume"]["identifiability"],
                        matched_fsc_auc=result["volume"]["matched_fsc_auc"])
-    ctx.add("report", report, f"half-set validation of {method.name}", **summary)
+    ctx.write_report(halfsets_markdown(result, figure.name if figure else None),
+                     f"half-set validation of {method.name}", **summary)
     ctx.add("report", metrics, "half-set comparison (JSON), FSC curves at matched and unmatched points")
     if figure:
         ctx.add("plot", figure, "FSC between the halves' maps at matched probe points")
