@@ -23,6 +23,7 @@ from cryohet.geometry.zernike3d import basis_degrees, radial_coefficients, solid
 from cryohet.inference.deform_vae import field_jacobian, rigidity
 from cryohet.io.atomic_model import box_centre_A
 from cryohet.io.mrc import read_map, write_map
+from cryohet.io.reader import ImageReader
 from cryohet.models.base import load_volume_model
 from cryohet.models.canonical_map import consensus_mask, fit_amplitudes, grid_points, point_atoms
 from cryohet.models.deformation_fields import FlowField, ZernikeField
@@ -260,3 +261,32 @@ def test_resume_retraces_an_uninterrupted_run(data: dict, tmp_path: Path) -> Non
     assert len(cut["terms"]) == 2 and cut["regulariser_weights"] == full["regulariser_weights"]
     for a, b in zip(full["terms"], cut["terms"], strict=True):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_the_prepared_image_cache_serves_the_later_epochs(data: dict, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """train-deform (like train-gmm, train-atomic and fit-modes' amortised fit, all on the shared trainer) takes
+    ``--cache``: with it the second epoch and the final latents read no image, and training agrees with the run
+    that reads every image every epoch (the cache holds the prepared transforms in float16)."""
+    reads = {"n": 0}
+    original = ImageReader.read
+
+    def read(reader: ImageReader, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        reads["n"] += len(rows)
+        return original(reader, rows, out)
+
+    monkeypatch.setattr(ImageReader, "read", read)
+    counts = {}
+    for cache in ("off", "memory"):
+        reads["n"] = 0
+        assert _train(data, tmp_path / cache, "--epochs", "2", "--batch_size", "64", "--n_maps", "2",
+                      "--cache", cache) == 0
+        counts[cache] = reads["n"]
+    per_epoch = len(data["state"]) // 64 * 64  # an epoch's whole batches: the rows the first epoch caches
+    assert counts["off"] - counts["memory"] == 2 * per_epoch  # epoch 2 and the final latents' cached rows
+    assert "prepared-image cache" in (tmp_path / "memory" / "run.log").read_text()
+    off, mem = (json.loads((tmp_path / d / "deform_fit.json").read_text())["terms"] for d in ("off", "memory"))
+    for a, b in zip(off, mem, strict=True):
+        assert b["data"] == pytest.approx(a["data"], rel=5e-3)
+    z_off, z_mem = np.load(tmp_path / "off" / "z.npy"), np.load(tmp_path / "memory" / "z.npy")
+    assert np.corrcoef(z_off[:, 0], z_mem[:, 0])[0, 1] > 0.99

@@ -23,8 +23,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,12 @@ class TrainOptions:
     cache_dir: str = ""           # folder of a disk cache (empty: the run folder)
     encode_batch: int = 256       # particles per batch when computing the final latents
     seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> TrainOptions:
+        """The options a method's parameters name (same names, e.g. ``epochs``, ``cache``), then ``overrides``."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in params.items() if k in names}, **overrides})
 
 
 @dataclass

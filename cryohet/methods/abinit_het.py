@@ -81,9 +81,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         inference = {"kind": "amortised", "enc_layers": params["enc_layers"], "enc_dim": params["enc_dim"]}
     else:
         inference = {"kind": "autodecoder", "n_particles": len(pset), "latent_lr": params["latent_lr"]}
-    opts = TrainOptions(epochs=(params["rounds"] + 1) * params["epochs"], batch_size=params["train_batch_size"],
-                        lr=params["lr"], amp=params["amp"], cache=params["cache"], cache_dir=params["cache_dir"],
-                        seed=params["seed"])
+    opts = TrainOptions.from_params(params, epochs=(params["rounds"] + 1) * params["epochs"],
+                                    batch_size=params["train_batch_size"])
     search = ResearchSettings(params["search_angle_deg"], params["search_shift_A"],
                               band_limit_A=params["search_high_A"], amp=params["amp"],
                               batch_size=params["batch_size"])

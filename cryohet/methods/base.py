@@ -82,7 +82,7 @@ LATENT_POINT_PARAMS = (
     Param("n_frames", int, 10, "Maps along the --z to --z_end path.", min=2),
 )
 
-#: The prepared-image cache of the methods that train on ``inference.fit_neural`` (``data.image_cache``).
+#: The prepared-image cache of the methods on the shared trainer (``inference.trainer``, ``data.image_cache``).
 CACHE_PARAMS = (
     Param("cache", str, "auto", "Cache the prepared (windowed, Fourier-cropped, origin-corrected) images in float16 "
           "as the first epoch reads them, for the later epochs: memory, disk (a file in the run folder or "

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cryohet.methods.base import Method, Param
+from cryohet.methods.base import CACHE_PARAMS, Method, Param
 
 PARAMS = (
     Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
@@ -46,6 +47,7 @@ PARAMS = (
           "after every chunk of particles; amortised: after every epoch, --epochs is the new total)."),
     Param("chunk_images", int, 1024, "Images read from disk per block (direct: per checkpoint); memory ~ "
           "chunk_images × box² × 4 bytes.", min=1, expert=True),
+    *(replace(p, help=f"Amortised fit: {p.help[0].lower()}{p.help[1:]}") for p in CACHE_PARAMS),
 )
 
 
@@ -131,8 +133,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             extra = {"rlnAngleRot": eul[:, 0], "rlnAngleTilt": eul[:, 1], "rlnAnglePsi": eul[:, 2],
                      "rlnOriginXAngst": origin[:, 0], "rlnOriginYAngst": origin[:, 1]}
     else:
-        topts = TrainOptions(epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"],
-                             chunk_images=params["chunk_images"], seed=params["seed"])
+        topts = TrainOptions.from_params(params)
         _, tres = fit_amortised(model, reader, prep, topts, params["enc_layers"], params["enc_dim"],
                                 params["beta"], out, ctx.device, hooks, params["resume"])
         z = tres.z_mu.astype(np.float64)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from cryohet.methods._pose_outputs import POSE_PARAMS, pose_options
-from cryohet.methods.base import Method, Param
+from cryohet.methods.base import CACHE_PARAMS, Method, Param
 
 #: The particles and where their stacks are (shared with train-deform).
 PARTICLE_PARAMS = (
@@ -31,12 +31,13 @@ NETWORK_PARAMS = (
     Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32, expert=True),
     Param("dec_dim", int, 256, "Decoder layer width.", min=8, max=8192, expert=True),
 )
-#: Checkpoints and streaming (shared with train-deform).
+#: Checkpoints, streaming and the prepared-image cache (shared with train-deform).
 RUN_PARAMS = (
     Param("resume", bool, False, "Continue the run in this output folder from its checkpoint (written after every "
           "epoch); --epochs is the new total."),
     Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
           min=1, expert=True),
+    *CACHE_PARAMS,
     *POSE_PARAMS,
 )
 
@@ -124,8 +125,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                                                               seed=params["seed"]))))
     ctx.log.info("%d residues from %s, %d springs within %g Å; %d frequencies below %g Å", len(atoms),
                  params["model"], len(restraints.edges), params["cutoff_A"], len(prep.points), res_A)
-    opts = TrainOptions(epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"], amp=params["amp"],
-                        chunk_images=params["chunk_images"], seed=params["seed"])
+    opts = TrainOptions.from_params(params)
     objective, res, terms = fit_atomic(decoder, restraints, (params["elastic_weight"], params["clash_weight"]),
                                        reader, prep, opts, params["enc_layers"], params["enc_dim"], params["beta"],
                                        out, ctx.device, Hooks.of(ctx), params["resume"],

@@ -105,8 +105,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     prep.scale = decoder.data_scale = transform_rms(reader, prep, 1000, params["seed"])
     decoder.log_scale.data.fill_(float(np.log(estimate_scale(decoder, reader, prep, ctx.device,
                                                               seed=params["seed"]))))
-    opts = TrainOptions(epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"], amp=params["amp"],
-                        chunk_images=params["chunk_images"], seed=params["seed"])
+    opts = TrainOptions.from_params(params)
     objective, res, terms = fit_deform(decoder, (params["rigidity_weight"], params["drift_weight"]), reader, prep,
                                        opts, params["enc_layers"], params["enc_dim"], params["beta"], out, ctx.device,
                                        Hooks.of(ctx), params["resume"], poses=pose_options(params))

@@ -11,7 +11,7 @@ import numpy as np
 
 from cryohet.errors import InputError
 from cryohet.methods._pose_outputs import POSE_PARAMS, pose_options
-from cryohet.methods.base import DATADIR, Method, Param
+from cryohet.methods.base import CACHE_PARAMS, DATADIR, Method, Param
 from cryohet.methods.train_atomic import NETWORK_PARAMS
 
 PARAMS = (
@@ -68,6 +68,7 @@ PARAMS = (
           "the model of all particles as it was when they began."),
     Param("chunk_images", int, 4096, "Images read from disk per block; memory ~ chunk_images × box² × 4 bytes.",
           min=1, expert=True),
+    *CACHE_PARAMS,
     *POSE_PARAMS,
 )
 
@@ -222,8 +223,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                             params["clash_fraction"] * spacing, bonds)
     ctx.log.info("restraints: %d springs within %.2f Å, clashes below %.2f Å", len(restraints.edges),
                  restraints.cutoff_A, restraints.min_distance_A)
-    opts = TrainOptions(epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"], amp=params["amp"],
-                        chunk_images=params["chunk_images"], seed=params["seed"])
+    opts = TrainOptions.from_params(params)
     hooks = Hooks.of(ctx)
     factors = (params["elastic_weight"], params["clash_weight"])
     latent_kl: dict[str, float] = {}

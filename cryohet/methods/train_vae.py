@@ -145,10 +145,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         inference = {"kind": "amortised", "enc_layers": params["enc_layers"], "enc_dim": params["enc_dim"]}
     else:
         inference = {"kind": "autodecoder", "n_particles": len(pset), "latent_lr": params["latent_lr"]}
-    opts = TrainOptions(epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"],
-                        weight_decay=params["weight_decay"], amp=params["amp"], chunk_images=params["chunk_images"],
-                        prefetch=params["prefetch"], cache=params["cache"], cache_dir=params["cache_dir"],
-                        seed=params["seed"])
+    opts = TrainOptions.from_params(params)
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:
         ctx.log.setLevel(logging.WARNING)
