@@ -42,8 +42,15 @@ from cryohet.methods import get_method  # noqa: E402
 from cryohet.runner import run_method  # noqa: E402
 from cryohet.validation.cryobench_score import image_indices  # noqa: E402
 from cryohet.validation.datasets import CRYOBENCH, SIZES, load_dataset, make_dataset  # noqa: E402
-from cryohet.validation.score import score, score_arrays, score_cryodrgn, score_run, score_true_answer  # noqa: E402
-from cryohet.validation.sources import MapsModel, ParticleVolumes  # noqa: E402
+from cryohet.validation.score import (  # noqa: E402
+    score,
+    score_arrays,
+    score_cryodrgn,
+    score_one_map,
+    score_run,
+    score_true_answer,
+)
+from cryohet.validation.sources import ParticleVolumes  # noqa: E402
 
 METHODS = ("train-vae", "principal-volumes", "moments", "kernel-volumes", "hypermolecule", "train-gmm", "train-deform",
            "manifold-images", "manifold-volumes", "cryodrgn", "recovar")
@@ -121,10 +128,8 @@ def homogeneous(ds: Path, out: Path, threads: int, n_images: int) -> tuple[dict[
     run_method(get_method("reconstruct"), {"particles": str(ds / "particles.star"), "threads": threads,
                                            "overwrite": True}, run_dir)
     seconds = cpu_s() - t0
-    model = MapsModel([run_dir / "map.mrc"], np.zeros((1, 1)))
-    n = load_dataset(ds).n_particles
-    pv = ParticleVolumes.from_model(model, np.zeros((n, 1), np.float32), "one homogeneous map")
-    return score(ds, None, pv, label="reconstruct (one map)", n_images=n_images, **SCORE_KW)["summary"], seconds
+    return score_one_map(ds, run_dir / "map.mrc", label="reconstruct (one map)", n_images=n_images,
+                         **SCORE_KW)["summary"], seconds
 
 
 # ------------------------------------------------------------------------------------------------- peers
