@@ -50,7 +50,7 @@ from cryohet.validation.score import (  # noqa: E402
     score_run,
     score_true_answer,
 )
-from cryohet.validation.sources import ParticleVolumes  # noqa: E402
+from cryohet.validation.sources import ParticleVolumes, run_latents, run_volume_model  # noqa: E402
 
 METHODS = ("train-vae", "principal-volumes", "moments", "kernel-volumes", "hypermolecule", "train-gmm", "train-deform",
            "manifold-images", "manifold-volumes", "cryodrgn", "recovar")
@@ -59,6 +59,8 @@ LABELS = {"reconstruct": "reconstruct (one map)", "cryodrgn": "cryoDRGN 4.3.1", 
 SCORE_KW = {"n_per_state": 1, "max_states": 4}
 COLUMNS = ("per_image_fsc_auc", "per_state_fsc_auc", "neighbourhood_similarity", "ii_latent_to_truth",
            "ii_truth_to_latent")
+#: the optional column (``--mean_latent``): per-image FSC AUC of the run's map at its mean latent, for every image
+MEAN_LATENT = "mean_latent_per_image_fsc_auc"
 
 
 def ensure_dataset(root: Path, name: str, size: str, n: int, snr: float = 0.0) -> Path:
@@ -227,15 +229,28 @@ def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[di
     run_dir = out / method                  # a finished run is scored again, not rerun
     seconds = timed_once(out / f"{method}.cpu_s", lambda: run_method(
         get_method(method), {**cryohet_params(method, a, ds, out), "threads": a.threads, "overwrite": True}, run_dir))
-    return score_run(run_dir, ds, n_images=a.n_images, **SCORE_KW)["summary"], seconds
+    summary = score_run(run_dir, ds, n_images=a.n_images, **SCORE_KW)["summary"]
+    if "per_image_fsc_auc" in summary:
+        summary[MEAN_LATENT] = mean_latent_score(run_dir, ds, a.n_images)
+    return summary, seconds
+
+
+def mean_latent_score(run_dir: Path, ds: Path, n_images: int) -> float:
+    """Per-image FSC AUC of one map, the run's map at its particles' mean latent, given to every image: set
+    beside the run's own score, it tells what its latents add from what its kind of map gains over
+    ``reconstruct``'s (e.g. a mixture of Gaussians has no noise in the solvent)."""
+    z = run_latents(run_dir)
+    vol = run_volume_model(run_dir).volumes(z.mean(0, keepdims=True).astype(np.float32))[0]
+    return score_one_map(ds, vol, label="map at the mean latent", n_images=n_images,
+                         **SCORE_KW)["summary"]["per_image_fsc_auc"]
 
 
 # ------------------------------------------------------------------------------------------------- table
 
-def row(name: str, method: str, s: dict[str, Any], seconds: float | None, peer: dict[str, Any] | None = None
-        ) -> str:
+def row(name: str, method: str, s: dict[str, Any], seconds: float | None, peer: dict[str, Any] | None = None,
+        columns: tuple[str, ...] = COLUMNS) -> str:
     """A table row; with ``peer`` (cryoDRGN's record on the set) the per-image FSC AUC and CPU-time ratios."""
-    cells = [f"{s[c]:.3f}" if isinstance(s.get(c), float) else "–" for c in COLUMNS]
+    cells = [f"{s[c]:.3f}" if isinstance(s.get(c), float) else "–" for c in columns]
     cells.append("–" if seconds is None else f"{seconds:.0f}")
     ratio = "–"
     if peer and peer.get("seconds") and seconds and "per_image_fsc_auc" in s:
@@ -266,17 +281,22 @@ def main() -> int:
     ap.add_argument("--recovar_images", type=int, default=100, help="images whose RECOVAR maps are scored")
     ap.add_argument("--no_cryodrgn_maps", dest="cryodrgn_maps", action="store_false",
                     help="score cryoDRGN's latents only (no eval_vol)")
+    ap.add_argument("--mean_latent", action="store_true",
+                    help="add the column 'map at the mean latent': the per-image FSC AUC of one map, the run's at its "
+                         "particles' mean latent, given to every image (cryohet methods with a volume model)")
     ap.add_argument("--table_only", action="store_true", help="only tabulate the runs already scored (no new runs)")
     a = ap.parse_args()
     lines: list[str] = []
+    cols = COLUMNS + ((MEAN_LATENT,) if a.mean_latent else ())
     for name in a.sets:
         ds = ensure_dataset(a.data, name, a.size, a.n, a.snr)
         name = ds.name
         out = a.out / name
         out.mkdir(parents=True, exist_ok=True)
         kw = dict(n_images=a.n_images, **SCORE_KW)
-        lines.append(row(name, "truth (ceiling)", score_true_answer(ds, **kw)["summary"], None))
-        lines.append(row(name, "shuffled truth (chance)", score_true_answer(ds, shuffle=True, **kw)["summary"], None))
+        lines.append(row(name, "truth (ceiling)", score_true_answer(ds, **kw)["summary"], None, columns=cols))
+        lines.append(row(name, "shuffled truth (chance)", score_true_answer(ds, shuffle=True, **kw)["summary"], None,
+                         columns=cols))
         records: dict[str, dict[str, Any]] = {}
         for m in ["reconstruct"] + a.methods:
             cache = out / f"{m}.score.json"
@@ -295,9 +315,10 @@ def main() -> int:
         peer = records.get("cryodrgn") if not records.get("cryodrgn", {}).get("error") else None
         for m, rec in records.items():
             label = LABELS.get(m, m) + (f" (failed: {rec['error'][:100]})" if rec.get("error") else "")
-            lines.append(row(name, label, rec["summary"], rec["seconds"], peer))
+            lines.append(row(name, label, rec["summary"], rec["seconds"], peer, cols))
+    extra = " map at the mean latent: per-image FSC AUC |" if a.mean_latent else ""
     head = ("| set | method | per-image FSC AUC | per-state FSC AUC | neighbourhood similarity | II latent→truth | "
-            "II truth→latent | CPU (s) | vs cryoDRGN: FSC AUC / time |\n|---|---|---|---|---|---|---|---|---|")
+            f"II truth→latent |{extra} CPU (s) | vs cryoDRGN: FSC AUC / time |\n" + "|---" * (len(cols) + 4) + "|")
     table = head + "\n" + "\n".join(lines)
     (a.out / "leaderboard.md").write_text(table + "\n")
     print(table)
