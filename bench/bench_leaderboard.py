@@ -9,7 +9,12 @@ when missing; ``--size full`` for the GPU-sized sets; ``--snr`` makes ``<set>-sn
 the preset's). Rows per set: the truth (ceiling) and the shuffled truth (chance), one homogeneous map
 (``reconstruct``: every image gets the same map), then each method at its defaults except ``--epochs`` for the
 trained ones, ``--width`` for train-vae, and ``--resolution_A`` (the true maps' resolution, 2.5 × the pixel size)
-for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å). cryoDRGN runs ``train_vae`` (zdim 8,
+for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å); ``moments`` at the true maps' support
+diameter and a CPU-sized 30 Å limit with 10 CG steps (``MOMENTS_CPU``). A run whose model is not a volume model
+(manifold-images' free-energy profile, manifold-volumes' embedding) is scored on its maps (kernel maps along the
+coordinate, state maps) at the nearest latent point; ``--mean_latent`` adds a column: each cryohet run's map at
+its particles' mean latent given to every image, which separates what the latents add from what the kind of map
+gains (``mean_latent_score``). cryoDRGN runs ``train_vae`` (zdim 8,
 3 × ``--width`` encoder and decoder layers, as train-vae) from its own environment (``--cryodrgn``;
 ``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
 ``cryodrgn eval_vol`` in both hands, the better kept (CryoBench aligns and flips them too). RECOVAR runs
@@ -106,6 +111,13 @@ def support_diameter_A(ds: Path, rel: float = 0.02, margin_px: int = 1) -> float
     return float(2 * (r_px + margin_px) * dset.apix)
 
 
+#: moments on a CPU: its default 20 Å limit puts about 1900 band-limited functions in the 194 Å ball of igg-1d
+#: (4945 voxels), and each CG step (a pass computing every image's Q (2p × d') and the operator, 4 r d'² per image)
+#: then takes about half an hour of CPU; at 30 Å d' is 560 (1002 at 25 Å) and a step about a minute, and CG (which
+#: converges in 10-15 steps on the hinge benchmarks) is stopped after 10
+MOMENTS_CPU = {"resolution_A": 30.0, "max_iter": 10}
+
+
 def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> dict[str, Any]:
     """Defaults except the epochs and, for the methods with a resolution limit, the true maps' resolution."""
     star = str(ds / "particles.star")
@@ -114,7 +126,7 @@ def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> d
     return {"train-vae": {"particles": star, "epochs": a.epochs, "enc_dim": a.width, "dec_dim": a.width,
                           **json.loads(a.vae)},
             "principal-volumes": {"particles": star, "resolution_A": res},
-            "moments": {"particles": star, "diameter_A": support_diameter_A(ds), "batch_size": 32},
+            "moments": {"particles": star, "diameter_A": support_diameter_A(ds), "batch_size": 32, **MOMENTS_CPU},
             "hypermolecule": {"particles": star, "resolution_A": res},
             "train-gmm": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
             "train-deform": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
