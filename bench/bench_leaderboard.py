@@ -14,7 +14,8 @@ diameter and a CPU-sized 30 Å limit with 10 CG steps (``MOMENTS_CPU``). A run w
 (manifold-images' free-energy profile, manifold-volumes' embedding) is scored on its maps (kernel maps along the
 coordinate, state maps) at the nearest latent point; ``--mean_latent`` adds a column: each cryohet run's map at
 its particles' mean latent given to every image, which separates what the latents add from what the kind of map
-gains (``mean_latent_score``). cryoDRGN runs ``train_vae`` (zdim 8,
+gains (``mean_latent_score``). ``kernel-volumes`` maps at train-vae's latents, ``kernel-volumes@moments`` at
+moments'. cryoDRGN runs ``train_vae`` (zdim 8,
 3 × ``--width`` encoder and decoder layers, as train-vae) from its own environment (``--cryodrgn``;
 ``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
 ``cryodrgn eval_vol`` in both hands, the better kept (CryoBench aligns and flips them too). RECOVAR runs
@@ -58,7 +59,7 @@ from cryohet.validation.score import (  # noqa: E402
 from cryohet.validation.sources import ParticleVolumes, run_latents, run_volume_model  # noqa: E402
 
 METHODS = ("train-vae", "principal-volumes", "moments", "kernel-volumes", "hypermolecule", "train-gmm", "train-deform",
-           "manifold-images", "manifold-volumes", "cryodrgn", "recovar")
+           "manifold-images", "manifold-volumes", "kernel-volumes@moments", "cryodrgn", "recovar")
 LABELS = {"reconstruct": "reconstruct (one map)", "cryodrgn": "cryoDRGN 4.3.1", "recovar": "RECOVAR 1.0.5"}
 #: The table's scores are CryoBench's; the older per-state FSC of ``score`` (not in the table) is kept cheap.
 SCORE_KW = {"n_per_state": 1, "max_states": 4}
@@ -131,6 +132,7 @@ def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> d
             "train-gmm": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
             "train-deform": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
             "kernel-volumes": {"run": str(out / "train-vae")},
+            "kernel-volumes@moments": {"run": str(out / "moments")},
             "manifold-images": {"particles": star},
             "manifold-volumes": {"particles": star}}[method]
 
@@ -240,7 +242,8 @@ def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[di
         return run_recovar(a.recovar, ds, out / "recovar", a.threads, a.recovar_images)
     run_dir = out / method                  # a finished run is scored again, not rerun
     seconds = timed_once(out / f"{method}.cpu_s", lambda: run_method(
-        get_method(method), {**cryohet_params(method, a, ds, out), "threads": a.threads, "overwrite": True}, run_dir))
+        get_method(method.split("@")[0]), {**cryohet_params(method, a, ds, out), "threads": a.threads,
+                                           "overwrite": True}, run_dir))
     summary = score_run(run_dir, ds, n_images=a.n_images, **SCORE_KW)["summary"]
     if "per_image_fsc_auc" in summary:
         summary[MEAN_LATENT] = mean_latent_score(run_dir, ds, a.n_images)
