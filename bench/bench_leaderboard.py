@@ -9,7 +9,13 @@ when missing; ``--size full`` for the GPU-sized sets; ``--snr`` makes ``<set>-sn
 the preset's). Rows per set: the truth (ceiling) and the shuffled truth (chance), one homogeneous map
 (``reconstruct``: every image gets the same map), then each method at its defaults except ``--epochs`` for the
 trained ones, ``--width`` for train-vae, and ``--resolution_A`` (the true maps' resolution, 2.5 × the pixel size)
-for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å). cryoDRGN runs ``train_vae`` (zdim 8,
+for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å); ``moments`` at the true maps' support
+diameter and a CPU-sized 30 Å limit with 10 CG steps (``MOMENTS_CPU``). A run whose model is not a volume model
+(manifold-images' free-energy profile, manifold-volumes' embedding) is scored on its maps (kernel maps along the
+coordinate, state maps) at the nearest latent point; ``--mean_latent`` adds a column: each cryohet run's map at
+its particles' mean latent given to every image, which separates what the latents add from what the kind of map
+gains (``mean_latent_score``). ``kernel-volumes`` maps at train-vae's latents, ``kernel-volumes@moments`` at
+moments'. cryoDRGN runs ``train_vae`` (zdim 8,
 3 × ``--width`` encoder and decoder layers, as train-vae) from its own environment (``--cryodrgn``;
 ``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
 ``cryodrgn eval_vol`` in both hands, the better kept (CryoBench aligns and flips them too). RECOVAR runs
@@ -42,16 +48,25 @@ from cryohet.methods import get_method  # noqa: E402
 from cryohet.runner import run_method  # noqa: E402
 from cryohet.validation.cryobench_score import image_indices  # noqa: E402
 from cryohet.validation.datasets import CRYOBENCH, SIZES, load_dataset, make_dataset  # noqa: E402
-from cryohet.validation.score import score, score_arrays, score_cryodrgn, score_run, score_true_answer  # noqa: E402
-from cryohet.validation.sources import MapsModel, ParticleVolumes  # noqa: E402
+from cryohet.validation.score import (  # noqa: E402
+    score,
+    score_arrays,
+    score_cryodrgn,
+    score_one_map,
+    score_run,
+    score_true_answer,
+)
+from cryohet.validation.sources import ParticleVolumes, run_latents, run_volume_model  # noqa: E402
 
 METHODS = ("train-vae", "principal-volumes", "moments", "kernel-volumes", "hypermolecule", "train-gmm", "train-deform",
-           "manifold-images", "manifold-volumes", "cryodrgn", "recovar")
+           "manifold-images", "manifold-volumes", "kernel-volumes@moments", "cryodrgn", "recovar")
 LABELS = {"reconstruct": "reconstruct (one map)", "cryodrgn": "cryoDRGN 4.3.1", "recovar": "RECOVAR 1.0.5"}
 #: The table's scores are CryoBench's; the older per-state FSC of ``score`` (not in the table) is kept cheap.
 SCORE_KW = {"n_per_state": 1, "max_states": 4}
 COLUMNS = ("per_image_fsc_auc", "per_state_fsc_auc", "neighbourhood_similarity", "ii_latent_to_truth",
            "ii_truth_to_latent")
+#: the optional column (``--mean_latent``): per-image FSC AUC of the run's map at its mean latent, for every image
+MEAN_LATENT = "mean_latent_per_image_fsc_auc"
 
 
 def ensure_dataset(root: Path, name: str, size: str, n: int, snr: float = 0.0) -> Path:
@@ -97,6 +112,13 @@ def support_diameter_A(ds: Path, rel: float = 0.02, margin_px: int = 1) -> float
     return float(2 * (r_px + margin_px) * dset.apix)
 
 
+#: moments on a CPU: its default 20 Å limit puts about 1900 band-limited functions in the 194 Å ball of igg-1d
+#: (4945 voxels), and each CG step (a pass computing every image's Q (2p × d') and the operator, 4 r d'² per image)
+#: then takes about half an hour of CPU; at 30 Å d' is 560 (1002 at 25 Å) and a step about a minute, and CG (which
+#: converges in 10-15 steps on the hinge benchmarks) is stopped after 10
+MOMENTS_CPU = {"resolution_A": 30.0, "max_iter": 10}
+
+
 def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> dict[str, Any]:
     """Defaults except the epochs and, for the methods with a resolution limit, the true maps' resolution."""
     star = str(ds / "particles.star")
@@ -105,11 +127,12 @@ def cryohet_params(method: str, a: argparse.Namespace, ds: Path, out: Path) -> d
     return {"train-vae": {"particles": star, "epochs": a.epochs, "enc_dim": a.width, "dec_dim": a.width,
                           **json.loads(a.vae)},
             "principal-volumes": {"particles": star, "resolution_A": res},
-            "moments": {"particles": star, "diameter_A": support_diameter_A(ds), "batch_size": 32},
+            "moments": {"particles": star, "diameter_A": support_diameter_A(ds), "batch_size": 32, **MOMENTS_CPU},
             "hypermolecule": {"particles": star, "resolution_A": res},
             "train-gmm": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
             "train-deform": {"particles": star, "consensus_map": consensus, "epochs": a.epochs, "resolution_A": res},
             "kernel-volumes": {"run": str(out / "train-vae")},
+            "kernel-volumes@moments": {"run": str(out / "moments")},
             "manifold-images": {"particles": star},
             "manifold-volumes": {"particles": star}}[method]
 
@@ -121,10 +144,8 @@ def homogeneous(ds: Path, out: Path, threads: int, n_images: int) -> tuple[dict[
     run_method(get_method("reconstruct"), {"particles": str(ds / "particles.star"), "threads": threads,
                                            "overwrite": True}, run_dir)
     seconds = cpu_s() - t0
-    model = MapsModel([run_dir / "map.mrc"], np.zeros((1, 1)))
-    n = load_dataset(ds).n_particles
-    pv = ParticleVolumes.from_model(model, np.zeros((n, 1), np.float32), "one homogeneous map")
-    return score(ds, None, pv, label="reconstruct (one map)", n_images=n_images, **SCORE_KW)["summary"], seconds
+    return score_one_map(ds, run_dir / "map.mrc", label="reconstruct (one map)", n_images=n_images,
+                         **SCORE_KW)["summary"], seconds
 
 
 # ------------------------------------------------------------------------------------------------- peers
@@ -221,16 +242,30 @@ def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[di
         return run_recovar(a.recovar, ds, out / "recovar", a.threads, a.recovar_images)
     run_dir = out / method                  # a finished run is scored again, not rerun
     seconds = timed_once(out / f"{method}.cpu_s", lambda: run_method(
-        get_method(method), {**cryohet_params(method, a, ds, out), "threads": a.threads, "overwrite": True}, run_dir))
-    return score_run(run_dir, ds, n_images=a.n_images, **SCORE_KW)["summary"], seconds
+        get_method(method.split("@")[0]), {**cryohet_params(method, a, ds, out), "threads": a.threads,
+                                           "overwrite": True}, run_dir))
+    summary = score_run(run_dir, ds, n_images=a.n_images, **SCORE_KW)["summary"]
+    if "per_image_fsc_auc" in summary:
+        summary[MEAN_LATENT] = mean_latent_score(run_dir, ds, a.n_images)
+    return summary, seconds
+
+
+def mean_latent_score(run_dir: Path, ds: Path, n_images: int) -> float:
+    """Per-image FSC AUC of one map, the run's map at its particles' mean latent, given to every image: set
+    beside the run's own score, it tells what its latents add from what its kind of map gains over
+    ``reconstruct``'s (e.g. a mixture of Gaussians has no noise in the solvent)."""
+    z = run_latents(run_dir)
+    vol = run_volume_model(run_dir).volumes(z.mean(0, keepdims=True).astype(np.float32))[0]
+    return score_one_map(ds, vol, label="map at the mean latent", n_images=n_images,
+                         **SCORE_KW)["summary"]["per_image_fsc_auc"]
 
 
 # ------------------------------------------------------------------------------------------------- table
 
-def row(name: str, method: str, s: dict[str, Any], seconds: float | None, peer: dict[str, Any] | None = None
-        ) -> str:
+def row(name: str, method: str, s: dict[str, Any], seconds: float | None, peer: dict[str, Any] | None = None,
+        columns: tuple[str, ...] = COLUMNS) -> str:
     """A table row; with ``peer`` (cryoDRGN's record on the set) the per-image FSC AUC and CPU-time ratios."""
-    cells = [f"{s[c]:.3f}" if isinstance(s.get(c), float) else "–" for c in COLUMNS]
+    cells = [f"{s[c]:.3f}" if isinstance(s.get(c), float) else "–" for c in columns]
     cells.append("–" if seconds is None else f"{seconds:.0f}")
     ratio = "–"
     if peer and peer.get("seconds") and seconds and "per_image_fsc_auc" in s:
@@ -261,17 +296,22 @@ def main() -> int:
     ap.add_argument("--recovar_images", type=int, default=100, help="images whose RECOVAR maps are scored")
     ap.add_argument("--no_cryodrgn_maps", dest="cryodrgn_maps", action="store_false",
                     help="score cryoDRGN's latents only (no eval_vol)")
+    ap.add_argument("--mean_latent", action="store_true",
+                    help="add the column 'map at the mean latent': the per-image FSC AUC of one map, the run's at its "
+                         "particles' mean latent, given to every image (cryohet methods with a volume model)")
     ap.add_argument("--table_only", action="store_true", help="only tabulate the runs already scored (no new runs)")
     a = ap.parse_args()
     lines: list[str] = []
+    cols = COLUMNS + ((MEAN_LATENT,) if a.mean_latent else ())
     for name in a.sets:
         ds = ensure_dataset(a.data, name, a.size, a.n, a.snr)
         name = ds.name
         out = a.out / name
         out.mkdir(parents=True, exist_ok=True)
         kw = dict(n_images=a.n_images, **SCORE_KW)
-        lines.append(row(name, "truth (ceiling)", score_true_answer(ds, **kw)["summary"], None))
-        lines.append(row(name, "shuffled truth (chance)", score_true_answer(ds, shuffle=True, **kw)["summary"], None))
+        lines.append(row(name, "truth (ceiling)", score_true_answer(ds, **kw)["summary"], None, columns=cols))
+        lines.append(row(name, "shuffled truth (chance)", score_true_answer(ds, shuffle=True, **kw)["summary"], None,
+                         columns=cols))
         records: dict[str, dict[str, Any]] = {}
         for m in ["reconstruct"] + a.methods:
             cache = out / f"{m}.score.json"
@@ -290,9 +330,10 @@ def main() -> int:
         peer = records.get("cryodrgn") if not records.get("cryodrgn", {}).get("error") else None
         for m, rec in records.items():
             label = LABELS.get(m, m) + (f" (failed: {rec['error'][:100]})" if rec.get("error") else "")
-            lines.append(row(name, label, rec["summary"], rec["seconds"], peer))
+            lines.append(row(name, label, rec["summary"], rec["seconds"], peer, cols))
+    extra = " map at the mean latent: per-image FSC AUC |" if a.mean_latent else ""
     head = ("| set | method | per-image FSC AUC | per-state FSC AUC | neighbourhood similarity | II latent→truth | "
-            "II truth→latent | CPU (s) | vs cryoDRGN: FSC AUC / time |\n|---|---|---|---|---|---|---|---|---|")
+            f"II truth→latent |{extra} CPU (s) | vs cryoDRGN: FSC AUC / time |\n" + "|---" * (len(cols) + 4) + "|")
     table = head + "\n" + "\n".join(lines)
     (a.out / "leaderboard.md").write_text(table + "\n")
     print(table)

@@ -26,10 +26,11 @@ from cryohet.geometry.fourier import fft3c
 from cryohet.geometry.gaussian_slices import raised_cosine_lowpass
 from cryohet.geometry.gaussians import SIGMA_PER_RESOLUTION, lowpass_map
 from cryohet.io.atomic_model import Atoms, box_centre_A
+from cryohet.models.gaussian_mixture import support_threshold
 
 #: default threshold of the low-passed consensus for the mask, as a fraction of its maximum
 AUTO_THRESHOLD = 0.1
-#: the mask must hold at least this fraction of the consensus' positive density (else it excludes the particle)
+#: the mask must hold at least this fraction of the consensus' density above the noise (else it excludes the particle)
 MIN_MASS_INSIDE = 0.5
 
 
@@ -44,7 +45,8 @@ def consensus_mask(consensus: np.ndarray, apix: float, resolution_A: float, mask
                    threshold: float, source: str | Path, mask_source: str | Path | None) -> np.ndarray:
     """Boolean (z, y, x) mask of the particle: ``mask`` > 0.5, or the consensus low-passed at ``resolution_A``
     above ``threshold`` (≤ 0: ``AUTO_THRESHOLD`` × its maximum), largest piece, dilated by resolution/2.
-    InputError naming the mask (or the consensus) when it holds less than ``MIN_MASS_INSIDE`` of the density."""
+    InputError naming the mask (or the consensus) when it holds less than ``MIN_MASS_INSIDE`` of the density
+    above the noise around the particle (``gaussian_mixture.support_threshold``)."""
     from scipy import ndimage
 
     low = lowpass_map(torch.as_tensor(consensus, dtype=torch.float64), apix, resolution_A).numpy()
@@ -63,12 +65,17 @@ def consensus_mask(consensus: np.ndarray, apix: float, resolution_A: float, mask
         r = max(1, round(resolution_A / 2 / apix))
         ball = np.sum(np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1] ** 2, 0) <= r * r
         keep = ndimage.binary_dilation(keep, ball)
-    positive = np.clip(low, 0, None)
-    inside = float(positive[keep].sum() / positive.sum())
+    # the particle's density is what lies above the noise around it (support_threshold): an unmasked consensus
+    # from noisy images holds as much positive noise in its solvent as density in the particle
+    particle = np.where(low > support_threshold(low, apix), low, 0.0)
+    if not particle.any():
+        raise InputError(source, f"no voxel of the consensus low-passed at {resolution_A:g} Å stands above the "
+                                 "noise around the particle (5 σ of the values outside 0.45 × the box)")
+    inside = float(particle[keep].sum() / particle.sum())
     if inside < MIN_MASS_INSIDE:
         raise InputError(mask_source or source, f"the mask holds {100 * inside:.0f} % of the consensus map's "
-                                                f"density (at least {100 * MIN_MASS_INSIDE:.0f} % needed): it "
-                                                "excludes the particle (is it for another map or box?)")
+                                                f"density above its noise (at least {100 * MIN_MASS_INSIDE:.0f} % "
+                                                "needed): it excludes the particle (is it for another map or box?)")
     return keep
 
 

@@ -227,18 +227,32 @@ def score_true_answer(dataset_dir: str | Path | BenchmarkDataset, shuffle: bool 
     return score(ds, z, pv, label="truth (shuffled)" if shuffle else "truth", seed=seed, **kw)
 
 
+def score_one_map(dataset_dir: str | Path | BenchmarkDataset, volume: np.ndarray | str | Path,
+                  label: str = "one homogeneous map", **kw: Any) -> dict[str, Any]:
+    """Score one map (an array at the dataset's box and pixel size, or an MRC file) given to every particle
+    (volume scores only): the homogeneous reference that a heterogeneity method's maps have to beat."""
+    from cryohet.models.maps import MapsModel
+
+    ds = dataset_dir if isinstance(dataset_dir, BenchmarkDataset) else load_dataset(dataset_dir)
+    maps = [volume] if isinstance(volume, (str, Path)) else np.asarray(volume, dtype=np.float32)[None]
+    model = MapsModel(maps, np.zeros((1, 1)), None if isinstance(volume, (str, Path)) else ds.apix)
+    pv = ParticleVolumes.from_model(model, np.zeros((ds.n_particles, 1), np.float32), label)
+    return score(ds, None, pv, label=label, **kw)
+
+
 def score_run(run_dir: str | Path, dataset_dir: str | Path, volumes: bool = True, **kw: Any) -> dict[str, Any]:
     """Score a cryohet run folder: its registered ``latents`` and, when it has a ``model`` output and
-    ``volumes``, the maps of that model at each particle's latent (cryohet.models.base.load_volume_model)."""
+    ``volumes``, the maps of that model at each particle's latent (cryohet.models.base.load_volume_model; for a
+    model that is not a volume model, the maps of its first volume series at the nearest latent point)."""
     from cryohet.record import read_record
-    from cryohet.validation.sources import load_run_volume_model, run_latents
+    from cryohet.validation.sources import run_latents, run_volume_model
 
     run_dir = Path(run_dir)
     record = read_record(run_dir)
     z = run_latents(run_dir)
     pv = None
     if volumes and record.of_kind("model"):
-        model = load_run_volume_model(run_dir)
+        model = run_volume_model(run_dir)
         pv = ParticleVolumes.from_model(model, z, f"{record.method} model")
     kw.setdefault("label", record.method)
     return score(dataset_dir, z, pv, **kw)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cryohet.errors import InputError
-from cryohet.models.base import VolumeModel, load_volume_model
+from cryohet.models.base import VolumeModel, load_volume_model, model_modules
 from cryohet.models.maps import MODEL_TYPE as MAPS_MODEL_TYPE  # noqa: F401  (re-exported)
 from cryohet.models.maps import MapsModel
 from cryohet.record import read_record
@@ -19,6 +19,29 @@ from cryohet.record import read_record
 def load_run_volume_model(run_dir: str | Path) -> VolumeModel:
     """The VolumeModel of a run, whatever its model type (``cryohet.models.base.load_volume_model``)."""
     return load_volume_model(run_dir)
+
+
+def series_volume_model(run_dir: str | Path) -> MapsModel:
+    """The maps of a run's first ``volume_series`` (record order) as a MapsModel at their latent points (meta
+    ``z``): any latent gets the map of the nearest point (manifold-volumes' state maps at the state centres,
+    manifold-images' kernel maps along its coordinate)."""
+    run_dir = Path(run_dir)
+    outs = read_record(run_dir).of_kind("volume_series")
+    if not outs:
+        raise InputError(run_dir, "the run has no volume model and no volume series to score")
+    first = [o for o in outs if o.meta.get("series") == outs[0].meta.get("series")]
+    first.sort(key=lambda o: int(o.meta.get("index", 0)))
+    return MapsModel([run_dir / o.path for o in first], np.array([o.meta["z"] for o in first], dtype=np.float64))
+
+
+def run_volume_model(run_dir: str | Path) -> VolumeModel:
+    """The run's VolumeModel (``load_run_volume_model``) or, when its ``model`` output is not a volume model
+    (manifold-images' free-energy landscape, manifold-volumes' volume embedding), its first volume series as
+    maps at latent points (``series_volume_model``)."""
+    models = read_record(run_dir).of_kind("model")
+    if models and models[0].meta.get("model_type") not in model_modules():
+        return series_volume_model(run_dir)
+    return load_run_volume_model(run_dir)
 
 
 def run_latents(run_dir: str | Path) -> np.ndarray:
