@@ -32,6 +32,8 @@ PARAMS = (
           "pixels) against the mean squared error of images normalised to unit RMS (β = 2 is the ELBO itself "
           "where the images are mostly noise); 0 means 1/zdim (cryoDRGN's default; at low SNR the latents then "
           "fit noise: 1 with --anchor homogeneous there).", min=0.0),
+    Param("beta_warmup", int, 0, "Epochs over which β rises geometrically from 1/zdim to --beta (a latent that "
+          "carries signal forms in the first epochs, fitting noise takes longer); 0: β from the start.", min=0),
     Param("inference", str, "amortised", "How each particle's latent z is inferred: amortised (an encoder of the "
           "image, the VAE of cryoDRGN) or autodecoder (a free latent per particle, optimised with the volume, as "
           "3DFlex and DRGN-AI do; no encoder).", choices=("amortised", "autodecoder")),
@@ -54,6 +56,9 @@ PARAMS = (
           "homogeneous (the network learns a residual on the homogeneous reconstruction of the same particles, "
           "FSC-weighted per shell, and starts at zero: for low-SNR sets whose latents carry little, with --beta 1; "
           "at high SNR its latents learn the motion more slowly).", choices=("homogeneous", "none")),
+    Param("anchor_fraction", float, 1.0, "With --anchor homogeneous: the base is this fraction of the homogeneous "
+          "map and the network learns the rest of the mean with the latent's changes (below 1 its output is used "
+          "from the first steps, so the latent forms as without an anchor).", min=0.01, max=1.0),
     Param("domain", str, "fourier", "Decoder output: fourier (real and imaginary parts on a half-space, Hermitian "
           "symmetry exact, half the evaluations) or hartley (one value per frequency, cryoDRGN's --domain hartley).",
           choices=("fourier", "hartley"), expert=True),
@@ -140,7 +145,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                        dec_dim=params["dec_dim"], pe_type=params["pe_type"], pe_dim=params["pe_dim"],
                        feat_sigma=params["feat_sigma"], domain=params["domain"], max_freq=max_freq,
                        activation=params["activation"], seed=params["seed"],
-                       anchor=params["anchor"] == "homogeneous")
+                       anchor=params["anchor"] == "homogeneous", anchor_fraction=params["anchor_fraction"])
     if params["inference"] == "amortised":
         inference = {"kind": "amortised", "enc_layers": params["enc_layers"], "enc_dim": params["enc_dim"]}
     else:
@@ -155,7 +160,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     init = _model_file(params["init_model"]) if params["init_model"] else None
     objective, res = fit_neural(pset, cfg, inference, opts, ctx.out_dir, ctx.device, ctx, beta=params["beta"],
                                 window_radius=params["window_radius"], resume=params["resume"], init_model=init,
-                                poses=pose_options(params), march=params["freq_march"])
+                                poses=pose_options(params), march=params["freq_march"],
+                                beta_warmup=params["beta_warmup"])
     poses = getattr(objective, "poses", None)
     out = Path(ctx.out_dir)
     d = cfg.zdim
