@@ -28,12 +28,12 @@ PARAMS = (
     Param("batch_size", int, 16, "Particles per optimisation step, all GPUs/ranks together (a multiple of their "
           "number).", min=1),
     Param("lr", float, 1e-4, "Adam learning rate.", min=0.0),
-    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO: the KL of an image counts β / (2 × its fitted "
+    Param("beta", float, 1.0, "Weight β of the KL term of the ELBO: the KL of an image counts β / (2 × its fitted "
           "pixels) against the mean squared error of images normalised to unit RMS (β = 2 is the ELBO itself "
           "where the images are mostly noise); 0 means 1/zdim (cryoDRGN's default; at low SNR the latents then "
-          "fit noise: 1 with --anchor homogeneous there).", min=0.0),
-    Param("beta_warmup", int, 0, "Epochs over which β rises geometrically from 1/zdim to --beta (a latent that "
-          "carries signal forms in the first epochs, fitting noise takes longer); 0: β from the start.", min=0),
+          "fit noise).", min=0.0),
+    Param("beta_warmup", int, 2, "Epochs over which β rises geometrically from 1/zdim to --beta: a latent that "
+          "carries signal forms in the first epochs, fitting noise takes longer; 0: β from the start.", min=0),
     Param("inference", str, "amortised", "How each particle's latent z is inferred: amortised (an encoder of the "
           "image, the VAE of cryoDRGN) or autodecoder (a free latent per particle, optimised with the volume, as "
           "3DFlex and DRGN-AI do; no encoder).", choices=("amortised", "autodecoder")),
@@ -52,13 +52,14 @@ PARAMS = (
           "linearly from a quarter of the resolution circle's radius to all of it (the low frequencies are fitted "
           "first, those epochs evaluate the decoder on fewer pixels); 0: the whole circle from the start.", min=0.0,
           max=0.9),
-    Param("anchor", str, "none", "Base of the decoder: none (the network is the whole map, cryoDRGN's decoder) or "
-          "homogeneous (the network learns a residual on the homogeneous reconstruction of the same particles, "
-          "FSC-weighted per shell, and starts at zero: for low-SNR sets whose latents carry little, with --beta 1; "
-          "at high SNR its latents learn the motion more slowly).", choices=("homogeneous", "none")),
-    Param("anchor_fraction", float, 1.0, "With --anchor homogeneous: the base is this fraction of the homogeneous "
+    Param("anchor", str, "homogeneous", "Base of the decoder: homogeneous (the network learns a residual on "
+          "--anchor_fraction × the homogeneous reconstruction of the same particles, FSC-weighted per shell, and "
+          "starts at zero; the per-particle maps are then at least that map where the latents carry little) or none "
+          "(the network is the whole map, cryoDRGN's decoder).", choices=("homogeneous", "none")),
+    Param("anchor_fraction", float, 0.8, "With --anchor homogeneous: the base is this fraction of the homogeneous "
           "map and the network learns the rest of the mean with the latent's changes (below 1 its output is used "
-          "from the first steps, so the latent forms as without an anchor).", min=0.01, max=1.0),
+          "from the first steps, so the latent forms as without an anchor; at 1 it forms slowly).", min=0.01,
+          max=1.0),
     Param("domain", str, "fourier", "Decoder output: fourier (real and imaginary parts on a half-space, Hermitian "
           "symmetry exact, half the evaluations) or hartley (one value per frequency, cryoDRGN's --domain hartley).",
           choices=("fourier", "hartley"), expert=True),
