@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from cryohet.geometry.lattice import Lattice
+from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.freq_march import START, FrequencyMarch, march_epochs, march_radius
 from cryohet.methods.train_vae import METHOD as TRAIN_VAE
+from cryohet.models.neural import VolumeConfig
 from cryohet.runner import run_method
 from cryohet.validation.datasets import make_dataset
 from cryohet.validation.score import score_run
@@ -29,6 +31,28 @@ def test_the_schedule_widens_linearly_then_fits_the_whole_circle() -> None:
     assert [march_radius(e, 5, 0.0) for e in range(1, 6)] == [1.0] * 5
     with pytest.raises(ValueError, match="marching fraction"):
         march_epochs(10, 1.0)
+
+
+def test_beta_warms_up_geometrically_from_one_over_zdim_to_beta() -> None:
+    """--beta_warmup W: the KL weight of epoch e is β_e / (2 × fitted pixels), β_e rising geometrically from 1/zdim
+    (epoch 1) to β (epoch W + 1 on); with frequency marching it is per fitted pixel of the epoch's circle."""
+    points = Lattice(16, 2.0).half_plane()
+    cfg = VolumeConfig(box=16, apix=2.0, zdim=4, dec_dim=8)
+
+    def betas(beta: float, warmup: int, march: float = 0.0) -> list[float]:
+        obj = AmortisedInference(cfg, points, {"enc_layers": 1, "enc_dim": 8}, beta, march=march,
+                                 beta_warmup=warmup)
+        out = []
+        for e in range(1, 6):
+            obj.start_epoch(e, 5)
+            out.append(obj.kl_weight * 2 * (len(points) if obj.active is None else len(obj.active)))
+        return out
+
+    np.testing.assert_allclose(betas(2.0, 2), [0.25, 0.25 * 8 ** 0.5, 2.0, 2.0, 2.0])
+    np.testing.assert_allclose(betas(2.0, 2, march=0.4), betas(2.0, 2))
+    np.testing.assert_allclose(betas(2.0, 0), [2.0] * 5)
+    np.testing.assert_allclose(betas(0.0, 3), [0.25] * 5)  # β = 1/zdim: nothing to warm up
+    np.testing.assert_allclose(betas(0.1, 3), [0.1] * 5)
 
 
 @pytest.mark.parametrize("box", [32, 48])

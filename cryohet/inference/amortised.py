@@ -44,7 +44,8 @@ class AmortisedInference(MarchingObjective, nn.Module):
     kind = "amortised"
 
     def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0,
-                 decoder: nn.Module | None = None, poses: PoseCorrections | None = None, march: float = 0.0):
+                 decoder: nn.Module | None = None, poses: PoseCorrections | None = None, march: float = 0.0,
+                 beta_warmup: int = 0):
         super().__init__()
         seed = int(volume_cfg.seed) if volume_cfg is not None else int(settings.get("seed", 0))
         zdim = volume_cfg.zdim if decoder is None else int(decoder.latent_dim)
@@ -63,7 +64,7 @@ class AmortisedInference(MarchingObjective, nn.Module):
         if poses is not None:
             self.settings["poses"] = poses.settings
         self.register_buffer("kxy", points.kxy, persistent=False)
-        self.noise_dim, self.beta = zdim, beta
+        self.noise_dim, self.beta, self.beta_warmup = zdim, beta, int(beta_warmup)
         self.kl_weight = kl_weight(beta, zdim, len(points))
         max_freq = volume_cfg.max_freq if volume_cfg is not None else float(points.kxy.norm(dim=-1).max())
         self.march, self.fit_radius = FrequencyMarch(points.kxy, max_freq, march), max_freq

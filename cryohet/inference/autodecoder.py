@@ -31,7 +31,7 @@ class AutoDecoderInference(MarchingObjective, nn.Module):
     kind = "autodecoder"
 
     def __init__(self, volume_cfg: Any, points: Points, settings: dict[str, Any], beta: float = 0.0,
-                 poses: PoseCorrections | None = None, march: float = 0.0):
+                 poses: PoseCorrections | None = None, march: float = 0.0, beta_warmup: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(int(volume_cfg.seed))
         n, d = int(settings["n_particles"]), volume_cfg.zdim
@@ -45,7 +45,7 @@ class AutoDecoderInference(MarchingObjective, nn.Module):
         if poses is not None:
             self.settings["poses"] = poses.settings
         self.register_buffer("kxy", points.kxy, persistent=False)
-        self.noise_dim, self.beta = d, beta
+        self.noise_dim, self.beta, self.beta_warmup = d, beta, int(beta_warmup)
         self.kl_weight = kl_weight(beta, d, len(points))
         self.march, self.fit_radius = FrequencyMarch(points.kxy, volume_cfg.max_freq, march), volume_cfg.max_freq
 

@@ -60,13 +60,14 @@ def _check_settings(asked: dict[str, Any], saved: dict[str, Any], source: Path, 
 def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: TrainOptions, out_dir: str | Path,
                device: torch.device | str = "cpu", ctx: Any | None = None, *, beta: float = 0.0,
                window_radius: float = 0.85, norm_sample: int = 1000, resume: bool = False,
-               init_model: str | Path | None = None, poses: dict[str, Any] | None = None, march: float = 0.0
-               ) -> tuple[nn.Module, TrainResult]:
+               init_model: str | Path | None = None, poses: dict[str, Any] | None = None, march: float = 0.0,
+               beta_warmup: int = 0) -> tuple[nn.Module, TrainResult]:
     """Train the volume ``cfg`` (its box and pixel size those of the cropped images) with the inference strategy
     ``inference`` (``kind`` and its settings) on ``pset``; returns the trained objective and the result.
     ``poses``: refine the poses with the model (the keyword arguments of ``PoseCorrections``; the objective's
     ``poses`` then holds the corrections). ``march``: share of the epochs spent widening the fitted circle
-    (frequency marching, ``freq_march.py``).
+    (frequency marching, ``freq_march.py``). ``beta_warmup``: epochs over which β rises from 1/zdim
+    (``MarchingObjective.epoch_beta``).
 
     Writes ``out_dir/checkpoint.safetensors`` after every epoch (rank 0), keeping the one before as
     ``checkpoint.prev.safetensors``; ``resume`` continues from the newest usable of the two.
@@ -95,7 +96,8 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
             cfg.data_scale = transform_rms(reader, prep, norm_sample, opts.seed)
             hooks.log.info("data scale (RMS of the transforms in the resolution circle): %.6g", cfg.data_scale)
         prep.scale = cfg.data_scale
-        objective = INFERENCES[inference["kind"]](cfg, points, inference, beta, poses=corrections, march=march)
+        objective = INFERENCES[inference["kind"]](cfg, points, inference, beta, poses=corrections, march=march,
+                                                   beta_warmup=beta_warmup)
         if init_model is not None and ckpt is None:
             _load_initial(objective, cfg, Path(init_model), hooks)
         elif cfg.anchor and ckpt is None:  # resuming or starting from a model restores its base map

@@ -58,9 +58,10 @@ def restrict(active: torch.Tensor | None, kxy: torch.Tensor, y: torch.Tensor,
 
 
 class MarchingObjective:
-    """Mixin of an ELBO objective with ``kxy`` (its pixels), ``noise_dim`` (zdim), ``beta`` and ``march`` (a
-    :class:`FrequencyMarch`): the trainer's ``start_epoch`` picks the epoch's pixels (``active``) and weighs the KL
-    term per fitted pixel, as the ELBO of the data inside the circle; without marching it changes nothing."""
+    """Mixin of an ELBO objective with ``kxy`` (its pixels), ``noise_dim`` (zdim), ``beta``, ``beta_warmup``
+    (epochs) and ``march`` (a :class:`FrequencyMarch`): the trainer's ``start_epoch`` picks the epoch's pixels
+    (``active``) and weighs the KL term per fitted pixel at the epoch's β (``epoch_beta``), as the ELBO of the data
+    inside the circle; without marching or warm-up it changes nothing."""
 
     kxy: torch.Tensor
     noise_dim: int
@@ -69,15 +70,23 @@ class MarchingObjective:
     active: torch.Tensor | None = None
     fit_radius: float = 0.0
     kl_weight: float
+    beta_warmup: int = 0
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Fit the pixels of ``epoch``'s circle (called by the trainer before each epoch)."""
-        if self.march.fraction <= 0:
-            return
-        active, self.fit_radius = self.march.select(epoch, epochs)
-        self.active = None if active is None else active.to(self.kxy.device)
-        self.kl_weight = kl_weight(self.beta, self.noise_dim, len(self.kxy) if self.active is None
+        """Fit the pixels of ``epoch``'s circle at the epoch's β (called by the trainer before each epoch)."""
+        if self.march.fraction > 0:
+            active, self.fit_radius = self.march.select(epoch, epochs)
+            self.active = None if active is None else active.to(self.kxy.device)
+        self.kl_weight = kl_weight(self.epoch_beta(epoch), self.noise_dim, len(self.kxy) if self.active is None
                                    else len(self.active))
+
+    def epoch_beta(self, epoch: int) -> float:
+        """β at ``epoch`` (1-based): with a warm-up of W = ``beta_warmup`` epochs it rises geometrically from
+        1/zdim at epoch 1 to ``beta`` at epoch W + 1 (no change where β ≤ 1/zdim); else ``beta``."""
+        b0 = 1.0 / max(self.noise_dim, 1)
+        if self.beta_warmup <= 0 or self.beta <= b0 or epoch > self.beta_warmup:
+            return self.beta
+        return b0 * (self.beta / b0) ** ((epoch - 1) / self.beta_warmup)
 
     def epoch_terms(self) -> dict[str, float]:
         """The radius of the circle fitted in the epoch, cycles/pixel (nothing without marching)."""

@@ -28,10 +28,12 @@ PARAMS = (
     Param("batch_size", int, 16, "Particles per optimisation step, all GPUs/ranks together (a multiple of their "
           "number).", min=1),
     Param("lr", float, 1e-4, "Adam learning rate.", min=0.0),
-    Param("beta", float, 0.0, "Weight β of the KL term of the ELBO: the KL of an image counts β / (2 × its fitted "
+    Param("beta", float, 1.0, "Weight β of the KL term of the ELBO: the KL of an image counts β / (2 × its fitted "
           "pixels) against the mean squared error of images normalised to unit RMS (β = 2 is the ELBO itself "
           "where the images are mostly noise); 0 means 1/zdim (cryoDRGN's default; at low SNR the latents then "
-          "fit noise: 1 with --anchor homogeneous there).", min=0.0),
+          "fit noise).", min=0.0),
+    Param("beta_warmup", int, 2, "Epochs over which β rises geometrically from 1/zdim to --beta: a latent that "
+          "carries signal forms in the first epochs, fitting noise takes longer; 0: β from the start.", min=0),
     Param("inference", str, "amortised", "How each particle's latent z is inferred: amortised (an encoder of the "
           "image, the VAE of cryoDRGN) or autodecoder (a free latent per particle, optimised with the volume, as "
           "3DFlex and DRGN-AI do; no encoder).", choices=("amortised", "autodecoder")),
@@ -50,10 +52,14 @@ PARAMS = (
           "linearly from a quarter of the resolution circle's radius to all of it (the low frequencies are fitted "
           "first, those epochs evaluate the decoder on fewer pixels); 0: the whole circle from the start.", min=0.0,
           max=0.9),
-    Param("anchor", str, "none", "Base of the decoder: none (the network is the whole map, cryoDRGN's decoder) or "
-          "homogeneous (the network learns a residual on the homogeneous reconstruction of the same particles, "
-          "FSC-weighted per shell, and starts at zero: for low-SNR sets whose latents carry little, with --beta 1; "
-          "at high SNR its latents learn the motion more slowly).", choices=("homogeneous", "none")),
+    Param("anchor", str, "homogeneous", "Base of the decoder: homogeneous (the network learns a residual on "
+          "--anchor_fraction × the homogeneous reconstruction of the same particles, FSC-weighted per shell, and "
+          "starts at zero; the per-particle maps are then at least that map where the latents carry little) or none "
+          "(the network is the whole map, cryoDRGN's decoder).", choices=("homogeneous", "none")),
+    Param("anchor_fraction", float, 0.8, "With --anchor homogeneous: the base is this fraction of the homogeneous "
+          "map and the network learns the rest of the mean with the latent's changes (below 1 its output is used "
+          "from the first steps, so the latent forms as without an anchor; at 1 it forms slowly).", min=0.01,
+          max=1.0),
     Param("domain", str, "fourier", "Decoder output: fourier (real and imaginary parts on a half-space, Hermitian "
           "symmetry exact, half the evaluations) or hartley (one value per frequency, cryoDRGN's --domain hartley).",
           choices=("fourier", "hartley"), expert=True),
@@ -140,7 +146,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                        dec_dim=params["dec_dim"], pe_type=params["pe_type"], pe_dim=params["pe_dim"],
                        feat_sigma=params["feat_sigma"], domain=params["domain"], max_freq=max_freq,
                        activation=params["activation"], seed=params["seed"],
-                       anchor=params["anchor"] == "homogeneous")
+                       anchor=params["anchor"] == "homogeneous", anchor_fraction=params["anchor_fraction"])
     if params["inference"] == "amortised":
         inference = {"kind": "amortised", "enc_layers": params["enc_layers"], "enc_dim": params["enc_dim"]}
     else:
@@ -152,7 +158,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     init = _model_file(params["init_model"]) if params["init_model"] else None
     objective, res = fit_neural(pset, cfg, inference, opts, ctx.out_dir, ctx.device, ctx, beta=params["beta"],
                                 window_radius=params["window_radius"], resume=params["resume"], init_model=init,
-                                poses=pose_options(params), march=params["freq_march"])
+                                poses=pose_options(params), march=params["freq_march"],
+                                beta_warmup=params["beta_warmup"])
     poses = getattr(objective, "poses", None)
     out = Path(ctx.out_dir)
     d = cfg.zdim

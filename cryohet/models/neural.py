@@ -55,6 +55,7 @@ class VolumeConfig:
     data_scale: float = 1.0       # images' transforms were divided by this before training
     seed: int = 0
     anchor: bool = False          # the network is a residual on a fixed base map (``NeuralVolume.set_base``)
+    anchor_fraction: float = 1.0  # the base is this fraction of the map given to ``set_base``
 
     def __post_init__(self) -> None:
         if self.pe_dim <= 0:
@@ -67,6 +68,8 @@ class VolumeConfig:
             raise ValueError(f"unknown positional encoding {self.pe_type!r}")
         if not 0 < self.max_freq <= 0.5:
             raise ValueError(f"max_freq must be in (0, 0.5] cycles/pixel, got {self.max_freq}")
+        if not 0 < self.anchor_fraction <= 1:
+            raise ValueError(f"anchor_fraction must be in (0, 1], got {self.anchor_fraction}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -177,15 +180,17 @@ class NeuralVolume(nn.Module):
             init_linear(self, g)
 
     def set_base(self, base_map: torch.Tensor | np.ndarray) -> None:
-        """Anchor on ``base_map`` (box³, real space, the maps' units) and zero the network's output layer: the
-        volume is then the base map at every latent point until the network learns a residual."""
+        """Anchor on ``cfg.anchor_fraction`` × ``base_map`` (box³, real space, the maps' units) and zero the
+        network's output layer: the volume is then that base at every latent point until the network learns a
+        residual (with a fraction below 1, the rest of the mean first: the network's output layer is drawn into use
+        from the first steps, and with it the latent)."""
         if not self.cfg.anchor:
             raise ValueError("set_base needs a volume configured with anchor=True")
         base = torch.as_tensor(np.asarray(base_map, dtype=np.float32))
         if tuple(base.shape) != (self.cfg.box,) * 3:
             raise ValueError(f"the base map must be {self.cfg.box}³ voxels, got {tuple(base.shape)}")
         with torch.no_grad():
-            self.base_map.copy_(base)
+            self.base_map.copy_(base * self.cfg.anchor_fraction)
             self.mlp.out.weight.zero_()
             self.mlp.out.bias.zero_()
 
