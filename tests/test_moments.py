@@ -92,8 +92,7 @@ class _Stop(Exception):
 
 def test_an_interrupted_cg_resumed_ends_as_an_uninterrupted_one(hinge, tmp_path):
     """Stopped in the middle of CG step 3 (its pass over the particles), resumed from the checkpoint of step 2:
-    every output equals the uninterrupted run's exactly (the mean's map to float32 rounding); other settings are
-    refused naming the checkpoint."""
+    every output equals the uninterrupted run's exactly; other settings are refused naming the checkpoint."""
     from cryohet.inference.moments import fit_moments
     from cryohet.inference.moments_state import read_cg_state
     from cryohet.io.particles import load_particles
@@ -114,12 +113,8 @@ def test_an_interrupted_cg_resumed_ends_as_an_uninterrupted_one(hinge, tmp_path)
     assert read_cg_state(ckpt)[0].iteration == 2
     resumed = fit_moments(pset, 2, checkpoint=ckpt, resume=True, **opts)
     assert resumed.iterations == whole.iterations == 4
-    for name in ("spectrum", "eigenvalues", "components", "latents", "latent_std"):
+    for name in ("spectrum", "eigenvalues", "components", "latents", "latent_std", "mean_basis"):
         np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name), err_msg=name)
-    # the mean's coefficients are the checkpoint's exactly (the latents above use them); its map, expanded and
-    # band-limited again by FFTs, may differ in the last bit of float32 (measured 1.2e-7 of values up to 0.05)
-    np.testing.assert_allclose(resumed.mean_basis, whole.mean_basis, rtol=0,
-                               atol=1e-5 * np.abs(whole.mean_basis).max())
     assert [h["relative_residual"] for h in resumed.history] == [h["relative_residual"] for h in whole.history]
     # with another number of threads the ball basis, computed again, differs within its degenerate eigenvalues:
     # the checkpoint's is used, so its coefficients still give the same maps

@@ -66,7 +66,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # copied into fresh (64-byte aligned) memory: in the file a tensor starts wherever the header's
+            # length puts it, and BLAS kernels round differently on differently aligned inputs, so a resumed
+            # run would otherwise differ from an uninterrupted one in the last bit, by its metadata's length
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except Exception as exc:  # safetensors raises its own errors on garbage
         raise InputError(path, f"not a complete safetensors file: truncated or corrupt ({exc})") from None
     if DIGEST_KEY in meta and meta[DIGEST_KEY] != tensors_digest(tensors):
