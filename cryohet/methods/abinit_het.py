@@ -15,9 +15,14 @@ from cryohet.methods import train_vae as _vae
 from cryohet.methods.base import Method, Param
 
 _FROM_ABINIT = [p for p in _abinit.PARAMS if p.name not in ("resume", "batch_size")]
-_FROM_VAE = [p for p in _vae.PARAMS if p.name in ("zdim", "lr", "beta", "inference", "latent_lr", "enc_layers",
-                                                  "enc_dim", "dec_layers", "dec_dim", "crop_box", "window_radius",
-                                                  "amp", "cache", "cache_dir")]
+#: train-vae's β defaults to 1 with its decoder anchored on the homogeneous map; abinit-het's decoder is not
+#: anchored (its consensus changes with the poses), so it keeps cryoDRGN's 1/zdim
+_BETA = Param("beta", float, 0.0, "Weight β of the KL term of the ELBO; 0 means 1/zdim (cryoDRGN's default).",
+              min=0.0)
+_FROM_VAE = [_BETA if p.name == "beta" else p
+             for p in _vae.PARAMS if p.name in ("zdim", "lr", "beta", "inference", "latent_lr", "enc_layers", "enc_dim",
+                                                "dec_layers", "dec_dim", "crop_box", "window_radius", "amp", "cache",
+                                                "cache_dir")]
 
 PARAMS = (
     *_FROM_ABINIT,
