@@ -104,6 +104,26 @@ def test_cached_transforms_equal_the_preparers_within_float16(sim: Path, tmp_pat
     assert planned_bytes(N, prep) == N * (len(prep.points) * 4 + 4)
 
 
+def test_the_cache_leaves_the_runs_planned_memory_free(sim: Path, tmp_path: Path) -> None:
+    """The memory the run's plan still needs is not the cache's: with all the available memory reserved, ``auto``
+    keeps the cache on disk and ``memory`` refuses, naming the reservation; with none reserved it is in memory."""
+    from cryohet.device import free_memory_bytes
+    from cryohet.errors import InputError
+
+    pset = load_particles(str(sim / "particles.star"))
+    lattice = Lattice(pset.box, pset.apix)
+    prep, reader = ImagePreparer(pset, lattice, lattice.half_plane(16), 0.85, scale=1.0), pset.reader()
+    free = free_memory_bytes("cpu")
+    cache = open_cache("auto", reader, prep, tmp_path, None, LOG)
+    assert cache is not None and cache.where == "memory"
+    cache.close(remove=True)
+    cache = open_cache("auto", reader, prep, tmp_path, None, LOG, reserved_bytes=free)
+    assert cache is not None and cache.where.endswith(".f16")
+    cache.close(remove=True)
+    with pytest.raises(InputError, match=r"with the run's \d+\.\d+ GB planned.*enough for 0 particles"):
+        open_cache("memory", reader, prep, tmp_path, None, LOG, reserved_bytes=2 * free)
+
+
 def test_later_epochs_read_no_image_and_train_as_without_the_cache(sim: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     pset = load_particles(str(sim / "particles.star"))

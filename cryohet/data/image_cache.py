@@ -132,7 +132,7 @@ class PreparedCache:
 
 
 def open_cache(mode: str, reader: ImageReader, prep: ImagePreparer, run_dir: Path, cache_dir: Path | None,
-               log: logging.Logger, ranks: int = 1) -> PreparedCache | None:
+               log: logging.Logger, ranks: int = 1, reserved_bytes: int = 0) -> PreparedCache | None:
     """The cache asked for by ``mode`` (auto, memory, disk, off), or None (logged with the reason).
 
     A complete file of the same fingerprint in the cache folder is reused; in the run folder (no ``cache_dir``),
@@ -149,7 +149,7 @@ def open_cache(mode: str, reader: ImageReader, prep: ImagePreparer, run_dir: Pat
     folder = Path(cache_dir) if cache_dir else Path(run_dir)
     key = fingerprint(reader, prep)
     path = folder / f"{PREFIX}{key}.f16"
-    fits = need <= MEMORY_SHARE * free_memory_bytes("cpu")
+    fits = need <= MEMORY_SHARE * max(0, free_memory_bytes("cpu") - reserved_bytes)
     if ranks > 1 and mode != "memory":
         if not fits:
             log.warning("prepared-image cache off: %d ranks would write one file, and %.3f GB per rank is more than "
@@ -160,9 +160,12 @@ def open_cache(mode: str, reader: ImageReader, prep: ImagePreparer, run_dir: Pat
         mode = "disk" if path.exists() or not fits else "memory"
     if mode == "memory":
         per_row = need / max(n, 1)
-        refuse_unless_fits(need, "cpu", 0.8, reader.layouts[0].path, "the prepared-image cache in memory",
-                           lambda usable: f"{int(usable // per_row)} particles", "use --cache disk (or auto)")
-        log.info("prepared-image cache: %.3f GB in memory (float16, %d particles)", need / 1e9, n)
+        refuse_unless_fits(need + reserved_bytes, "cpu", 0.8, reader.layouts[0].path,
+                           f"the prepared-image cache in memory, with the run's {reserved_bytes / 1e9:.3f} GB planned,",
+                           lambda usable: f"{max(0, int((usable - reserved_bytes) // per_row))} particles",
+                           "use --cache disk (or auto)")
+        log.info("prepared-image cache: %.3f GB in memory (float16, %d particles); with the run's plan %.3f GB of "
+                 "the host's memory", need / 1e9, n, (need + reserved_bytes) / 1e9)
         return PreparedCache(np.empty((n, *shape), np.float16), np.empty(n, np.float32), np.zeros(n, bool),
                              log=log)
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,13 +62,14 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
                device: torch.device | str = "cpu", ctx: Any | None = None, *, beta: float = 0.0,
                window_radius: float = 0.85, norm_sample: int = 1000, resume: bool = False,
                init_model: str | Path | None = None, poses: dict[str, Any] | None = None, march: float = 0.0,
-               beta_warmup: int = 0) -> tuple[nn.Module, TrainResult]:
+               beta_warmup: int = 0, anchor_particles: int = 0) -> tuple[nn.Module, TrainResult]:
     """Train the volume ``cfg`` (its box and pixel size those of the cropped images) with the inference strategy
     ``inference`` (``kind`` and its settings) on ``pset``; returns the trained objective and the result.
     ``poses``: refine the poses with the model (the keyword arguments of ``PoseCorrections``; the objective's
     ``poses`` then holds the corrections). ``march``: share of the epochs spent widening the fitted circle
     (frequency marching, ``freq_march.py``). ``beta_warmup``: epochs over which β rises from 1/zdim
-    (``MarchingObjective.epoch_beta``).
+    (``MarchingObjective.epoch_beta``). ``anchor_particles``: the most particles the anchored decoder's base is
+    reconstructed from (0: all; ``homogeneous_base``).
 
     Writes ``out_dir/checkpoint.safetensors`` after every epoch (rank 0), keeping the one before as
     ``checkpoint.prev.safetensors``; ``resume`` continues from the newest usable of the two.
@@ -101,24 +103,36 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         if init_model is not None and ckpt is None:
             _load_initial(objective, cfg, Path(init_model), hooks)
         elif cfg.anchor and ckpt is None:  # resuming or starting from a model restores its base map
-            objective.decoder.set_base(homogeneous_base(pset, cfg.box, opts, device, hooks))
+            objective.decoder.set_base(homogeneous_base(pset, cfg.box, opts, device, hooks, anchor_particles))
         hooks.log.info("volume: box %d px at %.4g Å/px, %d frequencies in the half-plane, zdim %d, beta %s",
                        cfg.box, cfg.apix, len(points), cfg.zdim, beta or f"1/zdim = {1 / max(cfg.zdim, 1):.4g}")
         meta = {"config": cfg.to_json(), "inference": json.dumps(objective.settings, sort_keys=True)}
-        result = Trainer(objective, reader, prep, opts, Path(out_dir), device, ddp, hooks, meta).fit(ckpt)
+        host_need = need if torch.device(device).type == "cpu" else host  # the cache must leave the plan room
+        result = Trainer(objective, reader, prep, opts, Path(out_dir), device, ddp, hooks, meta,
+                         host_need).fit(ckpt)
         ddp.barrier()  # every rank's collectives are complete before the group is torn down
         return objective, result
     finally:
         ddp.close()
 
 
-def homogeneous_base(pset: Any, box: int, opts: TrainOptions, device: torch.device, hooks: Hooks) -> torch.Tensor:
+def homogeneous_base(pset: Any, box: int, opts: TrainOptions, device: torch.device, hooks: Hooks,
+                     max_particles: int = 0) -> torch.Tensor:
     """The anchor of a volume: the homogeneous reconstruction of ``pset`` at ``box`` (plain division, FSC-weighted
-    per shell, ``reconstruct.homogeneous.fsc_weighted_reconstruction``; random half-sets from ``opts.seed``)."""
-    rec = fsc_weighted_reconstruction(pset, particle_halves(pset, opts.seed), max(opts.batch_size, 64), device,
-                                      box=box)
-    hooks.log.info("anchor: homogeneous reconstruction at box %d, half-map FSC 0.143 at %.3g Å", box,
-                   rec.resolution(masked=False))
+    per shell, ``reconstruct.homogeneous.fsc_weighted_reconstruction``; random half-sets from ``opts.seed``), from
+    at most ``max_particles`` particles drawn at random (0: all), so that the base of a large set costs a bounded
+    read before the first epoch."""
+    half = particle_halves(pset, opts.seed)
+    n = len(half)
+    if 0 < max_particles < n:
+        rng, keep = np.random.default_rng(opts.seed), np.zeros(n, bool)
+        for h in (1, 2):  # half of the draw from each half-set
+            idx = np.flatnonzero(half == h)
+            keep[rng.choice(idx, min(len(idx), max(1, max_particles // 2)), replace=False)] = True
+        half = np.where(keep, half, 0)  # half-set 0: not reconstructed
+    rec = fsc_weighted_reconstruction(pset, half, max(opts.batch_size, 64), device, box=box)
+    hooks.log.info("anchor: homogeneous reconstruction of %d of %d particles at box %d, half-map FSC 0.143 at "
+                   "%.3g Å", int((half > 0).sum()), n, box, rec.resolution(masked=False))
     return rec.full
 
 

@@ -298,11 +298,14 @@ class Trainer:
     """Fits ``objective`` to the particles read by ``reader`` and prepared by ``prep``.
 
     ``meta``: strings stored in every checkpoint (the model's configuration), read back by the caller on resume.
+    ``host_bytes``: host memory the run will still allocate (its memory plan), kept from the prepared-image cache.
     """
 
     def __init__(self, objective: nn.Module, reader: ImageReader, prep: ImagePreparer, opts: TrainOptions,
-                 out_dir: Path, device: torch.device, ddp: Dist, hooks: Hooks, meta: dict[str, str]):
+                 out_dir: Path, device: torch.device, ddp: Dist, hooks: Hooks, meta: dict[str, str],
+                 host_bytes: int = 0):
         self.objective, self.reader, self.prep, self.opts = objective, reader, prep, opts
+        self.host_bytes = host_bytes
         self.out_dir, self.device, self.ddp, self.hooks, self.meta = Path(out_dir), device, ddp, hooks, meta
         if opts.batch_size % ddp.world:
             raise ValueError(f"--batch_size {opts.batch_size} must be a multiple of the number of ranks ({ddp.world})")
@@ -323,7 +326,7 @@ class Trainer:
         file in the run folder is removed when it ends well."""
         self.cache = open_cache(self.opts.cache, self.reader, self.prep, self.out_dir,
                                 Path(self.opts.cache_dir) if self.opts.cache_dir else None, self.hooks.log,
-                                self.ddp.world)
+                                self.ddp.world, self.host_bytes)
         ok = False
         try:
             result = self._fit(ckpt)

@@ -60,6 +60,9 @@ PARAMS = (
           "map and the network learns the rest of the mean with the latent's changes (below 1 its output is used "
           "from the first steps, so the latent forms as without an anchor; at 1 it forms slowly).", min=0.01,
           max=1.0),
+    Param("anchor_particles", int, 50000, "With --anchor homogeneous: reconstruct the base from at most this many "
+          "particles, drawn at random (--seed), so that a large set has no pass over all its images before the "
+          "first epoch; 0: all particles.", min=0),
     Param("domain", str, "fourier", "Decoder output: fourier (real and imaginary parts on a half-space, Hermitian "
           "symmetry exact, half the evaluations) or hartley (one value per frequency, cryoDRGN's --domain hartley).",
           choices=("fourier", "hartley"), expert=True),
@@ -159,7 +162,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     objective, res = fit_neural(pset, cfg, inference, opts, ctx.out_dir, ctx.device, ctx, beta=params["beta"],
                                 window_radius=params["window_radius"], resume=params["resume"], init_model=init,
                                 poses=pose_options(params), march=params["freq_march"],
-                                beta_warmup=params["beta_warmup"])
+                                beta_warmup=params["beta_warmup"], anchor_particles=params["anchor_particles"])
     poses = getattr(objective, "poses", None)
     out = Path(ctx.out_dir)
     d = cfg.zdim
