@@ -6,7 +6,9 @@ on the same images, scored as CryoBench scores (cryohet.validation.cryobench_sco
 
 Datasets: ``cryohet benchmark-make --dataset <set> --size cpu --n_particles <n>`` into ``--data/<set>`` (made here
 when missing; ``--size full`` for the GPU-sized sets; ``--snr`` makes ``<set>-snr<snr>`` at that SNR instead of
-the preset's). Rows per set: the truth (ceiling) and the shuffled truth (chance), one homogeneous map
+the preset's). Rows per set: the truth (ceiling) and the shuffled truth (chance), the central 95 % of the
+neighbourhood similarity of latents without information (``neighbourhood_null``: a value inside it is at chance),
+one homogeneous map
 (``reconstruct``: every image gets the same map), then each method at its defaults except ``--epochs`` for the
 trained ones, ``--width`` for train-vae, and ``--resolution_A`` (the true maps' resolution, 2.5 × the pixel size)
 for those whose default (8-10 Å) is finer than the CPU sets' Nyquist (12 Å); ``moments`` at the true maps' support
@@ -46,7 +48,7 @@ os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
 
 from cryohet.methods import get_method  # noqa: E402
 from cryohet.runner import run_method  # noqa: E402
-from cryohet.validation.cryobench_score import image_indices  # noqa: E402
+from cryohet.validation.cryobench_score import image_indices, neighbourhood_null, truth_embedding  # noqa: E402
 from cryohet.validation.datasets import CRYOBENCH, SIZES, load_dataset, make_dataset  # noqa: E402
 from cryohet.validation.score import (  # noqa: E402
     score,
@@ -312,6 +314,11 @@ def main() -> int:
         lines.append(row(name, "truth (ceiling)", score_true_answer(ds, **kw)["summary"], None, columns=cols))
         lines.append(row(name, "shuffled truth (chance)", score_true_answer(ds, shuffle=True, **kw)["summary"], None,
                          columns=cols))
+        null = neighbourhood_null(truth_embedding(load_dataset(ds)))
+        cells = ["–"] * len(cols)
+        cells[cols.index("neighbourhood_similarity")] = f"{null['lo']:.3f}-{null['hi']:.3f}"
+        lines.append(f"| {name} | latents without information (95 % of {null['draws']} draws) | "
+                     + " | ".join(cells) + " | – | – |")
         records: dict[str, dict[str, Any]] = {}
         for m in ["reconstruct"] + a.methods:
             cache = out / f"{m}.score.json"

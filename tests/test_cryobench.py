@@ -176,6 +176,22 @@ def test_neighbourhood_similarity_known_values() -> None:
     assert M.neighbourhood_similarity(u, np.exp(3 * u), [8])[0] > 0.9
 
 
+def test_the_null_band_of_neighbourhood_similarity_holds_chance_and_not_a_weak_signal() -> None:
+    """``neighbourhood_null``: the band of latents without information holds the chance level (k/(n−1) averaged
+    as the score averages it) and most fresh uninformative latents; a latent that carries a weak signal (the
+    truth plus noise 3 times its spread) lies above it, the truth far above."""
+    rng = np.random.default_rng(4)
+    truth = rng.uniform(size=(1000, 1))
+    null = C.neighbourhood_null(truth)
+    chance = C.neighbourhood_score(rng.normal(size=(1000, 8)), truth)["chance"]
+    assert null["lo"] < chance < null["hi"] and null["hi"] - null["lo"] < 0.02
+    fresh = [C.neighbourhood_score(rng.normal(size=(1000, 8)), truth)["value"] for _ in range(20)]
+    assert sum(null["lo"] <= v <= null["hi"] for v in fresh) >= 16
+    weak = np.hstack([truth + 3 * truth.std() * rng.normal(size=truth.shape), rng.normal(size=(1000, 7)) * 0.1])
+    assert C.neighbourhood_score(weak, truth)["value"] > null["hi"]
+    assert C.neighbourhood_score(truth, truth)["value"] > 0.9
+
+
 def test_information_imbalance_known_values() -> None:
     # hand-computed: A's nearest neighbours 1, 0, 1, 2 have ranks 3, 3, 3, 1 in B -> 2 * 2.5 / 4
     a = np.array([0.0, 1.0, 3.0, 7.0])

@@ -52,6 +52,15 @@ def neighbourhood_score(latents: np.ndarray, truth: np.ndarray, splits: int = NS
             "std": curves.std(0).tolist(), "chance": float(np.mean(ks / (n_sub - 1))), "subset_size": int(n_sub)}
 
 
+def neighbourhood_null(truth: np.ndarray, dim: int = 8, draws: int = 100, seed: int = 0) -> dict[str, float]:
+    """Neighbourhood similarity of latents without information (``draws`` draws of N × ``dim`` standard normal
+    values) against ``truth``: the mean and the central 95 % band, inside which a method's value is at chance."""
+    v = np.array([neighbourhood_score(np.random.default_rng([seed, 97, i]).normal(size=(len(truth), dim)),
+                                      truth)["value"] for i in range(draws)])
+    return {"mean": float(v.mean()), "lo": float(np.percentile(v, 2.5)), "hi": float(np.percentile(v, 97.5)),
+            "draws": draws}
+
+
 def imbalance_score(latents: np.ndarray, truth: np.ndarray, k: int = 1, subset: int = II_SUBSET,
                     seed: int = 0) -> dict[str, Any]:
     """Information imbalance both ways on a random subset (see module doc)."""
