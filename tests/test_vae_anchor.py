@@ -165,3 +165,38 @@ def test_the_base_of_a_large_set_is_reconstructed_from_a_bounded_draw(low_snr: P
     part_corr = _corr(fft3c(maps[400])[low], fft3c(truth)[low])
     print(f"base against the mean true map below {4.0 * 6:.0f} Å: all 600 {full_corr:.3f}, 400 drawn {part_corr:.3f}")
     assert part_corr > 0.9 * full_corr and part_corr > 0.5
+
+
+def test_the_residual_encoder_input_is_the_image_less_the_bases_projection(low_snr: Path, tmp_path: Path) -> None:
+    """``--encoder_input residual``: the encoder sees sign(CTF) × (image − CTF × the base map's slice at the pose), so
+    an image that is exactly the base's CTF-weighted projection encodes as an empty one; it needs the anchor. The
+    default (auto) is residual with the anchor, recorded in the run's settings, and the image without it."""
+    from cryohet.inference.amortised import AmortisedInference
+
+    cfg = VolumeConfig(box=BOX, apix=4.0, dec_dim=32, seed=5, data_scale=3.0, anchor=True)
+    points = Lattice(BOX, 4.0).half_plane()
+    settings = {"enc_layers": 2, "enc_dim": 16, "encoder_input": "residual"}
+    obj = AmortisedInference(cfg, points, settings).eval()
+    obj.decoder.set_base(_smooth_map(3))
+    g = torch.Generator().manual_seed(1)
+    rot = torch.as_tensor(euler_to_matrix(random_euler(4, np.random.default_rng(2))), dtype=torch.float32)
+    ctf = torch.rand(4, len(points), generator=g) * 2 - 1
+    y = obj.decoder.base_slices(rot, points.kxy) * ctf[..., None]
+    noise = torch.randn(y.shape, generator=g)
+    d = {"y": y + noise, "ctf": ctf, "rot": rot, "enc": torch.zeros(4, 2 * len(points))}
+    with torch.no_grad():
+        mu, logvar = obj.encode(d)
+        mu0, logvar0 = obj.encoder((noise * torch.sign(ctf)[..., None]).reshape(4, -1))
+        empty = obj.encode({**d, "y": y})[0]
+    torch.testing.assert_close(mu, mu0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logvar, logvar0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(empty, obj.encoder(torch.zeros(4, 2 * len(points)))[0].detach(), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="anchor"):
+        AmortisedInference(VolumeConfig(box=BOX, apix=4.0, dec_dim=32), points, settings)
+    run_method(TRAIN_VAE, dict(particles=str(low_snr / "particles.star"), epochs=1, enc_dim=16, dec_dim=16,
+                               batch_size=64, threads=1), tmp_path / "res")  # auto: residual when anchored
+    assert json.loads((tmp_path / "res" / "config.json").read_text())["inference"]["encoder_input"] == "residual"
+    assert np.isfinite(np.load(tmp_path / "res" / "z.npy")).all()
+    run_method(TRAIN_VAE, dict(particles=str(low_snr / "particles.star"), epochs=1, enc_dim=16, dec_dim=16,
+                               batch_size=64, anchor="none", threads=1), tmp_path / "img")
+    assert "encoder_input" not in json.loads((tmp_path / "img" / "config.json").read_text())["inference"]

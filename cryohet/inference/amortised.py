@@ -52,6 +52,11 @@ class AmortisedInference(MarchingObjective, nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.settings = {"kind": self.kind, "enc_layers": int(settings["enc_layers"]),
                          "enc_dim": int(settings["enc_dim"])}
+        self.residual_input = settings.get("encoder_input", "image") == "residual"
+        if self.residual_input:  # stored only when not the default, so older checkpoints compare equal
+            if volume_cfg is None or not volume_cfg.anchor:
+                raise ValueError("--encoder_input residual needs the decoder anchored (--anchor homogeneous)")
+            self.settings["encoder_input"] = "residual"
         self.encoder = Encoder(2 * len(points), zdim, self.settings["enc_layers"], self.settings["enc_dim"],
                                volume_cfg.activation if volume_cfg is not None else "relu")
         if decoder is None:
@@ -77,8 +82,19 @@ class AmortisedInference(MarchingObjective, nn.Module):
         return {"y": yr, "ctf": b.ctf, "rot": b.rotations, "enc": enc,
                 "rows": torch.as_tensor(b.rows, dtype=torch.long)}
 
+    def encode(self, d: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | image): from the phase-flipped image, or (``encoder_input`` residual) from the phase-flipped
+        residual of the image and the anchored base map's CTF-weighted slice at its pose, which leaves the encoder
+        the heterogeneity and the noise instead of a pose-dependent projection of the consensus."""
+        if not self.residual_input:
+            return self.encoder(d["enc"])
+        with torch.no_grad():
+            base = self.decoder.base_slices(d["rot"], self.kxy) * d["ctf"][..., None]
+            enc = (d["y"] - base) * torch.sign(d["ctf"])[..., None]
+        return self.encoder(enc.reshape(len(enc), -1).to(d["enc"].dtype))
+
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encoder(d["enc"])
+        mu, logvar = self.encode(d)
         rot, y = posed(self.poses, d, self.kxy)
         kxy, y, ctf = restrict(self.active, self.kxy, y, d["ctf"])
         return gaussian_elbo(self.decoder, kxy, rot, y, ctf, mu, logvar, eps)
@@ -93,7 +109,7 @@ class AmortisedInference(MarchingObjective, nn.Module):
         self.eval()
         rows, outs = [], []
         for batch in batches:
-            mu, logvar = self.encoder(batch.data["enc"].to(device))
+            mu, logvar = self.encode({k: v.to(device) for k, v in batch.data.items()})
             outs.append(torch.cat([mu.float(), logvar.float()], 1).cpu())
             rows.append(np.asarray(batch.rows))
         self.train(was)

@@ -42,6 +42,10 @@ PARAMS = (
     Param("enc_layers", int, 3, "Encoder hidden layers (inference amortised).", min=1, max=32),
     Param("enc_dim", int, 256, "Encoder layer width (inference amortised; cryoDRGN's large setting: 1024).", min=8,
           max=8192),
+    Param("encoder_input", str, "auto", "What the encoder sees (inference amortised): residual (the image less the "
+          "anchored base map's projection at its pose and CTF, phase-flipped: the consensus' pose-dependent "
+          "projection removed; needs --anchor homogeneous), image (the phase-flipped image, cryoDRGN's) or auto "
+          "(residual when the decoder is anchored, else image).", choices=("auto", "residual", "image")),
     Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32),
     Param("dec_dim", int, 256, "Decoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
     Param("crop_box", int, 0, "Fourier-crop the images to this box on the fly, pixels (even; 0: keep the box). "
@@ -152,6 +156,11 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                        anchor=params["anchor"] == "homogeneous", anchor_fraction=params["anchor_fraction"])
     if params["inference"] == "amortised":
         inference = {"kind": "amortised", "enc_layers": params["enc_layers"], "enc_dim": params["enc_dim"]}
+        encoder_input = params["encoder_input"]
+        if encoder_input == "auto":
+            encoder_input = "residual" if params["anchor"] == "homogeneous" else "image"
+        if encoder_input != "image":  # image is not stored (checkpoints from before the option compare equal)
+            inference["encoder_input"] = encoder_input
     else:
         inference = {"kind": "autodecoder", "n_particles": len(pset), "latent_lr": params["latent_lr"]}
     opts = TrainOptions.from_params(params)

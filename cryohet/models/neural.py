@@ -157,6 +157,13 @@ def init_linear(module: nn.Module, generator: torch.Generator) -> None:
                     mod.bias.uniform_(-bound, bound, generator=generator)
 
 
+def slice_frequencies(rot: torch.Tensor, kxy: torch.Tensor) -> torch.Tensor:
+    """3-D frequencies (B, M, 3) of the central slices at image frequencies ``kxy`` (M, 2) for poses ``rot`` (RELION
+    matrices A, (B, 3, 3)): the slice of a projection is F_V(Aᵀ (kx, ky, 0)); as rows, k @ A."""
+    k2 = kxy.to(rot.dtype)
+    return k2[None, :, 0:1] * rot[:, None, 0, :] + k2[None, :, 1:2] * rot[:, None, 1, :]
+
+
 class NeuralVolume(nn.Module):
     """V(z, k): central slices at given rotations and latents, and maps at latent points.
 
@@ -240,8 +247,7 @@ class NeuralVolume(nn.Module):
         """Central slices (no CTF) at image frequencies ``kxy`` (M, 2) cycles/pixel for poses ``rot`` (RELION
         matrices A, (B, 3, 3)) and latents ``z`` (B, zdim) -> (B, M, 2) real and imaginary parts, in units of the
         data scale. The slice of a projection is F_V(Aᵀ (kx, ky, 0)); as rows, k @ A."""
-        k2 = kxy.to(rot.dtype)
-        k = k2[None, :, 0:1] * rot[:, None, 0, :] + k2[None, :, 1:2] * rot[:, None, 1, :]
+        k = slice_frequencies(rot, kxy)
         if self.channels == 2:
             out = self(k, z)
         else:  # Hartley: H(k) and H(-k) give re = (H(k) + H(-k)) / 2 and im = (H(-k) - H(k)) / 2
@@ -250,6 +256,10 @@ class NeuralVolume(nn.Module):
             hp, hm = h[:, :m], h[:, m:]
             out = torch.stack([(hp + hm) * 0.5, (hm - hp) * 0.5], -1)
         return out + self._base_slices(k) if self.cfg.anchor else out
+
+    def base_slices(self, rot: torch.Tensor, kxy: torch.Tensor) -> torch.Tensor:
+        """The anchored base map's central slices alone (as :meth:`slices`, data-scale units) -> (B, M, 2)."""
+        return self._base_slices(slice_frequencies(rot, kxy))
 
     @torch.no_grad()
     def volumes(self, z: np.ndarray | torch.Tensor, points_per_call: int = 1 << 16) -> np.ndarray:
