@@ -59,7 +59,7 @@ def loader_pass_cpu_s(star: Path, crop: int, cache: str, out: Path, passes: int 
     from cryohet.data.loader import BatchStream
     from cryohet.data.prepare import ImagePreparer
     from cryohet.geometry.lattice import Lattice
-    from cryohet.inference.amortised import AmortisedInference
+    from cryohet.inference.amortised import loss_inputs
     from cryohet.io.particles import load_particles
 
     torch.set_num_threads(1)
@@ -73,7 +73,7 @@ def loader_pass_cpu_s(star: Path, crop: int, cache: str, out: Path, passes: int 
     times = []
     for _ in range(passes):
         t0 = time.process_time()
-        for _ in BatchStream(reader, batches, lambda b: AmortisedInference.inputs(use(b)), prefetch=0,
+        for _ in BatchStream(reader, batches, lambda b: loss_inputs(use(b)), prefetch=0,
                              needs_read=None if c is None else c.missing):
             pass
         times.append(1000 * (time.process_time() - t0) / len(pset))

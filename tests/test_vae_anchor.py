@@ -169,7 +169,8 @@ def test_the_base_of_a_large_set_is_reconstructed_from_a_bounded_draw(low_snr: P
 
 def test_the_residual_encoder_input_is_the_image_less_the_bases_projection(low_snr: Path, tmp_path: Path) -> None:
     """``--encoder_input residual``: the encoder sees sign(CTF) × (image − CTF × the base map's slice at the pose), so
-    an image that is exactly the base's CTF-weighted projection encodes as an empty one; it needs the anchor. The
+    an image that is exactly the base's CTF-weighted projection encodes as an empty one (the loader then prepares
+    no encoder image); it needs the anchor. The
     default (auto) is residual with the anchor, recorded in the run's settings, and the image without it."""
     from cryohet.inference.amortised import AmortisedInference
 
@@ -183,7 +184,11 @@ def test_the_residual_encoder_input_is_the_image_less_the_bases_projection(low_s
     ctf = torch.rand(4, len(points), generator=g) * 2 - 1
     y = obj.decoder.base_slices(rot, points.kxy) * ctf[..., None]
     noise = torch.randn(y.shape, generator=g)
-    d = {"y": y + noise, "ctf": ctf, "rot": rot, "enc": torch.zeros(4, 2 * len(points))}
+    from cryohet.data.prepare import ImageBatch
+
+    batch = ImageBatch(np.arange(4), torch.view_as_complex((y + noise).contiguous()), ctf, rot)
+    d = obj.inputs(batch)
+    assert "enc" not in d  # formed on the device from y, not prepared and copied beside it
     with torch.no_grad():
         mu, logvar = obj.encode(d)
         mu0, logvar0 = obj.encoder((noise * torch.sign(ctf)[..., None]).reshape(4, -1))

@@ -19,6 +19,16 @@ from cryohet.inference.pose_tables import PoseCorrections, posed
 from cryohet.models.neural import NeuralVolume, ResidMLP, init_linear
 
 
+def loss_inputs(b: ImageBatch, encoder_image: bool = True) -> dict[str, torch.Tensor]:
+    """The loss inputs of a prepared batch: the transforms ``y`` (B, M, 2), ``ctf``, ``rot``, ``rows`` and, with
+    ``encoder_image``, the encoder's phase-flipped image ``enc`` (B, 2M), as cryoDRGN's."""
+    yr = torch.view_as_real(b.images_ft).contiguous()
+    out = {"y": yr, "ctf": b.ctf, "rot": b.rotations, "rows": torch.as_tensor(b.rows, dtype=torch.long)}
+    if encoder_image:
+        out["enc"] = (yr * torch.sign(b.ctf)[..., None]).reshape(len(b.rows), -1)
+    return out
+
+
 class Encoder(nn.Module):
     """Image features (B, in_dim) -> (mu, logvar), each (B, zdim)."""
 
@@ -74,13 +84,10 @@ class AmortisedInference(MarchingObjective, nn.Module):
         max_freq = volume_cfg.max_freq if volume_cfg is not None else float(points.kxy.norm(dim=-1).max())
         self.march, self.fit_radius = FrequencyMarch(points.kxy, max_freq, march), max_freq
 
-    @staticmethod
-    def inputs(b: ImageBatch) -> dict[str, torch.Tensor]:
-        """Loss inputs of a prepared batch (runs in the loader thread)."""
-        yr = torch.view_as_real(b.images_ft).contiguous()                       # (B, M, 2)
-        enc = (yr * torch.sign(b.ctf)[..., None]).reshape(len(b.rows), -1)      # phase-flipped, as cryoDRGN
-        return {"y": yr, "ctf": b.ctf, "rot": b.rotations, "enc": enc,
-                "rows": torch.as_tensor(b.rows, dtype=torch.long)}
+    def inputs(self, b: ImageBatch) -> dict[str, torch.Tensor]:
+        """Loss inputs of a prepared batch (runs in the loader thread); no encoder image with the residual input,
+        which :meth:`encode` forms on the device."""
+        return loss_inputs(b, encoder_image=not self.residual_input)
 
     def encode(self, d: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | image): from the phase-flipped image, or (``encoder_input`` residual) from the phase-flipped
@@ -91,7 +98,7 @@ class AmortisedInference(MarchingObjective, nn.Module):
         with torch.no_grad():
             base = self.decoder.base_slices(d["rot"], self.kxy) * d["ctf"][..., None]
             enc = (d["y"] - base) * torch.sign(d["ctf"])[..., None]
-        return self.encoder(enc.reshape(len(enc), -1).to(d["enc"].dtype))
+        return self.encoder(enc.reshape(len(enc), -1))
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(d)

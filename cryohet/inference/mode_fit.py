@@ -27,7 +27,7 @@ from cryohet.data.prepare import ImagePreparer, prepared_sample
 from cryohet.errors import InputError
 from cryohet.geometry.gaussian_slices import complex_mul, shift_phase
 from cryohet.geometry.lattice import Points
-from cryohet.inference.amortised import AmortisedInference
+from cryohet.inference.amortised import loss_inputs
 from cryohet.io.reader import ImageReader
 from cryohet.models.modes import ModeModel
 
@@ -82,7 +82,7 @@ def scaled_residual(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def fit_batch(model: ModeModel, kxy: torch.Tensor, data: dict[str, torch.Tensor], opts: DirectOptions,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(amplitudes (B, K), rotation increments (B, 3) rad, shifts (B, 2) Å, relative residual (B,)) of one batch
-    of ``AmortisedInference.inputs`` on the model's device."""
+    of ``amortised.loss_inputs`` on the model's device."""
     y, ctf, rot = data["y"], data["ctf"], data["rot"]
     b, k, s = len(y), model.latent_dim, max(1, opts.starts)
     y, ctf, rot = y.repeat(s, 1, 1), ctf.repeat(s, 1), rot.repeat(s, 1, 1)
@@ -162,7 +162,7 @@ def fit_direct(model: ModeModel, reader: ImageReader, prep: ImagePreparer, opts:
         hooks.log.info("resuming the direct fit: %d of %d chunks done", len(chunks) - len(todo), len(chunks))
 
     def transform(batch: Batch) -> Batch:
-        return Batch(batch.rows, torch.empty(0), AmortisedInference.inputs(prep(batch)))
+        return Batch(batch.rows, torch.empty(0), loss_inputs(prep(batch)))
 
     seconds = 0.0
     for c in hooks.progress(todo, "fitting modes", len(todo)):
