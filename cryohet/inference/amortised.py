@@ -1,7 +1,9 @@
 """Amortised inference: an encoder maps each particle image to q(z | image) (the VAE of cryoDRGN, survey 7.2).
 
-The encoder sees the centred, CTF-phase-flipped transform of the image (real and imaginary parts on the
-half-plane inside the resolution circle) and returns the mean and log-variance of q(z | image).
+The encoder sees the image, or its residual against the anchored base map, either as the centred, CTF-phase-flipped
+transform (real and imaginary parts on the half-plane inside the resolution circle, cryoDRGN's) or as its responses
+to learnt 3-D filter maps sliced at the image's pose (``pose_filters``), and returns the mean and log-variance of
+q(z | image).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from cryohet.data.prepare import ImageBatch
 from cryohet.geometry.lattice import Points
 from cryohet.inference.elbo import gaussian_elbo, kl_weight
 from cryohet.inference.freq_march import FrequencyMarch, MarchingObjective, restrict
+from cryohet.inference.pose_filters import PoseFilterBank
 from cryohet.inference.pose_tables import PoseCorrections, posed
 from cryohet.models.neural import NeuralVolume, ResidMLP, init_linear
 
@@ -27,6 +30,11 @@ def loss_inputs(b: ImageBatch, encoder_image: bool = True) -> dict[str, torch.Te
     if encoder_image:
         out["enc"] = (yr * torch.sign(b.ctf)[..., None]).reshape(len(b.rows), -1)
     return out
+
+
+#: the filter maps' learning rate over the networks': their values start at unit scale, where Adam's steps of the
+#: networks' rate would leave them near their random start for the whole run
+FILTER_LR_FACTOR = 100.0
 
 
 class Encoder(nn.Module):
@@ -67,7 +75,15 @@ class AmortisedInference(MarchingObjective, nn.Module):
             if volume_cfg is None or not volume_cfg.anchor:
                 raise ValueError("--encoder_input residual needs the decoder anchored (--anchor homogeneous)")
             self.settings["encoder_input"] = "residual"
-        self.encoder = Encoder(2 * len(points), zdim, self.settings["enc_layers"], self.settings["enc_dim"],
+        n_filters, self.filters = int(settings.get("encoder_filters", 0)), None
+        if n_filters:  # stored only when used, as encoder_input
+            if volume_cfg is None:
+                raise ValueError("pose-aware encoder filters need a neural volume (its box)")
+            freq = float(settings["filter_freq"])
+            self.settings.update(encoder_filters=n_filters, filter_freq=freq)
+            self.filters = PoseFilterBank(n_filters, volume_cfg.box, points.kxy, points.weight, freq, g)
+        self.encoder = Encoder(n_filters or 2 * len(points), zdim, self.settings["enc_layers"],
+                               self.settings["enc_dim"],
                                volume_cfg.activation if volume_cfg is not None else "relu")
         if decoder is None:
             self.decoder = NeuralVolume(volume_cfg, g)
@@ -85,20 +101,25 @@ class AmortisedInference(MarchingObjective, nn.Module):
         self.march, self.fit_radius = FrequencyMarch(points.kxy, max_freq, march), max_freq
 
     def inputs(self, b: ImageBatch) -> dict[str, torch.Tensor]:
-        """Loss inputs of a prepared batch (runs in the loader thread); no encoder image with the residual input,
-        which :meth:`encode` forms on the device."""
-        return loss_inputs(b, encoder_image=not self.residual_input)
+        """Loss inputs of a prepared batch (runs in the loader thread); no encoder image with the residual input
+        or the filters, which :meth:`encode` forms on the device."""
+        return loss_inputs(b, encoder_image=not (self.residual_input or self.filters is not None))
 
     def encode(self, d: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z | image): from the phase-flipped image, or (``encoder_input`` residual) from the phase-flipped
-        residual of the image and the anchored base map's CTF-weighted slice at its pose, which leaves the encoder
-        the heterogeneity and the noise instead of a pose-dependent projection of the consensus."""
-        if not self.residual_input:
+        """q(z | image) from the image, or (``encoder_input`` residual) from the residual of the image and the
+        anchored base map's CTF-weighted slice at its pose, which leaves the encoder the heterogeneity and the
+        noise instead of a pose-dependent projection of the consensus. The encoder reads that signal
+        phase-flipped, pixel by pixel (cryoDRGN's encoder), or, with ``encoder_filters``, as its responses to
+        learnt 3-D filter maps sliced at the image's pose (``pose_filters``)."""
+        if not self.residual_input and self.filters is None:
             return self.encoder(d["enc"])
-        with torch.no_grad():
-            base = self.decoder.base_slices(d["rot"], self.kxy) * d["ctf"][..., None]
-            enc = (d["y"] - base) * torch.sign(d["ctf"])[..., None]
-        return self.encoder(enc.reshape(len(enc), -1))
+        signal = d["y"]
+        if self.residual_input:
+            with torch.no_grad():
+                signal = signal - self.decoder.base_slices(d["rot"], self.kxy) * d["ctf"][..., None]
+        if self.filters is not None:
+            return self.encoder(self.filters(d["rot"], d["ctf"], signal))
+        return self.encoder((signal * torch.sign(d["ctf"])[..., None]).reshape(len(signal), -1))
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(d)
@@ -107,7 +128,11 @@ class AmortisedInference(MarchingObjective, nn.Module):
         return gaussian_elbo(self.decoder, kxy, rot, y, ctf, mu, logvar, eps)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        return [{"params": list(self.parameters()), "lr": lr}]
+        if self.filters is None:
+            return [{"params": list(self.parameters()), "lr": lr}]
+        fil = set(map(id, self.filters.parameters()))
+        return [{"params": [p for p in self.parameters() if id(p) not in fil], "lr": lr},
+                {"params": list(self.filters.parameters()), "lr": lr * FILTER_LR_FACTOR}]
 
     @torch.no_grad()
     def latents(self, batches: Any, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

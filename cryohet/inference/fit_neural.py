@@ -21,6 +21,7 @@ from cryohet.geometry.lattice import Lattice
 from cryohet.inference.amortised import AmortisedInference
 from cryohet.inference.autodecoder import AutoDecoderInference
 from cryohet.inference.memory_plans import VaeShape, check_vae_fits
+from cryohet.inference.pose_filters import filter_shape
 from cryohet.inference.pose_tables import PoseCorrections
 from cryohet.inference.trainer import (
     Checkpoint,
@@ -83,9 +84,11 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         lattice = Lattice(pset.box, pset.apix).cropped(cfg.box)
         points = lattice.half_plane(cfg.max_freq * cfg.box)
         encoder = inference["kind"] == "amortised"
+        n_filters = int(inference.get("encoder_filters", 0)) if encoder else 0
+        bank = filter_shape(cfg.box, points.kxy, float(inference["filter_freq"])) if n_filters else (0, 0)
         shape = VaeShape(len(points), 6 * cfg.pe_dim, cfg.dec_dim, cfg.dec_layers, cfg.zdim,
                          int(inference.get("enc_dim", 0)) if encoder else 0, int(inference.get("enc_layers", 0)),
-                         cfg.domain == "hartley", 0 if encoder else len(reader))
+                         cfg.domain == "hartley", 0 if encoder else len(reader), n_filters, *bank)
         host = 2 * min(opts.chunk_images, len(reader)) * pset.box ** 2 * 4  # the loader: a chunk and the next
         need = check_vae_fits(shape, opts.batch_size, len(reader), device, pset.source, host_bytes=host)
         hooks.log.info("memory plan: %.3f GB on %s", need / 1e9, device)
@@ -106,6 +109,9 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
             objective.decoder.set_base(homogeneous_base(pset, cfg.box, opts, device, hooks, anchor_particles))
         hooks.log.info("volume: box %d px at %.4g Å/px, %d frequencies in the half-plane, zdim %d, beta %s",
                        cfg.box, cfg.apix, len(points), cfg.zdim, beta or f"1/zdim = {1 / max(cfg.zdim, 1):.4g}")
+        if n_filters:
+            hooks.log.info("encoder: %d pose-aware filter maps to %.3g Å (%d Fourier voxels each), read at %d pixels",
+                           n_filters, cfg.apix / float(inference["filter_freq"]), *bank)
         meta = {"config": cfg.to_json(), "inference": json.dumps(objective.settings, sort_keys=True)}
         host_need = need if torch.device(device).type == "cpu" else host  # the cache must leave the plan room
         result = Trainer(objective, reader, prep, opts, Path(out_dir), device, ddp, hooks, meta,

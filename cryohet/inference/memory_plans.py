@@ -24,7 +24,8 @@ F32 = 4
 class VaeShape:
     """What a train-vae step's memory depends on. ``n_points``: half-plane pixels fitted per image; ``pe_features``:
     the decoder's positional features per point (6·pe_dim); ``enc_dim`` 0: no encoder (auto-decoder, whose
-    per-particle table of ``n_particles`` × 2·zdim then lives on the device)."""
+    per-particle table of ``n_particles`` × 2·zdim then lives on the device); ``n_filters``: the encoder's pose-aware
+    filter maps (``pose_filters``), each ``filter_voxels`` complex values, read at ``filter_points`` pixels."""
 
     n_points: int
     pe_features: int
@@ -35,6 +36,9 @@ class VaeShape:
     enc_layers: int
     hartley: bool = False
     n_particles: int = 0
+    n_filters: int = 0
+    filter_voxels: int = 0
+    filter_points: int = 0
 
     def n_params(self) -> int:
         """Trainable parameters: decoder, and the encoder (input: real and imaginary parts of every point) or the
@@ -42,8 +46,9 @@ class VaeShape:
         d, out = self.dec_dim, 1 if self.hartley else 2
         dec = (self.pe_features + 1) * d + self.zdim * d + self.dec_layers * (d * d + d) + (d + 1) * out
         if self.enc_dim:
-            e = self.enc_dim
-            return dec + (2 * self.n_points + 1) * e + self.enc_layers * (e * e + e) + (e + 1) * 2 * self.zdim
+            e, k = self.enc_dim, self.n_filters
+            first = (k + 1) * e + 2 * k * self.filter_voxels if k else (2 * self.n_points + 1) * e
+            return dec + first + self.enc_layers * (e * e + e) + (e + 1) * 2 * self.zdim
         return dec + self.n_particles * 2 * self.zdim
 
     def fixed_bytes(self) -> int:
@@ -57,6 +62,8 @@ class VaeShape:
         evaluations = self.n_points * (2 if self.hartley else 1)
         per_point = self.pe_features + (self.dec_layers + 3) * self.dec_dim + 16
         encoder = 2 * self.n_points + (self.enc_layers + 3) * self.enc_dim if self.enc_dim else 0
+        if self.n_filters:  # the image's adjoint on the filters' grid, and 16 corners' indices and weights per pixel
+            encoder += 2 * self.filter_voxels + 96 * self.filter_points
         return F32 * (evaluations * per_point + encoder + 5 * self.n_points)
 
     def step_bytes(self, batch: int) -> int:

@@ -46,6 +46,12 @@ PARAMS = (
           "anchored base map's projection at its pose and CTF, phase-flipped: the consensus' pose-dependent "
           "projection removed; needs --anchor homogeneous), image (the phase-flipped image, cryoDRGN's) or auto "
           "(residual when the decoder is anchored, else image).", choices=("auto", "residual", "image")),
+    Param("encoder_filters", int, 32, "Pose-aware encoder (inference amortised): the encoder reads its input (the "
+          "residual or the image) as its responses to this many learnt 3-D filter maps, each sliced at the image's "
+          "pose and weighted by its CTF, so that a change of the molecule looks the same to it from every view; 0: "
+          "it reads the phase-flipped pixels (cryoDRGN's encoder).", min=0, max=1024),
+    Param("filter_res_A", float, 20.0, "Resolution of the encoder's filter maps, Å (their Fourier grid's radius "
+          "is box × pixel size / this, at most the fitted circle); 0: the fitted circle.", min=0.0, expert=True),
     Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32),
     Param("dec_dim", int, 256, "Decoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
     Param("crop_box", int, 0, "Fourier-crop the images to this box on the fly, pixels (even; 0: keep the box). "
@@ -161,6 +167,10 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             encoder_input = "residual" if params["anchor"] == "homogeneous" else "image"
         if encoder_input != "image":  # image is not stored (checkpoints from before the option compare equal)
             inference["encoder_input"] = encoder_input
+        if params["encoder_filters"]:
+            inference["encoder_filters"] = params["encoder_filters"]
+            inference["filter_freq"] = max_freq if params["filter_res_A"] <= 0 else min(
+                max_freq, apix / params["filter_res_A"])
     else:
         inference = {"kind": "autodecoder", "n_particles": len(pset), "latent_lr": params["latent_lr"]}
     opts = TrainOptions.from_params(params)

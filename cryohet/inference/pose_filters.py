@@ -1,0 +1,98 @@
+"""A pose-aware first layer for the encoder: K learnt 3-D filters in Fourier space, each sliced at the image's pose,
+CTF-weighted and correlated with the image's residual (a matched filter per filter map).
+
+An image's response to filter k is Σ_m w_m · CTF_m · Re(conj(F_k(Aᵀ k_m)) · r_m) over the half-plane pixels m
+inside the filters' resolution circle, w_m the pixel's multiplicity. Two images of the same conformation at
+different poses see the same 3-D filters, so the encoder need not learn how a change of the molecule looks from
+every direction; this is the per-image coordinate of a linear model (principal volumes, moments) made learnable.
+The filters are Hermitian by construction (F(−k) = conj F(k)), i.e. transforms of real maps, and read by trilinear
+interpolation.
+
+The responses are linear in the filters, so they are computed through the adjoint: each image's CTF-weighted
+signal is spread onto the filters' grid once (no gradient), and one matrix product with the filter values gives
+every filter's response (and, backwards, their gradient), instead of interpolating every filter at every pixel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cryohet.geometry.project import plane_coords
+
+#: the eight corners of a trilinear interpolation cell, (dx, dy, dz)
+_CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
+
+
+def filter_radius(box: int, max_freq: float) -> int:
+    """Radius in pixels of the filters' Fourier grid for a resolution circle of ``max_freq`` cycles/pixel."""
+    return max(1, int(math.ceil(max_freq * box)))
+
+
+def readable_voxels(grid: int) -> torch.Tensor:
+    """(G³,) bool: the voxels of a G³ filter grid that a trilinear interpolation at up to R = G // 2 − 1 from the
+    centre can touch (within R + √3)."""
+    c = torch.arange(grid) - grid // 2
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    return (x**2 + y**2 + z**2).reshape(-1).float() <= (grid // 2 - 1 + 3**0.5) ** 2 + 1e-6
+
+
+def filter_shape(box: int, kxy: torch.Tensor, max_freq: float) -> tuple[int, int]:
+    """(voxels per filter, pixels read) of a filter bank (for the memory plan)."""
+    grid = 2 * filter_radius(box, max_freq) + 3
+    return int(readable_voxels(grid).sum()), int((kxy.norm(dim=-1) <= max_freq + 1e-9).sum())
+
+
+class PoseFilterBank(nn.Module):
+    """K filters on a G³ centred Fourier grid, G = 2R + 3, R the radius of their resolution circle in pixels of
+    the box, of which only the ``n_voxels`` within R + √3 of the centre can be read. ``values`` (2·n_voxels, K):
+    the real parts of those voxels (``compact[(z·G + y)·G + x]`` numbers them), then their imaginary parts.
+    ``kxy`` (M, 2) cycles/pixel: the encoder's pixels; those within ``max_freq`` (cycles/pixel) are read.
+    """
+
+    def __init__(self, n_filters: int, box: int, kxy: torch.Tensor, weight: torch.Tensor, max_freq: float,
+                 generator: torch.Generator):
+        super().__init__()
+        self.n_filters, self.box, self.grid = int(n_filters), int(box), 2 * filter_radius(box, max_freq) + 3
+        inside = kxy.norm(dim=-1) <= max_freq + 1e-9
+        self.register_buffer("sel", torch.nonzero(inside).squeeze(1), persistent=False)
+        self.register_buffer("kpx", kxy[inside] * box, persistent=False)
+        w = weight[inside].float()
+        self.register_buffer("w", w / w.sum().sqrt(), persistent=False)
+        near = readable_voxels(self.grid)  # numbered compactly: the rest of the cube is never read, has no values
+        compact = torch.full((self.grid ** 3,), -1, dtype=torch.long)
+        compact[near] = torch.arange(int(near.sum()))
+        self.register_buffer("compact", compact, persistent=False)
+        self.n_voxels = int(near.sum())
+        self.values = nn.Parameter(torch.randn((2 * self.n_voxels, self.n_filters), generator=generator))
+
+    @torch.no_grad()
+    def adjoint(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """(B, 2·n_voxels): each image's CTF-weighted signal spread onto the grid by the transpose of the Hermitian
+        part's trilinear interpolation, so that ``adjoint(...) @ values`` is the responses."""
+        g, nv = self.grid, self.n_voxels
+        pos = plane_coords(self.kpx.to(rot.dtype), rot, 1).float()  # (B, M', 3) (x, y, z) from the centre
+        coef = signal[:, self.sel].float() * (0.5 * ctf[:, self.sel].float() * self.w)[..., None]  # (B, M', 2)
+        corners = _CORNERS.to(pos.device)
+        idx, wgt, sign = [], [], []
+        for s in (1.0, -1.0):  # H(p) = (F(p) + conj F(−p)) / 2: the imaginary part enters F(−p) negated
+            p = s * pos + g // 2
+            i0 = p.floor()
+            t = p - i0
+            c = i0.long()[..., None, :] + corners  # (B, M', 8, 3)
+            tw = torch.where(corners.bool(), t[..., None, :], 1 - t[..., None, :]).prod(-1)  # (B, M', 8)
+            idx.append(self.compact[(c[..., 2] * g + c[..., 1]) * g + c[..., 0]])
+            wgt.append(tw)
+            sign.append(torch.full_like(tw, s))
+        idx, wgt, sign = torch.cat(idx, -1), torch.cat(wgt, -1), torch.cat(sign, -1)  # (B, M', 16)
+        rows = torch.arange(len(pos), device=pos.device)[:, None, None] * (2 * nv)
+        out = torch.zeros(len(pos) * 2 * nv, device=pos.device)
+        out.index_add_(0, (rows + idx).reshape(-1), (wgt * coef[..., :1]).reshape(-1))
+        out.index_add_(0, (rows + nv + idx).reshape(-1), (wgt * sign * coef[..., 1:]).reshape(-1))
+        return out.view(len(pos), 2 * nv)
+
+    def forward(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """Responses (B, K) of the signals ``signal`` (B, M, 2) (real and imaginary parts, not phase-flipped) with
+        ``ctf`` (B, M) at poses ``rot`` (B, 3, 3)."""
+        return self.adjoint(rot, ctf, signal) @ self.values.float()

@@ -1,0 +1,125 @@
+"""The pose-aware encoder (``train-vae --encoder_filters``): each filter map is sliced at the image's pose, made
+Hermitian, CTF-weighted and correlated with the image's signal; computed here by direct indexing of the filter
+grid at poses that are quarter turns (where every slice point is a grid point), and trained end to end."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_vae import hinge  # noqa: F401  (test_vae's hinge: 1000 particles, box 32, SNR 1)
+
+from cryohet.data.prepare import ImageBatch
+from cryohet.geometry.lattice import Lattice
+from cryohet.inference.amortised import FILTER_LR_FACTOR, AmortisedInference
+from cryohet.inference.memory_plans import VaeShape
+from cryohet.inference.pose_filters import PoseFilterBank, filter_shape
+from cryohet.methods.train_vae import METHOD as TRAIN_VAE
+from cryohet.models.neural import VolumeConfig
+from cryohet.runner import run_method
+from cryohet.validation.metrics import spearman_pc1
+
+os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
+BOX = 16
+
+
+def _quarter_turns() -> np.ndarray:
+    """The 24 rotations of the cube (signed permutation matrices of determinant 1)."""
+    out = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            m = np.zeros((3, 3))
+            m[range(3), perm] = signs
+            if np.isclose(np.linalg.det(m), 1):
+                out.append(m)
+    return np.array(out)
+
+
+def test_responses_are_the_ctf_weighted_correlations_with_the_hermitian_filters_slices() -> None:
+    points = Lattice(BOX, 3.0).half_plane()
+    freq = 0.25
+    bank = PoseFilterBank(3, BOX, points.kxy, points.weight, freq, torch.Generator().manual_seed(0))
+    g = bank.grid
+    assert (bank.n_voxels, len(bank.sel)) == filter_shape(BOX, points.kxy, freq)
+    assert len(bank.sel) == int((points.kxy.norm(dim=-1) <= freq + 1e-9).sum())
+    rots = _quarter_turns()
+    rot = torch.as_tensor(rots, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    ctf = torch.rand(len(rots), len(points), generator=gen) * 2 - 1
+    signal = torch.randn(len(rots), len(points), 2, generator=gen)
+    with torch.no_grad():
+        got = bank(rot, ctf, signal).numpy()
+    # by hand: the filter grid as complex arrays (voxels that cannot be read hold zeros), its Hermitian part
+    # H(i) = (F(i) + conj F(mirror i)) / 2
+    vals = bank.values.detach().numpy()
+    full = np.zeros((2, g ** 3, 3))
+    near = bank.compact.numpy() >= 0
+    full[0, near], full[1, near] = vals[:bank.n_voxels], vals[bank.n_voxels:]
+    fc = (full[0] + 1j * full[1]).T.reshape(3, g, g, g)  # (K, z, y, x)
+    herm = 0.5 * (fc + np.conj(fc[:, ::-1, ::-1, ::-1]))
+    inside = (points.kxy.norm(dim=-1) <= freq + 1e-9).numpy()
+    k = np.round(points.kxy.numpy()[inside] * BOX).astype(int)  # integer pixels (kx, ky)
+    w = points.weight.numpy()[inside]
+    w = w / np.sqrt(w.sum())
+    sig = signal.numpy()[:, inside, 0] + 1j * signal.numpy()[:, inside, 1]
+    want = np.zeros_like(got)
+    for b, a in enumerate(rots):
+        pos = np.rint(k @ a[:2, :]).astype(int) + g // 2  # (x, y, z) grid indices of Aᵀ (kx, ky, 0)
+        vals = herm[:, pos[:, 2], pos[:, 1], pos[:, 0]]  # (K, M')
+        want[b] = (w * ctf.numpy()[b, inside] * np.real(np.conj(vals) * sig[b])).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_filters_encoder_reads_the_residual_trains_and_is_planned() -> None:
+    """With ``encoder_filters`` the loader prepares no encoder image, the encoder's input is the K responses to
+    the residual (an image that is exactly the base's projection responds with zeros), the filters get their own
+    learning rate, a step's gradient reaches them, and the memory plan counts their grid."""
+    cfg = VolumeConfig(box=BOX, apix=3.0, dec_dim=16, seed=2, data_scale=1.0, anchor=True)
+    points = Lattice(BOX, 3.0).half_plane()
+    settings = {"enc_layers": 2, "enc_dim": 16, "encoder_input": "residual", "encoder_filters": 4,
+                "filter_freq": 0.25}
+    obj = AmortisedInference(cfg, points, settings)
+    obj.decoder.set_base(torch.randn((BOX,) * 3, generator=torch.Generator().manual_seed(3)))
+    assert obj.settings["encoder_filters"] == 4 and obj.encoder.mlp.first.in_features == 4
+    rot = torch.as_tensor(_quarter_turns()[:6], dtype=torch.float32)
+    ctf = torch.rand(6, len(points), generator=torch.Generator().manual_seed(4)) + 0.1
+    y = obj.decoder.base_slices(rot, points.kxy) * ctf[..., None]
+    batch = ImageBatch(np.arange(6), torch.view_as_complex(y.contiguous()), ctf, rot)
+    d = obj.inputs(batch)
+    assert "enc" not in d
+    with torch.no_grad():
+        torch.testing.assert_close(obj.filters(rot, ctf, d["y"] - y), torch.zeros(6, 4))
+    d["y"] = d["y"] + torch.randn(d["y"].shape, generator=torch.Generator().manual_seed(5))
+    groups = obj.param_groups(1e-4)
+    assert [g["lr"] for g in groups] == [1e-4, pytest.approx(1e-4 * FILTER_LR_FACTOR)]
+    assert groups[1]["params"] == [obj.filters.values]
+    gen, kld = obj(d, torch.randn(6, cfg.zdim, generator=torch.Generator().manual_seed(6)))
+    (gen + kld).backward()
+    assert obj.filters.values.grad is not None and obj.filters.values.grad.abs().sum() > 0
+    plain = VaeShape(len(points), 6 * 8, 16, 3, cfg.zdim, 16, 2)
+    with_bank = VaeShape(len(points), 6 * 8, 16, 3, cfg.zdim, 16, 2, n_filters=4,
+                         filter_voxels=obj.filters.n_voxels, filter_points=len(obj.filters.sel))
+    n_model = sum(p.numel() for p in obj.parameters())
+    assert with_bank.n_params() - plain.n_params() == n_model - sum(
+        p.numel() for p in AmortisedInference(cfg, points, {"enc_layers": 2, "enc_dim": 16}).parameters())
+
+
+def test_the_pose_aware_encoder_learns_the_hinge_better_than_the_pixel_encoder(hinge: Path,  # noqa: F811
+                                                                              tmp_path: Path) -> None:
+    """The default (32 filter maps at 20 Å on the residual) against ``--encoder_filters 0`` (the residual's pixels),
+    on the same hinge and settings as test_vae_anchor's check: |Spearman| of the latents' first principal
+    component with the hinge angle (measured 0.913 against 0.730)."""
+    rho = {}
+    for name, extra in (("filters", {}), ("pixels", {"encoder_filters": 0})):
+        run_method(TRAIN_VAE, dict(particles=str(hinge / "particles.star"), epochs=5, enc_dim=128, dec_dim=128,
+                                   batch_size=32, lr=1e-3, threads=1, **extra), tmp_path / name)
+        rho[name] = spearman_pc1(np.load(tmp_path / name / "z.npy"), np.load(hinge / "ground_truth.npz")["tau"])
+    inference = json.loads((tmp_path / "filters" / "config.json").read_text())["inference"]
+    assert inference["encoder_filters"] == 32 and inference["filter_freq"] == pytest.approx(4.0 / 20.0)
+    assert "encoder_filters" not in json.loads((tmp_path / "pixels" / "config.json").read_text())["inference"]
+    print(f"hinge |Spearman| PC1: filters {rho['filters']:.3f}, pixels {rho['pixels']:.3f}")
+    assert rho["filters"] > 0.85 and rho["filters"] > rho["pixels"] + 0.1, rho
