@@ -123,3 +123,56 @@ def test_the_pose_aware_encoder_learns_the_hinge_better_than_the_pixel_encoder(h
     assert "encoder_filters" not in json.loads((tmp_path / "pixels" / "config.json").read_text())["inference"]
     print(f"hinge |Spearman| PC1: filters {rho['filters']:.3f}, pixels {rho['pixels']:.3f}")
     assert rho["filters"] > 0.85 and rho["filters"] > rho["pixels"] + 0.1, rho
+
+
+def test_filters_set_from_maps_are_their_transforms_at_unit_rms() -> None:
+    """``set_maps``: filter k at grid voxel d (from the centre) is the centred transform of map k at frequency d,
+    over the readable voxels, scaled to unit RMS; fixed filters are a buffer saved with the model, not learnt."""
+    points = Lattice(BOX, 3.0).half_plane()
+    bank = PoseFilterBank(2, BOX, points.kxy, points.weight, 0.25, torch.Generator().manual_seed(0), fixed=True)
+    assert not list(bank.parameters()) and "values" in bank.state_dict()
+    maps = np.random.default_rng(3).normal(size=(2, BOX, BOX, BOX)).astype(np.float32)
+    bank.set_maps(maps)
+    g, c = bank.grid, BOX // 2
+    near = bank.compact.numpy() >= 0
+    zz, yy, xx = np.unravel_index(np.flatnonzero(near), (g,) * 3)
+    for k in range(2):
+        ft = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(maps[k].astype(np.float64))))
+        want = ft[zz - g // 2 + c, yy - g // 2 + c, xx - g // 2 + c]
+        want = want / np.sqrt(np.mean(np.abs(want) ** 2))
+        got = bank.values[:bank.n_voxels, k].numpy() + 1j * bank.values[bank.n_voxels:, k].numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="2 cubic maps"):
+        bank.set_maps(maps[:1])
+
+
+def test_train_vae_takes_its_filters_from_a_principal_volumes_run(hinge: Path, tmp_path: Path) -> None:  # noqa: F811
+    """``--filters_from`` a principal-volumes run of the same particles: as many fixed filters as it has principal
+    volumes, recorded in the run, unchanged by training and kept in the model file; a run of another box is
+    refused, naming it."""
+    from safetensors.torch import load_file
+
+    from cryohet.errors import InputError
+    from cryohet.methods.principal_volumes import METHOD as PRINCIPAL_VOLUMES
+    from cryohet.methods.simulate import METHOD as SIMULATE
+    from cryohet.models.linear import LinearModel
+
+    star = str(hinge / "particles.star")
+    run_method(PRINCIPAL_VOLUMES, dict(particles=star, n_components=2, resolution_A=16.0, max_iter=3,
+                                       threads=1), tmp_path / "pv")
+    run_method(TRAIN_VAE, dict(particles=star, epochs=2, enc_dim=32, dec_dim=32, batch_size=64, threads=1,
+                               filters_from=str(tmp_path / "pv")), tmp_path / "vae")
+    inference = json.loads((tmp_path / "vae" / "config.json").read_text())["inference"]
+    assert inference["encoder_filters"] == 2 and inference["filters_from"] == str((tmp_path / "pv").resolve())
+    values = load_file(str(tmp_path / "vae" / "model.safetensors"))["filters.values"]
+    bank = PoseFilterBank(2, 32, Lattice(32, 4.0).half_plane().kxy, Lattice(32, 4.0).half_plane().weight,
+                          inference["filter_freq"], torch.Generator(), fixed=True)
+    bank.set_maps(LinearModel.load(next((tmp_path / "pv").glob("*.npz"))).components)
+    torch.testing.assert_close(values, bank.values)
+    z = np.load(tmp_path / "vae" / "z.npy")
+    assert z.shape == (1000, 8) and np.isfinite(z).all()
+    run_method(SIMULATE, dict(box=24, apix=4.0, resolution_A=10.0, n_particles=50, snr=1.0, n_states=2, threads=1,
+                              seed=1), tmp_path / "small")  # 96 Å across, the run's maps 128 Å
+    with pytest.raises(InputError, match=r"span 128\.0 Å .* particles' box spans 96\.0 Å"):
+        run_method(TRAIN_VAE, dict(particles=str(tmp_path / "small" / "particles.star"), epochs=1, enc_dim=16,
+                                   dec_dim=16, threads=1, filters_from=str(tmp_path / "pv")), tmp_path / "bad")

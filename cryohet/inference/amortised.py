@@ -79,9 +79,11 @@ class AmortisedInference(MarchingObjective, nn.Module):
         if n_filters:  # stored only when used, as encoder_input
             if volume_cfg is None:
                 raise ValueError("pose-aware encoder filters need a neural volume (its box)")
-            freq = float(settings["filter_freq"])
-            self.settings.update(encoder_filters=n_filters, filter_freq=freq)
-            self.filters = PoseFilterBank(n_filters, volume_cfg.box, points.kxy, points.weight, freq, g)
+            freq, fixed = float(settings["filter_freq"]), str(settings.get("filters_from", ""))
+            self.settings.update(encoder_filters=n_filters, filter_freq=freq, **({"filters_from": fixed} if fixed
+                                                                                 else {}))
+            self.filters = PoseFilterBank(n_filters, volume_cfg.box, points.kxy, points.weight, freq, g,
+                                          fixed=bool(fixed))
         self.encoder = Encoder(n_filters or 2 * len(points), zdim, self.settings["enc_layers"],
                                self.settings["enc_dim"],
                                volume_cfg.activation if volume_cfg is not None else "relu")
@@ -128,7 +130,7 @@ class AmortisedInference(MarchingObjective, nn.Module):
         return gaussian_elbo(self.decoder, kxy, rot, y, ctf, mu, logvar, eps)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        if self.filters is None:
+        if self.filters is None or not list(self.filters.parameters()):
             return [{"params": list(self.parameters()), "lr": lr}]
         fil = set(map(id, self.filters.parameters()))
         return [{"params": [p for p in self.parameters() if id(p) not in fil], "lr": lr},

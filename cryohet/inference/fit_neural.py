@@ -63,14 +63,16 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
                device: torch.device | str = "cpu", ctx: Any | None = None, *, beta: float = 0.0,
                window_radius: float = 0.85, norm_sample: int = 1000, resume: bool = False,
                init_model: str | Path | None = None, poses: dict[str, Any] | None = None, march: float = 0.0,
-               beta_warmup: int = 0, anchor_particles: int = 0) -> tuple[nn.Module, TrainResult]:
+               beta_warmup: int = 0, anchor_particles: int = 0,
+               filter_maps: np.ndarray | None = None) -> tuple[nn.Module, TrainResult]:
     """Train the volume ``cfg`` (its box and pixel size those of the cropped images) with the inference strategy
     ``inference`` (``kind`` and its settings) on ``pset``; returns the trained objective and the result.
     ``poses``: refine the poses with the model (the keyword arguments of ``PoseCorrections``; the objective's
     ``poses`` then holds the corrections). ``march``: share of the epochs spent widening the fitted circle
     (frequency marching, ``freq_march.py``). ``beta_warmup``: epochs over which β rises from 1/zdim
     (``MarchingObjective.epoch_beta``). ``anchor_particles``: the most particles the anchored decoder's base is
-    reconstructed from (0: all; ``homogeneous_base``).
+    reconstructed from (0: all; ``homogeneous_base``). ``filter_maps``: the fixed filters of a pose-aware encoder
+    (``inference`` ``filters_from``), real-space maps of the particles' physical box.
 
     Writes ``out_dir/checkpoint.safetensors`` after every epoch (rank 0), keeping the one before as
     ``checkpoint.prev.safetensors``; ``resume`` continues from the newest usable of the two.
@@ -107,6 +109,8 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
             _load_initial(objective, cfg, Path(init_model), hooks)
         elif cfg.anchor and ckpt is None:  # resuming or starting from a model restores its base map
             objective.decoder.set_base(homogeneous_base(pset, cfg.box, opts, device, hooks, anchor_particles))
+        if filter_maps is not None and init_model is None and ckpt is None:  # kept with the model otherwise
+            objective.filters.set_maps(filter_maps)
         hooks.log.info("volume: box %d px at %.4g Å/px, %d frequencies in the half-plane, zdim %d, beta %s",
                        cfg.box, cfg.apix, len(points), cfg.zdim, beta or f"1/zdim = {1 / max(cfg.zdim, 1):.4g}")
         if n_filters:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
+from cryohet.geometry.fourier import fft3c
 from cryohet.geometry.project import plane_coords
 
 #: the eight corners of a trilinear interpolation cell, (dx, dy, dz)
@@ -49,10 +51,11 @@ class PoseFilterBank(nn.Module):
     the box, of which only the ``n_voxels`` within R + √3 of the centre can be read. ``values`` (2·n_voxels, K):
     the real parts of those voxels (``compact[(z·G + y)·G + x]`` numbers them), then their imaginary parts.
     ``kxy`` (M, 2) cycles/pixel: the encoder's pixels; those within ``max_freq`` (cycles/pixel) are read.
+    ``fixed``: the values are not learnt but set from maps (:meth:`set_maps`) and kept with the model.
     """
 
     def __init__(self, n_filters: int, box: int, kxy: torch.Tensor, weight: torch.Tensor, max_freq: float,
-                 generator: torch.Generator):
+                 generator: torch.Generator, fixed: bool = False):
         super().__init__()
         self.n_filters, self.box, self.grid = int(n_filters), int(box), 2 * filter_radius(box, max_freq) + 3
         inside = kxy.norm(dim=-1) <= max_freq + 1e-9
@@ -65,7 +68,31 @@ class PoseFilterBank(nn.Module):
         compact[near] = torch.arange(int(near.sum()))
         self.register_buffer("compact", compact, persistent=False)
         self.n_voxels = int(near.sum())
-        self.values = nn.Parameter(torch.randn((2 * self.n_voxels, self.n_filters), generator=generator))
+        values = torch.randn((2 * self.n_voxels, self.n_filters), generator=generator)
+        if fixed:
+            self.register_buffer("values", values)
+        else:
+            self.values = nn.Parameter(values)
+
+    @torch.no_grad()
+    def set_maps(self, maps: torch.Tensor | np.ndarray) -> None:
+        """Set the filters to the transforms of real-space maps (K, b, b, b) (z, y, x) of the same physical box
+        (voxel d from the centre of the filters' grid is frequency d of the maps' transform), each scaled to unit
+        RMS over the readable voxels (their sign and scale carry no meaning for the encoder)."""
+        maps = torch.as_tensor(np.asarray(maps, dtype=np.float32))
+        if maps.ndim != 4 or maps.shape[0] != self.n_filters or len(set(maps.shape[1:])) != 1:
+            raise ValueError(f"{self.n_filters} cubic maps are needed, got an array of shape {tuple(maps.shape)}")
+        b, g = maps.shape[-1], self.grid
+        d = torch.arange(g) - g // 2
+        ok = (d + b // 2 >= 0) & (d + b // 2 < b)  # frequencies beyond the maps' Nyquist stay zero
+        idx = (d + b // 2).clamp(0, b - 1)
+        near = self.compact >= 0
+        for k, m in enumerate(maps):
+            ft = fft3c(m.double())[idx][:, idx][:, :, idx] * (ok[:, None, None] & ok[None, :, None] & ok[None, None])
+            v = ft.reshape(-1)[near.to(ft.device)]
+            v = v / v.abs().pow(2).mean().sqrt().clamp_min(1e-30)
+            self.values[:self.n_voxels, k] = v.real.to(self.values)
+            self.values[self.n_voxels:, k] = v.imag.to(self.values)
 
     @torch.no_grad()
     def adjoint(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,10 @@ PARAMS = (
           "it reads the phase-flipped pixels (cryoDRGN's encoder).", min=0, max=1024),
     Param("filter_res_A", float, 20.0, "Resolution of the encoder's filter maps, Å (their Fourier grid's radius "
           "is box × pixel size / this, at most the fitted circle); 0: the fitted circle.", min=0.0, expert=True),
+    Param("filters_from", str, "", "A principal-volumes or moments run folder: the encoder's filters are its "
+          "principal volumes, held fixed (--encoder_filters is then their number), so that the VAE starts from "
+          "the directions a linear method found, which at low SNR it may not find alone; the maps must span the "
+          "particles' box (same box × pixel size).", expert=True),
     Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32),
     Param("dec_dim", int, 256, "Decoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
     Param("crop_box", int, 0, "Fourier-crop the images to this box on the fly, pixels (even; 0: keep the box). "
@@ -115,6 +119,22 @@ def _model_file(path: str) -> Path:
     return p
 
 
+def _linear_components(run: str, box_A: float) -> np.ndarray:
+    """The principal volumes (K, b, b, b) of a principal-volumes or moments run whose maps span ``box_A`` Å."""
+    from cryohet.errors import InputError
+    from cryohet.models.base import load_volume_model
+    from cryohet.models.linear import LinearModel
+
+    model = load_volume_model(run)
+    if not isinstance(model, LinearModel):
+        raise InputError(run, "--filters_from needs a run of principal-volumes or moments (a linear model)")
+    span = model.box * model.apix
+    if abs(span - box_A) > 0.01 * box_A:
+        raise InputError(run, f"its maps span {span:.1f} Å ({model.box} px at {model.apix:g} Å/px) but the "
+                              f"particles' box spans {box_A:.1f} Å; run it on the same particles")
+    return model.components
+
+
 def _plot_losses(path: Path, history: list[dict[str, float]]) -> None:
     from matplotlib.figure import Figure
 
@@ -160,6 +180,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
                        feat_sigma=params["feat_sigma"], domain=params["domain"], max_freq=max_freq,
                        activation=params["activation"], seed=params["seed"],
                        anchor=params["anchor"] == "homogeneous", anchor_fraction=params["anchor_fraction"])
+    filter_maps = None
     if params["inference"] == "amortised":
         inference = {"kind": "amortised", "enc_layers": params["enc_layers"], "enc_dim": params["enc_dim"]}
         encoder_input = params["encoder_input"]
@@ -167,8 +188,11 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             encoder_input = "residual" if params["anchor"] == "homogeneous" else "image"
         if encoder_input != "image":  # image is not stored (checkpoints from before the option compare equal)
             inference["encoder_input"] = encoder_input
-        if params["encoder_filters"]:
-            inference["encoder_filters"] = params["encoder_filters"]
+        if params["filters_from"]:
+            filter_maps = _linear_components(params["filters_from"], box * apix)
+            inference["filters_from"] = str(Path(params["filters_from"]).resolve())
+        if params["encoder_filters"] or filter_maps is not None:
+            inference["encoder_filters"] = params["encoder_filters"] if filter_maps is None else len(filter_maps)
             inference["filter_freq"] = max_freq if params["filter_res_A"] <= 0 else min(
                 max_freq, apix / params["filter_res_A"])
     else:
@@ -181,7 +205,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     objective, res = fit_neural(pset, cfg, inference, opts, ctx.out_dir, ctx.device, ctx, beta=params["beta"],
                                 window_radius=params["window_radius"], resume=params["resume"], init_model=init,
                                 poses=pose_options(params), march=params["freq_march"],
-                                beta_warmup=params["beta_warmup"], anchor_particles=params["anchor_particles"])
+                                beta_warmup=params["beta_warmup"], anchor_particles=params["anchor_particles"],
+                                filter_maps=filter_maps)
     poses = getattr(objective, "poses", None)
     out = Path(ctx.out_dir)
     d = cfg.zdim
