@@ -3,6 +3,7 @@ Hermitian, CTF-weighted and correlated with the image's signal; computed here by
 grid at poses that are quarter turns (where every slice point is a grid point), and trained end to end."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -106,6 +107,9 @@ def test_the_filters_encoder_reads_the_residual_trains_and_is_planned() -> None:
     n_model = sum(p.numel() for p in obj.parameters())
     assert with_bank.n_params() - plain.n_params() == n_model - sum(
         p.numel() for p in AmortisedInference(cfg, points, {"enc_layers": 2, "enc_dim": 16}).parameters())
+    fixed = dataclasses.replace(with_bank, fixed_filters=True)  # --filters_from: stored, but no gradient or moments
+    assert with_bank.n_params() - fixed.n_params() == obj.filters.values.numel()
+    assert with_bank.fixed_bytes() - fixed.fixed_bytes() == 3 * 4 * obj.filters.values.numel()
 
 
 def test_the_pose_aware_encoder_learns_the_hinge_better_than_the_pixel_encoder(hinge: Path,  # noqa: F811
@@ -148,8 +152,9 @@ def test_filters_set_from_maps_are_their_transforms_at_unit_rms() -> None:
 
 def test_train_vae_takes_its_filters_from_a_principal_volumes_run(hinge: Path, tmp_path: Path) -> None:  # noqa: F811
     """``--filters_from`` a principal-volumes run of the same particles: as many fixed filters as it has principal
-    volumes, recorded in the run, unchanged by training and kept in the model file; a run of another box is
-    refused, naming it."""
+    volumes, recorded in the run, unchanged by training and kept in the model file; resuming takes them from the
+    checkpoint, so the run may have moved since; a run of another box, and the auto-decoder (no encoder), are
+    refused."""
     from safetensors.torch import load_file
 
     from cryohet.errors import InputError
@@ -176,3 +181,12 @@ def test_train_vae_takes_its_filters_from_a_principal_volumes_run(hinge: Path, t
     with pytest.raises(InputError, match=r"span 128\.0 Å .* particles' box spans 96\.0 Å"):
         run_method(TRAIN_VAE, dict(particles=str(tmp_path / "small" / "particles.star"), epochs=1, enc_dim=16,
                                    dec_dim=16, threads=1, filters_from=str(tmp_path / "pv")), tmp_path / "bad")
+    with pytest.raises(ValueError, match="auto-decoder .* has no encoder"):
+        run_method(TRAIN_VAE, dict(particles=star, epochs=1, inference="autodecoder", threads=1,
+                                   filters_from=str(tmp_path / "pv")), tmp_path / "bad_ad")
+    (tmp_path / "pv").rename(tmp_path / "pv_moved")
+    run_method(TRAIN_VAE, dict(particles=star, epochs=3, enc_dim=32, dec_dim=32, batch_size=64, threads=1,
+                               filters_from=str(tmp_path / "pv"), resume=True), tmp_path / "vae")
+    history = json.loads((tmp_path / "vae" / "config.json").read_text())["history"]
+    assert len(history) == 3
+    torch.testing.assert_close(load_file(str(tmp_path / "vae" / "model.safetensors"))["filters.values"], values)

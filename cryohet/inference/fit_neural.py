@@ -7,6 +7,7 @@ prepared data through the same :class:`~cryohet.inference.trainer.Trainer`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,16 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
                window_radius: float = 0.85, norm_sample: int = 1000, resume: bool = False,
                init_model: str | Path | None = None, poses: dict[str, Any] | None = None, march: float = 0.0,
                beta_warmup: int = 0, anchor_particles: int = 0,
-               filter_maps: np.ndarray | None = None) -> tuple[nn.Module, TrainResult]:
+               filter_maps: Callable[[], np.ndarray] | None = None) -> tuple[nn.Module, TrainResult]:
     """Train the volume ``cfg`` (its box and pixel size those of the cropped images) with the inference strategy
     ``inference`` (``kind`` and its settings) on ``pset``; returns the trained objective and the result.
     ``poses``: refine the poses with the model (the keyword arguments of ``PoseCorrections``; the objective's
     ``poses`` then holds the corrections). ``march``: share of the epochs spent widening the fitted circle
     (frequency marching, ``freq_march.py``). ``beta_warmup``: epochs over which β rises from 1/zdim
     (``MarchingObjective.epoch_beta``). ``anchor_particles``: the most particles the anchored decoder's base is
-    reconstructed from (0: all; ``homogeneous_base``). ``filter_maps``: the fixed filters of a pose-aware encoder
-    (``inference`` ``filters_from``), real-space maps of the particles' physical box.
+    reconstructed from (0: all; ``homogeneous_base``). ``filter_maps``: gives the fixed filters of a pose-aware
+    encoder (``inference`` ``filters_from``), real-space maps of the particles' physical box; called only when
+    not resuming from a checkpoint, which keeps them.
 
     Writes ``out_dir/checkpoint.safetensors`` after every epoch (rank 0), keeping the one before as
     ``checkpoint.prev.safetensors``; ``resume`` continues from the newest usable of the two.
@@ -90,7 +92,8 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         bank = filter_shape(cfg.box, points.kxy, float(inference["filter_freq"])) if n_filters else (0, 0)
         shape = VaeShape(len(points), 6 * cfg.pe_dim, cfg.dec_dim, cfg.dec_layers, cfg.zdim,
                          int(inference.get("enc_dim", 0)) if encoder else 0, int(inference.get("enc_layers", 0)),
-                         cfg.domain == "hartley", 0 if encoder else len(reader), n_filters, *bank)
+                         cfg.domain == "hartley", 0 if encoder else len(reader), n_filters, *bank,
+                         fixed_filters=bool(inference.get("filters_from")))
         host = 2 * min(opts.chunk_images, len(reader)) * pset.box ** 2 * 4  # the loader: a chunk and the next
         need = check_vae_fits(shape, opts.batch_size, len(reader), device, pset.source, host_bytes=host)
         hooks.log.info("memory plan: %.3f GB on %s", need / 1e9, device)
@@ -109,8 +112,8 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
             _load_initial(objective, cfg, Path(init_model), hooks)
         elif cfg.anchor and ckpt is None:  # resuming or starting from a model restores its base map
             objective.decoder.set_base(homogeneous_base(pset, cfg.box, opts, device, hooks, anchor_particles))
-        if filter_maps is not None and init_model is None and ckpt is None:  # kept with the model otherwise
-            objective.filters.set_maps(filter_maps)
+        if filter_maps is not None and ckpt is None:  # a checkpoint keeps them; an initial model's may differ
+            objective.filters.set_maps(filter_maps())
         hooks.log.info("volume: box %d px at %.4g Å/px, %d frequencies in the half-plane, zdim %d, beta %s",
                        cfg.box, cfg.apix, len(points), cfg.zdim, beta or f"1/zdim = {1 / max(cfg.zdim, 1):.4g}")
         if n_filters:

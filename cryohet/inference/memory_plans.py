@@ -25,7 +25,8 @@ class VaeShape:
     """What a train-vae step's memory depends on. ``n_points``: half-plane pixels fitted per image; ``pe_features``:
     the decoder's positional features per point (6·pe_dim); ``enc_dim`` 0: no encoder (auto-decoder, whose
     per-particle table of ``n_particles`` × 2·zdim then lives on the device); ``n_filters``: the encoder's pose-aware
-    filter maps (``pose_filters``), each ``filter_voxels`` complex values, read at ``filter_points`` pixels."""
+    filter maps (``pose_filters``), each ``filter_voxels`` complex values, read at ``filter_points`` pixels;
+    ``fixed_filters``: the filters are held fixed (``--filters_from``), so they have no gradient or Adam moments."""
 
     n_points: int
     pe_features: int
@@ -39,6 +40,11 @@ class VaeShape:
     n_filters: int = 0
     filter_voxels: int = 0
     filter_points: int = 0
+    fixed_filters: bool = False
+
+    def filter_values(self) -> int:
+        """The filter maps' stored values (real and imaginary parts)."""
+        return 2 * self.n_filters * self.filter_voxels
 
     def n_params(self) -> int:
         """Trainable parameters: decoder, and the encoder (input: real and imaginary parts of every point) or the
@@ -47,13 +53,14 @@ class VaeShape:
         dec = (self.pe_features + 1) * d + self.zdim * d + self.dec_layers * (d * d + d) + (d + 1) * out
         if self.enc_dim:
             e, k = self.enc_dim, self.n_filters
-            first = (k + 1) * e + 2 * k * self.filter_voxels if k else (2 * self.n_points + 1) * e
+            learnt = 0 if self.fixed_filters else self.filter_values()
+            first = (k + 1) * e + learnt if k else (2 * self.n_points + 1) * e
             return dec + first + self.enc_layers * (e * e + e) + (e + 1) * 2 * self.zdim
         return dec + self.n_particles * 2 * self.zdim
 
     def fixed_bytes(self) -> int:
-        """Parameters, their gradients and Adam's two moments, bytes."""
-        return 4 * F32 * self.n_params()
+        """Parameters, their gradients and Adam's two moments, and fixed filters, bytes."""
+        return 4 * F32 * self.n_params() + (F32 * self.filter_values() if self.fixed_filters else 0)
 
     def image_bytes(self) -> int:
         """Bytes per image of a batch: the decoder's activations kept for the backward pass at every evaluated

@@ -77,6 +77,17 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, meta
 
 
+def read_metadata(path: str | Path) -> dict[str, str] | None:
+    """The metadata of a safetensors file, its tensors unread and unchecked; None when it is missing or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # safetensors raises its own errors on garbage; a missing file raises OSError
+        return None
+
+
 def read_checkpoint(path: str | Path, read: Callable[[Path], T], log: logging.Logger, owner: bool = True
                     ) -> tuple[Path, T] | None:
     """The newest usable of the checkpoint ``path`` and its previous version, as ``read`` gives it (``read``

@@ -2,6 +2,7 @@
 cryoDRGN) or by a per-particle latent table (an auto-decoder)."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -135,6 +136,22 @@ def _linear_components(run: str, box_A: float) -> np.ndarray:
     return model.components
 
 
+def _resumed_filter_count(out_dir: Path, source: str) -> int | None:
+    """The number of fixed filters in the checkpoint that ``--resume`` continues from, when they came from the run
+    ``source``: they are kept in the checkpoint, so the run is not read again (it may have moved since)."""
+    from cryohet.inference.trainer import CHECKPOINT_NAME
+    from cryohet.io.weights import previous_path, read_metadata
+    from cryohet.models.neural import stored_inference
+
+    for path in (out_dir / CHECKPOINT_NAME, previous_path(out_dir / CHECKPOINT_NAME)):
+        meta = read_metadata(path)
+        if meta is not None and "inference" in meta:
+            inference = stored_inference(meta)
+            if inference.get("filters_from") == source:
+                return int(inference["encoder_filters"])
+    return None
+
+
 def _plot_losses(path: Path, history: list[dict[str, float]]) -> None:
     from matplotlib.figure import Figure
 
@@ -189,12 +206,19 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         if encoder_input != "image":  # image is not stored (checkpoints from before the option compare equal)
             inference["encoder_input"] = encoder_input
         if params["filters_from"]:
-            filter_maps = _linear_components(params["filters_from"], box * apix)
-            inference["filters_from"] = str(Path(params["filters_from"]).resolve())
-        if params["encoder_filters"] or filter_maps is not None:
-            inference["encoder_filters"] = params["encoder_filters"] if filter_maps is None else len(filter_maps)
+            source = str(Path(params["filters_from"]).resolve())
+            filter_maps = functools.cache(lambda: _linear_components(source, box * apix))
+            inference["filters_from"] = source
+            saved = _resumed_filter_count(Path(ctx.out_dir), source) if params["resume"] else None
+            inference["encoder_filters"] = len(filter_maps()) if saved is None else saved
+        elif params["encoder_filters"]:
+            inference["encoder_filters"] = params["encoder_filters"]
+        if "encoder_filters" in inference:
             inference["filter_freq"] = max_freq if params["filter_res_A"] <= 0 else min(
                 max_freq, apix / params["filter_res_A"])
+    elif params["filters_from"]:
+        raise ValueError("--filters_from sets the encoder's filters; the auto-decoder (--inference autodecoder) has "
+                         "no encoder")
     else:
         inference = {"kind": "autodecoder", "n_particles": len(pset), "latent_lr": params["latent_lr"]}
     opts = TrainOptions.from_params(params)
