@@ -17,6 +17,7 @@ from test_vae import hinge  # noqa: F401  (test_vae's hinge: 1000 particles, box
 from cryohet.data.prepare import ImageBatch
 from cryohet.geometry.lattice import Lattice
 from cryohet.inference.amortised import FILTER_LR_FACTOR, AmortisedInference
+from cryohet.inference.elbo import gaussian_elbo
 from cryohet.inference.memory_plans import VaeShape
 from cryohet.inference.pose_filters import PoseFilterBank, filter_shape
 from cryohet.methods.train_vae import METHOD as TRAIN_VAE
@@ -95,6 +96,13 @@ def test_the_filters_encoder_reads_the_residual_trains_and_is_planned() -> None:
     with torch.no_grad():
         torch.testing.assert_close(obj.filters(rot, ctf, d["y"] - y), torch.zeros(6, 4))
     d["y"] = d["y"] + torch.randn(d["y"].shape, generator=torch.Generator().manual_seed(5))
+    eps = torch.randn(6, cfg.zdim, generator=torch.Generator().manual_seed(7))
+    for active in (None, torch.arange(len(points)) % 3 > 0):  # the base's slices, computed once, serve both
+        obj.active = active
+        a = slice(None) if active is None else active
+        with torch.no_grad():
+            torch.testing.assert_close(obj(d, eps), gaussian_elbo(obj.decoder, points.kxy[a], rot, d["y"][:, a],
+                                                                  ctf[:, a], *obj.encode(d), eps))
     groups = obj.param_groups(1e-4)
     assert [g["lr"] for g in groups] == [1e-4, pytest.approx(1e-4 * FILTER_LR_FACTOR)]
     assert groups[1]["params"] == [obj.filters.values]

@@ -107,27 +107,39 @@ class AmortisedInference(MarchingObjective, nn.Module):
         or the filters, which :meth:`encode` forms on the device."""
         return loss_inputs(b, encoder_image=not (self.residual_input or self.filters is not None))
 
-    def encode(self, d: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, d: dict[str, torch.Tensor], base: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | image) from the image, or (``encoder_input`` residual) from the residual of the image and the
         anchored base map's CTF-weighted slice at its pose, which leaves the encoder the heterogeneity and the
         noise instead of a pose-dependent projection of the consensus. The encoder reads that signal
         phase-flipped, pixel by pixel (cryoDRGN's encoder), or, with ``encoder_filters``, as its responses to
-        learnt 3-D filter maps sliced at the image's pose (``pose_filters``)."""
+        learnt 3-D filter maps sliced at the image's pose (``pose_filters``). ``base``: the base map's slices at
+        the batch's poses when already computed."""
         if not self.residual_input and self.filters is None:
             return self.encoder(d["enc"])
         signal = d["y"]
         if self.residual_input:
             with torch.no_grad():
-                signal = signal - self.decoder.base_slices(d["rot"], self.kxy) * d["ctf"][..., None]
+                if base is None:
+                    base = self.decoder.base_slices(d["rot"], self.kxy)
+                signal = signal - base * d["ctf"][..., None]
         if self.filters is not None:
             return self.encoder(self.filters(d["rot"], d["ctf"], signal))
         return self.encoder((signal * torch.sign(d["ctf"])[..., None]).reshape(len(signal), -1))
 
     def forward(self, d: dict[str, torch.Tensor], eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encode(d)
+        base = None
+        if self.residual_input:  # the base map's slices serve the residual and the decoder's output alike
+            with torch.no_grad():
+                base = self.decoder.base_slices(d["rot"], self.kxy)
+        mu, logvar = self.encode(d, base)
         rot, y = posed(self.poses, d, self.kxy)
+        if self.poses is not None:  # the decoder's slices are at the corrected poses
+            base = None
         kxy, y, ctf = restrict(self.active, self.kxy, y, d["ctf"])
-        return gaussian_elbo(self.decoder, kxy, rot, y, ctf, mu, logvar, eps)
+        if base is not None and self.active is not None:
+            base = base[:, self.active]
+        return gaussian_elbo(self.decoder, kxy, rot, y, ctf, mu, logvar, eps, base)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         if self.filters is None or not list(self.filters.parameters()):

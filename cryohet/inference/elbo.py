@@ -17,11 +17,13 @@ def kl_weight(beta: float, zdim: int, n_points: int) -> float:
 
 
 def gaussian_elbo(volume: nn.Module, kxy: torch.Tensor, rot: torch.Tensor, y: torch.Tensor, ctf: torch.Tensor,
-                  mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstruction error, KL) averaged over the batch; ``y`` (B, M, 2) real/imaginary data, ``ctf`` (B, M)."""
+                  mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, base: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction error, KL) averaged over the batch; ``y`` (B, M, 2) real/imaginary data, ``ctf`` (B, M);
+    ``base``: an anchored volume's base slices at ``rot`` and ``kxy`` when already computed."""
     mu, logvar = mu.float(), logvar.float()
     z = mu + eps * torch.exp(0.5 * logvar)
-    pred = volume.slices(rot, z, kxy).float() * ctf[..., None]
+    pred = (volume.slices(rot, z, kxy) if base is None else volume.slices(rot, z, kxy, base)).float() * ctf[..., None]
     gen = ((pred - y) ** 2).sum(-1).mean()
     kld = (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)).mean()
     return gen, kld

@@ -243,10 +243,12 @@ class NeuralVolume(nn.Module):
         out = self.raw(k * sign, z)
         return torch.cat([out[..., :1], out[..., 1:] * sign], -1)
 
-    def slices(self, rot: torch.Tensor, z: torch.Tensor | None, kxy: torch.Tensor) -> torch.Tensor:
+    def slices(self, rot: torch.Tensor, z: torch.Tensor | None, kxy: torch.Tensor,
+               base: torch.Tensor | None = None) -> torch.Tensor:
         """Central slices (no CTF) at image frequencies ``kxy`` (M, 2) cycles/pixel for poses ``rot`` (RELION
         matrices A, (B, 3, 3)) and latents ``z`` (B, zdim) -> (B, M, 2) real and imaginary parts, in units of the
-        data scale. The slice of a projection is F_V(Aᵀ (kx, ky, 0)); as rows, k @ A."""
+        data scale. The slice of a projection is F_V(Aᵀ (kx, ky, 0)); as rows, k @ A. ``base``: the anchored base
+        map's slices at the same poses and frequencies (:meth:`base_slices`) when already computed."""
         k = slice_frequencies(rot, kxy)
         if self.channels == 2:
             out = self(k, z)
@@ -255,7 +257,9 @@ class NeuralVolume(nn.Module):
             h = self(torch.cat([k, -k], 1), z)[..., 0]
             hp, hm = h[:, :m], h[:, m:]
             out = torch.stack([(hp + hm) * 0.5, (hm - hp) * 0.5], -1)
-        return out + self._base_slices(k) if self.cfg.anchor else out
+        if not self.cfg.anchor:
+            return out
+        return out + (self._base_slices(k) if base is None else base)
 
     def base_slices(self, rot: torch.Tensor, kxy: torch.Tensor) -> torch.Tensor:
         """The anchored base map's central slices alone (as :meth:`slices`, data-scale units) -> (B, M, 2)."""
