@@ -152,10 +152,11 @@ def homogeneous(ds: Path, out: Path, threads: int, n_images: int) -> tuple[dict[
 
 # ------------------------------------------------------------------------------------------------- peers
 
-def run_cryodrgn(exe: str, ds: Path, out: Path, epochs: int, threads: int, n_images: int, width: int
-                 ) -> tuple[dict[str, Any], float]:
-    """cryoDRGN ``train_vae`` (zdim 8, 3 layers of ``width`` in encoder and decoder), scored on its latents and,
-    with ``n_images``, on its ``eval_vol`` maps at those images' latents in both hands (the better kept)."""
+def run_cryodrgn(exe: str, ds: Path, out: Path, epochs: int, threads: int, n_images: int, width: int,
+                 seed: int = -1) -> tuple[dict[str, Any], float]:
+    """cryoDRGN ``train_vae`` (zdim 8, 3 layers of ``width`` in encoder and decoder; ``seed`` -1: the random one
+    it draws), scored on its latents and, with ``n_images``, on its ``eval_vol`` maps at those images' latents in
+    both hands (the better kept)."""
     out.mkdir(parents=True, exist_ok=True)
     env, star = thread_env(threads), str(ds / "particles.star")
     pose, ctf = out / "pose.pkl", out / "ctf.pkl"
@@ -166,7 +167,8 @@ def run_cryodrgn(exe: str, ds: Path, out: Path, epochs: int, threads: int, n_ima
         run_logged([exe, "parse_ctf_star", star, "--ps", "0", "-o", str(ctf)], out / "parse_ctf.log", env)
         run_logged([exe, "train_vae", star, "--poses", str(pose), "--ctf", str(ctf), "--zdim", "8", "-n",
                     str(epochs), "--enc-dim", str(width), "--dec-dim", str(width), "--max-threads", str(threads),
-                    "--no-analysis", "-o", str(train)], out / "train_vae.log", env)
+                    "--no-analysis", *(["--seed", str(seed)] if seed >= 0 else []), "-o", str(train)],
+                   out / "train_vae.log", env)
 
     seconds = timed_once(out / "train_vae.cpu_s", train_vae)
     if not n_images:                        # latents only (eval_vol takes minutes per 64³ map on a shared CPU core)
@@ -239,13 +241,14 @@ def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[di
         return homogeneous(ds, out, a.threads, a.n_images)
     if method == "cryodrgn":
         return run_cryodrgn(a.cryodrgn, ds, out / "cryodrgn", a.epochs, a.threads,
-                            a.n_images if a.cryodrgn_maps else 0, a.width)
+                            a.n_images if a.cryodrgn_maps else 0, a.width, a.seed)
     if method == "recovar":
         return run_recovar(a.recovar, ds, out / "recovar", a.threads, a.recovar_images)
     run_dir = out / method                  # a finished run is scored again, not rerun
+    cryohet = get_method(method.split("@")[0])
+    seed = {"seed": a.seed} if a.seed >= 0 and any(p.name == "seed" for p in cryohet.params) else {}
     seconds = timed_once(out / f"{method}.cpu_s", lambda: run_method(
-        get_method(method.split("@")[0]), {**cryohet_params(method, a, ds, out), "threads": a.threads,
-                                           "overwrite": True}, run_dir))
+        cryohet, {**cryohet_params(method, a, ds, out), **seed, "threads": a.threads, "overwrite": True}, run_dir))
     summary = score_run(run_dir, ds, n_images=a.n_images, **SCORE_KW)["summary"]
     if "per_image_fsc_auc" in summary:
         summary[MEAN_LATENT] = mean_latent_score(run_dir, ds, a.n_images)
@@ -292,6 +295,9 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--vae", default="{}", help='further train-vae parameters, JSON (e.g. \'{"anchor": '
                     '"homogeneous", "beta": 1}\'); the runs are cached under the method\'s name')
+    ap.add_argument("--seed", type=int, default=-1,
+                    help="random seed of every trained method and of cryoDRGN (-1: each program's default; "
+                         "cryoDRGN then draws one)")
     ap.add_argument("--cryodrgn", default="/work/peers/cryodrgn-venv/bin/cryodrgn")
     ap.add_argument("--recovar", default="/work/peers/recovar-venv/bin/recovar")
     ap.add_argument("--n_images", type=int, default=100, help="images of the per-image FSC (CryoBench: 100)")

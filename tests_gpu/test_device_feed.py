@@ -12,7 +12,7 @@ import torch
 from cryohet.data.device_feed import device_feed, pin
 from cryohet.data.loader import Batch
 from cryohet.inference.fit_neural import fit_neural
-from cryohet.inference.trainer import TrainOptions
+from cryohet.inference.trainer import TrainOptions, _noise
 from cryohet.io.particles import load_particles
 from cryohet.methods.simulate import METHOD as SIMULATE
 from cryohet.models.neural import VolumeConfig
@@ -31,6 +31,16 @@ def test_the_feed_hands_out_the_batches_in_order_on_the_gpu() -> None:
         seen.append((batch.rows, (data["y"] * 2).sum().item()))  # used on the compute stream
     assert [r.tolist() for r, _ in seen] == [b.rows.tolist() for b in batches]
     assert np.allclose([s for _, s in seen], [(b.data["y"] * 2).sum().item() for b in batches], rtol=1e-5)
+
+
+def test_the_latent_noise_is_drawn_on_the_gpu() -> None:
+    """A step's latent noise comes from a generator on the GPU (no host copy): reproducible from its seed, and each
+    rank's rows are its rows of the whole batch's draw."""
+    a = _noise(0, 1, 2, 16, 8, 4, 12, torch.device("cuda"))
+    assert a.device.type == "cuda" and a.shape == (8, 8)
+    assert torch.equal(a, _noise(0, 1, 2, 16, 8, 4, 12, torch.device("cuda")))
+    assert torch.equal(_noise(0, 1, 2, 16, 8, 0, 16, torch.device("cuda"))[4:12], a)
+    assert not torch.equal(a, _noise(0, 1, 3, 16, 8, 4, 12, torch.device("cuda")))
 
 
 def test_cuda_training_is_the_same_with_the_reader_thread_on_and_off(tmp_path: Path) -> None:

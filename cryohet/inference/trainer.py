@@ -205,11 +205,14 @@ def resume_point(out_dir: Path, meta: dict[str, str], n: int, hooks: Hooks, owne
     return ckpt
 
 
-def _noise(seed: int, epoch: int, step: int, n_total: int, dim: int, lo: int, hi: int) -> torch.Tensor:
-    """Latent noise of particles lo..hi of global batch (epoch, step): the same on every rank."""
+def _noise(seed: int, epoch: int, step: int, n_total: int, dim: int, lo: int, hi: int,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """Latent noise of particles lo..hi of global batch (epoch, step): the same on every rank of one device type.
+    Drawn by a generator on ``device`` itself, so that a GPU step copies nothing from the host and waits for
+    nothing (the stream differs from the CPU's, as the CPU's and the GPU's arithmetic do)."""
     state = np.random.SeedSequence([seed, epoch, step, 0xE95]).generate_state(2, dtype=np.uint64)
-    g = torch.Generator().manual_seed(int(state[0] % (2**63)))
-    return torch.randn((n_total, dim), generator=g)[lo:hi]
+    g = torch.Generator(device=device).manual_seed(int(state[0] % (2**63)))
+    return torch.randn((n_total, dim), generator=g, device=device)[lo:hi]
 
 
 def _collective_abort_check(hooks: Hooks, device: torch.device) -> None:
@@ -395,8 +398,7 @@ class Trainer:
                     lo = ddp.rank * per_rank
                     if g_total != opts.batch_size:  # an incomplete last batch, cut as np.array_split does
                         lo = int(sum(len(a) for a in np.array_split(np.arange(g_total), ddp.world)[:ddp.rank]))
-                    eps = _noise(opts.seed, epoch, step, g_total, obj.noise_dim, lo, lo + b)
-                    eps = eps.to(device, non_blocking=True)
+                    eps = _noise(opts.seed, epoch, step, g_total, obj.noise_dim, lo, lo + b, device)
                     with amp_ctx():
                         gen, reg = loss_mod(d, eps)
                     loss = gen + obj.kl_weight * reg
