@@ -205,7 +205,8 @@ def timed_once(stamp: Path, fn: Callable[[], object]) -> float:
 def run_recovar(exe: str, ds: Path, out: Path, threads: int, n_images: int, zdim: int = 4
                 ) -> tuple[dict[str, Any], float]:
     """RECOVAR's pipeline, then its kernel-regression maps (``compute_state``) at the latents of ``n_images``
-    evenly spaced images (fewer than CryoBench's 100 on a CPU: each map is a local-resolution kernel estimate)."""
+    evenly spaced images (fewer than CryoBench's 100 on a CPU: each map is a local-resolution kernel estimate;
+    0: its latents only)."""
     out.mkdir(parents=True, exist_ok=True)
     env = thread_env(threads)
     pipeline = out / "pipeline"
@@ -213,6 +214,9 @@ def run_recovar(exe: str, ds: Path, out: Path, threads: int, n_images: int, zdim
         [exe, "pipeline", str(ds / "particles.star"), "--mask", "sphere", "--zdim", str(zdim), "--accept-cpu",
          "-o", str(pipeline)], out / "pipeline.log", env))
     z = _recovar_latents(pipeline, zdim)
+    if not n_images:
+        return score_arrays(z, ds, volumes_dir=None, label="RECOVAR 1.0.5 (latents only)", **SCORE_KW)["summary"], \
+            seconds
     dset = load_dataset(ds)
     idx = image_indices(dset.n_particles, n_images)
     points = out / "latent_points.txt"
@@ -246,7 +250,7 @@ def run_job(method: str, a: argparse.Namespace, ds: Path, out: Path) -> tuple[di
         return run_recovar(a.recovar, ds, out / "recovar", a.threads, a.recovar_images)
     run_dir = out / method                  # a finished run is scored again, not rerun
     cryohet = get_method(method.split("@")[0])
-    seed = {"seed": a.seed} if a.seed >= 0 and any(p.name == "seed" for p in cryohet.params) else {}
+    seed = {"seed": a.seed} if a.seed >= 0 and any(p.name == "seed" for p in cryohet.all_params()) else {}
     seconds = timed_once(out / f"{method}.cpu_s", lambda: run_method(
         cryohet, {**cryohet_params(method, a, ds, out), **seed, "threads": a.threads, "overwrite": True}, run_dir))
     summary = score_run(run_dir, ds, n_images=a.n_images, **SCORE_KW)["summary"]
@@ -301,7 +305,9 @@ def main() -> int:
     ap.add_argument("--cryodrgn", default="/work/peers/cryodrgn-venv/bin/cryodrgn")
     ap.add_argument("--recovar", default="/work/peers/recovar-venv/bin/recovar")
     ap.add_argument("--n_images", type=int, default=100, help="images of the per-image FSC (CryoBench: 100)")
-    ap.add_argument("--recovar_images", type=int, default=100, help="images whose RECOVAR maps are scored")
+    ap.add_argument("--recovar_images", type=int, default=100,
+                    help="images whose RECOVAR maps are scored (0: its latents only; on a CPU each compute_state map "
+                         "takes minutes at box 128)")
     ap.add_argument("--no_cryodrgn_maps", dest="cryodrgn_maps", action="store_false",
                     help="score cryoDRGN's latents only (no eval_vol)")
     ap.add_argument("--mean_latent", action="store_true",
