@@ -277,7 +277,7 @@ def row(name: str, method: str, s: dict[str, Any], seconds: float | None, peer: 
     cells = [f"{s[c]:.3f}" if isinstance(s.get(c), float) else "–" for c in columns]
     cells.append("–" if seconds is None else f"{seconds:.0f}")
     ratio = "–"
-    if peer and peer.get("seconds") and seconds and "per_image_fsc_auc" in s:
+    if peer and peer.get("seconds") and seconds and "per_image_fsc_auc" in s and "per_image_fsc_auc" in peer["summary"]:
         ratio = (f"{s['per_image_fsc_auc'] / peer['summary']['per_image_fsc_auc']:.2f} / "
                  f"{seconds / peer['seconds']:.2f}")
     return f"| {name} | {method} | " + " | ".join(cells) + f" | {ratio} |"
