@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ddp_tools import train_vae_on_two_ranks
 from relion_tools import relion_agreement
 
 from cryohet.errors import InputError
@@ -139,12 +137,7 @@ def test_two_ddp_ranks_give_the_one_rank_corrections(data, tmp_path) -> None:
                 pose_warmup_epochs=0, amp="no", device="cpu")
     one, two = tmp_path / "one", tmp_path / "two"
     run_method(TRAIN_VAE, vals, one)
-    script = tmp_path / "ddp.py"
-    script.write_text("from cryohet.runner import run_method\nfrom cryohet.methods.train_vae import METHOD\n"
-                      f"run_method(METHOD, {vals!r}, {str(two)!r})\n")
-    env = dict(os.environ, CRYOHET_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-                          str(script)], env=env, capture_output=True, text=True, timeout=120)
+    res = train_vae_on_two_ranks(vals, two)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = (np.loadtxt(d / "pose_changes.csv", delimiter=",", skiprows=1) for d in (one, two))
     assert np.median(a[:, 1]) > 0.3  # the poses moved, in every rank's share (the ranks' changes were summed)

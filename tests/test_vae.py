@@ -4,11 +4,8 @@ box, and two DDP ranks (gloo, CPU) against one."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +15,7 @@ import pandas as pd
 import pytest
 import starfile
 import torch
+from ddp_tools import train_vae_on_two_ranks
 from faults import file_size_limit, kill_when, run_until_killed, self_kill, start, temporaries
 
 from cryohet.errors import InputError, OutputError
@@ -306,12 +304,7 @@ def test_two_ddp_ranks_give_the_one_rank_result(hinge: Path, tmp_path: Path) -> 
     common = dict(epochs=2, amp="no", device="cpu", anchor="none", beta=0.0)
     one, two = tmp_path / "one", tmp_path / "two"
     run_method(TRAIN_VAE, dict(particles=str(star), **TINY, **common), one)
-    script = tmp_path / "ddp.py"
-    script.write_text(_train_code(star, two, **common))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, CRYOHET_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)], env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = train_vae_on_two_ranks(dict(particles=str(star), **{**TINY, **common}), two)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 rank(s)" in (two / "run.log").read_text()
     h1 = json.loads((one / "config.json").read_text())["history"]

@@ -7,6 +7,8 @@ q(z | image).
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ from torch import nn
 from cryohet.data.prepare import ImageBatch
 from cryohet.geometry.lattice import Points
 from cryohet.inference.elbo import gaussian_elbo, kl_weight
+from cryohet.inference.filter_covariance import COVARIANCE_PARTICLES, POWER_PASSES, covariance_filters
 from cryohet.inference.freq_march import FrequencyMarch, MarchingObjective, restrict
 from cryohet.inference.pose_filters import PoseFilterBank
 from cryohet.inference.pose_tables import PoseCorrections, posed
@@ -35,6 +38,8 @@ def loss_inputs(b: ImageBatch, encoder_image: bool = True) -> dict[str, torch.Te
 #: the filter maps' learning rate over the networks': their values start at unit scale, where Adam's steps of the
 #: networks' rate would leave them near their random start for the whole run
 FILTER_LR_FACTOR = 100.0
+#: ``filters_from`` value: the filters are estimated from the particles' covariance (``filter_covariance``)
+COVARIANCE = "covariance"
 
 
 class Encoder(nn.Module):
@@ -82,6 +87,8 @@ class AmortisedInference(MarchingObjective, nn.Module):
             freq, fixed = float(settings["filter_freq"]), str(settings.get("filters_from", ""))
             self.settings.update(encoder_filters=n_filters, filter_freq=freq, **({"filters_from": fixed} if fixed
                                                                                  else {}))
+            if fixed == COVARIANCE and not self.residual_input:
+                raise ValueError("--filters_from covariance needs the residual (--anchor homogeneous)")
             self.filters = PoseFilterBank(n_filters, volume_cfg.box, points.kxy, points.weight, freq, g,
                                           fixed=bool(fixed))
         self.encoder = Encoder(n_filters or 2 * len(points), zdim, self.settings["enc_layers"],
@@ -140,6 +147,28 @@ class AmortisedInference(MarchingObjective, nn.Module):
         if base is not None and self.active is not None:
             base = base[:, self.active]
         return gaussian_elbo(self.decoder, kxy, rot, y, ctf, mu, logvar, eps, base)
+
+    @torch.no_grad()
+    def initialise(self, n_particles: int, stream: Callable[[np.ndarray], Iterable[dict[str, torch.Tensor]]],
+                   reduce: Callable[[torch.Tensor], torch.Tensor], seed: int, log: Any) -> None:
+        """Before a new run's first epoch: with ``filters_from`` covariance, the filters are the leading
+        eigenvectors of the residuals' covariance (``filter_covariance``) over at most ``COVARIANCE_PARTICLES``
+        particles drawn from ``seed``, against the whole homogeneous map (the base is a fraction of it).
+        ``stream(rows)``: the prepared batches (``inputs``, on the device) of this rank's share of ``rows``."""
+        if self.filters is None or self.settings.get("filters_from") != COVARIANCE:
+            return
+        t0 = time.perf_counter()
+        rows = np.sort(np.random.default_rng([seed, 53]).permutation(n_particles)[:COVARIANCE_PARTICLES])
+        full = 1.0 / self.decoder.cfg.anchor_fraction
+
+        def signals() -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            for d in stream(rows):
+                base = self.decoder.base_slices(d["rot"], self.kxy) * full
+                yield d["rot"], d["ctf"], d["y"] - base * d["ctf"][..., None]
+
+        self.filters.values.copy_(covariance_filters(self.filters, signals, self.filters.n_filters, reduce, seed))
+        log.info("encoder: %d filters from the covariance of %d particles' residuals (%d passes, %.1f s)",
+                 self.filters.n_filters, len(rows), POWER_PASSES, time.perf_counter() - t0)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         if self.filters is None or not list(self.filters.parameters()):

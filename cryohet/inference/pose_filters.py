@@ -58,6 +58,7 @@ class PoseFilterBank(nn.Module):
                  generator: torch.Generator, fixed: bool = False):
         super().__init__()
         self.n_filters, self.box, self.grid = int(n_filters), int(box), 2 * filter_radius(box, max_freq) + 3
+        self.max_freq = float(max_freq)
         inside = kxy.norm(dim=-1) <= max_freq + 1e-9
         self.register_buffer("sel", torch.nonzero(inside).squeeze(1), persistent=False)
         self.register_buffer("kpx", kxy[inside] * box, persistent=False)
@@ -73,6 +74,12 @@ class PoseFilterBank(nn.Module):
             self.register_buffer("values", values)
         else:
             self.values = nn.Parameter(values)
+
+    def voxel_radii(self) -> torch.Tensor:
+        """(n_voxels,) each readable voxel's distance from the grid's centre, pixels of the box's transform."""
+        c = (torch.arange(self.grid) - self.grid // 2).float()
+        z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+        return (x**2 + y**2 + z**2).reshape(-1).sqrt()[self.compact.cpu() >= 0]
 
     @torch.no_grad()
     def set_maps(self, maps: torch.Tensor | np.ndarray) -> None:

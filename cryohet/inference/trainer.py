@@ -7,8 +7,10 @@ drawn per particle, 0 for none), ``param_groups(lr)``, ``settings`` and
 ``latents(batches, device) -> (rows, mu, logvar)``; optionally ``epoch_terms() -> dict[str, float]``: the means of
 its own loss terms over the images since the last call, added to each epoch's history (averaged over ranks), and
 ``start_epoch(epoch, epochs)``, called before each epoch (a schedule of its own, such as frequency marching);
-optionally ``poses``: per-particle pose corrections (``pose_tables.PoseCorrections``, or None), which the trainer
-steps after each optimiser step and makes agree over the ranks after each epoch.
+``initialise(n, stream, reduce, seed, log)``, called once before a new run's first epoch (not on resuming), with
+passes over the prepared data (``stream(rows)``) and a sum over the ranks (``reduce``); optionally ``poses``:
+per-particle pose corrections (``pose_tables.PoseCorrections``, or None), which the trainer steps
+after each optimiser step and makes agree over the ranks after each epoch.
 
 The trainer owns what they share: chunk-shuffled streaming epochs, mixed precision, the NaN guard, abort
 requests, a checkpoint after every epoch and resuming from it, and DistributedDataParallel under torchrun.
@@ -322,6 +324,18 @@ class Trainer:
         return BatchStream(self.reader, batches, self._transform, self.opts.prefetch, self.opts.chunk_images,
                            None if self.cache is None else self.cache.missing)
 
+    def _rank_stream(self, rows: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over this rank's share of ``rows``: the prepared batches' data on the device."""
+        mine = np.array_split(np.asarray(rows), self.ddp.world)[self.ddp.rank]
+        step = self.opts.encode_batch
+        for batch in self._stream([mine[s:s + step] for s in range(0, len(mine), step)]):
+            yield {k: v.to(self.device) for k, v in batch.data.items()}
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ddp.world > 1:
+            dist.all_reduce(t)
+        return t
+
     def fit(self, ckpt: Checkpoint | None = None) -> TrainResult:
         """Train for ``opts.epochs`` epochs (from ``ckpt`` when given), then infer every particle's latents.
 
@@ -345,6 +359,8 @@ class Trainer:
         n = len(self.reader)
         ckpt_path = self.out_dir / CHECKPOINT_NAME
         obj.to(device)
+        if ckpt is None and hasattr(obj, "initialise"):
+            obj.initialise(n, self._rank_stream, self._sum_over_ranks, opts.seed, log)
         loss_mod: nn.Module = obj
         if ddp.world > 1:
             from torch.nn.parallel import DistributedDataParallel

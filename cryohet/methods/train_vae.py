@@ -53,10 +53,17 @@ PARAMS = (
           "it reads the phase-flipped pixels (cryoDRGN's encoder).", min=0, max=1024),
     Param("filter_res_A", float, 20.0, "Resolution of the encoder's filter maps, Å (their Fourier grid's radius "
           "is box × pixel size / this, at most the fitted circle); 0: the fitted circle.", min=0.0, expert=True),
-    Param("filters_from", str, "", "A principal-volumes or moments run folder: the encoder's filters are its "
-          "principal volumes, held fixed (--encoder_filters is then their number), so that the VAE starts from "
-          "the directions a linear method found, which at low SNR it may not find alone; the maps must span the "
-          "particles' box (same box × pixel size).", expert=True),
+    Param("filters_from", str, "", "Fixed encoder filters instead of learnt ones, so that the VAE starts from "
+          "the directions in which the particles differ, which at low SNR (about 0.1 and below) the learnt "
+          "filters may not find: covariance (the --covariance_filters leading eigenvectors of the residuals' "
+          "covariance, estimated before the first epoch from up to 10,000 particles in 5 passes; needs --anchor "
+          "homogeneous) or a principal-volumes or moments run folder (its principal volumes; the maps must span "
+          "the particles' box, same box × pixel size). --encoder_filters is then their number.", expert=True),
+    Param("covariance_filters", int, 3, "With --filters_from covariance: the number of eigenvectors.", min=1,
+          max=64, expert=True),
+    Param("covariance_res_A", float, 30.0, "With --filters_from covariance: the resolution of the eigenvectors, "
+          "Å (at most the fitted circle; finer ones carry more noise than signal at low SNR).", min=0.0,
+          expert=True),
     Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32),
     Param("dec_dim", int, 256, "Decoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
     Param("crop_box", int, 0, "Fourier-crop the images to this box on the fly, pixels (even; 0: keep the box). "
@@ -181,6 +188,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
     import os
 
     from cryohet.atomic import atomic_path, save_npy
+    from cryohet.inference.amortised import COVARIANCE
     from cryohet.inference.fit_neural import fit_neural
     from cryohet.inference.trainer import TrainOptions
     from cryohet.io.particles import load_particles, write_particles_star
@@ -205,7 +213,12 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             encoder_input = "residual" if params["anchor"] == "homogeneous" else "image"
         if encoder_input != "image":  # image is not stored (checkpoints from before the option compare equal)
             inference["encoder_input"] = encoder_input
-        if params["filters_from"]:
+        filter_res_A = params["filter_res_A"]
+        if params["filters_from"] == COVARIANCE:
+            inference["filters_from"] = COVARIANCE
+            inference["encoder_filters"] = params["covariance_filters"]
+            filter_res_A = params["covariance_res_A"]
+        elif params["filters_from"]:
             source = str(Path(params["filters_from"]).resolve())
             filter_maps = functools.cache(lambda: _linear_components(source, box * apix))
             inference["filters_from"] = source
@@ -214,8 +227,7 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         elif params["encoder_filters"]:
             inference["encoder_filters"] = params["encoder_filters"]
         if "encoder_filters" in inference:
-            inference["filter_freq"] = max_freq if params["filter_res_A"] <= 0 else min(
-                max_freq, apix / params["filter_res_A"])
+            inference["filter_freq"] = max_freq if filter_res_A <= 0 else min(max_freq, apix / filter_res_A)
     elif params["filters_from"]:
         raise ValueError("--filters_from sets the encoder's filters; the auto-decoder (--inference autodecoder) has "
                          "no encoder")
