@@ -1,6 +1,6 @@
 """The encoder's filters from the particles' covariance (``train-vae --filters_from covariance``): on images made
-from a known motion the leading filter reads each image's coordinate along it; in train-vae the filters are fixed,
-kept by resuming, the same on two DDP ranks as on one, and at low SNR they give the latent that learnt filters miss."""
+from a known motion the leading filter reads each image's coordinate along it; in train-vae (its default with the
+anchored decoder) the filters are fixed, kept by resuming, and the same on two DDP ranks as on one."""
 from __future__ import annotations
 
 import json
@@ -80,10 +80,11 @@ def test_the_leading_filter_reads_each_images_coordinate_along_the_motion() -> N
 
 
 def test_train_vae_with_covariance_filters(hinge: Path, tmp_path: Path) -> None:  # noqa: F811
-    """``--filters_from covariance``: 3 fixed filters at 30 Å, recorded in the run, unchanged by training and by
-    resuming; the latent follows the hinge angle; an unanchored decoder (no residual) is refused."""
+    """The default (``--filters_from auto`` with the anchored decoder): 3 fixed filters at 30 Å from the
+    covariance, recorded in the run, unchanged by training and by resuming; the latent follows the hinge angle.
+    Without the anchor, auto is the learnt filters, and covariance is refused (it needs the residual)."""
     star = str(hinge / "particles.star")
-    run_method(TRAIN_VAE, dict(particles=star, epochs=3, filters_from="covariance", **SETTINGS), tmp_path / "vae")
+    run_method(TRAIN_VAE, dict(particles=star, epochs=3, **SETTINGS), tmp_path / "vae")
     inference = json.loads((tmp_path / "vae" / "config.json").read_text())["inference"]
     assert inference["encoder_filters"] == 3 and inference["filters_from"] == "covariance"
     assert inference["filter_freq"] == pytest.approx(4.0 / 30.0)
@@ -93,13 +94,26 @@ def test_train_vae_with_covariance_filters(hinge: Path, tmp_path: Path) -> None:
     rho = spearman_pc1(np.load(tmp_path / "vae" / "z.npy"), np.load(hinge / "ground_truth.npz")["tau"])
     print(f"hinge |Spearman| PC1 with covariance filters: {rho:.3f}")
     assert rho > 0.8, rho
-    run_method(TRAIN_VAE, dict(particles=star, epochs=4, filters_from="covariance", resume=True, **SETTINGS),
-               tmp_path / "vae")
+    run_method(TRAIN_VAE, dict(particles=star, epochs=4, resume=True, **SETTINGS), tmp_path / "vae")
     assert len(json.loads((tmp_path / "vae" / "config.json").read_text())["history"]) == 4
     torch.testing.assert_close(load_file(str(tmp_path / "vae" / "model.safetensors"))["filters.values"], values)
+    run_method(TRAIN_VAE, dict(particles=star, epochs=1, anchor="none", **SETTINGS), tmp_path / "unanchored")
+    inference = json.loads((tmp_path / "unanchored" / "config.json").read_text())["inference"]
+    assert inference["encoder_filters"] == 32 and "filters_from" not in inference
     with pytest.raises(ValueError, match="covariance needs the residual"):
         run_method(TRAIN_VAE, dict(particles=star, epochs=1, filters_from="covariance", anchor="none", **SETTINGS),
                    tmp_path / "bad")
+
+
+def test_auto_resumes_a_run_with_the_filters_it_used(hinge: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A run with learnt filters (as every run before covariance became the default) resumes under auto with
+    learnt filters, not covariance ones, which its checkpoint does not hold."""
+    star = str(hinge / "particles.star")
+    run_method(TRAIN_VAE, dict(particles=star, epochs=1, filters_from="learnt", **SETTINGS), tmp_path / "vae")
+    run_method(TRAIN_VAE, dict(particles=star, epochs=2, resume=True, **SETTINGS), tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert len(config["history"]) == 2 and config["inference"]["encoder_filters"] == 32
+    assert "filters_from" not in config["inference"]
 
 
 def test_two_ddp_ranks_estimate_the_one_rank_filters(hinge: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -19,6 +19,9 @@ from cryohet.methods._pose_outputs import (
 )
 from cryohet.methods.base import CACHE_PARAMS, Method, Param
 
+#: ``--filters_from`` values besides covariance and a run folder
+LEARNT, AUTO = "learnt", "auto"
+
 PARAMS = (
     Param("particles", str, None, "Particles with poses and CTF: RELION STAR (3.0, 3.1+) or cryoSPARC .cs.",
           required=True, input_role="particles"),
@@ -48,17 +51,20 @@ PARAMS = (
           "projection removed; needs --anchor homogeneous), image (the phase-flipped image, cryoDRGN's) or auto "
           "(residual when the decoder is anchored, else image).", choices=("auto", "residual", "image")),
     Param("encoder_filters", int, 32, "Pose-aware encoder (inference amortised): the encoder reads its input (the "
-          "residual or the image) as its responses to this many learnt 3-D filter maps, each sliced at the image's "
-          "pose and weighted by its CTF, so that a change of the molecule looks the same to it from every view; 0: "
-          "it reads the phase-flipped pixels (cryoDRGN's encoder).", min=0, max=1024),
-    Param("filter_res_A", float, 20.0, "Resolution of the encoder's filter maps, Å (their Fourier grid's radius "
+          "residual or the image) as its responses to 3-D filter maps (--filters_from), each sliced at the image's "
+          "pose and weighted by its CTF, so that a change of the molecule looks the same to it from every view; "
+          "this many when they are learnt; 0: it reads the phase-flipped pixels (cryoDRGN's encoder), unless "
+          "--filters_from names fixed maps.", min=0, max=1024),
+    Param("filter_res_A", float, 20.0, "Resolution of the learnt filter maps, Å (their Fourier grid's radius "
           "is box × pixel size / this, at most the fitted circle); 0: the fitted circle.", min=0.0, expert=True),
-    Param("filters_from", str, "", "Fixed encoder filters instead of learnt ones, so that the VAE starts from "
-          "the directions in which the particles differ, which at low SNR (about 0.1 and below) the learnt "
-          "filters may not find: covariance (the --covariance_filters leading eigenvectors of the residuals' "
-          "covariance, estimated before the first epoch from up to 10,000 particles in 5 passes; needs --anchor "
-          "homogeneous) or a principal-volumes or moments run folder (its principal volumes; the maps must span "
-          "the particles' box, same box × pixel size). --encoder_filters is then their number.", expert=True),
+    Param("filters_from", str, "auto", "The encoder's filter maps: covariance (the --covariance_filters leading "
+          "eigenvectors of the residuals' covariance, estimated before the first epoch from up to 10,000 particles "
+          "in 5 passes and held fixed; needs the residual, --anchor homogeneous; they find the motion at low SNR, "
+          "about 0.1 and below, where learnt maps do not), learnt (--encoder_filters maps learnt with the "
+          "networks; at high SNR their latent is the better), auto (covariance when the encoder reads the "
+          "residual, else learnt; on resuming, what the run used) or a principal-volumes or moments run folder "
+          "(its principal volumes, held fixed; the maps must span the particles' box, same box × pixel size).",
+          expert=True),
     Param("covariance_filters", int, 3, "With --filters_from covariance: the number of eigenvectors.", min=1,
           max=64, expert=True),
     Param("covariance_res_A", float, 30.0, "With --filters_from covariance: the resolution of the eigenvectors, "
@@ -143,9 +149,9 @@ def _linear_components(run: str, box_A: float) -> np.ndarray:
     return model.components
 
 
-def _resumed_filter_count(out_dir: Path, source: str) -> int | None:
-    """The number of fixed filters in the checkpoint that ``--resume`` continues from, when they came from the run
-    ``source``: they are kept in the checkpoint, so the run is not read again (it may have moved since)."""
+def _checkpoint_inference(out_dir: Path) -> dict[str, Any] | None:
+    """The inference settings of the checkpoint that ``--resume`` continues from (None: no checkpoint). Fixed
+    filters are kept in it, so a run they came from is not read again (it may have moved since)."""
     from cryohet.inference.trainer import CHECKPOINT_NAME
     from cryohet.io.weights import previous_path, read_metadata
     from cryohet.models.neural import stored_inference
@@ -153,10 +159,23 @@ def _resumed_filter_count(out_dir: Path, source: str) -> int | None:
     for path in (out_dir / CHECKPOINT_NAME, previous_path(out_dir / CHECKPOINT_NAME)):
         meta = read_metadata(path)
         if meta is not None and "inference" in meta:
-            inference = stored_inference(meta)
-            if inference.get("filters_from") == source:
-                return int(inference["encoder_filters"])
+            return stored_inference(meta)
     return None
+
+
+def _filter_source(params: dict[str, Any], encoder_input: str, out_dir: Path) -> str:
+    """Where the encoder's filters come from: covariance, learnt or a run folder; ``auto`` is covariance when
+    the encoder reads the residual, else learnt, and on resuming the source of the checkpoint's filters. The
+    pixels (``--encoder_filters 0``) count as learnt."""
+    from cryohet.inference.amortised import COVARIANCE
+
+    source = params["filters_from"]
+    if source != AUTO:
+        return source
+    saved = _checkpoint_inference(out_dir) if params["resume"] else None
+    if saved is not None and saved.get("kind") == "amortised":
+        return str(saved.get("filters_from", LEARNT))
+    return COVARIANCE if encoder_input == "residual" and params["encoder_filters"] else LEARNT
 
 
 def _plot_losses(path: Path, history: list[dict[str, float]]) -> None:
@@ -214,21 +233,23 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         if encoder_input != "image":  # image is not stored (checkpoints from before the option compare equal)
             inference["encoder_input"] = encoder_input
         filter_res_A = params["filter_res_A"]
-        if params["filters_from"] == COVARIANCE:
+        source = _filter_source(params, encoder_input, Path(ctx.out_dir))
+        if source == COVARIANCE:
             inference["filters_from"] = COVARIANCE
             inference["encoder_filters"] = params["covariance_filters"]
             filter_res_A = params["covariance_res_A"]
-        elif params["filters_from"]:
-            source = str(Path(params["filters_from"]).resolve())
-            filter_maps = functools.cache(lambda: _linear_components(source, box * apix))
-            inference["filters_from"] = source
-            saved = _resumed_filter_count(Path(ctx.out_dir), source) if params["resume"] else None
-            inference["encoder_filters"] = len(filter_maps()) if saved is None else saved
+        elif source != LEARNT:
+            run = str(Path(source).resolve())
+            filter_maps = functools.cache(lambda: _linear_components(run, box * apix))
+            inference["filters_from"] = run
+            saved = _checkpoint_inference(Path(ctx.out_dir)) if params["resume"] else None
+            inference["encoder_filters"] = (int(saved["encoder_filters"]) if saved and saved.get("filters_from") == run
+                                            else len(filter_maps()))
         elif params["encoder_filters"]:
             inference["encoder_filters"] = params["encoder_filters"]
         if "encoder_filters" in inference:
             inference["filter_freq"] = max_freq if filter_res_A <= 0 else min(max_freq, apix / filter_res_A)
-    elif params["filters_from"]:
+    elif params["filters_from"] not in (AUTO, LEARNT):
         raise ValueError("--filters_from sets the encoder's filters; the auto-decoder (--inference autodecoder) has "
                          "no encoder")
     else:
