@@ -55,8 +55,9 @@ PARAMS = (
           "pose and weighted by its CTF, so that a change of the molecule looks the same to it from every view; "
           "this many when they are learnt; 0: it reads the phase-flipped pixels (cryoDRGN's encoder), unless "
           "--filters_from names fixed maps.", min=0, max=1024),
-    Param("filter_res_A", float, 20.0, "Resolution of the learnt filter maps, Å (their Fourier grid's radius "
-          "is box × pixel size / this, at most the fitted circle); 0: the fitted circle.", min=0.0, expert=True),
+    Param("filter_res_A", float, 20.0, "Resolution of the learnt filter maps or a run's, Å (their Fourier grid's "
+          "radius is box × pixel size / this, at most the fitted circle); 0: the fitted circle.", min=0.0,
+          expert=True),
     Param("filters_from", str, "auto", "The encoder's filter maps: covariance (the --covariance_filters leading "
           "eigenvectors of the residuals' covariance, estimated before the first epoch from up to 10,000 particles "
           "in 5 passes and held fixed; needs the residual, --anchor homogeneous; they find the motion at low SNR, "
@@ -239,11 +240,12 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             inference["encoder_filters"] = params["covariance_filters"]
             filter_res_A = params["covariance_res_A"]
         elif source != LEARNT:
-            run = str(Path(source).resolve())
-            filter_maps = functools.cache(lambda: _linear_components(run, box * apix))
-            inference["filters_from"] = run
+            linear_run = str(Path(source).resolve())
+            filter_maps = functools.cache(lambda: _linear_components(linear_run, box * apix))
+            inference["filters_from"] = linear_run
             saved = _checkpoint_inference(Path(ctx.out_dir)) if params["resume"] else None
-            inference["encoder_filters"] = (int(saved["encoder_filters"]) if saved and saved.get("filters_from") == run
+            inference["encoder_filters"] = (int(saved["encoder_filters"])
+                                            if saved and saved.get("filters_from") == linear_run
                                             else len(filter_maps()))
         elif params["encoder_filters"]:
             inference["encoder_filters"] = params["encoder_filters"]
