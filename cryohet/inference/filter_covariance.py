@@ -2,8 +2,11 @@
 
 Each image's residual (the image less the homogeneous map's CTF-weighted slice at its pose) is spread onto the
 filters' Fourier grid by the filter bank's adjoint (a CTF-weighted back-projection, b_i), and the filters are the
-leading eigenvectors of Σ̂ = S (Σ_i b_i b_iᵀ) S, S = 1 / (Σ_i of the back-projected CTF², per voxel): the
-outer products of the back-projections, each voxel divided by how much of the data reaches it. Σ̂ is a one-pass
+leading eigenvectors of Σ̂ = S (Σ_i b_i b_iᵀ) S, S = 1 / (D + f·D̄), D = Σ_i of the back-projected CTF² per
+voxel, D̄ its mean over the voxel's Fourier shell: the outer products of the back-projections, each voxel divided
+by how much of the data reaches it. The floor f·D̄ (f = ``DENSITY_FLOOR``) leaves uniform views' weights as
+1 / D up to a constant, but keeps voxels that few views reach (preferred orientations, a missing cone) from being
+amplified until their noise makes the leading eigenvectors. Σ̂ is a one-pass
 stand-in for the covariance of the conformations that ``moments`` and ``principal-volumes`` solve for; its
 eigenvectors, held fixed, give the encoder the directions in which the particles differ, which at low SNR the
 learnt filters do not find. The eigenvectors are found by subspace iteration, each step one streamed pass over
@@ -23,6 +26,8 @@ COVARIANCE_PARTICLES = 10_000
 POWER_PASSES = 5
 #: extra vectors iterated beside the K wanted (oversampling)
 OVERSAMPLE = 8
+#: the density's floor, as a fraction of its mean over each Fourier shell (Wiener-like: S = 1 / (D + f·D̄))
+DENSITY_FLOOR = 1.0
 
 Signals = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -59,8 +64,7 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
                 density += bank.adjoint(rot, ctf, torch.stack([ctf, torch.zeros_like(ctf)], -1)).sum(0)[:nv].double()
         y = reduce(y)
         if scale is None:
-            density = reduce(density).abs()
-            scale = torch.where(inside, 1.0 / density.clamp_min(1e-6 * float(density.max())), 0.0).repeat(2)
+            scale = _density_weights(bank, reduce(density).abs(), inside).repeat(2)
         y = scale[:, None] * y
         if step == passes - 1:
             values, vectors = torch.linalg.eigh(q.T @ y)  # Rayleigh–Ritz in the last subspace
@@ -72,3 +76,15 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
     real = u[:nv]  # F(k) and F(−k) have equal real parts, so a tie of magnitudes there is no tie of signs
     sign = torch.sign(real.gather(0, real.abs().argmax(0, keepdim=True)))
     return (u * sign).float()
+
+
+def _density_weights(bank: PoseFilterBank, density: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """(n_voxels,) S = 1 / (D + f·D̄) inside the resolution circle, 0 outside: D the back-projected CTF² of each
+    voxel, D̄ its mean over the voxels inside the circle in the same Fourier shell (radius rounded to a voxel)."""
+    shell = bank.voxel_radii().round().long().to(density.device)
+    n_shells = int(shell.max()) + 1
+    total = torch.zeros(n_shells, dtype=density.dtype, device=density.device).index_add_(
+        0, shell[inside], density[inside])
+    count = torch.bincount(shell[inside], minlength=n_shells).clamp_min(1)
+    floored = density + DENSITY_FLOOR * (total / count)[shell]
+    return torch.where(inside, 1.0 / floored.clamp_min(1e-6 * float(density.max())), 0.0)
