@@ -324,12 +324,27 @@ class Trainer:
         return BatchStream(self.reader, batches, self._transform, self.opts.prefetch, self.opts.chunk_images,
                            None if self.cache is None else self.cache.missing)
 
-    def _rank_stream(self, rows: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass over this rank's share of ``rows``: the prepared batches' data on the device."""
+    def _rank_batches(self, rows: np.ndarray) -> list[np.ndarray]:
+        """This rank's contiguous share of ``rows``, in batches of ``encode_batch`` (passes without gradients)."""
         mine = np.array_split(np.asarray(rows), self.ddp.world)[self.ddp.rank]
         step = self.opts.encode_batch
-        for batch in self._stream([mine[s:s + step] for s in range(0, len(mine), step)]):
-            yield {k: v.to(self.device) for k, v in batch.data.items()}
+        return [mine[s:s + step] for s in range(0, len(mine), step)]
+
+    def _initialise(self) -> None:
+        """The objective's ``initialise`` (a new run only), each of its passes with a progress bar on one rank."""
+        passes = 0
+
+        def stream(rows: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+            nonlocal passes
+            passes += 1
+            batches = self._rank_batches(rows)
+            loaded = self._stream(batches)
+            if self.ddp.world == 1:
+                loaded = self.hooks.progress(loaded, f"initialisation, pass {passes}", len(batches))
+            for batch in loaded:
+                yield {k: v.to(self.device) for k, v in batch.data.items()}
+
+        self.objective.initialise(len(self.reader), stream, self._sum_over_ranks, self.opts.seed, self.hooks.log)
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         if self.ddp.world > 1:
@@ -360,7 +375,7 @@ class Trainer:
         ckpt_path = self.out_dir / CHECKPOINT_NAME
         obj.to(device)
         if ckpt is None and hasattr(obj, "initialise"):
-            obj.initialise(n, self._rank_stream, self._sum_over_ranks, opts.seed, log)
+            self._initialise()
         loss_mod: nn.Module = obj
         if ddp.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -475,15 +490,12 @@ class Trainer:
 
     def latents(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Every particle's latent mean and log-variance, rows in particle-file order (rank 0)."""
-        n, ddp, opts = len(self.reader), self.ddp, self.opts
-        bounds = np.linspace(0, n, ddp.world + 1).astype(np.int64)
-        mine = np.arange(bounds[ddp.rank], bounds[ddp.rank + 1])
-        batches = [mine[s:s + opts.encode_batch] for s in range(0, len(mine), opts.encode_batch)]
-        amp_ctx, _ = autocast_for(self.device, opts.amp)
+        amp_ctx, _ = autocast_for(self.device, self.opts.amp)
         with amp_ctx():
-            rows, mu, logvar = self.objective.latents(self._stream(batches), self.device)
+            rows, mu, logvar = self.objective.latents(
+                self._stream(self._rank_batches(np.arange(len(self.reader)))), self.device)
         d = mu.shape[1]
-        _, both = _gather_rows(ddp, self.device, rows, np.concatenate([mu, logvar], 1))
+        _, both = _gather_rows(self.ddp, self.device, rows, np.concatenate([mu, logvar], 1))
         if both is None:
             return None, None
         return both[:, :d].astype(np.float32), both[:, d:].astype(np.float32)

@@ -164,16 +164,15 @@ def _checkpoint_inference(out_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def _filter_source(params: dict[str, Any], encoder_input: str, out_dir: Path) -> str:
+def _filter_source(params: dict[str, Any], encoder_input: str, saved: dict[str, Any] | None) -> str:
     """Where the encoder's filters come from: covariance, learnt or a run folder; ``auto`` is covariance when
-    the encoder reads the residual, else learnt, and on resuming the source of the checkpoint's filters. The
-    pixels (``--encoder_filters 0``) count as learnt."""
+    the encoder reads the residual, else learnt, and on resuming the source of the filters of the checkpoint,
+    whose inference settings are ``saved``. The pixels (``--encoder_filters 0``) count as learnt."""
     from cryohet.inference.amortised import COVARIANCE
 
     source = params["filters_from"]
     if source != AUTO:
         return source
-    saved = _checkpoint_inference(out_dir) if params["resume"] else None
     if saved is not None and saved.get("kind") == "amortised":
         return str(saved.get("filters_from", LEARNT))
     return COVARIANCE if encoder_input == "residual" and params["encoder_filters"] else LEARNT
@@ -234,7 +233,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         if encoder_input != "image":  # image is not stored (checkpoints from before the option compare equal)
             inference["encoder_input"] = encoder_input
         filter_res_A = params["filter_res_A"]
-        source = _filter_source(params, encoder_input, Path(ctx.out_dir))
+        saved = _checkpoint_inference(Path(ctx.out_dir)) if params["resume"] else None
+        source = _filter_source(params, encoder_input, saved)
         if source == COVARIANCE:
             inference["filters_from"] = COVARIANCE
             inference["encoder_filters"] = params["covariance_filters"]
@@ -243,7 +243,6 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             linear_run = str(Path(source).resolve())
             filter_maps = functools.cache(lambda: _linear_components(linear_run, box * apix))
             inference["filters_from"] = linear_run
-            saved = _checkpoint_inference(Path(ctx.out_dir)) if params["resume"] else None
             inference["encoder_filters"] = (int(saved["encoder_filters"])
                                             if saved and saved.get("filters_from") == linear_run
                                             else len(filter_maps()))
