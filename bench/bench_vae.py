@@ -21,6 +21,9 @@ always through an argument list. Its pose and CTF inputs are made by its own ``p
 
     .venv/bin/python bench/bench_vae.py --out /tmp/bench_vae --repeat 3 --skip_fp32   # as in docs/benchmarks/vae.md
     .venv/bin/python bench/bench_vae.py --out /tmp/bench_vae --skip_memory --skip_scores --epochs 4  # time only
+    # accuracy of one train-vae setting, ours only (latent, neighbourhood similarity, maps), training seed 1
+    .venv/bin/python bench/bench_vae.py --out /tmp/hinge_learnt_s1 --seed 1 --skip_cryodrgn --skip_fp32 \
+        --skip_memory --vae '{"filters_from": "learnt"}'
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ _OURS = textwrap.dedent("""
 def run_ours(a: argparse.Namespace, data: Path, out: Path, epochs: int, amp: str) -> dict[str, Any]:
     values = dict(particles=str(data / "particles.star"), zdim=a.zdim, epochs=epochs, batch_size=a.batch,
                   lr=a.lr, enc_layers=a.layers, enc_dim=a.dim, dec_layers=a.layers, dec_dim=a.dim, amp=amp,
-                  threads=a.threads, seed=a.seed)
+                  threads=a.threads, seed=a.seed, **json.loads(a.vae))
     t = run_timed([sys.executable, "-c", _OURS, json.dumps(values), str(out)], out.with_suffix(".log"),
                   thread_env(a.threads))
     hist = json.loads((out / "config.json").read_text())["history"]
@@ -190,7 +193,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the programs' training seed")
+    p.add_argument("--data_seed", type=int, default=0, help="the simulated particles' seed")
     p.add_argument("--n_per_state", type=int, default=3, help="particles per true state for the volume FSC")
     p.add_argument("--cryodrgn", default="/work/cryodrgn-venv/bin/cryodrgn")
     p.add_argument("--skip_cryodrgn", action="store_true")
@@ -199,9 +203,12 @@ def main() -> int:
     p.add_argument("--skip_scores", action="store_true", help="time only (no accuracy)")
     p.add_argument("--repeat", type=int, default=1, help="repeat the timing runs, interleaved, and take medians")
     p.add_argument("--memory_particles", type=int, nargs="+", default=[10_000, 1_000_000])
+    p.add_argument("--vae", default="{}", help="further train-vae parameters of ours, JSON (e.g. "
+                   "'{\"filters_from\": \"learnt\"}')")
     a = p.parse_args()
     sys.path.insert(0, str(HERE))
     from cryohet.validation.datasets import load_dataset, make_dataset
+    from cryohet.validation.external import load_latents
     from cryohet.validation.score import score_cryodrgn, score_run
 
     a.out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +221,7 @@ def main() -> int:
 
     data = a.out / "data"
     if not (data / "benchmark.json").exists():
-        make_dataset("hinge", data, box=a.box, n_particles=a.n, snr=a.snr, seed=a.seed)
+        make_dataset("hinge", data, box=a.box, n_particles=a.n, snr=a.snr, seed=a.data_seed)
     ds = load_dataset(data)
     results["dataset"] = {"name": ds.name, "n": ds.n_particles, "box": ds.box, "apix": ds.apix, "snr": a.snr}
     kw = dict(n_per_state=a.n_per_state)
@@ -267,8 +274,11 @@ def main() -> int:
                           for flip in (False, True)}
                 best = max(scores, key=lambda f: scores[f].get("fsc_auc", 0.0))
                 results[label].update(score=scores[best], flip=best, score_other_hand=scores[not best])
+                results[label]["score"].update(cryobench_latent_scores(load_latents(d / "z.pkl"), ds))
             else:
-                results[label]["score"] = score_run(a.out / f"ours_{what}_{a.epochs}", data, **kw)["summary"]
+                d = a.out / f"ours_{what}_{a.epochs}"
+                results[label]["score"] = score_run(d, data, **kw)["summary"]
+                results[label]["score"].update(cryobench_latent_scores(np.load(d / "z.npy"), ds))
             print(label, json.dumps(results[label]["score"], default=float), flush=True)
             save()
 
@@ -280,14 +290,24 @@ def main() -> int:
     return 0
 
 
+def cryobench_latent_scores(z: np.ndarray, ds: Any) -> dict[str, float]:
+    """CryoBench's neighbourhood similarity and information imbalance (truth → latent) of latents ``z``."""
+    from cryohet.validation.cryobench_score import imbalance_score, neighbourhood_score, truth_embedding
+
+    truth = truth_embedding(ds)
+    return {"neighbourhood_similarity": neighbourhood_score(z, truth)["value"],
+            "imbalance_truth_to_latent": imbalance_score(z, truth)["truth_to_latent"]}
+
+
 def report(r: dict[str, Any]) -> str:
     lines = ["| program | CPU s / epoch | wall s / epoch | latent: |Spearman| PC1 vs τ (chance) | "
-             "FSC AUC per particle (chance; mean map) |", "|---|---|---|---|---|"]
+             "neighbourhood similarity | FSC AUC per particle (chance; mean map) |", "|---|---|---|---|---|---|"]
     for k, v in r.items():
         if isinstance(v, dict) and "cpu_s_per_epoch" in v:
             s = v.get("score", {})
             lines.append(f"| {k} | {v['cpu_s_per_epoch']:.2f} | {v['wall_s_per_epoch']:.2f} | "
                          f"{s.get('latent_score', float('nan')):.3f} ({s.get('latent_chance', float('nan')):.3f}) | "
+                         f"{s.get('neighbourhood_similarity', float('nan')):.3f} | "
                          f"{s.get('fsc_auc', float('nan')):.3f} ({s.get('chance_fsc_auc', float('nan')):.3f}; "
                          f"{s.get('mean_map_fsc_auc', float('nan')):.3f}) |")
     drgn = r.get("cryoDRGN 4.3.1", {})
