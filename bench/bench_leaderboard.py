@@ -6,7 +6,8 @@ on the same images, scored as CryoBench scores (cryohet.validation.cryobench_sco
 
 Datasets: ``cryohet benchmark-make --dataset <set> --size cpu --n_particles <n>`` into ``--data/<set>`` (made here
 when missing; ``--size full`` for the GPU-sized sets; ``--snr`` makes ``<set>-snr<snr>`` at that SNR instead of
-the preset's). Rows per set: the truth (ceiling) and the shuffled truth (chance), the central 95 % of the
+the preset's; ``--top_views F`` makes ``<set>[-snr<snr>]-top<F>``, F of the particles near the top view). Rows per
+set: the truth (ceiling) and the shuffled truth (chance), the central 95 % of the
 neighbourhood similarity of latents without information (``neighbourhood_null``: a value inside it is at chance),
 one homogeneous map
 (``reconstruct``: every image gets the same map), then each method at its defaults except ``--epochs`` for the
@@ -71,14 +72,15 @@ COLUMNS = ("per_image_fsc_auc", "per_state_fsc_auc", "neighbourhood_similarity",
 MEAN_LATENT = "mean_latent_per_image_fsc_auc"
 
 
-def ensure_dataset(root: Path, name: str, size: str, n: int, snr: float = 0.0) -> Path:
-    """``root/<name>`` made at the size preset's settings; with ``snr`` that SNR instead, in ``<name>-snr<snr>``."""
-    d = root / (f"{name}-snr{snr:g}" if snr else name)
+def ensure_dataset(root: Path, name: str, size: str, n: int, snr: float = 0.0, top_views: float = 0.0) -> Path:
+    """``root/<name>`` made at the size preset's settings; with ``snr`` that SNR instead, in ``<name>-snr<snr>``;
+    with ``top_views`` that fraction of the particles near the top view, in ``<name>[-snr<snr>]-top<fraction>``."""
+    d = root / ((f"{name}-snr{snr:g}" if snr else name) + (f"-top{top_views:g}" if top_views else ""))
     if not (d / "benchmark.json").is_file():
         p = SIZES[size]
         make_dataset(name, d, box=p.box, apix=p.apix, n_particles=n or p.n_particles, snr=snr or p.snr,
                      defocus_range_A=p.defocus_range_A, shift_max_px=p.shift_max_px, defocus_lognormal=True,
-                     astigmatism_A=p.astigmatism_A)
+                     astigmatism_A=p.astigmatism_A, top_view_fraction=top_views)
     return d
 
 
@@ -294,6 +296,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--snr", type=float, default=0.0,
                     help="SNR of the sets instead of the size preset's (sets in <data>/<set>-snr<snr>)")
+    ap.add_argument("--top_views", type=float, default=0.0,
+                    help="fraction of the particles near the top view (preferred orientations; sets in "
+                         "<data>/<set>[-snr<snr>]-top<fraction>)")
     ap.add_argument("--width", type=int, default=256,
                     help="hidden-layer width of the encoder and decoder of train-vae and of cryoDRGN (both 3 layers)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -318,7 +323,7 @@ def main() -> int:
     lines: list[str] = []
     cols = COLUMNS + ((MEAN_LATENT,) if a.mean_latent else ())
     for name in a.sets:
-        ds = ensure_dataset(a.data, name, a.size, a.n, a.snr)
+        ds = ensure_dataset(a.data, name, a.size, a.n, a.snr, a.top_views)
         name = ds.name
         out = a.out / name
         out.mkdir(parents=True, exist_ok=True)

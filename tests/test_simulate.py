@@ -40,7 +40,7 @@ from cryohet.simulate.motions import (
     maps_conformations,
     two_part_conformations,
 )
-from cryohet.simulate.simulate import simulate_particles
+from cryohet.simulate.simulate import TOP_VIEW_SD_DEG, draw_particles, simulate_particles
 
 os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
 
@@ -223,6 +223,24 @@ def test_snr_is_honoured(tmp_path, tiny_conf):
     signal_var = c[:, inside].var(axis=1).mean()
     assert abs(signal_var / noise[:, inside].var() / 0.05 - 1) < 0.05
     assert np.load(noisy.ground_truth)["snr"] == pytest.approx(0.05)
+
+
+def test_preferred_views_tilt_a_fraction_near_the_top_view_and_change_nothing_else():
+    """``top_view_fraction`` 0.8: about 80 % of the particles tilted |N(0, 15°)| from the top view, the rest
+    uniform (tilt's cosine uniform); states, in-plane angles, shifts, CTF and half-sets as without it; a fraction
+    outside [0, 1] is refused."""
+    n = 4000
+    plain = draw_particles(n, 3, np.random.default_rng(5))
+    top = draw_particles(n, 3, np.random.default_rng(5), top_view_fraction=0.8)
+    moved = top.euler_deg[:, 1] != plain.euler_deg[:, 1]
+    assert moved.mean() == pytest.approx(0.8, abs=0.03)
+    assert np.abs(np.median(top.euler_deg[moved, 1]) - TOP_VIEW_SD_DEG * 0.674) < 1.0   # |N(0, σ)|: median 0.674σ
+    assert np.abs(np.cos(np.radians(top.euler_deg[~moved, 1])).mean()) < 0.05            # the rest uniform
+    for name in ("state", "shift_A", "defocus_u_A", "defocus_v_A", "defocus_angle_deg", "random_subset"):
+        np.testing.assert_array_equal(getattr(top, name), getattr(plain, name))
+    np.testing.assert_array_equal(top.euler_deg[:, [0, 2]], plain.euler_deg[:, [0, 2]])
+    with pytest.raises(ValueError, match="top_view_fraction"):
+        draw_particles(10, 1, np.random.default_rng(0), top_view_fraction=1.5)
 
 
 def test_cli_simulate_then_relion_reconstruct(tmp_path):

@@ -1,6 +1,7 @@
 """Particle images with ground truth from a family of maps: poses, shifts, CTF, noise at a chosen SNR.
 
-Per particle: a state k (uniform, or ``populations``), a pose uniform on SO(3), a Gaussian origin, a defocus in
+Per particle: a state k (uniform, or ``populations``), a pose uniform on SO(3) (or, for a fraction of the particles,
+near the top view: a preferred orientation), a Gaussian origin, a defocus in
 the given range with a little astigmatism, the CTF-modulated Fourier-slice projection of map k moved by the
 origin (``Projector.project``, RELION's conventions), then Gaussian white noise. SNR is the variance of the
 noise-free images inside the particle's circle (radius from the maps) over the noise variance, measured over
@@ -66,13 +67,21 @@ class ParticleDraws:
     random_subset: np.ndarray       # (N,) 1 or 2, balanced
 
 
+#: the spread of the tilts of the particles drawn near the top view (``draw_particles``' ``top_view_fraction``)
+TOP_VIEW_SD_DEG = 15.0
+
+
 def draw_particles(n: int, n_states: int, rng: np.random.Generator, populations: np.ndarray | None = None,
                    defocus_range_A: tuple[float, float] = (10000.0, 25000.0), astigmatism_A: float = 500.0,
                    shift_sigma_A: float = 2.0, shift_max_A: float | None = None,
-                   defocus_lognormal: bool = False) -> ParticleDraws:
+                   defocus_lognormal: bool = False, top_view_fraction: float = 0.0) -> ParticleDraws:
     """Draw states, uniform poses, origins (Gaussian of ``shift_sigma_A``, or with ``shift_max_A`` uniform in
     ±shift_max_A on each axis), defocus (mean uniform in the range, or with ``defocus_lognormal`` log-normal with
-    the range as its ±2σ, clipped to it, as experimental defocus spreads; uniform astigmatism and angle)."""
+    the range as its ±2σ, clipped to it, as experimental defocus spreads; uniform astigmatism and angle).
+    ``top_view_fraction``: that fraction of the particles (drawn at random) is tilted only |N(0, ``TOP_VIEW_SD_DEG``)|
+    from the top view (particles lying flat on the grid); the other draws are the same as without it."""
+    if not 0.0 <= top_view_fraction <= 1.0:
+        raise ValueError(f"top_view_fraction must be in [0, 1], got {top_view_fraction}")
     p = None
     if populations is not None:
         p = np.asarray(populations, dtype=np.float64)
@@ -94,6 +103,9 @@ def draw_particles(n: int, n_states: int, rng: np.random.Generator, populations:
     astig = rng.uniform(0.0, astigmatism_A, n)
     angle = rng.uniform(0.0, 180.0, n)
     subset = np.where(rng.permutation(n) % 2 == 0, 1, 2).astype(np.int64)
+    if top_view_fraction > 0:  # drawn last, so that every other draw is the same as without preferred views
+        top = rng.random(n) < top_view_fraction
+        euler[top, 1] = np.abs(rng.normal(0.0, TOP_VIEW_SD_DEG, n))[top]
     return ParticleDraws(state, np.asarray(euler, dtype=np.float64), shift, mean + astig / 2, mean - astig / 2,
                          angle, subset)
 
@@ -125,7 +137,7 @@ def simulate_particles(conf: Conformations, out_dir: str | os.PathLike, n_partic
                        device: torch.device | str = "cpu", progress: ProgressFn | None = None, *,
                        astigmatism_A: float = 500.0, normalise: bool = True, chunk_size: int = 256,
                        image_paths: str = "star", write_maps: bool = True, shift_max_A: float | None = None,
-                       defocus_lognormal: bool = False) -> SimulationOutput:
+                       defocus_lognormal: bool = False, top_view_fraction: float = 0.0) -> SimulationOutput:
     """Simulate ``n_particles`` images of ``conf`` into ``out_dir`` with their ground truth.
 
     ``snr``: signal variance inside the particle / noise variance; None (or inf) for noise-free images.
@@ -133,8 +145,8 @@ def simulate_particles(conf: Conformations, out_dir: str | os.PathLike, n_partic
     ``particles.mrcs``, ``ground_truth.npz`` (rows = STAR rows) and, with ``write_maps``, ``maps/state_XXX.mrc``
     and ``maps/mean.mrc`` (population-weighted mean of the states actually drawn). ``image_paths``: how
     rlnImageName names the stack: relative to the STAR file's folder (``star``), to the current folder (``cwd``,
-    RELION's project-folder convention) or ``absolute``. ``shift_max_A``, ``defocus_lognormal``: see
-    ``draw_particles``. Same seed => same draws and noise whatever ``snr``.
+    RELION's project-folder convention) or ``absolute``. ``shift_max_A``, ``defocus_lognormal``,
+    ``top_view_fraction``: see ``draw_particles``. Same seed => same draws and noise whatever ``snr``.
     """
     if n_particles < 1:
         raise ValueError("n_particles must be at least 1")
@@ -148,7 +160,7 @@ def simulate_particles(conf: Conformations, out_dir: str | os.PathLike, n_partic
     box, apix, k_states = conf.box, float(conf.apix), conf.n_states
     rng = np.random.default_rng([seed, 7001])
     d = draw_particles(n_particles, k_states, rng, populations, defocus_range_A, astigmatism_A, shift_sigma_A,
-                       shift_max_A, defocus_lognormal)
+                       shift_max_A, defocus_lognormal, top_view_fraction)
     ctf_all = CTFParams.broadcast(n_particles, defocus_u_A=d.defocus_u_A, defocus_v_A=d.defocus_v_A,
                                   defocus_angle_deg=d.defocus_angle_deg, voltage_kV=voltage_kV, cs_mm=cs_mm,
                                   amp_contrast=amp_contrast)

@@ -199,14 +199,17 @@ def make_dataset(name: str, out_dir: str | Path, *, box: int = 64, apix: float |
                  defocus_range_A: tuple[float, float] = (10000.0, 25000.0), seed: int = 0,
                  device: str = "cpu", log: logging.Logger | None = None,
                  progress: Callable | None = None, shift_max_px: float | None = None,
-                 defocus_lognormal: bool = False, astigmatism_A: float = 500.0) -> BenchmarkDataset:
+                 defocus_lognormal: bool = False, astigmatism_A: float = 500.0,
+                 top_view_fraction: float = 0.0) -> BenchmarkDataset:
     """Simulate benchmark ``name`` into ``out_dir`` and return it.
 
     ``snr``: signal-to-noise ratio of the images (signal variance / noise variance); ``defocus_range_A``:
     defocus drawn uniformly in this range (Å, with RELION's default 300 kV, Cs 2.7 mm, 10% amplitude
     contrast; ``defocus_lognormal``: log-normal within it); ``shift_max_px``: origins uniform in ±this many
-    pixels (default: Gaussian of 2 Å); ``populations`` (K,): fraction of particles per true map (default
-    ``default_populations``); ``progress``: a RunContext.progress-like wrapper for the simulator's loops.
+    pixels (default: Gaussian of 2 Å); ``top_view_fraction``: that fraction of the particles near the top view
+    (preferred orientations, ``simulate.draw_particles``); ``populations`` (K,): fraction of particles per true
+    map (default ``default_populations``); ``progress``: a RunContext.progress-like wrapper for the simulator's
+    loops.
     """
     from cryohet.simulate.cryobench import write_frames
     from cryohet.simulate.simulate import simulate_particles
@@ -224,14 +227,16 @@ def make_dataset(name: str, out_dir: str | Path, *, box: int = 64, apix: float |
     simulate_particles(conf, out_dir, n_particles=n_particles, snr=snr, populations=pops,
                        defocus_range_A=tuple(defocus_range_A), seed=seed, device=device, progress=progress,
                        shift_max_A=None if shift_max_px is None else shift_max_px * apix,
-                       defocus_lognormal=defocus_lognormal, astigmatism_A=astigmatism_A)
+                       defocus_lognormal=defocus_lognormal, astigmatism_A=astigmatism_A,
+                       top_view_fraction=top_view_fraction)
     write_frames(out_dir / "trajectory", conf)
     if name == "junk":
         _junk(out_dir, conf, seed, device)
     doc = {"format": BENCHMARK_FORMAT, "name": name, "description": DATASETS[name], "kind": conf.kind,
            "n_particles": int(n_particles), "n_states": k, "latent_dim": conf.dim, "box": box, "apix": apix,
            "snr": snr, "defocus_range_A": list(defocus_range_A), "defocus_lognormal": defocus_lognormal,
-           "astigmatism_A": astigmatism_A, "shift_max_px": shift_max_px, "seed": seed, "populations": pops.tolist(),
+           "astigmatism_A": astigmatism_A, "shift_max_px": shift_max_px,
+           "top_view_fraction": top_view_fraction, "seed": seed, "populations": pops.tolist(),
            "state_tau": conf.tau.tolist(), "maps": [f"maps/state_{i:03d}.mrc" for i in range(k)],
            "motion": {k_: v for k_, v in conf.meta.items() if _jsonable(v)}}
     with atomic_path(out_dir / BENCHMARK_FILE) as tmp:
