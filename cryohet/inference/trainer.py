@@ -338,11 +338,12 @@ class Trainer:
             nonlocal passes
             passes += 1
             batches = self._rank_batches(rows)
-            loaded = self._stream(batches)
-            if self.ddp.world == 1:
-                loaded = self.hooks.progress(loaded, f"initialisation, pass {passes}", len(batches))
-            for batch in loaded:
-                yield {k: v.to(self.device) for k, v in batch.data.items()}
+            loaded = iter(self._stream(batches))
+            items = (self.hooks.progress(loaded, f"initialisation, pass {passes}", len(batches))
+                     if self.ddp.world == 1 else loaded)
+            with contextlib.closing(loaded):  # the loader's thread ends even when the pass is cut short
+                for batch in items:
+                    yield {k: v.to(self.device) for k, v in batch.data.items()}
 
         self.objective.initialise(len(self.reader), stream, self._sum_over_ranks, self.opts.seed, self.hooks.log)
 
