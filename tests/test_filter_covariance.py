@@ -18,7 +18,7 @@ from test_vae import hinge  # noqa: F401  (test_vae's hinge: 1000 particles, box
 
 from cryohet.geometry.lattice import Lattice
 from cryohet.geometry.project import Projector
-from cryohet.inference.filter_covariance import POWER_PASSES, covariance_filters
+from cryohet.inference.filter_covariance import POWER_PASSES, covariance_filters, signal_extent
 from cryohet.inference.pose_filters import PoseFilterBank
 from cryohet.methods.train_vae import METHOD as TRAIN_VAE
 from cryohet.runner import run_method
@@ -36,11 +36,11 @@ def _blob(box: int, centre: tuple[float, float, float], sigma: float) -> torch.T
 
 
 def _motion_responses(rot: torch.Tensor, motion_px: tuple[float, float, float], noise: float, seed: int
-                      ) -> tuple[float, float, torch.Tensor, PoseFilterBank, Callable]:
+                      ) -> tuple[float, float, torch.Tensor, PoseFilterBank, Callable, torch.Tensor]:
     """Residuals a_i · CTF_i · slice_i(u) + noise at the views ``rot`` (u: a blob moved by ± ``motion_px``,
     a_i standard normal; the noise's s.d. ``noise`` times the signal's in the filters' circle), streamed in
     batches of 100: |r| of the leading covariance filter's responses with a_i, |r| of the motion's own map as the
-    filter (the best a filter can do), the two filters and the bank, and the stream."""
+    filter (the best a filter can do), the two filters and the bank, the stream, and the shells' SNR."""
     points = Lattice(BOX, 4.0).half_plane()
     bank = PoseFilterBank(2, BOX, points.kxy, points.weight, FREQ, torch.Generator().manual_seed(0), fixed=True)
     u = _blob(BOX, motion_px, 2.5) - _blob(BOX, tuple(-m for m in motion_px), 2.5)
@@ -58,12 +58,12 @@ def _motion_responses(rot: torch.Tensor, motion_px: tuple[float, float, float], 
         for s in range(0, n, 100):
             yield rot[s:s + 100], ctf[s:s + 100], residual[s:s + 100]
 
-    f = covariance_filters(bank, signals, 2, seed=0)
+    f, shell_snr = covariance_filters(bank, signals, 2, seed=0)
     r = abs(np.corrcoef((bank.adjoint(rot, ctf, residual) @ f)[:, 0].numpy(), a.numpy())[0, 1])
     truth = PoseFilterBank(1, BOX, points.kxy, points.weight, FREQ, torch.Generator(), fixed=True)
     truth.set_maps(u[None])
     best = abs(np.corrcoef(truth(rot, ctf, residual)[:, 0].numpy(), a.numpy())[0, 1])
-    return r, best, f, bank, signals
+    return r, best, f, bank, signals, shell_snr
 
 
 def test_the_leading_filter_reads_each_images_coordinate_along_the_motion() -> None:
@@ -71,7 +71,7 @@ def test_the_leading_filter_reads_each_images_coordinate_along_the_motion() -> N
     0.95 of the motion's own); the filters are zero outside the resolution circle, of unit RMS, their largest real
     part positive, the same for the same seed, and made in 5 passes."""
     rot = torch.as_tensor(Rotation.random(600, random_state=2).as_matrix(), dtype=torch.float32)
-    r, best, f, bank, signals = _motion_responses(rot, (3.0, 0.0, 0.0), 2.0, 1)
+    r, best, f, bank, signals, _ = _motion_responses(rot, (3.0, 0.0, 0.0), 2.0, 1)
     print(f"|r| of the leading filter's responses with the coordinate {r:.3f}, of the motion's own {best:.3f}")
     assert r > 0.95 * best, (r, best)
     assert f.shape == (2 * bank.n_voxels, 2)
@@ -86,7 +86,7 @@ def test_the_leading_filter_reads_each_images_coordinate_along_the_motion() -> N
         passes.append(1)
         return signals()
 
-    torch.testing.assert_close(covariance_filters(bank, counted, 2, seed=0), f)
+    torch.testing.assert_close(covariance_filters(bank, counted, 2, seed=0)[0], f)
     assert len(passes) == POWER_PASSES
     with pytest.raises(ValueError, match="passes must be at least 2"):
         covariance_filters(bank, signals, 2, passes=1)
@@ -109,6 +109,68 @@ def test_preferred_views_do_not_drown_the_motion(views: str, motion_px: tuple[fl
     r, best, *_ = _motion_responses(torch.as_tensor(rot.as_matrix(), dtype=torch.float32), motion_px, 2.0, 1)
     print(f"{views}: |r| {r:.3f}, the motion's own {best:.3f}")
     assert r > 0.8 * best, (r, best)
+
+
+def test_low_snr_shells_do_not_drown_the_motion() -> None:
+    """SNR about 0.04 in the filters' circle with uniform views: 1 / D amplifies the outer shells' noise until it
+    makes the leading eigenvectors (|r| 0.08-0.30 without the Wiener term); weighted down by the shells' estimated
+    SNR, the leading filter still reads each image's coordinate (|r| above 0.9 of the motion's own). The estimated
+    SNR falls with the noise and is below 1 beyond the motion's Fourier extent (the blobs' s.d. is 2.5 px)."""
+    rot = torch.as_tensor(Rotation.random(600, random_state=2).as_matrix(), dtype=torch.float32)
+    for motion_px in ((3.0, 0.0, 0.0), (0.0, 0.0, 3.0)):
+        r, best, *_, low = _motion_responses(rot, motion_px, 5.0, 1)
+        print(f"motion {motion_px}: |r| {r:.3f}, the motion's own {best:.3f}")
+        assert r > 0.9 * best, (r, best)
+    *_, high = _motion_responses(rot, (0.0, 0.0, 3.0), 5.0 / 3, 1)
+    print("shells' SNR at 3× the noise", [f"{v:.2f}" for v in low], "at 1×", [f"{v:.2f}" for v in high])
+    above = high > 1
+    assert bool(above[1:4].all()) and bool((low[above] < high[above] / 2).all())
+    assert len(low) == 7 and bool((high[5:] < 1).all()) and bool((low[4:] < 1).all()) and bool((low >= 0).all())
+
+
+def test_pure_noise_has_no_variance_above_the_noise() -> None:
+    """Residuals of pure noise (no conformations): the noise's share of the covariance's diagonal is estimated from
+    the residuals' power per ring and taken off, so no shell's SNR is above 0.1."""
+    points = Lattice(BOX, 4.0).half_plane()
+    bank = PoseFilterBank(2, BOX, points.kxy, points.weight, FREQ, torch.Generator().manual_seed(0), fixed=True)
+    rot = torch.as_tensor(Rotation.random(600, random_state=2).as_matrix(), dtype=torch.float32)
+    defocus = torch.as_tensor(np.random.default_rng(1).uniform(0.5, 1.5, size=(600, 1)), dtype=torch.float32)
+    ctf = torch.cos(40 * defocus * points.kxy.norm(dim=-1) ** 2)
+    noise = 3.0 * torch.randn(600, len(points.kxy), 2, generator=torch.Generator().manual_seed(3))
+    _, shell_snr = covariance_filters(bank, lambda: zip(rot.split(100), ctf.split(100), noise.split(100)), 2)
+    print("shells' SNR of pure noise", [f"{v:.3f}" for v in shell_snr])
+    assert len(shell_snr) == 7 and float(shell_snr.abs().max()) < 0.1
+
+
+def test_noise_gains_are_the_noise_operators_diagonal() -> None:
+    """Σ_r σ²_r G[r] is the diagonal of Σ_i A_i N A_iᵀ, A_i the adjoint's matrix (built column by column from unit
+    signals), N the ring-wise variance, except at the origin where the taps of +p and −p meet."""
+    points = Lattice(12, 4.0).half_plane()
+    bank = PoseFilterBank(1, 12, points.kxy, points.weight, 0.25, torch.Generator().manual_seed(0), fixed=True)
+    rot = torch.as_tensor(Rotation.random(3, random_state=1).as_matrix(), dtype=torch.float32)
+    ctf = torch.rand(3, len(points.kxy), generator=torch.Generator().manual_seed(1))
+    gains = bank.noise_gains(rot, ctf)
+    ring_var = torch.rand(len(gains), generator=torch.Generator().manual_seed(2)) + 0.5
+    var = torch.zeros(len(points.kxy))
+    var[bank.sel] = ring_var[bank.rings()]
+    diag = torch.zeros(2 * bank.n_voxels, dtype=torch.float64)
+    for i in range(len(rot)):
+        for m in bank.sel.tolist():
+            for part in (0, 1):
+                unit = torch.zeros(1, len(points.kxy), 2)
+                unit[0, m, part] = 1.0
+                diag += var[m].double() * bank.adjoint(rot[i:i + 1], ctf[i:i + 1], unit)[0].double().pow(2)
+    expected = (ring_var[:, None] * gains).sum(0).double()
+    off_origin = bank.voxel_radii() > 0
+    for part in (diag[:bank.n_voxels], diag[bank.n_voxels:]):
+        torch.testing.assert_close(part[off_origin], expected[off_origin], rtol=1e-4, atol=1e-7)
+
+
+def test_signal_extent_says_where_the_variance_is_above_the_noise() -> None:
+    snr = torch.tensor([0.0, 9.0, 3.0, 1.2, 0.5, 0.1])
+    assert signal_extent(snr, 300.0) == ("the conformations' variance is above the noise to 100.0 Å (shells where "
+                                         "it is below, weighted down: 2 of 5)")
+    assert "below the noise in every Fourier shell" in signal_extent(torch.full((4,), 0.5), 300.0)
 
 
 def test_train_vae_with_covariance_filters(hinge: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -18,7 +18,7 @@ from torch import nn
 from cryohet.data.prepare import ImageBatch
 from cryohet.geometry.lattice import Points
 from cryohet.inference.elbo import gaussian_elbo, kl_weight
-from cryohet.inference.filter_covariance import COVARIANCE_PARTICLES, POWER_PASSES, covariance_filters
+from cryohet.inference.filter_covariance import COVARIANCE_PARTICLES, POWER_PASSES, covariance_filters, signal_extent
 from cryohet.inference.freq_march import FrequencyMarch, MarchingObjective, restrict
 from cryohet.inference.pose_filters import PoseFilterBank
 from cryohet.inference.pose_tables import PoseCorrections, posed
@@ -166,9 +166,11 @@ class AmortisedInference(MarchingObjective, nn.Module):
                 base = self.decoder.base_slices(d["rot"], self.kxy) * full
                 yield d["rot"], d["ctf"], d["y"] - base * d["ctf"][..., None]
 
-        self.filters.values.copy_(covariance_filters(self.filters, signals, self.filters.n_filters, reduce, seed))
-        log.info("encoder: %d filters from the covariance of %d particles' residuals (%d passes, %.1f s)",
-                 self.filters.n_filters, len(rows), POWER_PASSES, time.perf_counter() - t0)
+        values, shell_snr = covariance_filters(self.filters, signals, self.filters.n_filters, reduce, seed)
+        self.filters.values.copy_(values)
+        log.info("encoder: %d filters from the covariance of %d particles' residuals (%d passes, %.1f s); %s",
+                 self.filters.n_filters, len(rows), POWER_PASSES, time.perf_counter() - t0,
+                 signal_extent(shell_snr, self.decoder.cfg.box * self.decoder.cfg.apix))
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         if self.filters is None or not list(self.filters.parameters()):

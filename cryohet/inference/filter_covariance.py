@@ -2,13 +2,17 @@
 
 Each image's residual (the image less the homogeneous map's CTF-weighted slice at its pose) is spread onto the
 filters' Fourier grid by the filter bank's adjoint (a CTF-weighted back-projection, b_i), and the filters are the
-leading eigenvectors of Σ̂ = S (Σ_i b_i b_iᵀ) S, S = 1 / (D + f·D̄), D = Σ_i of the back-projected CTF² per
-voxel, D̄ its mean over the voxel's Fourier shell: the outer products of the back-projections, each voxel divided
-by how much of the data reaches it. The floor f·D̄ (f = ``DENSITY_FLOOR``) leaves uniform views' weights as
-1 / D up to a constant, but keeps voxels that few views reach (preferred orientations, a missing cone) from being
-amplified until their noise makes the leading eigenvectors. Σ̂ is a one-pass
-stand-in for the covariance of the conformations that ``moments`` and ``principal-volumes`` solve for; its
-eigenvectors, held fixed, give the encoder the directions in which the particles differ, which at low SNR the
+leading eigenvectors of Σ̂ = S (Σ_i b_i b_iᵀ) S, S = 1 / (D + f·D̄ + τ), D = Σ_i of the back-projected CTF² per
+voxel: the outer products of the back-projections, each voxel divided by how much of the data reaches it. Two
+terms, each constant over a Fourier shell, keep that division from amplifying noise:
+- the floor f·D̄ (f = ``DENSITY_FLOOR``, D̄ the shell's mean density) keeps voxels that few views reach
+  (preferred orientations, a missing cone) from being amplified until their noise makes the leading eigenvectors;
+- the Wiener term τ (the shell's noise over its conformational variance per unit density, both estimated in the
+  first pass) weights down the shells where the conformations' signal is below the noise, which at low SNR would
+  otherwise lead, since 1 / D amplifies the noise of the outer shells that fewer images' CTF² reach.
+With uniform views and signal above the noise both are small beside D and S is 1 / D up to a constant. Σ̂ is a
+one-pass stand-in for the covariance of the conformations that ``moments`` and ``principal-volumes`` solve for;
+its eigenvectors, held fixed, give the encoder the directions in which the particles differ, which at low SNR the
 learnt filters do not find. The eigenvectors are found by subspace iteration, each step one streamed pass over
 a random subset of at most ``COVARIANCE_PARTICLES`` particles, so neither time nor memory grows beyond it.
 """
@@ -26,8 +30,12 @@ COVARIANCE_PARTICLES = 10_000
 POWER_PASSES = 5
 #: extra vectors iterated beside the K wanted (oversampling)
 OVERSAMPLE = 8
-#: the density's floor, as a fraction of its mean over each Fourier shell (Wiener-like: S = 1 / (D + f·D̄))
+#: the density's floor f, as a fraction of its mean over each Fourier shell (S = 1 / (D + f·D̄ + τ))
 DENSITY_FLOOR = 1.0
+#: the Wiener term τ's weight (0: none)
+WIENER = 1.0
+#: the Wiener term's cap, as a multiple of the shell's mean density (a shell whose variance is all noise)
+MAX_DOWNWEIGHT = 1e6
 
 Signals = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -35,14 +43,17 @@ Signals = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_filters: int,
                        reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, seed: int = 0,
-                       passes: int = POWER_PASSES) -> torch.Tensor:
-    """(2·n_voxels, ``n_filters``) the leading eigenvectors of the density-normalised covariance of the
+                       passes: int = POWER_PASSES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The filters: (2·n_voxels, ``n_filters``) the leading eigenvectors of the weighted covariance of the
     back-projected signals, as the bank's ``values`` (real parts, then imaginary parts), inside the bank's
-    resolution circle, each of unit RMS and with its largest real part positive (the sign is arbitrary).
+    resolution circle, each of unit RMS and with its largest real part positive (the sign is arbitrary); and the
+    per-voxel SNR of the conformations' variance in each Fourier shell inside the resolution circle, shell r at r
+    voxels from the centre.
 
     ``signals()``: one pass over the particles, (rotations (B, 3, 3), CTF (B, M), residual (B, M, 2)) per batch;
     ``reduce``: sums a tensor over the ranks that share the passes (each streams its own particles). The first
-    pass also sums the density, so the iteration proper starts with the second (``passes`` ≥ 2)."""
+    pass also sums the density and the noise's and signal's shares, so the iteration proper starts with the
+    second (``passes`` ≥ 2)."""
     if passes < 2:
         raise ValueError(f"passes must be at least 2, got {passes}")
     nv = bank.n_voxels
@@ -55,16 +66,17 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
     scale = None
     for step in range(passes):
         y = torch.zeros(2 * nv, width, dtype=torch.float64, device=device)
-        density = torch.zeros(nv, dtype=torch.float64, device=device) if scale is None else None
+        stats = _FirstPass(bank) if scale is None else None
         probe = q if scale is None else scale[:, None] * q
         for rot, ctf, residual in signals():
             b = bank.adjoint(rot, ctf, residual)
             y += (b.T @ (b @ probe.float())).double()
-            if density is not None:
-                density += bank.adjoint(rot, ctf, torch.stack([ctf, torch.zeros_like(ctf)], -1)).sum(0)[:nv].double()
+            if stats is not None:
+                stats.add(rot, ctf, residual, b)
         y = reduce(y)
-        if scale is None:
-            scale = _density_weights(bank, reduce(density).abs(), inside).repeat(2)
+        if stats is not None:
+            scale, shell_snr = stats.weights(inside, reduce)
+            scale = scale.repeat(2)
         y = scale[:, None] * y
         if step == passes - 1:
             values, vectors = torch.linalg.eigh(q.T @ y)  # Rayleigh–Ritz in the last subspace
@@ -75,16 +87,70 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
     u = u / u.pow(2).mean(0).sqrt().clamp_min(1e-30)
     real = u[:nv]  # F(k) and F(−k) have equal real parts, so a tie of magnitudes there is no tie of signs
     sign = torch.sign(real.gather(0, real.abs().argmax(0, keepdim=True)))
-    return (u * sign).float()
+    return (u * sign).float(), shell_snr[:round(bank.max_freq * bank.box) + 1].float()
 
 
-def _density_weights(bank: PoseFilterBank, density: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """(n_voxels,) S = 1 / (D + f·D̄) inside the resolution circle, 0 outside: D the back-projected CTF² of each
-    voxel, D̄ its mean over the voxels inside the circle in the same Fourier shell (radius rounded to a voxel)."""
-    shell = bank.voxel_radii().round().long().to(density.device)
-    n_shells = int(shell.max()) + 1
-    total = torch.zeros(n_shells, dtype=density.dtype, device=density.device).index_add_(
-        0, shell[inside], density[inside])
-    count = torch.bincount(shell[inside], minlength=n_shells).clamp_min(1)
-    floored = density + DENSITY_FLOOR * (total / count)[shell]
-    return torch.where(inside, 1.0 / floored.clamp_min(1e-6 * float(density.max())), 0.0)
+class _FirstPass:
+    """The first pass's sums over the particles, from which the voxels' weights are set (:meth:`weights`)."""
+
+    def __init__(self, bank: PoseFilterBank):
+        self.bank = bank
+        nv, device = bank.n_voxels, bank.values.device
+        self.density = torch.zeros(nv, dtype=torch.float64, device=device)    # D = Σ_i d_i
+        self.density2 = torch.zeros(nv, dtype=torch.float64, device=device)   # Σ_i d_i²
+        self.power = torch.zeros(2 * nv, dtype=torch.float64, device=device)  # Σ_i b_i², the covariance's diagonal
+        rings = int(bank.rings().max()) + 1
+        self.gains = torch.zeros(rings, nv, dtype=torch.float64, device=device)  # Σ_i of the taps' squares per ring
+        self.ring_power = torch.zeros(rings, dtype=torch.float64, device=device)  # Σ_i |r_i|² per ring, per part
+        self.ring_count = torch.zeros(rings, dtype=torch.float64, device=device)
+
+    def add(self, rot: torch.Tensor, ctf: torch.Tensor, residual: torch.Tensor, b: torch.Tensor) -> None:
+        bank = self.bank
+        d = bank.adjoint(rot, ctf, torch.stack([ctf, torch.zeros_like(ctf)], -1))[:, :bank.n_voxels].double()
+        self.density += d.sum(0)
+        self.density2 += d.pow(2).sum(0)
+        self.power += b.double().pow(2).sum(0)
+        self.gains += bank.noise_gains(rot, ctf).double()
+        ring = bank.rings().to(residual.device)
+        self.ring_power.index_add_(0, ring, residual[:, bank.sel].double().pow(2).mean(-1).sum(0))
+        self.ring_count.index_add_(0, ring, torch.full_like(ring, len(residual), dtype=torch.float64))
+
+    def weights(self, inside: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S (n_voxels,), the per-voxel SNR of the conformations' variance in each Fourier shell (n_shells,)).
+
+        S = 1 / (D + f·D̄ + τ) inside the resolution circle, 0 outside it, with D̄ and τ constant over each shell:
+        D̄ the shell's mean density, τ = n̄ / c̄ the Wiener term of the covariance's estimate, where
+        n̄ = Σ N / Σ D over the shell (N the diagonal of Σ_i A_i N_i A_iᵀ, the noise's share of Σ_i b_i², from the
+        residuals' power per ring, which at low SNR is the noise's) and c̄ = Σ (Σ_i b_i² − N) / Σ Σ_i d_i², the
+        diagonal of the conformations' covariance itself. Where the data hold less of that variance than of the
+        noise (the shell's SNR D̄ / τ below 1), the shell is weighted down, where 1 / D would let its noise lead."""
+        bank, nv = self.bank, self.bank.n_voxels
+        density, density2 = reduce(self.density).abs(), reduce(self.density2)
+        ring_var = reduce(self.ring_power) / reduce(self.ring_count).clamp_min(1)
+        noise = (ring_var[:, None] * reduce(self.gains)).sum(0)
+        power = reduce(self.power)
+        shell = bank.voxel_radii().round().long().to(density.device)
+        n_shells = int(shell.max()) + 1
+
+        def total(values: torch.Tensor) -> torch.Tensor:  # (n_shells,) the sum over each shell inside the circle
+            return torch.zeros(n_shells, dtype=values.dtype, device=values.device).index_add_(
+                0, shell[inside], values[inside])
+
+        tiny = 1e-6 * float(density.max())
+        mean_density = total(density) / torch.bincount(shell[inside], minlength=n_shells).clamp_min(1)
+        signal = total((power[:nv] + power[nv:]) / 2 - noise) / total(density2).clamp_min(1e-30)
+        tau = total(noise) / total(density).clamp_min(tiny) / signal.clamp_min(1e-300)
+        tau = torch.minimum(tau, MAX_DOWNWEIGHT * mean_density)  # a shell without variance: weighted down, not out
+        weights = 1.0 / (density + (DENSITY_FLOOR * mean_density + WIENER * tau)[shell]).clamp_min(tiny)
+        return torch.where(inside, weights, 0.0), mean_density / tau.clamp_min(1e-300)
+
+
+def signal_extent(shell_snr: torch.Tensor, box_A: float) -> str:
+    """In words, to what resolution the conformations' variance is above the noise (``shell_snr`` from
+    :func:`covariance_filters`, ``box_A`` the box's side in Å)."""
+    above = torch.nonzero(shell_snr[1:] >= 1).squeeze(1) + 1
+    if not len(above):
+        return "the conformations' variance is below the noise in every Fourier shell (all weighted down)"
+    return (f"the conformations' variance is above the noise to {box_A / int(above.max()):.1f} Å "
+            f"(shells where it is below, weighted down: {int((shell_snr[1:] < 1).sum())} of {len(shell_snr) - 1})")

@@ -101,16 +101,14 @@ class PoseFilterBank(nn.Module):
             self.values[:self.n_voxels, k] = v.real.to(self.values)
             self.values[self.n_voxels:, k] = v.imag.to(self.values)
 
-    @torch.no_grad()
-    def adjoint(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
-        """(B, 2·n_voxels): each image's CTF-weighted signal spread onto the grid by the transpose of the Hermitian
-        part's trilinear interpolation, so that ``adjoint(...) @ values`` is the responses."""
-        g, nv = self.grid, self.n_voxels
+    def _taps(self, rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, weight, sign), each (B, M', 16): the compact voxels each read pixel spreads to (the trilinear
+        corners of +p and −p, H(p) = (F(p) + conj F(−p)) / 2), their weights, and the imaginary part's sign."""
+        g = self.grid
         pos = plane_coords(self.kpx.to(rot.dtype), rot, 1).float()  # (B, M', 3) (x, y, z) from the centre
-        coef = signal[:, self.sel].float() * (0.5 * ctf[:, self.sel].float() * self.w)[..., None]  # (B, M', 2)
         corners = _CORNERS.to(pos.device)
         idx, wgt, sign = [], [], []
-        for s in (1.0, -1.0):  # H(p) = (F(p) + conj F(−p)) / 2: the imaginary part enters F(−p) negated
+        for s in (1.0, -1.0):  # the imaginary part enters F(−p) negated
             p = s * pos + g // 2
             i0 = p.floor()
             t = p - i0
@@ -119,12 +117,43 @@ class PoseFilterBank(nn.Module):
             idx.append(self.compact[(c[..., 2] * g + c[..., 1]) * g + c[..., 0]])
             wgt.append(tw)
             sign.append(torch.full_like(tw, s))
-        idx, wgt, sign = torch.cat(idx, -1), torch.cat(wgt, -1), torch.cat(sign, -1)  # (B, M', 16)
-        rows = torch.arange(len(pos), device=pos.device)[:, None, None] * (2 * nv)
-        out = torch.zeros(len(pos) * 2 * nv, device=pos.device)
+        return torch.cat(idx, -1), torch.cat(wgt, -1), torch.cat(sign, -1)
+
+    def _pixel_scale(self, ctf: torch.Tensor) -> torch.Tensor:
+        """(B, M') the factor of each read pixel's signal in the responses: CTF times the pixel's weight, halved."""
+        return 0.5 * ctf[:, self.sel].float() * self.w
+
+    @torch.no_grad()
+    def adjoint(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """(B, 2·n_voxels): each image's CTF-weighted signal spread onto the grid by the transpose of the Hermitian
+        part's trilinear interpolation, so that ``adjoint(...) @ values`` is the responses."""
+        nv = self.n_voxels
+        idx, wgt, sign = self._taps(rot)
+        coef = signal[:, self.sel].float() * self._pixel_scale(ctf)[..., None]  # (B, M', 2)
+        rows = torch.arange(len(rot), device=idx.device)[:, None, None] * (2 * nv)
+        out = torch.zeros(len(rot) * 2 * nv, device=idx.device)
         out.index_add_(0, (rows + idx).reshape(-1), (wgt * coef[..., :1]).reshape(-1))
         out.index_add_(0, (rows + nv + idx).reshape(-1), (wgt * sign * coef[..., 1:]).reshape(-1))
-        return out.view(len(pos), 2 * nv)
+        return out.view(len(rot), 2 * nv)
+
+    def rings(self) -> torch.Tensor:
+        """(M',) the ring of the images' transform each read pixel lies on (its radius rounded to a pixel)."""
+        return self.kpx.norm(dim=-1).round().long()
+
+    @torch.no_grad()
+    def noise_gains(self, rot: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+        """(n_rings, n_voxels) G: Σ over the images and a ring's read pixels of each tap's squared weight (trilinear
+        weight times the pixel's factor), so that Σ_r σ²_r G[r] is the diagonal of Σ_i A_i N A_iᵀ for noise of
+        variance σ²_r per real and per imaginary part on ring r (the taps of +p and −p that meet at one voxel, near
+        the origin only, are counted apart)."""
+        nv = self.n_voxels
+        idx, wgt, _ = self._taps(rot)
+        ring = self.rings().to(idx.device)
+        n_rings = int(ring.max()) + 1
+        tap = (wgt * self._pixel_scale(ctf)[..., None]).pow(2)  # (B, M', 16)
+        out = torch.zeros(n_rings * nv, device=idx.device)
+        out.index_add_(0, (ring[None, :, None] * nv + idx).reshape(-1), tap.reshape(-1))
+        return out.view(n_rings, nv)
 
     def forward(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         """Responses (B, K) of the signals ``signal`` (B, M, 2) (real and imaginary parts, not phase-flipped) with
