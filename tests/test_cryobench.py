@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import starfile
 
 from cryohet.io.mrc import read_map
 from cryohet.methods import benchmark_make
@@ -98,8 +99,12 @@ def test_igg_1d_moves_only_the_arm_about_its_axis() -> None:
 
 def test_cpu_size_preset_uses_cryobench_image_settings(tmp_path: Path) -> None:
     run_method(benchmark_make.METHOD, {"dataset": "igg-1d", "size": "cpu", "n_particles": 300, "n_states": 3,
-                                       "threads": 1}, tmp_path)
+                                       "top_view_fraction": 0.5, "threads": 1}, tmp_path)
     ds = load_dataset(tmp_path)
+    assert ds.meta["top_view_fraction"] == 0.5
+    tilt = starfile.read(tmp_path / "particles.star")["particles"]["rlnAngleTilt"].to_numpy()
+    near_top = np.mean(np.minimum(tilt, 180 - tilt) < 45)  # uniform views: 0.29; half of them near the top: 0.65
+    assert 0.55 < near_top < 0.75, near_top
     cpu = SIZES["cpu"]
     assert (ds.box, ds.apix, ds.meta["snr"], ds.n_particles) == (cpu.box, cpu.apix, cpu.snr, 300)
     gt = np.load(tmp_path / "ground_truth.npz")

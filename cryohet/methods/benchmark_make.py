@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryohet.methods.base import Method, Param
+from cryohet.simulate.simulate import TOP_VIEW_SD_DEG
 from cryohet.validation.datasets import CRYOBENCH, DATASETS, DEFAULT_STATES, MOTION_DATASETS, SIZES
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ PARAMS = (
           min=0.0, expert=True),
     Param("defocus_min_A", float, 10000.0, "Smallest defocus (underfocus), Å.", min=0.0),
     Param("defocus_max_A", float, 25000.0, "Largest defocus (underfocus), Å.", min=0.0),
+    Param("top_view_fraction", float, 0.0, "Preferred orientations: the fraction of the particles tilted only "
+          f"|N(0, {TOP_VIEW_SD_DEG:g}°)| from the top view; the rest uniform.", min=0.0, max=1.0),
 )
 
 
@@ -69,9 +72,11 @@ def run(params: dict[str, Any], ctx: RunContext) -> None:
         folder = ctx.out_dir if len(names) == 1 else ctx.out_dir / name
         ds = make_dataset(name, folder, n_particles=n_particles, n_states=params["n_states"] or None,
                           populations=pops, resolution_A=params["resolution_A"] or None, seed=ctx.seed,
+                          top_view_fraction=params["top_view_fraction"],
                           device=str(ctx.device), log=ctx.log, progress=ctx.progress, **img)
-        ctx.log.info("%s: %d particles, %d true maps (%s, τ dimension %d), box %d, %.3g Å/px, SNR %g", name,
-                     ds.n_particles, ds.n_states, ds.kind, ds.latent_dim, ds.box, ds.apix, img["snr"])
+        ctx.log.info("%s: %d particles, %d true maps (%s, τ dimension %d), box %d, %.3g Å/px, SNR %g%s", name,
+                     ds.n_particles, ds.n_states, ds.kind, ds.latent_dim, ds.box, ds.apix, img["snr"],
+                     f", {params['top_view_fraction']:.0%} near the top view" if params["top_view_fraction"] else "")
         ctx.add("particles_star", ds.particles_star, f"benchmark {name}: particles (truth in cryohetTrue* columns)",
                 dataset=name, n_particles=ds.n_particles, apix=ds.apix, box=ds.box, snr=img["snr"])
         if (folder / "trajectory" / "topology.pdb").is_file():
