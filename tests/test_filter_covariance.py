@@ -113,7 +113,7 @@ def test_preferred_views_do_not_drown_the_motion(views: str, motion_px: tuple[fl
 
 def test_low_snr_shells_do_not_drown_the_motion() -> None:
     """SNR about 0.04 in the filters' circle with uniform views: 1 / D amplifies the outer shells' noise until it
-    makes the leading eigenvectors (|r| 0.08-0.30 without the Wiener term); weighted down by the shells' estimated
+    makes the leading eigenvectors (|r| 0.06 and 0.11 without the Wiener term); weighted down by the shells' estimated
     SNR, the leading filter still reads each image's coordinate (|r| above 0.9 of the motion's own). The estimated
     SNR falls with the noise and is below 1 beyond the motion's Fourier extent (the blobs' s.d. is 2.5 px)."""
     rot = torch.as_tensor(Rotation.random(600, random_state=2).as_matrix(), dtype=torch.float32)

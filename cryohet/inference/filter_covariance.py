@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from cryohet.inference.pose_filters import PoseFilterBank
+from cryohet.inference.pose_filters import PoseFilterBank, Taps
 
 #: the most particles the covariance is estimated from
 COVARIANCE_PARTICLES = 10_000
@@ -69,10 +69,11 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
         stats = _FirstPass(bank) if scale is None else None
         probe = q if scale is None else scale[:, None] * q
         for rot, ctf, residual in signals():
-            b = bank.adjoint(rot, ctf, residual)
+            taps = bank.taps(rot)
+            b = bank.adjoint(rot, ctf, residual, taps)
             y += (b.T @ (b @ probe.float())).double()
             if stats is not None:
-                stats.add(rot, ctf, residual, b)
+                stats.add(rot, ctf, residual, b, taps)
         y = reduce(y)
         if stats is not None:
             scale, shell_snr = stats.weights(inside, reduce)
@@ -99,21 +100,23 @@ class _FirstPass:
         self.density = torch.zeros(nv, dtype=torch.float64, device=device)    # D = Σ_i d_i
         self.density2 = torch.zeros(nv, dtype=torch.float64, device=device)   # Σ_i d_i²
         self.power = torch.zeros(2 * nv, dtype=torch.float64, device=device)  # Σ_i b_i², the covariance's diagonal
-        rings = int(bank.rings().max()) + 1
+        self.ring = bank.rings().to(device)  # each read pixel's ring of the images' transform
+        rings = int(self.ring.max()) + 1
         self.gains = torch.zeros(rings, nv, dtype=torch.float64, device=device)  # Σ_i of the taps' squares per ring
         self.ring_power = torch.zeros(rings, dtype=torch.float64, device=device)  # Σ_i |r_i|² per ring, per part
         self.ring_count = torch.zeros(rings, dtype=torch.float64, device=device)
 
-    def add(self, rot: torch.Tensor, ctf: torch.Tensor, residual: torch.Tensor, b: torch.Tensor) -> None:
+    def add(self, rot: torch.Tensor, ctf: torch.Tensor, residual: torch.Tensor, b: torch.Tensor, taps: Taps) -> None:
+        """One batch: its poses (B, 3, 3), CTF (B, M), residuals (B, M, 2), their back-projections b
+        (B, 2·n_voxels) and the bank's taps at those poses."""
         bank = self.bank
-        d = bank.adjoint(rot, ctf, torch.stack([ctf, torch.zeros_like(ctf)], -1))[:, :bank.n_voxels].double()
-        self.density += d.sum(0)
-        self.density2 += d.pow(2).sum(0)
+        d = bank.adjoint(rot, ctf, torch.stack([ctf, torch.zeros_like(ctf)], -1), taps)[:, :bank.n_voxels]
+        self.density += d.double().sum(0)
+        self.density2 += d.double().pow(2).sum(0)
         self.power += b.double().pow(2).sum(0)
-        self.gains += bank.noise_gains(rot, ctf).double()
-        ring = bank.rings().to(residual.device)
-        self.ring_power.index_add_(0, ring, residual[:, bank.sel].double().pow(2).mean(-1).sum(0))
-        self.ring_count.index_add_(0, ring, torch.full_like(ring, len(residual), dtype=torch.float64))
+        self.gains += bank.noise_gains(rot, ctf, taps).double()
+        self.ring_power.index_add_(0, self.ring, residual[:, bank.sel].double().pow(2).mean(-1).sum(0))
+        self.ring_count.index_add_(0, self.ring, torch.full_like(self.ring, len(residual), dtype=torch.float64))
 
     def weights(self, inside: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:

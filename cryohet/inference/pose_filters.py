@@ -23,6 +23,8 @@ from torch import nn
 from cryohet.geometry.fourier import fft3c
 from cryohet.geometry.project import plane_coords
 
+#: (index, weight, sign) of the voxels each read pixel spreads to (``PoseFilterBank.taps``)
+Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 #: the eight corners of a trilinear interpolation cell, (dx, dy, dz)
 _CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
 
@@ -101,9 +103,10 @@ class PoseFilterBank(nn.Module):
             self.values[:self.n_voxels, k] = v.real.to(self.values)
             self.values[self.n_voxels:, k] = v.imag.to(self.values)
 
-    def _taps(self, rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(index, weight, sign), each (B, M', 16): the compact voxels each read pixel spreads to (the trilinear
-        corners of +p and −p, H(p) = (F(p) + conj F(−p)) / 2), their weights, and the imaginary part's sign."""
+    def taps(self, rot: torch.Tensor) -> Taps:
+        """(index, weight, sign), each (B, M', 16): the compact voxels each read pixel spreads to at the poses
+        ``rot`` (the trilinear corners of +p and −p, H(p) = (F(p) + conj F(−p)) / 2), their weights, and the
+        imaginary part's sign; computed once, they serve several :meth:`adjoint` and :meth:`noise_gains` calls."""
         g = self.grid
         pos = plane_coords(self.kpx.to(rot.dtype), rot, 1).float()  # (B, M', 3) (x, y, z) from the centre
         corners = _CORNERS.to(pos.device)
@@ -124,11 +127,13 @@ class PoseFilterBank(nn.Module):
         return 0.5 * ctf[:, self.sel].float() * self.w
 
     @torch.no_grad()
-    def adjoint(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+    def adjoint(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor, taps: Taps | None = None
+                ) -> torch.Tensor:
         """(B, 2·n_voxels): each image's CTF-weighted signal spread onto the grid by the transpose of the Hermitian
-        part's trilinear interpolation, so that ``adjoint(...) @ values`` is the responses."""
+        part's trilinear interpolation, so that ``adjoint(...) @ values`` is the responses (``taps``: :meth:`taps`
+        of ``rot`` when already computed)."""
         nv = self.n_voxels
-        idx, wgt, sign = self._taps(rot)
+        idx, wgt, sign = self.taps(rot) if taps is None else taps
         coef = signal[:, self.sel].float() * self._pixel_scale(ctf)[..., None]  # (B, M', 2)
         rows = torch.arange(len(rot), device=idx.device)[:, None, None] * (2 * nv)
         out = torch.zeros(len(rot) * 2 * nv, device=idx.device)
@@ -141,13 +146,13 @@ class PoseFilterBank(nn.Module):
         return self.kpx.norm(dim=-1).round().long()
 
     @torch.no_grad()
-    def noise_gains(self, rot: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+    def noise_gains(self, rot: torch.Tensor, ctf: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
         """(n_rings, n_voxels) G: Σ over the images and a ring's read pixels of each tap's squared weight (trilinear
         weight times the pixel's factor), so that Σ_r σ²_r G[r] is the diagonal of Σ_i A_i N A_iᵀ for noise of
         variance σ²_r per real and per imaginary part on ring r (the taps of +p and −p that meet at one voxel, near
-        the origin only, are counted apart)."""
+        the origin only, are counted apart; ``taps`` as for :meth:`adjoint`)."""
         nv = self.n_voxels
-        idx, wgt, _ = self._taps(rot)
+        idx, wgt, _ = self.taps(rot) if taps is None else taps
         ring = self.rings().to(idx.device)
         n_rings = int(ring.max()) + 1
         tap = (wgt * self._pixel_scale(ctf)[..., None]).pow(2)  # (B, M', 16)
