@@ -232,9 +232,9 @@ def _run(method: Method, params: dict[str, Any], out_dir: Path, command: list[st
     try:
         for note in notes:
             log.warning("%s", note)
-        if rank == 0:
-            record.write(out_dir)
-        with _stop_on_signals():
+        with _stop_on_signals():  # before the record says running, so that an abort seen then is recorded
+            if rank == 0:
+                record.write(out_dir)
             _execute(method, params, out_dir, log, record)
     except (RunAborted, KeyboardInterrupt) as exc:
         record.status, record.error = "aborted", _reason(exc)
