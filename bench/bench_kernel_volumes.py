@@ -14,8 +14,9 @@ known, non-uniform population along the motion: two wells (weights exp(-((τ - 0
 * ``kernel-volumes`` on each of those latents, and on the true τ (the kernel method's ceiling with perfect
   latents): maps at ``--points`` k-means centres (defaults otherwise); a particle gets the map of its nearest
   centre.
-* RECOVAR 1.0.5 (``--recovar``: a virtual environment holding it; its pipeline at zdim 4, then kernel volumes
-  at the same k-means centres of its own latents): skipped when not given.
+* RECOVAR 1.0.5 (``--recovar``: a virtual environment holding it, run through ``bench/recovar_cpu.py``, which
+  mends its CPU projector; its pipeline at zdim 4, then its kernel maps (``compute_state``) at ``--points``
+  k-means centres of its own latents): skipped when not given.
 
 Landscape rows: ``cryohet landscape --dims 1`` (first principal component) on the latents of principal-volumes (with
 its per-particle s.d., deconvolved; and without it, a plain smoothed density) and of train-vae (its log-variance),
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import recovar_cpu  # noqa: E402  (beside this script)
 from command_cost import Cost, timed  # noqa: E402  (beside this script)
 
 os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
@@ -184,14 +186,30 @@ def energy_rms(per_particle: np.ndarray, state: np.ndarray) -> float:
 
 
 def recovar_row(out: Path, data: Path, a) -> tuple[dict, Cost]:
-    """RECOVAR's pipeline and kernel volumes through the script beside this one (bench/recovar_run.sh)."""
+    """RECOVAR's pipeline at zdim 4 (mended on a CPU: bench/recovar_cpu.py), then its kernel maps
+    (``compute_state``) at ``--points`` k-means centres of its latents; a particle gets its nearest centre's map."""
+    from sklearn.cluster import KMeans
+
     folder = out / "recovar"
-    cost = timed(["bash", str(REPO / "bench" / "recovar_run.sh"), str(a.recovar), str(data), str(folder),
-                  str(a.points)], REPO, out / "recovar.log")
-    summary = score(out, data, "recovar", ["--latents", str(folder / "latents.npy"), "--volumes",
-                                           str(folder / "volumes"), "--volume_latents",
-                                           str(folder / "centres.txt")])
-    return summary, cost
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = recovar_cpu.command(str(a.recovar / "bin" / "python"))
+    pipeline = timed([*exe, "pipeline", str(data / "particles.star"), "--mask", "sphere", "--zdim", "4",
+                      "--accept-cpu", "-o", str(folder / "pipeline")], REPO, out / "recovar.log")
+    z = recovar_cpu.latents(folder / "pipeline", 4)
+    np.save(folder / "latents.npy", z)
+    centres = KMeans(a.points, n_init=10, random_state=0).fit(z).cluster_centers_
+    np.savetxt(folder / "centres.txt", centres)
+    states = timed([*exe, "compute_state", str(folder / "pipeline"), "--latent-points", str(folder / "centres.txt"),
+                    "-o", str(folder / "states")], REPO, out / "recovar_states.log")
+    volumes = folder / "volumes"  # the maps alone, in the centres' order (compute_state adds diagnostics)
+    volumes.mkdir(exist_ok=True)
+    for k, m in enumerate(recovar_cpu.state_maps(folder / "states", a.points)):
+        link = volumes / f"state{k:03d}.mrc"
+        if not link.exists():
+            link.symlink_to(m)
+    summary = score(out, data, "recovar", ["--latents", str(folder / "latents.npy"), "--volumes", str(volumes),
+                                           "--volume_latents", str(folder / "centres.txt")])
+    return summary, pipeline + states
 
 
 if __name__ == "__main__":

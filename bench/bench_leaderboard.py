@@ -23,9 +23,10 @@ moments'. cryoDRGN runs ``train_vae`` (zdim 8,
 ``python3 -m venv /work/peers/cryodrgn-venv && pip install cryodrgn==4.3.1 torch``), its maps by
 ``cryodrgn eval_vol`` in both hands, the better kept (CryoBench aligns and flips them too). RECOVAR runs
 ``recovar pipeline --mask sphere --zdim 4`` and ``recovar compute_state`` at the latents of the scored images, from
-its own environment (``--recovar``; ``pip install recovar==1.0.5``). Times are CPU seconds (user + system, this
-process's and its children's) of each run, scoring excluded. Every run's summary is kept in
-``<out>/<set>/<method>.score.json`` and its CPU time in ``<method>.cpu_s``, and reused, so an interrupted
+its own environment (``--recovar``, its Python; ``pip install recovar==1.0.5 "jax[cpu]==0.9.0.1"``) through
+``bench/recovar_cpu.py``, which mends its CPU projector's 2× magnification of upsampled volumes first. Times are
+CPU seconds (user + system, this process's and its children's) of each run, scoring excluded. Every run's summary is
+kept in ``<out>/<set>/<method>.score.json`` and its CPU time in ``<method>.cpu_s``, and reused, so an interrupted
 leaderboard resumes (failed runs are retried); the Markdown table is printed and written to
 ``<out>/leaderboard.md`` (``--table_only``: from the scored runs only).
 """
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import resource
 import subprocess
 import sys
@@ -46,6 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
+
+import recovar_cpu  # noqa: E402  (beside this script)
 
 from cryohet.methods import get_method  # noqa: E402
 from cryohet.runner import run_method  # noqa: E402
@@ -182,17 +184,6 @@ def run_cryodrgn(exe: str, ds: Path, out: Path, epochs: int, threads: int, n_ima
     return dict(scores[best], flip=best, per_image_fsc_auc_other_hand=scores[not best]["per_image_fsc_auc"]), seconds
 
 
-def _recovar_latents(pipeline: Path, zdim: int) -> np.ndarray:
-    """RECOVAR's regularised per-image latents (dataset order): model/zdim_K/latent_coords.npy, or the older
-    model/embeddings.pkl."""
-    npy = pipeline / "model" / f"zdim_{zdim}" / "latent_coords.npy"
-    if npy.is_file():
-        return np.load(npy)
-    with open(pipeline / "model" / "embeddings.pkl", "rb") as fh:
-        emb = pickle.load(fh)  # noqa: S301  (RECOVAR's own output, written by this script's run)
-    return np.asarray(emb["latent_coords"][zdim])
-
-
 def timed_once(stamp: Path, fn: Callable[[], object]) -> float:
     """CPU seconds of ``fn()``, kept in ``stamp``; a stamp left by a finished earlier call is read instead."""
     if stamp.is_file():
@@ -204,18 +195,19 @@ def timed_once(stamp: Path, fn: Callable[[], object]) -> float:
     return seconds
 
 
-def run_recovar(exe: str, ds: Path, out: Path, threads: int, n_images: int, zdim: int = 4
+def run_recovar(python: str, ds: Path, out: Path, threads: int, n_images: int, zdim: int = 4
                 ) -> tuple[dict[str, Any], float]:
     """RECOVAR's pipeline, then its kernel-regression maps (``compute_state``) at the latents of ``n_images``
     evenly spaced images (fewer than CryoBench's 100 on a CPU: each map is a local-resolution kernel estimate;
     0: its latents only)."""
     out.mkdir(parents=True, exist_ok=True)
     env = thread_env(threads)
+    exe = recovar_cpu.command(python)
     pipeline = out / "pipeline"
     seconds = timed_once(out / "pipeline.cpu_s", lambda: run_logged(
-        [exe, "pipeline", str(ds / "particles.star"), "--mask", "sphere", "--zdim", str(zdim), "--accept-cpu",
+        [*exe, "pipeline", str(ds / "particles.star"), "--mask", "sphere", "--zdim", str(zdim), "--accept-cpu",
          "-o", str(pipeline)], out / "pipeline.log", env))
-    z = _recovar_latents(pipeline, zdim)
+    z = recovar_cpu.latents(pipeline, zdim)
     if not n_images:
         return score_arrays(z, ds, volumes_dir=None, label="RECOVAR 1.0.5 (latents only)", **SCORE_KW)["summary"], \
             seconds
@@ -225,13 +217,10 @@ def run_recovar(exe: str, ds: Path, out: Path, threads: int, n_images: int, zdim
     np.savetxt(points, z[idx])
     states = out / "states"
     t1 = cpu_s()
-    run_logged([exe, "compute_state", str(pipeline), "--latent-points", str(points), "-o", str(states)],
+    run_logged([*exe, "compute_state", str(pipeline), "--latent-points", str(points), "-o", str(states)],
                out / "compute_state.log", env)
     seconds += cpu_s() - t1
-    maps = [states / f"state{k:03d}.mrc" for k in range(len(idx))]
-    missing = [p for p in maps if not p.is_file()]
-    if missing:
-        raise RuntimeError(f"RECOVAR compute_state did not write {missing[0]} ({len(missing)} maps missing)")
+    maps = recovar_cpu.state_maps(states, len(idx))
     labels = np.zeros(dset.n_particles, np.int64)
     labels[idx] = np.arange(len(idx))
     res = score_arrays(z, ds, volumes_dir=None, label="RECOVAR 1.0.5", **SCORE_KW)["summary"]
@@ -308,7 +297,8 @@ def main() -> int:
                     help="random seed of every trained method and of cryoDRGN (-1: each program's default; "
                          "cryoDRGN then draws one)")
     ap.add_argument("--cryodrgn", default="/work/peers/cryodrgn-venv/bin/cryodrgn")
-    ap.add_argument("--recovar", default="/work/peers/recovar-venv/bin/recovar")
+    ap.add_argument("--recovar", default="/work/peers/recovar-venv/bin/python",
+                    help="the Python of RECOVAR 1.0.5's environment (it runs bench/recovar_cpu.py)")
     ap.add_argument("--n_images", type=int, default=100, help="images of the per-image FSC (CryoBench: 100)")
     ap.add_argument("--recovar_images", type=int, default=100,
                     help="images whose RECOVAR maps are scored (0: its latents only; on a CPU each compute_state map "
