@@ -7,9 +7,14 @@ sign pattern, white noise of ``--noise`` times the signal's s.d. in the filters'
 and 2, against the motion's own map as the filter (the best a filter can do). The variants set
 ``filter_covariance``'s constants in this process:
 
-* ``default``: S = 1 / (D + f·D̄ + τ), the density floor and the Wiener term;
+* ``default``: S = 1 / (D + f·D̄ + τ), the density floor and the Wiener term, τ from each shell's power above the
+  noise less two standard errors of it (``NOISE_MARGIN`` 2);
+* ``no-margin``: τ from the power above the noise itself (stop 39's default, ``NOISE_MARGIN`` 0);
 * ``no-wiener``: S = 1 / (D + f·D̄) (stop 38's default, ``WIENER`` 0);
 * ``1/D``: S = 1 / D (stop 37's, ``WIENER`` and ``DENSITY_FLOOR`` 0).
+
+Each row also gives the largest shell SNR that ``covariance_filters`` estimates from pure-noise residuals at those
+views (three noise draws; with no conformations every shell's is 0).
 
     .venv/bin/python bench/bench_covariance_weights.py --noise 4 6   # docs/benchmarks.md, "Low SNR"
 """
@@ -20,34 +25,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from scipy.spatial.transform import Rotation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_filter_covariance import _motion_responses  # noqa: E402  (the test's images and scores)
+from test_filter_covariance import (  # noqa: E402  (the test's images and scores)
+    VIEWS,
+    _motion_responses,
+    _pure_noise_snr,
+    views,
+)
 
 import cryohet.inference.filter_covariance as fc  # noqa: E402
 
-VARIANTS = {"default": (fc.DENSITY_FLOOR, fc.WIENER), "no-wiener": (fc.DENSITY_FLOOR, 0.0), "1/D": (0.0, 0.0)}
-VIEWS = ("uniform", "80 % near the top view", "tilts up to 30°", "side views about one axis")
+VARIANTS = {"default": (fc.DENSITY_FLOOR, fc.WIENER, fc.NOISE_MARGIN), "no-margin": (fc.DENSITY_FLOOR, fc.WIENER, 0.0),
+            "no-wiener": (fc.DENSITY_FLOOR, 0.0, 0.0), "1/D": (0.0, 0.0, 0.0)}
 MOTIONS = {"x": (3.0, 0.0, 0.0), "z": (0.0, 0.0, 3.0)}
-
-
-def views(kind: str, n: int, rng: np.random.Generator) -> torch.Tensor:
-    """(n, 3, 3) rotations: uniform; 80 % tilted |N(0, 15°)| from the top view and the rest uniform; tilts up to
-    30° (uniform on the cap); side views (tilt 90 ± 5°) with the first angle within ±20° (about one axis)."""
-    if kind == "uniform":
-        return torch.as_tensor(Rotation.random(n, random_state=2).as_matrix(), dtype=torch.float32)
-    rot, psi = rng.uniform(0, 360, n), rng.uniform(0, 360, n)
-    if kind.startswith("80 %"):
-        tilt = np.where(rng.random(n) < 0.8, np.abs(rng.normal(0, 15, n)),
-                        Rotation.random(n, random_state=3).as_euler("ZYZ", degrees=True)[:, 1])
-    elif kind.startswith("tilts"):
-        tilt = np.degrees(np.arccos(rng.uniform(np.cos(np.radians(30)), 1, n)))
-    else:
-        tilt, rot = 90 + rng.normal(0, 5, n), rng.normal(0, 20, n)
-    euler = np.stack([rot, tilt, psi], 1)
-    return torch.as_tensor(Rotation.from_euler("ZYZ", euler, degrees=True).as_matrix(), dtype=torch.float32)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="noise s.d. over the signal's in the filters' circle")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args(argv)
+    print("largest shell SNR estimated from pure noise (no conformations: 0), three draws\n")
+    print("| views | " + " | ".join(args.variants) + " |")
+    print("|---" * (len(args.variants) + 1) + "|")
+    for kind in VIEWS:
+        rot = views(kind, 600, np.random.default_rng(5))
+        cells = []
+        for name in args.variants:
+            fc.DENSITY_FLOOR, fc.WIENER, fc.NOISE_MARGIN = VARIANTS[name]
+            cells.append(f"{max(float(_pure_noise_snr(rot, seed).max()) for seed in (1, 2, 3)):.2f}")
+        print(f"| {kind} | " + " | ".join(cells) + " |", flush=True)
     for noise in args.noise:
         print(f"\nnoise {noise:g} (SNR about {1 / noise**2:.2g}): |r| for noise seeds 1 / 2\n")
         print("| views, motion | " + " | ".join(args.variants) + " | the motion's own |")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 rot = views(kind, 600, np.random.default_rng(5))
                 cells, best = [], []
                 for name in args.variants:
-                    fc.DENSITY_FLOOR, fc.WIENER = VARIANTS[name]
+                    fc.DENSITY_FLOOR, fc.WIENER, fc.NOISE_MARGIN = VARIANTS[name]
                     runs = [_motion_responses(rot, motion, noise, seed)[:2] for seed in (1, 2)]
                     cells.append(" / ".join(f"{r:.2f}" for r, _ in runs))
                     best = [b for _, b in runs]

@@ -422,8 +422,8 @@ def _last_epoch(r: dict[str, Any] | None) -> float | None:
 
 def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     by = {(r["tool"], r["step"], r["box"]): r for r in rows}
-    out = ["| step | box | N | cryohet (s) | cryoDRGN 4.3.1 (s) | ratio cryohet / cryoDRGN | peak GPU GB: cryohet "
-           "/ cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
+    out = [f"| step | box | N | cryohet (s) | cryoDRGN {a.drgn_version or '4.3.1'} (s) | ratio cryohet / cryoDRGN "
+           "| peak GPU GB: cryohet / cryoDRGN | settings, notes |", "|---|---|---|---|---|---|---|---|"]
     for step in ("simulate", "reconstruct", "train-vae", *(f"train-vae, {t}" for t, _ in LOADER_VARIANTS),
                  "principal-volumes", "kernel-volumes", "manifold-images",
                  "manifold-volumes", "classify", "abinit", "abinit-het", "hypermolecule", "moments", "two-bodies",

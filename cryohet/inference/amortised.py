@@ -154,17 +154,18 @@ class AmortisedInference(MarchingObjective, nn.Module):
         """Before a new run's first epoch: with ``filters_from`` covariance, the filters are the leading
         eigenvectors of the residuals' covariance (``filter_covariance``) over at most ``COVARIANCE_PARTICLES``
         particles drawn from ``seed``, against the whole homogeneous map (the base is a fraction of it).
-        ``stream(rows)``: the prepared batches (``inputs``, on the device) of this rank's share of ``rows``."""
+        ``stream(rows)``: the prepared batches (``inputs``, on the device, and their ``rows``) of this rank's share
+        of ``rows``."""
         if self.filters is None or self.settings.get("filters_from") != COVARIANCE:
             return
         t0 = time.perf_counter()
         rows = np.sort(np.random.default_rng([seed, 53]).permutation(n_particles)[:COVARIANCE_PARTICLES])
         full = 1.0 / self.decoder.cfg.anchor_fraction
 
-        def signals() -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        def signals() -> Iterable[tuple[torch.Tensor, ...]]:
             for d in stream(rows):
                 base = self.decoder.base_slices(d["rot"], self.kxy) * full
-                yield d["rot"], d["ctf"], d["y"] - base * d["ctf"][..., None]
+                yield d["rot"], d["ctf"], d["y"] - base * d["ctf"][..., None], d["rows"]
 
         values, shell_snr = covariance_filters(self.filters, signals, self.filters.n_filters, reduce, seed)
         self.filters.values.copy_(values)

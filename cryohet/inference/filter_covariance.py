@@ -9,7 +9,9 @@ terms, each constant over a Fourier shell, keep that division from amplifying no
   (preferred orientations, a missing cone) from being amplified until their noise makes the leading eigenvectors;
 - the Wiener term τ (the shell's noise over its conformational variance per unit density, both estimated in the
   first pass) weights down the shells where the conformations' signal is below the noise, which at low SNR would
-  otherwise lead, since 1 / D amplifies the noise of the outer shells that fewer images' CTF² reach.
+  otherwise lead, since 1 / D amplifies the noise of the outer shells that fewer images' CTF² reach. The variance
+  is the shell's power above the noise's less ``NOISE_MARGIN`` standard errors of it (from ``SPLITS`` groups of
+  the particles), so that a shell of noise alone is not read as signal by chance.
 With uniform views and signal above the noise both are small beside D and S is 1 / D up to a constant. Σ̂ is a
 one-pass stand-in for the covariance of the conformations that ``moments`` and ``principal-volumes`` solve for;
 its eigenvectors, held fixed, give the encoder the directions in which the particles differ, which at low SNR the
@@ -36,8 +38,12 @@ DENSITY_FLOOR = 1.0
 WIENER = 1.0
 #: the Wiener term's cap, as a multiple of the shell's mean density (a shell whose variance is all noise)
 MAX_DOWNWEIGHT = 1e6
+#: groups of the particles (by row) whose spread gives the standard error of each shell's power above the noise
+SPLITS = 8
+#: standard errors taken off each shell's power above the noise before it counts as the conformations' variance
+NOISE_MARGIN = 2.0
 
-Signals = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Signals = Iterable[tuple[torch.Tensor, ...]]
 
 
 @torch.no_grad()
@@ -50,10 +56,11 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
     per-voxel SNR of the conformations' variance in each Fourier shell inside the resolution circle, shell r at r
     voxels from the centre.
 
-    ``signals()``: one pass over the particles, (rotations (B, 3, 3), CTF (B, M), residual (B, M, 2)) per batch;
-    ``reduce``: sums a tensor over the ranks that share the passes (each streams its own particles). The first
-    pass also sums the density and the noise's and signal's shares, so the iteration proper starts with the
-    second (``passes`` ≥ 2)."""
+    ``signals()``: one pass over the particles, (rotations (B, 3, 3), CTF (B, M), residual (B, M, 2)[, rows (B,)])
+    per batch, rows the particles' indices (which set their groups: give them where the ranks share a pass, else the
+    order of the stream is used); ``reduce``: sums a tensor over the ranks that share the passes (each streams its
+    own particles). The first pass also sums the density and the noise's and signal's shares, so the iteration
+    proper starts with the second (``passes`` ≥ 2)."""
     if passes < 2:
         raise ValueError(f"passes must be at least 2, got {passes}")
     nv = bank.n_voxels
@@ -68,12 +75,12 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
         y = torch.zeros(2 * nv, width, dtype=torch.float64, device=device)
         stats = _FirstPass(bank) if scale is None else None
         probe = q if scale is None else scale[:, None] * q
-        for rot, ctf, residual in signals():
+        for rot, ctf, residual, *rows in signals():
             taps = bank.taps(rot)
             b = bank.adjoint(rot, ctf, residual, taps)
             y += (b.T @ (b @ probe.float())).double()
             if stats is not None:
-                stats.add(rot, ctf, residual, b, taps)
+                stats.add(rot, ctf, residual, b, taps, rows[0] if rows else None)
         y = reduce(y)
         if stats is not None:
             scale, shell_snr = stats.weights(inside, reduce)
@@ -99,22 +106,29 @@ class _FirstPass:
         nv, device = bank.n_voxels, bank.values.device
         self.density = torch.zeros(nv, dtype=torch.float64, device=device)    # D = Σ_i d_i
         self.density2 = torch.zeros(nv, dtype=torch.float64, device=device)   # Σ_i d_i²
-        self.power = torch.zeros(2 * nv, dtype=torch.float64, device=device)  # Σ_i b_i², the covariance's diagonal
+        # Σ_i b_i², the covariance's diagonal, and the taps' squares per ring, each summed over each group's particles
+        self.power = torch.zeros(SPLITS, 2 * nv, dtype=torch.float64, device=device)
         self.ring = bank.rings().to(device)  # each read pixel's ring of the images' transform
         rings = int(self.ring.max()) + 1
-        self.gains = torch.zeros(rings, nv, dtype=torch.float64, device=device)  # Σ_i of the taps' squares per ring
+        self.gains = torch.zeros(SPLITS, rings, nv, dtype=torch.float64, device=device)
         self.ring_power = torch.zeros(rings, dtype=torch.float64, device=device)  # Σ_i |r_i|² per ring, per part
         self.ring_count = torch.zeros(rings, dtype=torch.float64, device=device)
+        self.seen = 0  # particles so far: the rows of a stream that gives none
 
-    def add(self, rot: torch.Tensor, ctf: torch.Tensor, residual: torch.Tensor, b: torch.Tensor, taps: Taps) -> None:
+    def add(self, rot: torch.Tensor, ctf: torch.Tensor, residual: torch.Tensor, b: torch.Tensor, taps: Taps,
+            rows: torch.Tensor | None = None) -> None:
         """One batch: its poses (B, 3, 3), CTF (B, M), residuals (B, M, 2), their back-projections b
-        (B, 2·n_voxels) and the bank's taps at those poses."""
+        (B, 2·n_voxels), the bank's taps at those poses and the particles' rows (B,) (None: their order)."""
         bank = self.bank
+        if rows is None:
+            rows = torch.arange(self.seen, self.seen + len(rot))
+        self.seen += len(rot)
+        groups = rows.to(self.power.device).long() % SPLITS
         d = bank.adjoint(rot, ctf, torch.stack([ctf, torch.zeros_like(ctf)], -1), taps)[:, :bank.n_voxels]
         self.density += d.double().sum(0)
         self.density2 += d.double().pow(2).sum(0)
-        self.power += b.double().pow(2).sum(0)
-        self.gains += bank.noise_gains(rot, ctf, taps).double()
+        self.power.index_add_(0, groups, b.double().pow(2))
+        self.gains += bank.noise_gains(rot, ctf, taps, groups, SPLITS).double()
         self.ring_power.index_add_(0, self.ring, residual[:, bank.sel].double().pow(2).mean(-1).sum(0))
         self.ring_count.index_add_(0, self.ring, torch.full_like(self.ring, len(residual), dtype=torch.float64))
 
@@ -125,25 +139,29 @@ class _FirstPass:
         S = 1 / (D + f·D̄ + τ) inside the resolution circle, 0 outside it, with D̄ and τ constant over each shell:
         D̄ the shell's mean density, τ = n̄ / c̄ the Wiener term of the covariance's estimate, where
         n̄ = Σ N / Σ D over the shell (N the diagonal of Σ_i A_i N_i A_iᵀ, the noise's share of Σ_i b_i², from the
-        residuals' power per ring, which at low SNR is the noise's) and c̄ = Σ (Σ_i b_i² − N) / Σ Σ_i d_i², the
-        diagonal of the conformations' covariance itself. Where the data hold less of that variance than of the
-        noise (the shell's SNR D̄ / τ below 1), the shell is weighted down, where 1 / D would let its noise lead."""
+        residuals' power per ring, which at low SNR is the noise's) and c̄ = E⁺ / Σ Σ_i d_i², the diagonal of the
+        conformations' covariance itself: E⁺ = max(E − ``NOISE_MARGIN``·se(E), 0), E = Σ (Σ_i b_i² − N) the
+        shell's power above the noise, se(E) its standard error from the spread of E over ``SPLITS`` groups of the
+        particles. Where the data hold less of that variance than of the noise (the shell's SNR D̄ / τ below 1), the
+        shell is weighted down, where 1 / D would let its noise lead."""
         bank, nv = self.bank, self.bank.n_voxels
         density, density2 = reduce(self.density).abs(), reduce(self.density2)
         ring_var = reduce(self.ring_power) / reduce(self.ring_count).clamp_min(1)
-        noise = (ring_var[:, None] * reduce(self.gains)).sum(0)
+        noise = (ring_var[:, None] * reduce(self.gains)).sum(1)  # (SPLITS, n_voxels)
         power = reduce(self.power)
         shell = bank.voxel_radii().round().long().to(density.device)
         n_shells = int(shell.max()) + 1
 
-        def total(values: torch.Tensor) -> torch.Tensor:  # (n_shells,) the sum over each shell inside the circle
-            return torch.zeros(n_shells, dtype=values.dtype, device=values.device).index_add_(
-                0, shell[inside], values[inside])
+        def total(values: torch.Tensor) -> torch.Tensor:  # (..., n_shells) the sums over each shell inside the circle
+            return torch.zeros(*values.shape[:-1], n_shells, dtype=values.dtype, device=values.device).index_add_(
+                -1, shell[inside], values[..., inside])
 
         tiny = 1e-6 * float(density.max())
         mean_density = total(density) / torch.bincount(shell[inside], minlength=n_shells).clamp_min(1)
-        signal = total((power[:nv] + power[nv:]) / 2 - noise) / total(density2).clamp_min(1e-30)
-        tau = total(noise) / total(density).clamp_min(tiny) / signal.clamp_min(1e-300)
+        excess = total((power[:, :nv] + power[:, nv:]) / 2 - noise)  # (SPLITS, n_shells)
+        se = (SPLITS / (SPLITS - 1) * (excess - excess.mean(0)).pow(2).sum(0)).sqrt()
+        signal = (excess.sum(0) - NOISE_MARGIN * se).clamp_min(0) / total(density2).clamp_min(1e-30)
+        tau = total(noise.sum(0)) / total(density).clamp_min(tiny) / signal.clamp_min(1e-300)
         tau = torch.minimum(tau, MAX_DOWNWEIGHT * mean_density)  # a shell without variance: weighted down, not out
         weights = 1.0 / (density + (DENSITY_FLOOR * mean_density + WIENER * tau)[shell]).clamp_min(tiny)
         return torch.where(inside, weights, 0.0), mean_density / tau.clamp_min(1e-300)

@@ -146,19 +146,24 @@ class PoseFilterBank(nn.Module):
         return self.kpx.norm(dim=-1).round().long()
 
     @torch.no_grad()
-    def noise_gains(self, rot: torch.Tensor, ctf: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
-        """(n_rings, n_voxels) G: Σ over the images and a ring's read pixels of each tap's squared weight (trilinear
-        weight times the pixel's factor), so that Σ_r σ²_r G[r] is the diagonal of Σ_i A_i N A_iᵀ for noise of
-        variance σ²_r per real and per imaginary part on ring r (the taps of +p and −p that meet at one voxel, near
-        the origin only, are counted apart; ``taps`` as for :meth:`adjoint`)."""
+    def noise_gains(self, rot: torch.Tensor, ctf: torch.Tensor, taps: Taps | None = None,
+                    groups: torch.Tensor | None = None, n_groups: int = 1) -> torch.Tensor:
+        """(n_groups, n_rings, n_voxels) G: Σ over each group's images and a ring's read pixels of each tap's squared
+        weight (trilinear weight times the pixel's factor), so that Σ_r σ²_r G[g, r] is the diagonal of
+        Σ_{i in g} A_i N A_iᵀ for noise of variance σ²_r per real and per imaginary part on ring r (the taps of +p
+        and −p that meet at one voxel, near the origin only, are counted apart; ``taps`` as for :meth:`adjoint`;
+        ``groups`` (B,) each image's group in [0, ``n_groups``), None: all in group 0)."""
         nv = self.n_voxels
         idx, wgt, _ = self.taps(rot) if taps is None else taps
         ring = self.rings().to(idx.device)
         n_rings = int(ring.max()) + 1
         tap = (wgt * self._pixel_scale(ctf)[..., None]).pow(2)  # (B, M', 16)
-        out = torch.zeros(n_rings * nv, device=idx.device)
-        out.index_add_(0, (ring[None, :, None] * nv + idx).reshape(-1), tap.reshape(-1))
-        return out.view(n_rings, nv)
+        slot = ring[None, :, None] * nv + idx
+        if groups is not None:
+            slot = slot + (groups.to(idx.device) * (n_rings * nv))[:, None, None]
+        out = torch.zeros(n_groups * n_rings * nv, device=idx.device)
+        out.index_add_(0, slot.reshape(-1), tap.reshape(-1))
+        return out.view(n_groups, n_rings, nv)
 
     def forward(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         """Responses (B, K) of the signals ``signal`` (B, M, 2) (real and imaginary parts, not phase-flipped) with

@@ -8,9 +8,9 @@ drawn per particle, 0 for none), ``param_groups(lr)``, ``settings`` and
 its own loss terms over the images since the last call, added to each epoch's history (averaged over ranks), and
 ``start_epoch(epoch, epochs)``, called before each epoch (a schedule of its own, such as frequency marching);
 ``initialise(n, stream, reduce, seed, log)``, called once before a new run's first epoch (not on resuming), with
-passes over the prepared data (``stream(rows)``) and a sum over the ranks (``reduce``); optionally ``poses``:
-per-particle pose corrections (``pose_tables.PoseCorrections``, or None), which the trainer steps
-after each optimiser step and makes agree over the ranks after each epoch.
+passes over the prepared data (``stream(rows)``: each batch's data and its ``rows``) and a sum over the ranks
+(``reduce``); optionally ``poses``: per-particle pose corrections (``pose_tables.PoseCorrections``, or None),
+which the trainer steps after each optimiser step and makes agree over the ranks after each epoch.
 
 The trainer owns what they share: chunk-shuffled streaming epochs, mixed precision, the NaN guard, abort
 requests, a checkpoint after every epoch and resuming from it, and DistributedDataParallel under torchrun.
@@ -343,7 +343,8 @@ class Trainer:
                      if self.ddp.world == 1 else loaded)
             with contextlib.closing(loaded):  # the loader's thread ends even when the pass is cut short
                 for batch in items:
-                    yield {k: v.to(self.device) for k, v in batch.data.items()}
+                    yield {**{k: v.to(self.device) for k, v in batch.data.items()},
+                           "rows": torch.as_tensor(batch.rows, device=self.device)}
 
         self.objective.initialise(len(self.reader), stream, self._sum_over_ranks, self.opts.seed, self.hooks.log)
 
