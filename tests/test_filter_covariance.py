@@ -177,9 +177,10 @@ def test_pure_noise_has_no_variance_above_the_noise() -> None:
 
 
 def test_noise_gains_are_the_noise_operators_diagonal() -> None:
-    """Σ_r σ²_r G[r] is the diagonal of Σ_i A_i N A_iᵀ, A_i the adjoint's matrix (built column by column from unit
-    signals), N the ring-wise variance, except at the origin where the taps of +p and −p meet; split into groups of
-    images, each group's G is its images' alone."""
+    """The noise's diagonal from the gains by ring offset and a variance per ring is the diagonal of Σ_i A_i N A_iᵀ,
+    A_i the adjoint's matrix (built column by column from unit signals), N the ring-wise variance, except at the
+    origin where the taps of +p and −p meet; split into groups of images, each group's gains are its images'
+    alone."""
     points = Lattice(12, 4.0).half_plane()
     bank = PoseFilterBank(1, 12, points.kxy, points.weight, 0.25, torch.Generator().manual_seed(0), fixed=True)
     rot = torch.as_tensor(Rotation.random(3, random_state=1).as_matrix(), dtype=torch.float32)
@@ -188,7 +189,7 @@ def test_noise_gains_are_the_noise_operators_diagonal() -> None:
     split = bank.noise_gains(rot, ctf, groups=torch.tensor([1, 0, 1]), n_groups=2)
     torch.testing.assert_close(split.sum(0), gains)
     torch.testing.assert_close(split[0], bank.noise_gains(rot[1:2], ctf[1:2])[0])
-    ring_var = torch.rand(len(gains), generator=torch.Generator().manual_seed(2)) + 0.5
+    ring_var = torch.rand(int(bank.rings().max()) + 1, generator=torch.Generator().manual_seed(2)) + 0.5
     var = torch.zeros(len(points.kxy))
     var[bank.sel] = ring_var[bank.rings()]
     diag = torch.zeros(2 * bank.n_voxels, dtype=torch.float64)
@@ -198,7 +199,7 @@ def test_noise_gains_are_the_noise_operators_diagonal() -> None:
                 unit = torch.zeros(1, len(points.kxy), 2)
                 unit[0, m, part] = 1.0
                 diag += var[m].double() * bank.adjoint(rot[i:i + 1], ctf[i:i + 1], unit)[0].double().pow(2)
-    expected = (ring_var[:, None] * gains).sum(0).double()
+    expected = bank.noise_diagonal(gains, ring_var).double()
     off_origin = bank.voxel_radii() > 0
     for part in (diag[:bank.n_voxels], diag[bank.n_voxels:]):
         torch.testing.assert_close(part[off_origin], expected[off_origin], rtol=1e-4, atol=1e-7)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from cryohet.inference.pose_filters import PoseFilterBank, Taps
+from cryohet.inference.pose_filters import RING_REACH, PoseFilterBank, Taps
 
 #: the most particles the covariance is estimated from
 COVARIANCE_PARTICLES = 10_000
@@ -110,7 +110,7 @@ class _FirstPass:
         self.power = torch.zeros(SPLITS, 2 * nv, dtype=torch.float64, device=device)
         self.ring = bank.rings().to(device)  # each read pixel's ring of the images' transform
         rings = int(self.ring.max()) + 1
-        self.gains = torch.zeros(SPLITS, rings, nv, dtype=torch.float64, device=device)
+        self.gains = torch.zeros(SPLITS, 2 * RING_REACH + 1, nv, dtype=torch.float64, device=device)
         self.ring_power = torch.zeros(rings, dtype=torch.float64, device=device)  # Σ_i |r_i|² per ring, per part
         self.ring_count = torch.zeros(rings, dtype=torch.float64, device=device)
         self.seen = 0  # particles so far: the rows of a stream that gives none
@@ -147,7 +147,7 @@ class _FirstPass:
         bank, nv = self.bank, self.bank.n_voxels
         density, density2 = reduce(self.density).abs(), reduce(self.density2)
         ring_var = reduce(self.ring_power) / reduce(self.ring_count).clamp_min(1)
-        noise = (ring_var[:, None] * reduce(self.gains)).sum(1)  # (SPLITS, n_voxels)
+        noise = bank.noise_diagonal(reduce(self.gains), ring_var)  # (SPLITS, n_voxels)
         power = reduce(self.power)
         shell = bank.voxel_radii().round().long().to(density.device)
         n_shells = int(shell.max()) + 1

@@ -26,6 +26,9 @@ from cryohet.geometry.project import plane_coords
 #: (index, weight, sign) of the voxels each read pixel spreads to (``PoseFilterBank.taps``)
 Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 #: the eight corners of a trilinear interpolation cell, (dx, dy, dz)
+#: rings between a read pixel's and those of the voxels its taps reach: the trilinear corners lie within √3 px of
+#: the pixel's point, which has the pixel's radius, so the rounded radii differ by at most 2
+RING_REACH = 2
 _CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
 
 
@@ -71,6 +74,7 @@ class PoseFilterBank(nn.Module):
         compact[near] = torch.arange(int(near.sum()))
         self.register_buffer("compact", compact, persistent=False)
         self.n_voxels = int(near.sum())
+        self.register_buffer("shell", self.voxel_radii().round().long(), persistent=False)  # each voxel's ring
         values = torch.randn((2 * self.n_voxels, self.n_filters), generator=generator)
         if fixed:
             self.register_buffer("values", values)
@@ -148,22 +152,31 @@ class PoseFilterBank(nn.Module):
     @torch.no_grad()
     def noise_gains(self, rot: torch.Tensor, ctf: torch.Tensor, taps: Taps | None = None,
                     groups: torch.Tensor | None = None, n_groups: int = 1) -> torch.Tensor:
-        """(n_groups, n_rings, n_voxels) G: Σ over each group's images and a ring's read pixels of each tap's squared
-        weight (trilinear weight times the pixel's factor), so that Σ_r σ²_r G[g, r] is the diagonal of
-        Σ_{i in g} A_i N A_iᵀ for noise of variance σ²_r per real and per imaginary part on ring r (the taps of +p
-        and −p that meet at one voxel, near the origin only, are counted apart; ``taps`` as for :meth:`adjoint`;
-        ``groups`` (B,) each image's group in [0, ``n_groups``), None: all in group 0)."""
-        nv = self.n_voxels
+        """(n_groups, 2·RING_REACH + 1, n_voxels) G: Σ over each group's images and the read pixels of one ring of
+        each tap's squared weight (trilinear weight times the pixel's factor), G[g, o, v] for the pixels on ring
+        shell(v) + o − ``RING_REACH`` (shell(v): the voxel's radius rounded), so that :meth:`noise_diagonal` of G
+        and σ²_r is the diagonal of Σ_{i in g} A_i N A_iᵀ for noise of variance σ²_r per real and per imaginary part
+        on ring r (the taps of +p and −p that meet at one voxel, near the origin only, are counted apart; ``taps``
+        as for :meth:`adjoint`; ``groups`` (B,) each image's group in [0, ``n_groups``), None: all in group 0).
+        Its size does not grow with the number of rings."""
+        nv, span = self.n_voxels, 2 * RING_REACH + 1
         idx, wgt, _ = self.taps(rot) if taps is None else taps
-        ring = self.rings().to(idx.device)
-        n_rings = int(ring.max()) + 1
+        offset = self.rings().to(idx.device)[None, :, None] - self.shell[idx] + RING_REACH
         tap = (wgt * self._pixel_scale(ctf)[..., None]).pow(2)  # (B, M', 16)
-        slot = ring[None, :, None] * nv + idx
+        slot = offset * nv + idx
         if groups is not None:
-            slot = slot + (groups.to(idx.device) * (n_rings * nv))[:, None, None]
-        out = torch.zeros(n_groups * n_rings * nv, device=idx.device)
+            slot = slot + (groups.to(idx.device) * (span * nv))[:, None, None]
+        out = torch.zeros(n_groups * span * nv, device=idx.device)
         out.index_add_(0, slot.reshape(-1), tap.reshape(-1))
-        return out.view(n_groups, n_rings, nv)
+        return out.view(n_groups, span, nv)
+
+    def noise_diagonal(self, gains: torch.Tensor, ring_var: torch.Tensor) -> torch.Tensor:
+        """(..., n_voxels) Σ_r σ²_r G[..., r, v] from :meth:`noise_gains`' G (..., 2·RING_REACH + 1, n_voxels) by
+        ring offset and ``ring_var`` (n_rings,) σ²_r (rings beyond it hold no read pixel)."""
+        r = self.shell.to(gains.device)[None] + torch.arange(-RING_REACH, RING_REACH + 1, device=gains.device)[:, None]
+        known = (r >= 0) & (r < len(ring_var))
+        var = torch.where(known, ring_var.to(gains)[r.clamp(0, len(ring_var) - 1)], 0.0)
+        return (var * gains).sum(-2)
 
     def forward(self, rot: torch.Tensor, ctf: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         """Responses (B, K) of the signals ``signal`` (B, M, 2) (real and imaginary parts, not phase-flipped) with
