@@ -106,7 +106,7 @@ class _FirstPass:
         nv, device = bank.n_voxels, bank.values.device
         self.density = torch.zeros(nv, dtype=torch.float64, device=device)    # D = Σ_i d_i
         self.density2 = torch.zeros(nv, dtype=torch.float64, device=device)   # Σ_i d_i²
-        # Σ_i b_i², the covariance's diagonal, and the taps' squares per ring, each summed over each group's particles
+        # Σ_i b_i², the covariance's diagonal, and the taps' squares by ring offset, each over each group's particles
         self.power = torch.zeros(SPLITS, 2 * nv, dtype=torch.float64, device=device)
         self.ring = bank.rings().to(device)  # each read pixel's ring of the images' transform
         rings = int(self.ring.max()) + 1
@@ -149,7 +149,7 @@ class _FirstPass:
         ring_var = reduce(self.ring_power) / reduce(self.ring_count).clamp_min(1)
         noise = bank.noise_diagonal(reduce(self.gains), ring_var)  # (SPLITS, n_voxels)
         power = reduce(self.power)
-        shell = bank.voxel_radii().round().long().to(density.device)
+        shell = bank.shell.to(density.device)
         n_shells = int(shell.max()) + 1
 
         def total(values: torch.Tensor) -> torch.Tensor:  # (..., n_shells) the sums over each shell inside the circle

@@ -25,10 +25,10 @@ from cryohet.geometry.project import plane_coords
 
 #: (index, weight, sign) of the voxels each read pixel spreads to (``PoseFilterBank.taps``)
 Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-#: the eight corners of a trilinear interpolation cell, (dx, dy, dz)
 #: rings between a read pixel's and those of the voxels its taps reach: the trilinear corners lie within √3 px of
 #: the pixel's point, which has the pixel's radius, so the rounded radii differ by at most 2
 RING_REACH = 2
+#: the eight corners of a trilinear interpolation cell, (dx, dy, dz)
 _CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
 
 
