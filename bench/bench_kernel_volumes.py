@@ -2,7 +2,7 @@
 and `train-vae` against those methods' own maps, the homogeneous map, and RECOVAR 1.0.5 when installed.
 
     .venv/bin/python bench/bench_kernel_volumes.py --out /tmp/bench_kernel            # box 64, 2000 images, SNR 0.1
-    .venv/bin/python bench/bench_kernel_volumes.py --out /tmp/bench_kernel --recovar /work/recovar-venv
+    .venv/bin/python bench/bench_kernel_volumes.py --out /tmp/bench_kernel --recovar /work/peers/recovar-venv/bin/python
 
 Data: ``cryohet benchmark-make --dataset hinge`` (the bundled adenylate kinase's hinge motion, 20 true maps) with a
 known, non-uniform population along the motion: two wells (weights exp(-((τ - 0.2) / 0.12)²) + 0.6 exp(-((τ -
@@ -14,7 +14,7 @@ known, non-uniform population along the motion: two wells (weights exp(-((τ - 0
 * ``kernel-volumes`` on each of those latents, and on the true τ (the kernel method's ceiling with perfect
   latents): maps at ``--points`` k-means centres (defaults otherwise); a particle gets the map of its nearest
   centre.
-* RECOVAR 1.0.5 (``--recovar``: a virtual environment holding it, run through ``bench/recovar_cpu.py``, which
+* RECOVAR 1.0.5 (``--recovar``: the Python of an environment holding it, run through ``bench/recovar_cpu.py``, which
   mends its CPU projector; its pipeline at zdim 4, then its kernel maps (``compute_state``) at ``--points``
   k-means centres of its own latents): skipped when not given.
 
@@ -102,7 +102,8 @@ def score(out: Path, dataset: Path, name: str, args: list[str]) -> dict:
 def main() -> None:
     ap = data_arguments(__doc__)
     ap.add_argument("--points", type=int, default=20, help="k-means centres for the kernel maps")
-    ap.add_argument("--recovar", type=Path, default=None, help="virtual environment with recovar 1.0.5")
+    ap.add_argument("--recovar", default=None,
+                    help="the Python of RECOVAR 1.0.5's environment (it runs bench/recovar_cpu.py)")
     ap.add_argument("--skip_truth", action="store_true", help="no kernel-volumes row on the true τ")
     a = ap.parse_args()
     out, data = make_data(a)
@@ -192,7 +193,7 @@ def recovar_row(out: Path, data: Path, a) -> tuple[dict, Cost]:
 
     folder = out / "recovar"
     folder.mkdir(parents=True, exist_ok=True)
-    exe = recovar_cpu.command(str(a.recovar / "bin" / "python"))
+    exe = recovar_cpu.command(a.recovar)
     pipeline = timed([*exe, "pipeline", str(data / "particles.star"), "--mask", "sphere", "--zdim", "4",
                       "--accept-cpu", "-o", str(folder / "pipeline")], REPO, out / "recovar.log")
     z = recovar_cpu.latents(folder / "pipeline", 4)

@@ -17,7 +17,6 @@ RECOVAR itself is imported only where the patch is applied.
 from __future__ import annotations
 
 import inspect
-import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,14 +33,12 @@ def command(python: str) -> list[str]:
 
 
 def latents(pipeline: Path, zdim: int) -> np.ndarray:
-    """RECOVAR's regularised per-image latents (dataset order) from a pipeline's output folder:
-    model/zdim_K/latent_coords.npy, or the older model/embeddings.pkl."""
+    """RECOVAR's regularised per-image latents (dataset order) from a pipeline's output folder
+    (model/zdim_K/latent_coords.npy, as 1.0.5 writes them)."""
     npy = pipeline / "model" / f"zdim_{zdim}" / "latent_coords.npy"
-    if npy.is_file():
-        return np.load(npy)
-    with open(pipeline / "model" / "embeddings.pkl", "rb") as fh:
-        emb = pickle.load(fh)  # noqa: S301  (RECOVAR's own output, written by the bench's own run)
-    return np.asarray(emb["latent_coords"][zdim])
+    if not npy.is_file():
+        raise RuntimeError(f"{npy}: not written; RECOVAR 1.0.5's pipeline at zdim {zdim} writes it (see its log)")
+    return np.load(npy)
 
 
 def state_maps(states: Path, n: int) -> list[Path]:
