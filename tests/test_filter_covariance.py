@@ -54,20 +54,31 @@ def _blob(box: int, centre: tuple[float, float, float], sigma: float) -> torch.T
     return torch.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) / (2 * sigma**2))
 
 
+def _bank(n_filters: int, box: int = BOX, freq: float = FREQ):
+    """The half-plane points of a box at 4 Å/px and a fixed filter bank on them (maps drawn from seed 0)."""
+    points = Lattice(box, 4.0).half_plane()
+    return points, PoseFilterBank(n_filters, box, points.kxy, points.weight, freq, torch.Generator().manual_seed(0),
+                                  fixed=True)
+
+
+def _ctf_like(kxy: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """(n, M) CTF-like sign patterns cos(40 d |k|²), defocus-like d uniform in [0.5, 1.5] from ``rng``."""
+    defocus = torch.as_tensor(rng.uniform(0.5, 1.5, size=(n, 1)), dtype=torch.float32)
+    return torch.cos(40 * defocus * kxy.norm(dim=-1) ** 2)
+
+
 def _motion_responses(rot: torch.Tensor, motion_px: tuple[float, float, float], noise: float, seed: int
                       ) -> tuple[float, float, torch.Tensor, PoseFilterBank, Callable, torch.Tensor]:
     """Residuals a_i · CTF_i · slice_i(u) + noise at the views ``rot`` (u: a blob moved by ± ``motion_px``,
     a_i standard normal; the noise's s.d. ``noise`` times the signal's in the filters' circle), streamed in
     batches of 100: |r| of the leading covariance filter's responses with a_i, |r| of the motion's own map as the
     filter (the best a filter can do), the two filters and the bank, the stream, and the shells' SNR."""
-    points = Lattice(BOX, 4.0).half_plane()
-    bank = PoseFilterBank(2, BOX, points.kxy, points.weight, FREQ, torch.Generator().manual_seed(0), fixed=True)
+    points, bank = _bank(2)
     u = _blob(BOX, motion_px, 2.5) - _blob(BOX, tuple(-m for m in motion_px), 2.5)
     n = len(rot)
     rng = np.random.default_rng(seed)
     a = torch.as_tensor(rng.normal(size=n), dtype=torch.float32)
-    defocus = torch.as_tensor(rng.uniform(0.5, 1.5, size=(n, 1)), dtype=torch.float32)
-    ctf = torch.cos(40 * defocus * points.kxy.norm(dim=-1) ** 2)  # a CTF-like sign pattern
+    ctf = _ctf_like(points.kxy, n, rng)
     signal = torch.view_as_real(Projector(u).slice_points(rot, points.kxy) * ctf * a[:, None])
     inside = points.kxy.norm(dim=-1) <= FREQ
     noise_sd = noise * float(signal[:, inside].std())
@@ -157,11 +168,9 @@ def test_preferred_views_at_low_snr(kind: str, motion_px: tuple[float, float, fl
 def _pure_noise_snr(rot: torch.Tensor, seed: int) -> torch.Tensor:
     """The shells' SNR that ``covariance_filters`` estimates from residuals of pure noise (s.d. 3, drawn from
     ``seed``) at the views ``rot``, with a CTF-like sign pattern."""
-    points = Lattice(BOX, 4.0).half_plane()
-    bank = PoseFilterBank(2, BOX, points.kxy, points.weight, FREQ, torch.Generator().manual_seed(0), fixed=True)
+    points, bank = _bank(2)
     n = len(rot)
-    defocus = torch.as_tensor(np.random.default_rng(seed).uniform(0.5, 1.5, size=(n, 1)), dtype=torch.float32)
-    ctf = torch.cos(40 * defocus * points.kxy.norm(dim=-1) ** 2)
+    ctf = _ctf_like(points.kxy, n, np.random.default_rng(seed))
     noise = 3.0 * torch.randn(n, len(points.kxy), 2, generator=torch.Generator().manual_seed(seed + 2))
     return covariance_filters(bank, lambda: zip(rot.split(100), ctf.split(100), noise.split(100)), 2)[1]
 
@@ -181,8 +190,7 @@ def test_noise_gains_are_the_noise_operators_diagonal() -> None:
     A_i the adjoint's matrix (built column by column from unit signals), N the ring-wise variance, except at the
     origin where the taps of +p and −p meet; split into groups of images, each group's gains are its images'
     alone."""
-    points = Lattice(12, 4.0).half_plane()
-    bank = PoseFilterBank(1, 12, points.kxy, points.weight, 0.25, torch.Generator().manual_seed(0), fixed=True)
+    points, bank = _bank(1, box=12)
     rot = torch.as_tensor(Rotation.random(3, random_state=1).as_matrix(), dtype=torch.float32)
     ctf = torch.rand(3, len(points.kxy), generator=torch.Generator().manual_seed(1))
     gains = bank.noise_gains(rot, ctf)[0]

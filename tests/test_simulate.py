@@ -40,7 +40,8 @@ from cryohet.simulate.motions import (
     maps_conformations,
     two_part_conformations,
 )
-from cryohet.simulate.simulate import TOP_VIEW_SD_DEG, draw_particles, simulate_particles
+from cryohet.simulate.simulate import draw_particles, simulate_particles
+from cryohet.simulate.views import TOP_VIEW_SD_DEG
 
 os.environ.setdefault("CRYOHET_NO_PROGRESS", "1")
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cryohet.methods.base import Method, Param
-from cryohet.simulate.simulate import TOP_VIEW_SD_DEG
+from cryohet.simulate.views import TOP_VIEW_SD_DEG
 from cryohet.validation.datasets import CRYOBENCH, DATASETS, DEFAULT_STATES, MOTION_DATASETS, SIZES
 
 if TYPE_CHECKING:

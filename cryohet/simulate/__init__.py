@@ -1,25 +1,25 @@
-"""Simulated data with ground truth: the bundled molecule, atoms -> maps, motions, particle images."""
+"""Simulated data with ground truth: the bundled molecule, atoms -> maps, motions, particle images.
+
+The names below are imported from their modules when first used, so that importing a light submodule
+(``cryohet.simulate.views``, which the command line's help reads) does not import torch.
+"""
 from __future__ import annotations
 
-from cryohet.simulate.density import atoms_to_map, particle_radius_A
-from cryohet.simulate.molecules import default_molecule, load_structure, select_residues
-from cryohet.simulate.motions import (
-    Conformations,
-    Hinge,
-    auto_hinge,
-    default_hinges,
-    discrete_conformations,
-    fit_hinge,
-    hinge_conformations,
-    interpolation_conformations,
-    maps_conformations,
-    two_part_conformations,
-)
-from cryohet.simulate.simulate import SimulationOutput, draw_particles, simulate_particles
+import importlib
+from typing import Any
 
-__all__ = [
-    "Conformations", "Hinge", "SimulationOutput", "atoms_to_map", "auto_hinge", "default_hinges", "default_molecule",
-    "discrete_conformations", "draw_particles", "fit_hinge", "hinge_conformations", "interpolation_conformations",
-    "load_structure", "maps_conformations", "particle_radius_A", "select_residues", "simulate_particles",
-    "two_part_conformations",
-]
+_MODULE_OF = {
+    "atoms_to_map": "density", "particle_radius_A": "density",
+    "default_molecule": "molecules", "load_structure": "molecules", "select_residues": "molecules",
+    "Conformations": "motions", "Hinge": "motions", "auto_hinge": "motions", "default_hinges": "motions",
+    "discrete_conformations": "motions", "fit_hinge": "motions", "hinge_conformations": "motions",
+    "interpolation_conformations": "motions", "maps_conformations": "motions", "two_part_conformations": "motions",
+    "SimulationOutput": "simulate", "draw_particles": "simulate", "simulate_particles": "simulate",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -32,6 +32,7 @@ from cryohet.geometry.project import Projector
 from cryohet.io.mrc import write_map
 from cryohet.simulate.density import particle_radius_A
 from cryohet.simulate.motions import Conformations
+from cryohet.simulate.views import tilt_to_top_view
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterator[Any]]
 STAR_NAME, STACK_NAME, TRUTH_NAME, MAPS_DIR = "particles.star", "particles.mrcs", "ground_truth.npz", "maps"
@@ -67,10 +68,6 @@ class ParticleDraws:
     random_subset: np.ndarray       # (N,) 1 or 2, balanced
 
 
-#: the spread of the tilts of the particles drawn near the top view (``draw_particles``' ``top_view_fraction``)
-TOP_VIEW_SD_DEG = 15.0
-
-
 def draw_particles(n: int, n_states: int, rng: np.random.Generator, populations: np.ndarray | None = None,
                    defocus_range_A: tuple[float, float] = (10000.0, 25000.0), astigmatism_A: float = 500.0,
                    shift_sigma_A: float = 2.0, shift_max_A: float | None = None,
@@ -104,8 +101,7 @@ def draw_particles(n: int, n_states: int, rng: np.random.Generator, populations:
     angle = rng.uniform(0.0, 180.0, n)
     subset = np.where(rng.permutation(n) % 2 == 0, 1, 2).astype(np.int64)
     if top_view_fraction > 0:  # drawn last, so that every other draw is the same as without preferred views
-        top = rng.random(n) < top_view_fraction
-        euler[top, 1] = np.abs(rng.normal(0.0, TOP_VIEW_SD_DEG, n))[top]
+        tilt_to_top_view(euler, top_view_fraction, rng)
     return ParticleDraws(state, np.asarray(euler, dtype=np.float64), shift, mean + astig / 2, mean - astig / 2,
                          angle, subset)
 
