@@ -81,6 +81,24 @@ def test_anchored_volume_starts_at_its_base_slices_as_it_projects_and_round_trip
     np.testing.assert_array_equal(loaded.volumes(z.numpy()), plain.volumes(z.numpy()))
 
 
+def test_beyond_a_resolution_limit_the_anchored_maps_are_the_homogeneous_map() -> None:
+    """Fitted only inside --res_limit_A (here half of Nyquist), the network has learnt nothing beyond it: the maps
+    are the base plus the network inside the fitted circle, the whole homogeneous map (the base over its fraction)
+    from there to Nyquist, and zero beyond Nyquist."""
+    cfg = VolumeConfig(box=BOX, apix=4.0, dec_dim=32, seed=5, max_freq=0.25, anchor=True, anchor_fraction=0.8)
+    model = NeuralVolume(cfg).eval()
+    homogeneous = _smooth_map(1)
+    model.set_base(homogeneous)
+    with torch.no_grad():
+        model.mlp.out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    vol = torch.from_numpy(model.volumes(np.zeros((1, 8), np.float32))[0]).double()
+    F, H, r = fft3c(vol), fft3c(homogeneous.double()), radius_grid(BOX, 3)
+    fitted, annulus = r < BOX * cfg.max_freq, (r >= BOX * cfg.max_freq) & (r < BOX / 2)
+    torch.testing.assert_close(F[annulus], H[annulus], rtol=0, atol=1e-6 * float(H.abs().max()))
+    assert float(F[r >= BOX / 2].abs().max()) < 1e-6 * float(H.abs().max())
+    assert float((F[fitted] - 0.8 * H[fitted]).abs().max()) > 1e-4 * float(H.abs().max())  # the network's part
+
+
 @pytest.fixture(scope="module")
 def low_snr(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """AdK open -> closed interpolation, 600 particles, box 32 at 4 Å/px, SNR 0.05."""

@@ -75,8 +75,9 @@ PARAMS = (
     Param("dec_dim", int, 256, "Decoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
     Param("crop_box", int, 0, "Fourier-crop the images to this box on the fly, pixels (even; 0: keep the box). "
           "The pixel size grows by box/crop_box; 64-128 px is usual for training.", min=0),
-    Param("res_limit_A", float, 0.0, "Fit only frequencies finer than this resolution, Å (the resolution circle); "
-          "0: up to Nyquist of the (cropped) box.", min=0.0),
+    Param("res_limit_A", float, 0.0, "Fit only the frequencies up to this resolution, Å (the resolution circle; "
+          "with --anchor homogeneous the maps are the homogeneous map between it and Nyquist, where the network "
+          "learns nothing); 0: up to Nyquist of the (cropped) box.", min=0.0),
     Param("freq_march", float, 0.0, "Frequency marching: share of the epochs over which the fitted circle widens "
           "linearly from a quarter of the resolution circle's radius to all of it (the low frequencies are fitted "
           "first, those epochs evaluate the decoder on fewer pixels); 0: the whole circle from the start.", min=0.0,

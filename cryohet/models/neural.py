@@ -287,8 +287,15 @@ class NeuralVolume(nn.Module):
         iz, iy, ix = sel // (n * n), (sel // n) % n, sel % n
         mirror = ((n - iz) % n) * n * n + ((n - iy) % n) * n + (n - ix) % n
         kpts = kpts.to(device)
-        base = (fft3c(self.base_map.detach().cpu().double()).reshape(-1)[sel] if self.cfg.anchor
-                else torch.zeros(len(sel), dtype=torch.complex128))
+        # anchored: inside the fitted circle the base plus the network; between it and Nyquist (a --res_limit_A
+        # coarser than Nyquist), where the network has learnt nothing, the whole homogeneous map (the base over its
+        # fraction); zero beyond Nyquist
+        if self.cfg.anchor:
+            base_ft = fft3c(self.base_map.detach().cpu().double()).reshape(-1)
+            base = base_ft[sel]
+            outside = torch.where(r.reshape(-1) < 0.5 - 1e-9, base_ft / cfg.anchor_fraction, 0)
+        else:
+            base, outside = torch.zeros(len(sel), dtype=torch.complex128), torch.zeros(n**3, dtype=torch.complex128)
         was_training = self.training
         self.eval()
         out = np.empty((len(z), n, n, n), dtype=np.float32)
@@ -304,7 +311,7 @@ class NeuralVolume(nn.Module):
                     hp, hm = h[:len(h) // 2], h[len(h) // 2:]
                     vals.append(torch.complex((hp + hm) * 0.5, (hm - hp) * 0.5))
             v = torch.cat(vals).to(torch.complex128).cpu() * cfg.data_scale + base
-            F = torch.zeros(n * n * n, dtype=torch.complex128)
+            F = outside.clone()
             F[sel] = v
             F[mirror] = torch.conj(v)
             vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(F.reshape(n, n, n)))).real
