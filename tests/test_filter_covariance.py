@@ -18,8 +18,10 @@ from test_vae import hinge  # noqa: F401  (test_vae's hinge: 1000 particles, box
 
 from cryohet.geometry.lattice import Lattice
 from cryohet.geometry.project import Projector
+from cryohet.inference.amortised import REPRODUCIBLE
 from cryohet.inference.filter_covariance import POWER_PASSES, covariance_filters, signal_extent
 from cryohet.inference.pose_filters import PoseFilterBank
+from cryohet.methods.simulate import METHOD as SIMULATE
 from cryohet.methods.train_vae import METHOD as TRAIN_VAE
 from cryohet.runner import run_method
 from cryohet.validation.metrics import spearman_pc1
@@ -88,7 +90,7 @@ def _motion_responses(rot: torch.Tensor, motion_px: tuple[float, float, float], 
         for s in range(0, n, 100):
             yield rot[s:s + 100], ctf[s:s + 100], residual[s:s + 100]
 
-    f, shell_snr = covariance_filters(bank, signals, 2, seed=0)
+    f, shell_snr, _ = covariance_filters(bank, signals, 2, seed=0)
     r = abs(np.corrcoef((bank.adjoint(rot, ctf, residual) @ f)[:, 0].numpy(), a.numpy())[0, 1])
     truth = PoseFilterBank(1, BOX, points.kxy, points.weight, FREQ, torch.Generator(), fixed=True)
     truth.set_maps(u[None])
@@ -165,24 +167,42 @@ def test_preferred_views_at_low_snr(kind: str, motion_px: tuple[float, float, fl
     assert r > 0.8 * best, (r, best)
 
 
-def _pure_noise_snr(rot: torch.Tensor, seed: int) -> torch.Tensor:
+def _pure_noise(rot: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
     """The shells' SNR that ``covariance_filters`` estimates from residuals of pure noise (s.d. 3, drawn from
-    ``seed``) at the views ``rot``, with a CTF-like sign pattern."""
+    ``seed``) at the views ``rot``, with a CTF-like sign pattern, and the leading direction's reproducibility."""
     points, bank = _bank(2)
     n = len(rot)
     ctf = _ctf_like(points.kxy, n, np.random.default_rng(seed))
     noise = 3.0 * torch.randn(n, len(points.kxy), 2, generator=torch.Generator().manual_seed(seed + 2))
-    return covariance_filters(bank, lambda: zip(rot.split(100), ctf.split(100), noise.split(100)), 2)[1]
+    return covariance_filters(bank, lambda: zip(rot.split(100), ctf.split(100), noise.split(100)), 2)[1:]
 
 
 def test_pure_noise_has_no_variance_above_the_noise() -> None:
     """Residuals of pure noise (no conformations), three draws at each of four view sets: the noise's share of the
     covariance's diagonal is estimated from the residuals' power per ring and taken off with two standard errors of
     the rest, so no shell's SNR is above 0.1 (the excess alone read SNR up to 4.3 in a shell of these draws)."""
-    snr = torch.stack([_pure_noise_snr(views(kind, 600, np.random.default_rng(5)), seed)
+    snr = torch.stack([_pure_noise(views(kind, 600, np.random.default_rng(5)), seed)[0]
                        for kind in VIEWS for seed in (1, 2, 3)])
     print(f"largest shell SNR of pure noise: {float(snr.max()):.3f}")
     assert snr.shape == (12, 7) and float(snr.abs().max()) < 0.1
+
+
+def test_the_split_halves_tell_a_motion_from_noise() -> None:
+    """The leading direction's variance in one half of the particles against a random direction's in the other
+    half, in standard deviations: pure noise gives about 0 at every view set (measured −2.5 to 2.1, below
+    ``REPRODUCIBLE``, so a learnt bank beside the filters is read), a motion at SNR about 0.04 and 0.3 clearly more
+    (6.9, near the most that a subspace of 10 directions allows, 7.3; above it, so the covariance filters are left
+    to read it alone)."""
+    noise = [_pure_noise(views(kind, 600, np.random.default_rng(5)), 1)[1] for kind in VIEWS]
+    rot = views("uniform", 600, np.random.default_rng(5))
+    motion = []
+    for sd in (5.0, 2.0):
+        *_, bank, signals, _ = _motion_responses(rot, (3.0, 0.0, 0.0), sd, 1)
+        motion.append(covariance_filters(bank, signals, 2, seed=0)[2])
+    print("split-half reproducibility of noise", [f"{v:.2f}" for v in noise], "of the motion",
+          [f"{v:.2f}" for v in motion])
+    assert all(abs(v) < REPRODUCIBLE for v in noise), noise
+    assert min(motion) > 1.5 * REPRODUCIBLE, motion
 
 
 def test_noise_gains_are_the_noise_operators_diagonal() -> None:
@@ -246,6 +266,45 @@ def test_train_vae_with_covariance_filters(hinge: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="covariance needs the residual"):
         run_method(TRAIN_VAE, dict(particles=star, epochs=1, filters_from="covariance", anchor="none", **SETTINGS),
                    tmp_path / "bad")
+
+
+def test_learnt_filters_beside_the_covariance_ones(hinge: Path, tmp_path: Path) -> None:  # noqa: F811
+    """``--learnt_filters 4``: four learnt maps at --filter_res_A beside the 3 covariance filters, recorded in the
+    run and kept by resuming. Where the covariance's leading direction reproduces across halves of the particles
+    (the hinge at SNR 1) they are not read: they stay at zero and the latent follows the hinge angle as with the
+    covariance filters alone; where it does not (SNR 0.001, no direction above the noise) they are read and learnt.
+    With learnt filters only, the option is ignored with a warning."""
+    star = str(hinge / "particles.star")
+    run_method(TRAIN_VAE, dict(particles=star, epochs=3, learnt_filters=4, **SETTINGS), tmp_path / "vae")
+    inference = json.loads((tmp_path / "vae" / "config.json").read_text())["inference"]
+    assert inference["filters_from"] == "covariance" and inference["encoder_filters"] == 3
+    assert inference["learnt_filters"] == 4 and inference["learnt_filter_freq"] == pytest.approx(4.0 / 20.0)
+    log = (tmp_path / "vae" / "run.log").read_text()
+    assert "4 learnt filter maps beside them to 20 Å" in log and "maps beside them are not read" in log
+    weights = load_file(str(tmp_path / "vae" / "model.safetensors"))
+    assert weights["learnt.values"].shape[1] == 4 and float(weights["learnt.values"].abs().max()) == 0
+    assert float(weights["learnt_used"]) == 0
+    rho = spearman_pc1(np.load(tmp_path / "vae" / "z.npy"), np.load(hinge / "ground_truth.npz")["tau"])
+    print(f"hinge |Spearman| PC1 with covariance and 4 learnt filters: {rho:.3f}")
+    assert rho > 0.8, rho
+    run_method(TRAIN_VAE, dict(particles=star, epochs=4, resume=True, **SETTINGS), tmp_path / "vae")
+    resumed = load_file(str(tmp_path / "vae" / "model.safetensors"))
+    assert len(json.loads((tmp_path / "vae" / "config.json").read_text())["history"]) == 4
+    torch.testing.assert_close(resumed["filters.values"], weights["filters.values"])
+    assert float(resumed["learnt_used"]) == 0
+    noise = tmp_path / "noise"
+    run_method(SIMULATE, dict(box=32, apix=4.0, resolution_A=10.0, n_particles=400, snr=0.001, n_states=20,
+                              threads=1, seed=3), noise)
+    run_method(TRAIN_VAE, dict(particles=str(noise / "particles.star"), epochs=1, learnt_filters=4, **SETTINGS),
+               tmp_path / "read")
+    assert "maps beside them are read" in (tmp_path / "read" / "run.log").read_text()
+    weights = load_file(str(tmp_path / "read" / "model.safetensors"))
+    assert float(weights["learnt_used"]) == 1 and float(weights["learnt.values"].abs().max()) > 0
+    run_method(TRAIN_VAE, dict(particles=star, epochs=1, learnt_filters=4, filters_from="learnt", **SETTINGS),
+               tmp_path / "learnt")
+    assert "learnt_filters" not in json.loads((tmp_path / "learnt" / "config.json").read_text())["inference"]
+    assert "--learnt_filters 4 ignored" in (tmp_path / "learnt" / "run.log").read_text()
+    assert "the encoder's filters are learnt already" in (tmp_path / "learnt" / "run.log").read_text()
 
 
 def test_auto_resumes_a_run_with_the_filters_it_used(hinge: Path, tmp_path: Path) -> None:  # noqa: F811

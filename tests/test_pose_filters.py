@@ -76,6 +76,16 @@ def test_responses_are_the_ctf_weighted_correlations_with_the_hermitian_filters_
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _maps_learn_at_their_rate(obj: AmortisedInference, d: dict[str, torch.Tensor], values: torch.Tensor) -> None:
+    """The learnt filter maps ``values`` are the objective's second parameter group, at ``FILTER_LR_FACTOR`` times
+    the networks' rate, and one step's loss on ``d`` has a gradient for them."""
+    groups = obj.param_groups(1e-4)
+    assert [g["lr"] for g in groups] == [1e-4, pytest.approx(1e-4 * FILTER_LR_FACTOR)]
+    assert groups[1]["params"] == [values]
+    gen, kld = obj(d, torch.randn(len(d["rot"]), obj.noise_dim, generator=torch.Generator().manual_seed(6)))
+    (gen + kld).backward()
+    assert values.grad is not None and values.grad.abs().sum() > 0
+
 def test_the_filters_encoder_reads_the_residual_trains_and_is_planned() -> None:
     """With ``encoder_filters`` the loader prepares no encoder image, the encoder's input is the K responses to
     the residual (an image that is exactly the base's projection responds with zeros), the filters get their own
@@ -103,12 +113,7 @@ def test_the_filters_encoder_reads_the_residual_trains_and_is_planned() -> None:
         with torch.no_grad():
             torch.testing.assert_close(obj(d, eps), gaussian_elbo(obj.decoder, points.kxy[a], rot, d["y"][:, a],
                                                                   ctf[:, a], *obj.encode(d), eps))
-    groups = obj.param_groups(1e-4)
-    assert [g["lr"] for g in groups] == [1e-4, pytest.approx(1e-4 * FILTER_LR_FACTOR)]
-    assert groups[1]["params"] == [obj.filters.values]
-    gen, kld = obj(d, torch.randn(6, cfg.zdim, generator=torch.Generator().manual_seed(6)))
-    (gen + kld).backward()
-    assert obj.filters.values.grad is not None and obj.filters.values.grad.abs().sum() > 0
+    _maps_learn_at_their_rate(obj, d, obj.filters.values)
     plain = VaeShape(len(points), 6 * 8, 16, 3, cfg.zdim, 16, 2)
     with_bank = VaeShape(len(points), 6 * 8, 16, 3, cfg.zdim, 16, 2, n_filters=4,
                          filter_voxels=obj.filters.n_voxels, filter_points=len(obj.filters.sel))
@@ -119,6 +124,43 @@ def test_the_filters_encoder_reads_the_residual_trains_and_is_planned() -> None:
     assert with_bank.n_params() - fixed.n_params() == obj.filters.values.numel()
     assert with_bank.fixed_bytes() - fixed.fixed_bytes() == 3 * 4 * obj.filters.values.numel()
 
+
+def test_a_learnt_bank_beside_fixed_filters_starts_at_zero_trains_and_is_planned() -> None:
+    """``learnt_filters`` beside fixed filters: the encoder reads both banks' responses, the learnt bank's are
+    zero at the start (the encoder begins as the fixed filters' alone), a step's gradient reaches the learnt maps
+    but not the fixed ones, both banks' maps get the filters' learning rate, and the memory plan counts the second
+    bank's maps, their Adam moments and each image's spread signal."""
+    cfg = VolumeConfig(box=BOX, apix=3.0, dec_dim=16, seed=2, data_scale=1.0, anchor=True)
+    points = Lattice(BOX, 3.0).half_plane()
+    fixed = {"enc_layers": 2, "enc_dim": 16, "encoder_input": "residual", "encoder_filters": 3,
+             "filter_freq": 0.2, "filters_from": "covariance"}
+    with pytest.raises(ValueError, match="need the covariance filters"):
+        AmortisedInference(cfg, points, {**fixed, "filters_from": "", "learnt_filters": 4,
+                                         "learnt_filter_freq": 0.25})
+    obj = AmortisedInference(cfg, points, {**fixed, "learnt_filters": 4, "learnt_filter_freq": 0.25})
+    obj.decoder.set_base(torch.randn((BOX,) * 3, generator=torch.Generator().manual_seed(3)))
+    assert obj.encoder.mlp.first.in_features == 7 and obj.settings["learnt_filters"] == 4
+    assert float(obj.learnt.values.detach().abs().max()) == 0.0 and not list(obj.filters.parameters())
+    rot = torch.as_tensor(_quarter_turns()[:6], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    ctf = torch.rand(6, len(points), generator=gen) + 0.1
+    d = {"y": torch.randn(6, len(points), 2, generator=gen), "ctf": ctf, "rot": rot}
+    zero = obj.encoder.mlp.first.weight.detach().clone()
+    with torch.no_grad():
+        obj.encoder.mlp.first.weight[:, 3:] = 0  # the learnt bank's inputs cut: the same codes, as they are zero
+        cut = obj.encode(d)
+        obj.encoder.mlp.first.weight.copy_(zero)
+        torch.testing.assert_close(obj.encode(d), cut)
+    _maps_learn_at_their_rate(obj, d, obj.learnt.values)
+    shape = VaeShape(len(points), 6 * 8, 16, 3, cfg.zdim, 16, 2, n_filters=3, filter_voxels=obj.filters.n_voxels,
+                     filter_points=len(obj.filters.sel), fixed_filters=True)
+    both = dataclasses.replace(shape, learnt_filters=4, learnt_voxels=obj.learnt.n_voxels,
+                               learnt_points=len(obj.learnt.sel))
+    assert (obj.learnt.n_voxels, len(obj.learnt.sel)) == filter_shape(BOX, points.kxy, 0.25)
+    n_model = sum(p.numel() for p in obj.parameters())
+    alone = AmortisedInference(cfg, points, fixed)
+    assert both.n_params() - shape.n_params() == n_model - sum(p.numel() for p in alone.parameters())
+    assert both.image_bytes() - shape.image_bytes() == 4 * (2 * obj.learnt.n_voxels + 96 * len(obj.learnt.sel))
 
 def test_the_pose_aware_encoder_learns_the_hinge_better_than_the_pixel_encoder(hinge: Path,  # noqa: F811
                                                                               tmp_path: Path) -> None:

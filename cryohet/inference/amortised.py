@@ -2,8 +2,9 @@
 
 The encoder sees the image, or its residual against the anchored base map, either as the centred, CTF-phase-flipped
 transform (real and imaginary parts on the half-plane inside the resolution circle, cryoDRGN's) or as its responses
-to learnt 3-D filter maps sliced at the image's pose (``pose_filters``), and returns the mean and log-variance of
-q(z | image).
+to 3-D filter maps sliced at the image's pose (``pose_filters``): learnt, or fixed (a linear run's maps, or the
+covariance's leading eigenvectors, optionally with a second, learnt bank beside them that starts at zero), and
+returns the mean and log-variance of q(z | image).
 """
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def loss_inputs(b: ImageBatch, encoder_image: bool = True) -> dict[str, torch.Te
 #: the filter maps' learning rate over the networks': their values start at unit scale, where Adam's steps of the
 #: networks' rate would leave them near their random start for the whole run
 FILTER_LR_FACTOR = 100.0
+#: the covariance filters' split-half reproducibility (``split_reproducibility``, standard deviations) from which
+#: their leading direction counts as the particles' (noise alone: about 0); below it a learnt bank beside them
+#: (``learnt_filters``) is read
+REPRODUCIBLE = 3.0
 #: ``filters_from`` value: the filters are estimated from the particles' covariance (``filter_covariance``)
 COVARIANCE = "covariance"
 
@@ -91,7 +96,19 @@ class AmortisedInference(MarchingObjective, nn.Module):
                 raise ValueError("--filters_from covariance needs the residual (--anchor homogeneous)")
             self.filters = PoseFilterBank(n_filters, volume_cfg.box, points.kxy, points.weight, freq, g,
                                           fixed=bool(fixed))
-        self.encoder = Encoder(n_filters or 2 * len(points), zdim, self.settings["enc_layers"],
+        n_learnt, self.learnt = int(settings.get("learnt_filters", 0)), None
+        if n_learnt:  # stored only when used
+            if self.filters is None or self.settings.get("filters_from") != COVARIANCE:
+                raise ValueError("learnt filters beside fixed ones need the covariance filters (--filters_from "
+                                 "covariance)")
+            learnt_freq = float(settings["learnt_filter_freq"])
+            self.settings.update(learnt_filters=n_learnt, learnt_filter_freq=learnt_freq)
+            self.learnt = PoseFilterBank(n_learnt, volume_cfg.box, points.kxy, points.weight, learnt_freq, g)
+            with torch.no_grad():  # zero responses: the encoder starts as the fixed filters' alone
+                self.learnt.values.zero_()
+            # 1: the bank is read; 0: its responses are held at zero (the covariance's leading direction reproduces)
+            self.register_buffer("learnt_used", torch.ones(()))
+        self.encoder = Encoder(n_filters + n_learnt or 2 * len(points), zdim, self.settings["enc_layers"],
                                self.settings["enc_dim"],
                                volume_cfg.activation if volume_cfg is not None else "relu")
         if decoder is None:
@@ -120,8 +137,9 @@ class AmortisedInference(MarchingObjective, nn.Module):
         anchored base map's CTF-weighted slice at its pose, which leaves the encoder the heterogeneity and the
         noise instead of a pose-dependent projection of the consensus. The encoder reads that signal
         phase-flipped, pixel by pixel (cryoDRGN's encoder), or, with ``encoder_filters``, as its responses to
-        learnt 3-D filter maps sliced at the image's pose (``pose_filters``). ``base``: the base map's slices at
-        the batch's poses when already computed."""
+        3-D filter maps sliced at the image's pose (``pose_filters``), with ``learnt_filters`` a learnt bank's too
+        (zeros where it is not read). ``base``: the base map's slices at the batch's poses when already
+        computed."""
         if not self.residual_input and self.filters is None:
             return self.encoder(d["enc"])
         signal = d["y"]
@@ -130,6 +148,9 @@ class AmortisedInference(MarchingObjective, nn.Module):
                 if base is None:
                     base = self.decoder.base_slices(d["rot"], self.kxy)
                 signal = signal - base * d["ctf"][..., None]
+        if self.learnt is not None:
+            learnt = self.learnt(d["rot"], d["ctf"], signal) * self.learnt_used  # no host sync to decide
+            return self.encoder(torch.cat([self.filters(d["rot"], d["ctf"], signal), learnt], 1))
         if self.filters is not None:
             return self.encoder(self.filters(d["rot"], d["ctf"], signal))
         return self.encoder((signal * torch.sign(d["ctf"])[..., None]).reshape(len(signal), -1))
@@ -155,7 +176,9 @@ class AmortisedInference(MarchingObjective, nn.Module):
         eigenvectors of the residuals' covariance (``filter_covariance``) over at most ``COVARIANCE_PARTICLES``
         particles drawn from ``seed``, against the whole homogeneous map (the base is a fraction of it).
         ``stream(rows)``: the prepared batches (``inputs``, on the device, and their ``rows``) of this rank's share
-        of ``rows``."""
+        of ``rows``. A learnt bank beside the covariance filters (``learnt_filters``) is read from then on only if
+        their leading direction does not reproduce across the two halves of the particles (below
+        ``REPRODUCIBLE``): then they hold the noise, and the learnt maps may find what they miss."""
         if self.filters is None or self.settings.get("filters_from") != COVARIANCE:
             return
         t0 = time.perf_counter()
@@ -167,18 +190,27 @@ class AmortisedInference(MarchingObjective, nn.Module):
                 base = self.decoder.base_slices(d["rot"], self.kxy) * full
                 yield d["rot"], d["ctf"], d["y"] - base * d["ctf"][..., None], d["rows"]
 
-        values, shell_snr = covariance_filters(self.filters, signals, self.filters.n_filters, reduce, seed)
+        values, shell_snr, repro = covariance_filters(self.filters, signals, self.filters.n_filters, reduce, seed)
         self.filters.values.copy_(values)
-        log.info("encoder: %d filters from the covariance of %d particles' residuals (%d passes, %.1f s); %s",
-                 self.filters.n_filters, len(rows), POWER_PASSES, time.perf_counter() - t0,
-                 signal_extent(shell_snr, self.decoder.cfg.box * self.decoder.cfg.apix))
+        log.info("encoder: %d filters from the covariance of %d particles' residuals (%d passes, %.1f s); %s; "
+                 "their leading direction's variance in one half of the particles is %.1f s.d. above a random "
+                 "direction's in the other half (noise alone: about 0)", self.filters.n_filters, len(rows),
+                 POWER_PASSES, time.perf_counter() - t0,
+                 signal_extent(shell_snr, self.decoder.cfg.box * self.decoder.cfg.apix), repro)
+        if self.learnt is not None:
+            self.learnt_used.fill_(float(repro < REPRODUCIBLE))
+            log.info("encoder: the %d learnt filter maps beside them are %s", self.learnt.n_filters,
+                     f"read (the covariance's leading direction is below {REPRODUCIBLE:g} s.d.: noise)"
+                     if repro < REPRODUCIBLE else "not read: the covariance filters hold a reproducible change")
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        if self.filters is None or not list(self.filters.parameters()):
+        """The networks at ``lr``, learnt filter maps (of either bank) at ``FILTER_LR_FACTOR`` times it."""
+        maps = [p for bank in (self.filters, self.learnt) if bank is not None for p in bank.parameters()]
+        if not maps:
             return [{"params": list(self.parameters()), "lr": lr}]
-        fil = set(map(id, self.filters.parameters()))
+        fil = set(map(id, maps))
         return [{"params": [p for p in self.parameters() if id(p) not in fil], "lr": lr},
-                {"params": list(self.filters.parameters()), "lr": lr * FILTER_LR_FACTOR}]
+                {"params": maps, "lr": lr * FILTER_LR_FACTOR}]
 
     @torch.no_grad()
     def latents(self, batches: Any, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

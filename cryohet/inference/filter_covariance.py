@@ -49,12 +49,12 @@ Signals = Iterable[tuple[torch.Tensor, ...]]
 @torch.no_grad()
 def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_filters: int,
                        reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, seed: int = 0,
-                       passes: int = POWER_PASSES) -> tuple[torch.Tensor, torch.Tensor]:
+                       passes: int = POWER_PASSES) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The filters: (2·n_voxels, ``n_filters``) the leading eigenvectors of the weighted covariance of the
     back-projected signals, as the bank's ``values`` (real parts, then imaginary parts), inside the bank's
-    resolution circle, each of unit RMS and with its largest real part positive (the sign is arbitrary); and the
+    resolution circle, each of unit RMS and with its largest real part positive (the sign is arbitrary); the
     per-voxel SNR of the conformations' variance in each Fourier shell inside the resolution circle, shell r at r
-    voxels from the centre.
+    voxels from the centre; and the leading direction's reproducibility (:func:`split_reproducibility`).
 
     ``signals()``: one pass over the particles, (rotations (B, 3, 3), CTF (B, M), residual (B, M, 2)[, rows (B,)])
     per batch, rows the particles' indices (which set their groups: give them where the ranks share a pass, else the
@@ -72,13 +72,17 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
     q = torch.randn(2 * nv, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
     scale = None
     for step in range(passes):
-        y = torch.zeros(2 * nv, width, dtype=torch.float64, device=device)
+        y = torch.zeros(2, 2 * nv, width, dtype=torch.float64, device=device)  # the two halves of the particles
         stats = _FirstPass(bank) if scale is None else None
         probe = q if scale is None else scale[:, None] * q
+        seen = 0
         for rot, ctf, residual, *rows in signals():
             taps = bank.taps(rot)
             b = bank.adjoint(rot, ctf, residual, taps)
-            y += (b.T @ (b @ probe.float())).double()
+            odd = ((rows[0] if rows else torch.arange(seen, seen + len(rot))).to(device).long() % 2)[:, None]
+            seen += len(rot)
+            bp = b @ probe.float()  # each half's sum by masks, not by indexing (no host sync on a GPU)
+            y += (b.T @ torch.cat([bp * (1 - odd), bp * odd], 1)).double().view(2 * nv, 2, width).transpose(0, 1)
             if stats is not None:
                 stats.add(rot, ctf, residual, b, taps, rows[0] if rows else None)
         y = reduce(y)
@@ -87,15 +91,35 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
             scale = scale.repeat(2)
         y = scale[:, None] * y
         if step == passes - 1:
-            values, vectors = torch.linalg.eigh(q.T @ y)  # Rayleigh–Ritz in the last subspace
+            halves = q.T @ y  # (2, width, width) each half's covariance in the subspace
+            reproducibility = split_reproducibility(halves[0], halves[1])
+            values, vectors = torch.linalg.eigh(halves.sum(0))  # Rayleigh–Ritz in the last subspace
             u = q @ vectors[:, values.argsort(descending=True)[:n_filters]]
         else:
-            q = torch.linalg.qr(y).Q
+            q = torch.linalg.qr(y.sum(0)).Q
     u = u * inside.repeat(2)[:, None]  # the QR's rounding leaves ~1e-15 where the rows were zero
     u = u / u.pow(2).mean(0).sqrt().clamp_min(1e-30)
     real = u[:nv]  # F(k) and F(−k) have equal real parts, so a tie of magnitudes there is no tie of signs
     sign = torch.sign(real.gather(0, real.abs().argmax(0, keepdim=True)))
-    return (u * sign).float(), shell_snr[:round(bank.max_freq * bank.box) + 1].float()
+    return (u * sign).float(), shell_snr[:round(bank.max_freq * bank.box) + 1].float(), reproducibility
+
+
+def split_reproducibility(first: torch.Tensor, second: torch.Tensor) -> float:
+    """How far the leading direction of the variance is the particles' and not their noise's, in standard
+    deviations: the leading eigenvector v of one half's covariance (``first``, (w, w) in the iterated subspace)
+    against the other half's (``second``, B): (vᵀBv − tr B / w) / s, s² = 2 tr(B̃²) / (w (w + 2)) the variance of
+    uᵀBu over unit vectors u drawn uniformly (B̃ = B − (tr B / w) I); the mean of both ways round. A direction of one
+    half's noise is no direction of the other's, so noise alone gives about 0; a change of the particles that the
+    filters can read, many."""
+    out = []
+    for a, b in ((first, second), (second, first)):
+        w = len(b)
+        lead = torch.linalg.eigh(a).eigenvectors[:, -1]
+        mean = float(torch.trace(b)) / w
+        spread = b - mean * torch.eye(w, dtype=b.dtype, device=b.device)
+        sd = (2 * float((spread * spread).sum()) / (w * (w + 2))) ** 0.5
+        out.append((float(lead @ b @ lead) - mean) / max(sd, 1e-300))
+    return sum(out) / 2
 
 
 class _FirstPass:

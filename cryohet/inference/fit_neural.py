@@ -90,10 +90,13 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         encoder = inference["kind"] == "amortised"
         n_filters = int(inference.get("encoder_filters", 0)) if encoder else 0
         bank = filter_shape(cfg.box, points.kxy, float(inference["filter_freq"])) if n_filters else (0, 0)
+        n_learnt = int(inference.get("learnt_filters", 0)) if encoder else 0
+        learnt = filter_shape(cfg.box, points.kxy, float(inference["learnt_filter_freq"])) if n_learnt else (0, 0)
         shape = VaeShape(len(points), 6 * cfg.pe_dim, cfg.dec_dim, cfg.dec_layers, cfg.zdim,
                          int(inference.get("enc_dim", 0)) if encoder else 0, int(inference.get("enc_layers", 0)),
                          cfg.domain == "hartley", 0 if encoder else len(reader), n_filters, *bank,
-                         fixed_filters=bool(inference.get("filters_from")))
+                         fixed_filters=bool(inference.get("filters_from")), learnt_filters=n_learnt,
+                         learnt_voxels=learnt[0], learnt_points=learnt[1])
         host = 2 * min(opts.chunk_images, len(reader)) * pset.box ** 2 * 4  # the loader: a chunk and the next
         need = check_vae_fits(shape, opts.batch_size, len(reader), device, pset.source, host_bytes=host)
         hooks.log.info("memory plan: %.3f GB on %s", need / 1e9, device)
@@ -119,6 +122,10 @@ def fit_neural(pset: Any, cfg: VolumeConfig, inference: dict[str, Any], opts: Tr
         if n_filters:
             hooks.log.info("encoder: %d pose-aware filter maps to %.3g Å (%d Fourier voxels each), read at %d pixels",
                            n_filters, cfg.apix / float(inference["filter_freq"]), *bank)
+        if n_learnt:
+            hooks.log.info("encoder: %d learnt filter maps beside them to %.3g Å (%d Fourier voxels each), read at "
+                           "%d pixels, starting at zero", n_learnt, cfg.apix / float(inference["learnt_filter_freq"]),
+                           *learnt)
         meta = {"config": cfg.to_json(), "inference": json.dumps(objective.settings, sort_keys=True)}
         host_need = need if torch.device(device).type == "cpu" else host  # the cache must leave the plan room
         result = Trainer(objective, reader, prep, opts, Path(out_dir), device, ddp, hooks, meta,

@@ -26,7 +26,9 @@ class VaeShape:
     the decoder's positional features per point (6·pe_dim); ``enc_dim`` 0: no encoder (auto-decoder, whose
     per-particle table of ``n_particles`` × 2·zdim then lives on the device); ``n_filters``: the encoder's pose-aware
     filter maps (``pose_filters``), each ``filter_voxels`` complex values, read at ``filter_points`` pixels;
-    ``fixed_filters``: the filters are held fixed (``--filters_from``), so they have no gradient or Adam moments."""
+    ``fixed_filters``: the filters are held fixed (``--filters_from``), so they have no gradient or Adam moments;
+    ``learnt_filters``: a second bank beside fixed ones (``--learnt_filters``), learnt, each ``learnt_voxels``
+    complex values read at ``learnt_points`` pixels."""
 
     n_points: int
     pe_features: int
@@ -41,9 +43,12 @@ class VaeShape:
     filter_voxels: int = 0
     filter_points: int = 0
     fixed_filters: bool = False
+    learnt_filters: int = 0
+    learnt_voxels: int = 0
+    learnt_points: int = 0
 
     def filter_values(self) -> int:
-        """The filter maps' stored values (real and imaginary parts)."""
+        """The (first bank's) filter maps' stored values (real and imaginary parts)."""
         return 2 * self.n_filters * self.filter_voxels
 
     def n_params(self) -> int:
@@ -52,8 +57,8 @@ class VaeShape:
         d, out = self.dec_dim, 1 if self.hartley else 2
         dec = (self.pe_features + 1) * d + self.zdim * d + self.dec_layers * (d * d + d) + (d + 1) * out
         if self.enc_dim:
-            e, k = self.enc_dim, self.n_filters
-            learnt = 0 if self.fixed_filters else self.filter_values()
+            e, k = self.enc_dim, self.n_filters + self.learnt_filters
+            learnt = (0 if self.fixed_filters else self.filter_values()) + 2 * self.learnt_filters * self.learnt_voxels
             first = (k + 1) * e + learnt if k else (2 * self.n_points + 1) * e
             return dec + first + self.enc_layers * (e * e + e) + (e + 1) * 2 * self.zdim
         return dec + self.n_particles * 2 * self.zdim
@@ -71,6 +76,8 @@ class VaeShape:
         encoder = 2 * self.n_points + (self.enc_layers + 3) * self.enc_dim if self.enc_dim else 0
         if self.n_filters:  # the image's adjoint on the filters' grid, and 16 corners' indices and weights per pixel
             encoder += 2 * self.filter_voxels + 96 * self.filter_points
+        if self.learnt_filters:
+            encoder += 2 * self.learnt_voxels + 96 * self.learnt_points
         return F32 * (evaluations * per_point + encoder + 5 * self.n_points)
 
     def step_bytes(self, batch: int) -> int:

@@ -71,6 +71,13 @@ PARAMS = (
     Param("covariance_res_A", float, 30.0, "With --filters_from covariance: the resolution of the eigenvectors, "
           "Å (at most the fitted circle; finer ones carry more noise than signal at low SNR).", min=0.0,
           expert=True),
+    Param("learnt_filters", int, 0, "With --filters_from covariance: this many learnt maps at --filter_res_A beside "
+          "the covariance filters, starting at zero, read only where the covariance's leading direction does not "
+          "reproduce across two halves of the particles (its variance in one half less than 3 s.d. above a random "
+          "direction's in the other: the filters hold noise, as at SNR 0.01); for a set of many unrelated "
+          "particles (the consensus a blur), where they gain the most; on a set of one molecule's states at such "
+          "SNR their latent is mostly noise and the maps lose a little. 0: none; on resuming, the run's own.",
+          min=0, max=1024, expert=True),
     Param("dec_layers", int, 3, "Decoder hidden layers.", min=1, max=32),
     Param("dec_dim", int, 256, "Decoder layer width (cryoDRGN's large setting: 1024).", min=8, max=8192),
     Param("crop_box", int, 0, "Fourier-crop the images to this box on the fly, pixels (even; 0: keep the box). "
@@ -179,6 +186,11 @@ def _filter_source(params: dict[str, Any], encoder_input: str, saved: dict[str, 
     return COVARIANCE if encoder_input == "residual" and params["encoder_filters"] else LEARNT
 
 
+def _filter_freq(max_freq: float, apix: float, res_A: float) -> float:
+    """The filters' resolution circle, cycles/pixel: ``res_A`` Å within the fitted circle ``max_freq`` (0: it)."""
+    return max_freq if res_A <= 0 else min(max_freq, apix / res_A)
+
+
 def _plot_losses(path: Path, history: list[dict[str, float]]) -> None:
     from matplotlib.figure import Figure
 
@@ -250,7 +262,14 @@ def run(params: dict[str, Any], ctx: Any) -> None:
         elif params["encoder_filters"]:
             inference["encoder_filters"] = params["encoder_filters"]
         if "encoder_filters" in inference:
-            inference["filter_freq"] = max_freq if filter_res_A <= 0 else min(max_freq, apix / filter_res_A)
+            inference["filter_freq"] = _filter_freq(max_freq, apix, filter_res_A)
+        n_learnt = params["learnt_filters"] if saved is None else int(saved.get("learnt_filters", 0))
+        if n_learnt and inference.get("filters_from") == COVARIANCE:
+            inference["learnt_filters"] = n_learnt
+            inference["learnt_filter_freq"] = _filter_freq(max_freq, apix, params["filter_res_A"])
+        elif n_learnt:
+            ctx.log.warning("--learnt_filters %d ignored: it adds learnt maps beside covariance filters, and the "
+                            "encoder's filters are %s", n_learnt, inference.get("filters_from") or "learnt already")
     elif params["filters_from"] not in (AUTO, LEARNT):
         raise ValueError("--filters_from sets the encoder's filters; the auto-decoder (--inference autodecoder) has "
                          "no encoder")
