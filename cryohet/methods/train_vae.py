@@ -269,7 +269,8 @@ def run(params: dict[str, Any], ctx: Any) -> None:
             inference["learnt_filter_freq"] = _filter_freq(max_freq, apix, params["filter_res_A"])
         elif n_learnt:
             ctx.log.warning("--learnt_filters %d ignored: it adds learnt maps beside covariance filters, and the "
-                            "encoder's filters are %s", n_learnt, inference.get("filters_from") or "learnt already")
+                            "encoder's filters are %s", n_learnt, inference.get("filters_from") or (
+                                "learnt already" if "encoder_filters" in inference else "none (it reads pixels)"))
     elif params["filters_from"] not in (AUTO, LEARNT):
         raise ValueError("--filters_from sets the encoder's filters; the auto-decoder (--inference autodecoder) has "
                          "no encoder")
