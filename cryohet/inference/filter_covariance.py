@@ -76,15 +76,16 @@ def covariance_filters(bank: PoseFilterBank, signals: Callable[[], Signals], n_f
         stats = _FirstPass(bank) if scale is None else None
         probe = q if scale is None else scale[:, None] * q
         seen = 0
-        for rot, ctf, residual, *rows in signals():
+        for rot, ctf, residual, *given in signals():
+            rows = (given[0] if given else torch.arange(seen, seen + len(rot))).to(device).long()
+            seen += len(rot)
             taps = bank.taps(rot)
             b = bank.adjoint(rot, ctf, residual, taps)
-            odd = ((rows[0] if rows else torch.arange(seen, seen + len(rot))).to(device).long() % 2)[:, None]
-            seen += len(rot)
+            odd = (rows % 2)[:, None]
             bp = b @ probe.float()  # each half's sum by masks, not by indexing (no host sync on a GPU)
             y += (b.T @ torch.cat([bp * (1 - odd), bp * odd], 1)).double().view(2 * nv, 2, width).transpose(0, 1)
             if stats is not None:
-                stats.add(rot, ctf, residual, b, taps, rows[0] if rows else None)
+                stats.add(rot, ctf, residual, b, taps, rows)
         y = reduce(y)
         if stats is not None:
             scale, shell_snr = stats.weights(inside, reduce)
@@ -137,17 +138,13 @@ class _FirstPass:
         self.gains = torch.zeros(SPLITS, 2 * RING_REACH + 1, nv, dtype=torch.float64, device=device)
         self.ring_power = torch.zeros(rings, dtype=torch.float64, device=device)  # Σ_i |r_i|² per ring, per part
         self.ring_count = torch.zeros(rings, dtype=torch.float64, device=device)
-        self.seen = 0  # particles so far: the rows of a stream that gives none
 
     def add(self, rot: torch.Tensor, ctf: torch.Tensor, residual: torch.Tensor, b: torch.Tensor, taps: Taps,
-            rows: torch.Tensor | None = None) -> None:
+            rows: torch.Tensor) -> None:
         """One batch: its poses (B, 3, 3), CTF (B, M), residuals (B, M, 2), their back-projections b
-        (B, 2·n_voxels), the bank's taps at those poses and the particles' rows (B,) (None: their order)."""
+        (B, 2·n_voxels), the bank's taps at those poses and the particles' rows (B,) (long, on the sums' device)."""
         bank = self.bank
-        if rows is None:
-            rows = torch.arange(self.seen, self.seen + len(rot))
-        self.seen += len(rot)
-        groups = rows.to(self.power.device).long() % SPLITS
+        groups = rows % SPLITS
         d = bank.adjoint(rot, ctf, torch.stack([ctf, torch.zeros_like(ctf)], -1), taps)[:, :bank.n_voxels]
         self.density += d.double().sum(0)
         self.density2 += d.double().pow(2).sum(0)
